@@ -1,0 +1,150 @@
+//! Guest memory: one anonymous private mapping, page-aligned.
+//!
+//! Guest memory is shared between the guest (workload threads or vCPUs) and
+//! castor's own threads, which read it while the guest may be writing. It is
+//! therefore only ever accessed through raw pointers, never through Rust
+//! references that would promise the bytes do not change. Readers that need
+//! stable bytes (checkpoint copy, digest) run while the domain is paused.
+
+use std::ptr::NonNull;
+
+use crate::domain::DomainError;
+use crate::PAGE_SIZE;
+
+/// An anonymous, private, page-aligned mapping of `len` bytes.
+#[derive(Debug)]
+pub struct GuestMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: GuestMemory is a plain mapping; all access goes through raw
+// pointers whose synchronisation is the domain's pause protocol, so moving
+// or sharing the handle between threads is sound.
+unsafe impl Send for GuestMemory {}
+// SAFETY: as above; `&GuestMemory` hands out only raw pointers and copies.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Maps `len` bytes (a multiple of the page size) of zeroed memory.
+    /// Transparent huge pages are disabled so dirty tracking is per 4 KiB.
+    pub fn new(len: usize) -> Result<Self, DomainError> {
+        if len == 0 || len % PAGE_SIZE != 0 {
+            return Err(DomainError::Spec {
+                spec: format!("{len} bytes"),
+                reason: format!("memory size must be a non-zero multiple of {PAGE_SIZE}"),
+            });
+        }
+        // SAFETY: anonymous mapping with no address hint; the kernel picks a
+        // fresh range, so no existing Rust object is aliased.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(DomainError::Map {
+                bytes: len as u64,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `p` is the mapping just created, `len` bytes long. A failed
+        // madvise only costs dirty-tracking precision, never soundness.
+        unsafe {
+            libc::madvise(p, len, libc::MADV_NOHUGEPAGE);
+        }
+        Ok(GuestMemory {
+            ptr: NonNull::new(p as *mut u8).expect("mmap returned null without MAP_FAILED"),
+            len,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn pages(&self) -> u64 {
+        (self.len / PAGE_SIZE) as u64
+    }
+
+    /// Base address of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Address of page `gfn`. Panics if `gfn` is outside the mapping: a gfn
+    /// reaching this point has already been validated by its producer.
+    pub fn page_ptr(&self, gfn: u64) -> *mut u8 {
+        assert!(gfn < self.pages(), "gfn {gfn} outside {} pages", self.pages());
+        // SAFETY: gfn < pages, so the offset stays inside the mapping.
+        unsafe { self.ptr.as_ptr().add(gfn as usize * PAGE_SIZE) }
+    }
+
+    /// Copies page `gfn` into `out`.
+    pub fn read_page(&self, gfn: u64, out: &mut [u8; PAGE_SIZE]) {
+        let src = self.page_ptr(gfn);
+        // SAFETY: src is a valid page inside the mapping and `out` is a
+        // distinct Rust buffer of exactly one page.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), PAGE_SIZE) }
+    }
+
+    /// Overwrites page `gfn` with `data`.
+    pub fn write_page(&self, gfn: u64, data: &[u8; PAGE_SIZE]) {
+        let dst = self.page_ptr(gfn);
+        // SAFETY: dst is a valid page inside the mapping; `data` is a Rust
+        // buffer and cannot overlap guest memory handed out only as pointers.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, PAGE_SIZE) }
+    }
+
+    /// The whole mapping as a byte slice.
+    ///
+    /// # Safety
+    /// No thread may write guest memory while the slice is alive (the domain
+    /// is paused, or the memory belongs to a replica nobody else writes).
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the caller guarantees no concurrent writers; the mapping is
+        // `len` bytes and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe the mapping created in `new`, unmapped once.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_unaligned_size() {
+        assert!(GuestMemory::new(100).is_err());
+        assert!(GuestMemory::new(0).is_err());
+    }
+
+    #[test]
+    fn page_round_trip() {
+        let m = GuestMemory::new(4 * PAGE_SIZE).unwrap();
+        let mut p = [7u8; PAGE_SIZE];
+        m.write_page(3, &p);
+        p.fill(0);
+        m.read_page(3, &mut p);
+        assert!(p.iter().all(|&b| b == 7));
+        m.read_page(2, &mut p);
+        assert!(p.iter().all(|&b| b == 0));
+    }
+}

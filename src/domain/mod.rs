@@ -1,0 +1,113 @@
+//! Domains: where the protected guest lives. The engine drives every backend
+//! through the [`Domain`] trait and never knows which one it has.
+
+pub mod memory;
+pub mod sim;
+
+use std::fmt;
+
+pub use memory::GuestMemory;
+
+/// Guest-physical memory layout: one contiguous range of `pages` pages of
+/// `page_size` bytes, named by guest frame number (gfn) `0..pages`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub page_size: u32,
+    pub pages: u64,
+}
+
+impl Layout {
+    pub fn bytes(&self) -> u64 {
+        self.pages * self.page_size as u64
+    }
+}
+
+/// Errors of any domain backend.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    #[error("invalid domain spec {spec:?}: {reason}")]
+    Spec { spec: String, reason: String },
+    #[error("mapping {bytes} bytes of guest memory failed: {source}")]
+    Map {
+        bytes: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dirty tracking unavailable: {0}")]
+    DirtyTracking(String),
+    #[error("{op} failed: {source}")]
+    Sys {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("workload thread failed: {0}")]
+    Workload(String),
+}
+
+/// A running guest the engine can checkpoint.
+///
+/// Lifecycle: created paused with its initial memory and dirty tracking
+/// armed (every page written after creation is reported by the first
+/// [`Domain::harvest_dirty`]); [`Domain::start`] lets it run; then any number
+/// of `pause` → `harvest_dirty` → `save_state` → `resume` cycles. The N-th
+/// `pause` ends epoch N: `save_state` taken after it describes checkpoint N.
+pub trait Domain: Send {
+    fn layout(&self) -> Layout;
+    /// Guest memory. Bytes change under the caller while the domain runs;
+    /// they are stable between `pause` and `resume`.
+    fn memory(&self) -> &GuestMemory;
+    /// Spec string naming this domain, carried in the handshake.
+    fn describe(&self) -> String;
+    fn start(&mut self) -> Result<(), DomainError>;
+    /// Returns once no guest write can happen until `resume`. In
+    /// deterministic mode, first waits until the epoch's quota is done.
+    fn pause(&mut self) -> Result<(), DomainError>;
+    fn resume(&mut self) -> Result<(), DomainError>;
+    /// Appends the gfns written since the previous harvest (sorted, unique)
+    /// to `out` and re-arms tracking for them. Only called while paused.
+    fn harvest_dirty(&mut self, out: &mut Vec<u64>) -> Result<(), DomainError>;
+    /// Appends the saved non-memory state (vCPUs, devices) to `out`.
+    /// Only called while paused.
+    fn save_state(&mut self, out: &mut Vec<u8>) -> Result<(), DomainError>;
+}
+
+/// A parsed `--domain` argument: `KIND:key=value,...`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DomainSpec {
+    Sim(sim::SimSpec),
+}
+
+impl DomainSpec {
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
+        match kind {
+            "sim" => Ok(DomainSpec::Sim(sim::SimSpec::parse(rest)?)),
+            other => Err(DomainError::Spec {
+                spec: s.to_string(),
+                reason: format!("unknown domain kind {other:?} (known: sim)"),
+            }),
+        }
+    }
+
+    /// Creates the domain, paused, with dirty tracking armed.
+    pub fn open(&self) -> Result<Box<dyn Domain>, DomainError> {
+        match self {
+            DomainSpec::Sim(s) => Ok(Box::new(sim::SimDomain::new(s)?)),
+        }
+    }
+
+    pub fn layout(&self) -> Layout {
+        match self {
+            DomainSpec::Sim(s) => s.layout(),
+        }
+    }
+}
+
+impl fmt::Display for DomainSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DomainSpec::Sim(s) => write!(f, "sim:{s}"),
+        }
+    }
+}

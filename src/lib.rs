@@ -1,0 +1,18 @@
+//! castor: Remus-style continuous replication of a running domain.
+//!
+//! Data flows one way: [`domain`] (where the guest lives) → [`engine`] (epoch
+//! driver, copy/encode workers) → [`codec`] (page encoding) → [`transport`]
+//! (framed, checksummed records) → backup → ack. See `../shared/DESIGN.md` and
+//! `docs/wire-format.md`.
+
+pub mod codec;
+pub mod digest;
+pub mod domain;
+pub mod engine;
+pub mod harness;
+pub mod metrics;
+pub mod transport;
+pub mod units;
+
+/// Size of a guest page in bytes. Every domain castor drives uses 4 KiB pages.
+pub const PAGE_SIZE: usize = 4096;
