@@ -1,1 +1,303 @@
-//! metrics
+//! Per-epoch measurements and their aggregation.
+//!
+//! Every checkpoint yields one [`EpochRecord`], filled in as it flows down
+//! the pipeline (driver → encoders → transport → ack). [`Metrics`] folds
+//! completed records into HdrHistograms; [`Summary`] is the stable,
+//! documented JSON shape of a run (see README, "JSON report").
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Measurements of one checkpoint. Times in microseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EpochRecord {
+    pub epoch: u64,
+    pub dirty_pages: u64,
+    /// Pages whose bytes equalled the last sent copy (not sent).
+    pub unchanged_pages: u64,
+    pub zero_pages: u64,
+    pub delta_pages: u64,
+    pub full_pages: u64,
+    /// Guest paused: pause request → resume returned.
+    pub pause_us: u64,
+    pub harvest_us: u64,
+    pub copy_us: u64,
+    pub state_us: u64,
+    /// Time waited for a free in-flight slot before pausing.
+    pub extension_us: u64,
+    /// Sum of encoder CPU time over all shards.
+    pub encode_us: u64,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    pub state_bytes: u64,
+    pub send_us: u64,
+    /// Pause start → ack received.
+    pub latency_us: u64,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Aggregates of completed epochs.
+pub struct Metrics {
+    pub pause: Histogram<u64>,
+    pub harvest: Histogram<u64>,
+    pub copy: Histogram<u64>,
+    pub state: Histogram<u64>,
+    pub encode: Histogram<u64>,
+    pub send: Histogram<u64>,
+    pub latency: Histogram<u64>,
+    pub dirty: Histogram<u64>,
+    pub epochs: u64,
+    pub acked_epoch: u64,
+    pub extended_epochs: u64,
+    pub extension_us: u64,
+    pub dirty_pages: u64,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    pub state_bytes: u64,
+    pub unchanged_pages: u64,
+    pub zero_pages: u64,
+    pub delta_pages: u64,
+    pub full_pages: u64,
+    /// Keep every record for `--json` consumers that want the raw series.
+    pub records: Vec<EpochRecord>,
+    pub keep_records: bool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(false)
+    }
+}
+
+impl Metrics {
+    pub fn new(keep_records: bool) -> Self {
+        Metrics {
+            pause: hist(),
+            harvest: hist(),
+            copy: hist(),
+            state: hist(),
+            encode: hist(),
+            send: hist(),
+            latency: hist(),
+            dirty: hist(),
+            epochs: 0,
+            acked_epoch: 0,
+            extended_epochs: 0,
+            extension_us: 0,
+            dirty_pages: 0,
+            raw_bytes: 0,
+            wire_bytes: 0,
+            state_bytes: 0,
+            unchanged_pages: 0,
+            zero_pages: 0,
+            delta_pages: 0,
+            full_pages: 0,
+            records: Vec::new(),
+            keep_records,
+        }
+    }
+
+    pub fn add(&mut self, r: &EpochRecord) {
+        let rec = |h: &mut Histogram<u64>, v: u64| {
+            let _ = h.record(v.max(1));
+        };
+        rec(&mut self.pause, r.pause_us);
+        rec(&mut self.harvest, r.harvest_us);
+        rec(&mut self.copy, r.copy_us);
+        rec(&mut self.state, r.state_us);
+        rec(&mut self.encode, r.encode_us);
+        rec(&mut self.send, r.send_us);
+        rec(&mut self.latency, r.latency_us);
+        rec(&mut self.dirty, r.dirty_pages);
+        self.epochs += 1;
+        self.acked_epoch = self.acked_epoch.max(r.epoch);
+        if r.extension_us > 0 {
+            self.extended_epochs += 1;
+            self.extension_us += r.extension_us;
+        }
+        self.dirty_pages += r.dirty_pages;
+        self.raw_bytes += r.raw_bytes;
+        self.wire_bytes += r.wire_bytes;
+        self.state_bytes += r.state_bytes;
+        self.unchanged_pages += r.unchanged_pages;
+        self.zero_pages += r.zero_pages;
+        self.delta_pages += r.delta_pages;
+        self.full_pages += r.full_pages;
+        if self.keep_records {
+            self.records.push(r.clone());
+        }
+    }
+}
+
+/// Percentiles of one quantity, in its histogram's unit.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Pct {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+impl Pct {
+    pub fn of(h: &Histogram<u64>) -> Pct {
+        if h.is_empty() {
+            return Pct::default();
+        }
+        Pct {
+            p50: h.value_at_quantile(0.5),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+            mean: (h.mean() * 10.0).round() / 10.0,
+        }
+    }
+}
+
+/// CPU time consumed by each side, seconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Cpu {
+    pub primary_s: f64,
+    pub backup_s: f64,
+}
+
+/// The stable JSON report of a protect or bench run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub domain: String,
+    pub transport: String,
+    pub epoch_ms: f64,
+    pub max_inflight: usize,
+    pub workers: usize,
+    pub duration_s: f64,
+    pub epochs: u64,
+    pub acked_epoch: u64,
+    pub epochs_per_s: f64,
+    pub dirty_pages: u64,
+    pub dirty_pages_per_epoch: Pct,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    pub state_bytes: u64,
+    pub wire_ratio: f64,
+    pub wire_bytes_per_dirty_page: f64,
+    pub pages_unchanged: u64,
+    pub pages_zero: u64,
+    pub pages_delta: u64,
+    pub pages_full: u64,
+    pub pause_us: Pct,
+    pub harvest_us: Pct,
+    pub copy_us: Pct,
+    pub state_us: Pct,
+    pub encode_us: Pct,
+    pub send_us: Pct,
+    pub checkpoint_latency_us: Pct,
+    pub extended_epochs: u64,
+    pub extension_us_total: u64,
+    pub seed_ms: f64,
+    pub seed_wire_bytes: u64,
+    /// Plain single-threaded memcpy of recent dirty sets, measured after the
+    /// run in the same process (bench only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memcpy_us: Option<Pct>,
+    pub cpu: Cpu,
+    pub primary_digest: String,
+    pub replica_digest: String,
+    pub replica_epoch: u64,
+    pub digest_match: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_epoch: Vec<EpochRecord>,
+}
+
+impl Summary {
+    pub fn from_metrics(m: &Metrics, elapsed: Duration) -> Summary {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        Summary {
+            duration_s: (secs * 1000.0).round() / 1000.0,
+            epochs: m.epochs,
+            acked_epoch: m.acked_epoch,
+            epochs_per_s: ((m.epochs as f64 / secs) * 10.0).round() / 10.0,
+            dirty_pages: m.dirty_pages,
+            dirty_pages_per_epoch: Pct::of(&m.dirty),
+            raw_bytes: m.raw_bytes,
+            wire_bytes: m.wire_bytes,
+            state_bytes: m.state_bytes,
+            wire_ratio: if m.raw_bytes == 0 {
+                0.0
+            } else {
+                m.wire_bytes as f64 / m.raw_bytes as f64
+            },
+            wire_bytes_per_dirty_page: if m.dirty_pages == 0 {
+                0.0
+            } else {
+                m.wire_bytes as f64 / m.dirty_pages as f64
+            },
+            pages_unchanged: m.unchanged_pages,
+            pages_zero: m.zero_pages,
+            pages_delta: m.delta_pages,
+            pages_full: m.full_pages,
+            pause_us: Pct::of(&m.pause),
+            harvest_us: Pct::of(&m.harvest),
+            copy_us: Pct::of(&m.copy),
+            state_us: Pct::of(&m.state),
+            encode_us: Pct::of(&m.encode),
+            send_us: Pct::of(&m.send),
+            checkpoint_latency_us: Pct::of(&m.latency),
+            extended_epochs: m.extended_epochs,
+            extension_us_total: m.extension_us,
+            per_epoch: m.records.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// CPU time (user + system) of this process so far.
+pub fn self_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_SELF)
+}
+
+/// CPU time of waited-for children so far.
+pub fn children_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_CHILDREN)
+}
+
+fn rusage_cpu(who: libc::c_int) -> Duration {
+    // SAFETY: getrusage fills the zeroed struct we own; `who` is a valid constant.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(who, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregates_and_percentiles() {
+        let mut m = Metrics::new(true);
+        for i in 1..=100u64 {
+            m.add(&EpochRecord {
+                epoch: i,
+                dirty_pages: 10,
+                pause_us: i * 10,
+                raw_bytes: 40960,
+                wire_bytes: 4096,
+                ..Default::default()
+            });
+        }
+        let s = Summary::from_metrics(&m, Duration::from_secs(2));
+        assert_eq!(s.epochs, 100);
+        assert_eq!(s.acked_epoch, 100);
+        assert_eq!(s.epochs_per_s, 50.0);
+        assert!((s.pause_us.p50 as i64 - 500).abs() <= 5, "{:?}", s.pause_us);
+        assert!(s.pause_us.p99 >= 980 && s.pause_us.max >= 1000);
+        assert!((s.wire_ratio - 0.1).abs() < 1e-9);
+        assert_eq!(s.per_epoch.len(), 100);
+    }
+}

@@ -1,1 +1,20 @@
-//! engine
+//! The replication engine: the primary's epoch pipeline and the backup's
+//! receiver.
+//!
+//! Primary threads, each owning its data: `castor-epoch` (timer, pause,
+//! harvest, copy to staging, state save, resume), `castor-copy-N` (help copy
+//! dirty pages during the pause), `castor-enc-N` (encode one shard of the
+//! page range against the shadow copy after resume), `castor-tx` (owns the
+//! connection's sending half), `castor-ack` (owns the receiving half and the
+//! in-flight table). Backup: one receiver that stages each epoch and applies
+//! it whole at the epoch's end record, plus a heartbeat thread.
+
+pub mod backup;
+mod copy;
+pub mod primary;
+pub mod receiver;
+pub mod replica;
+mod shadow;
+mod signals;
+
+pub use signals::{install_stop_handler, stop_requested};

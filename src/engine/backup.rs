@@ -1,0 +1,180 @@
+//! The backup: accepts one primary, receives its checkpoints, acknowledges
+//! each once committed, and saves the committed replica when the stream ends
+//! or breaks.
+
+use std::io::{BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::digest::Digest;
+use crate::engine::receiver::{Event, Receiver};
+use crate::engine::replica::{self, Meta, ReplicaError};
+use crate::transport::handshake::{self, HandshakeError, Psk};
+use crate::transport::record::{write_record, RecordError, RecordKind, RecordReader};
+use crate::PAGE_SIZE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("accepting a connection: {0}")]
+    Accept(std::io::Error),
+    #[error("handshake with {peer} failed: {source}")]
+    Handshake {
+        peer: String,
+        #[source]
+        source: HandshakeError,
+    },
+    #[error("allocating the replica: {0}")]
+    Alloc(#[from] crate::domain::DomainError),
+    #[error("saving the replica: {0}")]
+    Save(#[from] ReplicaError),
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    pub state_dir: PathBuf,
+    pub psk: Psk,
+    /// Largest guest memory a primary may ask us to hold.
+    pub max_mem: u64,
+    pub quiet: bool,
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub struct BackupOutcome {
+    pub peer: String,
+    pub domain: String,
+    /// True when the primary closed the stream cleanly.
+    pub clean: bool,
+    /// Why the stream ended (the error, for a broken stream).
+    pub end: String,
+    /// Epoch discarded because it was incomplete or corrupt, if any.
+    pub discarded: Option<u64>,
+    pub committed: Option<u64>,
+    pub meta: Option<Meta>,
+    pub digest: Option<Digest>,
+    pub bytes_received: u64,
+}
+
+fn send(w: &Mutex<TcpStream>, kind: RecordKind, epoch: u64, payload: &[u8]) -> std::io::Result<()> {
+    let mut v = Vec::with_capacity(32 + payload.len());
+    write_record(&mut v, kind, epoch, payload);
+    w.lock().unwrap().write_all(&v)
+}
+
+/// Serves one primary from `listener` and returns once its stream ended.
+pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome, BackupError> {
+    let (stream, addr) = listener.accept().map_err(BackupError::Accept)?;
+    let peer = addr.to_string();
+    stream.set_nodelay(true).ok();
+    let mut writer = stream.try_clone().map_err(BackupError::Accept)?;
+    let mut reader = RecordReader::new(BufReader::with_capacity(1 << 20, stream));
+    // Refuse to stall forever on a silent peer during the handshake.
+    reader.get_ref().get_ref().set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let max_mem = cfg.max_mem;
+    let hello = handshake::server(&mut reader, &mut writer, &cfg.psk, |h| {
+        if h.page_size as usize != PAGE_SIZE {
+            return Err(format!("page size {} unsupported (castor uses {PAGE_SIZE})", h.page_size));
+        }
+        match h.pages.checked_mul(PAGE_SIZE as u64) {
+            Some(b) if h.pages > 0 && b <= max_mem => Ok(()),
+            _ => Err(format!(
+                "domain of {} pages exceeds this backup's --max-mem of {} bytes",
+                h.pages, max_mem
+            )),
+        }
+    })
+    .map_err(|source| BackupError::Handshake {
+        peer: peer.clone(),
+        source,
+    })?;
+    reader.get_ref().get_ref().set_read_timeout(None).ok();
+    if !cfg.quiet {
+        eprintln!(
+            "castor backup: replicating {} ({} pages, {}) from {peer}",
+            hello.desc,
+            hello.pages,
+            crate::units::fmt_bytes(hello.pages * PAGE_SIZE as u64)
+        );
+    }
+    let mut rx = Receiver::new(hello.pages)?;
+
+    // Heartbeats to the primary while the session lasts.
+    let writer = Arc::new(Mutex::new(writer));
+    let done = Arc::new(AtomicBool::new(false));
+    let hb = {
+        let (w, done) = (writer.clone(), done.clone());
+        std::thread::Builder::new()
+            .name("castor-heartbeat".into())
+            .spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    std::thread::park_timeout(Duration::from_millis(100));
+                    if done.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if send(&w, RecordKind::Heartbeat, 0, &[]).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning heartbeat thread")
+    };
+
+    let started = Instant::now();
+    let (clean, end) = loop {
+        let rec = match reader.next() {
+            Ok(r) => r,
+            Err(RecordError::Eof) => break (false, "connection closed without a Close record".to_string()),
+            Err(e) => break (false, e.to_string()),
+        };
+        match rx.on_record(rec) {
+            Ok(Event::None) => {}
+            Ok(Event::Committed(e)) => {
+                if let Err(err) = send(&writer, RecordKind::Ack, e, &[]) {
+                    break (false, format!("sending ack {e}: {err}"));
+                }
+            }
+            Ok(Event::Closed(e)) => break (true, format!("primary closed the stream after epoch {e}")),
+            Err(e) => {
+                let msg = e.to_string();
+                let _ = send(&writer, RecordKind::Error, 0, msg.as_bytes());
+                break (false, msg);
+            }
+        }
+    };
+    done.store(true, Ordering::Relaxed);
+    hb.thread().unpark();
+    let _ = hb.join();
+    let discarded = rx.discard_open();
+    let bytes_received = reader.bytes_read;
+    if !cfg.quiet {
+        let what = if clean { "stream ended" } else { "stream broken" };
+        eprintln!("castor backup: {what}: {end} ({:.1}s)", started.elapsed().as_secs_f64());
+        if let Some(d) = discarded {
+            eprintln!("castor backup: epoch {d} was incomplete and has been discarded whole");
+        }
+    }
+    let (meta, digest) = match rx.committed() {
+        Some(epoch) => {
+            // SAFETY: the receiver is the replica's only writer and it is idle.
+            let mem = unsafe { rx.memory().as_slice() };
+            let meta = replica::save(&cfg.state_dir, mem, rx.state(), epoch, &hello.desc)?;
+            let d = Digest::from_hex(&meta.digest);
+            (Some(meta), d)
+        }
+        None => (None, None),
+    };
+    Ok(BackupOutcome {
+        peer,
+        domain: hello.desc,
+        clean,
+        end,
+        discarded,
+        committed: rx.committed(),
+        meta,
+        digest,
+        bytes_received,
+    })
+}

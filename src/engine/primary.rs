@@ -1,0 +1,847 @@
+//! The primary: runs the guest in epochs and streams checkpoints.
+//!
+//! ```text
+//! castor-epoch: wait timer ─► wait in-flight < K ─► pause ─► harvest ─► copy ─► save state ─► resume
+//!                   │ EpochJob (Arc: gfns + staging)                     │ Meta (state, timings)
+//!                   ▼                                                    ▼
+//! castor-enc-N: encode own gfn shard vs shadow ─► ShardOut ─────► castor-tx: assemble epoch in order,
+//!                                                                  send Begin, Pages…, State, End
+//! castor-ack:   Ack(N) ─► latency, metrics, free in-flight slot ◄── backup
+//! ```
+//!
+//! Invariants:
+//! - Epochs reach the wire strictly in order, each whole (Begin, all shards,
+//!   State, End), because only `castor-tx` writes and it sends epoch N+1
+//!   only after N.
+//! - The shadow equals what the backup will hold once it applies everything
+//!   sent: encoders update the shadow exactly with the bytes they encoded,
+//!   and each gfn belongs to one encoder.
+//! - At most `max_inflight` checkpoints are unacknowledged when a pause
+//!   starts; the wait for a slot is recorded as the epoch's extension.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::codec::{Compressor, Encoder, PageKind};
+use crate::digest::Digest;
+use crate::domain::{Domain, DomainError};
+use crate::engine::copy::CopyPool;
+use crate::engine::shadow::PageBuf;
+use crate::metrics::{EpochRecord, Metrics, Summary};
+use crate::transport::messages::{EpochBegin, EpochClass, EpochEnd, PagesWriter};
+use crate::transport::record::{write_record, RecordError, RecordKind, RecordReader};
+use crate::transport::RecordSink;
+use crate::PAGE_SIZE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrimaryError {
+    #[error("domain: {0}")]
+    Domain(#[from] DomainError),
+    #[error("sending to the backup failed at epoch {epoch}: {source}")]
+    Send {
+        epoch: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("backup connection lost (last acknowledged epoch {acked}): {reason}")]
+    BackupLost { acked: u64, reason: String },
+    #[error("backup did not acknowledge epoch {epoch} within {waited:?}")]
+    AckTimeout { epoch: u64, waited: Duration },
+    #[error("protocol error from backup: {0}")]
+    Protocol(String),
+}
+
+/// Tunables of the primary pipeline.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    pub epoch: Duration,
+    /// K: checkpoints allowed in flight (sent, not acknowledged).
+    pub max_inflight: usize,
+    /// Encode workers, each owning a shard of the page range.
+    pub workers: usize,
+    /// Threads copying dirty pages during the pause (including the epoch thread).
+    pub copy_threads: usize,
+    pub pin: bool,
+    pub compressor: Compressor,
+    pub duration: Option<Duration>,
+    pub max_epochs: Option<u64>,
+    /// Print a progress line to stderr every second.
+    pub progress: bool,
+    pub keep_records: bool,
+    /// How long to wait for the final acknowledgement on a clean stop.
+    pub final_ack_timeout: Duration,
+    /// Keep this many recent dirty lists for post-run measurements.
+    pub keep_dirty_lists: usize,
+}
+
+impl Default for PrimaryConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        PrimaryConfig {
+            epoch: Duration::from_millis(25),
+            max_inflight: 2,
+            workers: cores.clamp(1, 8),
+            copy_threads: cores.clamp(1, 4),
+            pin: true,
+            compressor: Compressor::Lz4,
+            duration: None,
+            max_epochs: None,
+            progress: false,
+            keep_records: false,
+            final_ack_timeout: Duration::from_secs(30),
+            keep_dirty_lists: 0,
+        }
+    }
+}
+
+/// What a finished primary run hands back.
+pub struct PrimaryOutcome {
+    pub summary: Summary,
+    pub final_epoch: u64,
+    pub acked_epoch: u64,
+    /// Digest of memory + state at `final_epoch` (the domain is left paused there).
+    pub digest: Digest,
+    pub domain: Box<dyn Domain>,
+    pub recent_dirty: Vec<Vec<u64>>,
+}
+
+/// One epoch's work for the encoders. Seed jobs have no staging: encoders
+/// read live guest memory for their whole shard.
+struct EpochJob {
+    epoch: u64,
+    gfns: Vec<u64>,
+    staging: Option<PageBuf>,
+}
+
+struct ShardStats {
+    unchanged: u64,
+    zero: u64,
+    delta: u64,
+    full: u64,
+    raw_bytes: u64,
+    encode_us: u64,
+}
+
+struct ShardOut {
+    epoch: u64,
+    shard: usize,
+    buf: Vec<u8>,
+    records: u32,
+    entries: u64,
+    stats: ShardStats,
+}
+
+struct Meta {
+    epoch: u64,
+    class: EpochClass,
+    dirty: u64,
+    state: Vec<u8>,
+    record: EpochRecord,
+    pause_start: Instant,
+    job: Arc<EpochJob>,
+}
+
+enum TxMsg {
+    Meta(Meta),
+    Shard(ShardOut),
+    /// No epoch after this one; send Close once it is out.
+    Finish(u64),
+}
+
+struct InflightEntry {
+    record: EpochRecord,
+    pause_start: Instant,
+}
+
+#[derive(Default)]
+struct Inflight {
+    /// Highest epoch acknowledged; None before the seed's ack.
+    acked: Option<u64>,
+    /// Sent (or being sent), not yet acknowledged, by epoch.
+    pending: BTreeMap<u64, InflightEntry>,
+    /// Set once the link failed; the reason.
+    broken: Option<String>,
+}
+
+struct Shared {
+    inflight: Mutex<Inflight>,
+    cv: Condvar,
+    metrics: Mutex<Metrics>,
+    seed_done: Mutex<Option<(Duration, u64)>>,
+    stop_encoders: AtomicBool,
+}
+
+impl Shared {
+    fn fail(&self, reason: String) {
+        let mut g = self.inflight.lock().unwrap();
+        if g.broken.is_none() {
+            g.broken = Some(reason);
+        }
+        self.cv.notify_all();
+    }
+}
+
+/// Pointer to the shadow, shared by encoders; each touches only its shard.
+#[derive(Clone, Copy)]
+struct ShadowPtr(*mut u8, u64);
+// SAFETY: encoders write disjoint gfn ranges of the shadow (shard ownership),
+// and the shadow outlives them (joined before it is dropped).
+unsafe impl Send for ShadowPtr {}
+
+#[derive(Clone, Copy)]
+struct MemPtr(*const u8);
+// SAFETY: guest memory outlives the encoders (joined before the domain is
+// returned); seed reads race with guest writes by design, and every page
+// written during the seed is dirty and re-sent in epoch 1.
+unsafe impl Send for MemPtr {}
+
+fn shard_range(shard: usize, shards: usize, pages: u64) -> (u64, u64) {
+    let lo = pages * shard as u64 / shards as u64;
+    let hi = pages * (shard as u64 + 1) / shards as u64;
+    (lo, hi)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encoder_thread(
+    shard: usize,
+    shards: usize,
+    jobs: Receiver<Arc<EpochJob>>,
+    out: Sender<TxMsg>,
+    bufs: Receiver<Vec<u8>>,
+    shadow: ShadowPtr,
+    mem: MemPtr,
+    compressor: Compressor,
+) {
+    let mut enc = Encoder::new(compressor);
+    let (lo, hi) = shard_range(shard, shards, shadow.1);
+    let mut page = Box::new([0u8; PAGE_SIZE]);
+    for job in jobs {
+        let t0 = Instant::now();
+        let mut buf = bufs.try_recv().unwrap_or_default();
+        buf.clear();
+        let mut w = PagesWriter::new(job.epoch);
+        let mut st = ShardStats {
+            unchanged: 0,
+            zero: 0,
+            delta: 0,
+            full: 0,
+            raw_bytes: 0,
+            encode_us: 0,
+        };
+        let mut one = |gfn: u64, src: &[u8; PAGE_SIZE], buf: &mut Vec<u8>, w: &mut PagesWriter| {
+            // SAFETY: lo <= gfn < hi, inside the shadow, and this encoder
+            // alone owns shadow pages of [lo, hi).
+            let prev = unsafe { &mut *(shadow.0.add(gfn as usize * PAGE_SIZE) as *mut [u8; PAGE_SIZE]) };
+            st.raw_bytes += PAGE_SIZE as u64;
+            let mut kind = PageKind::Invalid;
+            w.push(buf, gfn, |o| {
+                kind = enc.encode(src, Some(prev), o);
+                (kind != PageKind::Unchanged).then_some(kind as u8)
+            });
+            match kind {
+                PageKind::Unchanged => st.unchanged += 1,
+                PageKind::Zero => st.zero += 1,
+                PageKind::Delta | PageKind::DeltaLz4 | PageKind::DeltaZstd => st.delta += 1,
+                _ => st.full += 1,
+            }
+            if kind != PageKind::Unchanged {
+                prev.copy_from_slice(src);
+            }
+        };
+        match &job.staging {
+            Some(staging) => {
+                let a = job.gfns.partition_point(|&g| g < lo);
+                let b = job.gfns.partition_point(|&g| g < hi);
+                for (i, &gfn) in job.gfns.iter().enumerate().take(b).skip(a) {
+                    // SAFETY: the copy into staging finished before the job
+                    // was sent; nobody writes staging until it is returned.
+                    let src = unsafe { staging.slot(i) };
+                    one(gfn, src, &mut buf, &mut w);
+                }
+            }
+            None => {
+                for gfn in lo..hi {
+                    // SAFETY: gfn < pages; copying out of guest memory into
+                    // our own buffer (see MemPtr for the race argument).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(mem.0.add(gfn as usize * PAGE_SIZE), page.as_mut_ptr(), PAGE_SIZE)
+                    };
+                    one(gfn, &page, &mut buf, &mut w);
+                }
+            }
+        }
+        w.close(&mut buf);
+        st.encode_us = t0.elapsed().as_micros() as u64;
+        let epoch = job.epoch;
+        drop(job); // before reporting, so the tx thread can reclaim staging
+        let msg = ShardOut {
+            epoch,
+            shard,
+            buf,
+            records: w.records,
+            entries: w.entries,
+            stats: st,
+        };
+        if out.send(TxMsg::Shard(msg)).is_err() {
+            return;
+        }
+    }
+}
+
+struct Assembly {
+    meta: Option<Meta>,
+    shards: Vec<Option<ShardOut>>,
+    got: usize,
+}
+
+/// Owns the sending half. Sends each epoch whole and in order.
+fn tx_thread(
+    mut sink: Box<dyn RecordSink>,
+    rx: Receiver<TxMsg>,
+    shards: usize,
+    shared: Arc<Shared>,
+    buf_return: Vec<Sender<Vec<u8>>>,
+    staging_return: Sender<PageBuf>,
+    seed_start: Instant,
+) {
+    let mut pending: BTreeMap<u64, Assembly> = BTreeMap::new();
+    let mut next = 0u64;
+    let mut finish: Option<u64> = None;
+    let mut last_send = Instant::now();
+    let mut hb = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(TxMsg::Meta(m)) => {
+                let e = pending.entry(m.epoch).or_insert_with(|| Assembly {
+                    meta: None,
+                    shards: (0..shards).map(|_| None).collect(),
+                    got: 0,
+                });
+                e.meta = Some(m);
+            }
+            Ok(TxMsg::Shard(s)) => {
+                let e = pending.entry(s.epoch).or_insert_with(|| Assembly {
+                    meta: None,
+                    shards: (0..shards).map(|_| None).collect(),
+                    got: 0,
+                });
+                let i = s.shard;
+                e.shards[i] = Some(s);
+                e.got += 1;
+            }
+            Ok(TxMsg::Finish(e)) => finish = Some(e),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        // Send every complete epoch that is next in line.
+        while let Some(a) = pending.get(&next) {
+            if a.meta.is_none() || a.got < shards {
+                break;
+            }
+            let a = pending.remove(&next).expect("checked above");
+            let meta = a.meta.expect("checked above");
+            let outs: Vec<ShardOut> = a.shards.into_iter().map(|s| s.expect("all shards present")).collect();
+            let mut head = Vec::with_capacity(64);
+            write_record(
+                &mut head,
+                RecordKind::EpochBegin,
+                meta.epoch,
+                &EpochBegin {
+                    class: meta.class,
+                    dirty: meta.dirty,
+                }
+                .encode(),
+            );
+            let mut tail = Vec::with_capacity(meta.state.len() + 64);
+            if meta.class == EpochClass::Checkpoint {
+                write_record(&mut tail, RecordKind::State, meta.epoch, &meta.state);
+            }
+            let end = EpochEnd {
+                page_entries: outs.iter().map(|o| o.entries).sum(),
+                pages_records: outs.iter().map(|o| o.records).sum(),
+                state_len: meta.state.len() as u32,
+            };
+            write_record(&mut tail, RecordKind::EpochEnd, meta.epoch, &end.encode());
+            let mut rec = meta.record;
+            for o in &outs {
+                rec.unchanged_pages += o.stats.unchanged;
+                rec.zero_pages += o.stats.zero;
+                rec.delta_pages += o.stats.delta;
+                rec.full_pages += o.stats.full;
+                rec.raw_bytes += o.stats.raw_bytes;
+                rec.encode_us += o.stats.encode_us;
+            }
+            let mut bufs: Vec<&[u8]> = vec![&head];
+            bufs.extend(outs.iter().map(|o| &o.buf[..]));
+            bufs.push(&tail);
+            rec.wire_bytes = bufs.iter().map(|b| b.len() as u64).sum();
+            rec.state_bytes = meta.state.len() as u64;
+            {
+                let mut g = shared.inflight.lock().unwrap();
+                g.pending.insert(
+                    meta.epoch,
+                    InflightEntry {
+                        record: rec,
+                        pause_start: meta.pause_start,
+                    },
+                );
+            }
+            let t = Instant::now();
+            let r = sink.send(&bufs);
+            let send_us = t.elapsed().as_micros() as u64;
+            last_send = Instant::now();
+            if let Err(e) = r {
+                shared.fail(format!("sending epoch {}: {e}", meta.epoch));
+                return;
+            }
+            if meta.class == EpochClass::Seed {
+                let wire: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+                *shared.seed_done.lock().unwrap() = Some((seed_start.elapsed(), wire));
+            }
+            {
+                let mut g = shared.inflight.lock().unwrap();
+                if let Some(p) = g.pending.get_mut(&meta.epoch) {
+                    p.record.send_us = send_us;
+                }
+            }
+            drop(bufs);
+            for o in outs {
+                let _ = buf_return[o.shard].send(o.buf);
+            }
+            if let Ok(job) = Arc::try_unwrap(meta.job) {
+                if let Some(st) = job.staging {
+                    let _ = staging_return.send(st);
+                }
+            }
+            next += 1;
+        }
+        if let Some(f) = finish {
+            if next > f {
+                let mut c = Vec::new();
+                write_record(&mut c, RecordKind::Close, f, &[]);
+                if let Err(e) = sink.send(&[&c]) {
+                    shared.fail(format!("sending close: {e}"));
+                }
+                return;
+            }
+        }
+        if last_send.elapsed() >= Duration::from_millis(100) {
+            hb.clear();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            write_record(&mut hb, RecordKind::Heartbeat, 0, &now.to_le_bytes());
+            if let Err(e) = sink.send(&[&hb]) {
+                shared.fail(format!("sending heartbeat: {e}"));
+                return;
+            }
+            last_send = Instant::now();
+        }
+    }
+}
+
+/// Owns the receiving half: acks complete in-flight epochs.
+fn ack_thread<R: std::io::Read>(mut reader: RecordReader<R>, shared: Arc<Shared>) {
+    loop {
+        let rec = match reader.next() {
+            Ok(r) => r,
+            Err(RecordError::Eof) => return shared.fail("backup closed the connection".into()),
+            Err(e) => return shared.fail(format!("reading from backup: {e}")),
+        };
+        match rec.kind {
+            RecordKind::Ack => {
+                let epoch = rec.epoch;
+                let mut g = shared.inflight.lock().unwrap();
+                let Some((&oldest, _)) = g.pending.iter().next() else {
+                    drop(g);
+                    return shared.fail(format!("backup acknowledged epoch {epoch}, which is not in flight"));
+                };
+                if oldest != epoch {
+                    drop(g);
+                    return shared.fail(format!(
+                        "backup acknowledged epoch {epoch} while the oldest in flight is {oldest}"
+                    ));
+                }
+                let entry = g.pending.remove(&epoch).expect("checked above");
+                g.acked = Some(epoch);
+                shared.cv.notify_all();
+                drop(g);
+                if epoch > 0 {
+                    let mut r = entry.record;
+                    r.latency_us = entry.pause_start.elapsed().as_micros() as u64;
+                    shared.metrics.lock().unwrap().add(&r);
+                }
+            }
+            RecordKind::Heartbeat => {}
+            RecordKind::Error => {
+                return shared.fail(format!(
+                    "backup reported: {}",
+                    String::from_utf8_lossy(rec.payload)
+                ))
+            }
+            other => return shared.fail(format!("unexpected {other:?} record from backup")),
+        }
+    }
+}
+
+fn progress_thread(shared: Arc<Shared>, start: Instant, done: Arc<AtomicBool>) {
+    let mut last_epochs = 0u64;
+    let mut last_wire = 0u64;
+    let mut last_t = Instant::now();
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        if last_t.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        let dt = last_t.elapsed().as_secs_f64();
+        last_t = Instant::now();
+        let m = shared.metrics.lock().unwrap();
+        let s = Summary::from_metrics(&m, start.elapsed());
+        let eps = (m.epochs - last_epochs) as f64 / dt;
+        let wire_rate = (m.wire_bytes - last_wire) as f64 / dt;
+        last_epochs = m.epochs;
+        last_wire = m.wire_bytes;
+        drop(m);
+        eprintln!(
+            "[{:6.1}s] acked {:>6} | {:5.1} ep/s | dirty {:>6}/ep | pause p50 {:>6} p99 {:>6} µs | latency p99 {:>6} µs | wire {:5.1}% ({}/s){}",
+            start.elapsed().as_secs_f64(),
+            s.acked_epoch,
+            eps,
+            s.dirty_pages_per_epoch.p50,
+            s.pause_us.p50,
+            s.pause_us.p99,
+            s.checkpoint_latency_us.p99,
+            s.wire_ratio * 100.0,
+            crate::units::fmt_bytes(wire_rate as u64),
+            if s.extended_epochs > 0 { format!(" | {} extended", s.extended_epochs) } else { String::new() },
+        );
+    }
+}
+
+/// Runs the primary until the configured duration or epoch count is
+/// reached, a stop signal arrives, or the backup is lost. `sink` and
+/// `reader` are the two halves of an authenticated session.
+pub fn run<R: std::io::Read + Send + 'static>(
+    mut domain: Box<dyn Domain>,
+    sink: Box<dyn RecordSink>,
+    reader: RecordReader<R>,
+    cfg: &PrimaryConfig,
+) -> Result<PrimaryOutcome, (PrimaryError, Option<Box<dyn Domain>>)> {
+    let layout = domain.layout();
+    let pages = layout.pages;
+    let workers = cfg.workers.max(1);
+    let cores = if cfg.pin {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let shadow = match PageBuf::new(pages as usize) {
+        Ok(s) => s,
+        Err(e) => return Err((e.into(), Some(domain))),
+    };
+    let shared = Arc::new(Shared {
+        inflight: Mutex::new(Inflight::default()),
+        cv: Condvar::new(),
+        metrics: Mutex::new(Metrics::new(cfg.keep_records)),
+        seed_done: Mutex::new(None),
+        stop_encoders: AtomicBool::new(false),
+    });
+    let start = Instant::now();
+    let (tx_send, tx_recv) = channel::<TxMsg>();
+    let (staging_ret_tx, staging_ret_rx) = channel::<PageBuf>();
+    let mut job_txs = Vec::new();
+    let mut buf_rets = Vec::new();
+    let mut enc_handles: Vec<JoinHandle<()>> = Vec::new();
+    let shadow_ptr = ShadowPtr(shadow.slot_ptr(0), pages);
+    let mem_ptr = MemPtr(domain.memory().as_ptr());
+    for shard in 0..workers {
+        let (jt, jr) = channel::<Arc<EpochJob>>();
+        let (bt, br) = channel::<Vec<u8>>();
+        job_txs.push(jt);
+        buf_rets.push(bt);
+        let out = tx_send.clone();
+        let core = (!cores.is_empty()).then(|| cores[shard % cores.len()]);
+        let comp = cfg.compressor;
+        enc_handles.push(
+            std::thread::Builder::new()
+                .name(format!("castor-enc-{shard}"))
+                .spawn(move || {
+                    if let Some(c) = core {
+                        core_affinity::set_for_current(c);
+                    }
+                    encoder_thread(shard, workers, jr, out, br, shadow_ptr, mem_ptr, comp)
+                })
+                .expect("spawning encoder"),
+        );
+    }
+    let tx_handle = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("castor-tx".into())
+            .spawn(move || tx_thread(sink, tx_recv, workers, shared, buf_rets, staging_ret_tx, start))
+            .expect("spawning tx thread")
+    };
+    let ack_handle = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("castor-ack".into())
+            .spawn(move || ack_thread(reader, shared))
+            .expect("spawning ack thread")
+    };
+    let progress_done = Arc::new(AtomicBool::new(false));
+    let progress_handle = cfg.progress.then(|| {
+        let shared = shared.clone();
+        let done = progress_done.clone();
+        std::thread::Builder::new()
+            .name("castor-progress".into())
+            .spawn(move || progress_thread(shared, start, done))
+            .expect("spawning progress thread")
+    });
+
+    let copy_pool = CopyPool::new(cfg.copy_threads, &cores);
+    let result = drive(&mut *domain, cfg, &shared, &job_txs, &tx_send, &staging_ret_rx, &copy_pool, start);
+
+    // Tear down: encoders first (no more jobs), then wait for tx to finish.
+    drop(job_txs);
+    shared.stop_encoders.store(true, Ordering::Relaxed);
+    for h in enc_handles {
+        let _ = h.join();
+    }
+    drop(tx_send);
+    let _ = tx_handle.join();
+    progress_done.store(true, Ordering::Relaxed);
+    if let Some(h) = progress_handle {
+        let _ = h.join();
+    }
+    let (final_epoch, state, recent_dirty) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            // The ack thread exits when the connection closes; do not wait for it.
+            drop(ack_handle);
+            return Err((e, Some(domain)));
+        }
+    };
+    drop(ack_handle);
+    let elapsed = start.elapsed();
+    let g = shared.inflight.lock().unwrap();
+    let acked = g.acked.unwrap_or(0);
+    drop(g);
+    let mut summary = Summary::from_metrics(&shared.metrics.lock().unwrap(), elapsed);
+    if let Some((d, wire)) = *shared.seed_done.lock().unwrap() {
+        summary.seed_ms = (d.as_secs_f64() * 1e4).round() / 10.0;
+        summary.seed_wire_bytes = wire;
+    }
+    summary.domain = domain.describe();
+    summary.transport = "tcp".into();
+    summary.epoch_ms = cfg.epoch.as_secs_f64() * 1000.0;
+    summary.max_inflight = cfg.max_inflight;
+    summary.workers = workers;
+    // SAFETY: the domain is paused after the final epoch and no castor
+    // thread touches guest memory any more (encoders joined).
+    let digest = Digest::of(unsafe { domain.memory().as_slice() }, &state);
+    summary.primary_digest = digest.to_hex();
+    Ok(PrimaryOutcome {
+        summary,
+        final_epoch,
+        acked_epoch: acked,
+        digest,
+        domain,
+        recent_dirty,
+    })
+}
+
+type DriveResult = Result<(u64, Vec<u8>, Vec<Vec<u64>>), PrimaryError>;
+
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    domain: &mut dyn Domain,
+    cfg: &PrimaryConfig,
+    shared: &Shared,
+    job_txs: &[Sender<Arc<EpochJob>>],
+    tx: &Sender<TxMsg>,
+    staging_ret: &Receiver<PageBuf>,
+    copy_pool: &CopyPool,
+    start: Instant,
+) -> DriveResult {
+    let k = cfg.max_inflight.max(1) as u64;
+    let broken = |g: &Inflight| {
+        g.broken.clone().map(|reason| PrimaryError::BackupLost {
+            acked: g.acked.unwrap_or(0),
+            reason,
+        })
+    };
+    domain.start()?;
+    // Epoch 0: live pre-copy of all memory (the seed).
+    let seed = Arc::new(EpochJob {
+        epoch: 0,
+        gfns: Vec::new(),
+        staging: None,
+    });
+    let _ = tx.send(TxMsg::Meta(Meta {
+        epoch: 0,
+        class: EpochClass::Seed,
+        dirty: domain.layout().pages,
+        state: Vec::new(),
+        record: EpochRecord::default(),
+        pause_start: Instant::now(),
+        job: seed.clone(),
+    }));
+    for j in job_txs {
+        let _ = j.send(seed.clone());
+    }
+    drop(seed);
+
+    // Staging for the first epochs, faulted in now so no pause pays for it.
+    let first = (domain.layout().pages as usize).min(8192);
+    let mut spare: Vec<PageBuf> = (0..k).map(|_| PageBuf::new_populated(first)).collect::<Result<_, _>>()?;
+    let mut staging_count = spare.len();
+    let mut gfns: Vec<u64> = Vec::new();
+    let mut state: Vec<u8> = Vec::new();
+    let mut recent: std::collections::VecDeque<Vec<u64>> = Default::default();
+    let mut deadline = Instant::now() + cfg.epoch;
+    let mut epoch = 0u64;
+    loop {
+        epoch += 1;
+        let is_final = |now: Instant| {
+            crate::engine::stop_requested()
+                || cfg.duration.is_some_and(|d| now.duration_since(start) + cfg.epoch >= d)
+                || cfg.max_epochs.is_some_and(|n| epoch >= n)
+        };
+        // Run the guest until the epoch's deadline (woken early by a failure).
+        {
+            let mut g = shared.inflight.lock().unwrap();
+            loop {
+                if let Some(e) = broken(&g) {
+                    return Err(e);
+                }
+                let now = Instant::now();
+                if now >= deadline || crate::engine::stop_requested() {
+                    break;
+                }
+                g = shared.cv.wait_timeout(g, (deadline - now).min(Duration::from_millis(50))).unwrap().0;
+            }
+            // Backpressure: at most K checkpoints unacknowledged at pause time.
+            let ext_start = Instant::now();
+            // Epochs 0..epoch-1 have been handed to the pipeline; those after
+            // the last ack are in flight.
+            let unacked = |g: &Inflight| g.acked.map_or(epoch, |a| (epoch - 1).saturating_sub(a));
+            while unacked(&g) >= k {
+                if let Some(e) = broken(&g) {
+                    return Err(e);
+                }
+                g = shared.cv.wait_timeout(g, Duration::from_millis(50)).unwrap().0;
+            }
+            let ext = ext_start.elapsed();
+            drop(g);
+            let final_epoch = is_final(Instant::now());
+            let mut rec = EpochRecord {
+                epoch,
+                extension_us: if ext > Duration::from_micros(200) { ext.as_micros() as u64 } else { 0 },
+                ..Default::default()
+            };
+            // Reclaim staging buffers returned by the tx thread.
+            while let Ok(b) = staging_ret.try_recv() {
+                spare.push(b);
+            }
+
+            let t0 = Instant::now();
+            domain.pause()?;
+            let t_paused = Instant::now();
+            gfns.clear();
+            domain.harvest_dirty(&mut gfns)?;
+            let t_harvest = Instant::now();
+            let mut staging = match spare.iter().position(|b| b.slots() >= gfns.len()) {
+                Some(i) => spare.swap_remove(i),
+                None if staging_count <= k as usize => {
+                    staging_count += 1;
+                    PageBuf::new_populated((gfns.len() * 5 / 4).max(1024))?
+                }
+                None => {
+                    // All buffers busy or too small: wait for one, grow if needed.
+                    let b = spare.pop().map_or_else(
+                        || staging_ret.recv().map_err(|_| PrimaryError::BackupLost {
+                            acked: 0,
+                            reason: "transport thread ended".into(),
+                        }),
+                        Ok,
+                    )?;
+                    if b.slots() >= gfns.len() {
+                        b
+                    } else {
+                        PageBuf::new_populated((gfns.len() * 5 / 4).max(1024))?
+                    }
+                }
+            };
+            if staging.slots() < gfns.len() {
+                staging = PageBuf::new_populated(gfns.len() * 5 / 4)?;
+            }
+            copy_pool.copy(domain.memory(), &gfns, &staging);
+            let t_copy = Instant::now();
+            state.clear();
+            domain.save_state(&mut state)?;
+            let t_state = Instant::now();
+            if !final_epoch {
+                domain.resume()?;
+            }
+            let t_end = Instant::now();
+            rec.dirty_pages = gfns.len() as u64;
+            rec.harvest_us = (t_harvest - t_paused).as_micros() as u64;
+            rec.copy_us = (t_copy - t_harvest).as_micros() as u64;
+            rec.state_us = (t_state - t_copy).as_micros() as u64;
+            rec.pause_us = (t_end - t0).as_micros() as u64;
+            if cfg.keep_dirty_lists > 0 {
+                if recent.len() == cfg.keep_dirty_lists {
+                    recent.pop_front();
+                }
+                recent.push_back(gfns.clone());
+            }
+            let job = Arc::new(EpochJob {
+                epoch,
+                gfns: std::mem::take(&mut gfns),
+                staging: Some(staging),
+            });
+            let _ = tx.send(TxMsg::Meta(Meta {
+                epoch,
+                class: EpochClass::Checkpoint,
+                dirty: job.gfns.len() as u64,
+                state: state.clone(),
+                record: rec,
+                pause_start: t0,
+                job: job.clone(),
+            }));
+            for j in job_txs {
+                let _ = j.send(job.clone());
+            }
+            drop(job);
+            if final_epoch {
+                let _ = tx.send(TxMsg::Finish(epoch));
+                break;
+            }
+            deadline += cfg.epoch;
+            let now = Instant::now();
+            if deadline < now {
+                deadline = now;
+            }
+        }
+    }
+    // Clean stop: wait for the final acknowledgement.
+    let waited = Instant::now();
+    let mut g = shared.inflight.lock().unwrap();
+    while g.acked != Some(epoch) {
+        if let Some(e) = broken(&g) {
+            return Err(e);
+        }
+        if waited.elapsed() > cfg.final_ack_timeout {
+            return Err(PrimaryError::AckTimeout {
+                epoch,
+                waited: waited.elapsed(),
+            });
+        }
+        g = shared.cv.wait_timeout(g, Duration::from_millis(50)).unwrap().0;
+    }
+    Ok((epoch, state, recent.into()))
+}

@@ -1,0 +1,299 @@
+//! The backup's receiver: turns a verified record stream into committed
+//! checkpoints, atomically.
+//!
+//! States: `Idle` (between epochs) and `Open(epoch)`. Pages of an open
+//! checkpoint are decoded into a staging area, never into the replica; only
+//! the epoch's end record, after its totals are checked, copies them into the
+//! replica and replaces the saved state. Any error discards the open epoch
+//! whole: the replica stays at the last committed epoch. The seed (epoch 0,
+//! a live pre-copy) is applied in place because the replica holds no
+//! committed checkpoint before epoch 1 commits.
+//!
+//! Every field from the wire is checked: epochs must follow one another,
+//! gfns must lie inside the layout, a gfn may appear once per epoch, entry
+//! and record counts must match the end record, and payloads must decode.
+
+use crate::codec::Decoder;
+use crate::domain::GuestMemory;
+use crate::transport::messages::{parse_pages, EpochBegin, EpochClass, EpochEnd};
+use crate::transport::record::{PayloadError, Record, RecordKind};
+use crate::PAGE_SIZE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("epoch {epoch}: {source}")]
+    Payload {
+        epoch: u64,
+        #[source]
+        source: PayloadError,
+    },
+    #[error("epoch {epoch}, page {gfn}: {reason}")]
+    Page { epoch: u64, gfn: u64, reason: String },
+    #[error("{0}")]
+    Protocol(String),
+    #[error("primary reported an error: {0}")]
+    Peer(String),
+}
+
+/// What a record did to the session.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    None,
+    /// Epoch committed (or seed applied): acknowledge it.
+    Committed(u64),
+    /// Clean end of stream after epoch `.0`.
+    Closed(u64),
+}
+
+struct Open {
+    epoch: u64,
+    class: EpochClass,
+    dirty: u64,
+    entries: u64,
+    records: u32,
+    state: Option<Vec<u8>>,
+}
+
+/// The replica and the receiver's state machine.
+pub struct Receiver {
+    mem: GuestMemory,
+    pages: u64,
+    state: Vec<u8>,
+    committed: Option<u64>,
+    seeded: bool,
+    next_epoch: u64,
+    open: Option<Open>,
+    decoder: Decoder,
+    /// Staged pages of the open checkpoint: `staged_gfns[i]` → slot i.
+    staging: Vec<u8>,
+    staged_gfns: Vec<u64>,
+    /// One bit per gfn: seen in the open epoch (duplicates are hostile).
+    seen: Vec<u64>,
+    scratch: Box<[u8; PAGE_SIZE]>,
+}
+
+impl Receiver {
+    pub fn new(pages: u64) -> Result<Receiver, crate::domain::DomainError> {
+        Ok(Receiver {
+            mem: GuestMemory::new(pages as usize * PAGE_SIZE)?,
+            pages,
+            state: Vec::new(),
+            committed: None,
+            seeded: false,
+            next_epoch: 0,
+            open: None,
+            decoder: Decoder::new(),
+            staging: Vec::new(),
+            staged_gfns: Vec::new(),
+            seen: vec![0; (pages as usize).div_ceil(64)],
+            scratch: Box::new([0; PAGE_SIZE]),
+        })
+    }
+
+    /// Last committed checkpoint, if any.
+    pub fn committed(&self) -> Option<u64> {
+        self.committed
+    }
+
+    /// The epoch being received, if one is open.
+    pub fn open_epoch(&self) -> Option<u64> {
+        self.open.as_ref().map(|o| o.epoch)
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    pub fn state(&self) -> &[u8] {
+        &self.state
+    }
+
+    /// Drops the open epoch, if any (after an error or a torn stream).
+    /// Returns the discarded epoch number.
+    pub fn discard_open(&mut self) -> Option<u64> {
+        let o = self.open.take()?;
+        for &g in &self.staged_gfns {
+            self.seen[(g / 64) as usize] &= !(1 << (g % 64));
+        }
+        self.staged_gfns.clear();
+        Some(o.epoch)
+    }
+
+    fn proto(&self, msg: String) -> StreamError {
+        StreamError::Protocol(msg)
+    }
+
+    /// Applies one verified record. On `Err` the caller must end the session
+    /// (and call [`Receiver::discard_open`]); the replica is untouched.
+    pub fn on_record(&mut self, rec: Record<'_>) -> Result<Event, StreamError> {
+        match rec.kind {
+            RecordKind::EpochBegin => self.begin(rec),
+            RecordKind::Pages => self.pages(rec),
+            RecordKind::State => self.state_rec(rec),
+            RecordKind::EpochEnd => self.end(rec),
+            RecordKind::Heartbeat => Ok(Event::None),
+            RecordKind::Close => {
+                if let Some(o) = &self.open {
+                    return Err(self.proto(format!("stream closed inside epoch {}", o.epoch)));
+                }
+                Ok(Event::Closed(rec.epoch))
+            }
+            RecordKind::Error => Err(StreamError::Peer(String::from_utf8_lossy(rec.payload).into_owned())),
+            other => Err(self.proto(format!("unexpected {other:?} record after the handshake"))),
+        }
+    }
+
+    fn begin(&mut self, rec: Record<'_>) -> Result<Event, StreamError> {
+        if let Some(o) = &self.open {
+            return Err(self.proto(format!(
+                "epoch {} begins while epoch {} is still open",
+                rec.epoch, o.epoch
+            )));
+        }
+        if rec.epoch != self.next_epoch {
+            return Err(self.proto(format!(
+                "epoch {} out of order: expected epoch {}",
+                rec.epoch, self.next_epoch
+            )));
+        }
+        let b = EpochBegin::decode(rec.payload).map_err(|source| StreamError::Payload {
+            epoch: rec.epoch,
+            source,
+        })?;
+        let want = if rec.epoch == 0 { EpochClass::Seed } else { EpochClass::Checkpoint };
+        if b.class != want {
+            return Err(self.proto(format!("epoch {} has class {:?}, expected {want:?}", rec.epoch, b.class)));
+        }
+        if b.dirty > self.pages {
+            return Err(self.proto(format!(
+                "epoch {} claims {} dirty pages; the domain has {}",
+                rec.epoch, b.dirty, self.pages
+            )));
+        }
+        self.open = Some(Open {
+            epoch: rec.epoch,
+            class: b.class,
+            dirty: b.dirty,
+            entries: 0,
+            records: 0,
+            state: None,
+        });
+        Ok(Event::None)
+    }
+
+    fn open_for(&mut self, rec: &Record<'_>) -> Result<&mut Open, StreamError> {
+        let open_epoch = self.open.as_ref().map(|o| o.epoch);
+        match open_epoch {
+            Some(e) if e == rec.epoch => Ok(self.open.as_mut().expect("open")),
+            Some(e) => Err(StreamError::Protocol(format!(
+                "{:?} record for epoch {} inside epoch {}",
+                rec.kind, rec.epoch, e
+            ))),
+            None => Err(StreamError::Protocol(format!(
+                "{:?} record for epoch {} outside any epoch",
+                rec.kind, rec.epoch
+            ))),
+        }
+    }
+
+    fn pages(&mut self, rec: Record<'_>) -> Result<Event, StreamError> {
+        let epoch = rec.epoch;
+        let (class, dirty, entries) = {
+            let o = self.open_for(&rec)?;
+            o.records += 1;
+            (o.class, o.dirty, o.entries)
+        };
+        let (_, iter) = parse_pages(rec.payload).map_err(|source| StreamError::Payload { epoch, source })?;
+        let mut n = entries;
+        for e in iter {
+            let e = e.map_err(|source| StreamError::Payload { epoch, source })?;
+            let gfn = e.gfn;
+            let page_err = |reason: String| StreamError::Page { epoch, gfn, reason };
+            if gfn >= self.pages {
+                return Err(page_err(format!("gfn outside the domain's {} pages", self.pages)));
+            }
+            let (w, bit) = ((gfn / 64) as usize, 1u64 << (gfn % 64));
+            if self.seen[w] & bit != 0 {
+                return Err(page_err("page sent twice in one epoch".into()));
+            }
+            n += 1;
+            if n > dirty {
+                return Err(page_err(format!("more page entries than the {dirty} dirty pages announced")));
+            }
+            let mut base = [0u8; PAGE_SIZE];
+            self.mem.read_page(gfn, &mut base);
+            self.decoder
+                .decode(e.kind, e.payload, &base, &mut self.scratch)
+                .map_err(|c| page_err(c.to_string()))?;
+            self.seen[w] |= bit;
+            self.staged_gfns.push(gfn);
+            if class == EpochClass::Seed {
+                // Not a checkpoint: write through (see module docs).
+                self.mem.write_page(gfn, &self.scratch);
+            } else {
+                self.staging.extend_from_slice(&self.scratch[..]);
+            }
+        }
+        self.open.as_mut().expect("open checked").entries = n;
+        Ok(Event::None)
+    }
+
+    fn state_rec(&mut self, rec: Record<'_>) -> Result<Event, StreamError> {
+        let o = self.open_for(&rec)?;
+        if o.class == EpochClass::Seed {
+            return Err(StreamError::Protocol("State record inside the seed epoch".into()));
+        }
+        if o.state.is_some() {
+            return Err(StreamError::Protocol(format!("second State record in epoch {}", rec.epoch)));
+        }
+        o.state = Some(rec.payload.to_vec());
+        Ok(Event::None)
+    }
+
+    fn end(&mut self, rec: Record<'_>) -> Result<Event, StreamError> {
+        let epoch = rec.epoch;
+        let end = EpochEnd::decode(rec.payload).map_err(|source| StreamError::Payload { epoch, source })?;
+        let o = self.open_for(&rec)?;
+        if end.page_entries != o.entries || end.pages_records != o.records {
+            return Err(StreamError::Protocol(format!(
+                "epoch {epoch} incomplete: end record says {} entries in {} records, received {} in {}",
+                end.page_entries, end.pages_records, o.entries, o.records
+            )));
+        }
+        let state = match (o.class, o.state.take()) {
+            (EpochClass::Seed, _) => None,
+            (EpochClass::Checkpoint, Some(s)) if s.len() == end.state_len as usize => Some(s),
+            (EpochClass::Checkpoint, Some(s)) => {
+                return Err(StreamError::Protocol(format!(
+                    "epoch {epoch}: state of {} bytes, end record says {}",
+                    s.len(),
+                    end.state_len
+                )))
+            }
+            (EpochClass::Checkpoint, None) => {
+                return Err(StreamError::Protocol(format!("epoch {epoch} ended without its State record")))
+            }
+        };
+        // Verified whole: commit. Nothing below can fail.
+        if let Some(s) = state {
+            for (i, &gfn) in self.staged_gfns.iter().enumerate() {
+                let page: &[u8; PAGE_SIZE] = self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                    .try_into()
+                    .expect("slot is one page");
+                self.mem.write_page(gfn, page);
+            }
+            self.state = s;
+            self.committed = Some(epoch);
+        } else {
+            self.seeded = true;
+        }
+        for &g in &self.staged_gfns {
+            self.seen[(g / 64) as usize] &= !(1 << (g % 64));
+        }
+        self.staged_gfns.clear();
+        self.staging.clear();
+        self.open = None;
+        self.next_epoch = epoch + 1;
+        Ok(Event::Committed(epoch))
+    }
+}

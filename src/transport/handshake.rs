@@ -1,0 +1,268 @@
+//! Session handshake: versions, memory layout, and mutual authentication
+//! with a pre-shared key.
+//!
+//! ```text
+//! primary                                   backup
+//!   Hello{page_size, pages, nonce_p, desc} ──►
+//!                                           ◄── HelloAck{nonce_b, mac_b}   (or Error)
+//!   Auth{mac_p}                            ──►
+//!                                           ◄── AuthOk                     (or Error)
+//! mac_b = HMAC-SHA256(psk, "castor-backup-v1"  ‖ Hello payload ‖ nonce_b)
+//! mac_p = HMAC-SHA256(psk, "castor-primary-v1" ‖ Hello payload ‖ nonce_b)
+//! ```
+//!
+//! Each side proves knowledge of the key over both nonces, so neither a
+//! replayed Hello nor a replayed Auth is accepted. The backup applies no
+//! page before it has verified `mac_p`. The key authenticates the peer; it
+//! does not encrypt or MAC later records (CRC-32C guards those against
+//! corruption, not against an active attacker on the path).
+
+use std::io::{self, Write};
+use std::path::Path;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::transport::messages::{Hello, MAC_LEN, NONCE_LEN};
+use crate::transport::record::{write_record, PayloadError, RecordError, RecordKind, RecordReader};
+
+/// Built-in key used when none is configured: lets one-host demos run with
+/// no setup, and is announced with a warning because anyone can use it.
+const DEV_KEY: &[u8] = b"castor-development-key-do-not-use-in-production";
+pub const MIN_KEY_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("reading pre-shared key file {path}: {source}")]
+    KeyFile {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pre-shared key in {path} is {len} bytes; at least {MIN_KEY_LEN} are required (make one with `castor keygen > FILE`)")]
+    KeyTooShort { path: String, len: usize },
+    #[error("peer authentication failed: {0} (wrong pre-shared key?)")]
+    Auth(&'static str),
+    #[error("peer refused the session: {0}")]
+    Refused(String),
+    #[error("expected {want:?} during handshake, got {got:?}")]
+    Unexpected { want: RecordKind, got: RecordKind },
+    #[error("incompatible layout: {0}")]
+    Layout(String),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+    #[error("i/o error during handshake: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A pre-shared key. Debug output never shows the key.
+#[derive(Clone)]
+pub struct Psk {
+    key: Vec<u8>,
+    pub is_default: bool,
+}
+
+impl std::fmt::Debug for Psk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Psk({} bytes{})", self.key.len(), if self.is_default { ", built-in" } else { "" })
+    }
+}
+
+impl Psk {
+    pub fn from_bytes(key: &[u8]) -> Psk {
+        Psk {
+            key: key.to_vec(),
+            is_default: false,
+        }
+    }
+
+    /// The key from `path` (surrounding whitespace trimmed), else from the
+    /// `CASTOR_PSK` environment variable, else the built-in development key.
+    pub fn load(path: Option<&Path>) -> Result<Psk, HandshakeError> {
+        let (key, origin) = if let Some(p) = path {
+            let k = std::fs::read(p).map_err(|source| HandshakeError::KeyFile {
+                path: p.display().to_string(),
+                source,
+            })?;
+            (k, p.display().to_string())
+        } else if let Ok(k) = std::env::var("CASTOR_PSK") {
+            (k.into_bytes(), "$CASTOR_PSK".to_string())
+        } else {
+            return Ok(Psk {
+                key: DEV_KEY.to_vec(),
+                is_default: true,
+            });
+        };
+        let trimmed = k_trim(&key);
+        if trimmed.len() < MIN_KEY_LEN {
+            return Err(HandshakeError::KeyTooShort {
+                path: origin,
+                len: trimmed.len(),
+            });
+        }
+        Ok(Psk::from_bytes(trimmed))
+    }
+
+    fn mac(&self, label: &[u8], hello: &[u8], nonce_b: &[u8]) -> [u8; MAC_LEN] {
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        m.update(label);
+        m.update(hello);
+        m.update(nonce_b);
+        m.finalize().into_bytes().into()
+    }
+
+    fn verify(&self, label: &[u8], hello: &[u8], nonce_b: &[u8], tag: &[u8]) -> bool {
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        m.update(label);
+        m.update(hello);
+        m.update(nonce_b);
+        m.verify_slice(tag).is_ok()
+    }
+}
+
+fn k_trim(k: &[u8]) -> &[u8] {
+    let s = k.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(k.len());
+    let e = k.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(s, |e| e + 1);
+    &k[s..e]
+}
+
+const LABEL_B: &[u8] = b"castor-backup-v1";
+const LABEL_P: &[u8] = b"castor-primary-v1";
+
+pub fn random_nonce() -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    getrandom::getrandom(&mut n).expect("getrandom failed: no entropy source");
+    n
+}
+
+fn send(w: &mut impl Write, kind: RecordKind, payload: &[u8]) -> io::Result<()> {
+    let mut v = Vec::with_capacity(payload.len() + 24);
+    write_record(&mut v, kind, 0, payload);
+    w.write_all(&v)
+}
+
+/// Sends an Error record with a human-readable reason (best effort).
+pub fn send_error(w: &mut impl Write, msg: &str) {
+    let _ = send(w, RecordKind::Error, msg.as_bytes());
+}
+
+fn expect<'r, R: io::Read>(
+    r: &'r mut RecordReader<R>,
+    want: RecordKind,
+) -> Result<&'r [u8], HandshakeError> {
+    let rec = r.next()?;
+    if rec.kind == RecordKind::Error {
+        return Err(HandshakeError::Refused(String::from_utf8_lossy(rec.payload).into_owned()));
+    }
+    if rec.kind != want {
+        return Err(HandshakeError::Unexpected { want, got: rec.kind });
+    }
+    Ok(rec.payload)
+}
+
+/// Primary side. Returns once the backup has accepted the session.
+pub fn client<R: io::Read, W: Write>(
+    r: &mut RecordReader<R>,
+    w: &mut W,
+    psk: &Psk,
+    hello: &Hello,
+) -> Result<(), HandshakeError> {
+    let hp = hello.encode();
+    send(w, RecordKind::Hello, &hp)?;
+    let ack = expect(r, RecordKind::HelloAck)?;
+    if ack.len() != NONCE_LEN + MAC_LEN {
+        return Err(HandshakeError::Auth("HelloAck has the wrong length"));
+    }
+    let (nonce_b, mac_b) = ack.split_at(NONCE_LEN);
+    if !psk.verify(LABEL_B, &hp, nonce_b, mac_b) {
+        let _ = send(w, RecordKind::Error, b"backup failed authentication");
+        return Err(HandshakeError::Auth("the backup's proof of the key does not verify"));
+    }
+    let mac_p = psk.mac(LABEL_P, &hp, nonce_b);
+    send(w, RecordKind::Auth, &mac_p)?;
+    expect(r, RecordKind::AuthOk)?;
+    Ok(())
+}
+
+/// Backup side. `accept` checks the offered layout and may refuse it with a
+/// reason. Returns the authenticated Hello.
+pub fn server<R: io::Read, W: Write>(
+    r: &mut RecordReader<R>,
+    w: &mut W,
+    psk: &Psk,
+    accept: impl FnOnce(&Hello) -> Result<(), String>,
+) -> Result<Hello, HandshakeError> {
+    let hp = expect(r, RecordKind::Hello)?.to_vec();
+    let hello = match Hello::decode(&hp) {
+        Ok(h) => h,
+        Err(e) => {
+            send_error(w, &e.to_string());
+            return Err(e.into());
+        }
+    };
+    if let Err(reason) = accept(&hello) {
+        send_error(w, &reason);
+        return Err(HandshakeError::Layout(reason));
+    }
+    let nonce_b = random_nonce();
+    let mut ack = nonce_b.to_vec();
+    ack.extend_from_slice(&psk.mac(LABEL_B, &hp, &nonce_b));
+    send(w, RecordKind::HelloAck, &ack)?;
+    let auth = expect(r, RecordKind::Auth)?;
+    if !psk.verify(LABEL_P, &hp, &nonce_b, auth) {
+        send_error(w, "authentication failed: wrong pre-shared key");
+        return Err(HandshakeError::Auth("the primary's proof of the key does not verify"));
+    }
+    send(w, RecordKind::AuthOk, &[])?;
+    Ok(hello)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn run(pk: &[u8], bk: &[u8]) -> (Result<(), HandshakeError>, Result<Hello, HandshakeError>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let hello = Hello {
+            page_size: 4096,
+            pages: 16,
+            nonce: random_nonce(),
+            desc: "sim:".into(),
+        };
+        let bk = bk.to_vec();
+        let t = std::thread::spawn(move || {
+            let mut r = RecordReader::new(b.try_clone().unwrap());
+            let mut w = b;
+            server(&mut r, &mut w, &Psk::from_bytes(&bk), |_| Ok(()))
+        });
+        let mut r = RecordReader::new(a.try_clone().unwrap());
+        let mut w = a;
+        let c = client(&mut r, &mut w, &Psk::from_bytes(pk), &hello);
+        drop(w);
+        drop(r);
+        (c, t.join().unwrap())
+    }
+
+    #[test]
+    fn same_key_accepts() {
+        let (c, s) = run(b"0123456789abcdef", b"0123456789abcdef");
+        c.unwrap();
+        assert_eq!(s.unwrap().pages, 16);
+    }
+
+    #[test]
+    fn wrong_key_is_refused_by_both_sides() {
+        let (c, s) = run(b"0123456789abcdef", b"fedcba9876543210");
+        assert!(matches!(c, Err(HandshakeError::Auth(_))), "{c:?}");
+        assert!(s.is_err());
+    }
+
+    #[test]
+    fn key_trimming() {
+        assert_eq!(k_trim(b"  abc \n"), b"abc");
+        assert_eq!(k_trim(b"   "), b"");
+    }
+}

@@ -1,0 +1,350 @@
+//! Framed, checksummed records: the unit of everything on the wire.
+//!
+//! See `docs/wire-format.md` for the full specification. Every record is a
+//! 24-byte little-endian header followed by `len` payload bytes:
+//!
+//! ```text
+//! off size field
+//!   0    4 magic    "CSTR" (0x52545343 LE)
+//!   4    2 version  WIRE_VERSION
+//!   6    1 kind     RecordKind (0 = Invalid, never sent)
+//!   7    1 flags    must be 0
+//!   8    8 epoch    epoch the record belongs to (0 where it has none)
+//!  16    4 len      payload length, <= MAX_PAYLOAD
+//!  20    4 crc      CRC-32C of header bytes 0..20 followed by the payload
+//! ```
+//!
+//! Invariant: [`RecordReader`] hands out a record only after magic, version,
+//! kind, flags, length bound and checksum have all been verified; the payload
+//! is still untrusted in content and its parser must bounds-check it.
+
+use std::io::{self, Read};
+
+/// Wire format version. Bumped on any incompatible change of a header or payload layout.
+pub const WIRE_VERSION: u16 = 1;
+pub const MAGIC: u32 = u32::from_le_bytes(*b"CSTR");
+pub const HEADER_LEN: usize = 24;
+/// Largest payload a reader accepts. Pages records are kept far below it.
+pub const MAX_PAYLOAD: usize = 4 << 20;
+
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    Invalid = 0,
+    Hello = 1,
+    HelloAck = 2,
+    Auth = 3,
+    AuthOk = 4,
+    EpochBegin = 10,
+    Pages = 11,
+    State = 12,
+    EpochEnd = 13,
+    Ack = 20,
+    Heartbeat = 21,
+    Close = 22,
+    Error = 23,
+}
+
+impl RecordKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        use RecordKind::*;
+        Some(match v {
+            1 => Hello,
+            2 => HelloAck,
+            3 => Auth,
+            4 => AuthOk,
+            10 => EpochBegin,
+            11 => Pages,
+            12 => State,
+            13 => EpochEnd,
+            20 => Ack,
+            21 => Heartbeat,
+            22 => Close,
+            23 => Error,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("connection closed by peer")]
+    Eof,
+    #[error("stream ended inside a record ({got} of {want} bytes of {what})")]
+    Truncated {
+        what: &'static str,
+        got: usize,
+        want: usize,
+    },
+    #[error("bad magic 0x{0:08x} (not a castor stream, or stream out of sync)")]
+    BadMagic(u32),
+    #[error("unsupported wire version {got} (this castor speaks {WIRE_VERSION})")]
+    Version { got: u16 },
+    #[error("unknown record kind {0}")]
+    UnknownKind(u8),
+    #[error("record flags 0x{0:02x} not zero")]
+    Flags(u8),
+    #[error("{kind:?} record payload of {len} bytes exceeds the limit of {MAX_PAYLOAD}")]
+    TooLong { kind: RecordKind, len: usize },
+    #[error("checksum mismatch in {kind:?} record of epoch {epoch}: header says 0x{want:08x}, computed 0x{got:08x}")]
+    Checksum {
+        kind: RecordKind,
+        epoch: u64,
+        want: u32,
+        got: u32,
+    },
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A verified record borrowed from the reader's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub kind: RecordKind,
+    pub epoch: u64,
+    pub payload: &'a [u8],
+}
+
+fn header_bytes(kind: RecordKind, epoch: u64, len: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4..6].copy_from_slice(&WIRE_VERSION.to_le_bytes());
+    h[6] = kind as u8;
+    h[7] = 0;
+    h[8..16].copy_from_slice(&epoch.to_le_bytes());
+    h[16..20].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+/// Appends a complete record to `out`.
+pub fn write_record(out: &mut Vec<u8>, kind: RecordKind, epoch: u64, payload: &[u8]) {
+    let start = begin_record(out, kind, epoch);
+    out.extend_from_slice(payload);
+    finish_record(out, start);
+}
+
+/// Starts a record whose payload the caller appends in place; returns the
+/// record's offset for [`finish_record`]. Lets encoders build payloads
+/// directly in the send buffer with no copy.
+pub fn begin_record(out: &mut Vec<u8>, kind: RecordKind, epoch: u64) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&header_bytes(kind, epoch, 0));
+    start
+}
+
+/// Fills in length and checksum of the record begun at `start`, whose
+/// payload is everything appended since.
+pub fn finish_record(out: &mut [u8], start: usize) {
+    let len = out.len() - start - HEADER_LEN;
+    assert!(len <= MAX_PAYLOAD, "record payload {len} over MAX_PAYLOAD");
+    out[start + 16..start + 20].copy_from_slice(&(len as u32).to_le_bytes());
+    let crc = crc32c::crc32c(&out[start..start + 20]);
+    let crc = crc32c::crc32c_append(crc, &out[start + HEADER_LEN..]);
+    out[start + 20..start + 24].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Reads and verifies records from a byte stream, reusing one buffer.
+pub struct RecordReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    /// Bytes consumed so far, for error messages and statistics.
+    pub bytes_read: u64,
+}
+
+impl<R: Read> RecordReader<R> {
+    pub fn new(inner: R) -> Self {
+        RecordReader {
+            inner,
+            buf: Vec::with_capacity(1 << 20),
+            bytes_read: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    fn fill(&mut self, n: usize, what: &'static str, at_start: bool) -> Result<(), RecordError> {
+        let mut got = 0;
+        while got < n {
+            match self.inner.read(&mut self.buf[got..n]) {
+                Ok(0) if got == 0 && at_start => return Err(RecordError::Eof),
+                Ok(0) => return Err(RecordError::Truncated { what, got, want: n }),
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.bytes_read += n as u64;
+        Ok(())
+    }
+
+    /// Reads the next record. `Err(Eof)` only at a record boundary.
+    pub fn next(&mut self) -> Result<Record<'_>, RecordError> {
+        self.buf.resize(HEADER_LEN, 0);
+        self.fill(HEADER_LEN, "record header", true)?;
+        let h: [u8; HEADER_LEN] = self.buf[..HEADER_LEN].try_into().expect("header length");
+        let magic = u32::from_le_bytes(h[0..4].try_into().unwrap());
+        if magic != MAGIC {
+            return Err(RecordError::BadMagic(magic));
+        }
+        let version = u16::from_le_bytes(h[4..6].try_into().unwrap());
+        if version != WIRE_VERSION {
+            return Err(RecordError::Version { got: version });
+        }
+        let kind = RecordKind::from_u8(h[6]).ok_or(RecordError::UnknownKind(h[6]))?;
+        if h[7] != 0 {
+            return Err(RecordError::Flags(h[7]));
+        }
+        let epoch = u64::from_le_bytes(h[8..16].try_into().unwrap());
+        let len = u32::from_le_bytes(h[16..20].try_into().unwrap()) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(RecordError::TooLong { kind, len });
+        }
+        let want = u32::from_le_bytes(h[20..24].try_into().unwrap());
+        self.buf.resize(len, 0);
+        self.fill(len, "record payload", false)?;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..20]), &self.buf[..len]);
+        if crc != want {
+            return Err(RecordError::Checksum {
+                kind,
+                epoch,
+                want,
+                got: crc,
+            });
+        }
+        Ok(Record {
+            kind,
+            epoch,
+            payload: &self.buf[..len],
+        })
+    }
+}
+
+/// Bounds-checked little-endian reader over an untrusted payload.
+pub struct Cursor<'a> {
+    data: &'a [u8],
+    pos: usize,
+    what: &'static str,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("malformed {what}: {reason} at byte {pos}")]
+pub struct PayloadError {
+    pub what: &'static str,
+    pub reason: String,
+    pub pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(data: &'a [u8], what: &'static str) -> Self {
+        Cursor { data, pos: 0, what }
+    }
+
+    pub fn err(&self, reason: impl Into<String>) -> PayloadError {
+        PayloadError {
+            what: self.what,
+            reason: reason.into(),
+            pos: self.pos,
+        }
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], PayloadError> {
+        if self.data.len() - self.pos < n {
+            return Err(self.err(format!(
+                "needs {n} more bytes, only {} left",
+                self.data.len() - self.pos
+            )));
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, PayloadError> {
+        Ok(self.bytes(1)?[0])
+    }
+    pub fn u16(&mut self) -> Result<u16, PayloadError> {
+        Ok(u16::from_le_bytes(self.bytes(2)?.try_into().unwrap()))
+    }
+    pub fn u32(&mut self) -> Result<u32, PayloadError> {
+        Ok(u32::from_le_bytes(self.bytes(4)?.try_into().unwrap()))
+    }
+    pub fn u64(&mut self) -> Result<u64, PayloadError> {
+        Ok(u64::from_le_bytes(self.bytes(8)?.try_into().unwrap()))
+    }
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], PayloadError> {
+        Ok(self.bytes(N)?.try_into().unwrap())
+    }
+    pub fn remaining(&self) -> usize {
+        self.data.len() - self.pos
+    }
+    /// Errors unless every byte was consumed: trailing garbage is malformed.
+    pub fn finish(&self) -> Result<(), PayloadError> {
+        if self.remaining() != 0 {
+            return Err(self.err(format!("{} trailing bytes", self.remaining())));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(kind: RecordKind, epoch: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_record(&mut v, kind, epoch, payload);
+        v
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut v = one(RecordKind::State, 7, b"hello");
+        v.extend(one(RecordKind::Ack, 8, b""));
+        let mut r = RecordReader::new(&v[..]);
+        let a = r.next().unwrap();
+        assert_eq!((a.kind, a.epoch, a.payload), (RecordKind::State, 7, &b"hello"[..]));
+        let b = r.next().unwrap();
+        assert_eq!((b.kind, b.epoch, b.payload.len()), (RecordKind::Ack, 8, 0));
+        assert!(matches!(r.next(), Err(RecordError::Eof)));
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_rejected() {
+        let v = one(RecordKind::Pages, 3, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        for bit in 0..v.len() * 8 {
+            let mut c = v.clone();
+            c[bit / 8] ^= 1 << (bit % 8);
+            let mut r = RecordReader::new(&c[..]);
+            assert!(r.next().is_err(), "flip of bit {bit} accepted");
+        }
+    }
+
+    #[test]
+    fn truncation_is_reported() {
+        let v = one(RecordKind::State, 1, &[9; 100]);
+        for cut in 1..v.len() {
+            let mut r = RecordReader::new(&v[..cut]);
+            assert!(matches!(r.next(), Err(RecordError::Truncated { .. })), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn oversized_length_rejected_before_reading() {
+        let mut v = one(RecordKind::State, 1, b"");
+        v[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut r = RecordReader::new(&v[..]);
+        assert!(matches!(r.next(), Err(RecordError::TooLong { .. })));
+    }
+
+    #[test]
+    fn cursor_bounds() {
+        let mut c = Cursor::new(&[1, 0, 0], "test");
+        assert_eq!(c.u16().unwrap(), 1);
+        assert!(c.u32().is_err());
+        assert!(c.finish().is_err());
+        assert_eq!(c.u8().unwrap(), 0);
+        assert!(c.finish().is_ok());
+    }
+}
