@@ -1,1 +1,300 @@
-fn main() {}
+//! castor command line: `demo`, `backup`, `protect`, `bench`, `digest`, `keygen`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use castor::codec::Compressor;
+use castor::domain::DomainSpec;
+use castor::engine::backup::{self, BackupConfig};
+use castor::engine::primary::PrimaryConfig;
+use castor::engine::replica;
+use castor::harness::{self, LoopbackOpts};
+use castor::transport::handshake::{random_nonce, Psk};
+use castor::units;
+
+#[derive(Parser)]
+#[command(
+    name = "castor",
+    version,
+    about = "Keep a running VM alive when its host dies: continuous checkpoints to a backup (Remus-style).",
+    after_help = "Domain specs: sim:mem=SIZE,workload=uniform|hotcold|sequential|edits|zero|incompressible|mixed,\
+rate=WRITES/S[,writes=N (deterministic: N page writes per epoch)][,seed=S][,threads=T][,fill=F][,hot=F][,edit=BYTES]\n\
+Keys: --psk-file FILE or $CASTOR_PSK (at least 16 bytes); without either a built-in development key is used, with a warning."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Live replication on loopback with embedded defaults: a progress line per second, then a report.
+    Demo {
+        #[arg(long, default_value = "sim:mem=256MiB,workload=mixed,rate=100000")]
+        domain: String,
+        #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
+        duration: Duration,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// Receive checkpoints from one primary; save the committed replica when its stream ends or breaks.
+    Backup {
+        /// Address to listen on (port 0 picks a free port; the bound address is printed first).
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        listen: String,
+        /// Directory for the committed replica (memory.img, state.bin, meta.json).
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        psk_file: Option<PathBuf>,
+        /// Largest guest memory a primary may ask this backup to hold (default: physical RAM).
+        #[arg(long, value_parser = units::parse_size)]
+        max_mem: Option<u64>,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Protect a domain: run it in epochs and stream each checkpoint to a backup.
+    Protect {
+        #[arg(long)]
+        domain: String,
+        /// Backup address, host:port.
+        #[arg(long)]
+        backup: String,
+        /// Stop after this long (default: until SIGINT/SIGTERM).
+        #[arg(long, value_parser = units::parse_duration)]
+        duration: Option<Duration>,
+        /// Stop after this many epochs.
+        #[arg(long)]
+        epochs: Option<u64>,
+        #[arg(long)]
+        psk_file: Option<PathBuf>,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// No progress line.
+        #[arg(long)]
+        quiet: bool,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// Backup and primary on loopback: measure, report, and check replica == primary.
+    Bench {
+        #[arg(long, default_value = "sim:mem=1GiB,workload=edits,rate=200000")]
+        domain: String,
+        #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
+        duration: Duration,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Include every epoch's record in the JSON report.
+        #[arg(long)]
+        per_epoch: bool,
+        /// Print a progress line every second.
+        #[arg(long)]
+        progress: bool,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// Digest of a saved replica (verified against its meta.json), or the
+    /// expected digest of a deterministic sim domain after N epochs.
+    Digest {
+        #[arg(long, conflicts_with_all = ["domain", "at_epoch"])]
+        replica: Option<PathBuf>,
+        #[arg(long, requires = "at_epoch")]
+        domain: Option<String>,
+        #[arg(long, requires = "domain")]
+        at_epoch: Option<u64>,
+    },
+    /// Print a new random pre-shared key (hex) for --psk-file.
+    Keygen,
+}
+
+#[derive(Args, Clone)]
+struct EngineArgs {
+    /// Epoch length: how long the guest runs between checkpoints.
+    #[arg(long, default_value = "25ms", value_parser = units::parse_duration)]
+    epoch: Duration,
+    /// Checkpoints allowed in flight before the next epoch is extended.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    inflight: u64,
+    /// Encode workers (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    workers: Option<u64>,
+    /// Threads copying dirty pages during the pause (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    copy_threads: Option<u64>,
+    /// Do not pin workers to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Compressor for pages where it pays: lz4, zstd, zstd:LEVEL or none.
+    #[arg(long, default_value = "lz4", value_parser = parse_compressor)]
+    compress: Compressor,
+}
+
+fn parse_compressor(s: &str) -> Result<Compressor, String> {
+    match s {
+        "none" => Ok(Compressor::None),
+        "lz4" => Ok(Compressor::Lz4),
+        "zstd" => Ok(Compressor::Zstd(1)),
+        _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
+            Some(Ok(l)) if (1..=19).contains(&l) => Ok(Compressor::Zstd(l)),
+            _ => Err(format!("unknown compressor {s:?}: use lz4, zstd, zstd:LEVEL (1-19) or none")),
+        },
+    }
+}
+
+impl EngineArgs {
+    fn config(&self) -> PrimaryConfig {
+        let mut c = PrimaryConfig {
+            epoch: self.epoch,
+            max_inflight: self.inflight as usize,
+            pin: !self.no_pin,
+            compressor: self.compress,
+            ..PrimaryConfig::default()
+        };
+        if let Some(w) = self.workers {
+            c.workers = w as usize;
+        }
+        if let Some(t) = self.copy_threads {
+            c.copy_threads = t as usize;
+        }
+        c
+    }
+}
+
+fn parse_spec(s: &str) -> Result<DomainSpec, String> {
+    DomainSpec::parse(s).map_err(|e| e.to_string())
+}
+
+fn load_psk(path: Option<&PathBuf>) -> Result<Psk, String> {
+    let psk = Psk::load(path.map(|p| p.as_path())).map_err(|e| e.to_string())?;
+    if psk.is_default {
+        eprintln!(
+            "castor: warning: no --psk-file or $CASTOR_PSK: using the built-in development key; \
+             any castor can connect. Make a key with `castor keygen > key` for real use."
+        );
+    }
+    Ok(psk)
+}
+
+fn phys_mem() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
+}
+
+fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.cmd {
+        Cmd::Demo { domain, duration, engine } => {
+            let spec = parse_spec(&domain)?;
+            let mut cfg = engine.config();
+            cfg.duration = Some(duration);
+            cfg.progress = true;
+            cfg.keep_dirty_lists = 20;
+            castor::engine::install_stop_handler();
+            eprintln!(
+                "castor demo: protecting {spec} for {} with {} ms epochs; backup on loopback (Ctrl-C stops cleanly)",
+                humantime::format_duration(duration),
+                engine.epoch.as_millis()
+            );
+            let s = harness::loopback(&spec, &cfg, &LoopbackOpts { state_dir: None, quiet_backup: false })
+                .map_err(|e| e.to_string())?;
+            harness::print_table(&s);
+            Ok(if s.digest_match { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Cmd::Backup { listen, state_dir, psk_file, max_mem, quiet } => {
+            let psk = load_psk(psk_file.as_ref())?;
+            let l = castor::transport::tcp::listen(&listen).map_err(|e| e.to_string())?;
+            let addr = l.local_addr().map_err(|e| e.to_string())?;
+            {
+                use std::io::Write;
+                let mut o = std::io::stdout();
+                let _ = writeln!(o, "listening on {addr}");
+                let _ = o.flush();
+            }
+            let cfg = BackupConfig {
+                state_dir: state_dir.clone(),
+                psk,
+                max_mem: max_mem.unwrap_or_else(phys_mem),
+                quiet,
+            };
+            let out = backup::serve(&l, &cfg).map_err(|e| format!("backup: {e}"))?;
+            match (&out.meta, out.committed) {
+                (Some(m), Some(e)) => eprintln!(
+                    "castor backup: replica holds epoch {e} (digest {}), saved to {}",
+                    m.digest,
+                    state_dir.display()
+                ),
+                _ => eprintln!("castor backup: no checkpoint was completed; nothing saved"),
+            }
+            Ok(if out.clean { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+        Cmd::Protect { domain, backup, duration, epochs, psk_file, json, quiet, engine } => {
+            let spec = parse_spec(&domain)?;
+            let psk = load_psk(psk_file.as_ref())?;
+            let mut cfg = engine.config();
+            cfg.duration = duration;
+            cfg.max_epochs = epochs;
+            cfg.progress = !quiet;
+            castor::engine::install_stop_handler();
+            let out = harness::protect(&spec, &backup, &psk, &cfg).map_err(|e| format!("protect: {e}"))?;
+            eprintln!(
+                "castor protect: stopped after epoch {} (acknowledged {}), digest {}",
+                out.final_epoch, out.acked_epoch, out.digest
+            );
+            if let Some(p) = json {
+                harness::write_json(&p, &out.summary).map_err(|e| e.to_string())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench { domain, duration, json, per_epoch, progress, engine } => {
+            let spec = parse_spec(&domain)?;
+            let mut cfg = engine.config();
+            cfg.duration = Some(duration);
+            cfg.progress = progress;
+            cfg.keep_records = per_epoch;
+            cfg.keep_dirty_lists = 20;
+            castor::engine::install_stop_handler();
+            let s = harness::loopback(&spec, &cfg, &LoopbackOpts { state_dir: None, quiet_backup: true })
+                .map_err(|e| e.to_string())?;
+            harness::print_table(&s);
+            if let Some(p) = json {
+                harness::write_json(&p, &s).map_err(|e| e.to_string())?;
+            }
+            Ok(if s.digest_match { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Cmd::Digest { replica: Some(dir), .. } => {
+            let (meta, d) = replica::verify(&dir).map_err(|e| e.to_string())?;
+            println!("{d} epoch {} {}", meta.epoch, meta.domain);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Digest { domain: Some(domain), at_epoch: Some(n), .. } => {
+            let spec = parse_spec(&domain)?;
+            let d = harness::expected_digest(&spec, n).map_err(|e| e.to_string())?;
+            println!("{d} epoch {n} {spec}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Digest { .. } => Err("digest needs --replica DIR, or --domain SPEC --at-epoch N".into()),
+        Cmd::Keygen => {
+            println!("{}", random_nonce().iter().map(|b| format!("{b:02x}")).collect::<String>());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("CASTOR_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("castor: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -104,7 +104,7 @@ impl Metrics {
 
     pub fn add(&mut self, r: &EpochRecord) {
         let rec = |h: &mut Histogram<u64>, v: u64| {
-            let _ = h.record(v.max(1));
+            let _ = h.record(v);
         };
         rec(&mut self.pause, r.pause_us);
         rec(&mut self.harvest, r.harvest_us);

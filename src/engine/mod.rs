@@ -14,7 +14,7 @@ mod copy;
 pub mod primary;
 pub mod receiver;
 pub mod replica;
-mod shadow;
+pub(crate) mod shadow;
 mod signals;
 
 pub use signals::{install_stop_handler, stop_requested};
