@@ -1,0 +1,104 @@
+//! Helpers shared by the integration tests: they drive the real `castor`
+//! binary as separate processes.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+pub const KEY: &str = "integration-test-key-0123456789";
+
+pub fn castor() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_castor"));
+    c.env("CASTOR_PSK", KEY);
+    c
+}
+
+/// Skips (returns true) when the kernel lacks what the sim domain needs.
+pub fn sim_unavailable() -> bool {
+    let out = castor()
+        .args(["digest", "--domain", "sim:mem=64KiB,writes=1", "--at-epoch", "0"])
+        .output()
+        .expect("running castor");
+    if !out.status.success() {
+        eprintln!(
+            "SKIP: sim domain unavailable here: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return true;
+    }
+    false
+}
+
+pub struct Backup {
+    pub child: Child,
+    pub addr: String,
+    pub dir: PathBuf,
+}
+
+impl Backup {
+    pub fn start(dir: &Path) -> Backup {
+        Self::start_with(dir, &[], KEY)
+    }
+
+    pub fn start_with(dir: &Path, extra: &[&str], key: &str) -> Backup {
+        let mut child = castor()
+            .env("CASTOR_PSK", key)
+            .args(["backup", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning backup");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("backup's first line: {line:?}"))
+            .to_string();
+        Backup {
+            child,
+            addr,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Waits for the backup to exit; returns its status and stderr.
+    pub fn wait(mut self) -> (ExitStatus, String) {
+        let mut err = String::new();
+        self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        let st = self.child.wait().unwrap();
+        assert!(!err.contains("panicked"), "backup panicked:\n{err}");
+        (st, err)
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Meta {
+    pub epoch: u64,
+    pub digest: String,
+}
+
+pub fn meta(dir: &Path) -> Option<Meta> {
+    let b = std::fs::read(dir.join("meta.json")).ok()?;
+    Some(serde_json::from_slice(&b).expect("meta.json parses"))
+}
+
+/// `castor digest --domain SPEC --at-epoch N`.
+pub fn expected_digest(spec: &str, epoch: u64) -> String {
+    let out = castor()
+        .args(["digest", "--domain", spec, "--at-epoch", &epoch.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+/// `castor digest --replica DIR` (verifies the files against meta.json).
+pub fn replica_digest(dir: &Path) -> String {
+    let out = castor().args(["digest", "--replica"]).arg(dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}

@@ -1,0 +1,304 @@
+//! Hostile and broken streams sent to a real backup process: each is
+//! rejected with a clear error, nothing panics, and the saved replica is
+//! exactly the last complete epoch (or nothing, if none completed).
+
+mod common;
+use common::*;
+
+use std::io::{BufReader, Write};
+use std::net::TcpStream;
+
+use castor::codec::{Compressor, Encoder, PageKind};
+use castor::digest::Digest;
+use castor::transport::handshake::{self, random_nonce, Psk};
+use castor::transport::messages::{EpochBegin, EpochClass, EpochEnd, Hello, PagesWriter};
+use castor::transport::record::{write_record, RecordKind, RecordReader};
+use castor::PAGE_SIZE;
+
+const PAGES: u64 = 64;
+
+/// A tiny primary: a memory image, its shadow, and epoch serialisation.
+struct Primary {
+    mem: Vec<[u8; PAGE_SIZE]>,
+    shadow: Vec<[u8; PAGE_SIZE]>,
+    enc: Encoder,
+    epoch: u64,
+}
+
+impl Primary {
+    fn new() -> Self {
+        Primary {
+            mem: vec![[0; PAGE_SIZE]; PAGES as usize],
+            shadow: vec![[0; PAGE_SIZE]; PAGES as usize],
+            enc: Encoder::new(Compressor::Lz4),
+            epoch: 0,
+        }
+    }
+
+    fn state(&self) -> Vec<u8> {
+        format!("state-of-epoch-{}", self.epoch).into_bytes()
+    }
+
+    fn digest(&self) -> String {
+        Digest::of(&self.mem.concat(), &self.state()).to_hex()
+    }
+
+    /// The seed (epoch 0): every page that differs from zero.
+    fn seed(&mut self) -> Vec<u8> {
+        let all: Vec<u64> = (0..PAGES).collect();
+        self.emit(0, EpochClass::Seed, &all)
+    }
+
+    /// Dirties some pages and returns the next checkpoint's bytes.
+    fn checkpoint(&mut self) -> Vec<u8> {
+        self.epoch += 1;
+        let e = self.epoch;
+        let dirty: Vec<u64> = (0..PAGES).filter(|g| (g + e) % 3 == 0).collect();
+        for &g in &dirty {
+            let p = &mut self.mem[g as usize];
+            for (i, b) in p.iter_mut().enumerate().skip((e as usize * 37) % 4000).take(40) {
+                *b = (i as u64 ^ e ^ g) as u8;
+            }
+        }
+        self.emit(e, EpochClass::Checkpoint, &dirty)
+    }
+
+    fn emit(&mut self, e: u64, class: EpochClass, gfns: &[u64]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_record(&mut out, RecordKind::EpochBegin, e, &EpochBegin { class, dirty: gfns.len() as u64 }.encode());
+        let mut w = PagesWriter::new(e);
+        for &g in gfns {
+            let page = self.mem[g as usize];
+            let prev = self.shadow[g as usize];
+            w.push(&mut out, g, |o| {
+                let k = self.enc.encode(&page, Some(&prev), o);
+                (k != PageKind::Unchanged).then_some(k as u8)
+            });
+            self.shadow[g as usize] = page;
+        }
+        w.close(&mut out);
+        let state = self.state();
+        if class == EpochClass::Checkpoint {
+            write_record(&mut out, RecordKind::State, e, &state);
+        }
+        let end = EpochEnd {
+            page_entries: w.entries,
+            pages_records: w.records,
+            state_len: if class == EpochClass::Checkpoint { state.len() as u32 } else { 0 },
+        };
+        write_record(&mut out, RecordKind::EpochEnd, e, &end.encode());
+        out
+    }
+}
+
+/// Connects and authenticates with `key`.
+fn session(addr: &str, key: &str) -> Result<TcpStream, String> {
+    let s = TcpStream::connect(addr).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = RecordReader::new(BufReader::new(s.try_clone().unwrap()));
+    let hello = Hello {
+        page_size: PAGE_SIZE as u32,
+        pages: PAGES,
+        nonce: random_nonce(),
+        desc: "test:hostile".into(),
+    };
+    handshake::client(&mut r, &mut w, &Psk::from_bytes(key.as_bytes()), &hello).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+
+/// Runs a scenario: `good` complete epochs, then `bad` bytes, then close.
+/// Returns (exit code, stderr, saved epoch, saved digest, expected digest).
+fn scenario(good: u64, bad: impl FnOnce(&mut Primary) -> Vec<u8>) -> (Option<i32>, String, Option<u64>, Option<String>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backup::start(&dir.path().join("replica"));
+    let bdir = b.dir.clone();
+    let mut s = session(&b.addr, KEY).unwrap();
+    let mut p = Primary::new();
+    let mut bytes = p.seed();
+    for _ in 0..good {
+        bytes.extend(p.checkpoint());
+    }
+    let expected = p.digest();
+    bytes.extend(bad(&mut p));
+    // Like a real primary, keep reading acks until the backup hangs up.
+    let mut rd = s.try_clone().unwrap();
+    let drain = std::thread::spawn(move || std::io::copy(&mut rd, &mut std::io::sink()));
+    let _ = s.write_all(&bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = drain.join();
+    let (st, err) = b.wait();
+    let m = meta(&bdir);
+    (st.code(), err, m.as_ref().map(|m| m.epoch), m.map(|m| m.digest), expected)
+}
+
+fn assert_rejected(r: &(Option<i32>, String, Option<u64>, Option<String>, String), epoch: u64, needle: &str) {
+    let (code, err, saved, digest, expected) = r;
+    assert_eq!(*code, Some(2), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in:\n{err}");
+    assert_eq!(*saved, Some(epoch), "{err}");
+    assert_eq!(digest.as_deref(), Some(expected.as_str()), "replica is not epoch {epoch}");
+}
+
+#[test]
+fn clean_stream_is_committed() {
+    let r = scenario(3, |_| {
+        let mut v = Vec::new();
+        write_record(&mut v, RecordKind::Close, 3, &[]);
+        v
+    });
+    assert_eq!(r.0, Some(0), "{}", r.1);
+    assert_eq!(r.2, Some(3));
+    assert_eq!(r.3.as_deref(), Some(r.4.as_str()));
+}
+
+#[test]
+fn corrupted_record_discards_the_epoch() {
+    let r = scenario(3, |p| {
+        let mut e = p.checkpoint();
+        let n = e.len();
+        e[n / 2] ^= 0x40;
+        e
+    });
+    assert_rejected(&r, 3, "checksum mismatch");
+    assert!(r.1.contains("epoch 4 was incomplete"), "{}", r.1);
+}
+
+#[test]
+fn truncated_epoch_is_discarded() {
+    let r = scenario(2, |p| {
+        let e = p.checkpoint();
+        e[..e.len() - 30].to_vec()
+    });
+    assert_rejected(&r, 2, "stream ended inside a record");
+}
+
+#[test]
+fn epoch_missing_its_end_is_discarded() {
+    let r = scenario(2, |p| {
+        let e = p.checkpoint();
+        // Cut at a record boundary: drop only the EpochEnd record (24 + 16 bytes).
+        e[..e.len() - 40].to_vec()
+    });
+    assert_rejected(&r, 2, "connection closed without a Close record");
+}
+
+#[test]
+fn reordered_epochs_are_rejected() {
+    let r = scenario(2, |p| {
+        let e3 = p.checkpoint();
+        let e4 = p.checkpoint();
+        [e4, e3].concat()
+    });
+    assert_rejected(&r, 2, "out of order");
+}
+
+#[test]
+fn random_bytes_after_handshake_are_rejected() {
+    let r = scenario(2, |_| {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        (0..5000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    });
+    assert_rejected(&r, 2, "bad magic");
+}
+
+#[test]
+fn page_outside_the_domain_is_rejected() {
+    let r = scenario(1, |p| {
+        p.epoch += 1;
+        let e = p.epoch;
+        let mut v = Vec::new();
+        write_record(&mut v, RecordKind::EpochBegin, e, &EpochBegin { class: EpochClass::Checkpoint, dirty: 1 }.encode());
+        let mut w = PagesWriter::new(e);
+        w.push(&mut v, PAGES + 5, |o| {
+            o.extend_from_slice(&[0xAA; PAGE_SIZE]);
+            Some(PageKind::Full as u8)
+        });
+        w.close(&mut v);
+        v
+    });
+    assert_rejected(&r, 1, "gfn outside the domain");
+}
+
+#[test]
+fn duplicate_page_is_rejected() {
+    let r = scenario(1, |p| {
+        p.epoch += 1;
+        let e = p.epoch;
+        let mut v = Vec::new();
+        write_record(&mut v, RecordKind::EpochBegin, e, &EpochBegin { class: EpochClass::Checkpoint, dirty: 2 }.encode());
+        let mut w = PagesWriter::new(e);
+        for _ in 0..2 {
+            w.push(&mut v, 3, |o| {
+                o.extend_from_slice(&[0xAB; PAGE_SIZE]);
+                Some(PageKind::Full as u8)
+            });
+        }
+        w.close(&mut v);
+        v
+    });
+    assert_rejected(&r, 1, "sent twice");
+}
+
+#[test]
+fn malformed_page_payload_with_valid_checksum_is_rejected() {
+    let r = scenario(2, |p| {
+        p.epoch += 1;
+        let e = p.epoch;
+        let mut v = Vec::new();
+        write_record(&mut v, RecordKind::EpochBegin, e, &EpochBegin { class: EpochClass::Checkpoint, dirty: 1 }.encode());
+        let mut w = PagesWriter::new(e);
+        w.push(&mut v, 7, |o| {
+            // A delta whose tokens run far past the end of the page.
+            o.extend_from_slice(&[0xff, 0xff, 0xff, 0x7f, 0xff, 0xff, 0x03, 1, 2, 3]);
+            Some(PageKind::Delta as u8)
+        });
+        w.close(&mut v);
+        v
+    });
+    assert_rejected(&r, 2, "page 7");
+}
+
+#[test]
+fn random_bytes_instead_of_handshake_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backup::start(&dir.path().join("replica"));
+    let bdir = b.dir.clone();
+    let mut s = TcpStream::connect(&b.addr).unwrap();
+    let _ = s.write_all(&[0x5a; 300]);
+    drop(s);
+    let (st, err) = b.wait();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(err.contains("handshake"), "{err}");
+    assert!(meta(&bdir).is_none());
+}
+
+#[test]
+fn wrong_key_is_refused_before_any_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backup::start(&dir.path().join("replica"));
+    let bdir = b.dir.clone();
+    let e = session(&b.addr, "a-completely-different-key").unwrap_err();
+    assert!(e.contains("authentication failed"), "{e}");
+    let (st, err) = b.wait();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(err.contains("authentication") || err.contains("refused"), "{err}");
+    assert!(meta(&bdir).is_none(), "a replica was saved despite a wrong key");
+    assert!(!bdir.join("memory.img").exists());
+}
+
+#[test]
+fn oversized_domain_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backup::start_with(&dir.path().join("replica"), &["--max-mem", "128KiB"], KEY);
+    let e = session(&b.addr, KEY).unwrap_err();
+    assert!(e.contains("exceeds"), "{e}");
+    let (st, err) = b.wait();
+    assert_eq!(st.code(), Some(1), "{err}");
+}
