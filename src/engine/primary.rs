@@ -173,6 +173,31 @@ struct Shared {
     metrics: Mutex<Metrics>,
     seed_done: Mutex<Option<(Duration, u64)>>,
     stop_encoders: AtomicBool,
+    /// Set while the guest is paused: encoders step aside so the copy
+    /// threads have the cores (the pause is what the guest feels).
+    pausing: AtomicBool,
+    gate: Mutex<()>,
+    gate_cv: Condvar,
+}
+
+impl Shared {
+    fn set_pausing(&self, on: bool) {
+        let _g = self.gate.lock().unwrap();
+        self.pausing.store(on, Ordering::SeqCst);
+        if !on {
+            self.gate_cv.notify_all();
+        }
+    }
+
+    /// Called by encoders between pages: blocks while a pause is underway.
+    fn yield_to_pause(&self) {
+        if self.pausing.load(Ordering::Relaxed) {
+            let mut g = self.gate.lock().unwrap();
+            while self.pausing.load(Ordering::SeqCst) {
+                g = self.gate_cv.wait(g).unwrap();
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -182,6 +207,23 @@ impl Shared {
             g.broken = Some(reason);
         }
         self.cv.notify_all();
+    }
+}
+
+/// Holds encoders back for the length of a pause; reopens on drop, so an
+/// error inside the pause cannot leave them blocked.
+struct PauseGate<'a>(&'a Shared);
+
+impl<'a> PauseGate<'a> {
+    fn close(s: &'a Shared) -> Self {
+        s.set_pausing(true);
+        PauseGate(s)
+    }
+}
+
+impl Drop for PauseGate<'_> {
+    fn drop(&mut self) {
+        self.0.set_pausing(false);
     }
 }
 
@@ -215,6 +257,7 @@ fn encoder_thread(
     shadow: ShadowPtr,
     mem: MemPtr,
     compressor: Compressor,
+    shared: Arc<Shared>,
 ) {
     let mut enc = Encoder::new(compressor);
     let (lo, hi) = shard_range(shard, shards, shadow.1);
@@ -232,7 +275,12 @@ fn encoder_thread(
             raw_bytes: 0,
             encode_us: 0,
         };
+        let mut n = 0u32;
         let mut one = |gfn: u64, src: &[u8; PAGE_SIZE], buf: &mut Vec<u8>, w: &mut PagesWriter| {
+            n = n.wrapping_add(1);
+            if n % 32 == 0 {
+                shared.yield_to_pause();
+            }
             // SAFETY: lo <= gfn < hi, inside the shadow, and this encoder
             // alone owns shadow pages of [lo, hi).
             let prev = unsafe { &mut *(shadow.0.add(gfn as usize * PAGE_SIZE) as *mut [u8; PAGE_SIZE]) };
@@ -549,6 +597,9 @@ pub fn run<R: std::io::Read + Send + 'static>(
         metrics: Mutex::new(Metrics::new(cfg.keep_records)),
         seed_done: Mutex::new(None),
         stop_encoders: AtomicBool::new(false),
+        pausing: AtomicBool::new(false),
+        gate: Mutex::new(()),
+        gate_cv: Condvar::new(),
     });
     let start = Instant::now();
     let (tx_send, tx_recv) = channel::<TxMsg>();
@@ -566,6 +617,7 @@ pub fn run<R: std::io::Read + Send + 'static>(
         let out = tx_send.clone();
         let core = (!cores.is_empty()).then(|| cores[shard % cores.len()]);
         let comp = cfg.compressor;
+        let sh = shared.clone();
         enc_handles.push(
             std::thread::Builder::new()
                 .name(format!("castor-enc-{shard}"))
@@ -573,7 +625,7 @@ pub fn run<R: std::io::Read + Send + 'static>(
                     if let Some(c) = core {
                         core_affinity::set_for_current(c);
                     }
-                    encoder_thread(shard, workers, jr, out, br, shadow_ptr, mem_ptr, comp)
+                    encoder_thread(shard, workers, jr, out, br, shadow_ptr, mem_ptr, comp, sh)
                 })
                 .expect("spawning encoder"),
         );
@@ -749,6 +801,7 @@ fn drive(
             }
 
             let t0 = Instant::now();
+            let gate = PauseGate::close(shared);
             domain.pause()?;
             let t_paused = Instant::now();
             gfns.clear();
@@ -788,6 +841,7 @@ fn drive(
                 domain.resume()?;
             }
             let t_end = Instant::now();
+            drop(gate);
             rec.dirty_pages = gfns.len() as u64;
             rec.harvest_us = (t_harvest - t_paused).as_micros() as u64;
             rec.copy_us = (t_copy - t_harvest).as_micros() as u64;

@@ -116,6 +116,7 @@ impl Receiver {
             self.seen[(g / 64) as usize] &= !(1 << (g % 64));
         }
         self.staged_gfns.clear();
+        self.staging.clear();
         Some(o.epoch)
     }
 
@@ -220,18 +221,28 @@ impl Receiver {
             if n > dirty {
                 return Err(page_err(format!("more page entries than the {dirty} dirty pages announced")));
             }
-            let mut base = [0u8; PAGE_SIZE];
-            self.mem.read_page(gfn, &mut base);
-            self.decoder
-                .decode(e.kind, e.payload, &base, &mut self.scratch)
-                .map_err(|c| page_err(c.to_string()))?;
+            // SAFETY: gfn < pages (checked above); the receiver is the
+            // replica's only writer and does not write it while `base` lives.
+            let base = unsafe { &*(self.mem.page_ptr(gfn) as *const [u8; PAGE_SIZE]) };
+            let slot = if class == EpochClass::Seed {
+                &mut *self.scratch
+            } else {
+                // Decode straight into the next staging slot.
+                let at = self.staging.len();
+                self.staging.resize(at + PAGE_SIZE, 0);
+                <&mut [u8; PAGE_SIZE]>::try_from(&mut self.staging[at..]).expect("one page")
+            };
+            if let Err(c) = self.decoder.decode(e.kind, e.payload, base, slot) {
+                if class != EpochClass::Seed {
+                    self.staging.truncate(self.staging.len() - PAGE_SIZE);
+                }
+                return Err(page_err(c.to_string()));
+            }
             self.seen[w] |= bit;
             self.staged_gfns.push(gfn);
             if class == EpochClass::Seed {
                 // Not a checkpoint: write through (see module docs).
                 self.mem.write_page(gfn, &self.scratch);
-            } else {
-                self.staging.extend_from_slice(&self.scratch[..]);
             }
         }
         self.open.as_mut().expect("open checked").entries = n;
