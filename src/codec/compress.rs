@@ -17,7 +17,7 @@ pub struct Packer {
     /// `None` for other compressors, or if zstd could not allocate a context
     /// (then pages simply go uncompressed).
     zstd: Option<zstd::bulk::Compressor<'static>>,
-    zstd_buf: Box<[u8; PAGE_SIZE]>,
+    zstd_buf: Box<[u8]>,
 }
 
 impl Packer {
@@ -34,11 +34,15 @@ impl Packer {
             Compressor::Lz4 => lz4_flex::block::get_maximum_output_size(PAGE_SIZE),
             _ => 0,
         };
+        let zstd_len = match which {
+            Compressor::Zstd(_) => zstd::zstd_safe::compress_bound(PAGE_SIZE),
+            _ => 0,
+        };
         Packer {
             which,
             lz4_buf: vec![0; lz4_len].into_boxed_slice(),
             zstd,
-            zstd_buf: Box::new([0; PAGE_SIZE]),
+            zstd_buf: vec![0; zstd_len].into_boxed_slice(),
         }
     }
 
@@ -54,15 +58,11 @@ impl Packer {
                 (n < limit).then(|| &self.lz4_buf[..n])
             }
             Compressor::Zstd(_) => {
-                // A destination one byte short of `limit` makes zstd give up
-                // on output that would not pay.
-                let cap = limit.saturating_sub(1).min(PAGE_SIZE);
-                if cap == 0 {
-                    return None;
-                }
+                // Destination sized to the compress bound, so zstd never fails
+                // for lack of room; whether the result pays is decided here.
                 let z = self.zstd.as_mut()?;
-                let n = z.compress_to_buffer(src, &mut self.zstd_buf[..cap]).ok()?;
-                Some(&self.zstd_buf[..n])
+                let n = z.compress_to_buffer(src, &mut self.zstd_buf[..]).ok()?;
+                (n < limit).then(|| &self.zstd_buf[..n])
             }
         }
     }

@@ -45,6 +45,15 @@
 //! Example: bytes 3, 4 and 200 changed by XOR `AA BB`, `CC` encode as
 //! `03 02 AA BB  C3 01 01 CC` (run 195 is the varint `C3 01`).
 //!
+//! # Encoder choice (not wire format; may change freely)
+//!
+//! Zero, then Unchanged, are checked in one pass. Otherwise the zero-run
+//! stream is built; if it would reach `PAGE_SIZE` the page goes `Full*`.
+//! At most one compressor call is made per page: on the stream if it is at
+//! least [`DELTA_PACK_MIN`] and at most [`DENSE_DELTA`] bytes, on the page if
+//! the stream is longer than [`DENSE_DELTA`]; the result is kept only if
+//! strictly shorter than the plain stream.
+//!
 //! # Invariants
 //!
 //! - `Encoder::encode` never produces a payload longer than `PAGE_SIZE`; it
@@ -70,9 +79,9 @@ use compress::{Packer, Unpacker};
 /// would cost more than the rest of the encode.
 pub const DELTA_PACK_MIN: usize = 256;
 
-/// Try compressing the full page as well once the best delta is this long:
-/// a heavily rewritten page may compress better on its own.
-pub const FULL_PACK_MIN: usize = 1024;
+/// A zero-run stream longer than this means the page was largely rewritten:
+/// compress the page itself instead of the stream (only one is tried).
+pub const DENSE_DELTA: usize = PAGE_SIZE / 2;
 
 /// Compressor used after the XOR/zero-run stage and for full pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,24 +229,28 @@ impl Encoder {
         if !zrle::encode(page, prev, dirty, out, PAGE_SIZE - 1) {
             return self.full(page, out);
         }
-        let mut best = out.len() - start;
-        let mut kind = PageKind::Delta;
-        if best >= DELTA_PACK_MIN {
-            if let Some(c) = self.packer.pack(&out[start..], best) {
-                best = c.len();
-                kind = packed(self.compressor, PageKind::Delta);
+        // At most one compressor call per page, on whichever input should
+        // win: the zero-run stream while at least half the page is unchanged
+        // (a delta then beats even a well-compressed full page), else the
+        // page itself (it was rewritten; its XOR with the old copy carries
+        // both contents and compresses worse).
+        let zlen = out.len() - start;
+        let (src, plain) = if zlen <= DENSE_DELTA {
+            if zlen < DELTA_PACK_MIN {
+                return PageKind::Delta;
+            }
+            (&out[start..], PageKind::Delta)
+        } else {
+            (&page[..], PageKind::Full)
+        };
+        match self.packer.pack(src, zlen) {
+            Some(c) => {
                 out.truncate(start);
                 out.extend_from_slice(c);
+                packed(self.compressor, plain)
             }
+            None => PageKind::Delta,
         }
-        if best >= FULL_PACK_MIN {
-            if let Some(c) = self.packer.pack(page, best) {
-                kind = packed(self.compressor, PageKind::Full);
-                out.truncate(start);
-                out.extend_from_slice(c);
-            }
-        }
-        kind
     }
 
     /// `FullLz4`/`FullZstd` if compression pays, else `Full`.

@@ -104,7 +104,7 @@ fn small_edit_is_plain_delta() {
 fn large_compressible_delta_is_packed() {
     let prev = [0u8; PAGE_SIZE];
     let mut page = prev;
-    page[..2048].fill(7); // one big, very compressible literal
+    page[..1500].fill(7); // one big, very compressible literal
     page[PAGE_SIZE - 1] = 1;
     assert_eq!(
         roundtrip(Compressor::None, &page, Some(&prev)).0,
@@ -118,6 +118,23 @@ fn large_compressible_delta_is_packed() {
         roundtrip(Compressor::Zstd(1), &page, Some(&prev)).0,
         PageKind::DeltaZstd
     );
+}
+
+#[test]
+fn dense_delta_compresses_the_page_instead() {
+    // 3000 bytes rewritten: the stream is too dense, the page is compressed.
+    let prev = text_page(12);
+    let mut page = prev;
+    page[..3000].copy_from_slice(&text_page(13)[..3000]);
+    assert_eq!(
+        roundtrip(Compressor::Lz4, &page, Some(&prev)).0,
+        PageKind::FullLz4
+    );
+    // Incompressible rewrite of 3000 bytes: the plain delta is still smaller.
+    page[..3000].copy_from_slice(&random_page(14)[..3000]);
+    let (k, len) = roundtrip(Compressor::Zstd(1), &page, Some(&prev));
+    assert_eq!(k, PageKind::Delta);
+    assert!(len < 3100, "{len}");
 }
 
 #[test]

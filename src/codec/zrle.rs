@@ -128,7 +128,14 @@ pub fn encode(
         let start = w * 8 + (x.trailing_zeros() / 8) as usize;
         let mut end = w * 8 + 8 - (x.leading_zeros() / 8) as usize;
         let mut j = w + 1;
+        // Literal bytes that still fit: checked while extending so a dense
+        // page gives up as soon as it overflows, not after the whole page.
+        let room = cap.saturating_sub(out.len());
         while j < WORDS {
+            if end - start > room {
+                out.truncate(base);
+                return false;
+            }
             let y = xor_word(page, prev, j);
             // A zero word is a gap of >= 8 bytes: always ends the literal.
             if y == 0 {
