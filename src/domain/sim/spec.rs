@@ -211,7 +211,11 @@ impl SimSpec {
                             bad(&format!("bytes per edit, an integer in 1..={PAGE_SIZE}"))
                         })?
                 }
-                _ => return Err(err(format!("unknown key {key:?} (keys: {KEYS})"))),
+                _ => {
+                    return Err(err(format!(
+                        "unknown key {key:?} in {key}={value} (keys: {KEYS})"
+                    )))
+                }
             }
         }
         s.pace = match (rate, writes) {

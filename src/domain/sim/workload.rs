@@ -11,12 +11,16 @@
 //!   domain and by the synchronous [`run_epochs`] behind `expected_after`.
 //! - Everything written is a function of the spec and the slot state.
 
+use std::sync::OnceLock;
+
 use crate::domain::GuestMemory;
 use crate::PAGE_SIZE;
 
 use super::control::{self, Field, Slot};
 use super::rng;
 use super::spec::{Pace, SimSpec, WorkloadKind};
+
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 /// Percent of hot/cold writes that land in the hot set.
 const HOT_PERCENT: u64 = 90;
@@ -95,8 +99,7 @@ pub fn build_initial(mem: &GuestMemory, spec: &SimSpec) {
         let h = rng::mix64(spec.seed ^ rng::mix64(gfn.wrapping_mul(0x100_0000_01b3)));
         if rng::unit(h) < spec.fill {
             let mut state = rng::mix64(h);
-            text(&mut state, &mut buf.0[..]);
-            mem.write_page(gfn, &buf.0);
+            rewrite_text(mem, gfn, &mut state, &mut buf.0);
         }
     }
     control::init(mem, spec);
@@ -139,11 +142,11 @@ pub fn step(mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan, scratch: &mut Scrat
         }
         WorkloadKind::Edits => {
             let gfn = tp.lo + rng::below(&mut state, len);
-            edit_page(mem, gfn, plan.edit, &mut state, buf);
+            edit_page(mem, gfn, plan.edit, &mut state);
         }
         WorkloadKind::Zero => {
             let gfn = tp.lo + rng::below(&mut state, len);
-            mem.write_page(gfn, &[0; PAGE_SIZE]);
+            mem.write_page(gfn, &ZERO_PAGE);
         }
         WorkloadKind::Incompressible => {
             let gfn = tp.lo + rng::below(&mut state, len);
@@ -152,9 +155,9 @@ pub fn step(mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan, scratch: &mut Scrat
         WorkloadKind::Mixed => {
             let gfn = hotcold_page(tp, &mut state);
             match rng::below(&mut state, 100) {
-                0..=59 => edit_page(mem, gfn, plan.edit, &mut state, buf),
+                0..=59 => edit_page(mem, gfn, plan.edit, &mut state),
                 60..=79 => rewrite_text(mem, gfn, &mut state, buf),
-                80..=89 => mem.write_page(gfn, &[0; PAGE_SIZE]),
+                80..=89 => mem.write_page(gfn, &ZERO_PAGE),
                 _ => random_page(mem, gfn, &mut state, buf),
             }
         }
@@ -186,8 +189,16 @@ fn hotcold_page(tp: &ThreadPlan, state: &mut u64) -> u64 {
     }
 }
 
+/// A full rewrite with text: a page-sized window of the corpus, made
+/// distinct by a few freshly generated words at random places.
 fn rewrite_text(mem: &GuestMemory, gfn: u64, state: &mut u64, buf: &mut [u8; PAGE_SIZE]) {
-    text(state, &mut buf[..]);
+    let c = corpus();
+    let off = rng::below(state, (c.len() - PAGE_SIZE + 1) as u64) as usize;
+    buf.copy_from_slice(&c[off..off + PAGE_SIZE]);
+    for _ in 0..STAMPS {
+        let pos = rng::below(state, (PAGE_SIZE - STAMP_LEN + 1) as u64) as usize;
+        text(state, &mut buf[pos..pos + STAMP_LEN]);
+    }
     mem.write_page(gfn, buf);
 }
 
@@ -198,14 +209,34 @@ fn random_page(mem: &GuestMemory, gfn: u64, state: &mut u64, buf: &mut [u8; PAGE
     mem.write_page(gfn, buf);
 }
 
-fn edit_page(mem: &GuestMemory, gfn: u64, edit: usize, state: &mut u64, buf: &mut [u8; PAGE_SIZE]) {
+/// A small edit: `edit` bytes of corpus text at a random offset.
+fn edit_page(mem: &GuestMemory, gfn: u64, edit: usize, state: &mut u64) {
     let offset = rng::below(state, (PAGE_SIZE - edit + 1) as u64) as usize;
-    text(state, &mut buf[..edit]);
+    let c = corpus();
+    let src = rng::below(state, (c.len() - edit + 1) as u64) as usize;
     let dst = mem.page_ptr(gfn);
     // SAFETY: offset + edit <= PAGE_SIZE, so the write stays inside page
-    // `gfn` (validated by page_ptr), which only this thread writes; `buf` is
-    // a Rust buffer and cannot overlap guest memory.
-    unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), dst.add(offset), edit) }
+    // `gfn` (validated by page_ptr), which only this thread writes; the
+    // corpus is a Rust allocation and cannot overlap guest memory.
+    unsafe { std::ptr::copy_nonoverlapping(c[src..src + edit].as_ptr(), dst.add(offset), edit) }
+}
+
+/// Words stamped into each corpus window by a full text rewrite.
+const STAMPS: usize = 4;
+const STAMP_LEN: usize = 16;
+const CORPUS_LEN: usize = 64 << 10;
+const CORPUS_SEED: u64 = 0x7e47_c0b9;
+
+/// Text shared by all domains: a constant (not seed-dependent) function of
+/// this code, generated once per process.
+fn corpus() -> &'static [u8] {
+    static CORPUS: OnceLock<Box<[u8]>> = OnceLock::new();
+    CORPUS.get_or_init(|| {
+        let mut c = vec![0u8; CORPUS_LEN].into_boxed_slice();
+        let mut seed = CORPUS_SEED;
+        text(&mut seed, &mut c);
+        c
+    })
 }
 
 /// Words of the text-like content: a small vocabulary compresses like
