@@ -1,43 +1,81 @@
 //! The `sim` domain: guest memory in this process, dirtied by workload
 //! threads, with kernel dirty tracking (userfaultfd WP async + PAGEMAP_SCAN).
+//!
+//! Pieces, one file each: [`spec`] (the `sim:key=value,...` spec),
+//! `control` (the control block in page 0 holding all workload state),
+//! `workload` (what one page write does), `runner` (threads and the pause
+//! barrier), [`dirty`] (kernel dirty tracking), `rng` (SplitMix64).
+//!
+//! Invariants:
+//! - Creation builds the initial memory (prefill + control block) as a pure
+//!   function of the spec, then arms dirty tracking: the first harvest
+//!   reports exactly the pages written since.
+//! - All workload state lives in guest memory (page 0); the domain's own
+//!   fields are only the epoch counter and handles. A replica of the memory
+//!   plus the spec could continue the workload.
+//! - Epoch N runs from the (N-1)-th `resume` (or `start`) to the N-th
+//!   `pause`. In deterministic mode (`writes=`), memory and saved state
+//!   after epoch N are a pure function of (spec, N), and
+//!   [`expected_after`] computes them without threads.
 
-use std::fmt;
+mod control;
+pub mod dirty;
+mod rng;
+mod runner;
+pub mod spec;
+mod workload;
+
+use std::sync::Arc;
 
 use crate::domain::{Domain, DomainError, GuestMemory, Layout};
 
-/// Parsed `sim:` spec (the part after the colon, `key=value,...`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SimSpec {
-    pub mem: u64,
-}
+pub use dirty::DirtyTracker;
+pub use spec::{Pace, SimSpec, WorkloadKind};
 
-impl SimSpec {
-    pub fn parse(kv: &str) -> Result<Self, DomainError> {
-        let _ = kv;
-        Ok(SimSpec { mem: 1 << 20 })
-    }
-    pub fn layout(&self) -> Layout {
-        Layout { page_size: crate::PAGE_SIZE as u32, pages: self.mem / crate::PAGE_SIZE as u64 }
-    }
-    pub fn is_deterministic(&self) -> bool {
-        false
-    }
-}
+use runner::Workers;
+use workload::Plan;
 
-impl fmt::Display for SimSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "mem={}", self.mem)
-    }
-}
+/// Magic and version of the saved-state record.
+pub const STATE_MAGIC: [u8; 8] = *b"SIMST001";
 
+/// A `sim` domain: memory, workload threads and a dirty tracker.
 pub struct SimDomain {
-    mem: GuestMemory,
     spec: SimSpec,
+    plan: Arc<Plan>,
+    /// Declared before `mem` and `tracker`: threads stop before the rest drops.
+    workers: Option<Workers>,
+    tracker: DirtyTracker,
+    mem: Arc<GuestMemory>,
+    /// Epochs started: 0 before `start`, N while running or paused in epoch N.
+    epoch: u64,
+    running: bool,
 }
 
 impl SimDomain {
+    /// Creates the domain paused, with its initial memory and dirty
+    /// tracking armed.
     pub fn new(spec: &SimSpec) -> Result<Self, DomainError> {
-        Ok(SimDomain { mem: GuestMemory::new(spec.mem as usize)?, spec: spec.clone() })
+        let mem = initial_memory(spec)?;
+        let tracker = DirtyTracker::new(&mem)?;
+        Ok(SimDomain {
+            spec: spec.clone(),
+            plan: Arc::new(Plan::new(spec)),
+            workers: None,
+            tracker,
+            mem: Arc::new(mem),
+            epoch: 0,
+            running: false,
+        })
+    }
+
+    pub fn spec(&self) -> &SimSpec {
+        &self.spec
+    }
+
+    /// The current epoch: 0 before `start`, else the epoch running or just
+    /// ended by `pause`.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 }
 
@@ -45,35 +83,116 @@ impl Domain for SimDomain {
     fn layout(&self) -> Layout {
         self.spec.layout()
     }
+
     fn memory(&self) -> &GuestMemory {
         &self.mem
     }
+
     fn describe(&self) -> String {
         format!("sim:{}", self.spec)
     }
+
     fn start(&mut self) -> Result<(), DomainError> {
+        if self.workers.is_some() {
+            return Err(DomainError::Workload("start called twice".into()));
+        }
+        let det = self.spec.is_deterministic();
+        self.workers = Some(Workers::start(self.mem.clone(), self.plan.clone(), det)?);
+        self.epoch = 1;
+        self.running = true;
         Ok(())
     }
+
+    /// Idempotent: pausing a paused (or not yet started) domain does nothing.
     fn pause(&mut self) -> Result<(), DomainError> {
+        if let (true, Some(w)) = (self.running, &self.workers) {
+            w.pause()?;
+            self.running = false;
+        }
         Ok(())
     }
+
+    /// Starts the next epoch; before `start` it is `start`, and resuming a
+    /// running domain does nothing.
     fn resume(&mut self) -> Result<(), DomainError> {
-        Ok(())
+        match (&self.workers, self.running) {
+            (None, _) => self.start(),
+            (Some(_), true) => Ok(()),
+            (Some(w), false) => {
+                w.resume()?;
+                self.epoch += 1;
+                self.running = true;
+                Ok(())
+            }
+        }
     }
+
     fn harvest_dirty(&mut self, out: &mut Vec<u64>) -> Result<(), DomainError> {
-        let _ = out;
-        Ok(())
+        self.tracker.harvest(out)
     }
+
     fn save_state(&mut self, out: &mut Vec<u8>) -> Result<(), DomainError> {
-        let _ = out;
+        encode_state(&self.spec, self.epoch, out);
         Ok(())
     }
+}
+
+/// The saved-state record: magic `SIMST001`, epoch (u64 LE), canonical
+/// spec length (u32 LE) and bytes. Workload state itself is in memory.
+fn encode_state(spec: &SimSpec, epoch: u64, out: &mut Vec<u8>) {
+    let text = spec.to_string();
+    out.extend_from_slice(&STATE_MAGIC);
+    out.extend_from_slice(&epoch.to_le_bytes());
+    out.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// Decodes a record written by `save_state`: (epoch, spec).
+pub fn decode_state(bytes: &[u8]) -> Result<(u64, SimSpec), DomainError> {
+    let bad = |reason: &str| DomainError::Spec {
+        spec: format!("{} bytes of sim saved state", bytes.len()),
+        reason: reason.to_string(),
+    };
+    if bytes.len() < 20 || bytes[..8] != STATE_MAGIC {
+        return Err(bad("not a SIMST001 record"));
+    }
+    let epoch = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    let len = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes")) as usize;
+    let text = bytes
+        .get(20..)
+        .filter(|t| t.len() == len)
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .ok_or_else(|| bad("spec length or encoding does not match the record"))?;
+    Ok((epoch, SimSpec::parse(text)?))
+}
+
+fn initial_memory(spec: &SimSpec) -> Result<GuestMemory, DomainError> {
+    let len = usize::try_from(spec.mem).map_err(|_| DomainError::Spec {
+        spec: spec.to_string(),
+        reason: format!("mem={} does not fit this host's address space", spec.mem),
+    })?;
+    let mem = GuestMemory::new(len)?;
+    workload::build_initial(&mem, spec);
+    Ok(mem)
 }
 
 /// Memory and saved state of a deterministic sim domain after `epoch`
 /// epochs, computed without replication: what the replica must equal.
 pub fn expected_after(spec: &SimSpec, epoch: u64) -> Result<(GuestMemory, Vec<u8>), DomainError> {
-    let _ = epoch;
-    let d = SimDomain::new(spec)?;
-    Ok((d.mem, Vec::new()))
+    if !spec.is_deterministic() {
+        return Err(DomainError::Spec {
+            spec: spec.to_string(),
+            reason: "expected_after needs the deterministic mode: give writes=N \
+                     (page writes per epoch) instead of rate"
+                .into(),
+        });
+    }
+    let mem = initial_memory(spec)?;
+    workload::run_epochs(&mem, &Plan::new(spec), 1, epoch);
+    let mut state = Vec::new();
+    encode_state(spec, epoch, &mut state);
+    Ok((mem, state))
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,329 @@
+//! Workload threads and the pause barrier.
+//!
+//! Threads `castor-sim-N` run [`workload::step`] in a loop. They meet the
+//! controller (the domain's owner) at one [`Gate`]:
+//!
+//! - **Timed mode.** `pause()` raises the PAUSE flag (under the gate lock)
+//!   and waits until every thread is parked. A thread checks the flag before
+//!   every write; seeing it, it parks: counts itself in `parked`, wakes the
+//!   controller, and waits for the generation to change. Pacing sleeps are
+//!   condvar waits on the same gate, so a pause wakes them at once.
+//! - **Deterministic mode.** Threads ignore PAUSE: each runs its quota for
+//!   the gate's current epoch (recorded in its control-block slot), then
+//!   parks. `pause()` waits until all have parked, i.e. the epoch's quota is
+//!   done everywhere.
+//! - `resume()` clears PAUSE, resets `parked` to 0, bumps the generation
+//!   (and, deterministic, the epoch) and wakes everyone. Because the
+//!   controller resets `parked` itself, a later `pause()` cannot count a
+//!   thread that has not parked again since.
+//!
+//! Invariant: when `pause()` returns, every thread is inside the gate's
+//! wait and cannot write guest memory until the next `resume()`. Writes
+//! made before parking happen-before `pause()` returning (mutex hand-off).
+//! A thread that panics is counted as `failed`, so `pause()` reports an
+//! error instead of waiting forever.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::domain::{DomainError, GuestMemory};
+
+use super::workload::{self, Plan, Scratch, ThreadPlan};
+
+const PAUSE: u8 = 1;
+const STOP: u8 = 2;
+
+#[derive(Debug, Default)]
+struct GateState {
+    paused: bool,
+    stop: bool,
+    /// Deterministic mode: the epoch threads may work on.
+    epoch: u64,
+    /// Bumped by every resume; parked threads wait for it to change.
+    generation: u64,
+    parked: usize,
+    failed: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    /// PAUSE | STOP, mirrored from `state` for a lock-free check per write.
+    flags: AtomicU8,
+    state: Mutex<GateState>,
+    /// Workers wait here (parked or pacing).
+    workers: Condvar,
+    /// The controller waits here for `parked` to reach the thread count.
+    controller: Condvar,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        // A poisoned lock only means a worker panicked while holding it; the
+        // state is plain counters that stay meaningful.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Parks the calling worker until the next resume. Returns false when
+    /// the worker must exit.
+    fn park(&self, mut st: MutexGuard<'_, GateState>) -> bool {
+        st.parked += 1;
+        self.controller.notify_all();
+        let generation = st.generation;
+        while st.generation == generation && !st.stop {
+            st = self.workers.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        !st.stop
+    }
+}
+
+/// Marks a worker that unwinds as failed, waking the controller.
+struct FailGuard<'a> {
+    gate: &'a Gate,
+    name: String,
+}
+
+impl Drop for FailGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut st = self.gate.lock();
+            st.failed.push(format!("{} panicked", self.name));
+            self.gate.controller.notify_all();
+        }
+    }
+}
+
+/// The running workload threads of one domain.
+#[derive(Debug)]
+pub struct Workers {
+    gate: Arc<Gate>,
+    handles: Vec<JoinHandle<()>>,
+    deterministic: bool,
+}
+
+impl Workers {
+    /// Spawns one thread per `plan` thread, running epoch 1.
+    pub fn start(
+        mem: Arc<GuestMemory>,
+        plan: Arc<Plan>,
+        deterministic: bool,
+    ) -> Result<Self, DomainError> {
+        let gate = Arc::new(Gate::default());
+        gate.lock().epoch = 1;
+        let mut workers = Workers {
+            gate,
+            handles: Vec::new(),
+            deterministic,
+        };
+        for tp in plan.threads.iter().copied() {
+            let (mem, plan, gate) = (mem.clone(), plan.clone(), workers.gate.clone());
+            let name = format!("castor-sim-{}", tp.index);
+            let handle = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || {
+                    let _guard = FailGuard { gate: &gate, name };
+                    if deterministic {
+                        run_deterministic(&gate, &mem, &plan, &tp)
+                    } else {
+                        run_timed(&gate, &mem, &plan, &tp)
+                    }
+                })
+                .map_err(|source| DomainError::Sys {
+                    op: "spawn workload thread",
+                    source,
+                })?;
+            // On error above, dropping `workers` stops the threads already started.
+            workers.handles.push(handle);
+        }
+        Ok(workers)
+    }
+
+    /// Returns once no worker can write until [`Workers::resume`]; in
+    /// deterministic mode, once every worker finished the epoch's quota.
+    pub fn pause(&self) -> Result<(), DomainError> {
+        let mut st = self.gate.lock();
+        st.paused = true;
+        if !self.deterministic {
+            self.gate.flags.fetch_or(PAUSE, Ordering::SeqCst);
+            self.gate.workers.notify_all();
+        }
+        while st.parked < self.handles.len() && st.failed.is_empty() {
+            st = self
+                .gate
+                .controller
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        if !st.failed.is_empty() {
+            return Err(DomainError::Workload(st.failed.join("; ")));
+        }
+        Ok(())
+    }
+
+    /// Releases the parked workers (deterministic: into the next epoch).
+    pub fn resume(&self) -> Result<(), DomainError> {
+        let mut st = self.gate.lock();
+        if !st.failed.is_empty() {
+            return Err(DomainError::Workload(st.failed.join("; ")));
+        }
+        st.paused = false;
+        st.parked = 0;
+        st.generation += 1;
+        if self.deterministic {
+            st.epoch += 1;
+        }
+        self.gate.flags.fetch_and(!PAUSE, Ordering::SeqCst);
+        self.gate.workers.notify_all();
+        Ok(())
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        {
+            let mut st = self.gate.lock();
+            st.stop = true;
+            self.gate.flags.fetch_or(STOP, Ordering::SeqCst);
+            self.gate.workers.notify_all();
+        }
+        for h in self.handles.drain(..) {
+            // A panicked worker was already reported through `failed`.
+            let _ = h.join();
+        }
+    }
+}
+
+fn run_deterministic(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan) {
+    let mut scratch = Scratch::default();
+    loop {
+        if gate.flags.load(Ordering::Relaxed) & STOP != 0 {
+            return;
+        }
+        // The slot, not a local, says which epoch this thread is in.
+        let (epoch, finished) = workload::epoch_finished(mem, tp);
+        if !finished {
+            workload::step(mem, plan, tp, &mut scratch);
+            continue;
+        }
+        let st = gate.lock();
+        if st.stop {
+            return;
+        }
+        if st.epoch > epoch {
+            drop(st);
+            workload::begin_epoch(mem, tp.index, epoch + 1);
+        } else if !gate.park(st) {
+            return;
+        }
+    }
+}
+
+fn run_timed(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan) {
+    let mut scratch = Scratch::default();
+    let mut bucket = Bucket::new(tp.rate);
+    loop {
+        if gate.flags.load(Ordering::Acquire) != 0 {
+            let st = gate.lock();
+            if st.stop {
+                return;
+            }
+            if st.paused {
+                if !gate.park(st) {
+                    return;
+                }
+                bucket.restart();
+            }
+            continue;
+        }
+        if let Some(wait) = bucket.take() {
+            let st = gate.lock();
+            if !st.paused && !st.stop {
+                // Spurious wakeups only shorten the sleep; the bucket re-checks.
+                drop(gate.workers.wait_timeout(st, wait));
+            }
+            continue;
+        }
+        workload::step(mem, plan, tp, &mut scratch);
+    }
+}
+
+/// Token bucket on the monotonic clock: `rate` writes per second, at most
+/// one millisecond's worth in a burst. Reads the clock only when the
+/// tokens counted at the last reading are spent.
+#[derive(Debug)]
+struct Bucket {
+    rate: u64,
+    batch: u64,
+    t0: Instant,
+    done: u64,
+    allowed: u64,
+}
+
+impl Bucket {
+    fn new(rate: u64) -> Bucket {
+        let batch = (rate / 1000).max(1);
+        Bucket {
+            rate,
+            batch,
+            t0: Instant::now(),
+            done: 0,
+            allowed: batch,
+        }
+    }
+
+    /// Restarts the schedule: time spent paused does not become a burst.
+    fn restart(&mut self) {
+        *self = Bucket::new(self.rate);
+    }
+
+    /// Takes a token, or says how long to wait for the next batch of them.
+    fn take(&mut self) -> Option<Duration> {
+        if self.rate == 0 {
+            return None;
+        }
+        if self.done < self.allowed {
+            self.done += 1;
+            return None;
+        }
+        let elapsed = self.t0.elapsed().as_nanos();
+        self.allowed = self.batch + (elapsed * self.rate as u128 / 1_000_000_000) as u64;
+        if self.done < self.allowed {
+            self.done += 1;
+            return None;
+        }
+        // Sleep until a whole batch is allowed: batch + t * rate >= done + batch.
+        let due = self.done as u128 * 1_000_000_000 / self.rate as u128;
+        Some(Duration::from_nanos(
+            (due.saturating_sub(elapsed)).max(50_000) as u64,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_paces_to_its_rate() {
+        let mut b = Bucket::new(20_000);
+        let t0 = Instant::now();
+        let mut n = 0;
+        while t0.elapsed() < Duration::from_millis(200) {
+            match b.take() {
+                None => n += 1,
+                Some(d) => std::thread::sleep(d),
+            }
+        }
+        assert!(
+            (3_000..=5_000).contains(&n),
+            "{n} writes in 200 ms at 20000/s"
+        );
+    }
+
+    #[test]
+    fn unpaced_bucket_never_waits() {
+        let mut b = Bucket::new(0);
+        assert!((0..1_000_000).all(|_| b.take().is_none()));
+    }
+}

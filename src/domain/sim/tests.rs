@@ -1,0 +1,248 @@
+//! Whole-domain tests: lifecycle, determinism against `expected_after`,
+//! dirty tracking under real workload threads, pacing.
+
+use std::time::{Duration, Instant};
+
+use super::control::{Field, Slot};
+use super::*;
+use crate::PAGE_SIZE;
+
+/// Opens the domain, or explains why this machine cannot and returns None.
+fn open_or_skip(kv: &str) -> Option<SimDomain> {
+    let spec = SimSpec::parse(kv).unwrap();
+    match SimDomain::new(&spec) {
+        Ok(d) => Some(d),
+        Err(DomainError::DirtyTracking(why)) => {
+            eprintln!("skipping: kernel dirty tracking unavailable here: {why}");
+            None
+        }
+        Err(e) => panic!("{kv}: {e}"),
+    }
+}
+
+fn snapshot(mem: &GuestMemory) -> Vec<u8> {
+    // SAFETY: callers hold the domain paused (or never started).
+    unsafe { mem.as_slice().to_vec() }
+}
+
+fn total_writes(d: &SimDomain) -> u64 {
+    (0..d.spec.threads as usize)
+        .map(|t| Slot::of(&d.mem, t).get(Field::Writes))
+        .sum()
+}
+
+#[test]
+fn threaded_epochs_equal_expected_after() {
+    const EPOCHS: u64 = 4;
+    for kind in WorkloadKind::ALL {
+        for threads in [1, 2] {
+            let kv = format!("mem=2MiB,workload={kind},writes=997,threads={threads},seed=5");
+            let Some(mut d) = open_or_skip(&kv) else {
+                return;
+            };
+            d.start().unwrap();
+            for epoch in 1..=EPOCHS {
+                d.pause().unwrap();
+                let (want_mem, want_state) = expected_after(&d.spec, epoch).unwrap();
+                let mut state = Vec::new();
+                d.save_state(&mut state).unwrap();
+                assert_eq!(state, want_state, "{kv} epoch {epoch}");
+                assert!(
+                    snapshot(&d.mem) == snapshot(&want_mem),
+                    "{kv}: memory differs from expected_after after epoch {epoch}"
+                );
+                assert_eq!(total_writes(&d), 997 * epoch, "{kv}");
+                d.resume().unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn harvest_covers_every_changed_page() {
+    let Some(mut d) = open_or_skip("mem=4MiB,workload=mixed,writes=400,threads=2") else {
+        return;
+    };
+    let mut dirty = Vec::new();
+    d.harvest_dirty(&mut dirty).unwrap();
+    assert!(dirty.is_empty(), "nothing ran yet, harvested {dirty:?}");
+    let mut before = snapshot(&d.mem);
+    d.start().unwrap();
+    for _ in 0..3 {
+        d.pause().unwrap();
+        dirty.clear();
+        d.harvest_dirty(&mut dirty).unwrap();
+        assert!(
+            dirty.windows(2).all(|w| w[0] < w[1]),
+            "not sorted and unique"
+        );
+        let after = snapshot(&d.mem);
+        let changed: Vec<u64> = (0..d.layout().pages)
+            .filter(|&g| {
+                let r = g as usize * PAGE_SIZE..(g as usize + 1) * PAGE_SIZE;
+                before[r.clone()] != after[r]
+            })
+            .collect();
+        assert!(
+            changed.iter().all(|g| dirty.binary_search(g).is_ok()),
+            "missed a page"
+        );
+        assert_eq!(dirty[0], 0, "the control block changes every epoch");
+        // Pages rewritten with equal bytes may be dirty yet unchanged, but a
+        // mixed workload of 400 writes changes most of what it touches.
+        assert!(
+            changed.len() * 2 > dirty.len(),
+            "{} changed, {} dirty",
+            changed.len(),
+            dirty.len()
+        );
+        before = after;
+        d.resume().unwrap();
+    }
+}
+
+#[test]
+fn timed_pause_stops_all_writes() {
+    let Some(mut d) = open_or_skip("mem=8MiB,workload=uniform,rate=0,threads=2") else {
+        return;
+    };
+    d.start().unwrap();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(5));
+        d.pause().unwrap();
+        let mut dirty = Vec::new();
+        d.harvest_dirty(&mut dirty).unwrap();
+        assert!(!dirty.is_empty());
+        let frozen = snapshot(&d.mem);
+        std::thread::sleep(Duration::from_millis(10));
+        dirty.clear();
+        d.harvest_dirty(&mut dirty).unwrap();
+        assert!(dirty.is_empty(), "written while paused: {dirty:?}");
+        assert!(snapshot(&d.mem) == frozen);
+        d.resume().unwrap();
+    }
+    let mut state = Vec::new();
+    d.pause().unwrap();
+    d.save_state(&mut state).unwrap();
+    assert_eq!(decode_state(&state).unwrap(), (6, d.spec.clone()));
+}
+
+#[test]
+fn lifecycle_edges() {
+    let Some(mut d) = open_or_skip("mem=1MiB,writes=10") else {
+        return;
+    };
+    d.pause().unwrap(); // before start: already paused
+    d.resume().unwrap(); // before start: starts epoch 1
+    assert_eq!(d.epoch(), 1);
+    assert!(d.start().is_err());
+    d.resume().unwrap(); // running: nothing
+    d.pause().unwrap();
+    d.pause().unwrap();
+    assert_eq!(d.epoch(), 1);
+    assert_eq!(total_writes(&d), 10);
+    assert_eq!(d.describe(), format!("sim:{}", d.spec));
+}
+
+#[test]
+fn drop_while_running_joins_threads() {
+    for kv in [
+        "mem=1MiB,rate=0,threads=3",
+        "mem=1MiB,writes=100000000,threads=2",
+    ] {
+        let Some(mut d) = open_or_skip(kv) else {
+            return;
+        };
+        d.start().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let t0 = Instant::now();
+        drop(d);
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{kv}: drop took {:?}",
+            t0.elapsed()
+        );
+    }
+}
+
+#[test]
+fn expected_after_needs_deterministic_mode() {
+    let spec = SimSpec::parse("mem=1MiB,rate=10").unwrap();
+    assert!(matches!(
+        expected_after(&spec, 1),
+        Err(DomainError::Spec { .. })
+    ));
+    let det = SimSpec::parse("mem=1MiB,writes=10").unwrap();
+    let (m0, s0) = expected_after(&det, 0).unwrap();
+    let (m1, _) = expected_after(&det, 1).unwrap();
+    assert_eq!(decode_state(&s0).unwrap(), (0, det));
+    assert!(snapshot(&m0) != snapshot(&m1));
+}
+
+#[test]
+fn decode_state_rejects_garbage() {
+    assert!(decode_state(b"").is_err());
+    assert!(decode_state(b"SIMST001\0\0\0\0\0\0\0\0\xff\0\0\0mem=1MiB").is_err());
+    assert!(decode_state(b"XXXXXXXX\0\0\0\0\0\0\0\0\0\0\0\0").is_err());
+}
+
+#[test]
+fn timed_rate_is_paced() {
+    let Some(mut d) = open_or_skip("mem=8MiB,workload=edits,rate=20000,threads=2") else {
+        return;
+    };
+    d.start().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    d.pause().unwrap();
+    let n = total_writes(&d);
+    // 6000 expected; wide bounds for a loaded 2-core machine.
+    assert!(
+        (3_000..=7_500).contains(&n),
+        "{n} writes in 300 ms at 20000/s"
+    );
+}
+
+/// Achievable unpaced write rate per thread, per workload: steady state
+/// (pages already written, no write-protect faults) and under 10 ms epochs
+/// with a harvest each (every first write of an epoch takes a fault). See
+/// figures with `cargo test --release write_rate -- --nocapture`.
+#[test]
+fn write_rate_per_thread() {
+    for kind in WorkloadKind::ALL {
+        let kv = format!("mem=256MiB,workload={kind},rate=0,threads=1,fill=0.25");
+        let Some(mut d) = open_or_skip(&kv) else {
+            return;
+        };
+        let mut dirty = Vec::new();
+        d.start().unwrap();
+        // Warm up: the first touches of never-written pages fault them in.
+        std::thread::sleep(Duration::from_millis(100));
+        d.pause().unwrap();
+        let w0 = total_writes(&d);
+        let t0 = Instant::now();
+        d.resume().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        d.pause().unwrap();
+        let steady = (total_writes(&d) - w0) as f64 / t0.elapsed().as_secs_f64();
+
+        d.harvest_dirty(&mut dirty).unwrap();
+        let (w0, mut running, mut harvested) = (total_writes(&d), Duration::ZERO, 0);
+        for _ in 0..30 {
+            let t0 = Instant::now();
+            d.resume().unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+            d.pause().unwrap();
+            running += t0.elapsed();
+            dirty.clear();
+            d.harvest_dirty(&mut dirty).unwrap();
+            harvested += dirty.len();
+        }
+        let tracked = (total_writes(&d) - w0) as f64 / running.as_secs_f64();
+        eprintln!(
+            "{kind:>14}: {steady:>10.0} writes/s steady, {tracked:>10.0} writes/s with 10 ms \
+             epochs ({} dirty pages/epoch)",
+            harvested / 30
+        );
+        assert!(steady > 1000.0 && tracked > 1000.0);
+    }
+}
