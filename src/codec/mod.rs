@@ -48,11 +48,11 @@
 //! # Encoder choice (not wire format; may change freely)
 //!
 //! Zero, then Unchanged, are checked in one pass. Otherwise the zero-run
-//! stream is built; if it would reach `PAGE_SIZE` the page goes `Full*`.
-//! At most one compressor call is made per page: on the stream if it is at
-//! least [`DELTA_PACK_MIN`] and at most [`DENSE_DELTA`] bytes, on the page if
-//! the stream is longer than [`DENSE_DELTA`]; the result is kept only if
-//! strictly shorter than the plain stream.
+//! stream is built. At most one compressor call is made per page: on the
+//! stream if it is at least [`DELTA_PACK_MIN`] and at most [`DENSE_DELTA`]
+//! bytes (kept if strictly shorter than the stream), on the page if the
+//! stream is longer than [`DENSE_DELTA`] (then the shortest of the plain
+//! stream, the compressed page and the raw page is sent).
 //!
 //! # Invariants
 //!
@@ -224,32 +224,52 @@ impl Encoder {
         if dirty == 0 {
             return PageKind::Unchanged;
         }
-        let start = out.len();
         out.reserve(PAGE_SIZE);
-        if !zrle::encode(page, prev, dirty, out, PAGE_SIZE - 1) {
-            return self.full(page, out);
-        }
         // At most one compressor call per page, on whichever input should
         // win: the zero-run stream while at least half the page is unchanged
         // (a delta then beats even a well-compressed full page), else the
         // page itself (it was rewritten; its XOR with the old copy carries
-        // both contents and compresses worse).
-        let zlen = out.len() - start;
-        let (src, plain) = if zlen <= DENSE_DELTA {
+        // both contents and compresses worse). With a compressor, the stream
+        // is first built only up to DENSE_DELTA bytes: past that the page is
+        // compressed, and the stream is finished only if that did not pay.
+        if self.compressor == Compressor::None {
+            if zrle::encode(page, prev, dirty, out, PAGE_SIZE - 1) {
+                return PageKind::Delta;
+            }
+            out.extend_from_slice(page);
+            return PageKind::Full;
+        }
+        let start = out.len();
+        if zrle::encode(page, prev, dirty, out, DENSE_DELTA) {
+            let zlen = out.len() - start;
             if zlen < DELTA_PACK_MIN {
                 return PageKind::Delta;
             }
-            (&out[start..], PageKind::Delta)
-        } else {
-            (&page[..], PageKind::Full)
-        };
-        match self.packer.pack(src, zlen) {
+            return match self.packer.pack(&out[start..], zlen) {
+                Some(c) => {
+                    out.truncate(start);
+                    out.extend_from_slice(c);
+                    packed(self.compressor, PageKind::Delta)
+                }
+                None => PageKind::Delta,
+            };
+        }
+        let full = self.packer.pack(page, PAGE_SIZE);
+        let full_len = full.map_or(PAGE_SIZE, <[u8]>::len);
+        // The stream is known to exceed DENSE_DELTA: only a worse full page
+        // leaves it a chance.
+        if full_len > DENSE_DELTA && zrle::encode(page, prev, dirty, out, full_len - 1) {
+            return PageKind::Delta;
+        }
+        match full {
             Some(c) => {
-                out.truncate(start);
                 out.extend_from_slice(c);
-                packed(self.compressor, plain)
+                packed(self.compressor, PageKind::Full)
             }
-            None => PageKind::Delta,
+            None => {
+                out.extend_from_slice(page);
+                PageKind::Full
+            }
         }
     }
 
