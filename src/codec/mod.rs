@@ -219,6 +219,10 @@ impl Encoder {
         };
         let (zero, dirty) = zrle::scan(page, prev);
         if zero {
+            // A zero page the receiver already holds as zero costs nothing.
+            if dirty == 0 {
+                return PageKind::Unchanged;
+            }
             return PageKind::Zero;
         }
         if dirty == 0 {

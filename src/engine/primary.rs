@@ -76,6 +76,10 @@ pub struct PrimaryConfig {
     pub final_ack_timeout: Duration,
     /// Keep this many recent dirty lists for post-run measurements.
     pub keep_dirty_lists: usize,
+    /// Pre-copy ends once a round's dirty set is at most this many pages.
+    pub precopy_target: u64,
+    /// At most this many pre-copy rounds after the first full pass.
+    pub precopy_rounds: u32,
 }
 
 impl Default for PrimaryConfig {
@@ -94,6 +98,8 @@ impl Default for PrimaryConfig {
             keep_records: false,
             final_ack_timeout: Duration::from_secs(30),
             keep_dirty_lists: 0,
+            precopy_target: 4096,
+            precopy_rounds: 8,
         }
     }
 }
@@ -112,9 +118,20 @@ pub struct PrimaryOutcome {
 /// One epoch's work for the encoders. Seed jobs have no staging: encoders
 /// read live guest memory for their whole shard.
 struct EpochJob {
+    /// Position in the send order: seed rounds first, then checkpoints.
+    unit: u64,
     epoch: u64,
-    gfns: Vec<u64>,
-    staging: Option<PageBuf>,
+    source: Source,
+}
+
+/// Where an encoder reads the job's pages.
+enum Source {
+    /// Every page of the shard, live (first seed round).
+    AllLive,
+    /// The listed pages, live (later seed rounds).
+    Live(Vec<u64>),
+    /// Page `gfns[i]` is in staging slot `i`, copied during the pause.
+    Staged(Vec<u64>, PageBuf),
 }
 
 struct ShardStats {
@@ -127,7 +144,7 @@ struct ShardStats {
 }
 
 struct ShardOut {
-    epoch: u64,
+    unit: u64,
     shard: usize,
     buf: Vec<u8>,
     records: u32,
@@ -136,8 +153,12 @@ struct ShardOut {
 }
 
 struct Meta {
+    unit: u64,
     epoch: u64,
     class: EpochClass,
+    /// Seed rounds: the first opens epoch 0, the last closes it.
+    first_round: bool,
+    last_round: bool,
     dirty: u64,
     state: Vec<u8>,
     record: EpochRecord,
@@ -165,6 +186,8 @@ struct Inflight {
     pending: BTreeMap<u64, InflightEntry>,
     /// Set once the link failed; the reason.
     broken: Option<String>,
+    /// Units (seed rounds and checkpoints) fully handed to the sink.
+    units_sent: u64,
 }
 
 struct Shared {
@@ -178,6 +201,8 @@ struct Shared {
     pausing: AtomicBool,
     gate: Mutex<()>,
     gate_cv: Condvar,
+    /// When checkpointing began (after the seed): run time is counted from here.
+    ckpt_start: std::sync::OnceLock<Instant>,
 }
 
 impl Shared {
@@ -300,34 +325,35 @@ fn encoder_thread(
                 prev.copy_from_slice(src);
             }
         };
-        match &job.staging {
-            Some(staging) => {
-                let a = job.gfns.partition_point(|&g| g < lo);
-                let b = job.gfns.partition_point(|&g| g < hi);
-                for (i, &gfn) in job.gfns.iter().enumerate().take(b).skip(a) {
+        let shard_of = |gfns: &[u64]| (gfns.partition_point(|&g| g < lo), gfns.partition_point(|&g| g < hi));
+        let mut live = |gfn: u64, buf: &mut Vec<u8>, w: &mut PagesWriter| {
+            // SAFETY: gfn < pages; copying out of guest memory into our own
+            // buffer (see MemPtr for the race argument).
+            unsafe { std::ptr::copy_nonoverlapping(mem.0.add(gfn as usize * PAGE_SIZE), page.as_mut_ptr(), PAGE_SIZE) };
+            one(gfn, &page, buf, w);
+        };
+        match &job.source {
+            Source::AllLive => (lo..hi).for_each(|g| live(g, &mut buf, &mut w)),
+            Source::Live(gfns) => {
+                let (a, b) = shard_of(gfns);
+                gfns[a..b].iter().for_each(|&g| live(g, &mut buf, &mut w));
+            }
+            Source::Staged(gfns, staging) => {
+                let (a, b) = shard_of(gfns);
+                for (i, &gfn) in gfns.iter().enumerate().take(b).skip(a) {
                     // SAFETY: the copy into staging finished before the job
                     // was sent; nobody writes staging until it is returned.
                     let src = unsafe { staging.slot(i) };
                     one(gfn, src, &mut buf, &mut w);
                 }
             }
-            None => {
-                for gfn in lo..hi {
-                    // SAFETY: gfn < pages; copying out of guest memory into
-                    // our own buffer (see MemPtr for the race argument).
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(mem.0.add(gfn as usize * PAGE_SIZE), page.as_mut_ptr(), PAGE_SIZE)
-                    };
-                    one(gfn, &page, &mut buf, &mut w);
-                }
-            }
         }
         w.close(&mut buf);
         st.encode_us = t0.elapsed().as_micros() as u64;
-        let epoch = job.epoch;
+        let unit = job.unit;
         drop(job); // before reporting, so the tx thread can reclaim staging
         let msg = ShardOut {
-            epoch,
+            unit,
             shard,
             buf,
             records: w.records,
@@ -359,24 +385,25 @@ fn tx_thread(
     let mut pending: BTreeMap<u64, Assembly> = BTreeMap::new();
     let mut next = 0u64;
     let mut finish: Option<u64> = None;
+    let mut last_closed: Option<u64> = None;
     let mut last_send = Instant::now();
     let mut hb = Vec::new();
+    // The seed (epoch 0) spans several units (pre-copy rounds).
+    let mut seed_end = EpochEnd::default();
+    let mut seed_rec = EpochRecord::default();
+    let new_assembly = || Assembly {
+        meta: None,
+        shards: (0..shards).map(|_| None).collect(),
+        got: 0,
+    };
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(TxMsg::Meta(m)) => {
-                let e = pending.entry(m.epoch).or_insert_with(|| Assembly {
-                    meta: None,
-                    shards: (0..shards).map(|_| None).collect(),
-                    got: 0,
-                });
-                e.meta = Some(m);
+                let u = m.unit;
+                pending.entry(u).or_insert_with(new_assembly).meta = Some(m);
             }
             Ok(TxMsg::Shard(s)) => {
-                let e = pending.entry(s.epoch).or_insert_with(|| Assembly {
-                    meta: None,
-                    shards: (0..shards).map(|_| None).collect(),
-                    got: 0,
-                });
+                let e = pending.entry(s.unit).or_insert_with(new_assembly);
                 let i = s.shard;
                 e.shards[i] = Some(s);
                 e.got += 1;
@@ -385,7 +412,7 @@ fn tx_thread(
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        // Send every complete epoch that is next in line.
+        // Send every complete unit that is next in line.
         while let Some(a) = pending.get(&next) {
             if a.meta.is_none() || a.got < shards {
                 break;
@@ -393,28 +420,19 @@ fn tx_thread(
             let a = pending.remove(&next).expect("checked above");
             let meta = a.meta.expect("checked above");
             let outs: Vec<ShardOut> = a.shards.into_iter().map(|s| s.expect("all shards present")).collect();
+            let seed = meta.class == EpochClass::Seed;
+            let opens = !seed || meta.first_round;
+            let closes = !seed || meta.last_round;
             let mut head = Vec::with_capacity(64);
-            write_record(
-                &mut head,
-                RecordKind::EpochBegin,
-                meta.epoch,
-                &EpochBegin {
+            if opens {
+                let begin = EpochBegin {
                     class: meta.class,
                     dirty: meta.dirty,
-                }
-                .encode(),
-            );
-            let mut tail = Vec::with_capacity(meta.state.len() + 64);
-            if meta.class == EpochClass::Checkpoint {
-                write_record(&mut tail, RecordKind::State, meta.epoch, &meta.state);
+                };
+                write_record(&mut head, RecordKind::EpochBegin, meta.epoch, &begin.encode());
             }
-            let end = EpochEnd {
-                page_entries: outs.iter().map(|o| o.entries).sum(),
-                pages_records: outs.iter().map(|o| o.records).sum(),
-                state_len: meta.state.len() as u32,
-            };
-            write_record(&mut tail, RecordKind::EpochEnd, meta.epoch, &end.encode());
-            let mut rec = meta.record;
+            let mut rec = if seed { std::mem::take(&mut seed_rec) } else { meta.record };
+            let mut end = if seed { seed_end } else { EpochEnd::default() };
             for o in &outs {
                 rec.unchanged_pages += o.stats.unchanged;
                 rec.zero_pages += o.stats.zero;
@@ -422,18 +440,32 @@ fn tx_thread(
                 rec.full_pages += o.stats.full;
                 rec.raw_bytes += o.stats.raw_bytes;
                 rec.encode_us += o.stats.encode_us;
+                end.page_entries += o.entries;
+                end.pages_records += o.records;
+            }
+            let mut tail = Vec::with_capacity(meta.state.len() + 64);
+            if !seed {
+                write_record(&mut tail, RecordKind::State, meta.epoch, &meta.state);
+                end.state_len = meta.state.len() as u32;
+            }
+            if closes {
+                write_record(&mut tail, RecordKind::EpochEnd, meta.epoch, &end.encode());
             }
             let mut bufs: Vec<&[u8]> = vec![&head];
             bufs.extend(outs.iter().map(|o| &o.buf[..]));
             bufs.push(&tail);
-            rec.wire_bytes = bufs.iter().map(|b| b.len() as u64).sum();
+            rec.wire_bytes += bufs.iter().map(|b| b.len() as u64).sum::<u64>();
             rec.state_bytes = meta.state.len() as u64;
-            {
+            if seed && !closes {
+                seed_end = end;
+                seed_rec = rec.clone();
+            }
+            if closes {
                 let mut g = shared.inflight.lock().unwrap();
                 g.pending.insert(
                     meta.epoch,
                     InflightEntry {
-                        record: rec,
+                        record: rec.clone(),
                         pause_start: meta.pause_start,
                     },
                 );
@@ -446,29 +478,33 @@ fn tx_thread(
                 shared.fail(format!("sending epoch {}: {e}", meta.epoch));
                 return;
             }
-            if meta.class == EpochClass::Seed {
-                let wire: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-                *shared.seed_done.lock().unwrap() = Some((seed_start.elapsed(), wire));
-            }
             {
                 let mut g = shared.inflight.lock().unwrap();
                 if let Some(p) = g.pending.get_mut(&meta.epoch) {
-                    p.record.send_us = send_us;
+                    p.record.send_us += send_us;
                 }
+                g.units_sent = next + 1;
+                shared.cv.notify_all();
+            }
+            if seed && closes {
+                *shared.seed_done.lock().unwrap() = Some((seed_start.elapsed(), rec.wire_bytes));
+            }
+            if closes {
+                last_closed = Some(meta.epoch);
             }
             drop(bufs);
             for o in outs {
                 let _ = buf_return[o.shard].send(o.buf);
             }
             if let Ok(job) = Arc::try_unwrap(meta.job) {
-                if let Some(st) = job.staging {
+                if let Source::Staged(_, st) = job.source {
                     let _ = staging_return.send(st);
                 }
             }
             next += 1;
         }
-        if let Some(f) = finish {
-            if next > f {
+        if let (Some(f), Some(c)) = (finish, last_closed) {
+            if c >= f {
                 let mut c = Vec::new();
                 write_record(&mut c, RecordKind::Close, f, &[]);
                 if let Err(e) = sink.send(&[&c]) {
@@ -600,6 +636,7 @@ pub fn run<R: std::io::Read + Send + 'static>(
         pausing: AtomicBool::new(false),
         gate: Mutex::new(()),
         gate_cv: Condvar::new(),
+        ckpt_start: std::sync::OnceLock::new(),
     });
     let start = Instant::now();
     let (tx_send, tx_recv) = channel::<TxMsg>();
@@ -655,7 +692,7 @@ pub fn run<R: std::io::Read + Send + 'static>(
     });
 
     let copy_pool = CopyPool::new(cfg.copy_threads, &cores);
-    let result = drive(&mut *domain, cfg, &shared, &job_txs, &tx_send, &staging_ret_rx, &copy_pool, start);
+    let result = drive(&mut *domain, cfg, &shared, &job_txs, &tx_send, &staging_ret_rx, &copy_pool);
 
     // Tear down: encoders first (no more jobs), then wait for tx to finish.
     drop(job_txs);
@@ -678,7 +715,7 @@ pub fn run<R: std::io::Read + Send + 'static>(
         }
     };
     drop(ack_handle);
-    let elapsed = start.elapsed();
+    let elapsed = shared.ckpt_start.get().map_or(Duration::ZERO, |t| t.elapsed());
     let g = shared.inflight.lock().unwrap();
     let acked = g.acked.unwrap_or(0);
     drop(g);
@@ -717,7 +754,6 @@ fn drive(
     tx: &Sender<TxMsg>,
     staging_ret: &Receiver<PageBuf>,
     copy_pool: &CopyPool,
-    start: Instant,
 ) -> DriveResult {
     let k = cfg.max_inflight.max(1) as u64;
     let broken = |g: &Inflight| {
@@ -727,25 +763,60 @@ fn drive(
         })
     };
     domain.start()?;
-    // Epoch 0: live pre-copy of all memory (the seed).
-    let seed = Arc::new(EpochJob {
-        epoch: 0,
-        gfns: Vec::new(),
-        staging: None,
-    });
-    let _ = tx.send(TxMsg::Meta(Meta {
-        epoch: 0,
-        class: EpochClass::Seed,
-        dirty: domain.layout().pages,
-        state: Vec::new(),
-        record: EpochRecord::default(),
-        pause_start: Instant::now(),
-        job: seed.clone(),
-    }));
-    for j in job_txs {
-        let _ = j.send(seed.clone());
+    // Epoch 0, the seed: live pre-copy rounds while the guest runs. Round 0
+    // reads every page; each later round re-sends the pages dirtied since
+    // the previous harvest, until the dirty set is small (or stops
+    // shrinking), so the first checkpoint's pause stays short.
+    let pages = domain.layout().pages;
+    let mut unit = 0u64;
+    let mut source = Source::AllLive;
+    let mut round = 0u32;
+    let mut last = false;
+    let mut prev_dirty = u64::MAX;
+    loop {
+        let job = Arc::new(EpochJob { unit, epoch: 0, source });
+        let _ = tx.send(TxMsg::Meta(Meta {
+            unit,
+            epoch: 0,
+            class: EpochClass::Seed,
+            first_round: round == 0,
+            last_round: last,
+            dirty: pages,
+            state: Vec::new(),
+            record: EpochRecord::default(),
+            pause_start: Instant::now(),
+            job: job.clone(),
+        }));
+        for j in job_txs {
+            let _ = j.send(job.clone());
+        }
+        drop(job);
+        unit += 1;
+        if last {
+            break;
+        }
+        {
+            let mut g = shared.inflight.lock().unwrap();
+            while g.units_sent < unit {
+                if let Some(e) = broken(&g) {
+                    return Err(e);
+                }
+                g = shared.cv.wait_timeout(g, Duration::from_millis(50)).unwrap().0;
+            }
+        }
+        round += 1;
+        let mut d = Vec::new();
+        domain.harvest_dirty(&mut d)?;
+        let n = d.len() as u64;
+        last = n <= cfg.precopy_target
+            || round >= cfg.precopy_rounds
+            || n * 10 >= prev_dirty * 9
+            || crate::engine::stop_requested();
+        prev_dirty = n;
+        source = Source::Live(d);
     }
-    drop(seed);
+    let _ = shared.ckpt_start.set(Instant::now());
+    let start = Instant::now();
 
     // Staging for the first epochs, faulted in now so no pause pays for it.
     let first = (domain.layout().pages as usize).min(8192);
@@ -853,15 +924,19 @@ fn drive(
                 }
                 recent.push_back(gfns.clone());
             }
+            let dirty = gfns.len() as u64;
             let job = Arc::new(EpochJob {
+                unit,
                 epoch,
-                gfns: std::mem::take(&mut gfns),
-                staging: Some(staging),
+                source: Source::Staged(std::mem::take(&mut gfns), staging),
             });
             let _ = tx.send(TxMsg::Meta(Meta {
+                unit,
                 epoch,
                 class: EpochClass::Checkpoint,
-                dirty: job.gfns.len() as u64,
+                first_round: false,
+                last_round: false,
+                dirty,
                 state: state.clone(),
                 record: rec,
                 pause_start: t0,
@@ -871,6 +946,7 @@ fn drive(
                 let _ = j.send(job.clone());
             }
             drop(job);
+            unit += 1;
             if final_epoch {
                 let _ = tx.send(TxMsg::Finish(epoch));
                 break;

@@ -7,7 +7,8 @@
 //! replica and replaces the saved state. Any error discards the open epoch
 //! whole: the replica stays at the last committed epoch. The seed (epoch 0,
 //! a live pre-copy) is applied in place because the replica holds no
-//! committed checkpoint before epoch 1 commits.
+//! committed checkpoint before epoch 1 commits; its pre-copy rounds may
+//! send a page more than once.
 //!
 //! Every field from the wire is checked: epochs must follow one another,
 //! gfns must lie inside the layout, a gfn may appear once per epoch, entry
@@ -214,13 +215,17 @@ impl Receiver {
                 return Err(page_err(format!("gfn outside the domain's {} pages", self.pages)));
             }
             let (w, bit) = ((gfn / 64) as usize, 1u64 << (gfn % 64));
-            if self.seen[w] & bit != 0 {
-                return Err(page_err("page sent twice in one epoch".into()));
+            // The seed's pre-copy rounds legitimately resend pages; a
+            // checkpoint names each page at most once, within its dirty set.
+            if class == EpochClass::Checkpoint {
+                if self.seen[w] & bit != 0 {
+                    return Err(page_err("page sent twice in one epoch".into()));
+                }
+                if n + 1 > dirty {
+                    return Err(page_err(format!("more page entries than the {dirty} dirty pages announced")));
+                }
             }
             n += 1;
-            if n > dirty {
-                return Err(page_err(format!("more page entries than the {dirty} dirty pages announced")));
-            }
             // SAFETY: gfn < pages (checked above); the receiver is the
             // replica's only writer and does not write it while `base` lives.
             let base = unsafe { &*(self.mem.page_ptr(gfn) as *const [u8; PAGE_SIZE]) };
@@ -238,11 +243,12 @@ impl Receiver {
                 }
                 return Err(page_err(c.to_string()));
             }
-            self.seen[w] |= bit;
-            self.staged_gfns.push(gfn);
             if class == EpochClass::Seed {
                 // Not a checkpoint: write through (see module docs).
                 self.mem.write_page(gfn, &self.scratch);
+            } else {
+                self.seen[w] |= bit;
+                self.staged_gfns.push(gfn);
             }
         }
         self.open.as_mut().expect("open checked").entries = n;
