@@ -141,8 +141,8 @@ proptest! {
         prop_assert_eq!(k, kind);
         prop_assert!(got == page, "{:?} with {:?} did not round-trip", kind, c);
         // Smallest-of: never worse than the raw page, and exact for trivial pages.
-        if page == [0; PAGE_SIZE] { prop_assert_eq!(kind, PageKind::Zero); }
-        else if has_prev && page == prev { prop_assert_eq!(kind, PageKind::Unchanged); }
+        if has_prev && page == prev { prop_assert_eq!(kind, PageKind::Unchanged); }
+        else if page == [0; PAGE_SIZE] { prop_assert_eq!(kind, PageKind::Zero); }
     }
 
     #[test]
