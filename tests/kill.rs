@@ -58,7 +58,12 @@ fn sigkill_of_primary_leaves_last_complete_epoch() {
         let (st, err) = b.wait();
         assert_eq!(st.code(), Some(2), "backup should report a broken stream:\n{err}");
         let m = meta(&bdir).unwrap_or_else(|| panic!("trial {trial}: nothing saved:\n{err}"));
-        eprintln!("trial {trial}: killed {extra} ms after first progress line; replica at epoch {}", m.epoch);
+        let torn = err.contains("was incomplete and has been discarded");
+        eprintln!(
+            "trial {trial}: killed {extra} ms after first progress line; replica at epoch {}{}",
+            m.epoch,
+            if torn { " (a torn epoch was discarded)" } else { "" }
+        );
         assert_eq!(m.digest, replica_digest(&bdir), "trial {trial}: files disagree with meta");
         assert_eq!(
             m.digest,
