@@ -56,14 +56,14 @@ pub fn open_session(
     psk: &Psk,
     domain: &dyn Domain,
     patience: Duration,
-) -> Result<(TcpSink, RecordReader<BufReader<TcpStream>>), HarnessError> {
+) -> Result<(TcpSink, RecordReader<TcpStream>), HarnessError> {
     let conn_err = |source| HarnessError::Connect {
         addr: addr.to_string(),
         source,
     };
     let s = tcp::connect(addr, patience).map_err(conn_err)?;
     let mut w = s.try_clone().map_err(conn_err)?;
-    let mut r = RecordReader::new(BufReader::with_capacity(64 << 10, s));
+    let mut r = RecordReader::new(s);
     let layout = domain.layout();
     let hello = Hello {
         page_size: layout.page_size,

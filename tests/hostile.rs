@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::net::TcpStream;
 
 use castor::codec::{Compressor, Encoder, PageKind};
@@ -95,7 +95,7 @@ impl Primary {
 fn session(addr: &str, key: &str) -> Result<TcpStream, String> {
     let s = TcpStream::connect(addr).unwrap();
     let mut w = s.try_clone().unwrap();
-    let mut r = RecordReader::new(BufReader::new(s.try_clone().unwrap()));
+    let mut r = RecordReader::new(s.try_clone().unwrap());
     let hello = Hello {
         page_size: PAGE_SIZE as u32,
         pages: PAGES,

@@ -2,7 +2,7 @@
 //! each once committed, and saves the committed replica when the stream ends
 //! or breaks.
 
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,9 +70,9 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
     let peer = addr.to_string();
     stream.set_nodelay(true).ok();
     let mut writer = stream.try_clone().map_err(BackupError::Accept)?;
-    let mut reader = RecordReader::new(BufReader::with_capacity(1 << 20, stream));
+    let mut reader = RecordReader::new(stream);
     // Refuse to stall forever on a silent peer during the handshake.
-    reader.get_ref().get_ref().set_read_timeout(Some(Duration::from_secs(10))).ok();
+    reader.get_ref().set_read_timeout(Some(Duration::from_secs(10))).ok();
     let max_mem = cfg.max_mem;
     let hello = handshake::server(&mut reader, &mut writer, &cfg.psk, |h| {
         if h.page_size as usize != PAGE_SIZE {
@@ -90,7 +90,7 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
         peer: peer.clone(),
         source,
     })?;
-    reader.get_ref().get_ref().set_read_timeout(None).ok();
+    reader.get_ref().set_read_timeout(None).ok();
     if !cfg.quiet {
         eprintln!(
             "castor backup: replicating {} ({} pages, {}) from {peer}",

@@ -691,8 +691,18 @@ pub fn run<R: std::io::Read + Send + 'static>(
             .expect("spawning progress thread")
     });
 
-    let copy_pool = CopyPool::new(cfg.copy_threads, &cores);
-    let result = drive(&mut *domain, cfg, &shared, &job_txs, &tx_send, &staging_ret_rx, &copy_pool);
+    let result = std::thread::scope(|scope| {
+        let (dom, shared, job_txs, tx_send, cores) = (&mut *domain, &*shared, &job_txs, &tx_send, &cores);
+        std::thread::Builder::new()
+            .name("castor-epoch".into())
+            .spawn_scoped(scope, move || {
+                let copy_pool = CopyPool::new(cfg.copy_threads, cores);
+                drive(dom, cfg, shared, job_txs, tx_send, &staging_ret_rx, &copy_pool)
+            })
+            .expect("spawning epoch thread")
+            .join()
+            .unwrap_or_else(|_| Err(PrimaryError::Protocol("epoch thread panicked".into())))
+    });
 
     // Tear down: encoders first (no more jobs), then wait for tx to finish.
     drop(job_txs);

@@ -143,19 +143,31 @@ pub fn finish_record(out: &mut [u8], start: usize) {
     out[start + 20..start + 24].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// Reads and verifies records from a byte stream, reusing one buffer.
+/// Reads and verifies records from a byte stream.
+///
+/// The reader does its own buffering: it reads the socket in large chunks
+/// straight into one buffer and hands out records as slices of it, so a
+/// payload is copied once (by the kernel) between the socket and its parser.
 pub struct RecordReader<R> {
     inner: R,
     buf: Vec<u8>,
-    /// Bytes consumed so far, for error messages and statistics.
+    /// Unconsumed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Bytes consumed as records so far.
     pub bytes_read: u64,
 }
+
+/// Reads ask the kernel for at least this much room.
+const READ_CHUNK: usize = 256 << 10;
 
 impl<R: Read> RecordReader<R> {
     pub fn new(inner: R) -> Self {
         RecordReader {
             inner,
-            buf: Vec::with_capacity(1 << 20),
+            buf: vec![0; 1 << 20],
+            start: 0,
+            end: 0,
             bytes_read: 0,
         }
     }
@@ -164,26 +176,41 @@ impl<R: Read> RecordReader<R> {
         &self.inner
     }
 
-    fn fill(&mut self, n: usize, what: &'static str, at_start: bool) -> Result<(), RecordError> {
-        let mut got = 0;
-        while got < n {
-            match self.inner.read(&mut self.buf[got..n]) {
-                Ok(0) if got == 0 && at_start => return Err(RecordError::Eof),
-                Ok(0) => return Err(RecordError::Truncated { what, got, want: n }),
-                Ok(k) => got += k,
+    /// Makes `n` unconsumed bytes available.
+    fn fill(&mut self, n: usize, what: &'static str, at_boundary: bool) -> Result<(), RecordError> {
+        while self.end - self.start < n {
+            if self.buf.len() - self.start < n + READ_CHUNK {
+                // Move the partial record to the front, growing if needed.
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                if self.buf.len() < n + READ_CHUNK {
+                    self.buf.resize(n + READ_CHUNK, 0);
+                }
+            }
+            match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    let got = self.end - self.start;
+                    return Err(if got == 0 && at_boundary {
+                        RecordError::Eof
+                    } else {
+                        RecordError::Truncated { what, got, want: n }
+                    });
+                }
+                Ok(k) => self.end += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        self.bytes_read += n as u64;
         Ok(())
     }
 
     /// Reads the next record. `Err(Eof)` only at a record boundary.
     pub fn next(&mut self) -> Result<Record<'_>, RecordError> {
-        self.buf.resize(HEADER_LEN, 0);
         self.fill(HEADER_LEN, "record header", true)?;
-        let h: [u8; HEADER_LEN] = self.buf[..HEADER_LEN].try_into().expect("header length");
+        let h: [u8; HEADER_LEN] = self.buf[self.start..self.start + HEADER_LEN]
+            .try_into()
+            .expect("header length");
         let magic = u32::from_le_bytes(h[0..4].try_into().unwrap());
         if magic != MAGIC {
             return Err(RecordError::BadMagic(magic));
@@ -202,9 +229,18 @@ impl<R: Read> RecordReader<R> {
             return Err(RecordError::TooLong { kind, len });
         }
         let want = u32::from_le_bytes(h[20..24].try_into().unwrap());
-        self.buf.resize(len, 0);
-        self.fill(len, "record payload", false)?;
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..20]), &self.buf[..len]);
+        if let Err(e) = self.fill(HEADER_LEN + len, "record payload", false) {
+            return Err(match e {
+                RecordError::Truncated { got, .. } => RecordError::Truncated {
+                    what: "record payload",
+                    got: got.saturating_sub(HEADER_LEN),
+                    want: len,
+                },
+                e => e,
+            });
+        }
+        let p = self.start + HEADER_LEN;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..20]), &self.buf[p..p + len]);
         if crc != want {
             return Err(RecordError::Checksum {
                 kind,
@@ -213,10 +249,12 @@ impl<R: Read> RecordReader<R> {
                 got: crc,
             });
         }
+        self.start = p + len;
+        self.bytes_read += (HEADER_LEN + len) as u64;
         Ok(Record {
             kind,
             epoch,
-            payload: &self.buf[..len],
+            payload: &self.buf[p..p + len],
         })
     }
 }
