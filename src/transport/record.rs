@@ -376,6 +376,42 @@ mod tests {
         assert!(matches!(r.next(), Err(RecordError::TooLong { .. })));
     }
 
+    /// Hands out at most `step` bytes per read, like a slow socket.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = self.step.min(out.len()).min(self.data.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn records_split_across_reads_and_larger_than_the_buffer() {
+        let big: Vec<u8> = (0..3 << 20).map(|i| (i * 7) as u8).collect();
+        let mut v = one(RecordKind::State, 1, b"a");
+        v.extend(one(RecordKind::Pages, 2, &big));
+        v.extend(one(RecordKind::Ack, 3, b""));
+        for step in [1, 7, 4096, 1 << 20, usize::MAX] {
+            let mut r = RecordReader::new(Trickle { data: &v, step });
+            assert_eq!(r.next().unwrap().payload, b"a");
+            if step == 1 {
+                continue; // byte-at-a-time through 3 MiB is slow; prefix checked
+            }
+            let rec = r.next().unwrap();
+            assert_eq!((rec.epoch, rec.payload.len()), (2, big.len()));
+            assert!(rec.payload == &big[..]);
+            assert_eq!(r.next().unwrap().epoch, 3);
+            assert!(matches!(r.next(), Err(RecordError::Eof)));
+            assert_eq!(r.bytes_read, v.len() as u64);
+        }
+    }
+
     #[test]
     fn cursor_bounds() {
         let mut c = Cursor::new(&[1, 0, 0], "test");
