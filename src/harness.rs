@@ -140,17 +140,17 @@ pub fn loopback(spec: &DomainSpec, cfg: &PrimaryConfig, opts: &LoopbackOpts) -> 
     };
     let key: String = random_nonce().iter().map(|b| format!("{b:02x}")).collect();
     let psk = Psk::from_bytes(key.as_bytes());
-    let mut backup = spawn_backup(&state_dir, &key, opts.quiet_backup)?;
+    let backup = spawn_backup(&state_dir, &key, opts.quiet_backup)?;
     let cpu0 = metrics::self_cpu();
     let domain = spec.open()?;
     let run = open_session(&backup.addr, &psk, &*domain, Duration::from_secs(10))
         .and_then(|(sink, reader)| primary::run(domain, Box::new(sink), reader, cfg).map_err(|(e, _)| e.into()));
-    let status = backup.child.wait().map_err(|e| HarnessError::Backup(e.to_string()))?;
+    let (raw, backup_cpu) = metrics::wait_child(backup.child.id()).map_err(|e| HarnessError::Backup(e.to_string()))?;
+    let status = std::os::unix::process::ExitStatusExt::from_raw(raw);
     let outcome = run?;
     let primary_cpu = metrics::self_cpu() - cpu0;
-    let backup_cpu = metrics::children_cpu();
-    if !status.success() {
-        return Err(HarnessError::Backup(format!("backup exited with {status}")));
+    if !std::process::ExitStatus::success(&status) {
+        return Err(HarnessError::Backup(format!("backup exited with {status:?}")));
     }
     let (meta, replica_digest) = replica::verify(&state_dir)?;
     let mut s = outcome.summary;

@@ -22,7 +22,10 @@ pub struct EpochRecord {
     pub full_pages: u64,
     /// Guest paused: pause request → resume returned.
     pub pause_us: u64,
+    /// Dirty-log harvest inside the pause (the last moment's writes).
     pub harvest_us: u64,
+    /// Dirty-log harvest just before the pause, while the guest runs.
+    pub preharvest_us: u64,
     pub copy_us: u64,
     pub state_us: u64,
     /// Time waited for a free in-flight slot before pausing.
@@ -258,9 +261,30 @@ pub fn self_cpu() -> Duration {
     rusage_cpu(libc::RUSAGE_SELF)
 }
 
-/// CPU time of waited-for children so far.
-pub fn children_cpu() -> Duration {
-    rusage_cpu(libc::RUSAGE_CHILDREN)
+/// Waits for child `pid` to exit; returns its raw wait status and the CPU
+/// time (user + system) that child alone consumed.
+pub fn wait_child(pid: u32) -> std::io::Result<(i32, Duration)> {
+    let mut status = 0;
+    // SAFETY: wait4 writes only the status int and the zeroed rusage we own.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        loop {
+            let r = libc::wait4(pid as libc::pid_t, &mut status, 0, &mut ru);
+            if r >= 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        ru
+    };
+    Ok((status, tv(ru.ru_utime) + tv(ru.ru_stime)))
+}
+
+fn tv(t: libc::timeval) -> Duration {
+    Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000)
 }
 
 fn rusage_cpu(who: libc::c_int) -> Duration {
@@ -270,7 +294,6 @@ fn rusage_cpu(who: libc::c_int) -> Duration {
         libc::getrusage(who, &mut ru);
         ru
     };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 

@@ -266,10 +266,13 @@ struct MemPtr(*const u8);
 // written during the seed is dirty and re-sent in epoch 1.
 unsafe impl Send for MemPtr {}
 
-fn shard_range(shard: usize, shards: usize, pages: u64) -> (u64, u64) {
-    let lo = pages * shard as u64 / shards as u64;
-    let hi = pages * (shard as u64 + 1) / shards as u64;
-    (lo, hi)
+/// Pages are dealt to encoders in stripes of 2^STRIPE_SHIFT pages (256 KiB),
+/// so a hot region spreads over every encoder while each stripe of the
+/// shadow still has exactly one owner.
+const STRIPE_SHIFT: u32 = 6;
+
+fn owner(gfn: u64, shards: usize) -> usize {
+    ((gfn >> STRIPE_SHIFT) % shards as u64) as usize
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -285,7 +288,7 @@ fn encoder_thread(
     shared: Arc<Shared>,
 ) {
     let mut enc = Encoder::new(compressor);
-    let (lo, hi) = shard_range(shard, shards, shadow.1);
+    let pages = shadow.1;
     let mut page = Box::new([0u8; PAGE_SIZE]);
     for job in jobs {
         let t0 = Instant::now();
@@ -306,8 +309,8 @@ fn encoder_thread(
             if n % 32 == 0 {
                 shared.yield_to_pause();
             }
-            // SAFETY: lo <= gfn < hi, inside the shadow, and this encoder
-            // alone owns shadow pages of [lo, hi).
+            // SAFETY: gfn < pages and owner(gfn) == shard: this encoder
+            // alone touches this shadow page.
             let prev = unsafe { &mut *(shadow.0.add(gfn as usize * PAGE_SIZE) as *mut [u8; PAGE_SIZE]) };
             st.raw_bytes += PAGE_SIZE as u64;
             let mut kind = PageKind::Invalid;
@@ -325,7 +328,7 @@ fn encoder_thread(
                 prev.copy_from_slice(src);
             }
         };
-        let shard_of = |gfns: &[u64]| (gfns.partition_point(|&g| g < lo), gfns.partition_point(|&g| g < hi));
+        let mine = |g: &u64| owner(*g, shards) == shard;
         let mut live = |gfn: u64, buf: &mut Vec<u8>, w: &mut PagesWriter| {
             // SAFETY: gfn < pages; copying out of guest memory into our own
             // buffer (see MemPtr for the race argument).
@@ -333,14 +336,17 @@ fn encoder_thread(
             one(gfn, &page, buf, w);
         };
         match &job.source {
-            Source::AllLive => (lo..hi).for_each(|g| live(g, &mut buf, &mut w)),
-            Source::Live(gfns) => {
-                let (a, b) = shard_of(gfns);
-                gfns[a..b].iter().for_each(|&g| live(g, &mut buf, &mut w));
+            Source::AllLive => {
+                let stripe = 1u64 << STRIPE_SHIFT;
+                let mut start = shard as u64 * stripe;
+                while start < pages {
+                    (start..(start + stripe).min(pages)).for_each(|g| live(g, &mut buf, &mut w));
+                    start += stripe * shards as u64;
+                }
             }
+            Source::Live(gfns) => gfns.iter().filter(|g| mine(g)).for_each(|&g| live(g, &mut buf, &mut w)),
             Source::Staged(gfns, staging) => {
-                let (a, b) = shard_of(gfns);
-                for (i, &gfn) in gfns.iter().enumerate().take(b).skip(a) {
+                for (i, &gfn) in gfns.iter().enumerate().filter(|(_, g)| mine(g)) {
                     // SAFETY: the copy into staging finished before the job
                     // was sent; nobody writes staging until it is returned.
                     let src = unsafe { staging.slot(i) };
@@ -696,6 +702,7 @@ pub fn run<R: std::io::Read + Send + 'static>(
         std::thread::Builder::new()
             .name("castor-epoch".into())
             .spawn_scoped(scope, move || {
+                crate::engine::copy::raise_priority();
                 let copy_pool = CopyPool::new(cfg.copy_threads, cores);
                 drive(dom, cfg, shared, job_txs, tx_send, &staging_ret_rx, &copy_pool)
             })
@@ -751,6 +758,48 @@ pub fn run<R: std::io::Read + Send + 'static>(
         domain,
         recent_dirty,
     })
+}
+
+/// `out` = sorted union of two sorted, duplicate-free lists.
+fn merge_sorted(a: &[u64], b: &[u64], out: &mut Vec<u64>) {
+    out.clear();
+    out.reserve(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => {
+                out.push(a[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push(a[i]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_is_sorted_union() {
+        let mut out = Vec::new();
+        merge_sorted(&[1, 4, 9], &[2, 4, 10, 11], &mut out);
+        assert_eq!(out, [1, 2, 4, 9, 10, 11]);
+        merge_sorted(&[], &[3], &mut out);
+        assert_eq!(out, [3]);
+        merge_sorted(&[5], &[], &mut out);
+        assert_eq!(out, [5]);
+    }
 }
 
 type DriveResult = Result<(u64, Vec<u8>, Vec<Vec<u64>>), PrimaryError>;
@@ -833,6 +882,7 @@ fn drive(
     let mut spare: Vec<PageBuf> = (0..k).map(|_| PageBuf::new_populated(first)).collect::<Result<_, _>>()?;
     let mut staging_count = spare.len();
     let mut gfns: Vec<u64> = Vec::new();
+    let (mut pre, mut late) = (Vec::new(), Vec::new());
     let mut state: Vec<u8> = Vec::new();
     let mut recent: std::collections::VecDeque<Vec<u64>> = Default::default();
     let mut deadline = Instant::now() + cfg.epoch;
@@ -881,12 +931,21 @@ fn drive(
                 spare.push(b);
             }
 
+            // Pre-harvest while the guest still runs: most of the epoch's
+            // dirty set is collected (and re-armed) outside the pause; the
+            // harvest inside the pause only picks up the last moment's writes.
+            let t_pre = Instant::now();
+            pre.clear();
+            domain.harvest_dirty(&mut pre)?;
+            rec.preharvest_us = t_pre.elapsed().as_micros() as u64;
+
             let t0 = Instant::now();
             let gate = PauseGate::close(shared);
             domain.pause()?;
             let t_paused = Instant::now();
-            gfns.clear();
-            domain.harvest_dirty(&mut gfns)?;
+            late.clear();
+            domain.harvest_dirty(&mut late)?;
+            merge_sorted(&pre, &late, &mut gfns);
             let t_harvest = Instant::now();
             let mut staging = match spare.iter().position(|b| b.slots() >= gfns.len()) {
                 Some(i) => spare.swap_remove(i),
