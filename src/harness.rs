@@ -79,7 +79,12 @@ pub fn open_session(
 }
 
 /// Runs the primary for `spec` against the backup at `addr`.
-pub fn protect(spec: &DomainSpec, addr: &str, psk: &Psk, cfg: &PrimaryConfig) -> Result<PrimaryOutcome, HarnessError> {
+pub fn protect(
+    spec: &DomainSpec,
+    addr: &str,
+    psk: &Psk,
+    cfg: &PrimaryConfig,
+) -> Result<PrimaryOutcome, HarnessError> {
     let domain = spec.open()?;
     let (sink, reader) = open_session(addr, psk, &*domain, Duration::from_secs(10))?;
     primary::run(domain, Box::new(sink), reader, cfg).map_err(|(e, _)| e.into())
@@ -92,7 +97,8 @@ struct BackupChild {
 }
 
 fn spawn_backup(state_dir: &Path, psk_hex: &str, quiet: bool) -> Result<BackupChild, HarnessError> {
-    let exe = std::env::current_exe().map_err(|e| HarnessError::Backup(format!("locating castor binary: {e}")))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| HarnessError::Backup(format!("locating castor binary: {e}")))?;
     let mut cmd = Command::new(exe);
     cmd.args(["backup", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(state_dir)
@@ -113,7 +119,9 @@ fn spawn_backup(state_dir: &Path, psk_hex: &str, quiet: bool) -> Result<BackupCh
     let addr = line
         .trim()
         .strip_prefix("listening on ")
-        .ok_or_else(|| HarnessError::Backup(format!("unexpected first line from backup: {line:?}")))?
+        .ok_or_else(|| {
+            HarnessError::Backup(format!("unexpected first line from backup: {line:?}"))
+        })?
         .to_string();
     Ok(BackupChild { child, addr })
 }
@@ -126,7 +134,11 @@ pub struct LoopbackOpts {
 
 /// Backup child + in-process primary on loopback; then checks that the
 /// replica's digest equals the primary's at the last acknowledged epoch.
-pub fn loopback(spec: &DomainSpec, cfg: &PrimaryConfig, opts: &LoopbackOpts) -> Result<Summary, HarnessError> {
+pub fn loopback(
+    spec: &DomainSpec,
+    cfg: &PrimaryConfig,
+    opts: &LoopbackOpts,
+) -> Result<Summary, HarnessError> {
     let tmp;
     let state_dir = match &opts.state_dir {
         Some(d) => d.clone(),
@@ -143,14 +155,20 @@ pub fn loopback(spec: &DomainSpec, cfg: &PrimaryConfig, opts: &LoopbackOpts) -> 
     let backup = spawn_backup(&state_dir, &key, opts.quiet_backup)?;
     let cpu0 = metrics::self_cpu();
     let domain = spec.open()?;
-    let run = open_session(&backup.addr, &psk, &*domain, Duration::from_secs(10))
-        .and_then(|(sink, reader)| primary::run(domain, Box::new(sink), reader, cfg).map_err(|(e, _)| e.into()));
-    let (raw, backup_cpu) = metrics::wait_child(backup.child.id()).map_err(|e| HarnessError::Backup(e.to_string()))?;
+    let run = open_session(&backup.addr, &psk, &*domain, Duration::from_secs(10)).and_then(
+        |(sink, reader)| {
+            primary::run(domain, Box::new(sink), reader, cfg).map_err(|(e, _)| e.into())
+        },
+    );
+    let (raw, backup_cpu) =
+        metrics::wait_child(backup.child.id()).map_err(|e| HarnessError::Backup(e.to_string()))?;
     let status = std::os::unix::process::ExitStatusExt::from_raw(raw);
     let outcome = run?;
     let primary_cpu = metrics::self_cpu() - cpu0;
     if !std::process::ExitStatus::success(&status) {
-        return Err(HarnessError::Backup(format!("backup exited with {status:?}")));
+        return Err(HarnessError::Backup(format!(
+            "backup exited with {status:?}"
+        )));
     }
     let (meta, replica_digest) = replica::verify(&state_dir)?;
     let mut s = outcome.summary;
@@ -225,7 +243,10 @@ pub fn print_table(s: &Summary) {
     println!("  copy µs         {}", pct(&s.copy_us));
     println!("  state µs        {}", pct(&s.state_us));
     if let Some(m) = &s.memcpy_us {
-        println!("plain memcpy µs   {}   (same dirty sets, one thread, after the run)", pct(m));
+        println!(
+            "plain memcpy µs   {}   (same dirty sets, one thread, after the run)",
+            pct(m)
+        );
     }
     println!("encode µs (cpu)   {}", pct(&s.encode_us));
     println!("send µs           {}", pct(&s.send_us));
@@ -245,11 +266,21 @@ pub fn print_table(s: &Summary) {
         "cpu               primary {:.2} s, backup {:.2} s",
         s.cpu.primary_s, s.cpu.backup_s
     );
-    println!("primary digest    {} (epoch {})", s.primary_digest, s.acked_epoch);
-    println!("replica digest    {} (epoch {})", s.replica_digest, s.replica_epoch);
+    println!(
+        "primary digest    {} (epoch {})",
+        s.primary_digest, s.acked_epoch
+    );
+    println!(
+        "replica digest    {} (epoch {})",
+        s.replica_digest, s.replica_epoch
+    );
     println!(
         "replica           {}",
-        if s.digest_match { "MATCHES the primary" } else { "DOES NOT MATCH the primary" }
+        if s.digest_match {
+            "MATCHES the primary"
+        } else {
+            "DOES NOT MATCH the primary"
+        }
     );
 }
 

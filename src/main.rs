@@ -140,7 +140,9 @@ fn parse_compressor(s: &str) -> Result<Compressor, String> {
         "zstd" => Ok(Compressor::Zstd(1)),
         _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
             Some(Ok(l)) if (1..=19).contains(&l) => Ok(Compressor::Zstd(l)),
-            _ => Err(format!("unknown compressor {s:?}: use lz4, zstd, zstd:LEVEL (1-19) or none")),
+            _ => Err(format!(
+                "unknown compressor {s:?}: use lz4, zstd, zstd:LEVEL (1-19) or none"
+            )),
         },
     }
 }
@@ -181,13 +183,22 @@ fn load_psk(path: Option<&PathBuf>) -> Result<Psk, String> {
 
 fn phys_mem() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
-    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
     (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
 }
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.cmd {
-        Cmd::Demo { domain, duration, engine } => {
+        Cmd::Demo {
+            domain,
+            duration,
+            engine,
+        } => {
             let spec = parse_spec(&domain)?;
             let mut cfg = engine.config();
             cfg.duration = Some(duration);
@@ -199,12 +210,29 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 humantime::format_duration(duration),
                 engine.epoch.as_millis()
             );
-            let s = harness::loopback(&spec, &cfg, &LoopbackOpts { state_dir: None, quiet_backup: false })
-                .map_err(|e| e.to_string())?;
+            let s = harness::loopback(
+                &spec,
+                &cfg,
+                &LoopbackOpts {
+                    state_dir: None,
+                    quiet_backup: false,
+                },
+            )
+            .map_err(|e| e.to_string())?;
             harness::print_table(&s);
-            Ok(if s.digest_match { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if s.digest_match {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
-        Cmd::Backup { listen, state_dir, psk_file, max_mem, quiet } => {
+        Cmd::Backup {
+            listen,
+            state_dir,
+            psk_file,
+            max_mem,
+            quiet,
+        } => {
             let psk = load_psk(psk_file.as_ref())?;
             let l = castor::transport::tcp::listen(&listen).map_err(|e| e.to_string())?;
             let addr = l.local_addr().map_err(|e| e.to_string())?;
@@ -229,9 +257,22 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 ),
                 _ => eprintln!("castor backup: no checkpoint was completed; nothing saved"),
             }
-            Ok(if out.clean { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            Ok(if out.clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
-        Cmd::Protect { domain, backup, duration, epochs, psk_file, json, quiet, engine } => {
+        Cmd::Protect {
+            domain,
+            backup,
+            duration,
+            epochs,
+            psk_file,
+            json,
+            quiet,
+            engine,
+        } => {
             let spec = parse_spec(&domain)?;
             let psk = load_psk(psk_file.as_ref())?;
             let mut cfg = engine.config();
@@ -239,7 +280,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             cfg.max_epochs = epochs;
             cfg.progress = !quiet;
             castor::engine::install_stop_handler();
-            let out = harness::protect(&spec, &backup, &psk, &cfg).map_err(|e| format!("protect: {e}"))?;
+            let out = harness::protect(&spec, &backup, &psk, &cfg)
+                .map_err(|e| format!("protect: {e}"))?;
             eprintln!(
                 "castor protect: stopped after epoch {} (acknowledged {}), digest {}",
                 out.final_epoch, out.acked_epoch, out.digest
@@ -249,7 +291,14 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench { domain, duration, json, per_epoch, progress, engine } => {
+        Cmd::Bench {
+            domain,
+            duration,
+            json,
+            per_epoch,
+            progress,
+            engine,
+        } => {
             let spec = parse_spec(&domain)?;
             let mut cfg = engine.config();
             cfg.duration = Some(duration);
@@ -257,28 +306,53 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             cfg.keep_records = per_epoch;
             cfg.keep_dirty_lists = 20;
             castor::engine::install_stop_handler();
-            let s = harness::loopback(&spec, &cfg, &LoopbackOpts { state_dir: None, quiet_backup: true })
-                .map_err(|e| e.to_string())?;
+            let s = harness::loopback(
+                &spec,
+                &cfg,
+                &LoopbackOpts {
+                    state_dir: None,
+                    quiet_backup: true,
+                },
+            )
+            .map_err(|e| e.to_string())?;
             harness::print_table(&s);
             if let Some(p) = json {
                 harness::write_json(&p, &s).map_err(|e| e.to_string())?;
             }
-            Ok(if s.digest_match { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if s.digest_match {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
-        Cmd::Digest { replica: Some(dir), .. } => {
+        Cmd::Digest {
+            replica: Some(dir), ..
+        } => {
             let (meta, d) = replica::verify(&dir).map_err(|e| e.to_string())?;
             println!("{d} epoch {} {}", meta.epoch, meta.domain);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Digest { domain: Some(domain), at_epoch: Some(n), .. } => {
+        Cmd::Digest {
+            domain: Some(domain),
+            at_epoch: Some(n),
+            ..
+        } => {
             let spec = parse_spec(&domain)?;
             let d = harness::expected_digest(&spec, n).map_err(|e| e.to_string())?;
             println!("{d} epoch {n} {spec}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Digest { .. } => Err("digest needs --replica DIR, or --domain SPEC --at-epoch N".into()),
+        Cmd::Digest { .. } => {
+            Err("digest needs --replica DIR, or --domain SPEC --at-epoch N".into())
+        }
         Cmd::Keygen => {
-            println!("{}", random_nonce().iter().map(|b| format!("{b:02x}")).collect::<String>());
+            println!(
+                "{}",
+                random_nonce()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -27,11 +27,13 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
         "t" => 1 << 40,
         _ => return Err(UnitError::Size(s.to_string())),
     };
-    n.checked_mul(mul).ok_or_else(|| UnitError::Size(s.to_string()))
+    n.checked_mul(mul)
+        .ok_or_else(|| UnitError::Size(s.to_string()))
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
-    humantime::parse_duration(s.trim()).map_err(|e| UnitError::Duration(s.to_string(), e.to_string()))
+    humantime::parse_duration(s.trim())
+        .map_err(|e| UnitError::Duration(s.to_string(), e.to_string()))
 }
 
 /// Formats a byte count with a binary unit, e.g. `1.5 GiB`.

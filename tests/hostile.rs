@@ -56,7 +56,12 @@ impl Primary {
         let dirty: Vec<u64> = (0..PAGES).filter(|g| (g + e) % 3 == 0).collect();
         for &g in &dirty {
             let p = &mut self.mem[g as usize];
-            for (i, b) in p.iter_mut().enumerate().skip((e as usize * 37) % 4000).take(40) {
+            for (i, b) in p
+                .iter_mut()
+                .enumerate()
+                .skip((e as usize * 37) % 4000)
+                .take(40)
+            {
                 *b = (i as u64 ^ e ^ g) as u8;
             }
         }
@@ -65,7 +70,16 @@ impl Primary {
 
     fn emit(&mut self, e: u64, class: EpochClass, gfns: &[u64]) -> Vec<u8> {
         let mut out = Vec::new();
-        write_record(&mut out, RecordKind::EpochBegin, e, &EpochBegin { class, dirty: gfns.len() as u64 }.encode());
+        write_record(
+            &mut out,
+            RecordKind::EpochBegin,
+            e,
+            &EpochBegin {
+                class,
+                dirty: gfns.len() as u64,
+            }
+            .encode(),
+        );
         let mut w = PagesWriter::new(e);
         for &g in gfns {
             let page = self.mem[g as usize];
@@ -84,7 +98,11 @@ impl Primary {
         let end = EpochEnd {
             page_entries: w.entries,
             pages_records: w.records,
-            state_len: if class == EpochClass::Checkpoint { state.len() as u32 } else { 0 },
+            state_len: if class == EpochClass::Checkpoint {
+                state.len() as u32
+            } else {
+                0
+            },
         };
         write_record(&mut out, RecordKind::EpochEnd, e, &end.encode());
         out
@@ -102,13 +120,17 @@ fn session(addr: &str, key: &str) -> Result<TcpStream, String> {
         nonce: random_nonce(),
         desc: "test:hostile".into(),
     };
-    handshake::client(&mut r, &mut w, &Psk::from_bytes(key.as_bytes()), &hello).map_err(|e| e.to_string())?;
+    handshake::client(&mut r, &mut w, &Psk::from_bytes(key.as_bytes()), &hello)
+        .map_err(|e| e.to_string())?;
     Ok(s)
 }
 
 /// Runs a scenario: `good` complete epochs, then `bad` bytes, then close.
 /// Returns (exit code, stderr, saved epoch, saved digest, expected digest).
-fn scenario(good: u64, bad: impl FnOnce(&mut Primary) -> Vec<u8>) -> (Option<i32>, String, Option<u64>, Option<String>, String) {
+fn scenario(
+    good: u64,
+    bad: impl FnOnce(&mut Primary) -> Vec<u8>,
+) -> (Option<i32>, String, Option<u64>, Option<String>, String) {
     let dir = tempfile::tempdir().unwrap();
     let b = Backup::start(&dir.path().join("replica"));
     let bdir = b.dir.clone();
@@ -128,15 +150,29 @@ fn scenario(good: u64, bad: impl FnOnce(&mut Primary) -> Vec<u8>) -> (Option<i32
     let _ = drain.join();
     let (st, err) = b.wait();
     let m = meta(&bdir);
-    (st.code(), err, m.as_ref().map(|m| m.epoch), m.map(|m| m.digest), expected)
+    (
+        st.code(),
+        err,
+        m.as_ref().map(|m| m.epoch),
+        m.map(|m| m.digest),
+        expected,
+    )
 }
 
-fn assert_rejected(r: &(Option<i32>, String, Option<u64>, Option<String>, String), epoch: u64, needle: &str) {
+fn assert_rejected(
+    r: &(Option<i32>, String, Option<u64>, Option<String>, String),
+    epoch: u64,
+    needle: &str,
+) {
     let (code, err, saved, digest, expected) = r;
     assert_eq!(*code, Some(2), "{err}");
     assert!(err.contains(needle), "expected {needle:?} in:\n{err}");
     assert_eq!(*saved, Some(epoch), "{err}");
-    assert_eq!(digest.as_deref(), Some(expected.as_str()), "replica is not epoch {epoch}");
+    assert_eq!(
+        digest.as_deref(),
+        Some(expected.as_str()),
+        "replica is not epoch {epoch}"
+    );
 }
 
 #[test]
@@ -214,7 +250,16 @@ fn page_outside_the_domain_is_rejected() {
         p.epoch += 1;
         let e = p.epoch;
         let mut v = Vec::new();
-        write_record(&mut v, RecordKind::EpochBegin, e, &EpochBegin { class: EpochClass::Checkpoint, dirty: 1 }.encode());
+        write_record(
+            &mut v,
+            RecordKind::EpochBegin,
+            e,
+            &EpochBegin {
+                class: EpochClass::Checkpoint,
+                dirty: 1,
+            }
+            .encode(),
+        );
         let mut w = PagesWriter::new(e);
         w.push(&mut v, PAGES + 5, |o| {
             o.extend_from_slice(&[0xAA; PAGE_SIZE]);
@@ -232,7 +277,16 @@ fn duplicate_page_is_rejected() {
         p.epoch += 1;
         let e = p.epoch;
         let mut v = Vec::new();
-        write_record(&mut v, RecordKind::EpochBegin, e, &EpochBegin { class: EpochClass::Checkpoint, dirty: 2 }.encode());
+        write_record(
+            &mut v,
+            RecordKind::EpochBegin,
+            e,
+            &EpochBegin {
+                class: EpochClass::Checkpoint,
+                dirty: 2,
+            }
+            .encode(),
+        );
         let mut w = PagesWriter::new(e);
         for _ in 0..2 {
             w.push(&mut v, 3, |o| {
@@ -252,7 +306,16 @@ fn malformed_page_payload_with_valid_checksum_is_rejected() {
         p.epoch += 1;
         let e = p.epoch;
         let mut v = Vec::new();
-        write_record(&mut v, RecordKind::EpochBegin, e, &EpochBegin { class: EpochClass::Checkpoint, dirty: 1 }.encode());
+        write_record(
+            &mut v,
+            RecordKind::EpochBegin,
+            e,
+            &EpochBegin {
+                class: EpochClass::Checkpoint,
+                dirty: 1,
+            }
+            .encode(),
+        );
         let mut w = PagesWriter::new(e);
         w.push(&mut v, 7, |o| {
             // A delta whose tokens run far past the end of the page.
@@ -288,8 +351,14 @@ fn wrong_key_is_refused_before_any_page() {
     assert!(e.contains("authentication failed"), "{e}");
     let (st, err) = b.wait();
     assert_eq!(st.code(), Some(1), "{err}");
-    assert!(err.contains("authentication") || err.contains("refused"), "{err}");
-    assert!(meta(&bdir).is_none(), "a replica was saved despite a wrong key");
+    assert!(
+        err.contains("authentication") || err.contains("refused"),
+        "{err}"
+    );
+    assert!(
+        meta(&bdir).is_none(),
+        "a replica was saved despite a wrong key"
+    );
     assert!(!bdir.join("memory.img").exists());
 }
 

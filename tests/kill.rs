@@ -26,7 +26,7 @@ fn sigkill_of_primary_leaves_last_complete_epoch() {
     let mut seed = std::env::var("CASTOR_KILL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::process::id() as u64 * 2654435761 | 1);
+        .unwrap_or_else(|| (std::process::id() as u64 * 2654435761) | 1);
     eprintln!("kill trials seed {seed} (set CASTOR_KILL_SEED to replay)");
     // Large epochs (many incompressible pages) make "during sending" likely;
     // small ones make "between epochs" likely. Alternate.
@@ -44,27 +44,44 @@ fn sigkill_of_primary_leaves_last_complete_epoch() {
         // flowing; we then kill after a random extra delay (the random
         // moment is the point of the test, not a synchronisation).
         let mut p = castor()
-            .args(["protect", "--domain", spec, "--backup", &b.addr, "--epoch", "5ms"])
+            .args([
+                "protect", "--domain", spec, "--backup", &b.addr, "--epoch", "5ms",
+            ])
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(p.stderr.take().unwrap()).lines();
-        let first = lines.next().expect("protect printed a progress line").unwrap();
+        let first = lines
+            .next()
+            .expect("protect printed a progress line")
+            .unwrap();
         assert!(first.contains("acked"), "unexpected output: {first}");
         let extra = next(&mut seed) % 400;
         std::thread::sleep(Duration::from_millis(extra));
         p.kill().unwrap(); // SIGKILL
         p.wait().unwrap();
         let (st, err) = b.wait();
-        assert_eq!(st.code(), Some(2), "backup should report a broken stream:\n{err}");
+        assert_eq!(
+            st.code(),
+            Some(2),
+            "backup should report a broken stream:\n{err}"
+        );
         let m = meta(&bdir).unwrap_or_else(|| panic!("trial {trial}: nothing saved:\n{err}"));
         let torn = err.contains("was incomplete and has been discarded");
         eprintln!(
             "trial {trial}: killed {extra} ms after first progress line; replica at epoch {}{}",
             m.epoch,
-            if torn { " (a torn epoch was discarded)" } else { "" }
+            if torn {
+                " (a torn epoch was discarded)"
+            } else {
+                ""
+            }
         );
-        assert_eq!(m.digest, replica_digest(&bdir), "trial {trial}: files disagree with meta");
+        assert_eq!(
+            m.digest,
+            replica_digest(&bdir),
+            "trial {trial}: files disagree with meta"
+        );
         assert_eq!(
             m.digest,
             expected_digest(spec, m.epoch),

@@ -7,7 +7,9 @@ use common::*;
 fn protect(spec: &str, b: &Backup, args: &[&str]) -> serde_json::Value {
     let json = b.dir.join("run.json");
     let st = castor()
-        .args(["protect", "--quiet", "--domain", spec, "--backup", &b.addr, "--json"])
+        .args([
+            "protect", "--quiet", "--domain", spec, "--backup", &b.addr, "--json",
+        ])
         .arg(&json)
         .args(args)
         .status()
@@ -26,7 +28,10 @@ fn check_workload(workload: &str) {
     let bdir = b.dir.clone();
     let json = dir.path().join("run.json");
     let st = castor()
-        .args(["protect", "--quiet", "--domain", &spec, "--backup", &b.addr, "--epoch", "5ms", "--epochs", "12", "--json"])
+        .args([
+            "protect", "--quiet", "--domain", &spec, "--backup", &b.addr, "--epoch", "5ms",
+            "--epochs", "12", "--json",
+        ])
         .arg(&json)
         .status()
         .unwrap();
@@ -39,10 +44,17 @@ fn check_workload(workload: &str) {
     assert_eq!(run["acked_epoch"], 12);
     // Replica == primary at the last acknowledged epoch == a from-scratch
     // recomputation of the deterministic domain.
-    assert_eq!(m.digest, run["primary_digest"].as_str().unwrap(), "{workload}");
+    assert_eq!(
+        m.digest,
+        run["primary_digest"].as_str().unwrap(),
+        "{workload}"
+    );
     assert_eq!(m.digest, replica_digest(&bdir));
     assert_eq!(m.digest, expected_digest(&spec, 12), "{workload}");
-    assert!(run["dirty_pages"].as_u64().unwrap() > 0, "{workload} dirtied nothing");
+    assert!(
+        run["dirty_pages"].as_u64().unwrap() > 0,
+        "{workload} dirtied nothing"
+    );
 }
 
 #[test]
@@ -105,13 +117,32 @@ fn bench_reports_matching_digests() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let out = castor()
-        .args(["bench", "--domain", "sim:mem=16MiB,workload=edits,rate=20000", "--duration", "1s", "--json"])
+        .args([
+            "bench",
+            "--domain",
+            "sim:mem=16MiB,workload=edits,rate=20000",
+            "--duration",
+            "1s",
+            "--json",
+        ])
         .arg(&json)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    for key in ["epochs", "acked_epoch", "dirty_pages", "raw_bytes", "wire_bytes", "replica_digest", "primary_digest"] {
+    for key in [
+        "epochs",
+        "acked_epoch",
+        "dirty_pages",
+        "raw_bytes",
+        "wire_bytes",
+        "replica_digest",
+        "primary_digest",
+    ] {
         assert!(v.get(key).is_some(), "missing {key}");
     }
     for key in ["p50", "p99", "max"] {

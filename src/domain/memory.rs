@@ -84,7 +84,11 @@ impl GuestMemory {
     /// Address of page `gfn`. Panics if `gfn` is outside the mapping: a gfn
     /// reaching this point has already been validated by its producer.
     pub fn page_ptr(&self, gfn: u64) -> *mut u8 {
-        assert!(gfn < self.pages(), "gfn {gfn} outside {} pages", self.pages());
+        assert!(
+            gfn < self.pages(),
+            "gfn {gfn} outside {} pages",
+            self.pages()
+        );
         // SAFETY: gfn < pages, so the offset stays inside the mapping.
         unsafe { self.ptr.as_ptr().add(gfn as usize * PAGE_SIZE) }
     }

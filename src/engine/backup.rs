@@ -72,11 +72,17 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
     let mut writer = stream.try_clone().map_err(BackupError::Accept)?;
     let mut reader = RecordReader::new(stream);
     // Refuse to stall forever on a silent peer during the handshake.
-    reader.get_ref().set_read_timeout(Some(Duration::from_secs(10))).ok();
+    reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok();
     let max_mem = cfg.max_mem;
     let hello = handshake::server(&mut reader, &mut writer, &cfg.psk, |h| {
         if h.page_size as usize != PAGE_SIZE {
-            return Err(format!("page size {} unsupported (castor uses {PAGE_SIZE})", h.page_size));
+            return Err(format!(
+                "page size {} unsupported (castor uses {PAGE_SIZE})",
+                h.page_size
+            ));
         }
         match h.pages.checked_mul(PAGE_SIZE as u64) {
             Some(b) if h.pages > 0 && b <= max_mem => Ok(()),
@@ -126,7 +132,12 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
     let (clean, end) = loop {
         let rec = match reader.next() {
             Ok(r) => r,
-            Err(RecordError::Eof) => break (false, "connection closed without a Close record".to_string()),
+            Err(RecordError::Eof) => {
+                break (
+                    false,
+                    "connection closed without a Close record".to_string(),
+                )
+            }
             Err(e) => break (false, e.to_string()),
         };
         match rx.on_record(rec) {
@@ -136,7 +147,9 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
                     break (false, format!("sending ack {e}: {err}"));
                 }
             }
-            Ok(Event::Closed(e)) => break (true, format!("primary closed the stream after epoch {e}")),
+            Ok(Event::Closed(e)) => {
+                break (true, format!("primary closed the stream after epoch {e}"))
+            }
             Err(e) => {
                 let msg = e.to_string();
                 let _ = send(&writer, RecordKind::Error, 0, msg.as_bytes());
@@ -150,8 +163,15 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
     let discarded = rx.discard_open();
     let bytes_received = reader.bytes_read;
     if !cfg.quiet {
-        let what = if clean { "stream ended" } else { "stream broken" };
-        eprintln!("castor backup: {what}: {end} ({:.1}s)", started.elapsed().as_secs_f64());
+        let what = if clean {
+            "stream ended"
+        } else {
+            "stream broken"
+        };
+        eprintln!(
+            "castor backup: {what}: {end} ({:.1}s)",
+            started.elapsed().as_secs_f64()
+        );
         if let Some(d) = discarded {
             eprintln!("castor backup: epoch {d} was incomplete and has been discarded whole");
         }

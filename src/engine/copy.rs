@@ -115,7 +115,11 @@ impl CopyPool {
             run_task(&task(0));
         } else {
             // Too few pages to be worth waking helpers.
-            run_task(&Task { from: 0, to: gfns.len(), ..task(0) });
+            run_task(&Task {
+                from: 0,
+                to: gfns.len(),
+                ..task(0)
+            });
         }
         for _ in 0..sent {
             self.done.recv().expect("copy helper died");

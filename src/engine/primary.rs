@@ -311,7 +311,8 @@ fn encoder_thread(
             }
             // SAFETY: gfn < pages and owner(gfn) == shard: this encoder
             // alone touches this shadow page.
-            let prev = unsafe { &mut *(shadow.0.add(gfn as usize * PAGE_SIZE) as *mut [u8; PAGE_SIZE]) };
+            let prev =
+                unsafe { &mut *(shadow.0.add(gfn as usize * PAGE_SIZE) as *mut [u8; PAGE_SIZE]) };
             st.raw_bytes += PAGE_SIZE as u64;
             let mut kind = PageKind::Invalid;
             w.push(buf, gfn, |o| {
@@ -332,7 +333,13 @@ fn encoder_thread(
         let mut live = |gfn: u64, buf: &mut Vec<u8>, w: &mut PagesWriter| {
             // SAFETY: gfn < pages; copying out of guest memory into our own
             // buffer (see MemPtr for the race argument).
-            unsafe { std::ptr::copy_nonoverlapping(mem.0.add(gfn as usize * PAGE_SIZE), page.as_mut_ptr(), PAGE_SIZE) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    mem.0.add(gfn as usize * PAGE_SIZE),
+                    page.as_mut_ptr(),
+                    PAGE_SIZE,
+                )
+            };
             one(gfn, &page, buf, w);
         };
         match &job.source {
@@ -344,7 +351,10 @@ fn encoder_thread(
                     start += stripe * shards as u64;
                 }
             }
-            Source::Live(gfns) => gfns.iter().filter(|g| mine(g)).for_each(|&g| live(g, &mut buf, &mut w)),
+            Source::Live(gfns) => gfns
+                .iter()
+                .filter(|g| mine(g))
+                .for_each(|&g| live(g, &mut buf, &mut w)),
             Source::Staged(gfns, staging) => {
                 for (i, &gfn) in gfns.iter().enumerate().filter(|(_, g)| mine(g)) {
                     // SAFETY: the copy into staging finished before the job
@@ -425,7 +435,11 @@ fn tx_thread(
             }
             let a = pending.remove(&next).expect("checked above");
             let meta = a.meta.expect("checked above");
-            let outs: Vec<ShardOut> = a.shards.into_iter().map(|s| s.expect("all shards present")).collect();
+            let outs: Vec<ShardOut> = a
+                .shards
+                .into_iter()
+                .map(|s| s.expect("all shards present"))
+                .collect();
             let seed = meta.class == EpochClass::Seed;
             let opens = !seed || meta.first_round;
             let closes = !seed || meta.last_round;
@@ -435,9 +449,18 @@ fn tx_thread(
                     class: meta.class,
                     dirty: meta.dirty,
                 };
-                write_record(&mut head, RecordKind::EpochBegin, meta.epoch, &begin.encode());
+                write_record(
+                    &mut head,
+                    RecordKind::EpochBegin,
+                    meta.epoch,
+                    &begin.encode(),
+                );
             }
-            let mut rec = if seed { std::mem::take(&mut seed_rec) } else { meta.record };
+            let mut rec = if seed {
+                std::mem::take(&mut seed_rec)
+            } else {
+                meta.record
+            };
             let mut end = if seed { seed_end } else { EpochEnd::default() };
             for o in &outs {
                 rec.unchanged_pages += o.stats.unchanged;
@@ -548,7 +571,9 @@ fn ack_thread<R: std::io::Read>(mut reader: RecordReader<R>, shared: Arc<Shared>
                 let mut g = shared.inflight.lock().unwrap();
                 let Some((&oldest, _)) = g.pending.iter().next() else {
                     drop(g);
-                    return shared.fail(format!("backup acknowledged epoch {epoch}, which is not in flight"));
+                    return shared.fail(format!(
+                        "backup acknowledged epoch {epoch}, which is not in flight"
+                    ));
                 };
                 if oldest != epoch {
                     drop(g);
@@ -677,7 +702,17 @@ pub fn run<R: std::io::Read + Send + 'static>(
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("castor-tx".into())
-            .spawn(move || tx_thread(sink, tx_recv, workers, shared, buf_rets, staging_ret_tx, start))
+            .spawn(move || {
+                tx_thread(
+                    sink,
+                    tx_recv,
+                    workers,
+                    shared,
+                    buf_rets,
+                    staging_ret_tx,
+                    start,
+                )
+            })
             .expect("spawning tx thread")
     };
     let ack_handle = {
@@ -698,13 +733,22 @@ pub fn run<R: std::io::Read + Send + 'static>(
     });
 
     let result = std::thread::scope(|scope| {
-        let (dom, shared, job_txs, tx_send, cores) = (&mut *domain, &*shared, &job_txs, &tx_send, &cores);
+        let (dom, shared, job_txs, tx_send, cores) =
+            (&mut *domain, &*shared, &job_txs, &tx_send, &cores);
         std::thread::Builder::new()
             .name("castor-epoch".into())
             .spawn_scoped(scope, move || {
                 crate::engine::copy::raise_priority();
                 let copy_pool = CopyPool::new(cfg.copy_threads, cores);
-                drive(dom, cfg, shared, job_txs, tx_send, &staging_ret_rx, &copy_pool)
+                drive(
+                    dom,
+                    cfg,
+                    shared,
+                    job_txs,
+                    tx_send,
+                    &staging_ret_rx,
+                    &copy_pool,
+                )
             })
             .expect("spawning epoch thread")
             .join()
@@ -732,7 +776,10 @@ pub fn run<R: std::io::Read + Send + 'static>(
         }
     };
     drop(ack_handle);
-    let elapsed = shared.ckpt_start.get().map_or(Duration::ZERO, |t| t.elapsed());
+    let elapsed = shared
+        .ckpt_start
+        .get()
+        .map_or(Duration::ZERO, |t| t.elapsed());
     let g = shared.inflight.lock().unwrap();
     let acked = g.acked.unwrap_or(0);
     drop(g);
@@ -786,22 +833,6 @@ fn merge_sorted(a: &[u64], b: &[u64], out: &mut Vec<u64>) {
     out.extend_from_slice(&b[j..]);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn merge_is_sorted_union() {
-        let mut out = Vec::new();
-        merge_sorted(&[1, 4, 9], &[2, 4, 10, 11], &mut out);
-        assert_eq!(out, [1, 2, 4, 9, 10, 11]);
-        merge_sorted(&[], &[3], &mut out);
-        assert_eq!(out, [3]);
-        merge_sorted(&[5], &[], &mut out);
-        assert_eq!(out, [5]);
-    }
-}
-
 type DriveResult = Result<(u64, Vec<u8>, Vec<Vec<u64>>), PrimaryError>;
 
 #[allow(clippy::too_many_arguments)]
@@ -833,7 +864,11 @@ fn drive(
     let mut last = false;
     let mut prev_dirty = u64::MAX;
     loop {
-        let job = Arc::new(EpochJob { unit, epoch: 0, source });
+        let job = Arc::new(EpochJob {
+            unit,
+            epoch: 0,
+            source,
+        });
         let _ = tx.send(TxMsg::Meta(Meta {
             unit,
             epoch: 0,
@@ -860,7 +895,11 @@ fn drive(
                 if let Some(e) = broken(&g) {
                     return Err(e);
                 }
-                g = shared.cv.wait_timeout(g, Duration::from_millis(50)).unwrap().0;
+                g = shared
+                    .cv
+                    .wait_timeout(g, Duration::from_millis(50))
+                    .unwrap()
+                    .0;
             }
         }
         round += 1;
@@ -879,7 +918,9 @@ fn drive(
 
     // Staging for the first epochs, faulted in now so no pause pays for it.
     let first = (domain.layout().pages as usize).min(8192);
-    let mut spare: Vec<PageBuf> = (0..k).map(|_| PageBuf::new_populated(first)).collect::<Result<_, _>>()?;
+    let mut spare: Vec<PageBuf> = (0..k)
+        .map(|_| PageBuf::new_populated(first))
+        .collect::<Result<_, _>>()?;
     let mut staging_count = spare.len();
     let mut gfns: Vec<u64> = Vec::new();
     let (mut pre, mut late) = (Vec::new(), Vec::new());
@@ -891,7 +932,9 @@ fn drive(
         epoch += 1;
         let is_final = |now: Instant| {
             crate::engine::stop_requested()
-                || cfg.duration.is_some_and(|d| now.duration_since(start) + cfg.epoch >= d)
+                || cfg
+                    .duration
+                    .is_some_and(|d| now.duration_since(start) + cfg.epoch >= d)
                 || cfg.max_epochs.is_some_and(|n| epoch >= n)
         };
         // Run the guest until the epoch's deadline (woken early by a failure).
@@ -905,7 +948,11 @@ fn drive(
                 if now >= deadline || crate::engine::stop_requested() {
                     break;
                 }
-                g = shared.cv.wait_timeout(g, (deadline - now).min(Duration::from_millis(50))).unwrap().0;
+                g = shared
+                    .cv
+                    .wait_timeout(g, (deadline - now).min(Duration::from_millis(50)))
+                    .unwrap()
+                    .0;
             }
             // Backpressure: at most K checkpoints unacknowledged at pause time.
             let ext_start = Instant::now();
@@ -916,14 +963,22 @@ fn drive(
                 if let Some(e) = broken(&g) {
                     return Err(e);
                 }
-                g = shared.cv.wait_timeout(g, Duration::from_millis(50)).unwrap().0;
+                g = shared
+                    .cv
+                    .wait_timeout(g, Duration::from_millis(50))
+                    .unwrap()
+                    .0;
             }
             let ext = ext_start.elapsed();
             drop(g);
             let final_epoch = is_final(Instant::now());
             let mut rec = EpochRecord {
                 epoch,
-                extension_us: if ext > Duration::from_micros(200) { ext.as_micros() as u64 } else { 0 },
+                extension_us: if ext > Duration::from_micros(200) {
+                    ext.as_micros() as u64
+                } else {
+                    0
+                },
                 ..Default::default()
             };
             // Reclaim staging buffers returned by the tx thread.
@@ -956,10 +1011,12 @@ fn drive(
                 None => {
                     // All buffers busy or too small: wait for one, grow if needed.
                     let b = spare.pop().map_or_else(
-                        || staging_ret.recv().map_err(|_| PrimaryError::BackupLost {
-                            acked: 0,
-                            reason: "transport thread ended".into(),
-                        }),
+                        || {
+                            staging_ret.recv().map_err(|_| PrimaryError::BackupLost {
+                                acked: 0,
+                                reason: "transport thread ended".into(),
+                            })
+                        },
                         Ok,
                     )?;
                     if b.slots() >= gfns.len() {
@@ -1040,7 +1097,27 @@ fn drive(
                 waited: waited.elapsed(),
             });
         }
-        g = shared.cv.wait_timeout(g, Duration::from_millis(50)).unwrap().0;
+        g = shared
+            .cv
+            .wait_timeout(g, Duration::from_millis(50))
+            .unwrap()
+            .0;
     }
     Ok((epoch, state, recent.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_is_sorted_union() {
+        let mut out = Vec::new();
+        merge_sorted(&[1, 4, 9], &[2, 4, 10, 11], &mut out);
+        assert_eq!(out, [1, 2, 4, 9, 10, 11]);
+        merge_sorted(&[], &[3], &mut out);
+        assert_eq!(out, [3]);
+        merge_sorted(&[5], &[], &mut out);
+        assert_eq!(out, [5]);
+    }
 }

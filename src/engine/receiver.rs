@@ -29,7 +29,11 @@ pub enum StreamError {
         source: PayloadError,
     },
     #[error("epoch {epoch}, page {gfn}: {reason}")]
-    Page { epoch: u64, gfn: u64, reason: String },
+    Page {
+        epoch: u64,
+        gfn: u64,
+        reason: String,
+    },
     #[error("{0}")]
     Protocol(String),
     #[error("primary reported an error: {0}")]
@@ -140,7 +144,9 @@ impl Receiver {
                 }
                 Ok(Event::Closed(rec.epoch))
             }
-            RecordKind::Error => Err(StreamError::Peer(String::from_utf8_lossy(rec.payload).into_owned())),
+            RecordKind::Error => Err(StreamError::Peer(
+                String::from_utf8_lossy(rec.payload).into_owned(),
+            )),
             other => Err(self.proto(format!("unexpected {other:?} record after the handshake"))),
         }
     }
@@ -162,9 +168,16 @@ impl Receiver {
             epoch: rec.epoch,
             source,
         })?;
-        let want = if rec.epoch == 0 { EpochClass::Seed } else { EpochClass::Checkpoint };
+        let want = if rec.epoch == 0 {
+            EpochClass::Seed
+        } else {
+            EpochClass::Checkpoint
+        };
         if b.class != want {
-            return Err(self.proto(format!("epoch {} has class {:?}, expected {want:?}", rec.epoch, b.class)));
+            return Err(self.proto(format!(
+                "epoch {} has class {:?}, expected {want:?}",
+                rec.epoch, b.class
+            )));
         }
         if b.dirty > self.pages {
             return Err(self.proto(format!(
@@ -205,14 +218,18 @@ impl Receiver {
             o.records += 1;
             (o.class, o.dirty, o.entries)
         };
-        let (_, iter) = parse_pages(rec.payload).map_err(|source| StreamError::Payload { epoch, source })?;
+        let (_, iter) =
+            parse_pages(rec.payload).map_err(|source| StreamError::Payload { epoch, source })?;
         let mut n = entries;
         for e in iter {
             let e = e.map_err(|source| StreamError::Payload { epoch, source })?;
             let gfn = e.gfn;
             let page_err = |reason: String| StreamError::Page { epoch, gfn, reason };
             if gfn >= self.pages {
-                return Err(page_err(format!("gfn outside the domain's {} pages", self.pages)));
+                return Err(page_err(format!(
+                    "gfn outside the domain's {} pages",
+                    self.pages
+                )));
             }
             let (w, bit) = ((gfn / 64) as usize, 1u64 << (gfn % 64));
             // The seed's pre-copy rounds legitimately resend pages; a
@@ -222,7 +239,9 @@ impl Receiver {
                     return Err(page_err("page sent twice in one epoch".into()));
                 }
                 if n + 1 > dirty {
-                    return Err(page_err(format!("more page entries than the {dirty} dirty pages announced")));
+                    return Err(page_err(format!(
+                        "more page entries than the {dirty} dirty pages announced"
+                    )));
                 }
             }
             n += 1;
@@ -258,10 +277,15 @@ impl Receiver {
     fn state_rec(&mut self, rec: Record<'_>) -> Result<Event, StreamError> {
         let o = self.open_for(&rec)?;
         if o.class == EpochClass::Seed {
-            return Err(StreamError::Protocol("State record inside the seed epoch".into()));
+            return Err(StreamError::Protocol(
+                "State record inside the seed epoch".into(),
+            ));
         }
         if o.state.is_some() {
-            return Err(StreamError::Protocol(format!("second State record in epoch {}", rec.epoch)));
+            return Err(StreamError::Protocol(format!(
+                "second State record in epoch {}",
+                rec.epoch
+            )));
         }
         o.state = Some(rec.payload.to_vec());
         Ok(Event::None)
@@ -269,7 +293,8 @@ impl Receiver {
 
     fn end(&mut self, rec: Record<'_>) -> Result<Event, StreamError> {
         let epoch = rec.epoch;
-        let end = EpochEnd::decode(rec.payload).map_err(|source| StreamError::Payload { epoch, source })?;
+        let end = EpochEnd::decode(rec.payload)
+            .map_err(|source| StreamError::Payload { epoch, source })?;
         let o = self.open_for(&rec)?;
         if end.page_entries != o.entries || end.pages_records != o.records {
             return Err(StreamError::Protocol(format!(
@@ -288,7 +313,9 @@ impl Receiver {
                 )))
             }
             (EpochClass::Checkpoint, None) => {
-                return Err(StreamError::Protocol(format!("epoch {epoch} ended without its State record")))
+                return Err(StreamError::Protocol(format!(
+                    "epoch {epoch} ended without its State record"
+                )))
             }
         };
         // Verified whole: commit. Nothing below can fail.

@@ -54,7 +54,11 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Rep
     }
 }
 
-fn write_atomic(dir: &Path, name: &str, f: impl FnOnce(&File) -> io::Result<()>) -> Result<(), ReplicaError> {
+fn write_atomic(
+    dir: &Path,
+    name: &str,
+    f: impl FnOnce(&File) -> io::Result<()>,
+) -> Result<(), ReplicaError> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let dst = dir.join(name);
     let file = File::create(&tmp).map_err(io_err("creating", &tmp))?;
@@ -65,14 +69,24 @@ fn write_atomic(dir: &Path, name: &str, f: impl FnOnce(&File) -> io::Result<()>)
 }
 
 /// Saves a committed replica. `memory` must not change during the call.
-pub fn save(dir: &Path, memory: &[u8], state: &[u8], epoch: u64, domain: &str) -> Result<Meta, ReplicaError> {
+pub fn save(
+    dir: &Path,
+    memory: &[u8],
+    state: &[u8],
+    epoch: u64,
+    domain: &str,
+) -> Result<Meta, ReplicaError> {
     fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
     write_atomic(dir, "memory.img", |f| {
         f.set_len(memory.len() as u64)?;
         // Write runs of non-zero pages; zero pages stay holes.
         let mut i = 0;
         let pages = memory.len() / PAGE_SIZE;
-        let is_zero = |p: usize| memory[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].iter().all(|&b| b == 0);
+        let is_zero = |p: usize| {
+            memory[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+                .iter()
+                .all(|&b| b == 0)
+        };
         while i < pages {
             if is_zero(i) {
                 i += 1;
@@ -82,7 +96,10 @@ pub fn save(dir: &Path, memory: &[u8], state: &[u8], epoch: u64, domain: &str) -
             while j < pages && j - i < 256 && !is_zero(j) {
                 j += 1;
             }
-            f.write_all_at(&memory[i * PAGE_SIZE..j * PAGE_SIZE], (i * PAGE_SIZE) as u64)?;
+            f.write_all_at(
+                &memory[i * PAGE_SIZE..j * PAGE_SIZE],
+                (i * PAGE_SIZE) as u64,
+            )?;
             i = j;
         }
         Ok(())
@@ -142,7 +159,10 @@ pub fn verify(dir: &Path) -> Result<(Meta, Digest), ReplicaError> {
     if d.to_hex() != meta.digest {
         return Err(ReplicaError::Invalid {
             path: dir.to_path_buf(),
-            reason: format!("image digest {d} does not match meta.json's {}", meta.digest),
+            reason: format!(
+                "image digest {d} does not match meta.json's {}",
+                meta.digest
+            ),
         });
     }
     Ok((meta, d))

@@ -66,7 +66,12 @@ pub struct Psk {
 
 impl std::fmt::Debug for Psk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Psk({} bytes{})", self.key.len(), if self.is_default { ", built-in" } else { "" })
+        write!(
+            f,
+            "Psk({} bytes{})",
+            self.key.len(),
+            if self.is_default { ", built-in" } else { "" }
+        )
     }
 }
 
@@ -123,8 +128,14 @@ impl Psk {
 }
 
 fn k_trim(k: &[u8]) -> &[u8] {
-    let s = k.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(k.len());
-    let e = k.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(s, |e| e + 1);
+    let s = k
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(k.len());
+    let e = k
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(s, |e| e + 1);
     &k[s..e]
 }
 
@@ -148,16 +159,18 @@ pub fn send_error(w: &mut impl Write, msg: &str) {
     let _ = send(w, RecordKind::Error, msg.as_bytes());
 }
 
-fn expect<'r, R: io::Read>(
-    r: &'r mut RecordReader<R>,
-    want: RecordKind,
-) -> Result<&'r [u8], HandshakeError> {
+fn expect<R: io::Read>(r: &mut RecordReader<R>, want: RecordKind) -> Result<&[u8], HandshakeError> {
     let rec = r.next()?;
     if rec.kind == RecordKind::Error {
-        return Err(HandshakeError::Refused(String::from_utf8_lossy(rec.payload).into_owned()));
+        return Err(HandshakeError::Refused(
+            String::from_utf8_lossy(rec.payload).into_owned(),
+        ));
     }
     if rec.kind != want {
-        return Err(HandshakeError::Unexpected { want, got: rec.kind });
+        return Err(HandshakeError::Unexpected {
+            want,
+            got: rec.kind,
+        });
     }
     Ok(rec.payload)
 }
@@ -178,7 +191,9 @@ pub fn client<R: io::Read, W: Write>(
     let (nonce_b, mac_b) = ack.split_at(NONCE_LEN);
     if !psk.verify(LABEL_B, &hp, nonce_b, mac_b) {
         let _ = send(w, RecordKind::Error, b"backup failed authentication");
-        return Err(HandshakeError::Auth("the backup's proof of the key does not verify"));
+        return Err(HandshakeError::Auth(
+            "the backup's proof of the key does not verify",
+        ));
     }
     let mac_p = psk.mac(LABEL_P, &hp, nonce_b);
     send(w, RecordKind::Auth, &mac_p)?;
@@ -213,7 +228,9 @@ pub fn server<R: io::Read, W: Write>(
     let auth = expect(r, RecordKind::Auth)?;
     if !psk.verify(LABEL_P, &hp, &nonce_b, auth) {
         send_error(w, "authentication failed: wrong pre-shared key");
-        return Err(HandshakeError::Auth("the primary's proof of the key does not verify"));
+        return Err(HandshakeError::Auth(
+            "the primary's proof of the key does not verify",
+        ));
     }
     send(w, RecordKind::AuthOk, &[])?;
     Ok(hello)

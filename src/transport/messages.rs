@@ -299,7 +299,10 @@ mod tests {
             }
             assert_eq!(got.len() - before, n as usize);
         }
-        assert!(matches!(r.next(), Err(crate::transport::record::RecordError::Eof)));
+        assert!(matches!(
+            r.next(),
+            Err(crate::transport::record::RecordError::Eof)
+        ));
         let want: Vec<u64> = (0..200).filter(|g| g % 7 != 3).collect();
         assert_eq!(got, want);
         assert_eq!(w.entries, 200 - 200 / 7 - 1);

@@ -206,6 +206,7 @@ impl<R: Read> RecordReader<R> {
     }
 
     /// Reads the next record. `Err(Eof)` only at a record boundary.
+    #[allow(clippy::should_implement_trait)] // lends from self: not an Iterator
     pub fn next(&mut self) -> Result<Record<'_>, RecordError> {
         self.fill(HEADER_LEN, "record header", true)?;
         let h: [u8; HEADER_LEN] = self.buf[self.start..self.start + HEADER_LEN]
@@ -342,7 +343,10 @@ mod tests {
         v.extend(one(RecordKind::Ack, 8, b""));
         let mut r = RecordReader::new(&v[..]);
         let a = r.next().unwrap();
-        assert_eq!((a.kind, a.epoch, a.payload), (RecordKind::State, 7, &b"hello"[..]));
+        assert_eq!(
+            (a.kind, a.epoch, a.payload),
+            (RecordKind::State, 7, &b"hello"[..])
+        );
         let b = r.next().unwrap();
         assert_eq!((b.kind, b.epoch, b.payload.len()), (RecordKind::Ack, 8, 0));
         assert!(matches!(r.next(), Err(RecordError::Eof)));
@@ -364,7 +368,10 @@ mod tests {
         let v = one(RecordKind::State, 1, &[9; 100]);
         for cut in 1..v.len() {
             let mut r = RecordReader::new(&v[..cut]);
-            assert!(matches!(r.next(), Err(RecordError::Truncated { .. })), "cut {cut}");
+            assert!(
+                matches!(r.next(), Err(RecordError::Truncated { .. })),
+                "cut {cut}"
+            );
         }
     }
 

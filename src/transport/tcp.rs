@@ -24,14 +24,18 @@ pub fn connect(addr: &str, patience: Duration) -> io::Result<TcpStream> {
         }
         let e = last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"));
         if std::time::Instant::now() >= deadline {
-            return Err(io::Error::new(e.kind(), format!("connecting to backup {addr}: {e}")));
+            return Err(io::Error::new(
+                e.kind(),
+                format!("connecting to backup {addr}: {e}"),
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 pub fn listen(addr: &str) -> io::Result<TcpListener> {
-    TcpListener::bind(addr).map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))
+    TcpListener::bind(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))
 }
 
 /// Sending half of a TCP link.
@@ -39,7 +43,11 @@ pub struct TcpSink(pub TcpStream);
 
 impl RecordSink for TcpSink {
     fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
-        let mut slices: Vec<IoSlice<'_>> = bufs.iter().filter(|b| !b.is_empty()).map(|b| IoSlice::new(b)).collect();
+        let mut slices: Vec<IoSlice<'_>> = bufs
+            .iter()
+            .filter(|b| !b.is_empty())
+            .map(|b| IoSlice::new(b))
+            .collect();
         let mut s = &mut slices[..];
         while !s.is_empty() {
             match self.0.write_vectored(s) {

@@ -17,7 +17,13 @@ pub fn castor() -> Command {
 /// Skips (returns true) when the kernel lacks what the sim domain needs.
 pub fn sim_unavailable() -> bool {
     let out = castor()
-        .args(["digest", "--domain", "sim:mem=64KiB,writes=1", "--at-epoch", "0"])
+        .args([
+            "digest",
+            "--domain",
+            "sim:mem=64KiB,writes=1",
+            "--at-epoch",
+            "0",
+        ])
         .output()
         .expect("running castor");
     if !out.status.success() {
@@ -52,7 +58,9 @@ impl Backup {
             .spawn()
             .expect("spawning backup");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -68,7 +76,12 @@ impl Backup {
     /// Waits for the backup to exit; returns its status and stderr.
     pub fn wait(mut self) -> (ExitStatus, String) {
         let mut err = String::new();
-        self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
         let st = self.child.wait().unwrap();
         assert!(!err.contains("panicked"), "backup panicked:\n{err}");
         (st, err)
@@ -92,13 +105,35 @@ pub fn expected_digest(spec: &str, epoch: u64) -> String {
         .args(["digest", "--domain", spec, "--at-epoch", &epoch.to_string()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// `castor digest --replica DIR` (verifies the files against meta.json).
 pub fn replica_digest(dir: &Path) -> String {
-    let out = castor().args(["digest", "--replica"]).arg(dir).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+    let out = castor()
+        .args(["digest", "--replica"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
