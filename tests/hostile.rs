@@ -244,87 +244,54 @@ fn random_bytes_after_handshake_are_rejected() {
     assert_rejected(&r, 2, "bad magic");
 }
 
+/// Opens checkpoint epoch `p.epoch + 1` announcing `dirty` pages and adds
+/// hand-made page entries `(gfn, kind, payload)`; no State, no end record.
+fn hand_epoch(p: &mut Primary, dirty: u64, entries: &[(u64, PageKind, &[u8])]) -> Vec<u8> {
+    p.epoch += 1;
+    let e = p.epoch;
+    let mut v = Vec::new();
+    let begin = EpochBegin {
+        class: EpochClass::Checkpoint,
+        dirty,
+    };
+    write_record(&mut v, RecordKind::EpochBegin, e, &begin.encode());
+    let mut w = PagesWriter::new(e);
+    for &(gfn, kind, payload) in entries {
+        w.push(&mut v, gfn, |o| {
+            o.extend_from_slice(payload);
+            Some(kind as u8)
+        });
+    }
+    w.close(&mut v);
+    v
+}
+
 #[test]
 fn page_outside_the_domain_is_rejected() {
     let r = scenario(1, |p| {
-        p.epoch += 1;
-        let e = p.epoch;
-        let mut v = Vec::new();
-        write_record(
-            &mut v,
-            RecordKind::EpochBegin,
-            e,
-            &EpochBegin {
-                class: EpochClass::Checkpoint,
-                dirty: 1,
-            }
-            .encode(),
-        );
-        let mut w = PagesWriter::new(e);
-        w.push(&mut v, PAGES + 5, |o| {
-            o.extend_from_slice(&[0xAA; PAGE_SIZE]);
-            Some(PageKind::Full as u8)
-        });
-        w.close(&mut v);
-        v
+        hand_epoch(p, 1, &[(PAGES + 5, PageKind::Full, &[0xAA; PAGE_SIZE])])
     });
     assert_rejected(&r, 1, "gfn outside the domain");
 }
 
 #[test]
 fn duplicate_page_is_rejected() {
+    let page = [0xAB; PAGE_SIZE];
     let r = scenario(1, |p| {
-        p.epoch += 1;
-        let e = p.epoch;
-        let mut v = Vec::new();
-        write_record(
-            &mut v,
-            RecordKind::EpochBegin,
-            e,
-            &EpochBegin {
-                class: EpochClass::Checkpoint,
-                dirty: 2,
-            }
-            .encode(),
-        );
-        let mut w = PagesWriter::new(e);
-        for _ in 0..2 {
-            w.push(&mut v, 3, |o| {
-                o.extend_from_slice(&[0xAB; PAGE_SIZE]);
-                Some(PageKind::Full as u8)
-            });
-        }
-        w.close(&mut v);
-        v
+        hand_epoch(
+            p,
+            2,
+            &[(3, PageKind::Full, &page), (3, PageKind::Full, &page)],
+        )
     });
     assert_rejected(&r, 1, "sent twice");
 }
 
 #[test]
 fn malformed_page_payload_with_valid_checksum_is_rejected() {
-    let r = scenario(2, |p| {
-        p.epoch += 1;
-        let e = p.epoch;
-        let mut v = Vec::new();
-        write_record(
-            &mut v,
-            RecordKind::EpochBegin,
-            e,
-            &EpochBegin {
-                class: EpochClass::Checkpoint,
-                dirty: 1,
-            }
-            .encode(),
-        );
-        let mut w = PagesWriter::new(e);
-        w.push(&mut v, 7, |o| {
-            // A delta whose tokens run far past the end of the page.
-            o.extend_from_slice(&[0xff, 0xff, 0xff, 0x7f, 0xff, 0xff, 0x03, 1, 2, 3]);
-            Some(PageKind::Delta as u8)
-        });
-        w.close(&mut v);
-        v
-    });
+    // A delta whose tokens run far past the end of the page.
+    let bad: &[u8] = &[0xff, 0xff, 0xff, 0x7f, 0xff, 0xff, 0x03, 1, 2, 3];
+    let r = scenario(2, |p| hand_epoch(p, 1, &[(7, PageKind::Delta, bad)]));
     assert_rejected(&r, 2, "page 7");
 }
 

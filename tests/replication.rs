@@ -4,8 +4,9 @@
 mod common;
 use common::*;
 
+/// Runs `castor protect` against `b`; returns its JSON report.
 fn protect(spec: &str, b: &Backup, args: &[&str]) -> serde_json::Value {
-    let json = b.dir.join("run.json");
+    let json = b.dir.with_extension("run.json");
     let st = castor()
         .args([
             "protect", "--quiet", "--domain", spec, "--backup", &b.addr, "--json",
@@ -26,19 +27,9 @@ fn check_workload(workload: &str) {
     let spec = format!("sim:mem=8MiB,workload={workload},writes=300,seed=11,threads=2");
     let b = Backup::start(&dir.path().join("replica"));
     let bdir = b.dir.clone();
-    let json = dir.path().join("run.json");
-    let st = castor()
-        .args([
-            "protect", "--quiet", "--domain", &spec, "--backup", &b.addr, "--epoch", "5ms",
-            "--epochs", "12", "--json",
-        ])
-        .arg(&json)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let run = protect(&spec, &b, &["--epoch", "5ms", "--epochs", "12"]);
     let (bst, err) = b.wait();
     assert!(bst.success(), "backup: {err}");
-    let run: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let m = meta(&bdir).expect("replica saved");
     assert_eq!(m.epoch, 12);
     assert_eq!(run["acked_epoch"], 12);

@@ -807,6 +807,17 @@ pub fn run<R: std::io::Read + Send + 'static>(
     })
 }
 
+/// Hands a unit to the tx thread (its metadata) and to every encoder (its
+/// pages). The job's Arc is not kept: the tx thread reclaims staging once
+/// every encoder dropped its clone.
+fn dispatch(tx: &Sender<TxMsg>, job_txs: &[Sender<Arc<EpochJob>>], meta: Meta) {
+    let job = meta.job.clone();
+    let _ = tx.send(TxMsg::Meta(meta));
+    for j in job_txs {
+        let _ = j.send(job.clone());
+    }
+}
+
 /// `out` = sorted union of two sorted, duplicate-free lists.
 fn merge_sorted(a: &[u64], b: &[u64], out: &mut Vec<u64>) {
     out.clear();
@@ -869,22 +880,22 @@ fn drive(
             epoch: 0,
             source,
         });
-        let _ = tx.send(TxMsg::Meta(Meta {
-            unit,
-            epoch: 0,
-            class: EpochClass::Seed,
-            first_round: round == 0,
-            last_round: last,
-            dirty: pages,
-            state: Vec::new(),
-            record: EpochRecord::default(),
-            pause_start: Instant::now(),
-            job: job.clone(),
-        }));
-        for j in job_txs {
-            let _ = j.send(job.clone());
-        }
-        drop(job);
+        dispatch(
+            tx,
+            job_txs,
+            Meta {
+                unit,
+                epoch: 0,
+                class: EpochClass::Seed,
+                first_round: round == 0,
+                last_round: last,
+                dirty: pages,
+                state: Vec::new(),
+                record: EpochRecord::default(),
+                pause_start: Instant::now(),
+                job,
+            },
+        );
         unit += 1;
         if last {
             break;
@@ -1056,22 +1067,22 @@ fn drive(
                 epoch,
                 source: Source::Staged(std::mem::take(&mut gfns), staging),
             });
-            let _ = tx.send(TxMsg::Meta(Meta {
-                unit,
-                epoch,
-                class: EpochClass::Checkpoint,
-                first_round: false,
-                last_round: false,
-                dirty,
-                state: state.clone(),
-                record: rec,
-                pause_start: t0,
-                job: job.clone(),
-            }));
-            for j in job_txs {
-                let _ = j.send(job.clone());
-            }
-            drop(job);
+            dispatch(
+                tx,
+                job_txs,
+                Meta {
+                    unit,
+                    epoch,
+                    class: EpochClass::Checkpoint,
+                    first_round: false,
+                    last_round: false,
+                    dirty,
+                    state: state.clone(),
+                    record: rec,
+                    pause_start: t0,
+                    job,
+                },
+            );
             unit += 1;
             if final_epoch {
                 let _ = tx.send(TxMsg::Finish(epoch));

@@ -99,41 +99,27 @@ pub fn meta(dir: &Path) -> Option<Meta> {
     Some(serde_json::from_slice(&b).expect("meta.json parses"))
 }
 
-/// `castor digest --domain SPEC --at-epoch N`.
-pub fn expected_digest(spec: &str, epoch: u64) -> String {
-    let out = castor()
-        .args(["digest", "--domain", spec, "--at-epoch", &epoch.to_string()])
-        .output()
-        .unwrap();
+/// Runs a castor command that must succeed; returns the first word it printed.
+pub fn first_word(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split_whitespace()
         .next()
-        .unwrap()
+        .unwrap_or_default()
         .to_string()
+}
+
+/// `castor digest --domain SPEC --at-epoch N`.
+pub fn expected_digest(spec: &str, epoch: u64) -> String {
+    first_word(castor().args(["digest", "--domain", spec, "--at-epoch", &epoch.to_string()]))
 }
 
 /// `castor digest --replica DIR` (verifies the files against meta.json).
 pub fn replica_digest(dir: &Path) -> String {
-    let out = castor()
-        .args(["digest", "--replica"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    first_word(castor().args(["digest", "--replica"]).arg(dir))
 }
