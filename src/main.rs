@@ -55,6 +55,20 @@ enum Cmd {
         max_mem: Option<u64>,
         #[arg(long)]
         quiet: bool,
+        /// When the stream ends or breaks, restore the last committed
+        /// checkpoint into a live domain and run it (its final image goes to
+        /// STATE_DIR/activated when it stops).
+        #[arg(long)]
+        activate: bool,
+        /// Activated domain: epoch length (as on the primary).
+        #[arg(long, default_value = "25ms", value_parser = units::parse_duration)]
+        epoch: Duration,
+        /// Activated domain: stop after this long (default: until SIGINT/SIGTERM).
+        #[arg(long, value_parser = units::parse_duration, requires = "activate")]
+        run_for: Option<Duration>,
+        /// Activated domain: stop after this many epochs.
+        #[arg(long, requires = "activate")]
+        run_epochs: Option<u64>,
     },
     /// Protect a domain: run it in epochs and stream each checkpoint to a backup.
     Protect {
@@ -232,6 +246,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             psk_file,
             max_mem,
             quiet,
+            activate,
+            epoch,
+            run_for,
+            run_epochs,
         } => {
             let psk = load_psk(psk_file.as_ref())?;
             let l = castor::transport::tcp::listen(&listen).map_err(|e| e.to_string())?;
@@ -248,7 +266,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 max_mem: max_mem.unwrap_or_else(phys_mem),
                 quiet,
             };
-            let out = backup::serve(&l, &cfg).map_err(|e| format!("backup: {e}"))?;
+            if activate {
+                castor::engine::install_stop_handler();
+            }
+            let mut out = backup::serve(&l, &cfg).map_err(|e| format!("backup: {e}"))?;
             match (&out.meta, out.committed) {
                 (Some(m), Some(e)) => eprintln!(
                     "castor backup: replica holds epoch {e} (digest {}), saved to {}",
@@ -256,6 +277,31 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     state_dir.display()
                 ),
                 _ => eprintln!("castor backup: no checkpoint was completed; nothing saved"),
+            }
+            if activate {
+                let Some((mem, state)) = out.replica.take() else {
+                    return Err("cannot activate: no checkpoint was completed".into());
+                };
+                let acfg = castor::engine::activate::ActivateConfig {
+                    epoch,
+                    run_for,
+                    run_epochs,
+                };
+                let dir = state_dir.join("activated");
+                let from = out.committed.unwrap_or(0);
+                let a =
+                    castor::engine::activate::activate(&out.domain, mem, &state, from, &acfg, &dir)
+                        .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "castor backup: activated domain ran {} epochs past checkpoint {} (stream loss → guest running: {:.1} ms); \
+                     stopped at epoch {}, digest {}, image in {}",
+                    a.epochs_run,
+                    a.from_epoch,
+                    (a.running_at - out.ended_at).as_secs_f64() * 1000.0,
+                    a.meta.epoch,
+                    a.meta.digest,
+                    dir.display()
+                );
             }
             Ok(if out.clean {
                 ExitCode::SUCCESS

@@ -102,6 +102,18 @@ impl DomainSpec {
             DomainSpec::Sim(s) => s.layout(),
         }
     }
+
+    /// Rebuilds the domain from a checkpoint (memory image and saved
+    /// state), paused; `start` resumes the guest where the checkpoint left it.
+    pub fn restore(
+        &self,
+        memory: GuestMemory,
+        state: &[u8],
+    ) -> Result<Box<dyn Domain>, DomainError> {
+        match self {
+            DomainSpec::Sim(s) => Ok(Box::new(sim::SimDomain::restore(s, memory, state)?)),
+        }
+    }
 }
 
 impl fmt::Display for DomainSpec {

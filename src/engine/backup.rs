@@ -56,6 +56,10 @@ pub struct BackupOutcome {
     pub meta: Option<Meta>,
     pub digest: Option<Digest>,
     pub bytes_received: u64,
+    /// When the stream ended or broke.
+    pub ended_at: std::time::Instant,
+    /// The committed replica (memory, saved state), for activation.
+    pub replica: Option<(crate::domain::GuestMemory, Vec<u8>)>,
 }
 
 fn send(w: &Mutex<TcpStream>, kind: RecordKind, epoch: u64, payload: &[u8]) -> std::io::Result<()> {
@@ -157,6 +161,7 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
             }
         }
     };
+    let ended_at = Instant::now();
     done.store(true, Ordering::Relaxed);
     hb.thread().unpark();
     let _ = hb.join();
@@ -186,15 +191,18 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
         }
         None => (None, None),
     };
+    let committed = rx.committed();
     Ok(BackupOutcome {
         peer,
         domain: hello.desc,
         clean,
         end,
         discarded,
-        committed: rx.committed(),
+        committed,
         meta,
         digest,
         bytes_received,
+        ended_at,
+        replica: committed.map(|_| rx.into_replica()),
     })
 }

@@ -109,6 +109,11 @@ impl Receiver {
         &self.mem
     }
 
+    /// The replica's memory and saved state, consuming the receiver.
+    pub fn into_replica(self) -> (GuestMemory, Vec<u8>) {
+        (self.mem, self.state)
+    }
+
     pub fn state(&self) -> &[u8] {
         &self.state
     }

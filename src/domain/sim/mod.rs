@@ -68,6 +68,40 @@ impl SimDomain {
         })
     }
 
+    /// Rebuilds a domain from a checkpoint: `memory` is the replica image
+    /// (adopted, not copied) and `state` its saved state. The domain is
+    /// paused at the checkpoint's epoch; `start` continues with the next
+    /// one. Workload threads resume from their state in guest memory.
+    pub fn restore(spec: &SimSpec, memory: GuestMemory, state: &[u8]) -> Result<Self, DomainError> {
+        let (epoch, saved) = decode_state(state)?;
+        if saved != *spec {
+            return Err(DomainError::Spec {
+                spec: spec.to_string(),
+                reason: format!("the checkpoint was taken of a different domain: sim:{saved}"),
+            });
+        }
+        if memory.len() as u64 != spec.mem {
+            return Err(DomainError::Spec {
+                spec: spec.to_string(),
+                reason: format!(
+                    "memory image of {} bytes, the spec says {}",
+                    memory.len(),
+                    spec.mem
+                ),
+            });
+        }
+        let tracker = DirtyTracker::new(&memory)?;
+        Ok(SimDomain {
+            spec: spec.clone(),
+            plan: Arc::new(Plan::new(spec)),
+            workers: None,
+            tracker,
+            mem: Arc::new(memory),
+            epoch,
+            running: false,
+        })
+    }
+
     pub fn spec(&self) -> &SimSpec {
         &self.spec
     }
@@ -97,8 +131,14 @@ impl Domain for SimDomain {
             return Err(DomainError::Workload("start called twice".into()));
         }
         let det = self.spec.is_deterministic();
-        self.workers = Some(Workers::start(self.mem.clone(), self.plan.clone(), det)?);
-        self.epoch = 1;
+        let next = self.epoch + 1;
+        self.workers = Some(Workers::start(
+            self.mem.clone(),
+            self.plan.clone(),
+            det,
+            next,
+        )?);
+        self.epoch = next;
         self.running = true;
         Ok(())
     }

@@ -103,14 +103,17 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Spawns one thread per `plan` thread, running epoch 1.
+    /// Spawns one thread per `plan` thread, running epoch `first_epoch`
+    /// (1 for a new domain; E+1 for one restored from checkpoint E, whose
+    /// threads find their progress in their control-block slots).
     pub fn start(
         mem: Arc<GuestMemory>,
         plan: Arc<Plan>,
         deterministic: bool,
+        first_epoch: u64,
     ) -> Result<Self, DomainError> {
         let gate = Arc::new(Gate::default());
-        gate.lock().epoch = 1;
+        gate.lock().epoch = first_epoch;
         let mut workers = Workers {
             gate,
             handles: Vec::new(),
