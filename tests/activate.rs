@@ -25,7 +25,9 @@ fn activated_replica_continues_the_workload() {
     );
     let bdir = b.dir.clone();
     let mut p = castor()
-        .args(["protect", "--domain", spec, "--backup", &b.addr, "--epoch", "5ms"])
+        .args([
+            "protect", "--domain", spec, "--backup", &b.addr, "--epoch", "5ms",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -58,5 +60,8 @@ fn activation_without_a_checkpoint_fails_clearly() {
     drop(std::net::TcpStream::connect(&b.addr).unwrap());
     let (st, err) = b.wait();
     assert!(!st.success());
-    assert!(err.contains("handshake") || err.contains("no checkpoint"), "{err}");
+    assert!(
+        err.contains("handshake") || err.contains("no checkpoint"),
+        "{err}"
+    );
 }

@@ -324,6 +324,25 @@ impl Decoder {
         }
     }
 
+    /// Checks an untrusted uncompressed `Delta` payload without applying
+    /// it. Once it passes, [`Decoder::apply_delta`] on any page cannot fail:
+    /// a receiver can validate a whole epoch first and patch its replica in
+    /// place at commit, touching only the changed bytes.
+    pub fn check_delta(payload: &[u8]) -> Result<(), CodecError> {
+        if payload.len() > PAGE_SIZE {
+            return Err(CodecError::PayloadTooLong {
+                kind: PageKind::Delta,
+                len: payload.len(),
+            });
+        }
+        zrle::check(payload, PageKind::Delta)
+    }
+
+    /// XORs a `Delta` payload into `page` in place (see `check_delta`).
+    pub fn apply_delta(payload: &[u8], page: &mut [u8; PAGE_SIZE]) -> Result<(), CodecError> {
+        zrle::apply(payload, page, PageKind::Delta)
+    }
+
     /// Rebuilds a page into `out` from an untrusted `kind`/`payload`; `base`
     /// is the receiver's current copy of the page.
     pub fn decode(

@@ -190,6 +190,26 @@ fn get_varint(stream: &[u8], at: usize) -> Result<(usize, usize), CodecError> {
 /// XORs the ZRLE `stream` (untrusted) into `out`, which must already hold the
 /// base page. On error `out` is partly updated and must be discarded.
 pub fn apply(stream: &[u8], out: &mut [u8; PAGE_SIZE], kind: PageKind) -> Result<(), CodecError> {
+    walk(stream, kind, |pos, lit| {
+        for (o, l) in out[pos..pos + lit.len()].iter_mut().zip(lit) {
+            *o ^= l;
+        }
+    })
+}
+
+/// Checks an untrusted ZRLE `stream` without applying it: a stream that
+/// passes makes [`apply`] succeed on any page.
+pub fn check(stream: &[u8], kind: PageKind) -> Result<(), CodecError> {
+    walk(stream, kind, |_, _| {})
+}
+
+/// Parses `stream`, calling `literal(offset, bytes)` for each literal once
+/// its bounds are proven to lie inside the page.
+fn walk(
+    stream: &[u8],
+    kind: PageKind,
+    mut literal: impl FnMut(usize, &[u8]),
+) -> Result<(), CodecError> {
     if stream.is_empty() {
         return Err(CodecError::EmptyDelta { kind });
     }
@@ -215,9 +235,7 @@ pub fn apply(stream: &[u8], out: &mut [u8; PAGE_SIZE], kind: PageKind) -> Result
                 len,
                 remaining: stream.len() - next,
             })?;
-        for (o, l) in out[pos..pos + len].iter_mut().zip(lit) {
-            *o ^= l;
-        }
+        literal(pos, lit);
         pos += len;
         at = next + len;
     }

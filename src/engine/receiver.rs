@@ -2,7 +2,8 @@
 //! checkpoints, atomically.
 //!
 //! States: `Idle` (between epochs) and `Open(epoch)`. Pages of an open
-//! checkpoint are decoded into a staging area, never into the replica; only
+//! checkpoint are decoded into a staging area (plain deltas are validated
+//! and kept as deltas, to be XORed in place), never into the replica; only
 //! the epoch's end record, after its totals are checked, copies them into the
 //! replica and replaces the saved state. Any error discards the open epoch
 //! whole: the replica stays at the last committed epoch. The seed (epoch 0,
@@ -14,7 +15,7 @@
 //! gfns must lie inside the layout, a gfn may appear once per epoch, entry
 //! and record counts must match the end record, and payloads must decode.
 
-use crate::codec::Decoder;
+use crate::codec::{Decoder, PageKind};
 use crate::domain::GuestMemory;
 use crate::transport::messages::{parse_pages, EpochBegin, EpochClass, EpochEnd};
 use crate::transport::record::{PayloadError, Record, RecordKind};
@@ -50,6 +51,16 @@ pub enum Event {
     Closed(u64),
 }
 
+/// How a staged page of an open checkpoint reaches the replica at commit.
+#[derive(Clone, Copy)]
+enum Staged {
+    /// Decoded page at this offset of `staging`: copied over the replica page.
+    Page(usize),
+    /// Validated `Delta` payload at `deltas[at..at + len]`: XORed into the
+    /// replica page in place, touching only the changed bytes.
+    Delta { at: usize, len: usize },
+}
+
 struct Open {
     epoch: u64,
     class: EpochClass,
@@ -69,8 +80,13 @@ pub struct Receiver {
     next_epoch: u64,
     open: Option<Open>,
     decoder: Decoder,
-    /// Staged pages of the open checkpoint: `staged_gfns[i]` → slot i.
+    /// Staged entries of the open checkpoint, in arrival order.
+    staged: Vec<(u64, Staged)>,
+    /// Decoded pages, one slot each ([`Staged::Page`]).
     staging: Vec<u8>,
+    /// Validated delta payloads ([`Staged::Delta`]).
+    deltas: Vec<u8>,
+    /// gfns of `staged`, for clearing `seen`.
     staged_gfns: Vec<u64>,
     /// One bit per gfn: seen in the open epoch (duplicates are hostile).
     seen: Vec<u64>,
@@ -88,7 +104,9 @@ impl Receiver {
             next_epoch: 0,
             open: None,
             decoder: Decoder::new(),
+            staged: Vec::new(),
             staging: Vec::new(),
+            deltas: Vec::new(),
             staged_gfns: Vec::new(),
             seen: vec![0; (pages as usize).div_ceil(64)],
             scratch: Box::new([0; PAGE_SIZE]),
@@ -125,9 +143,15 @@ impl Receiver {
         for &g in &self.staged_gfns {
             self.seen[(g / 64) as usize] &= !(1 << (g % 64));
         }
+        self.clear_staging();
+        Some(o.epoch)
+    }
+
+    fn clear_staging(&mut self) {
+        self.staged.clear();
         self.staged_gfns.clear();
         self.staging.clear();
-        Some(o.epoch)
+        self.deltas.clear();
     }
 
     fn proto(&self, msg: String) -> StreamError {
@@ -250,27 +274,43 @@ impl Receiver {
                 }
             }
             n += 1;
+            if class == EpochClass::Checkpoint && e.kind == PageKind::Delta as u8 {
+                // The common case: keep the (small) delta, proven valid now,
+                // and patch the replica page in place at commit.
+                Decoder::check_delta(e.payload).map_err(|c| page_err(c.to_string()))?;
+                let at = self.deltas.len();
+                self.deltas.extend_from_slice(e.payload);
+                self.staged.push((
+                    gfn,
+                    Staged::Delta {
+                        at,
+                        len: e.payload.len(),
+                    },
+                ));
+                self.seen[w] |= bit;
+                self.staged_gfns.push(gfn);
+                continue;
+            }
             // SAFETY: gfn < pages (checked above); the receiver is the
             // replica's only writer and does not write it while `base` lives.
             let base = unsafe { &*(self.mem.page_ptr(gfn) as *const [u8; PAGE_SIZE]) };
+            let at = self.staging.len();
             let slot = if class == EpochClass::Seed {
                 &mut *self.scratch
             } else {
                 // Decode straight into the next staging slot.
-                let at = self.staging.len();
                 self.staging.resize(at + PAGE_SIZE, 0);
                 <&mut [u8; PAGE_SIZE]>::try_from(&mut self.staging[at..]).expect("one page")
             };
             if let Err(c) = self.decoder.decode(e.kind, e.payload, base, slot) {
-                if class != EpochClass::Seed {
-                    self.staging.truncate(self.staging.len() - PAGE_SIZE);
-                }
+                self.staging.truncate(at);
                 return Err(page_err(c.to_string()));
             }
             if class == EpochClass::Seed {
                 // Not a checkpoint: write through (see module docs).
                 self.mem.write_page(gfn, &self.scratch);
             } else {
+                self.staged.push((gfn, Staged::Page(at)));
                 self.seen[w] |= bit;
                 self.staged_gfns.push(gfn);
             }
@@ -325,11 +365,23 @@ impl Receiver {
         };
         // Verified whole: commit. Nothing below can fail.
         if let Some(s) = state {
-            for (i, &gfn) in self.staged_gfns.iter().enumerate() {
-                let page: &[u8; PAGE_SIZE] = self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
-                    .try_into()
-                    .expect("slot is one page");
-                self.mem.write_page(gfn, page);
+            for &(gfn, how) in &self.staged {
+                match how {
+                    Staged::Page(at) => {
+                        let page: &[u8; PAGE_SIZE] = self.staging[at..at + PAGE_SIZE]
+                            .try_into()
+                            .expect("slot is one page");
+                        self.mem.write_page(gfn, page);
+                    }
+                    Staged::Delta { at, len } => {
+                        // SAFETY: gfn < pages (checked on receipt) and the
+                        // receiver is the replica's only writer.
+                        let page =
+                            unsafe { &mut *(self.mem.page_ptr(gfn) as *mut [u8; PAGE_SIZE]) };
+                        let r = Decoder::apply_delta(&self.deltas[at..at + len], page);
+                        debug_assert!(r.is_ok(), "delta validated on receipt failed at commit");
+                    }
+                }
             }
             self.state = s;
             self.committed = Some(epoch);
@@ -339,8 +391,7 @@ impl Receiver {
         for &g in &self.staged_gfns {
             self.seen[(g / 64) as usize] &= !(1 << (g % 64));
         }
-        self.staged_gfns.clear();
-        self.staging.clear();
+        self.clear_staging();
         self.open = None;
         self.next_epoch = epoch + 1;
         Ok(Event::Committed(epoch))
