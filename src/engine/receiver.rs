@@ -397,3 +397,126 @@ impl Receiver {
         Ok(Event::Committed(epoch))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Compressor, Encoder};
+    use crate::transport::messages::PagesWriter;
+    use crate::transport::record::{write_record, RecordReader};
+
+    const PAGES: u64 = 16;
+
+    fn feed(rx: &mut Receiver, bytes: &[u8]) -> Result<Vec<Event>, StreamError> {
+        let mut r = RecordReader::new(bytes);
+        let mut ev = Vec::new();
+        while let Ok(rec) = r.next() {
+            ev.push(rx.on_record(rec)?);
+        }
+        Ok(ev)
+    }
+
+    /// Epoch `e` with the given (gfn, new page) entries encoded against `old`,
+    /// plus optionally one raw bad entry appended before the end record.
+    fn epoch(
+        e: u64,
+        old: &[[u8; PAGE_SIZE]],
+        new: &[(u64, [u8; PAGE_SIZE])],
+        bad: Option<(u64, u8, &[u8])>,
+    ) -> Vec<u8> {
+        let mut v = Vec::new();
+        let class = if e == 0 {
+            EpochClass::Seed
+        } else {
+            EpochClass::Checkpoint
+        };
+        let dirty = new.len() as u64 + bad.is_some() as u64;
+        write_record(
+            &mut v,
+            RecordKind::EpochBegin,
+            e,
+            &EpochBegin { class, dirty }.encode(),
+        );
+        let mut w = PagesWriter::new(e);
+        let mut enc = Encoder::new(Compressor::Lz4);
+        for (g, p) in new {
+            w.push(&mut v, *g, |o| {
+                Some(enc.encode(p, Some(&old[*g as usize]), o) as u8)
+            });
+        }
+        if let Some((g, k, payload)) = bad {
+            w.push(&mut v, g, |o| {
+                o.extend_from_slice(payload);
+                Some(k)
+            });
+        }
+        w.close(&mut v);
+        if e > 0 {
+            write_record(&mut v, RecordKind::State, e, b"st");
+        }
+        let end = EpochEnd {
+            page_entries: w.entries,
+            pages_records: w.records,
+            state_len: if e > 0 { 2 } else { 0 },
+        };
+        write_record(&mut v, RecordKind::EpochEnd, e, &end.encode());
+        v
+    }
+
+    fn image(rx: &Receiver) -> Vec<u8> {
+        // SAFETY: the test owns the receiver; nothing writes concurrently.
+        unsafe { rx.memory().as_slice() }.to_vec()
+    }
+
+    #[test]
+    fn deltas_commit_in_place_and_a_bad_entry_leaves_the_replica_untouched() {
+        let mut rx = Receiver::new(PAGES).unwrap();
+        let zero = vec![[0u8; PAGE_SIZE]; PAGES as usize];
+        let mut cur = zero.clone();
+        for (g, p) in cur.iter_mut().enumerate() {
+            p.iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (i * 31 + g) as u8);
+        }
+        let seed: Vec<_> = (0..PAGES).map(|g| (g, cur[g as usize])).collect();
+        assert_eq!(
+            feed(&mut rx, &epoch(0, &zero, &seed, None)).unwrap().last(),
+            Some(&Event::Committed(0))
+        );
+        // Epoch 1: small edits (plain deltas) on three pages.
+        let mut next = cur.clone();
+        for g in [1usize, 5, 9] {
+            next[g][100..110].copy_from_slice(b"0123456789");
+        }
+        let e1: Vec<_> = [1u64, 5, 9]
+            .iter()
+            .map(|&g| (g, next[g as usize]))
+            .collect();
+        assert_eq!(
+            feed(&mut rx, &epoch(1, &cur, &e1, None)).unwrap().last(),
+            Some(&Event::Committed(1))
+        );
+        assert_eq!(image(&rx), next.concat());
+        assert_eq!(rx.state(), b"st");
+        cur = next.clone();
+        // Epoch 2: valid deltas, then a delta that overruns the page.
+        for g in [2usize, 3] {
+            next[g][7] ^= 0xff;
+        }
+        let e2: Vec<_> = [2u64, 3].iter().map(|&g| (g, next[g as usize])).collect();
+        let bad: &[u8] = &[0x80, 0x20, 0x10, 1];
+        let err = feed(
+            &mut rx,
+            &epoch(2, &cur, &e2, Some((4, PageKind::Delta as u8, bad))),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("page 4"), "{err}");
+        assert_eq!(rx.discard_open(), Some(2));
+        assert_eq!(
+            image(&rx),
+            cur.concat(),
+            "a rejected epoch changed the replica"
+        );
+        assert_eq!(rx.committed(), Some(1));
+    }
+}
