@@ -11,6 +11,7 @@
 
 #define CASTOR_PATTERN_SEQUENTIAL 0u
 #define CASTOR_PATTERN_RANDOM 1u
+#define CASTOR_PATTERN_SWEEP 2u
 
 struct castor_boot_params {
     u32 magic;

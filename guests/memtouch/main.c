@@ -75,6 +75,7 @@ static u64 seq;
 static u32 rng;
 static u32 cursor;
 static u32 verify_cursor;
+static u32 sweep_cursor;
 static u64 last_clock;
 static u32 booted;
 
@@ -122,6 +123,18 @@ static void verify(const struct castor_boot_params *p, u32 r)
         fail("region", r, got, sums[r]);
 }
 
+/* Writes a fresh value to word `idx` of region `r`, keeping the region's
+ * checksum (in the separate sums page) in step. */
+static void touch_word(const struct castor_boot_params *p, u32 r, u32 idx)
+{
+    u32 *sums = (u32 *)p->sums_gpa;
+    u32 *base = (u32 *)(p->data_gpa + r * p->region_pages * 4096u);
+    u32 nv = xorshift();
+    u32 old = base[idx];
+    base[idx] = nv;
+    sums[r] += (nv ^ idx) - (old ^ idx);
+}
+
 void memtouch_main(const struct castor_boot_params *p)
 {
     u32 *sums = (u32 *)p->sums_gpa;
@@ -130,15 +143,13 @@ void memtouch_main(const struct castor_boot_params *p)
     if (p->magic != CASTOR_BOOT_MAGIC || p->version != CASTOR_BOOT_VERSION)
         fail("bootparams", p->magic, p->version, 0);
     if (!booted) {
-        u32 r;
-        /* Data pages start zeroed; the checksum of a zero region is the
-         * xor-index sum, computed once. */
-        for (r = 0; r < p->regions; r++) {
-            u32 n = p->region_pages * 1024u, i, s = 0;
-            for (i = 0; i < n; i++)
-                s += i;
+        /* Data pages start zeroed; every region then has the same
+         * xor-index checksum, computed once. */
+        u32 r, i, n = p->region_pages * 1024u, s = 0;
+        for (i = 0; i < n; i++)
+            s += i;
+        for (r = 0; r < p->regions; r++)
             sums[r] = s;
-        }
         rng = p->seed | 1;
         booted = 1;
         puts_("memtouch regions=");
@@ -150,23 +161,27 @@ void memtouch_main(const struct castor_boot_params *p)
         putc_('\n');
     }
     for (;;) {
-        u32 r, now_lo, now_hi;
+        u32 r = 0, now_lo, now_hi;
         u64 now;
-        if (p->pattern == CASTOR_PATTERN_SEQUENTIAL)
-            r = cursor++ % p->regions;
-        else
-            r = xorshift() % p->regions;
-        {
-            u32 *base = (u32 *)(p->data_gpa + r * p->region_pages * 4096u);
+        if (p->pattern == CASTOR_PATTERN_SWEEP) {
+            /* One word in each of `touch` consecutive pages, wrapping over
+             * all regions: the most pages dirtied per instruction. */
+            u32 total = p->regions * p->region_pages;
+            for (t = 0; t < p->touch; t++) {
+                u32 g = sweep_cursor++ % total;
+                r = g / p->region_pages;
+                touch_word(p, r, (g % p->region_pages) * 1024u + (xorshift() & 1023u));
+            }
+        } else {
+            if (p->pattern == CASTOR_PATTERN_SEQUENTIAL)
+                r = cursor++ % p->regions;
+            else
+                r = xorshift() % p->regions;
             for (t = 0; t < p->touch; t++) {
                 u32 page = p->pattern == CASTOR_PATTERN_SEQUENTIAL
                                ? t % p->region_pages
                                : xorshift() % p->region_pages;
-                u32 idx = page * 1024u + (xorshift() & 1023u);
-                u32 nv = xorshift();
-                u32 old = base[idx];
-                base[idx] = nv;
-                sums[r] += (nv ^ idx) - (old ^ idx);
+                touch_word(p, r, page * 1024u + (xorshift() & 1023u));
             }
         }
         verify(p, r);

@@ -32,6 +32,9 @@ pub enum Pattern {
     Sequential,
     /// Regions and pages drawn from the guest's xorshift RNG.
     Random,
+    /// One word in each of `touch` consecutive pages per iteration,
+    /// sweeping all regions: the most dirty pages per guest instruction.
+    Sweep,
 }
 
 impl Pattern {
@@ -40,6 +43,7 @@ impl Pattern {
         match self {
             Pattern::Sequential => 0,
             Pattern::Random => 1,
+            Pattern::Sweep => 2,
         }
     }
 
@@ -47,6 +51,7 @@ impl Pattern {
         match self {
             Pattern::Sequential => "sequential",
             Pattern::Random => "random",
+            Pattern::Sweep => "sweep",
         }
     }
 }
@@ -70,7 +75,8 @@ pub struct KvmSpec {
     pub regions: u32,
     /// memtouch: pages per region.
     pub region_pages: u32,
-    /// memtouch: words written per iteration (one `seq` line).
+    /// memtouch: words written per iteration (one `seq` line); with
+    /// `pattern=sweep` each lands in a different page.
     pub touch: u32,
     pub pattern: Pattern,
     pub seed: u32,
@@ -147,7 +153,8 @@ impl KvmSpec {
                     s.pattern = match value {
                         "sequential" => Pattern::Sequential,
                         "random" => Pattern::Random,
-                        _ => return Err(bad("sequential or random")),
+                        "sweep" => Pattern::Sweep,
+                        _ => return Err(bad("sequential, random or sweep")),
                     }
                 }
                 "seed" => {

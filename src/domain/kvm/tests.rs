@@ -337,54 +337,72 @@ fn measure_harvest_and_pause() {
         .unwrap_or(0);
     eprintln!("KVM_CAP_DIRTY_LOG_RING: {ring} (max ring bytes; 0 = unsupported); ring mode not implemented, bitmap figures only");
     for mib in [16u64, 64, 256] {
-        let s = spec("").clone();
+        // A sweeping guest dirties as many pages per instruction as it can.
+        let mem = mib << 20;
+        let region_pages = 16u32;
+        let regions = ((mem - boot::DATA_GPA) / (region_pages as u64 * 4096)).min(1024) as u32;
         let s = KvmSpec {
-            mem: mib << 20,
-            ..s
+            mem,
+            regions,
+            region_pages,
+            touch: 256,
+            pattern: Pattern::Sweep,
+            ..KvmSpec::default()
         };
         let mut d = KvmDomain::new(&s).unwrap();
         let mut out = Vec::new();
         d.harvest_dirty(&mut out).unwrap();
         d.start().unwrap();
-        wait_seq_above(d.console(), 3);
-        let mut pause = Vec::new();
-        let mut kick = Vec::new();
-        let mut park = Vec::new();
-        let mut harvest = Vec::new();
-        let mut save = Vec::new();
-        let mut pages = 0;
-        let mut state_len = 0;
-        for _ in 0..20 {
-            std::thread::sleep(Duration::from_millis(10));
-            let t = Instant::now();
+        wait_seq_above(d.console(), 1);
+        for (epoch_ms, epochs) in [(10u64, 20usize), (200, 5)] {
+            let mut pause = Vec::new();
+            let mut kick = Vec::new();
+            let mut park = Vec::new();
+            let mut harvest = Vec::new();
+            let mut save = Vec::new();
+            let mut pages = 0;
+            let mut state_len = 0;
+            for _ in 0..epochs {
+                std::thread::sleep(Duration::from_millis(epoch_ms));
+                let t = Instant::now();
+                d.pause().unwrap();
+                pause.push(t.elapsed());
+                kick.push(d.last_pause().kick);
+                park.push(d.last_pause().park);
+                out.clear();
+                let t = Instant::now();
+                d.harvest_dirty(&mut out).unwrap();
+                harvest.push(t.elapsed());
+                pages += out.len();
+                let mut st = Vec::new();
+                let t = Instant::now();
+                d.save_state(&mut st).unwrap();
+                save.push(t.elapsed());
+                state_len = st.len();
+                d.resume().unwrap();
+            }
+            // Harvest of an epoch with nothing dirty: the bitmap scan alone.
             d.pause().unwrap();
-            pause.push(t.elapsed());
-            kick.push(d.last_pause().kick);
-            park.push(d.last_pause().park);
             out.clear();
-            let t = Instant::now();
             d.harvest_dirty(&mut out).unwrap();
-            harvest.push(t.elapsed());
-            pages += out.len();
-            let mut st = Vec::new();
             let t = Instant::now();
-            d.save_state(&mut st).unwrap();
-            save.push(t.elapsed());
-            state_len = st.len();
+            out.clear();
+            d.harvest_dirty(&mut out).unwrap();
+            let idle = t.elapsed();
             d.resume().unwrap();
+            eprintln!(
+                "mem {mib:>3} MiB, epoch {epoch_ms:>3} ms ({:?}): harvest median {:?} for {} dirty pages avg (idle harvest {idle:?}) | pause median {:?} (kick {:?}, park {:?}) | save_state median {:?}, {} bytes",
+                d.dirty_mode(),
+                median(harvest),
+                pages / epochs,
+                median(pause),
+                median(kick),
+                median(park),
+                median(save),
+                state_len
+            );
         }
         d.pause().unwrap();
         seqs(&d.console().text());
-        eprintln!(
-            "mem {mib:>3} MiB ({:?}): harvest median {:?} ({} dirty pages/epoch avg) | pause median {:?} (kick {:?}, park {:?}) | save_state median {:?}, {} bytes",
-            d.dirty_mode(),
-            median(harvest),
-            pages / 20,
-            median(pause),
-            median(kick),
-            median(park),
-            median(save),
-            state_len
-        );
     }
 }
