@@ -41,7 +41,10 @@ const GDT: [u64; 3] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
 
 /// Writes `bytes` at `gpa` and marks the pages VMM-dirty.
 fn write(mem: &GuestMemory, dirty: &DirtyLog, gpa: u64, bytes: &[u8]) {
-    assert!(gpa as usize + bytes.len() <= mem.len(), "boot write outside guest memory");
+    assert!(
+        gpa as usize + bytes.len() <= mem.len(),
+        "boot write outside guest memory"
+    );
     // SAFETY: the range is inside the mapping (asserted); the guest has not
     // started, so nothing else writes these bytes.
     unsafe {

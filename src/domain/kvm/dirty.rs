@@ -58,14 +58,16 @@ impl DirtyLog {
     /// after it is enabled.
     pub fn new(vm: &VmFd, slot: u32, pages: u64) -> Result<Self> {
         let words = pages.div_ceil(64) as usize;
-        let supported = vm.check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as _);
+        let supported =
+            vm.check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as _);
         let mode = if supported & MANUAL_PROTECT_ENABLE as i32 != 0 {
             let cap = kvm_bindings::kvm_enable_cap {
                 cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                 args: [MANUAL_PROTECT_ENABLE, 0, 0, 0],
                 ..Default::default()
             };
-            vm.enable_cap(&cap).map_err(KvmError::EnableManualDirtyLog)?;
+            vm.enable_cap(&cap)
+                .map_err(KvmError::EnableManualDirtyLog)?;
             DirtyMode::GetAndClear
         } else {
             DirtyMode::GetOnly
@@ -143,6 +145,4 @@ impl DirtyLog {
         }
         Ok(())
     }
-
 }
-

@@ -11,7 +11,9 @@ pub enum KvmError {
     CreateVm(#[source] kvm_ioctls::Error),
     #[error("KVM_SET_TSS_ADDR failed: {0}")]
     SetTssAddr(#[source] kvm_ioctls::Error),
-    #[error("KVM_SET_USER_MEMORY_REGION ({bytes} bytes, KVM_MEM_LOG_DIRTY_PAGES) failed: {source}")]
+    #[error(
+        "KVM_SET_USER_MEMORY_REGION ({bytes} bytes, KVM_MEM_LOG_DIRTY_PAGES) failed: {source}"
+    )]
     SetMemoryRegion {
         bytes: u64,
         #[source]
@@ -84,7 +86,10 @@ pub enum KvmError {
         limit: u64,
     },
     #[error("saved state record {record}: {reason}")]
-    State { record: &'static str, reason: String },
+    State {
+        record: &'static str,
+        reason: String,
+    },
     #[error("restore: memory image is {got} bytes, spec says mem={want}")]
     RestoreMemory { got: usize, want: u64 },
     #[error("opening console file {path:?} failed: {source}")]

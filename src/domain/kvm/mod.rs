@@ -91,8 +91,7 @@ struct Parts {
 fn build_vm(spec: &KvmSpec) -> Result<Parts> {
     let kvm = Kvm::new().map_err(KvmError::OpenKvm)?;
     let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
-    vm.set_tss_address(TSS_ADDR)
-        .map_err(KvmError::SetTssAddr)?;
+    vm.set_tss_address(TSS_ADDR).map_err(KvmError::SetTssAddr)?;
     let len = usize::try_from(spec.mem).map_err(|_| DomainError::Spec {
         spec: spec.to_string(),
         reason: format!("mem={} does not fit this host's address space", spec.mem),
@@ -109,11 +108,9 @@ fn build_vm(spec: &KvmSpec) -> Result<Parts> {
     };
     // SAFETY: the region is `mem`'s whole mapping, which outlives the VM
     // (KvmDomain drops `mem` last) and is not unmapped while registered.
-    unsafe { vm.set_user_memory_region(region) }.map_err(|source| {
-        KvmError::SetMemoryRegion {
-            bytes: spec.mem,
-            source,
-        }
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| KvmError::SetMemoryRegion {
+        bytes: spec.mem,
+        source,
     })?;
     let fd = vm.create_vcpu(0).map_err(KvmError::CreateVcpu)?;
     let cpuid = kvm
@@ -145,7 +142,13 @@ impl KvmDomain {
         boot::load_guest(spec, image, &p.mem, &p.dirty)?;
         boot::setup_boot_state(&p.vcpu.fd())?;
         let console = Console::new(spec.console.as_ref())?;
-        Ok(Self::assemble(spec, p, Devices::new(console.clone()), console, None))
+        Ok(Self::assemble(
+            spec,
+            p,
+            Devices::new(console.clone()),
+            console,
+            None,
+        ))
     }
 
     /// Builds a fresh VM holding `memory` (the whole guest image, `mem`
@@ -298,7 +301,9 @@ impl Domain for KvmDomain {
 
     fn start(&mut self) -> std::result::Result<(), DomainError> {
         if self.started {
-            return Err(DomainError::Workload("kvm domain: start called twice".into()));
+            return Err(DomainError::Workload(
+                "kvm domain: start called twice".into(),
+            ));
         }
         self.start_vcpu()?;
         self.started = true;

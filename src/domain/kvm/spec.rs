@@ -157,9 +157,7 @@ impl KvmSpec {
                         _ => return Err(bad("sequential, random or sweep")),
                     }
                 }
-                "seed" => {
-                    s.seed = positive(value).ok_or_else(|| bad("a non-zero u32 seed"))?
-                }
+                "seed" => s.seed = positive(value).ok_or_else(|| bad("a non-zero u32 seed"))?,
                 "console" => {
                     s.console = match value {
                         "" => return Err(bad("stderr or a file path")),

@@ -83,7 +83,8 @@ fn memtouch_boots_and_counts() {
 
 #[test]
 fn domain_spec_parses_kvm() {
-    let text = "kvm:guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1";
+    let text =
+        "kvm:guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1";
     let s = crate::domain::DomainSpec::parse(text).unwrap();
     assert_eq!(s.to_string(), text);
     assert_eq!(s.layout().pages, 4096);
@@ -94,13 +95,18 @@ fn domain_spec_parses_kvm() {
 /// when part of the epoch was harvested while running (pre-copy).
 #[test]
 fn dirty_log_reports_guest_and_vmm_writes() {
-    let Some(mut d) = open(&spec(",pattern=sequential")) else { return };
+    let Some(mut d) = open(&spec(",pattern=sequential")) else {
+        return;
+    };
     let mut boot = Vec::new();
     d.harvest_dirty(&mut boot).unwrap();
     let image_pages = guests::image("memtouch").unwrap().len().div_ceil(PAGE_SIZE) as u64;
     let mut want = vec![boot::GDT_GPA / 4096, boot::BOOT_PARAMS_GPA / 4096];
     want.extend((0..image_pages).map(|i| boot::IMAGE_GPA / 4096 + i));
-    assert_eq!(boot, want, "boot harvest must be exactly the VMM-written pages");
+    assert_eq!(
+        boot, want,
+        "boot harvest must be exactly the VMM-written pages"
+    );
 
     let pages = d.memory().pages();
     let snapshot = |d: &KvmDomain| -> Vec<blake3::Hash> {
@@ -128,9 +134,15 @@ fn dirty_log_reports_guest_and_vmm_writes() {
         .filter(|&g| before[g as usize] != after[g as usize])
         .collect();
     for g in &changed {
-        assert!(dirty.binary_search(g).is_ok(), "gfn {g:#x} changed but was not reported");
+        assert!(
+            dirty.binary_search(g).is_ok(),
+            "gfn {g:#x} changed but was not reported"
+        );
     }
-    assert!(dirty.contains(&(boot::SUMS_GPA / 4096)), "checksum page written");
+    assert!(
+        dirty.contains(&(boot::SUMS_GPA / 4096)),
+        "checksum page written"
+    );
     assert!(
         dirty.iter().any(|&g| g > boot::DATA_GPA / 4096),
         "a data page written: {dirty:?}"
@@ -189,13 +201,19 @@ fn vcpu_state_round_trip() {
         "state: {} bytes, {} MSRs ({:?}), xcrs {}; {}",
         s1.len(),
         v1.msrs.len(),
-        v1.msrs.iter().map(|m| format!("{:#x}", m.0)).collect::<Vec<_>>(),
+        v1.msrs
+            .iter()
+            .map(|m| format!("{:#x}", m.0))
+            .collect::<Vec<_>>(),
         v1.xcrs.is_some(),
         describe_state(&s1).unwrap()
     );
     // Every truncation of the state is refused with an error, never a panic.
     for cut in [0, 1, 9, 10, 11, s1.len() / 2, s1.len() - 1] {
-        assert!(KvmDomain::restore(&s, &mem, &s1[..cut]).is_err(), "cut {cut}");
+        assert!(
+            KvmDomain::restore(&s, &mem, &s1[..cut]).is_err(),
+            "cut {cut}"
+        );
     }
 }
 
@@ -248,11 +266,17 @@ fn restore_continues_sequence() {
     r.start().unwrap();
     let got = wait_seq_above(r.console(), last + 5);
     let text = r.console().text();
-    assert!(!text.contains("memtouch regions"), "guest rebooted:\n{text}");
+    assert!(
+        !text.contains("memtouch regions"),
+        "guest rebooted:\n{text}"
+    );
     let first = first_seq(&text).unwrap();
     // The checkpoint may have cut a line in half: its rest is the first
     // output, and the next complete line is last + 2.
-    assert!(first == last + 1 || first == last + 2, "last {last}, restored starts at {first}:\n{text}");
+    assert!(
+        first == last + 1 || first == last + 2,
+        "last {last}, restored starts at {first}:\n{text}"
+    );
     assert!(got > last + 5);
     r.pause().unwrap();
     assert!(!r.halted());

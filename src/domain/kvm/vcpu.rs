@@ -45,8 +45,7 @@ fn kick_signal() -> libc::c_int {
 fn register_kick() -> Result<()> {
     static ONCE: std::sync::OnceLock<std::result::Result<(), i32>> = std::sync::OnceLock::new();
     let r = ONCE.get_or_init(|| {
-        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| e.errno())
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno())
     });
     r.map_err(|errno| KvmError::RegisterKick {
         offset: KICK_SIGNAL_OFFSET,

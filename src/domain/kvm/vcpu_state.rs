@@ -35,7 +35,9 @@ pub const MSR_IA32_TSC: u32 = 0x10;
 
 /// The MSRs this host's KVM can save and restore, from [`WANTED_MSRS`].
 pub fn supported_msrs(kvm: &Kvm) -> Result<Vec<u32>> {
-    let list = kvm.get_msr_index_list().map_err(KvmError::GetMsrIndexList)?;
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(KvmError::GetMsrIndexList)?;
     let offered = list.as_slice();
     Ok(WANTED_MSRS
         .iter()
@@ -97,7 +99,9 @@ impl VcpuState {
         })?;
         let n = vcpu.get_msrs(&mut msrs).map_err(KvmError::GetMsrs)?;
         if n != entries.len() {
-            return Err(KvmError::GetMsrs(vmm_sys_util::errno::Error::new(libc::EIO)));
+            return Err(KvmError::GetMsrs(vmm_sys_util::errno::Error::new(
+                libc::EIO,
+            )));
         }
         let msrs = msrs.as_slice().iter().map(|e| (e.index, e.data)).collect();
         let events = vcpu.get_vcpu_events().map_err(KvmError::GetVcpuEvents)?;
@@ -430,7 +434,9 @@ fn r_remaining(raw: &RawRecord<'_>) -> usize {
 
 fn put_segment(w: &mut RecordWriter<'_>, s: &kvm_segment) {
     w.u64(s.base).u32(s.limit).u16(s.selector);
-    for v in [s.type_, s.present, s.dpl, s.db, s.s, s.l, s.g, s.avl, s.unusable] {
+    for v in [
+        s.type_, s.present, s.dpl, s.db, s.s, s.l, s.g, s.avl, s.unusable,
+    ] {
         w.u8(v);
     }
 }

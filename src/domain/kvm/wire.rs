@@ -139,7 +139,10 @@ impl<'a> Reader<'a> {
         if raw.version != version {
             return Err(KvmError::State {
                 record,
-                reason: format!("version {} not supported (this build reads {version})", raw.version),
+                reason: format!(
+                    "version {} not supported (this build reads {version})",
+                    raw.version
+                ),
             });
         }
         Ok(Reader {
@@ -171,15 +174,21 @@ impl<'a> Reader<'a> {
     }
 
     pub fn u16(&mut self, field: &str) -> Result<u16, KvmError> {
-        Ok(u16::from_le_bytes(self.take(field, 2)?.try_into().expect("2")))
+        Ok(u16::from_le_bytes(
+            self.take(field, 2)?.try_into().expect("2"),
+        ))
     }
 
     pub fn u32(&mut self, field: &str) -> Result<u32, KvmError> {
-        Ok(u32::from_le_bytes(self.take(field, 4)?.try_into().expect("4")))
+        Ok(u32::from_le_bytes(
+            self.take(field, 4)?.try_into().expect("4"),
+        ))
     }
 
     pub fn u64(&mut self, field: &str) -> Result<u64, KvmError> {
-        Ok(u64::from_le_bytes(self.take(field, 8)?.try_into().expect("8")))
+        Ok(u64::from_le_bytes(
+            self.take(field, 8)?.try_into().expect("8"),
+        ))
     }
 
     pub fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], KvmError> {
