@@ -9,12 +9,15 @@
 //!   only reads the bitmap and `KVM_CLEAR_DIRTY_LOG` re-protects exactly
 //!   the pages reported; without it, `KVM_GET_DIRTY_LOG` reads, clears and
 //!   re-protects in one call.
+//! - With the dirty ring (`dirty=ring`, see `ring.rs`) the bitmap ioctls
+//!   are unavailable; the ring is drained into the pending bitmap instead.
 //! - Either way a page is re-armed *before* [`DirtyLog::harvest`] returns,
 //!   so a caller that reads the reported pages after `harvest` returns sees
 //!   every write made before that read, and any later write is reported by
 //!   the next harvest. This holds while the guest runs (pre-copy).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
@@ -25,6 +28,7 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
 use super::error::{KvmError, Result};
+use super::ring::{Ring, RING_ENTRIES};
 
 ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
@@ -39,6 +43,8 @@ pub enum DirtyMode {
     GetAndClear,
     /// `KVM_GET_DIRTY_LOG` alone (reads and re-protects atomically).
     GetOnly,
+    /// `KVM_CAP_DIRTY_LOG_RING`: per-vCPU rings of gfns.
+    Ring,
 }
 
 /// Dirty tracking of slot `slot` covering `pages` pages from gfn 0.
@@ -48,37 +54,74 @@ pub struct DirtyLog {
     mode: DirtyMode,
     /// Scratch buffer for the kernel bitmap, one bit per page.
     kvm_bits: Vec<u64>,
-    /// Pages the VMM wrote; shared with device code through `&self`.
-    vmm_bits: Vec<AtomicU64>,
+    /// Pending pages: written by the VMM, or drained from the dirty ring
+    /// (shared with the ring, which the vCPU thread may drain too).
+    vmm_bits: Arc<Vec<AtomicU64>>,
+    ring: Option<Arc<Ring>>,
 }
 
 impl DirtyLog {
-    /// Chooses the harvest mode. Must be called before the memory slot is
-    /// registered: the manual-protect capability only affects slots created
-    /// after it is enabled.
-    pub fn new(vm: &VmFd, slot: u32, pages: u64) -> Result<Self> {
+    /// Chooses the harvest mode: the dirty ring if `ring` (an error when
+    /// the host lacks it), else the bitmap with manual protect when
+    /// available. Must be called before the memory slot is registered and
+    /// before any vCPU exists: both capabilities only affect what is
+    /// created after them.
+    pub fn new(vm: &VmFd, slot: u32, pages: u64, ring: bool) -> Result<Self> {
         let words = pages.div_ceil(64) as usize;
-        let supported =
-            vm.check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as _);
-        let mode = if supported & MANUAL_PROTECT_ENABLE as i32 != 0 {
+        let mode = if ring {
+            let bytes =
+                RING_ENTRIES as u64 * std::mem::size_of::<kvm_bindings::kvm_dirty_gfn>() as u64;
+            let max = vm.check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING as _);
+            if (max as u64) < bytes {
+                return Err(KvmError::DirtyRingUnsupported { max, want: bytes });
+            }
             let cap = kvm_bindings::kvm_enable_cap {
-                cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                args: [MANUAL_PROTECT_ENABLE, 0, 0, 0],
+                cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING,
+                args: [bytes, 0, 0, 0],
                 ..Default::default()
             };
-            vm.enable_cap(&cap)
-                .map_err(KvmError::EnableManualDirtyLog)?;
-            DirtyMode::GetAndClear
+            vm.enable_cap(&cap).map_err(KvmError::EnableDirtyRing)?;
+            DirtyMode::Ring
         } else {
-            DirtyMode::GetOnly
+            let supported =
+                vm.check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as _);
+            if supported & MANUAL_PROTECT_ENABLE as i32 != 0 {
+                let cap = kvm_bindings::kvm_enable_cap {
+                    cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    args: [MANUAL_PROTECT_ENABLE, 0, 0, 0],
+                    ..Default::default()
+                };
+                vm.enable_cap(&cap)
+                    .map_err(KvmError::EnableManualDirtyLog)?;
+                DirtyMode::GetAndClear
+            } else {
+                DirtyMode::GetOnly
+            }
         };
         Ok(DirtyLog {
             slot,
             pages,
             mode,
             kvm_bits: vec![0; words],
-            vmm_bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            vmm_bits: Arc::new((0..words).map(|_| AtomicU64::new(0)).collect()),
+            ring: None,
         })
+    }
+
+    /// In ring mode, maps vCPU 0's ring; returns it for the vCPU thread,
+    /// which drains it on `KVM_EXIT_DIRTY_RING_FULL`.
+    pub fn attach_ring(
+        &mut self,
+        vcpu: &kvm_ioctls::VcpuFd,
+        vm: &VmFd,
+    ) -> Result<Option<Arc<Ring>>> {
+        use std::os::fd::AsRawFd;
+        if self.mode != DirtyMode::Ring {
+            return Ok(None);
+        }
+        let ring = Arc::new(Ring::map(vcpu, vm.as_raw_fd(), self.vmm_bits.clone())?);
+        self.ring = Some(ring.clone());
+        Ok(Some(ring))
     }
 
     pub fn mode(&self) -> DirtyMode {
@@ -100,6 +143,12 @@ impl DirtyLog {
     /// Appends the gfns written since the previous harvest, sorted and
     /// unique, to `out`, and re-arms them (see the module invariants).
     pub fn harvest(&mut self, vm: &VmFd, out: &mut Vec<u64>) -> Result<()> {
+        if let Some(ring) = &self.ring {
+            ring.drain()?;
+            self.kvm_bits.fill(0);
+            self.collect(out);
+            return Ok(());
+        }
         self.kvm_bits.fill(0);
         let log = kvm_dirty_log {
             slot: self.slot,
@@ -132,7 +181,14 @@ impl DirtyLog {
                 return Err(KvmError::ClearDirtyLog(std::io::Error::last_os_error()));
             }
         }
-        for (i, (k, v)) in self.kvm_bits.iter().zip(&self.vmm_bits).enumerate() {
+        self.collect(out);
+        Ok(())
+    }
+
+    /// Appends the union of `kvm_bits` and the pending bits (cleared) as
+    /// sorted gfns.
+    fn collect(&self, out: &mut Vec<u64>) {
+        for (i, (k, v)) in self.kvm_bits.iter().zip(self.vmm_bits.iter()).enumerate() {
             let mut w = *k | v.swap(0, Ordering::Relaxed);
             while w != 0 {
                 let bit = w.trailing_zeros() as u64;
@@ -143,6 +199,5 @@ impl DirtyLog {
                 w &= w - 1;
             }
         }
-        Ok(())
     }
 }

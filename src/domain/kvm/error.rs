@@ -21,6 +21,14 @@ pub enum KvmError {
     },
     #[error("KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) failed: {0}")]
     EnableManualDirtyLog(#[source] kvm_ioctls::Error),
+    #[error("dirty=ring: KVM_CAP_DIRTY_LOG_RING allows {max} bytes per ring, {want} needed (use dirty=bitmap)")]
+    DirtyRingUnsupported { max: i32, want: u64 },
+    #[error("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING) failed: {0}")]
+    EnableDirtyRing(#[source] kvm_ioctls::Error),
+    #[error("mmap of the vCPU dirty ring failed: {0}")]
+    MapDirtyRing(#[source] std::io::Error),
+    #[error("KVM_RESET_DIRTY_RINGS failed: {0}")]
+    ResetDirtyRings(#[source] std::io::Error),
     #[error("KVM_GET_DIRTY_LOG failed: {0}")]
     GetDirtyLog(#[source] std::io::Error),
     #[error("KVM_CLEAR_DIRTY_LOG failed: {0}")]

@@ -4,7 +4,7 @@
 //!
 //! Pieces, one file each: [`spec`] (`kvm:key=value,...`), `guests` (the
 //! embedded images), `boot` (guest layout and entry state), `dirty` (dirty
-//! log), `vcpu` (the vCPU thread and pause protocol), `vcpu_state` (vCPU
+//! log), `ring` (the dirty ring alternative), `vcpu` (the vCPU thread and pause protocol), `vcpu_state` (vCPU
 //! save/restore), [`devices`] (serial, clock), `state` and `wire` (the
 //! saved-state format).
 //!
@@ -25,6 +25,7 @@ pub mod devices;
 mod dirty;
 mod error;
 mod guests;
+mod ring;
 pub mod spec;
 mod state;
 mod vcpu;
@@ -41,7 +42,7 @@ use crate::domain::{Domain, DomainError, GuestMemory, Layout};
 pub use devices::console::Console;
 pub use dirty::DirtyMode;
 pub use error::KvmError;
-pub use spec::{ConsoleSink, KvmSpec, Pattern};
+pub use spec::{ConsoleSink, DirtyKind, KvmSpec, Pattern};
 pub use vcpu::PauseTiming;
 
 use devices::Devices;
@@ -98,7 +99,7 @@ fn build_vm(spec: &KvmSpec) -> Result<Parts> {
     })?;
     let mem = GuestMemory::new(len)?;
     // The manual-protect capability must be enabled before the slot exists.
-    let dirty = DirtyLog::new(&vm, SLOT, mem.pages())?;
+    let mut dirty = DirtyLog::new(&vm, SLOT, mem.pages(), spec.dirty == DirtyKind::Ring)?;
     let region = kvm_userspace_memory_region {
         slot: SLOT,
         flags: KVM_MEM_LOG_DIRTY_PAGES,
@@ -117,6 +118,7 @@ fn build_vm(spec: &KvmSpec) -> Result<Parts> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(KvmError::GetSupportedCpuid)?;
     fd.set_cpuid2(&cpuid).map_err(KvmError::SetCpuid)?;
+    let ring = dirty.attach_ring(&fd, &vm)?;
     let msr_indices = vcpu_state::supported_msrs(&kvm)?;
     let has_xcrs = kvm.check_extension(Cap::Xcrs);
     Ok(Parts {
@@ -124,7 +126,7 @@ fn build_vm(spec: &KvmSpec) -> Result<Parts> {
         vm,
         mem,
         dirty,
-        vcpu: Vcpu::new(fd)?,
+        vcpu: Vcpu::new(fd, ring)?,
         msr_indices,
         has_xcrs,
     })

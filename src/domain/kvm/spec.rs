@@ -56,6 +56,15 @@ impl Pattern {
     }
 }
 
+/// Which KVM interface tracks guest writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyKind {
+    /// KVM_GET_DIRTY_LOG (+ KVM_CLEAR_DIRTY_LOG when available).
+    Bitmap,
+    /// KVM_CAP_DIRTY_LOG_RING.
+    Ring,
+}
+
 /// Where console (serial) output goes besides the in-memory buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsoleSink {
@@ -80,6 +89,7 @@ pub struct KvmSpec {
     pub touch: u32,
     pub pattern: Pattern,
     pub seed: u32,
+    pub dirty: DirtyKind,
     pub console: Option<ConsoleSink>,
 }
 
@@ -95,12 +105,13 @@ impl Default for KvmSpec {
             touch: 8,
             pattern: Pattern::Random,
             seed: 1,
+            dirty: DirtyKind::Bitmap,
             console: None,
         }
     }
 }
 
-const KEYS: &str = "guest, mem, regions, region_pages, touch, pattern, seed, console";
+const KEYS: &str = "guest, mem, regions, region_pages, touch, pattern, seed, dirty, console";
 
 impl KvmSpec {
     /// Parses `key=value,...`; missing keys take their defaults.
@@ -158,6 +169,13 @@ impl KvmSpec {
                     }
                 }
                 "seed" => s.seed = positive(value).ok_or_else(|| bad("a non-zero u32 seed"))?,
+                "dirty" => {
+                    s.dirty = match value {
+                        "bitmap" => DirtyKind::Bitmap,
+                        "ring" => DirtyKind::Ring,
+                        _ => return Err(bad("bitmap or ring")),
+                    }
+                }
                 "console" => {
                     s.console = match value {
                         "" => return Err(bad("stderr or a file path")),
@@ -212,14 +230,18 @@ impl fmt::Display for KvmSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "guest={},mem={},regions={},region_pages={},touch={},pattern={},seed={}",
+            "guest={},mem={},regions={},region_pages={},touch={},pattern={},seed={},dirty={}",
             self.guest,
             FmtSize(self.mem),
             self.regions,
             self.region_pages,
             self.touch,
             self.pattern.name(),
-            self.seed
+            self.seed,
+            match self.dirty {
+                DirtyKind::Bitmap => "bitmap",
+                DirtyKind::Ring => "ring",
+            }
         )?;
         match &self.console {
             None => Ok(()),
@@ -252,9 +274,9 @@ mod tests {
         let s = KvmSpec::parse("guest=memtouch,mem=16MiB").unwrap();
         assert_eq!(s, KvmSpec::default());
         for text in [
-            "guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1",
-            "guest=memtouch,mem=32MiB,regions=3,region_pages=1,touch=1,pattern=sequential,seed=7,console=/tmp/x.log",
-            "guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1,console=stderr",
+            "guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1,dirty=bitmap",
+            "guest=memtouch,mem=32MiB,regions=3,region_pages=1,touch=1,pattern=sequential,seed=7,dirty=ring,console=/tmp/x.log",
+            "guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1,dirty=bitmap,console=stderr",
         ] {
             let s = KvmSpec::parse(text).unwrap();
             assert_eq!(s.to_string(), text);
@@ -271,6 +293,7 @@ mod tests {
             ("regions=0", "regions=0"),
             ("regions=5000", "regions=5000"),
             ("pattern=zigzag", "pattern=zigzag"),
+            ("dirty=pml", "dirty=pml"),
             ("bogus=1", "bogus"),
             ("mem=4MiB,regions=1024,region_pages=16", "mem=4MiB"),
             ("touch", "\"touch\""),

@@ -84,7 +84,7 @@ fn memtouch_boots_and_counts() {
 #[test]
 fn domain_spec_parses_kvm() {
     let text =
-        "kvm:guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1";
+        "kvm:guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1,dirty=bitmap";
     let s = crate::domain::DomainSpec::parse(text).unwrap();
     assert_eq!(s.to_string(), text);
     assert_eq!(s.layout().pages, 4096);
@@ -95,7 +95,16 @@ fn domain_spec_parses_kvm() {
 /// when part of the epoch was harvested while running (pre-copy).
 #[test]
 fn dirty_log_reports_guest_and_vmm_writes() {
-    let Some(mut d) = open(&spec(",pattern=sequential")) else {
+    dirty_log_check(",pattern=sequential");
+}
+
+#[test]
+fn dirty_ring_reports_guest_and_vmm_writes() {
+    dirty_log_check(",pattern=sequential,dirty=ring");
+}
+
+fn dirty_log_check(extra: &str) {
+    let Some(mut d) = open(&spec(extra)) else {
         return;
     };
     let mut boot = Vec::new();
@@ -357,10 +366,17 @@ fn measure_harvest_and_pause() {
         return;
     }
     let ring = Kvm::new()
-        .map(|k| k.check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING as _))
+        .and_then(|k| k.create_vm())
+        .map(|vm| vm.check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING as _))
         .unwrap_or(0);
-    eprintln!("KVM_CAP_DIRTY_LOG_RING: {ring} (max ring bytes; 0 = unsupported); ring mode not implemented, bitmap figures only");
-    for mib in [16u64, 64, 256] {
+    eprintln!("KVM_CAP_DIRTY_LOG_RING: {ring} (max ring bytes; 0 = unsupported)");
+    for (mib, dirty) in [16u64, 64, 256]
+        .into_iter()
+        .flat_map(|m| [(m, DirtyKind::Bitmap), (m, DirtyKind::Ring)])
+    {
+        if dirty == DirtyKind::Ring && ring == 0 {
+            continue;
+        }
         // A sweeping guest dirties as many pages per instruction as it can.
         let mem = mib << 20;
         let region_pages = 16u32;
@@ -371,6 +387,7 @@ fn measure_harvest_and_pause() {
             region_pages,
             touch: 256,
             pattern: Pattern::Sweep,
+            dirty,
             ..KvmSpec::default()
         };
         let mut d = KvmDomain::new(&s).unwrap();
@@ -415,8 +432,8 @@ fn measure_harvest_and_pause() {
             let idle = t.elapsed();
             d.resume().unwrap();
             eprintln!(
-                "mem {mib:>3} MiB, epoch {epoch_ms:>3} ms ({:?}): harvest median {:?} for {} dirty pages avg (idle harvest {idle:?}) | pause median {:?} (kick {:?}, park {:?}) | save_state median {:?}, {} bytes",
-                d.dirty_mode(),
+                "mem {mib:>3} MiB, epoch {epoch_ms:>3} ms, {:<12}: harvest median {:?} for {} dirty pages avg (idle harvest {idle:?}) | pause median {:?} (kick {:?}, park {:?}) | save_state median {:?}, {} bytes",
+                format!("{:?}", d.dirty_mode()),
                 median(harvest),
                 pages / epochs,
                 median(pause),

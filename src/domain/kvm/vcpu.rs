@@ -31,6 +31,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::devices::Devices;
 use super::error::{KvmError, Result};
+use super::ring::Ring;
 
 /// The kick signal is SIGRTMIN + this (castor uses no other RT signal).
 pub const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -109,12 +110,14 @@ pub struct PauseTiming {
 /// One vCPU: its fd, and once started, its thread.
 pub struct Vcpu {
     shared: Arc<Shared>,
+    /// The dirty ring (dirty=ring), drained by the thread when full.
+    ring: Option<Arc<Ring>>,
     thread: Option<JoinHandle<()>>,
     pub last_pause: PauseTiming,
 }
 
 impl Vcpu {
-    pub fn new(mut fd: VcpuFd) -> Result<Self> {
+    pub fn new(mut fd: VcpuFd, ring: Option<Arc<Ring>>) -> Result<Self> {
         register_kick()?;
         let run = fd.get_kvm_run();
         let immediate_exit = std::ptr::addr_of_mut!(run.immediate_exit) as *const AtomicU8;
@@ -130,6 +133,7 @@ impl Vcpu {
                 vcpu: Mutex::new(fd),
                 immediate_exit,
             }),
+            ring,
             thread: None,
             last_pause: PauseTiming::default(),
         })
@@ -157,9 +161,10 @@ impl Vcpu {
         }
         self.shared.set_immediate_exit(0);
         let shared = self.shared.clone();
+        let ring = self.ring.clone();
         let t = std::thread::Builder::new()
             .name("castor-vcpu-0".into())
-            .spawn(move || vcpu_thread(&shared, &devices))
+            .spawn(move || vcpu_thread(&shared, &devices, ring.as_deref()))
             .map_err(KvmError::SpawnVcpu)?;
         self.thread = Some(t);
         Ok(())
@@ -237,11 +242,11 @@ enum Stop {
     Fault(String),
 }
 
-fn vcpu_thread(shared: &Shared, devices: &Mutex<Devices>) {
+fn vcpu_thread(shared: &Shared, devices: &Mutex<Devices>, ring: Option<&Ring>) {
     loop {
         let stop = {
             let mut fd = shared.vcpu.lock().unwrap_or_else(|e| e.into_inner());
-            run_until_stop(&mut fd, devices)
+            run_until_stop(&mut fd, devices, ring)
         };
         let mut ctl = shared.ctl();
         match stop {
@@ -270,12 +275,22 @@ fn vcpu_thread(shared: &Shared, devices: &Mutex<Devices>) {
     }
 }
 
-fn run_until_stop(fd: &mut VcpuFd, devices: &Mutex<Devices>) -> Stop {
+fn run_until_stop(fd: &mut VcpuFd, devices: &Mutex<Devices>, ring: Option<&Ring>) -> Stop {
     loop {
         match fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => lock(devices).pio_out(port, data),
             Ok(VcpuExit::IoIn(port, data)) => lock(devices).pio_in(port, data),
             Ok(VcpuExit::Hlt) => return Stop::Halted,
+            // KVM refuses to re-enter until the full ring is drained; the
+            // drained gfns wait in the pending bitmap for the next harvest.
+            Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => match ring {
+                Some(r) => {
+                    if let Err(e) = r.drain() {
+                        return Stop::Fault(e.to_string());
+                    }
+                }
+                None => return Stop::Fault("dirty ring full without a dirty ring".into()),
+            },
             Ok(exit) => return Stop::Fault(format!("unhandled KVM exit {exit:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 return Stop::Interrupted
