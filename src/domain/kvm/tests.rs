@@ -452,12 +452,14 @@ fn measure_harvest_and_pause() {
 /// corruption without panicking (no KVM needed).
 #[test]
 fn state_decoder_is_bounds_checked() {
-    let mut v = VcpuState::default();
-    v.msrs = vec![(0x10, 5), (0x174, 8)];
-    v.xcrs = Some(kvm_bindings::kvm_xcrs {
-        nr_xcrs: 1,
+    let v = VcpuState {
+        msrs: vec![(0x10, 5), (0x174, 8)],
+        xcrs: Some(kvm_bindings::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        }),
         ..Default::default()
-    });
+    };
     let devices = Devices::new(Console::new(None).unwrap());
     let mut st = Vec::new();
     state::encode(&v, &devices, &mut st);
