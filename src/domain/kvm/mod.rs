@@ -8,6 +8,12 @@
 //! save/restore), [`devices`] (serial, clock), `state` and `wire` (the
 //! saved-state format).
 //!
+//! Public surface: [`KvmSpec`] (`kvm:guest=memtouch,mem=16MiB,...`; keys
+//! guest, mem, regions, region_pages, touch, pattern, seed, dirty, console),
+//! [`KvmDomain::new`] / [`KvmDomain::restore`], the [`Domain`] trait, and
+//! [`KvmDomain::console`] for the guest's serial output. The guest ABI
+//! (entry state, memory layout, ports) is documented in guests/README.md.
+//!
 //! Invariants:
 //! - One memory slot covers all guest memory from gpa 0 with
 //!   `KVM_MEM_LOG_DIRTY_PAGES`; pages the VMM writes (boot layout) are in

@@ -10,8 +10,8 @@
 //! - Guest time never goes backwards, within one VM and across a
 //!   checkpoint: a saved record holds the guest time at `save` (taken while
 //!   paused, so no later guest read exists), and a restored clock is
-//!   frozen at that value until [`Clock::run`], which recomputes `offset`
-//!   so guest time continues from it. Time the replica spent waiting on the
+//!   frozen at that value (a fresh one at 0) until [`Clock::run`], which
+//!   recomputes `offset` so guest time continues from it. Time the replica spent waiting on the
 //!   backup does not appear as a leap, and a host clock that differs
 //!   between primary and backup does not matter.
 //! - Within one VM the offset never changes while running, so reads are
@@ -44,11 +44,12 @@ pub struct Clock {
 }
 
 impl Clock {
-    /// A clock starting at guest time 0 now.
+    /// A clock at guest time 0, frozen until [`Clock::run`] (the domain's
+    /// `start`), so guest time counts only from the first instruction.
     pub fn new() -> Self {
         Clock {
-            offset: 0u64.wrapping_sub(host_ns()),
-            frozen: None,
+            offset: 0,
+            frozen: Some(0),
             latched: 0,
         }
     }
@@ -113,7 +114,9 @@ mod tests {
 
     #[test]
     fn restored_clock_continues_from_checkpoint() {
-        let c = Clock::new();
+        let mut c = Clock::new();
+        assert_eq!(c.now(), 0);
+        c.run();
         std::thread::sleep(std::time::Duration::from_millis(2));
         let mut rec = Vec::new();
         c.save(&mut rec);
