@@ -292,5 +292,12 @@ pub fn expected_digest(spec: &DomainSpec, epoch: u64) -> Result<Digest, HarnessE
             // SAFETY: `mem` is a private image nobody else writes.
             Ok(Digest::of(unsafe { mem.as_slice() }, &state))
         }
+        DomainSpec::Kvm(_) => Err(crate::domain::DomainError::Spec {
+            spec: spec.to_string(),
+            reason: "a kvm guest is not deterministic: no expected digest exists \
+                     (use a sim domain with writes=N)"
+                .into(),
+        }
+        .into()),
     }
 }

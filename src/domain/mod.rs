@@ -1,6 +1,7 @@
 //! Domains: where the protected guest lives. The engine drives every backend
 //! through the [`Domain`] trait and never knows which one it has.
 
+pub mod kvm;
 pub mod memory;
 pub mod sim;
 
@@ -76,6 +77,7 @@ pub trait Domain: Send {
 #[derive(Debug, Clone, PartialEq)]
 pub enum DomainSpec {
     Sim(sim::SimSpec),
+    Kvm(kvm::KvmSpec),
 }
 
 impl DomainSpec {
@@ -83,9 +85,10 @@ impl DomainSpec {
         let (kind, rest) = s.split_once(':').unwrap_or((s, ""));
         match kind {
             "sim" => Ok(DomainSpec::Sim(sim::SimSpec::parse(rest)?)),
+            "kvm" => Ok(DomainSpec::Kvm(kvm::KvmSpec::parse(rest)?)),
             other => Err(DomainError::Spec {
                 spec: s.to_string(),
-                reason: format!("unknown domain kind {other:?} (known: sim)"),
+                reason: format!("unknown domain kind {other:?} (known: sim, kvm)"),
             }),
         }
     }
@@ -94,12 +97,14 @@ impl DomainSpec {
     pub fn open(&self) -> Result<Box<dyn Domain>, DomainError> {
         match self {
             DomainSpec::Sim(s) => Ok(Box::new(sim::SimDomain::new(s)?)),
+            DomainSpec::Kvm(s) => Ok(Box::new(kvm::KvmDomain::new(s)?)),
         }
     }
 
     pub fn layout(&self) -> Layout {
         match self {
             DomainSpec::Sim(s) => s.layout(),
+            DomainSpec::Kvm(s) => s.layout(),
         }
     }
 
@@ -120,6 +125,7 @@ impl fmt::Display for DomainSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DomainSpec::Sim(s) => write!(f, "sim:{s}"),
+            DomainSpec::Kvm(s) => write!(f, "kvm:{s}"),
         }
     }
 }
