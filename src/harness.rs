@@ -94,11 +94,27 @@ pub fn protect(
 struct BackupChild {
     child: Child,
     addr: String,
+    /// Its stderr, kept to explain a failed run.
+    log: tempfile::NamedTempFile,
+}
+
+impl BackupChild {
+    /// The last lines the backup wrote to stderr.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(6)..].join("\n")
+    }
 }
 
 fn spawn_backup(state_dir: &Path, psk_hex: &str, quiet: bool) -> Result<BackupChild, HarnessError> {
     let exe = std::env::current_exe()
         .map_err(|e| HarnessError::Backup(format!("locating castor binary: {e}")))?;
+    let log = tempfile::NamedTempFile::new()
+        .map_err(|e| HarnessError::Backup(format!("creating a log file: {e}")))?;
+    let err = log
+        .reopen()
+        .map_err(|e| HarnessError::Backup(format!("opening the log file: {e}")))?;
     let mut cmd = Command::new(exe);
     cmd.args(["backup", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(state_dir)
@@ -106,7 +122,7 @@ fn spawn_backup(state_dir: &Path, psk_hex: &str, quiet: bool) -> Result<BackupCh
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     if quiet {
-        cmd.arg("--quiet");
+        cmd.stderr(Stdio::from(err));
     }
     let mut child = cmd
         .spawn()
@@ -123,7 +139,7 @@ fn spawn_backup(state_dir: &Path, psk_hex: &str, quiet: bool) -> Result<BackupCh
             HarnessError::Backup(format!("unexpected first line from backup: {line:?}"))
         })?
         .to_string();
-    Ok(BackupChild { child, addr })
+    Ok(BackupChild { child, addr, log })
 }
 
 /// Options of a loopback run.
@@ -163,12 +179,20 @@ pub fn loopback(
     let (raw, backup_cpu) =
         metrics::wait_child(backup.child.id()).map_err(|e| HarnessError::Backup(e.to_string()))?;
     let status = std::os::unix::process::ExitStatusExt::from_raw(raw);
-    let outcome = run?;
+    let explain = |what: String| {
+        let tail = backup.log_tail();
+        if tail.is_empty() {
+            what
+        } else {
+            format!("{what}\nbackup said:\n{tail}")
+        }
+    };
+    let outcome = run.map_err(|e| HarnessError::Backup(explain(e.to_string())))?;
     let primary_cpu = metrics::self_cpu() - cpu0;
     if !std::process::ExitStatus::success(&status) {
-        return Err(HarnessError::Backup(format!(
+        return Err(HarnessError::Backup(explain(format!(
             "backup exited with {status:?}"
-        )));
+        ))));
     }
     let (meta, replica_digest) = replica::verify(&state_dir)?;
     let mut s = outcome.summary;

@@ -117,6 +117,11 @@ impl DomainSpec {
     ) -> Result<Box<dyn Domain>, DomainError> {
         match self {
             DomainSpec::Sim(s) => Ok(Box::new(sim::SimDomain::restore(s, memory, state)?)),
+            DomainSpec::Kvm(s) => {
+                // SAFETY: the replica memory is ours alone until restored.
+                let image = unsafe { memory.as_slice() };
+                Ok(Box::new(kvm::KvmDomain::restore(s, image, state)?))
+            }
         }
     }
 }

@@ -406,6 +406,8 @@ fn tx_thread(
     let mut hb = Vec::new();
     // The seed (epoch 0) spans several units (pre-copy rounds).
     let mut seed_end = EpochEnd::default();
+    // Sent units whose job may still be referenced by an encoder.
+    let mut orphans: Vec<Arc<EpochJob>> = Vec::new();
     let mut seed_rec = EpochRecord::default();
     let new_assembly = || Assembly {
         meta: None,
@@ -525,13 +527,19 @@ fn tx_thread(
             for o in outs {
                 let _ = buf_return[o.shard].send(o.buf);
             }
-            if let Ok(job) = Arc::try_unwrap(meta.job) {
-                if let Source::Staged(_, st) = job.source {
-                    let _ = staging_return.send(st);
-                }
-            }
+            orphans.push(meta.job);
             next += 1;
         }
+        // Return staging buffers whose job nobody else holds any more.
+        orphans.retain_mut(|job| {
+            let Some(j) = Arc::get_mut(job) else {
+                return true;
+            };
+            if let Source::Staged(_, st) = std::mem::replace(&mut j.source, Source::AllLive) {
+                let _ = staging_return.send(st);
+            }
+            false
+        });
         if let (Some(f), Some(c)) = (finish, last_closed) {
             if c >= f {
                 let mut c = Vec::new();
@@ -813,8 +821,13 @@ pub fn run<R: std::io::Read + Send + 'static>(
 fn dispatch(tx: &Sender<TxMsg>, job_txs: &[Sender<Arc<EpochJob>>], meta: Meta) {
     let job = meta.job.clone();
     let _ = tx.send(TxMsg::Meta(meta));
-    for j in job_txs {
-        let _ = j.send(job.clone());
+    // The last encoder gets our own clone: once every encoder has reported,
+    // the tx thread's is the only one left and it can reclaim the staging.
+    if let Some((last, rest)) = job_txs.split_last() {
+        for j in rest {
+            let _ = j.send(job.clone());
+        }
+        let _ = last.send(job);
     }
 }
 
@@ -1023,9 +1036,13 @@ fn drive(
                     // All buffers busy or too small: wait for one, grow if needed.
                     let b = spare.pop().map_or_else(
                         || {
-                            staging_ret.recv().map_err(|_| PrimaryError::BackupLost {
-                                acked: 0,
-                                reason: "transport thread ended".into(),
+                            staging_ret.recv().map_err(|_| {
+                                // The tx thread only ends early on a failed link.
+                                let g = shared.inflight.lock().unwrap();
+                                broken(&g).unwrap_or(PrimaryError::BackupLost {
+                                    acked: g.acked.unwrap_or(0),
+                                    reason: "transport thread ended".into(),
+                                })
                             })
                         },
                         Ok,
