@@ -69,6 +69,10 @@ enum Cmd {
         /// Activated domain: stop after this many epochs.
         #[arg(long, requires = "activate")]
         run_epochs: Option<u64>,
+        /// Activated domain: `key=value,...` replacing parts of the primary's
+        /// spec, e.g. `console=/var/log/guest.log,tap=castor1`.
+        #[arg(long = "override", requires = "activate")]
+        overrides: Option<String>,
     },
     /// Protect a domain: run it in epochs and stream each checkpoint to a backup.
     Protect {
@@ -250,6 +254,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             epoch,
             run_for,
             run_epochs,
+            overrides,
         } => {
             let psk = load_psk(psk_file.as_ref())?;
             let l = castor::transport::tcp::listen(&listen).map_err(|e| e.to_string())?;
@@ -284,6 +289,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 };
                 let acfg = castor::engine::activate::ActivateConfig {
                     epoch,
+                    overrides,
                     run_for,
                     run_epochs,
                 };

@@ -108,6 +108,36 @@ impl DomainSpec {
         }
     }
 
+    /// The same spec with some `key=value` pairs replaced or added, e.g. a
+    /// backup giving an activated guest its own console file or TAP device.
+    /// Values may not contain `,` or `=`.
+    pub fn with_overrides(&self, overrides: &str) -> Result<DomainSpec, DomainError> {
+        let text = self.to_string();
+        let (kind, rest) = text.split_once(':').unwrap_or((&text, ""));
+        let split = |p: &str| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| DomainError::Spec {
+                    spec: overrides.to_string(),
+                    reason: format!("override {p:?} is not key=value"),
+                })
+        };
+        let mut pairs: Vec<(String, String)> = rest
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(split)
+            .collect::<Result<_, _>>()?;
+        for o in overrides.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = split(o)?;
+            match pairs.iter_mut().find(|(pk, _)| *pk == k) {
+                Some(p) => p.1 = v,
+                None => pairs.push((k, v)),
+            }
+        }
+        let joined: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        DomainSpec::parse(&format!("{kind}:{}", joined.join(",")))
+    }
+
     /// Rebuilds the domain from a checkpoint (memory image and saved
     /// state), paused; `start` resumes the guest where the checkpoint left it.
     pub fn restore(
@@ -132,5 +162,23 @@ impl fmt::Display for DomainSpec {
             DomainSpec::Sim(s) => write!(f, "sim:{s}"),
             DomainSpec::Kvm(s) => write!(f, "kvm:{s}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_replace_and_add_keys() {
+        let s = DomainSpec::parse("kvm:guest=memtouch,mem=16MiB").unwrap();
+        let o = s.with_overrides("console=/tmp/x.log,seed=9").unwrap();
+        let t = o.to_string();
+        assert!(
+            t.contains("console=/tmp/x.log") && t.contains("seed=9"),
+            "{t}"
+        );
+        assert!(s.with_overrides("nonsense").is_err());
+        assert!(s.with_overrides("nokey=1").is_err());
     }
 }

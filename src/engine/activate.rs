@@ -33,6 +33,9 @@ pub enum ActivateError {
 #[derive(Debug, Clone)]
 pub struct ActivateConfig {
     pub epoch: Duration,
+    /// `key=value,...` replacing parts of the primary's domain spec (its
+    /// own console file, TAP device, ...).
+    pub overrides: Option<String>,
     /// Stop after this long (None: until a stop signal).
     pub run_for: Option<Duration>,
     /// Stop after this many epochs past the checkpoint.
@@ -64,16 +67,21 @@ pub fn activate(
     out_dir: &Path,
 ) -> Result<Activation, ActivateError> {
     let t0 = Instant::now();
-    let spec = DomainSpec::parse(desc).map_err(|source| ActivateError::Spec {
-        desc: desc.to_string(),
-        source,
-    })?;
+    let spec = DomainSpec::parse(desc)
+        .and_then(|s| match &cfg.overrides {
+            Some(o) => s.with_overrides(o),
+            None => Ok(s),
+        })
+        .map_err(|source| ActivateError::Spec {
+            desc: desc.to_string(),
+            source,
+        })?;
     let mut domain = spec.restore(memory, state)?;
     domain.start()?;
     let running_at = Instant::now();
     let restore_time = running_at - t0;
     eprintln!(
-        "castor backup: ACTIVATED {desc} from epoch {epoch}: guest running {:.1} ms after restore began",
+        "castor backup: ACTIVATED {spec} from epoch {epoch}: guest running {:.1} ms after restore began",
         restore_time.as_secs_f64() * 1000.0
     );
     let started = Instant::now();
