@@ -144,3 +144,42 @@ fn bench_reports_matching_digests() {
     assert_eq!(v["replica_digest"], v["primary_digest"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("MATCHES"));
 }
+
+/// Hundreds of tiny epochs: encoders finish faster than the epoch thread
+/// returns from handing out a job. A staging buffer lost in that race once
+/// deadlocked the primary after a few dozen epochs; the watchdog turns a
+/// hang into a failure.
+#[test]
+fn many_tiny_epochs_complete() {
+    if sim_unavailable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "sim:mem=1MiB,workload=edits,writes=3,seed=1";
+    let b = Backup::start(&dir.path().join("replica"));
+    let bdir = b.dir.clone();
+    let mut p = castor()
+        .args([
+            "protect", "--quiet", "--domain", spec, "--backup", &b.addr, "--epoch", "1ms",
+            "--epochs", "400",
+        ])
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let st = loop {
+        if let Some(st) = p.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(60) {
+            p.kill().unwrap();
+            panic!("primary hung");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(st.success());
+    let (bst, err) = b.wait();
+    assert!(bst.success(), "{err}");
+    let m = meta(&bdir).unwrap();
+    assert_eq!(m.epoch, 400);
+    assert_eq!(m.digest, expected_digest(spec, 400));
+}
