@@ -8,7 +8,6 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 
 #[test]
@@ -24,19 +23,18 @@ fn activated_replica_continues_the_workload() {
         KEY,
     );
     let bdir = b.dir.clone();
-    let mut p = castor()
-        .args([
-            "protect", "--domain", spec, "--backup", &b.addr, "--epoch", "5ms",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut p = Reaped(
+        castor()
+            .args([
+                "protect", "--domain", spec, "--backup", &b.addr, "--epoch", "5ms",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // Kill once checkpoints are flowing (the first progress line says so).
-    let mut lines = BufReader::new(p.stderr.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    assert!(first.contains("acked"), "{first}");
-    p.kill().unwrap();
-    p.wait().unwrap();
+    first_progress_line(&mut p.0);
+    drop(p); // SIGKILL
     let (st, err) = b.wait();
     assert_eq!(st.code(), Some(2), "{err}");
     assert!(err.contains("ACTIVATED"), "{err}");

@@ -6,7 +6,6 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -43,23 +42,19 @@ fn sigkill_of_primary_leaves_last_complete_epoch() {
         // The primary's progress line is the event that tells us epochs are
         // flowing; we then kill after a random extra delay (the random
         // moment is the point of the test, not a synchronisation).
-        let mut p = castor()
-            .args([
-                "protect", "--domain", spec, "--backup", &b.addr, "--epoch", "5ms",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(p.stderr.take().unwrap()).lines();
-        let first = lines
-            .next()
-            .expect("protect printed a progress line")
-            .unwrap();
-        assert!(first.contains("acked"), "unexpected output: {first}");
+        let mut p = Reaped(
+            castor()
+                .args([
+                    "protect", "--domain", spec, "--backup", &b.addr, "--epoch", "5ms",
+                ])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        first_progress_line(&mut p.0);
         let extra = next(&mut seed) % 400;
         std::thread::sleep(Duration::from_millis(extra));
-        p.kill().unwrap(); // SIGKILL
-        p.wait().unwrap();
+        drop(p); // SIGKILL
         let (st, err) = b.wait();
         assert_eq!(
             st.code(),

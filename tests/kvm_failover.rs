@@ -66,10 +66,12 @@ fn memtouch_survives_sigkill_of_the_primary() {
             KEY,
         );
         let spec = format!("kvm:guest=memtouch,mem=8MiB,console={}", plog.display());
-        let mut p = castor()
-            .args(["protect", "--quiet", "--domain", &spec, "--backup", &b.addr])
-            .spawn()
-            .unwrap();
+        let p = Reaped(
+            castor()
+                .args(["protect", "--quiet", "--domain", &spec, "--backup", &b.addr])
+                .spawn()
+                .unwrap(),
+        );
         // The guest's own output is the event: wait until it has run a while.
         let want = 5 + next(&mut seed) % 40;
         let t0 = Instant::now();
@@ -81,8 +83,7 @@ fn memtouch_survives_sigkill_of_the_primary() {
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(next(&mut seed) % 50));
-        p.kill().unwrap(); // SIGKILL
-        p.wait().unwrap();
+        drop(p); // SIGKILL
         let (st, err) = b.wait();
         assert_eq!(st.code(), Some(2), "{err}");
         assert!(err.contains("ACTIVATED"), "{err}");

@@ -3,6 +3,7 @@
 
 pub mod kvm;
 pub mod memory;
+pub mod pagemap;
 pub mod sim;
 
 use std::fmt;
@@ -68,6 +69,13 @@ pub trait Domain: Send {
     /// Appends the gfns written since the previous harvest (sorted, unique)
     /// to `out` and re-arms tracking for them. Only called while paused.
     fn harvest_dirty(&mut self, out: &mut Vec<u64>) -> Result<(), DomainError>;
+    /// Appends the pages that may be non-zero (ever written) to `out`,
+    /// sorted, and returns true; or returns false if the backend cannot
+    /// tell, and the initial copy reads every page. Called while running.
+    fn present_pages(&self, out: &mut Vec<u64>) -> Result<bool, DomainError> {
+        pagemap::present_pages(self.memory(), out)?;
+        Ok(true)
+    }
     /// Appends the saved non-memory state (vCPUs, devices) to `out`.
     /// Only called while paused.
     fn save_state(&mut self, out: &mut Vec<u8>) -> Result<(), DomainError>;

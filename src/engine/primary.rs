@@ -99,7 +99,7 @@ impl Default for PrimaryConfig {
             final_ack_timeout: Duration::from_secs(30),
             keep_dirty_lists: 0,
             precopy_target: 4096,
-            precopy_rounds: 8,
+            precopy_rounds: 30,
         }
     }
 }
@@ -883,10 +883,22 @@ fn drive(
     // shrinking), so the first checkpoint's pause stays short.
     let pages = domain.layout().pages;
     let mut unit = 0u64;
-    let mut source = Source::AllLive;
+    // Never-written pages are zero, as is the backup's fresh replica: the
+    // first pass skips them when the domain can tell which they are.
+    let mut present = Vec::new();
+    let mut source = match domain.present_pages(&mut present) {
+        Ok(true) => Source::Live(present),
+        _ => Source::AllLive,
+    };
+    let first_pass = match &source {
+        Source::Live(p) => p.len() as u64,
+        _ => pages,
+    };
     let mut round = 0u32;
     let mut last = false;
     let mut prev_dirty = u64::MAX;
+    let mut round_start = Instant::now();
+    let mut spare: Vec<PageBuf> = Vec::new();
     loop {
         let job = Arc::new(EpochJob {
             unit,
@@ -926,25 +938,43 @@ fn drive(
                     .0;
             }
         }
+        if cfg.progress {
+            eprintln!(
+                "castor: initial copy round {round}: {} pages sent in {:.0} ms",
+                if round == 0 { first_pass } else { prev_dirty },
+                round_start.elapsed().as_secs_f64() * 1000.0
+            );
+        }
         round += 1;
+        round_start = Instant::now();
         let mut d = Vec::new();
         domain.harvest_dirty(&mut d)?;
         let n = d.len() as u64;
+        // Stop once the set is small, or has stopped shrinking after a few
+        // rounds (the guest dirties faster than a round takes).
         last = n <= cfg.precopy_target
             || round >= cfg.precopy_rounds
-            || n * 10 >= prev_dirty * 9
+            || (round >= 4 && n >= prev_dirty)
             || crate::engine::stop_requested();
-        prev_dirty = n;
+        if last {
+            // Staging for the first checkpoints, faulted in now (the guest
+            // still runs) and sized for this round's dirty set, so no pause
+            // allocates. Pages written meanwhile join this last round.
+            let first = (pages as usize).min((n as usize * 2).max(8192));
+            spare = (0..k)
+                .map(|_| PageBuf::new_populated(first))
+                .collect::<Result<_, _>>()?;
+            let mut more = Vec::new();
+            domain.harvest_dirty(&mut more)?;
+            let mut all = Vec::new();
+            merge_sorted(&d, &more, &mut all);
+            d = all;
+        }
+        prev_dirty = d.len() as u64;
         source = Source::Live(d);
     }
     let _ = shared.ckpt_start.set(Instant::now());
     let start = Instant::now();
-
-    // Staging for the first epochs, faulted in now so no pause pays for it.
-    let first = (domain.layout().pages as usize).min(8192);
-    let mut spare: Vec<PageBuf> = (0..k)
-        .map(|_| PageBuf::new_populated(first))
-        .collect::<Result<_, _>>()?;
     let mut staging_count = spare.len();
     let mut gfns: Vec<u64> = Vec::new();
     let (mut pre, mut late) = (Vec::new(), Vec::new());

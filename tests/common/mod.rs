@@ -88,6 +88,46 @@ impl Backup {
     }
 }
 
+impl Drop for Backup {
+    /// A failing test must not leave its backup running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing
+/// test leaves nothing behind.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads a `protect` child's stderr until its first progress line (the
+/// event that checkpoints are flowing); returns that line.
+pub fn first_progress_line(p: &mut Child) -> String {
+    let err = p.stderr.take().expect("stderr piped");
+    let mut lines = BufReader::new(err).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains("acked") {
+            // Keep draining in the background so the child never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return line;
+        }
+        seen.push(line);
+    }
+    panic!(
+        "protect ended without a progress line:\n{}",
+        seen.join("\n")
+    );
+}
+
 #[derive(Debug, serde::Deserialize)]
 pub struct Meta {
     pub epoch: u64,

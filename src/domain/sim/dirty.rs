@@ -29,8 +29,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use crate::domain::pagemap::{self, PageRegion, ScanQuery};
 use crate::domain::{DomainError, GuestMemory};
-use crate::PAGE_SIZE;
 
 // ---- ioctl number encoding (asm-generic/ioctl.h; x86, arm64, riscv) ----
 const IOC_WRITE: u64 = 1;
@@ -92,47 +92,10 @@ const UFFDIO_API: u64 = iowr::<UffdioApi>(UFFDIO, _UFFDIO_API);
 const UFFDIO_REGISTER: u64 = iowr::<UffdioRegister>(UFFDIO, _UFFDIO_REGISTER);
 const UFFDIO_WRITEPROTECT: u64 = iowr::<UffdioWriteprotect>(UFFDIO, _UFFDIO_WRITEPROTECT);
 
-// ---- linux/fs.h ----
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-const PAGEMAP_SCAN: u64 = iowr::<PmScanArg>(b'f', 16);
-
 // Cross-checked against the C headers' macros (gcc on x86_64).
 const _: () = assert!(UFFDIO_API == 0xc018_aa3f);
 const _: () = assert!(UFFDIO_REGISTER == 0xc020_aa00);
 const _: () = assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
-const _: () = assert!(PAGEMAP_SCAN == 0xc060_6610);
-
-/// Regions fetched per PAGEMAP_SCAN call; runs of adjacent written pages
-/// share one region, so this bounds calls, not pages.
-const REGIONS_PER_CALL: usize = 8192;
 
 const ADVICE: &str = "needs Linux >= 6.7 with userfaultfd (UFFD_FEATURE_WP_ASYNC) and \
                       PAGEMAP_SCAN; use a newer kernel or another domain (--domain kvm)";
@@ -233,7 +196,7 @@ impl DirtyTracker {
             pagemap,
             base,
             len,
-            regions: vec![PageRegion::default(); REGIONS_PER_CALL],
+            regions: pagemap::region_buffer(),
         };
         Ok(tracker)
     }
@@ -243,52 +206,18 @@ impl DirtyTracker {
     /// them. Pages written concurrently with the call are reported either
     /// now or by the next harvest, never lost.
     pub fn harvest(&mut self, out: &mut Vec<u64>) -> Result<(), DomainError> {
-        let end = self.base + self.len;
-        let mut start = self.base;
-        while start < end {
-            let mut arg = PmScanArg {
-                size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                start,
-                end,
-                vec: self.regions.as_mut_ptr() as u64,
-                vec_len: self.regions.len() as u64,
-                category_mask: PAGE_IS_WRITTEN,
-                return_mask: PAGE_IS_WRITTEN,
-                ..PmScanArg::default()
-            };
-            let n = loop {
-                // SAFETY: PAGEMAP_SCAN reads and writes one pm_scan_arg
-                // (`arg`, repr(C)) and writes at most `vec_len` page_regions
-                // to `vec`, which points at `self.regions` of that length,
-                // exclusively borrowed for the call.
-                match unsafe { ioctl_ret(&self.pagemap, PAGEMAP_SCAN, &mut arg) } {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
-                        return Err(DomainError::DirtyTracking(format!(
-                            "PAGEMAP_SCAN not supported by this kernel ({e}); {ADVICE}"
-                        )))
-                    }
-                    r => break r.map_err(|e| sys("ioctl PAGEMAP_SCAN", e))?,
-                }
-            };
-            let n = (n as usize).min(self.regions.len());
-            for r in &self.regions[..n] {
-                let first = (r.start - self.base) / PAGE_SIZE as u64;
-                let last = (r.end - self.base) / PAGE_SIZE as u64;
-                out.extend(first..last);
-            }
-            // The kernel stops early (walk_end < end) when the region vector
-            // is full; continue from where it stopped.
-            if arg.walk_end <= start || arg.walk_end > end {
-                return Err(DomainError::DirtyTracking(format!(
-                    "PAGEMAP_SCAN made no progress (start {start:#x}, walk_end {:#x}, end {end:#x})",
-                    arg.walk_end
-                )));
-            }
-            start = arg.walk_end;
-        }
-        Ok(())
+        pagemap::scan(
+            &self.pagemap,
+            self.base,
+            self.len,
+            ScanQuery::WRITTEN_AND_REPROTECT,
+            &mut self.regions,
+            out,
+        )
+        .map_err(|e| match e {
+            DomainError::DirtyTracking(m) => DomainError::DirtyTracking(format!("{m}; {ADVICE}")),
+            e => e,
+        })
     }
 }
 
@@ -324,6 +253,8 @@ unsafe fn ioctl_ret<T>(fd: &impl AsRawFd, req: u64, arg: &mut T) -> io::Result<l
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::pagemap::REGIONS_PER_CALL;
+    use crate::PAGE_SIZE;
     use std::time::Instant;
 
     /// Builds a tracker, or explains why this machine cannot and returns None.
