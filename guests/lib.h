@@ -9,15 +9,19 @@ static inline void outb(unsigned short port, unsigned char v)
     __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
 }
 
+/* 32-bit port accesses are also device doorbells that read or write guest
+ * memory (NIC TX/RX, block commands): the "memory" clobber makes the
+ * compiler finish stores to a buffer before the OUT and reload it after,
+ * instead of assuming a buffer only the device writes stays zero. */
 static inline void outl(unsigned short port, u32 v)
 {
-    __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+    __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory");
 }
 
 static inline u32 inl(unsigned short port)
 {
     u32 v;
-    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port) : "memory");
     return v;
 }
 

@@ -407,4 +407,6 @@ impl Domain for KvmDomain {
 }
 
 #[cfg(test)]
+mod net_tests;
+#[cfg(test)]
 mod tests;
