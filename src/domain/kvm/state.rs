@@ -107,3 +107,44 @@ pub fn split(bytes: &[u8]) -> Result<Vec<RawRecord<'_>>> {
 pub fn decode_vcpu(bytes: &[u8]) -> Result<VcpuState> {
     VcpuState::decode(&split(bytes)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::kvm::devices::console::Console;
+
+    /// A `CKVM` v1 state (no NETD/BLKD) still restores; v2 must hold both
+    /// and v1 neither.
+    #[test]
+    fn reads_v1_and_checks_v2_records() {
+        let devices = Devices::new(Console::new(None).unwrap());
+        let mut st = Vec::new();
+        encode(&VcpuState::default(), &devices, &mut st);
+        let inner = split(&st).unwrap();
+        assert!(inner.iter().any(|r| &r.magic == b"NETD"));
+        let rewrap = |version: u16, keep: &dyn Fn(&RawRecord<'_>) -> bool| {
+            let mut out = Vec::new();
+            let mut w = RecordWriter::begin(&mut out, CONTAINER_MAGIC, version);
+            for r in inner.iter().filter(|r| keep(r)) {
+                let mut rw = RecordWriter::begin(w.inner(), r.magic, r.version);
+                rw.bytes(r.payload);
+                rw.finish();
+            }
+            w.finish();
+            out
+        };
+        let v1 = rewrap(1, &|r| !SINCE_V2.contains(&&r.magic));
+        let recs = split(&v1).unwrap();
+        let mut d = Devices::new(Console::new(None).unwrap());
+        d.restore(&recs).unwrap();
+        assert!(decode_vcpu(&v1).is_ok());
+        let e = split(&rewrap(1, &|_| true)).unwrap_err().to_string();
+        assert!(e.contains("must not hold"), "{e}");
+        let e = split(&rewrap(2, &|r| &r.magic != b"BLKD"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lacks") && e.contains("BLKD"), "{e}");
+        let e = split(&rewrap(3, &|_| true)).unwrap_err().to_string();
+        assert!(e.contains("version 3"), "{e}");
+    }
+}
