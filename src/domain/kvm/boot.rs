@@ -31,7 +31,8 @@ pub const DATA_GPA: u64 = 0x20_1000;
 
 /// "CBP1" read as a little-endian u32.
 pub const BOOT_MAGIC: u32 = 0x3150_4243;
-pub const BOOT_VERSION: u32 = 1;
+/// v2 appended `ip` (offset 40).
+pub const BOOT_VERSION: u32 = 2;
 
 const CODE_SELECTOR: u16 = 0x08;
 const DATA_SELECTOR: u16 = 0x10;
@@ -75,6 +76,9 @@ pub fn load_guest(spec: &KvmSpec, image: &[u8], mem: &GuestMemory, dirty: &Dirty
         spec.touch,
         spec.pattern.code(),
         spec.seed,
+        // The address's bytes in network order, read as a little-endian
+        // u32: byte 0 of the field is the first octet.
+        spec.ip.map_or(0, |ip| u32::from_le_bytes(ip.octets())),
     ];
     let params: Vec<u8> = params.iter().flat_map(|w| w.to_le_bytes()).collect();
     write(mem, dirty, BOOT_PARAMS_GPA, &params);

@@ -47,6 +47,43 @@ pub enum DirtyMode {
     Ring,
 }
 
+/// VMM-side dirty marking: pages the VMM (not the guest) writes, which
+/// KVM's log cannot see. Cloneable; every clone feeds the same bitmap.
+#[derive(Clone)]
+pub struct VmmDirty {
+    bits: Arc<Vec<AtomicU64>>,
+    pages: u64,
+}
+
+impl VmmDirty {
+    /// A standalone bitmap of `pages` pages (unit tests of devices).
+    pub fn new(pages: u64) -> Self {
+        VmmDirty {
+            bits: Arc::new((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()),
+            pages,
+        }
+    }
+
+    /// Marks the pages holding bytes `[gpa, gpa + len)`; pages past the
+    /// end of memory are ignored.
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 || self.pages == 0 {
+            return;
+        }
+        let first = gpa / crate::PAGE_SIZE as u64;
+        let last = (gpa.saturating_add(len - 1) / crate::PAGE_SIZE as u64).min(self.pages - 1);
+        for gfn in first..=last {
+            self.bits[(gfn / 64) as usize].fetch_or(1 << (gfn % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether page `gfn` is marked (tests).
+    pub fn is_marked(&self, gfn: u64) -> bool {
+        gfn < self.pages
+            && self.bits[(gfn / 64) as usize].load(Ordering::Relaxed) & (1 << (gfn % 64)) != 0
+    }
+}
+
 /// Dirty tracking of slot `slot` covering `pages` pages from gfn 0.
 pub struct DirtyLog {
     slot: u32,
@@ -130,13 +167,16 @@ impl DirtyLog {
 
     /// Records that the VMM wrote bytes `[gpa, gpa + len)` of guest memory.
     pub fn mark_vmm_dirty(&self, gpa: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let first = gpa / crate::PAGE_SIZE as u64;
-        let last = ((gpa + len - 1) / crate::PAGE_SIZE as u64).min(self.pages - 1);
-        for gfn in first..=last {
-            self.vmm_bits[(gfn / 64) as usize].fetch_or(1 << (gfn % 64), Ordering::Relaxed);
+        self.vmm_handle().mark(gpa, len);
+    }
+
+    /// A handle devices keep to report their own writes to guest memory
+    /// (DMA-like copies on the vCPU thread); it feeds the same pending
+    /// bitmap, so the next [`DirtyLog::harvest`] reports those pages.
+    pub fn vmm_handle(&self) -> VmmDirty {
+        VmmDirty {
+            bits: self.vmm_bits.clone(),
+            pages: self.pages,
         }
     }
 

@@ -107,6 +107,14 @@ pub enum KvmError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Tap(#[from] super::tap::TapError),
+    #[error("opening disk image {path:?} (read-write) failed: {source}")]
+    Disk {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
     Domain(#[from] DomainError),
 }
 

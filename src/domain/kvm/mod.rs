@@ -5,11 +5,13 @@
 //! Pieces, one file each: [`spec`] (`kvm:key=value,...`), `guests` (the
 //! embedded images), `boot` (guest layout and entry state), `dirty` (dirty
 //! log), `ring` (the dirty ring alternative), `vcpu` (the vCPU thread and pause protocol), `vcpu_state` (vCPU
-//! save/restore), [`devices`] (serial, clock), `state` and `wire` (the
-//! saved-state format).
+//! save/restore), [`devices`] (serial, clock, NIC, block), `guest_ram`
+//! (bounds-checked device access to guest memory), [`tap`] (the NIC's
+//! backend), `state` and `wire` (the saved-state format).
 //!
 //! Public surface: [`KvmSpec`] (`kvm:guest=memtouch,mem=16MiB,...`; keys
-//! guest, mem, regions, region_pages, touch, pattern, seed, dirty, console),
+//! guest, mem, regions, region_pages, touch, pattern, seed, dirty, tap,
+//! mac, ip, disk, console),
 //! [`KvmDomain::new`] / [`KvmDomain::restore`], the [`Domain`] trait, and
 //! [`KvmDomain::console`] for the guest's serial output. The guest ABI
 //! (entry state, memory layout, ports) is documented in guests/README.md.
@@ -24,16 +26,20 @@
 //!   a guest instruction before `start`.
 //! - Between `pause` and `resume` the vCPU thread is parked outside
 //!   KVM_RUN with no I/O half done, so memory is stable and the saved state
-//!   is exact.
+//!   is exact. Devices write guest memory (NIC RX, block reads) only on the
+//!   vCPU thread inside a port exit, so this holds for them too, and they
+//!   mark every page they write VMM-dirty.
 
 mod boot;
 pub mod devices;
 mod dirty;
 mod error;
+mod guest_ram;
 mod guests;
 mod ring;
 pub mod spec;
 mod state;
+pub mod tap;
 mod vcpu;
 mod vcpu_state;
 mod wire;
@@ -138,6 +144,46 @@ fn build_vm(spec: &KvmSpec) -> Result<Parts> {
     })
 }
 
+/// Gives the NIC and block device guest memory and the backends the spec
+/// names (TAP, disk image).
+fn attach_devices(spec: &KvmSpec, p: &Parts, mut devices: Devices) -> Result<Devices> {
+    // SAFETY: the devices live in the KvmDomain built from `p`, which drops
+    // them (and joins the vCPU thread holding them) before `p.mem`.
+    let ram = unsafe { guest_ram::GuestRam::new(&p.mem, p.dirty.vmm_handle()) };
+    if let Some(mac) = spec.mac {
+        devices.net = devices::net::Net::new(mac);
+    }
+    match &spec.tap {
+        Some(name) => {
+            let tap = tap::TapBackend(std::sync::Arc::new(tap::Tap::open(name)?));
+            devices.net.attach(
+                ram.clone(),
+                Some(Box::new(tap.clone())),
+                Some(Box::new(tap)),
+            );
+        }
+        None => devices.net.attach(ram.clone(), None, None),
+    }
+    let disk = match &spec.disk {
+        Some(path) => {
+            let io = |source| KvmError::Disk {
+                path: path.clone(),
+                source,
+            };
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(io)?;
+            let len = f.metadata().map_err(io)?.len();
+            Some((f, len))
+        }
+        None => None,
+    };
+    devices.block.attach(ram, disk);
+    Ok(devices)
+}
+
 impl KvmDomain {
     /// Creates the guest paused at its first instruction, with the boot
     /// layout in memory (and in the dirty log) and dirty tracking armed.
@@ -150,13 +196,8 @@ impl KvmDomain {
         boot::load_guest(spec, image, &p.mem, &p.dirty)?;
         boot::setup_boot_state(&p.vcpu.fd())?;
         let console = Console::new(spec.console.as_ref())?;
-        Ok(Self::assemble(
-            spec,
-            p,
-            Devices::new(console.clone()),
-            console,
-            None,
-        ))
+        let devices = attach_devices(spec, &p, Devices::new(console.clone()))?;
+        Ok(Self::assemble(spec, p, devices, console, None))
     }
 
     /// Builds a fresh VM holding `memory` (the whole guest image, `mem`
@@ -180,7 +221,7 @@ impl KvmDomain {
         unsafe { std::ptr::copy_nonoverlapping(memory.as_ptr(), p.mem.as_ptr(), memory.len()) };
         vstate.restore(&p.vcpu.fd())?;
         let console = Console::new(spec.console.as_ref())?;
-        let mut devices = Devices::new(console.clone());
+        let mut devices = attach_devices(spec, &p, Devices::new(console.clone()))?;
         devices.restore(&records)?;
         let tsc = vstate
             .msrs
@@ -245,6 +286,15 @@ impl KvmDomain {
             .unwrap_or_else(|e| e.into_inner())
             .clock
             .now()
+    }
+
+    /// The NIC's frame counters.
+    pub fn net_stats(&self) -> devices::net::NetStats {
+        self.devices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .net
+            .stats
     }
 
     /// The /dev/kvm handle (capability queries).
@@ -356,5 +406,7 @@ impl Domain for KvmDomain {
     }
 }
 
+#[cfg(test)]
+mod net_tests;
 #[cfg(test)]
 mod tests;

@@ -90,6 +90,15 @@ pub struct KvmSpec {
     pub pattern: Pattern,
     pub seed: u32,
     pub dirty: DirtyKind,
+    /// NIC backend: TAP interface name. `None`: the NIC has no backend
+    /// (TX dropped and counted, RX always empty).
+    pub tap: Option<String>,
+    /// NIC MAC address; `None`: [`super::devices::DEFAULT_MAC`].
+    pub mac: Option<[u8; 6]>,
+    /// The guest's IPv4 address, passed in the boot params (0 when absent).
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// Block device image file; `None`: no disk (commands fail).
+    pub disk: Option<String>,
     pub console: Option<ConsoleSink>,
 }
 
@@ -106,12 +115,31 @@ impl Default for KvmSpec {
             pattern: Pattern::Random,
             seed: 1,
             dirty: DirtyKind::Bitmap,
+            tap: None,
+            mac: None,
+            ip: None,
+            disk: None,
             console: None,
         }
     }
 }
 
-const KEYS: &str = "guest, mem, regions, region_pages, touch, pattern, seed, dirty, console";
+const KEYS: &str =
+    "guest, mem, regions, region_pages, touch, pattern, seed, dirty, tap, mac, ip, disk, console";
+
+/// Parses `52:54:00:12:34:56` (a unicast MAC).
+fn parse_mac(v: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = v.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+}
 
 impl KvmSpec {
     /// Parses `key=value,...`; missing keys take their defaults.
@@ -175,6 +203,31 @@ impl KvmSpec {
                         "ring" => DirtyKind::Ring,
                         _ => return Err(bad("bitmap or ring")),
                     }
+                }
+                "tap" => {
+                    if value.is_empty() || value.len() > 15 {
+                        return Err(bad("a TAP interface name of 1..=15 bytes"));
+                    }
+                    s.tap = Some(value.to_string());
+                }
+                "mac" => {
+                    s.mac = Some(
+                        parse_mac(value)
+                            .ok_or_else(|| bad("a unicast MAC like 52:54:00:12:34:56"))?,
+                    )
+                }
+                "ip" => {
+                    s.ip = Some(
+                        value
+                            .parse()
+                            .map_err(|_| bad("an IPv4 address like 10.200.0.2"))?,
+                    )
+                }
+                "disk" => {
+                    if value.is_empty() {
+                        return Err(bad("an image file path"));
+                    }
+                    s.disk = Some(value.to_string());
                 }
                 "console" => {
                     s.console = match value {
@@ -243,6 +296,22 @@ impl fmt::Display for KvmSpec {
                 DirtyKind::Ring => "ring",
             }
         )?;
+        if let Some(t) = &self.tap {
+            write!(f, ",tap={t}")?;
+        }
+        if let Some(m) = &self.mac {
+            write!(
+                f,
+                ",mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            )?;
+        }
+        if let Some(ip) = &self.ip {
+            write!(f, ",ip={ip}")?;
+        }
+        if let Some(d) = &self.disk {
+            write!(f, ",disk={d}")?;
+        }
         match &self.console {
             None => Ok(()),
             Some(ConsoleSink::Stderr) => write!(f, ",console=stderr"),
@@ -277,6 +346,7 @@ mod tests {
             "guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1,dirty=bitmap",
             "guest=memtouch,mem=32MiB,regions=3,region_pages=1,touch=1,pattern=sequential,seed=7,dirty=ring,console=/tmp/x.log",
             "guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1,dirty=bitmap,console=stderr",
+            "guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1,dirty=bitmap,tap=castor0,mac=52:54:00:0a:bc:de,ip=10.200.0.2,disk=/tmp/d.img,console=stderr",
         ] {
             let s = KvmSpec::parse(text).unwrap();
             assert_eq!(s.to_string(), text);
@@ -298,6 +368,12 @@ mod tests {
             ("mem=4MiB,regions=1024,region_pages=16", "mem=4MiB"),
             ("touch", "\"touch\""),
             ("seed=1,seed=2", "seed given twice"),
+            ("tap=", "tap="),
+            ("tap=waytoolonginterfacename", "tap=waytoolong"),
+            ("mac=01:00:00:00:00:01", "mac=01:"),
+            ("mac=52:54:00:12:34", "mac=52"),
+            ("ip=10.0.0", "ip=10.0.0"),
+            ("disk=", "disk="),
         ] {
             let e = KvmSpec::parse(text).unwrap_err().to_string();
             assert!(e.contains(needle), "{text}: {e}");
