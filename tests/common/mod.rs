@@ -8,6 +8,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 
 pub const KEY: &str = "integration-test-key-0123456789";
 
+/// `castor` run inside network namespace `ns` (`ip netns exec`).
+pub fn castor_in(ns: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_castor")]);
+    c.env("CASTOR_PSK", KEY);
+    c
+}
+
 pub fn castor() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_castor"));
     c.env("CASTOR_PSK", KEY);
@@ -48,7 +56,12 @@ impl Backup {
     }
 
     pub fn start_with(dir: &Path, extra: &[&str], key: &str) -> Backup {
-        let mut child = castor()
+        Self::start_cmd(castor(), dir, extra, key)
+    }
+
+    /// A backup started by `cmd` (e.g. [`castor_in`] a namespace).
+    pub fn start_cmd(mut cmd: Command, dir: &Path, extra: &[&str], key: &str) -> Backup {
+        let mut child = cmd
             .env("CASTOR_PSK", key)
             .args(["backup", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(dir)
@@ -162,4 +175,79 @@ pub fn expected_digest(spec: &str, epoch: u64) -> String {
 /// `castor digest --replica DIR` (verifies the files against meta.json).
 pub fn replica_digest(dir: &Path) -> String {
     first_word(castor().args(["digest", "--replica"]).arg(dir))
+}
+
+/// A network namespace of the test's own, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// A fresh namespace with loopback up, or None (reason printed) when
+    /// this machine cannot make one.
+    pub fn create(tag: &str) -> Option<Netns> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: needs root for network namespaces and TAP devices");
+            return None;
+        }
+        let name = format!("castor-{tag}-{}", std::process::id());
+        match Command::new("ip").args(["netns", "add", &name]).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                eprintln!(
+                    "SKIP: ip netns add: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                return None;
+            }
+            Err(e) => {
+                eprintln!("SKIP: cannot run ip (iproute2): {e}");
+                return None;
+            }
+        }
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        Some(ns)
+    }
+
+    /// `ip -n NS args...`; panics with ip's message on failure.
+    pub fn ip(&self, args: &[&str]) {
+        let o = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .expect("running ip");
+        assert!(
+            o.status.success(),
+            "ip -n {} {args:?}: {}",
+            self.name,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// Runs `f` on a thread that entered the namespace.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        use std::os::fd::AsRawFd;
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).expect("opening the netns file");
+                // SAFETY: `ns` is an open netns fd; CLONE_NEWNET moves only this thread.
+                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
 }
