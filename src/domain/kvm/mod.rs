@@ -109,7 +109,7 @@ fn build_vm(spec: &KvmSpec) -> Result<Parts> {
         spec: spec.to_string(),
         reason: format!("mem={} does not fit this host's address space", spec.mem),
     })?;
-    let mem = GuestMemory::new(len)?;
+    let mem = GuestMemory::new_memfd(len, "castor-guest")?;
     // The manual-protect capability must be enabled before the slot exists.
     let mut dirty = DirtyLog::new(&vm, SLOT, mem.pages(), spec.dirty == DirtyKind::Ring)?;
     let region = kvm_userspace_memory_region {
