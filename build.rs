@@ -5,11 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Guests to build: name and the source files under `guests/NAME/`.
+/// Guests to build: name and the source files under `guests/NAME/`
+/// (`../entry.S` is the entry all guests share; all link with
+/// `guests/link.ld`).
 const GUESTS: &[(&str, &[&str])] = &[
-    ("memtouch", &["entry.S", "main.c"]),
-    ("counter", &["entry.S", "main.c"]),
-    ("blkcheck", &["entry.S", "main.c"]),
+    ("memtouch", &["../entry.S", "main.c"]),
+    ("counter", &["../entry.S", "main.c"]),
+    ("blkcheck", &["../entry.S", "main.c"]),
 ];
 
 const CFLAGS: &[&str] = &[
@@ -79,7 +81,7 @@ fn build_guest(name: &str, sources: &[&str], out: &Path) {
     let dir = Path::new("guests").join(name);
     let mut objs = Vec::new();
     for src in sources {
-        let obj = out.join(format!("{name}-{src}.o"));
+        let obj = out.join(format!("{name}-{}.o", src.trim_start_matches("../")));
         run(
             Command::new("gcc")
                 .args(CFLAGS)
@@ -95,7 +97,7 @@ fn build_guest(name: &str, sources: &[&str], out: &Path) {
     run(
         Command::new("ld")
             .args(["-m", "elf_i386", "-nostdlib", "-T"])
-            .arg(dir.join("link.ld"))
+            .arg(Path::new("guests").join("link.ld"))
             .arg("-o")
             .arg(&elf)
             .args(&objs),

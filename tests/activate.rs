@@ -8,8 +8,6 @@
 mod common;
 use common::*;
 
-use std::process::Stdio;
-
 #[test]
 fn activated_replica_continues_the_workload() {
     if sim_unavailable() {
@@ -23,17 +21,7 @@ fn activated_replica_continues_the_workload() {
         KEY,
     );
     let bdir = b.dir.clone();
-    let mut p = Reaped(
-        castor()
-            .args([
-                "protect", "--domain", spec, "--backup", &b.addr, "--epoch", "5ms",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    // Kill once checkpoints are flowing (the first progress line says so).
-    first_progress_line(&mut p.0);
+    let p = protect_flowing(spec, &b.addr, "5ms");
     drop(p); // SIGKILL
     let (st, err) = b.wait();
     assert_eq!(st.code(), Some(2), "{err}");

@@ -6,7 +6,6 @@
 mod common;
 use common::*;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 /// Small xorshift so trials are reproducible from the printed seed.
@@ -42,16 +41,7 @@ fn sigkill_of_primary_leaves_last_complete_epoch() {
         // The primary's progress line is the event that tells us epochs are
         // flowing; we then kill after a random extra delay (the random
         // moment is the point of the test, not a synchronisation).
-        let mut p = Reaped(
-            castor()
-                .args([
-                    "protect", "--domain", spec, "--backup", &b.addr, "--epoch", "5ms",
-                ])
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        first_progress_line(&mut p.0);
+        let p = protect_flowing(spec, &b.addr, "5ms");
         let extra = next(&mut seed) % 400;
         std::thread::sleep(Duration::from_millis(extra));
         drop(p); // SIGKILL

@@ -43,7 +43,7 @@ static void expect(u32 step, u32 got, u32 want)
     halt_forever();
 }
 
-void blkcheck_main(const struct castor_boot_params *p)
+void guest_main(const struct castor_boot_params *p)
 {
     u32 cap = inl(CASTOR_BLK_CAP_LO), i;
     puts_("blkcheck sectors=");

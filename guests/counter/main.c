@@ -202,7 +202,7 @@ static void ipv4(u32 n)
         icmp(ip, ip + ihl, total - ihl);
 }
 
-void counter_main(const struct castor_boot_params *p)
+void guest_main(const struct castor_boot_params *p)
 {
     u32 lo, hi, i;
     if (p->magic != CASTOR_BOOT_MAGIC || p->version != CASTOR_BOOT_VERSION) {

@@ -14,54 +14,7 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 #include "../abi.h"
-
-static inline void outb(unsigned short port, unsigned char v)
-{
-    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
-}
-
-static inline u32 inl(unsigned short port)
-{
-    u32 v;
-    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
-
-static void putc_(char c) { outb(CASTOR_SERIAL_BASE, (unsigned char)c); }
-
-static void puts_(const char *s)
-{
-    while (*s)
-        putc_(*s++);
-}
-
-static void putu(u64 v)
-{
-    char buf[21];
-    int i = 20;
-    buf[i] = 0;
-    do {
-        /* 64-bit division would need libgcc; split into 32-bit steps. */
-        u32 hi = (u32)(v >> 32), lo = (u32)v;
-        u32 qhi = hi / 10, rhi = hi % 10;
-        u64 rest = ((u64)rhi << 32) | lo;
-        /* rest < 10 * 2^32: divide by 10 with a 32-bit quotient. */
-        u32 qlo, r;
-        __asm__("divl %4" : "=a"(qlo), "=d"(r) : "a"((u32)rest), "d"((u32)(rest >> 32)), "rm"(10u));
-        buf[--i] = (char)('0' + r);
-        v = ((u64)qhi << 32) | qlo;
-    } while (v);
-    puts_(&buf[i]);
-}
-
-static void puthex(u32 v)
-{
-    static const char d[] = "0123456789abcdef";
-    int i;
-    puts_("0x");
-    for (i = 28; i >= 0; i -= 4)
-        putc_(d[(v >> i) & 15]);
-}
+#include "../lib.h"
 
 static u64 clock_ns(void)
 {
@@ -135,7 +88,7 @@ static void touch_word(const struct castor_boot_params *p, u32 r, u32 idx)
     sums[r] += (nv ^ idx) - (old ^ idx);
 }
 
-void memtouch_main(const struct castor_boot_params *p)
+void guest_main(const struct castor_boot_params *p)
 {
     u32 *sums = (u32 *)p->sums_gpa;
     u32 t;

@@ -226,6 +226,29 @@ impl Shared {
 }
 
 impl Shared {
+    /// Waits on the in-flight table while `cond` holds; fails as soon as the
+    /// link is broken.
+    fn wait_while<'a>(
+        &'a self,
+        mut g: std::sync::MutexGuard<'a, Inflight>,
+        cond: impl Fn(&Inflight) -> bool,
+    ) -> Result<std::sync::MutexGuard<'a, Inflight>, PrimaryError> {
+        while cond(&g) {
+            if let Some(reason) = g.broken.clone() {
+                return Err(PrimaryError::BackupLost {
+                    acked: g.acked.unwrap_or(0),
+                    reason,
+                });
+            }
+            g = self
+                .cv
+                .wait_timeout(g, Duration::from_millis(50))
+                .unwrap()
+                .0;
+        }
+        Ok(g)
+    }
+
     fn fail(&self, reason: String) {
         let mut g = self.inflight.lock().unwrap();
         if g.broken.is_none() {
@@ -925,19 +948,7 @@ fn drive(
         if last {
             break;
         }
-        {
-            let mut g = shared.inflight.lock().unwrap();
-            while g.units_sent < unit {
-                if let Some(e) = broken(&g) {
-                    return Err(e);
-                }
-                g = shared
-                    .cv
-                    .wait_timeout(g, Duration::from_millis(50))
-                    .unwrap()
-                    .0;
-            }
-        }
+        drop(shared.wait_while(shared.inflight.lock().unwrap(), |g| g.units_sent < unit)?);
         if cfg.progress {
             eprintln!(
                 "castor: initial copy round {round}: {} pages sent in {:.0} ms",
@@ -1013,16 +1024,7 @@ fn drive(
             // Epochs 0..epoch-1 have been handed to the pipeline; those after
             // the last ack are in flight.
             let unacked = |g: &Inflight| g.acked.map_or(epoch, |a| (epoch - 1).saturating_sub(a));
-            while unacked(&g) >= k {
-                if let Some(e) = broken(&g) {
-                    return Err(e);
-                }
-                g = shared
-                    .cv
-                    .wait_timeout(g, Duration::from_millis(50))
-                    .unwrap()
-                    .0;
-            }
+            g = shared.wait_while(g, |g| unacked(g) >= k)?;
             let ext = ext_start.elapsed();
             drop(g);
             let final_epoch = is_final(Instant::now());

@@ -120,6 +120,22 @@ impl Drop for Reaped {
     }
 }
 
+/// Starts `castor protect` of `spec` against `addr` with `epoch` epochs and
+/// returns once checkpoints are flowing (its first progress line).
+pub fn protect_flowing(spec: &str, addr: &str, epoch: &str) -> Reaped {
+    let mut p = Reaped(
+        castor()
+            .args([
+                "protect", "--domain", spec, "--backup", addr, "--epoch", epoch,
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    first_progress_line(&mut p.0);
+    p
+}
+
 /// Reads a `protect` child's stderr until its first progress line (the
 /// event that checkpoints are flowing); returns that line.
 pub fn first_progress_line(p: &mut Child) -> String {
