@@ -11,6 +11,7 @@ pub mod domain;
 pub mod engine;
 pub mod harness;
 pub mod metrics;
+pub mod outq;
 pub mod transport;
 pub mod units;
 
