@@ -167,10 +167,9 @@ impl OutputQueue {
             late: AtomicU64::new(0),
             next_dest: AtomicU64::new(0),
         });
-        let t = tags.clone();
         let thread = std::thread::Builder::new()
             .name("castor-outq".into())
-            .spawn(move || queue_thread(rx, mode, t))
+            .spawn(move || queue_thread(rx, mode))
             .map_err(OutqError::Spawn)?;
         Ok(OutputQueue {
             tx,
@@ -266,16 +265,16 @@ impl Committer {
     }
 }
 
-fn queue_thread(rx: Receiver<Msg>, mode: Mode, _tags: Arc<Tags>) {
+fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
     let mut dests: Vec<Option<Box<dyn Egress>>> = Vec::new();
     let mut held: VecDeque<Item> = VecDeque::new();
     let mut committed = 0u64;
     let mut r = OutqReport::default();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
-    let mut release = |it: Item,
-                       dests: &mut Vec<Option<Box<dyn Egress>>>,
-                       r: &mut OutqReport,
-                       hist: &mut Histogram<u64>| {
+    let release = |it: Item,
+                   dests: &mut Vec<Option<Box<dyn Egress>>>,
+                   r: &mut OutqReport,
+                   hist: &mut Histogram<u64>| {
         if let Some(Some(d)) = dests.get_mut(it.dest) {
             d.release(&it.frame);
         }
