@@ -286,6 +286,17 @@ pub fn print_table(s: &Summary) {
         "pages             {} delta, {} full, {} zero, {} unchanged",
         s.pages_delta, s.pages_full, s.pages_zero, s.pages_unchanged
     );
+    if let Some(o) = &s.output {
+        println!(
+            "output            {} released ({} held), {} dropped; release delay µs p50 {} p99 {} max {}",
+            o.released,
+            o.held,
+            o.dropped + o.late,
+            o.release_delay_us.p50,
+            o.release_delay_us.p99,
+            o.release_delay_us.max
+        );
+    }
     println!(
         "cpu               primary {:.2} s, backup {:.2} s",
         s.cpu.primary_s, s.cpu.backup_s

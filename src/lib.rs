@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: [`domain`] (where the guest lives) → [`engine`] (epoch
 //! driver, copy/encode workers) → [`codec`] (page encoding) → [`transport`]
-//! (framed, checksummed records) → backup → ack. See `../shared/DESIGN.md` and
+//! (framed, checksummed records) → backup → ack → [`outq`] (guest output
+//! held until its checkpoint is acknowledged). See `../shared/DESIGN.md` and
 //! `docs/wire-format.md`.
 
 pub mod codec;
@@ -11,6 +12,7 @@ pub mod domain;
 pub mod engine;
 pub mod harness;
 pub mod metrics;
+pub mod outq;
 pub mod transport;
 pub mod units;
 

@@ -149,6 +149,12 @@ struct EngineArgs {
     /// Compressor for pages where it pays: lz4, zstd, zstd:LEVEL or none.
     #[arg(long, default_value = "lz4", value_parser = parse_compressor)]
     compress: Compressor,
+    /// UNSAFE, for experiments: let guest output (network frames) out at
+    /// once instead of holding it until the backup acknowledged the
+    /// checkpoint that produced it. After a failover clients may see the
+    /// guest step back in time.
+    #[arg(long)]
+    no_output_commit: bool,
 }
 
 fn parse_compressor(s: &str) -> Result<Compressor, String> {
@@ -172,8 +178,16 @@ impl EngineArgs {
             max_inflight: self.inflight as usize,
             pin: !self.no_pin,
             compressor: self.compress,
+            output_commit: !self.no_output_commit,
             ..PrimaryConfig::default()
         };
+        if self.no_output_commit {
+            eprintln!(
+                "castor: WARNING: --no-output-commit is UNSAFE: guest output leaves before the backup \
+                 holds the state that produced it, so after a failover clients can see replies the \
+                 backup never made (a step back in time). Use it only for experiments."
+            );
+        }
         if let Some(w) = self.workers {
             c.workers = w as usize;
         }

@@ -212,6 +212,9 @@ pub struct Summary {
     pub digest_match: bool,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub per_epoch: Vec<EpochRecord>,
+    /// Output commit: held/released/dropped output and its release delay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<crate::outq::OutqReport>,
 }
 
 impl Summary {

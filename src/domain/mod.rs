@@ -79,6 +79,17 @@ pub trait Domain: Send {
     /// Appends the saved non-memory state (vCPUs, devices) to `out`.
     /// Only called while paused.
     fn save_state(&mut self, out: &mut Vec<u8>) -> Result<(), DomainError>;
+    /// Routes everything the guest sends to the outside world through the
+    /// output queue `q` (output commit), from now on. Called by the
+    /// primary before `start`. Every output source must produce only while
+    /// the guest runs (never between `pause` and `resume`), so that the
+    /// queue's epoch counter, advanced during the pause, tags it exactly.
+    /// A domain that never calls this (the backup's activated domain, tests)
+    /// sends its output straight out. Default: the domain has no output.
+    fn attach_output(&mut self, q: &crate::outq::OutputQueue) -> Result<(), DomainError> {
+        let _ = q;
+        Ok(())
+    }
 }
 
 /// A parsed `--domain` argument: `KIND:key=value,...`.

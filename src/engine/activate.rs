@@ -77,6 +77,9 @@ pub fn activate(
             source,
         })?;
     let mut domain = spec.restore(memory, state)?;
+    // No `attach_output`: the activated domain runs unprotected (there is no
+    // backup to wait for), so its output passes straight through to its
+    // devices' backends (the TAP). Holding it would only add latency.
     domain.start()?;
     let running_at = Instant::now();
     let restore_time = running_at - t0;

@@ -18,4 +18,7 @@ pub mod replica;
 pub(crate) mod shadow;
 mod signals;
 
+#[cfg(test)]
+mod outq_tests;
+
 pub use signals::{install_stop_handler, stop_requested};

@@ -18,6 +18,11 @@
 //!   and each gfn belongs to one encoder.
 //! - At most `max_inflight` checkpoints are unacknowledged when a pause
 //!   starts; the wait for a slot is recorded as the epoch's extension.
+//! - Output commit: the guest's output goes to a `castor-outq` queue
+//!   (`Domain::attach_output`, before `start`). The epoch thread opens
+//!   epoch N+1 in the queue between the pause ending N and the resume; the
+//!   ack thread commits N when Ack(N) arrives. When the run fails, held
+//!   output is dropped with the queue, never released.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +37,7 @@ use crate::domain::{Domain, DomainError};
 use crate::engine::copy::CopyPool;
 use crate::engine::shadow::PageBuf;
 use crate::metrics::{EpochRecord, Metrics, Summary};
+use crate::outq::{Committer, Mode, OutputQueue};
 use crate::transport::messages::{EpochBegin, EpochClass, EpochEnd, PagesWriter};
 use crate::transport::record::{write_record, RecordError, RecordKind, RecordReader};
 use crate::transport::RecordSink;
@@ -80,6 +86,9 @@ pub struct PrimaryConfig {
     pub precopy_target: u64,
     /// At most this many pre-copy rounds after the first full pass.
     pub precopy_rounds: u32,
+    /// Hold guest output until the backup acknowledged its epoch (true), or
+    /// let it out at once (false: `--no-output-commit`, UNSAFE, experiments).
+    pub output_commit: bool,
 }
 
 impl Default for PrimaryConfig {
@@ -100,6 +109,7 @@ impl Default for PrimaryConfig {
             keep_dirty_lists: 0,
             precopy_target: 4096,
             precopy_rounds: 30,
+            output_commit: true,
         }
     }
 }
@@ -113,6 +123,8 @@ pub struct PrimaryOutcome {
     pub digest: Digest,
     pub domain: Box<dyn Domain>,
     pub recent_dirty: Vec<Vec<u64>>,
+    /// What the output queue held, released and dropped.
+    pub output: crate::outq::OutqReport,
 }
 
 /// One epoch's work for the encoders. Seed jobs have no staging: encoders
@@ -589,7 +601,11 @@ fn tx_thread(
 }
 
 /// Owns the receiving half: acks complete in-flight epochs.
-fn ack_thread<R: std::io::Read>(mut reader: RecordReader<R>, shared: Arc<Shared>) {
+fn ack_thread<R: std::io::Read>(
+    mut reader: RecordReader<R>,
+    shared: Arc<Shared>,
+    output: Committer,
+) {
     loop {
         let rec = match reader.next() {
             Ok(r) => r,
@@ -613,6 +629,11 @@ fn ack_thread<R: std::io::Read>(mut reader: RecordReader<R>, shared: Arc<Shared>
                     ));
                 }
                 let entry = g.pending.remove(&epoch).expect("checked above");
+                // Output commit: the backup holds checkpoint `epoch` whole,
+                // so the output it produced may leave. Sent before `acked`
+                // is published, so a clean stop (which waits for the final
+                // ack, then shuts the queue) finds the commit queued first.
+                output.commit(epoch);
                 g.acked = Some(epoch);
                 shared.cv.notify_all();
                 drop(g);
@@ -680,6 +701,18 @@ pub fn run<R: std::io::Read + Send + 'static>(
     let layout = domain.layout();
     let pages = layout.pages;
     let workers = cfg.workers.max(1);
+    let mode = if cfg.output_commit {
+        Mode::Commit
+    } else {
+        Mode::PassThrough
+    };
+    let outq = match OutputQueue::start(mode) {
+        Ok(q) => q,
+        Err(e) => return Err((PrimaryError::Protocol(e.to_string()), Some(domain))),
+    };
+    if let Err(e) = domain.attach_output(&outq) {
+        return Err((e.into(), Some(domain)));
+    }
     let cores = if cfg.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -748,9 +781,10 @@ pub fn run<R: std::io::Read + Send + 'static>(
     };
     let ack_handle = {
         let shared = shared.clone();
+        let committer = outq.committer();
         std::thread::Builder::new()
             .name("castor-ack".into())
-            .spawn(move || ack_thread(reader, shared))
+            .spawn(move || ack_thread(reader, shared, committer))
             .expect("spawning ack thread")
     };
     let progress_done = Arc::new(AtomicBool::new(false));
@@ -764,8 +798,8 @@ pub fn run<R: std::io::Read + Send + 'static>(
     });
 
     let result = std::thread::scope(|scope| {
-        let (dom, shared, job_txs, tx_send, cores) =
-            (&mut *domain, &*shared, &job_txs, &tx_send, &cores);
+        let (dom, shared, job_txs, tx_send, cores, outq) =
+            (&mut *domain, &*shared, &job_txs, &tx_send, &cores, &outq);
         std::thread::Builder::new()
             .name("castor-epoch".into())
             .spawn_scoped(scope, move || {
@@ -779,6 +813,7 @@ pub fn run<R: std::io::Read + Send + 'static>(
                     tx_send,
                     &staging_ret_rx,
                     &copy_pool,
+                    outq,
                 )
             })
             .expect("spawning epoch thread")
@@ -803,10 +838,26 @@ pub fn run<R: std::io::Read + Send + 'static>(
         Err(e) => {
             // The ack thread exits when the connection closes; do not wait for it.
             drop(ack_handle);
+            // Backup lost (or any failure): output not yet committed is
+            // dropped, never released.
+            match outq.shutdown() {
+                Ok(r) if r.dropped + r.late > 0 => eprintln!(
+                    "castor: output commit: dropped {} held output frames of epochs after {} (never released)",
+                    r.dropped + r.late,
+                    r.committed
+                ),
+                Ok(_) => {}
+                Err(oe) => eprintln!("castor: output queue: {oe}"),
+            }
             return Err((e, Some(domain)));
         }
     };
     drop(ack_handle);
+    // Clean stop: the final epoch was acknowledged and committed (the
+    // commit precedes the shutdown in the queue's channel).
+    let output = outq
+        .shutdown()
+        .map_err(|e| (PrimaryError::Protocol(e.to_string()), None))?;
     let elapsed = shared
         .ckpt_start
         .get()
@@ -824,6 +875,7 @@ pub fn run<R: std::io::Read + Send + 'static>(
     summary.epoch_ms = cfg.epoch.as_secs_f64() * 1000.0;
     summary.max_inflight = cfg.max_inflight;
     summary.workers = workers;
+    summary.output = Some(output.clone());
     // SAFETY: the domain is paused after the final epoch and no castor
     // thread touches guest memory any more (encoders joined).
     let digest = Digest::of(unsafe { domain.memory().as_slice() }, &state);
@@ -835,6 +887,7 @@ pub fn run<R: std::io::Read + Send + 'static>(
         digest,
         domain,
         recent_dirty,
+        output,
     })
 }
 
@@ -891,6 +944,7 @@ fn drive(
     tx: &Sender<TxMsg>,
     staging_ret: &Receiver<PageBuf>,
     copy_pool: &CopyPool,
+    outq: &OutputQueue,
 ) -> DriveResult {
     let k = cfg.max_inflight.max(1) as u64;
     let broken = |g: &Inflight| {
@@ -1053,6 +1107,11 @@ fn drive(
             let t0 = Instant::now();
             let gate = PauseGate::close(shared);
             domain.pause()?;
+            // Output commit: epoch `epoch` ends here. The guest (every
+            // output producer) is parked until `resume`, so output tagged
+            // `epoch` is exactly what checkpoint `epoch` covers; from the
+            // resume on, output belongs to the next epoch.
+            outq.open_epoch(epoch + 1);
             let t_paused = Instant::now();
             late.clear();
             domain.harvest_dirty(&mut late)?;

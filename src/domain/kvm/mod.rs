@@ -396,6 +396,28 @@ impl Domain for KvmDomain {
         Ok(self.dirty.harvest(&self.vm, out)?)
     }
 
+    /// Puts the NIC's backend (the TAP) behind the output queue: the vCPU
+    /// thread hands each TX frame to the queue tagged with the running
+    /// epoch, and `castor-outq` writes it to the TAP once committed. TX
+    /// happens only on the vCPU thread inside a port exit, which is parked
+    /// between `pause` and `resume`: the tagging invariant of `outq` holds.
+    fn attach_output(
+        &mut self,
+        q: &crate::outq::OutputQueue,
+    ) -> std::result::Result<(), DomainError> {
+        if self.started {
+            return Err(DomainError::Workload(
+                "kvm domain: attach_output must come before start".into(),
+            ));
+        }
+        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sink) = devices.net.take_sink() {
+            let handle = q.handle(Box::new(devices::net::SinkEgress(sink)));
+            devices.net.set_sink(Some(Box::new(handle)));
+        }
+        Ok(())
+    }
+
     fn save_state(&mut self, out: &mut Vec<u8>) -> std::result::Result<(), DomainError> {
         if self.running {
             return Err(DomainError::Workload(

@@ -37,7 +37,10 @@ impl Netns {
             eprintln!("skipped: /dev/net/tun does not exist");
             return None;
         }
-        let name = format!("castor-net-{}", std::process::id());
+        // Tests run in parallel in one process: one namespace each.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("castor-net-{}-{n}", std::process::id());
         match Command::new("ip").args(["netns", "add", &name]).output() {
             Ok(o) if o.status.success() => Some(Netns { name }),
             Ok(o) => {
@@ -281,4 +284,142 @@ fn missing_disk_image_is_named() {
         Ok(_) => panic!("opened a missing disk image"),
         Err(e) => assert!(e.to_string().contains("/nonexistent/castor.img"), "{e}"),
     }
+}
+
+/// One protected run of the counter guest (primary in this process,
+/// backup on loopback inside the namespace): `n` UDP round trips, sorted,
+/// and the output queue's report.
+fn protected_rtts(
+    ns: &Netns,
+    spec: &KvmSpec,
+    output_commit: bool,
+    n: u64,
+) -> Option<(Vec<Duration>, crate::outq::OutqReport)> {
+    use crate::engine::backup::{self, BackupConfig};
+    use crate::engine::primary::{self, PrimaryConfig};
+    use crate::transport::handshake::{self, random_nonce, Psk};
+    use crate::transport::messages::Hello;
+    use crate::transport::record::RecordReader;
+    use crate::transport::tcp::{self, TcpSink};
+    const KEY: &[u8] = b"outq-latency-test-key-0123456789";
+    /// How long each protected run lasts (after its initial copy).
+    const RUN: Duration = Duration::from_secs(10);
+
+    let d = open(spec)?;
+    bring_up(ns);
+    let console = d.console().clone();
+    let dir = tempfile::tempdir().unwrap();
+    let l = tcp::listen("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let bcfg = BackupConfig {
+        state_dir: dir.path().to_path_buf(),
+        psk: Psk::from_bytes(KEY),
+        max_mem: 1 << 30,
+        quiet: true,
+    };
+    let b = std::thread::spawn(move || backup::serve(&l, &bcfg).map(|_| ()));
+    let s = tcp::connect(&addr, Duration::from_secs(10)).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = RecordReader::new(s);
+    let hello = Hello {
+        page_size: 4096,
+        pages: d.layout().pages,
+        nonce: random_nonce(),
+        desc: d.describe(),
+    };
+    handshake::client(&mut r, &mut w, &Psk::from_bytes(KEY), &hello).unwrap();
+    let cfg = PrimaryConfig {
+        epoch: Duration::from_millis(25),
+        workers: 1,
+        copy_threads: 1,
+        pin: false,
+        duration: Some(RUN),
+        output_commit,
+        ..PrimaryConfig::default()
+    };
+    let t0 = Instant::now();
+    let p = std::thread::spawn(move || {
+        primary::run(Box::new(d), Box::new(TcpSink(w)), r, &cfg).map_err(|(e, _)| e)
+    });
+    console
+        .wait_for(WAIT, |t| t.contains("link=1"))
+        .unwrap_or_else(|| panic!("no boot line:\n{}", console.text()));
+    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    sock.connect((GUEST_IP, 7777)).unwrap();
+    // Warm up (ARP in both directions).
+    let mut last = 0;
+    for id in 0..5u64 {
+        last = request(&sock, id).0;
+    }
+    let mut rtts = Vec::new();
+    // Stop well before the primary's run ends (it leaves the guest paused).
+    for id in 0..n {
+        if t0.elapsed() + Duration::from_millis(2500) > RUN {
+            break;
+        }
+        let (c, rtt) = request(&sock, 1000 + id);
+        assert!(c > last, "counter went back: {c} after {last}");
+        last = c;
+        rtts.push(rtt);
+    }
+    let out = p.join().unwrap().expect("protected run");
+    b.join().unwrap().expect("backup");
+    rtts.sort();
+    Some((rtts, out.output))
+}
+
+/// Output commit's cost to a client: UDP round trips to the counter guest
+/// under protection, with output commit and with `--no-output-commit`,
+/// measured in one run (alternating) and printed side by side.
+#[test]
+fn output_commit_latency_side_by_side() {
+    let Some(ns) = Netns::create() else { return };
+    let spec = KvmSpec::parse(&format!(
+        "guest=counter,mem=16MiB,tap={TAP},ip={GUEST_IP},mac=52:54:00:c0:ff:ee"
+    ))
+    .unwrap();
+    ns.run(|| {
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        let mut reports = Vec::new();
+        for round in 0..2 {
+            for commit in [true, false] {
+                let Some((r, rep)) = protected_rtts(&ns, &spec, commit, 300) else {
+                    return;
+                };
+                if commit {
+                    // Every reply waited for its epoch's ack.
+                    assert!(rep.held as usize >= r.len(), "round {round}: {rep:?}");
+                    on.extend(r);
+                } else {
+                    assert_eq!(rep.held, 0, "{rep:?}");
+                    off.extend(r);
+                }
+                reports.push((commit, rep));
+            }
+        }
+        on.sort();
+        off.sort();
+        eprintln!(
+            "counter UDP round trip under protection (25 ms epochs), {} requests each:\n  \
+             output commit ON : p50 {:?} p99 {:?}\n  \
+             output commit OFF: p50 {:?} p99 {:?}\n  \
+             added: p50 {:?} p99 {:?}",
+            on.len(),
+            pct(&on, 0.50),
+            pct(&on, 0.99),
+            pct(&off, 0.50),
+            pct(&off, 0.99),
+            pct(&on, 0.50).saturating_sub(pct(&off, 0.50)),
+            pct(&on, 0.99).saturating_sub(pct(&off, 0.99)),
+        );
+        for (c, r) in &reports {
+            eprintln!(
+                "  commit={c}: released {} held {} dropped {} release delay µs p50 {} p99 {}",
+                r.released, r.held, r.dropped, r.release_delay_us.p50, r.release_delay_us.p99
+            );
+        }
+        // Holding output until the ack costs at least part of an epoch.
+        assert!(pct(&on, 0.50) > pct(&off, 0.50));
+    });
 }

@@ -138,8 +138,9 @@ impl Tap {
     }
 }
 
-/// The TAP as the NIC's backend: TX frames are written at once (no output
-/// commit yet), RX frames are read without blocking.
+/// The TAP as the NIC's backend: TX frames are written at once, RX frames
+/// are read without blocking. Under protection the NIC's TX goes to the
+/// output queue instead, which writes released frames through this.
 #[derive(Clone)]
 pub struct TapBackend(pub Arc<Tap>);
 

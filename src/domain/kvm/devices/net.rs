@@ -22,8 +22,9 @@
 //! - Every guest-supplied gpa/len is checked against guest memory before a
 //!   byte moves ([`GuestRam`]); a bad one sets a status, never panics.
 //! - Every byte written into guest memory is marked VMM-dirty.
-//! - TX goes only through [`FrameSink::emit`]: output commit (holding a
-//!   frame until the backup acknowledged its epoch) plugs in there.
+//! - TX goes only through [`FrameSink::emit`], on the vCPU thread: under
+//!   protection the sink is an `outq::OutputHandle` that holds each frame
+//!   until the backup acknowledged its epoch (`Domain::attach_output`).
 
 use crate::domain::kvm::error::Result;
 use crate::domain::kvm::guest_ram::GuestRam;
@@ -64,6 +65,25 @@ pub const MAX_FRAME: usize = 1514;
 pub trait FrameSink: Send {
     /// Takes one whole Ethernet frame. Must not block the vCPU for long.
     fn emit(&mut self, frame: &[u8]);
+}
+
+/// A held-output handle as the NIC's sink: each frame is tagged with the
+/// epoch running now (the vCPU thread only transmits while the guest runs)
+/// and handed to `castor-outq`, which releases it after the epoch's ack.
+impl FrameSink for crate::outq::OutputHandle {
+    fn emit(&mut self, frame: &[u8]) {
+        self.emit_now(frame)
+    }
+}
+
+/// The NIC's original backend (the TAP) as the output queue's destination:
+/// released frames go out through it.
+pub struct SinkEgress(pub Box<dyn FrameSink>);
+
+impl crate::outq::Egress for SinkEgress {
+    fn release(&mut self, frame: &[u8]) {
+        self.0.emit(frame)
+    }
 }
 
 /// Where received frames come from.
@@ -127,6 +147,16 @@ impl Net {
         self.ram = Some(ram);
         self.sink = sink;
         self.source = source;
+    }
+
+    /// Takes the TX backend out (to put it behind the output queue).
+    pub fn take_sink(&mut self) -> Option<Box<dyn FrameSink>> {
+        self.sink.take()
+    }
+
+    /// Replaces the TX backend; `None` drops TX and reports link down.
+    pub fn set_sink(&mut self, sink: Option<Box<dyn FrameSink>>) {
+        self.sink = sink;
     }
 
     pub fn regs(&self) -> NetRegs {

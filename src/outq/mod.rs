@@ -1,0 +1,333 @@
+//! Output commit: the queue that holds everything the guest says to the
+//! outside world until the backup holds the checkpoint that produced it
+//! (DESIGN.md, guarantee 1).
+//!
+//! ```text
+//! vCPU thread ── OutputHandle::emit(epoch, frame) ──┐   (mpsc, no lock)
+//! castor-ack  ── OutputQueue::commit(N) ────────────┤
+//! castor-epoch ─ OutputQueue::open_epoch(N+1) (atomic store, at the pause)
+//!                                                   ▼
+//!                 castor-outq: hold items tagged > committed; on commit(N)
+//!                 release every held item tagged ≤ N, in production order,
+//!                 to its destination (an [`Egress`], e.g. the TAP)
+//! ```
+//!
+//! Invariants:
+//! - Only `castor-outq` owns held items and destinations; producers and the
+//!   engine talk to it by message, so nothing on the hot path takes a lock.
+//! - Epoch tagging is exact. Items produced while epoch N runs (after the
+//!   pause that ended N-1, before the pause that ends N) are tagged N. The
+//!   engine advances the counter with [`OutputQueue::open_epoch`] *between*
+//!   `Domain::pause` and `Domain::resume`: every producer is part of the
+//!   guest (the kvm NIC transmits on the vCPU thread) and is parked then, so
+//!   no producer can read the counter across the boundary. A producer that
+//!   runs while the guest is paused would break this; none exists.
+//! - In commit mode an item is released only after `commit(n)` with
+//!   n ≥ its tag. `commit` is monotonic: a smaller n than already committed
+//!   is ignored. Items of one destination leave in the order they were
+//!   emitted.
+//! - Nothing uncommitted is ever released: [`OutputQueue::shutdown`], drop
+//!   of the queue, and any error path discard held items (counted as
+//!   dropped and reported), they never flush them.
+//! - [`Mode::PassThrough`] (`--no-output-commit`) releases every item at
+//!   once. It breaks guarantee 1 and exists for experiments only.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+
+use crate::metrics::Pct;
+
+/// Errors of the output queue.
+#[derive(Debug, thiserror::Error)]
+pub enum OutqError {
+    #[error("spawning the castor-outq thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the castor-outq thread panicked")]
+    Panicked,
+}
+
+/// Where released items go (the TAP of a kvm NIC, a test recorder...).
+/// Owned by the queue thread once registered.
+pub trait Egress: Send {
+    /// Sends one released frame. Runs on `castor-outq`; must not block long.
+    fn release(&mut self, frame: &[u8]);
+}
+
+/// Whether the queue holds output until its epoch is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Output commit: hold until `commit` of the item's epoch.
+    Commit,
+    /// Release at once. UNSAFE: output may leave before the backup holds the
+    /// state that produced it; for latency experiments only.
+    PassThrough,
+}
+
+/// What the queue did, reported at shutdown.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct OutqReport {
+    /// Items that entered the queue.
+    pub items: u64,
+    /// Items released to their destination.
+    pub released: u64,
+    /// Items released without waiting (pass-through mode, or produced in an
+    /// already committed epoch).
+    pub passed_through: u64,
+    /// Items that were held at least until a commit.
+    pub held: u64,
+    /// Uncommitted items discarded at shutdown (never released).
+    pub dropped: u64,
+    /// Items emitted after the queue shut down (never released).
+    pub late: u64,
+    /// Highest committed epoch.
+    pub committed: u64,
+    /// Output release delay (emit → release), µs.
+    pub release_delay_us: Pct,
+}
+
+enum Msg {
+    Register(usize, Box<dyn Egress>),
+    Item(Item),
+    Commit(u64),
+    Shutdown(Sender<OutqReport>),
+}
+
+struct Item {
+    dest: usize,
+    epoch: u64,
+    at: Instant,
+    frame: Vec<u8>,
+}
+
+/// State shared by the queue and its handles: only atomics.
+struct Tags {
+    /// The epoch the guest is running now; producers tag items with it.
+    current: AtomicU64,
+    /// Items emitted after the thread ended.
+    late: AtomicU64,
+    next_dest: AtomicU64,
+}
+
+/// A producer's end: cloneable, cheap, bound to one destination.
+#[derive(Clone)]
+pub struct OutputHandle {
+    tx: Sender<Msg>,
+    tags: Arc<Tags>,
+    dest: usize,
+}
+
+impl OutputHandle {
+    /// The epoch now running: what an item produced now must be tagged with.
+    pub fn epoch(&self) -> u64 {
+        self.tags.current.load(Ordering::Acquire)
+    }
+
+    /// Hands `frame`, produced during `epoch`, to the queue. Never blocks.
+    pub fn emit(&self, epoch: u64, frame: &[u8]) {
+        let item = Item {
+            dest: self.dest,
+            epoch,
+            at: Instant::now(),
+            frame: frame.to_vec(),
+        };
+        if self.tx.send(Msg::Item(item)).is_err() {
+            // The queue is gone: the item is dropped, never released.
+            self.tags.late.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Emits `frame` tagged with the epoch now running.
+    pub fn emit_now(&self, frame: &[u8]) {
+        self.emit(self.epoch(), frame)
+    }
+}
+
+/// The engine's end: owns the `castor-outq` thread.
+pub struct OutputQueue {
+    tx: Sender<Msg>,
+    tags: Arc<Tags>,
+    mode: Mode,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl OutputQueue {
+    /// Starts the queue thread. The first epoch is 1: output produced
+    /// before the first checkpoint's pause belongs to checkpoint 1 (the
+    /// seed, epoch 0, carries no device state, so its ack releases nothing).
+    pub fn start(mode: Mode) -> Result<Self, OutqError> {
+        let (tx, rx) = channel();
+        let tags = Arc::new(Tags {
+            current: AtomicU64::new(1),
+            late: AtomicU64::new(0),
+            next_dest: AtomicU64::new(0),
+        });
+        let thread = std::thread::Builder::new()
+            .name("castor-outq".into())
+            .spawn(move || queue_thread(rx, mode))
+            .map_err(OutqError::Spawn)?;
+        Ok(OutputQueue {
+            tx,
+            tags,
+            mode,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// A producer handle whose items go to `dest` (moved to the queue thread).
+    pub fn handle(&self, dest: Box<dyn Egress>) -> OutputHandle {
+        let id = self.tags.next_dest.fetch_add(1, Ordering::Relaxed) as usize;
+        // Sent before any item of this handle, so the thread knows `id`
+        // first (one channel, FIFO).
+        let _ = self.tx.send(Msg::Register(id, dest));
+        OutputHandle {
+            tx: self.tx.clone(),
+            tags: self.tags.clone(),
+            dest: id,
+        }
+    }
+
+    /// The epoch now running.
+    pub fn epoch(&self) -> u64 {
+        self.tags.current.load(Ordering::Acquire)
+    }
+
+    /// Starts epoch `n`: items produced from now on are tagged `n`.
+    /// Call only while every producer is parked (the guest is paused).
+    pub fn open_epoch(&self, n: u64) {
+        self.tags.current.store(n, Ordering::Release);
+    }
+
+    /// The backup acknowledged checkpoint `n`: release every item tagged
+    /// ≤ n. Monotonic; a stale `n` is ignored by the thread.
+    pub fn commit(&self, n: u64) {
+        let _ = self.tx.send(Msg::Commit(n));
+    }
+
+    /// A sender for `commit` that another thread (the ack thread) can own.
+    pub fn committer(&self) -> Committer {
+        Committer(self.tx.clone())
+    }
+
+    /// Stops the thread. Items not committed by now are dropped (counted in
+    /// the report), never released.
+    pub fn shutdown(mut self) -> Result<OutqReport, OutqError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<OutqReport, OutqError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(OutqReport::default());
+        };
+        let (rtx, rrx) = channel();
+        let _ = self.tx.send(Msg::Shutdown(rtx));
+        let report = rrx.recv();
+        thread.join().map_err(|_| OutqError::Panicked)?;
+        let mut r = report.map_err(|_| OutqError::Panicked)?;
+        r.late = self.tags.late.load(Ordering::Relaxed);
+        Ok(r)
+    }
+}
+
+impl Drop for OutputQueue {
+    /// Same as [`OutputQueue::shutdown`]: held output is dropped, never
+    /// released.
+    fn drop(&mut self) {
+        if let Ok(r) = self.stop() {
+            if r.dropped > 0 {
+                tracing::warn!(
+                    dropped = r.dropped,
+                    committed = r.committed,
+                    "output queue dropped uncommitted output"
+                );
+            }
+        }
+    }
+}
+
+/// Sends commits to the queue from another thread.
+#[derive(Clone)]
+pub struct Committer(Sender<Msg>);
+
+impl Committer {
+    /// See [`OutputQueue::commit`].
+    pub fn commit(&self, n: u64) {
+        let _ = self.0.send(Msg::Commit(n));
+    }
+}
+
+fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
+    let mut dests: Vec<Option<Box<dyn Egress>>> = Vec::new();
+    let mut held: VecDeque<Item> = VecDeque::new();
+    let mut committed = 0u64;
+    let mut r = OutqReport::default();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    let release = |it: Item,
+                   dests: &mut Vec<Option<Box<dyn Egress>>>,
+                   r: &mut OutqReport,
+                   hist: &mut Histogram<u64>| {
+        if let Some(Some(d)) = dests.get_mut(it.dest) {
+            d.release(&it.frame);
+        }
+        r.released += 1;
+        let _ = hist.record((it.at.elapsed().as_micros() as u64).max(1));
+    };
+    for msg in rx.iter() {
+        match msg {
+            Msg::Register(id, d) => {
+                if dests.len() <= id {
+                    dests.resize_with(id + 1, || None);
+                }
+                dests[id] = Some(d);
+            }
+            Msg::Item(it) => {
+                r.items += 1;
+                if mode == Mode::PassThrough || it.epoch <= committed {
+                    r.passed_through += 1;
+                    release(it, &mut dests, &mut r, &mut hist);
+                } else {
+                    r.held += 1;
+                    held.push_back(it);
+                }
+            }
+            Msg::Commit(n) => {
+                if n <= committed {
+                    continue;
+                }
+                committed = n;
+                // Tags are non-decreasing in production order when the
+                // tagging invariant holds, so the releasable items are a
+                // prefix; keep any later-tagged one in place regardless.
+                let mut keep = VecDeque::with_capacity(held.len());
+                for it in held.drain(..) {
+                    if it.epoch <= n {
+                        release(it, &mut dests, &mut r, &mut hist);
+                    } else {
+                        keep.push_back(it);
+                    }
+                }
+                held = keep;
+            }
+            Msg::Shutdown(reply) => {
+                r.dropped = held.len() as u64;
+                held.clear();
+                r.committed = committed;
+                r.release_delay_us = Pct::of(&hist);
+                let _ = reply.send(r);
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::Duration;
+
+use super::*;
+
+/// Records released frames on a channel (the test's view of the wire).
+struct Wire(Sender<Vec<u8>>);
+
+impl Egress for Wire {
+    fn release(&mut self, frame: &[u8]) {
+        let _ = self.0.send(frame.to_vec());
+    }
+}
+
+fn wire() -> (Box<dyn Egress>, Receiver<Vec<u8>>) {
+    let (tx, rx) = channel();
+    (Box::new(Wire(tx)), rx)
+}
+
+/// Waits until the queue thread has handled every message sent so far: a
+/// round trip through a dedicated probe destination.
+/// The probe item is tagged 0 (≤ any commit), so it is released as soon
+/// as the thread reaches it, after everything sent before it.
+fn settle(probe: &OutputHandle, probe_rx: &Receiver<Vec<u8>>) {
+    probe.emit(0, b"probe");
+    probe_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("queue thread answers");
+}
+
+fn got(rx: &Receiver<Vec<u8>>) -> Vec<Vec<u8>> {
+    rx.try_iter().collect()
+}
+
+#[test]
+fn items_wait_for_their_epoch_and_leave_in_order() {
+    let q = OutputQueue::start(Mode::Commit).unwrap();
+    let (w, rx) = wire();
+    let (pw, prx) = wire();
+    let h = q.handle(w);
+    let probe = q.handle(pw);
+    assert_eq!(h.epoch(), 1);
+    h.emit_now(b"a1");
+    h.emit_now(b"b1");
+    q.open_epoch(2);
+    h.emit_now(b"c2");
+    q.open_epoch(3);
+    h.emit_now(b"d3");
+    settle(&probe, &prx);
+    assert!(got(&rx).is_empty(), "released before any commit");
+    q.commit(0); // the seed's ack releases nothing
+    settle(&probe, &prx);
+    assert!(got(&rx).is_empty());
+    q.commit(1);
+    settle(&probe, &prx);
+    assert_eq!(got(&rx), [b"a1".to_vec(), b"b1".to_vec()]);
+    q.commit(3);
+    settle(&probe, &prx);
+    assert_eq!(got(&rx), [b"c2".to_vec(), b"d3".to_vec()]);
+    let r = q.shutdown().unwrap();
+    // 4 frames + 4 probes (tagged 0, released at once).
+    assert_eq!((r.items, r.held, r.dropped, r.committed), (8, 4, 0, 3));
+    assert_eq!(r.released, 8);
+}
+
+#[test]
+fn commit_is_monotonic() {
+    let q = OutputQueue::start(Mode::Commit).unwrap();
+    let (w, rx) = wire();
+    let (pw, prx) = wire();
+    let h = q.handle(w);
+    let probe = q.handle(pw);
+    q.commit(5);
+    q.commit(2); // stale: must not lower the committed epoch
+    h.emit(4, b"old"); // produced in a committed epoch: may go at once
+    h.emit(6, b"new");
+    settle(&probe, &prx);
+    assert_eq!(got(&rx), [b"old".to_vec()]);
+    q.commit(5);
+    settle(&probe, &prx);
+    assert!(
+        got(&rx).is_empty(),
+        "epoch 6 released by a repeated commit(5)"
+    );
+    q.commit(6);
+    settle(&probe, &prx);
+    assert_eq!(got(&rx), [b"new".to_vec()]);
+    assert_eq!(q.shutdown().unwrap().committed, 6);
+}
+
+#[test]
+fn shutdown_and_drop_never_release_uncommitted_items() {
+    let (w, rx) = wire();
+    let q = OutputQueue::start(Mode::Commit).unwrap();
+    let h = q.handle(w);
+    h.emit(1, b"x");
+    h.emit(2, b"y");
+    q.commit(1);
+    let r = q.shutdown().unwrap();
+    assert_eq!(got(&rx), [b"x".to_vec()]);
+    assert_eq!((r.released, r.dropped), (1, 1));
+    // After shutdown the handle's items go nowhere.
+    h.emit(1, b"late");
+    assert!(got(&rx).is_empty());
+
+    let (w, rx) = wire();
+    let q = OutputQueue::start(Mode::Commit).unwrap();
+    let h = q.handle(w);
+    for i in 0..100u8 {
+        h.emit(1 + i as u64 / 10, &[i]);
+    }
+    drop(q);
+    assert!(got(&rx).is_empty(), "drop released held output");
+    drop(h);
+}
+
+#[test]
+fn items_of_several_sources_keep_production_order() {
+    let q = OutputQueue::start(Mode::Commit).unwrap();
+    let (tx, rx) = channel();
+    let a = q.handle(Box::new(Wire(tx.clone())));
+    let b = q.handle(Box::new(Wire(tx)));
+    for i in 0..50u8 {
+        if i % 2 == 0 {
+            a.emit_now(&[i]);
+        } else {
+            b.emit_now(&[i]);
+        }
+        if i % 10 == 9 {
+            q.open_epoch(q.epoch() + 1);
+        }
+    }
+    q.commit(3);
+    let r = q.shutdown().unwrap();
+    let v: Vec<u8> = rx.try_iter().map(|f| f[0]).collect();
+    assert_eq!(v, (0..30).collect::<Vec<u8>>());
+    assert_eq!(r.dropped, 20);
+}
+
+#[test]
+fn pass_through_releases_at_once() {
+    let q = OutputQueue::start(Mode::PassThrough).unwrap();
+    let (w, rx) = wire();
+    let h = q.handle(w);
+    h.emit_now(b"now");
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        b"now".to_vec()
+    );
+    let r = q.shutdown().unwrap();
+    assert_eq!((r.passed_through, r.held, r.dropped), (1, 0, 0));
+}
+
+#[test]
+fn release_delay_is_measured() {
+    let q = OutputQueue::start(Mode::Commit).unwrap();
+    let (w, rx) = wire();
+    let h = q.handle(w);
+    h.emit_now(b"f");
+    std::thread::sleep(Duration::from_millis(20));
+    q.commit(1);
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let r = q.shutdown().unwrap();
+    assert!(r.release_delay_us.max >= 20_000, "{:?}", r.release_delay_us);
+}
