@@ -3,12 +3,10 @@
 //! SIGKILLed; the backup activates the guest on its own TAP on the same
 //! bridge, and the client's requests are answered again.
 //!
-//! Output commit (issue 3/4) is not in place yet, so replies the primary
-//! sent from epochs the backup never received can be "undone": the
-//! activated guest may hand out a counter the client has already seen. This
-//! test asserts what holds today (the guest answers again, ids match,
-//! counters increase strictly after failover) and prints what it observed
-//! about the gap across the failover.
+//! With output commit (the default) a reply leaves the primary only after
+//! the backup acknowledged the epoch that produced it, so the client never
+//! sees a counter the activated guest will hand out again. Without it
+//! (`--no-output-commit`) such a step back is possible, and recorded.
 
 mod common;
 use common::*;
@@ -45,15 +43,15 @@ fn ask(sock: &UdpSocket, id: u64, patience: Duration) -> Option<u64> {
     None
 }
 
-#[test]
-fn counter_guest_answers_after_failover() {
+/// One failover: 30 requests answered by the primary, SIGKILL, 20 more
+/// answered by the activated guest. Returns the counters seen before and
+/// after, or None when the machine cannot run it (reason printed).
+fn failover(extra_primary_args: &[&str]) -> Option<(Vec<u64>, Vec<u64>)> {
     if std::fs::File::open("/dev/kvm").is_err() {
         eprintln!("SKIP: /dev/kvm is not available");
-        return;
+        return None;
     }
-    let Some(ns) = Netns::create("cf") else {
-        return;
-    };
+    let ns = Netns::create("cf")?;
     ns.ip(&["link", "add", "br0", "type", "bridge"]);
     ns.ip(&["addr", "add", "10.201.0.1/24", "dev", "br0"]);
     ns.ip(&["link", "set", "br0", "up"]);
@@ -63,7 +61,7 @@ fn counter_guest_answers_after_failover() {
         ns.ip(&["link", "set", tap, "up"]);
     }
     let dir = tempfile::tempdir().unwrap();
-    let b = Backup::start_cmd(
+    let mut b = Backup::start_cmd(
         castor_in(&ns.name),
         &dir.path().join("replica"),
         &["--activate", "--override", "tap=cb0", "--run-for", "20s"],
@@ -73,6 +71,7 @@ fn counter_guest_answers_after_failover() {
     let primary = Reaped(
         castor_in(&ns.name)
             .args(["protect", "--quiet", "--domain", &spec, "--backup", &b.addr])
+            .args(extra_primary_args)
             .spawn()
             .unwrap(),
     );
@@ -96,21 +95,43 @@ fn counter_guest_answers_after_failover() {
         }
         (before, after)
     });
-    let mut b = b;
     let _ = b.child.kill();
     let (_, err) = b.wait();
-    eprintln!("{err}");
+    assert!(err.contains("ACTIVATED"), "{err}");
     assert!(before.windows(2).all(|w| w[1] > w[0]), "{before:?}");
     assert!(after.windows(2).all(|w| w[1] > w[0]), "{after:?}");
-    let seen = *before.last().unwrap();
-    let first = after[0];
+    Some((before, after))
+}
+
+/// Guarantee 4 with output commit on (the default): across the failover
+/// the client never sees the counter step back — every reply it got came
+/// from an epoch the backup had acknowledged.
+#[test]
+fn counter_never_steps_back_across_failover() {
+    for trial in 0..3 {
+        let Some((before, after)) = failover(&[]) else {
+            return;
+        };
+        let (seen, first) = (*before.last().unwrap(), after[0]);
+        eprintln!("trial {trial}: last counter from the primary {seen}, first from the activated guest {first}");
+        assert!(
+            first > seen,
+            "step back across failover: saw {seen}, then {first}"
+        );
+    }
+}
+
+/// The same with `--no-output-commit`: replies from epochs the backup never
+/// received reach the client, so the activated guest may repeat counters.
+/// Recorded, not asserted (it depends on where the kill lands).
+#[test]
+fn without_output_commit_a_step_back_is_possible() {
+    let Some((before, after)) = failover(&["--no-output-commit"]) else {
+        return;
+    };
+    let (seen, first) = (*before.last().unwrap(), after[0]);
     eprintln!(
-        "counter failover without output commit: last counter seen from the primary {seen}, \
-         first from the activated guest {first} ({})",
-        if first > seen {
-            "no step back observed this run"
-        } else {
-            "STEP BACK: replies from uncommitted epochs were released"
-        }
+        "without output commit: last counter seen from the primary {seen}, first from the activated guest {first} ({})",
+        if first > seen { "no step back this run" } else { "STEP BACK: replies from unacknowledged epochs were released" }
     );
 }

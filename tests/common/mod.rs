@@ -207,7 +207,9 @@ impl Netns {
             eprintln!("SKIP: needs root for network namespaces and TAP devices");
             return None;
         }
-        let name = format!("castor-{tag}-{}", std::process::id());
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("castor-{tag}-{}-{n}", std::process::id());
         match Command::new("ip").args(["netns", "add", &name]).output() {
             Ok(o) if o.status.success() => {}
             Ok(o) => {
