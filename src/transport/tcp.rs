@@ -24,10 +24,7 @@ pub fn connect(addr: &str, patience: Duration) -> io::Result<TcpStream> {
         }
         let e = last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"));
         if std::time::Instant::now() >= deadline {
-            return Err(io::Error::new(
-                e.kind(),
-                format!("connecting to backup {addr}: {e}"),
-            ));
+            return Err(e);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
