@@ -148,9 +148,18 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
         .map_err(BackupError::Accept)?;
 
     let started = Instant::now();
+    // Longest silence between two records: how close a healthy session came
+    // to the heartbeat timeout.
+    let mut last_rec = started;
+    let mut max_gap = Duration::ZERO;
     let (clean, mut end) = loop {
         let rec = reader.next();
-        live.beat();
+        let now = Instant::now();
+        live.beat_at(now);
+        if rec.is_ok() {
+            max_gap = max_gap.max(now - last_rec);
+            last_rec = now;
+        }
         let rec = match rec {
             Ok(r) => r,
             Err(RecordError::Eof) => {
@@ -199,8 +208,10 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
             "stream broken"
         };
         eprintln!(
-            "castor backup: {what}: {end} ({:.1}s)",
-            started.elapsed().as_secs_f64()
+            "castor backup: {what}: {end} ({:.1}s; longest gap between records while live {} ms, heartbeat timeout {} ms)",
+            started.elapsed().as_secs_f64(),
+            max_gap.as_millis(),
+            cfg.heartbeat_timeout.as_millis()
         );
         if let Some(d) = discarded {
             eprintln!("castor backup: epoch {d} was incomplete and has been discarded whole");
