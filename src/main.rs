@@ -94,6 +94,10 @@ enum Cmd {
         /// stops the activation.
         #[arg(long, requires = "activate")]
         fence_cmd: Option<String>,
+        /// Kill the fence command and do not activate if it has not finished
+        /// by then (fence agents power-cycling a host take tens of seconds).
+        #[arg(long, default_value = "60s", value_parser = units::parse_duration, requires = "fence_cmd")]
+        fence_timeout: Duration,
     },
     /// Protect a domain: run it in epochs and stream each checkpoint to a backup.
     ///
@@ -326,6 +330,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             heartbeat_timeout,
             arbiter,
             fence_cmd,
+            fence_timeout,
         } => {
             let psk = load_psk(psk_file.as_ref())?;
             let l = castor::transport::tcp::listen(&listen).map_err(|e| e.to_string())?;
@@ -394,7 +399,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 );
                 let fenced_at = match &fence_cmd {
                     Some(cmd) => {
-                        if let Err(e) = castor::ha::fence::run(cmd, token, &out.peer) {
+                        if let Err(e) = castor::ha::fence::run(cmd, token, &out.peer, fence_timeout)
+                        {
                             eprintln!(
                                 "castor backup: error: {e}. The replica of epoch {from} stays saved in {}.",
                                 state_dir.display()
