@@ -97,6 +97,56 @@ fn backup_does_not_activate_while_the_arbiter_is_held() {
     assert_eq!(std::fs::read_to_string(&lock).unwrap().trim(), "1");
 }
 
+/// A primary that closed the connection but runs on (still holding the
+/// arbiter) is not dead either: no activation.
+#[test]
+fn backup_does_not_activate_when_a_live_primary_hangs_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("pair.lock");
+    let mut primary_lock = LocalLock::new(&lock);
+    primary_lock.try_acquire().unwrap().unwrap();
+    let arb = format!("local:{}", lock.display());
+    let b = Backup::start_with(
+        &dir.path().join("replica"),
+        &["--activate", "--arbiter", &arb],
+        KEY,
+    );
+    let bdir = b.dir.clone();
+    let (conn, _, expected) = go_silent(&b.addr, 2);
+    conn.shutdown(std::net::Shutdown::Both).unwrap();
+    let (st, err) = b.wait();
+    assert_eq!(st.code(), Some(3), "{err}");
+    assert!(err.contains("NOT ACTIVATING"), "{err}");
+    assert!(!bdir.join("activated").exists());
+    assert_eq!(
+        meta(&bdir).map(|m| (m.epoch, m.digest)),
+        Some((2, expected))
+    );
+}
+
+/// `--arbiter none` ignores every other copy (Xen Remus's behaviour): it is
+/// taken only when asked for, and says loudly what it risks.
+#[test]
+fn arbiter_none_wins_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backup::start_with(
+        &dir.path().join("replica"),
+        &[
+            "--activate",
+            "--heartbeat-timeout",
+            "200ms",
+            "--arbiter",
+            "none",
+        ],
+        KEY,
+    );
+    let (_conn, _, _) = go_silent(&b.addr, 1);
+    let (_, err) = b.wait();
+    assert!(err.contains("WARNING: --arbiter none"), "{err}");
+    assert!(err.contains("split brain"), "{err}");
+    assert!(err.contains("won (fencing token 0)"), "{err}");
+}
+
 fn signal(p: &Reaped, sig: libc::c_int) {
     // SAFETY: kill(2) on our own child's pid; no memory is involved.
     assert_eq!(unsafe { libc::kill(p.0.id() as libc::pid_t, sig) }, 0);
