@@ -113,7 +113,8 @@ fn backup_does_not_activate_when_a_live_primary_hangs_up() {
     );
     let bdir = b.dir.clone();
     let (conn, _, expected) = go_silent(&b.addr, 2);
-    conn.shutdown(std::net::Shutdown::Both).unwrap();
+    // FIN, not RST: a reset could discard data the backup has not read yet.
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
     let (st, err) = b.wait();
     assert_eq!(st.code(), Some(3), "{err}");
     assert!(err.contains("NOT ACTIVATING"), "{err}");
