@@ -10,6 +10,7 @@ pub mod codec;
 pub mod digest;
 pub mod domain;
 pub mod engine;
+pub mod ha;
 pub mod harness;
 pub mod metrics;
 pub mod outq;

@@ -41,6 +41,11 @@ enum Cmd {
         engine: EngineArgs,
     },
     /// Receive checkpoints from one primary; save the committed replica when its stream ends or breaks.
+    ///
+    /// Exit status: 0 the primary closed the stream; 2 stream broken or
+    /// primary silent (activated, with --activate); 3 not activated, the
+    /// arbiter is held by another live copy; 4 not activated, the fence
+    /// command failed; 1 any other error.
     Backup {
         /// Address to listen on (port 0 picks a free port; the bound address is printed first).
         #[arg(long, default_value = "127.0.0.1:7700")]
@@ -73,8 +78,30 @@ enum Cmd {
         /// spec, e.g. `console=/var/log/guest.log,tap=castor1`.
         #[arg(long = "override", requires = "activate")]
         overrides: Option<String>,
+        /// Suspect the primary when no record (data or heartbeat, sent every
+        /// 100 ms) arrived for this long, even if its connection stays open.
+        #[arg(long, default_value = "500ms", value_parser = units::parse_duration)]
+        heartbeat_timeout: Duration,
+        /// Who may go live: `local:PATH` (flock on a shared path) or `none`
+        /// (always wins: Xen Remus's behaviour, unsafe). With --activate the
+        /// default is local:/run/castor/pair-PORT.lock, PORT being this
+        /// backup's listening port, the same lock `protect --backup HOST:PORT`
+        /// takes by default. The backup activates only after winning it.
+        #[arg(long, requires = "activate")]
+        arbiter: Option<String>,
+        /// Run `sh -c CMD` after winning the arbiter and before activating
+        /// (env CASTOR_FENCING_TOKEN, CASTOR_PEER); a non-zero exit status
+        /// stops the activation.
+        #[arg(long, requires = "activate")]
+        fence_cmd: Option<String>,
+        /// Kill the fence command and do not activate if it has not finished
+        /// by then (fence agents power-cycling a host take tens of seconds).
+        #[arg(long, default_value = "60s", value_parser = units::parse_duration, requires = "fence_cmd")]
+        fence_timeout: Duration,
     },
     /// Protect a domain: run it in epochs and stream each checkpoint to a backup.
+    ///
+    /// Exit status 3: refused to start, the arbiter is held by another copy.
     Protect {
         #[arg(long)]
         domain: String,
@@ -95,6 +122,12 @@ enum Cmd {
         /// No progress line.
         #[arg(long)]
         quiet: bool,
+        /// Arbiter held for the primary's whole life: `local:PATH` or `none`
+        /// (Xen Remus's behaviour, unsafe). Default:
+        /// local:/run/castor/pair-PORT.lock with PORT from --backup, the
+        /// lock the backup takes by default before activating.
+        #[arg(long)]
+        arbiter: Option<String>,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -224,6 +257,31 @@ fn phys_mem() -> u64 {
     (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
 }
 
+/// Exit status: the arbiter is held by another live copy (the backup did
+/// not activate; the primary did not start).
+const EXIT_ARBITER_HELD: u8 = 3;
+/// Exit status: the fence command failed; the backup did not activate.
+const EXIT_FENCE_FAILED: u8 = 4;
+
+/// `--arbiter SPEC`, or the pair's default local lock named by the
+/// backup's port.
+fn make_arbiter(
+    spec: Option<&str>,
+    backup_port: u16,
+) -> Result<Box<dyn castor::ha::arbiter::Arbiter>, String> {
+    use castor::ha::arbiter;
+    let a = match spec {
+        Some(s) => arbiter::from_spec(s).map_err(|e| e.to_string())?,
+        None => Box::new(arbiter::LocalLock::new(arbiter::default_local_path(
+            backup_port,
+        ))),
+    };
+    if a.describe() == "none" {
+        eprintln!("castor: {}", arbiter::NONE_WARNING);
+    }
+    Ok(a)
+}
+
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.cmd {
         Cmd::Demo {
@@ -269,10 +327,20 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             run_for,
             run_epochs,
             overrides,
+            heartbeat_timeout,
+            arbiter,
+            fence_cmd,
+            fence_timeout,
         } => {
             let psk = load_psk(psk_file.as_ref())?;
             let l = castor::transport::tcp::listen(&listen).map_err(|e| e.to_string())?;
             let addr = l.local_addr().map_err(|e| e.to_string())?;
+            // Chosen (and checked) now, so a bad spec fails before replication.
+            let mut arbiter = if activate {
+                Some(make_arbiter(arbiter.as_deref(), addr.port())?)
+            } else {
+                None
+            };
             {
                 use std::io::Write;
                 let mut o = std::io::stdout();
@@ -284,6 +352,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 psk,
                 max_mem: max_mem.unwrap_or_else(phys_mem),
                 quiet,
+                heartbeat_timeout,
             };
             if activate {
                 castor::engine::install_stop_handler();
@@ -297,9 +366,52 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 ),
                 _ => eprintln!("castor backup: no checkpoint was completed; nothing saved"),
             }
-            if activate {
+            if let Some(arb) = arbiter.as_mut() {
                 let Some((mem, state)) = out.replica.take() else {
                     return Err("cannot activate: no checkpoint was completed".into());
+                };
+                let from = out.committed.unwrap_or(0);
+                let since = |t: std::time::Instant| {
+                    format!("+{:.1} ms", (t - out.ended_at).as_secs_f64() * 1000.0)
+                };
+                eprintln!("castor backup: suspect primary {}: {}", out.peer, out.end);
+                // A dying primary's lock is released only when its process
+                // has exited: give it up to one heartbeat timeout.
+                let token = arb
+                    .acquire_within(heartbeat_timeout, Duration::from_millis(20))
+                    .map_err(|e| format!("arbiter: {e}"))?;
+                let Some(token) = token else {
+                    eprintln!(
+                        "castor backup: NOT ACTIVATING: the arbiter {} is still held by another copy after {} ms \
+                         (the primary is alive: a network partition, or it closed the connection but runs on). \
+                         Activating now would run two copies. The replica of epoch {from} stays saved in {}.",
+                        arb.describe(),
+                        heartbeat_timeout.as_millis(),
+                        state_dir.display()
+                    );
+                    return Ok(ExitCode::from(EXIT_ARBITER_HELD));
+                };
+                let won_at = std::time::Instant::now();
+                eprintln!(
+                    "castor backup: arbiter {} won (fencing token {token}) {}",
+                    arb.describe(),
+                    since(won_at)
+                );
+                let fenced_at = match &fence_cmd {
+                    Some(cmd) => {
+                        if let Err(e) = castor::ha::fence::run(cmd, token, &out.peer, fence_timeout)
+                        {
+                            eprintln!(
+                                "castor backup: error: {e}. The replica of epoch {from} stays saved in {}.",
+                                state_dir.display()
+                            );
+                            return Ok(ExitCode::from(EXIT_FENCE_FAILED));
+                        }
+                        let t = std::time::Instant::now();
+                        eprintln!("castor backup: fenced {}", since(t));
+                        Some(t)
+                    }
+                    None => None,
                 };
                 let acfg = castor::engine::activate::ActivateConfig {
                     epoch,
@@ -308,10 +420,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     run_epochs,
                 };
                 let dir = state_dir.join("activated");
-                let from = out.committed.unwrap_or(0);
                 let a =
                     castor::engine::activate::activate(&out.domain, mem, &state, from, &acfg, &dir)
                         .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "castor backup: failover: suspect → arbiter won (token {token}) {} → {} → activated {}",
+                    since(won_at),
+                    fenced_at.map_or("no fence command".to_string(), |t| format!("fenced {}", since(t))),
+                    since(a.running_at),
+                );
                 eprintln!(
                     "castor backup: activated domain ran {} epochs past checkpoint {} (stream loss → guest running: {:.1} ms); \
                      stopped at epoch {}, digest {}, image in {}",
@@ -337,10 +454,40 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             psk_file,
             json,
             quiet,
+            arbiter,
             engine,
         } => {
             let spec = parse_spec(&domain)?;
             let psk = load_psk(psk_file.as_ref())?;
+            let port = backup
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok());
+            let mut arb = match (arbiter.as_deref(), port) {
+                (Some(a), _) => make_arbiter(Some(a), 0)?,
+                (None, Some(p)) => make_arbiter(None, p)?,
+                (None, None) => {
+                    return Err(format!(
+                        "cannot name the default arbiter lock: --backup {backup:?} has no :PORT; give --arbiter local:PATH"
+                    ))
+                }
+            };
+            // Held until this process exits: while it is held no backup
+            // can activate a second copy.
+            match arb.try_acquire().map_err(|e| format!("arbiter: {e}"))? {
+                Some(t) => eprintln!(
+                    "castor protect: arbiter {} won (fencing token {t}); held while this primary runs",
+                    arb.describe()
+                ),
+                None => {
+                    eprintln!(
+                        "castor protect: error: refusing to start: the arbiter {} is held by another copy of a \
+                         domain (a live primary, or a backup that activated). Stop that copy first, or give \
+                         this pair its own --arbiter.",
+                        arb.describe()
+                    );
+                    return Ok(ExitCode::from(EXIT_ARBITER_HELD));
+                }
+            }
             let mut cfg = engine.config();
             cfg.duration = duration;
             cfg.max_epochs = epochs;

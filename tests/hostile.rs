@@ -3,127 +3,16 @@
 //! exactly the last complete epoch (or nothing, if none completed).
 
 mod common;
+use common::fake::*;
 use common::*;
 
 use std::io::Write;
 use std::net::TcpStream;
 
-use castor::codec::{Compressor, Encoder, PageKind};
-use castor::digest::Digest;
-use castor::transport::handshake::{self, random_nonce, Psk};
-use castor::transport::messages::{EpochBegin, EpochClass, EpochEnd, Hello, PagesWriter};
-use castor::transport::record::{write_record, RecordKind, RecordReader};
+use castor::codec::PageKind;
+use castor::transport::messages::{EpochBegin, EpochClass, PagesWriter};
+use castor::transport::record::{write_record, RecordKind};
 use castor::PAGE_SIZE;
-
-const PAGES: u64 = 64;
-
-/// A tiny primary: a memory image, its shadow, and epoch serialisation.
-struct Primary {
-    mem: Vec<[u8; PAGE_SIZE]>,
-    shadow: Vec<[u8; PAGE_SIZE]>,
-    enc: Encoder,
-    epoch: u64,
-}
-
-impl Primary {
-    fn new() -> Self {
-        Primary {
-            mem: vec![[0; PAGE_SIZE]; PAGES as usize],
-            shadow: vec![[0; PAGE_SIZE]; PAGES as usize],
-            enc: Encoder::new(Compressor::Lz4),
-            epoch: 0,
-        }
-    }
-
-    fn state(&self) -> Vec<u8> {
-        format!("state-of-epoch-{}", self.epoch).into_bytes()
-    }
-
-    fn digest(&self) -> String {
-        Digest::of(&self.mem.concat(), &self.state()).to_hex()
-    }
-
-    /// The seed (epoch 0): every page that differs from zero.
-    fn seed(&mut self) -> Vec<u8> {
-        let all: Vec<u64> = (0..PAGES).collect();
-        self.emit(0, EpochClass::Seed, &all)
-    }
-
-    /// Dirties some pages and returns the next checkpoint's bytes.
-    fn checkpoint(&mut self) -> Vec<u8> {
-        self.epoch += 1;
-        let e = self.epoch;
-        let dirty: Vec<u64> = (0..PAGES).filter(|g| (g + e) % 3 == 0).collect();
-        for &g in &dirty {
-            let p = &mut self.mem[g as usize];
-            for (i, b) in p
-                .iter_mut()
-                .enumerate()
-                .skip((e as usize * 37) % 4000)
-                .take(40)
-            {
-                *b = (i as u64 ^ e ^ g) as u8;
-            }
-        }
-        self.emit(e, EpochClass::Checkpoint, &dirty)
-    }
-
-    fn emit(&mut self, e: u64, class: EpochClass, gfns: &[u64]) -> Vec<u8> {
-        let mut out = Vec::new();
-        write_record(
-            &mut out,
-            RecordKind::EpochBegin,
-            e,
-            &EpochBegin {
-                class,
-                dirty: gfns.len() as u64,
-            }
-            .encode(),
-        );
-        let mut w = PagesWriter::new(e);
-        for &g in gfns {
-            let page = self.mem[g as usize];
-            let prev = self.shadow[g as usize];
-            w.push(&mut out, g, |o| {
-                let k = self.enc.encode(&page, Some(&prev), o);
-                (k != PageKind::Unchanged).then_some(k as u8)
-            });
-            self.shadow[g as usize] = page;
-        }
-        w.close(&mut out);
-        let state = self.state();
-        if class == EpochClass::Checkpoint {
-            write_record(&mut out, RecordKind::State, e, &state);
-        }
-        let end = EpochEnd {
-            page_entries: w.entries,
-            pages_records: w.records,
-            state_len: if class == EpochClass::Checkpoint {
-                state.len() as u32
-            } else {
-                0
-            },
-        };
-        write_record(&mut out, RecordKind::EpochEnd, e, &end.encode());
-        out
-    }
-}
-
-/// Connects and authenticates with `key`.
-fn session(addr: &str, key: &str) -> Result<TcpStream, String> {
-    let s = TcpStream::connect(addr).unwrap();
-    let mut w = s.try_clone().unwrap();
-    let mut r = RecordReader::new(s.try_clone().unwrap());
-    let hello = Hello {
-        page_size: PAGE_SIZE as u32,
-        pages: PAGES,
-        nonce: random_nonce(),
-        desc: "test:hostile".into(),
-    };
-    handshake::client(&mut r, &mut w, &Psk::from_bytes(key.as_bytes()), &hello)
-        .map_err(|e| e.to_string())?;
-    Ok(s)
-}
 
 /// Runs a scenario: `good` complete epochs, then `bad` bytes, then close.
 /// Returns (exit code, stderr, saved epoch, saved digest, expected digest).

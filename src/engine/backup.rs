@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::digest::Digest;
 use crate::engine::receiver::{Event, Receiver};
 use crate::engine::replica::{self, Meta, ReplicaError};
+use crate::ha::detector::{Liveness, Watchdog};
 use crate::transport::handshake::{self, HandshakeError, Psk};
 use crate::transport::record::{write_record, RecordError, RecordKind, RecordReader};
 use crate::PAGE_SIZE;
@@ -39,6 +40,9 @@ pub struct BackupConfig {
     /// Largest guest memory a primary may ask us to hold.
     pub max_mem: u64,
     pub quiet: bool,
+    /// Suspect the primary after this long without any record from it
+    /// (see [`crate::ha::detector::DEFAULT_TIMEOUT`]).
+    pub heartbeat_timeout: Duration,
 }
 
 /// How a session ended.
@@ -56,6 +60,9 @@ pub struct BackupOutcome {
     pub meta: Option<Meta>,
     pub digest: Option<Digest>,
     pub bytes_received: u64,
+    /// The primary fell silent for longer than the heartbeat timeout
+    /// (its connection may still be open): the silence observed.
+    pub silent: Option<Duration>,
     /// When the stream ended or broke.
     pub ended_at: std::time::Instant,
     /// The committed replica (memory, saved state), for activation.
@@ -132,9 +139,28 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
             .expect("spawning heartbeat thread")
     };
 
+    // Suspect a primary that stops sending even though its TCP stays open.
+    let live = Arc::new(Liveness::new(cfg.heartbeat_timeout));
+    let watchdog = reader
+        .get_ref()
+        .try_clone()
+        .and_then(|s| Watchdog::spawn(live.clone(), s))
+        .map_err(BackupError::Accept)?;
+
     let started = Instant::now();
-    let (clean, end) = loop {
-        let rec = match reader.next() {
+    // Longest silence between two records: how close a healthy session came
+    // to the heartbeat timeout.
+    let mut last_rec = started;
+    let mut max_gap = Duration::ZERO;
+    let (clean, mut end) = loop {
+        let rec = reader.next();
+        let now = Instant::now();
+        live.beat_at(now);
+        if rec.is_ok() {
+            max_gap = max_gap.max(now - last_rec);
+            last_rec = now;
+        }
+        let rec = match rec {
             Ok(r) => r,
             Err(RecordError::Eof) => {
                 break (
@@ -162,6 +188,14 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
         }
     };
     let ended_at = Instant::now();
+    let silent = watchdog.finish();
+    if let Some(s) = silent {
+        end = format!(
+            "primary silent for {} ms (heartbeat timeout {} ms)",
+            s.as_millis(),
+            cfg.heartbeat_timeout.as_millis()
+        );
+    }
     done.store(true, Ordering::Relaxed);
     hb.thread().unpark();
     let _ = hb.join();
@@ -174,8 +208,10 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
             "stream broken"
         };
         eprintln!(
-            "castor backup: {what}: {end} ({:.1}s)",
-            started.elapsed().as_secs_f64()
+            "castor backup: {what}: {end} ({:.1}s; longest gap between records while live {} ms, heartbeat timeout {} ms)",
+            started.elapsed().as_secs_f64(),
+            max_gap.as_millis(),
+            cfg.heartbeat_timeout.as_millis()
         );
         if let Some(d) = discarded {
             eprintln!("castor backup: epoch {d} was incomplete and has been discarded whole");
@@ -202,6 +238,7 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
         meta,
         digest,
         bytes_received,
+        silent,
         ended_at,
         replica: committed.map(|_| rx.into_replica()),
     })

@@ -191,6 +191,7 @@ fn backup_thread() -> (String, JoinHandle<()>, tempfile::TempDir) {
         psk: Psk::from_bytes(KEY),
         max_mem: 1 << 30,
         quiet: true,
+        heartbeat_timeout: crate::ha::detector::DEFAULT_TIMEOUT,
     };
     let h = std::thread::spawn(move || {
         let _ = backup::serve(&l, &cfg);

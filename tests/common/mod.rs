@@ -2,6 +2,8 @@
 //! binary as separate processes.
 #![allow(dead_code)]
 
+pub mod fake;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -123,11 +125,17 @@ impl Drop for Reaped {
 /// Starts `castor protect` of `spec` against `addr` with `epoch` epochs and
 /// returns once checkpoints are flowing (its first progress line).
 pub fn protect_flowing(spec: &str, addr: &str, epoch: &str) -> Reaped {
+    protect_flowing_with(spec, addr, epoch, &[])
+}
+
+/// [`protect_flowing`] with extra arguments (e.g. `--arbiter`).
+pub fn protect_flowing_with(spec: &str, addr: &str, epoch: &str, extra: &[&str]) -> Reaped {
     let mut p = Reaped(
         castor()
             .args([
                 "protect", "--domain", spec, "--backup", addr, "--epoch", epoch,
             ])
+            .args(extra)
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
