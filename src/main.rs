@@ -22,6 +22,8 @@ use castor::units;
     about = "Keep a running VM alive when its host dies: continuous checkpoints to a backup (Remus-style).",
     after_help = "Domain specs: sim:mem=SIZE,workload=uniform|hotcold|sequential|edits|zero|incompressible|mixed,\
 rate=WRITES/S[,writes=N (deterministic: N page writes per epoch)][,seed=S][,threads=T][,fill=F][,hot=F][,edit=BYTES]\n\
+              kvm:guest=memtouch|counter|blkcheck,mem=SIZE[,console=PATH|stderr][,tap=NAME][,ip=A.B.C.D][,mac=M]\
+[,disk=PATH][,dirty=bitmap|ring] (guest ABI: guests/README.md)\n\
 Keys: --psk-file FILE or $CASTOR_PSK (at least 16 bytes); without either a built-in development key is used, with a warning."
 )]
 struct Cli {
