@@ -278,41 +278,35 @@ fn failing_fence_command_prevents_activation() {
     assert!(meta(&bdir).is_some(), "replica kept saved");
 }
 
+/// `castor protect` with a local arbiter at `lock` and no backup listening.
+fn protect_with_lock(lock: &std::path::Path) -> std::process::Output {
+    castor()
+        .args([
+            "protect",
+            "--domain",
+            "sim:mem=64KiB,writes=1",
+            "--backup",
+            "127.0.0.1:9",
+            "--arbiter",
+        ])
+        .arg(format!("local:{}", lock.display()))
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn primary_refuses_to_start_while_another_copy_holds_the_arbiter() {
     let dir = tempfile::tempdir().unwrap();
     let lock = dir.path().join("pair.lock");
     let mut other = LocalLock::new(&lock);
     other.try_acquire().unwrap().unwrap();
-    let out = castor()
-        .args([
-            "protect",
-            "--domain",
-            "sim:mem=64KiB,writes=1",
-            "--backup",
-            "127.0.0.1:9",
-            "--arbiter",
-        ])
-        .arg(format!("local:{}", lock.display()))
-        .output()
-        .unwrap();
+    let out = protect_with_lock(&lock);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("refusing to start"), "{err}");
     drop(other);
     // Once released, the same primary wins (and then fails only to connect).
-    let out = castor()
-        .args([
-            "protect",
-            "--domain",
-            "sim:mem=64KiB,writes=1",
-            "--backup",
-            "127.0.0.1:9",
-            "--arbiter",
-        ])
-        .arg(format!("local:{}", lock.display()))
-        .output()
-        .unwrap();
+    let out = protect_with_lock(&lock);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fencing token 2"), "{err}");
 }

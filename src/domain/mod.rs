@@ -92,6 +92,24 @@ pub trait Domain: Send {
     }
 }
 
+/// Splits a spec's `key=value,...` list (items trimmed, empty items
+/// skipped), refusing an item without `=` and a key given twice. `keys`
+/// lists the accepted keys for the error message.
+pub fn spec_pairs<'a>(kv: &'a str, keys: &str) -> Result<Vec<(&'a str, &'a str)>, String> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for item in kv.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!("{item:?} is not key=value (keys: {keys})"));
+        };
+        let (key, value) = (key.trim(), value.trim());
+        if out.iter().any(|(k, _)| *k == key) {
+            return Err(format!("key {key} given twice"));
+        }
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
 /// A parsed `--domain` argument: `KIND:key=value,...`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DomainSpec {

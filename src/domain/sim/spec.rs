@@ -153,16 +153,7 @@ impl SimSpec {
         let mut s = SimSpec::default();
         let mut rate = None;
         let mut writes = None;
-        let mut seen: Vec<&str> = Vec::new();
-        for item in kv.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let Some((key, value)) = item.split_once('=') else {
-                return Err(err(format!("{item:?} is not key=value (keys: {KEYS})")));
-            };
-            let (key, value) = (key.trim(), value.trim());
-            if seen.contains(&key) {
-                return Err(err(format!("key {key} given twice")));
-            }
-            seen.push(key);
+        for (key, value) in crate::domain::spec_pairs(kv, KEYS).map_err(err)? {
             let bad = |form: &str| err(format!("{key}={value}: expected {form}"));
             match key {
                 "mem" => {
