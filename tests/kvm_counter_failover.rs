@@ -15,6 +15,19 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 const GUEST: &str = "10.201.0.2";
+/// The kvm NIC's default MAC (guests/README.md).
+const GUEST_MAC: &str = "52:54:00:ca:57:01";
+
+/// Whether bridge br0 in namespace `ns` has learned `mac` on port `dev`.
+fn fdb_has(ns: &str, mac: &str, dev: &str) -> bool {
+    let out = std::process::Command::new("bridge")
+        .args(["-n", ns, "fdb", "show", "br", "br0"])
+        .output()
+        .expect("running bridge (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with(mac) && l.contains(&format!("dev {dev} ")))
+}
 
 fn ask(sock: &UdpSocket, id: u64, patience: Duration) -> Option<u64> {
     let mut msg = [0u8; 16];
@@ -75,7 +88,8 @@ fn failover(extra_primary_args: &[&str]) -> Option<(Vec<u64>, Vec<u64>)> {
             .spawn()
             .unwrap(),
     );
-    let (before, after) = ns.run(|| {
+    let ns_name = ns.name.clone();
+    let result = ns.run(|| {
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
@@ -87,16 +101,40 @@ fn failover(extra_primary_args: &[&str]) -> Option<(Vec<u64>, Vec<u64>)> {
             before.push(c);
         }
         drop(primary); // SIGKILL the primary mid-conversation
+                       // Before the client speaks again, the activated side must have
+                       // announced the guest (gratuitous ARP): the bridge learns the
+                       // guest's MAC on the backup's TAP without any guest traffic.
+        let t0 = Instant::now();
+        while !fdb_has(&ns_name, GUEST_MAC, "cb0") {
+            if t0.elapsed() > Duration::from_secs(15) {
+                let fdb = std::process::Command::new("bridge")
+                    .args(["-n", &ns_name, "fdb", "show", "br", "br0"])
+                    .output()
+                    .unwrap();
+                return Err(String::from_utf8_lossy(&fdb.stdout).into_owned());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!(
+            "guest MAC learned on cb0 {} ms after the kill",
+            t0.elapsed().as_millis()
+        );
         let mut after = Vec::new();
         for id in 31..=50u64 {
             let c = ask(&sock, id, Duration::from_secs(15))
                 .unwrap_or_else(|| panic!("the activated guest did not answer request {id}"));
             after.push(c);
         }
-        (before, after)
+        Ok((before, after))
     });
     let _ = b.child.kill();
     let (_, err) = b.wait();
+    let (before, after) = match result {
+        Ok(v) => v,
+        Err(fdb) => panic!(
+            "the guest's MAC never appeared on the backup's TAP:\n{fdb}\nbackup said:\n{err}"
+        ),
+    };
     assert!(err.contains("ACTIVATED"), "{err}");
     assert!(before.windows(2).all(|w| w[1] > w[0]), "{before:?}");
     assert!(after.windows(2).all(|w| w[1] > w[0]), "{after:?}");

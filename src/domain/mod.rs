@@ -90,6 +90,13 @@ pub trait Domain: Send {
         let _ = q;
         Ok(())
     }
+    /// After activation on a new host: tells the network where the guest's
+    /// addresses now live (gratuitous ARP), so switches and neighbours move
+    /// their entries before the guest next speaks. Returns what was
+    /// announced, for the log. Default: nothing to announce.
+    fn announce(&mut self) -> Result<Vec<String>, DomainError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Splits a spec's `key=value,...` list (items trimmed, empty items

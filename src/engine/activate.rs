@@ -80,6 +80,11 @@ pub fn activate(
     // No `attach_output`: the activated domain runs unprotected (there is no
     // backup to wait for), so its output passes straight through to its
     // devices' backends (the TAP). Holding it would only add latency.
+    // Announce the guest's addresses from this host before the guest can
+    // speak, so the first reply it sends already travels the new path.
+    for what in domain.announce()? {
+        eprintln!("castor backup: announced {what}");
+    }
     domain.start()?;
     let running_at = Instant::now();
     let restore_time = running_at - t0;
@@ -91,8 +96,20 @@ pub fn activate(
     let mut ran = 0u64;
     let mut scratch = Vec::new();
     let mut deadline = started + cfg.epoch;
+    // Repeat the announcement: a frame sent the instant a TAP comes up can
+    // be dropped while the bridge still sees the port as down (the kernel
+    // reports carrier-up asynchronously), and RFC 5227 announces more than
+    // once anyway.
+    let mut repeats = [100u64, 500, 1500].into_iter().peekable();
     loop {
         let now = Instant::now();
+        if repeats
+            .peek()
+            .is_some_and(|&ms| now.duration_since(started) >= Duration::from_millis(ms))
+        {
+            repeats.next();
+            domain.announce()?;
+        }
         if now < deadline {
             std::thread::sleep((deadline - now).min(Duration::from_millis(50)));
             if !crate::engine::stop_requested() {

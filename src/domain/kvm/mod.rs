@@ -418,6 +418,18 @@ impl Domain for KvmDomain {
         Ok(())
     }
 
+    fn announce(&mut self) -> std::result::Result<Vec<String>, DomainError> {
+        let Some(ip) = self.spec.ip else {
+            return Ok(Vec::new());
+        };
+        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(if devices.net.announce_ipv4(ip) {
+            vec![format!("gratuitous ARP for {ip}")]
+        } else {
+            Vec::new()
+        })
+    }
+
     fn save_state(&mut self, out: &mut Vec<u8>) -> std::result::Result<(), DomainError> {
         if self.running {
             return Err(DomainError::Workload(

@@ -111,6 +111,21 @@ pub struct NetRegs {
     pub rx_size: u32,
 }
 
+/// A gratuitous ARP request (RFC 5227 announcement): broadcast, sender and
+/// target protocol address both `ip`, sender hardware address `mac`.
+pub fn gratuitous_arp(mac: [u8; 6], ip: std::net::Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&[0xff; 6]); // destination: broadcast
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06]); // ethertype ARP
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet/IPv4, request
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&ip.octets());
+    f
+}
+
 pub struct Net {
     mac: [u8; 6],
     regs: NetRegs,
@@ -157,6 +172,17 @@ impl Net {
     /// Replaces the TX backend; `None` drops TX and reports link down.
     pub fn set_sink(&mut self, sink: Option<Box<dyn FrameSink>>) {
         self.sink = sink;
+    }
+
+    /// Sends a gratuitous ARP for `ip` from this NIC's MAC straight to the
+    /// backend (not a guest frame: the VMM speaks for the guest after a
+    /// failover). Returns false when there is no backend.
+    pub fn announce_ipv4(&mut self, ip: std::net::Ipv4Addr) -> bool {
+        let Some(sink) = &mut self.sink else {
+            return false;
+        };
+        sink.emit(&gratuitous_arp(self.mac, ip));
+        true
     }
 
     pub fn regs(&self) -> NetRegs {
@@ -448,5 +474,24 @@ mod tests {
             };
             assert!(m.restore(&raw).is_err());
         }
+    }
+}
+
+#[cfg(test)]
+mod garp_tests {
+    use super::*;
+
+    #[test]
+    fn gratuitous_arp_layout() {
+        let mac = [0x52, 0x54, 0, 0xca, 0x57, 1];
+        let f = gratuitous_arp(mac, "10.1.2.3".parse().unwrap());
+        assert_eq!(f.len(), 42);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[12..14], &[0x08, 0x06]);
+        assert_eq!(&f[20..22], &[0, 1], "ARP request");
+        assert_eq!(&f[22..28], &mac, "sender MAC");
+        assert_eq!(&f[28..32], &[10, 1, 2, 3], "sender IP");
+        assert_eq!(&f[38..42], &[10, 1, 2, 3], "target IP = sender IP");
     }
 }
