@@ -294,6 +294,7 @@ fn protected_rtts(
     spec: &KvmSpec,
     output_commit: bool,
     n: u64,
+    epoch: Duration,
 ) -> Option<(Vec<Duration>, crate::outq::OutqReport)> {
     use crate::engine::backup::{self, BackupConfig};
     use crate::engine::primary::{self, PrimaryConfig};
@@ -330,7 +331,7 @@ fn protected_rtts(
     };
     handshake::client(&mut r, &mut w, &Psk::from_bytes(KEY), &hello).unwrap();
     let cfg = PrimaryConfig {
-        epoch: Duration::from_millis(25),
+        epoch,
         workers: 1,
         copy_threads: 1,
         pin: false,
@@ -380,12 +381,23 @@ fn output_commit_latency_side_by_side() {
         "guest=counter,mem=16MiB,tap={TAP},ip={GUEST_IP},mac=52:54:00:c0:ff:ee"
     ))
     .unwrap();
+    // Epoch lengths to compare; CASTOR_OC_EPOCHS_MS=10,25,50 for the sweep.
+    let epochs: Vec<u64> = std::env::var("CASTOR_OC_EPOCHS_MS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![25]);
+    for ms in epochs {
+        latency_at(&ns, &spec, Duration::from_millis(ms));
+    }
+}
+
+fn latency_at(ns: &Netns, spec: &KvmSpec, epoch: Duration) {
     ns.run(|| {
         let (mut on, mut off) = (Vec::new(), Vec::new());
         let mut reports = Vec::new();
         for round in 0..2 {
             for commit in [true, false] {
-                let Some((r, rep)) = protected_rtts(&ns, &spec, commit, 300) else {
+                let Some((r, rep)) = protected_rtts(ns, spec, commit, 300, epoch) else {
                     return;
                 };
                 if commit {
@@ -402,10 +414,11 @@ fn output_commit_latency_side_by_side() {
         on.sort();
         off.sort();
         eprintln!(
-            "counter UDP round trip under protection (25 ms epochs), {} requests each:\n  \
+            "counter UDP round trip under protection ({:?} epochs), {} requests each:\n  \
              output commit ON : p50 {:?} p99 {:?}\n  \
              output commit OFF: p50 {:?} p99 {:?}\n  \
              added: p50 {:?} p99 {:?}",
+            epoch,
             on.len(),
             pct(&on, 0.50),
             pct(&on, 0.99),
