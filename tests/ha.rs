@@ -63,6 +63,22 @@ fn silent_primary_with_open_connection_is_detected() {
 /// Split brain prevented: the primary is silent but alive and still holds
 /// the arbiter (here: the test holds the lock, as a partitioned primary
 /// would). The backup must not activate.
+/// A backup in `dir/replica` that activates on loss of the primary, after
+/// winning arbiter `arb`, with a 300 ms heartbeat timeout.
+fn activating_backup(dir: &std::path::Path, arb: &str) -> Backup {
+    Backup::start_with(
+        &dir.join("replica"),
+        &[
+            "--activate",
+            "--heartbeat-timeout",
+            "300ms",
+            "--arbiter",
+            arb,
+        ],
+        KEY,
+    )
+}
+
 #[test]
 fn backup_does_not_activate_while_the_arbiter_is_held() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,17 +86,7 @@ fn backup_does_not_activate_while_the_arbiter_is_held() {
     let mut primary_lock = LocalLock::new(&lock);
     assert_eq!(primary_lock.try_acquire().unwrap(), Some(FencingToken(1)));
     let arb = format!("local:{}", lock.display());
-    let b = Backup::start_with(
-        &dir.path().join("replica"),
-        &[
-            "--activate",
-            "--heartbeat-timeout",
-            "300ms",
-            "--arbiter",
-            &arb,
-        ],
-        KEY,
-    );
+    let b = activating_backup(dir.path(), &arb);
     let bdir = b.dir.clone();
     let (_conn, _, expected) = go_silent(&b.addr, 2);
     let (st, err) = b.wait();
@@ -163,17 +169,7 @@ fn stopped_primary_keeps_the_backup_from_activating() {
     let spec = "sim:mem=16MiB,workload=mixed,writes=300,seed=21,threads=2";
     let dir = tempfile::tempdir().unwrap();
     let arb = format!("local:{}", dir.path().join("pair.lock").display());
-    let b = Backup::start_with(
-        &dir.path().join("replica"),
-        &[
-            "--activate",
-            "--heartbeat-timeout",
-            "300ms",
-            "--arbiter",
-            &arb,
-        ],
-        KEY,
-    );
+    let b = activating_backup(dir.path(), &arb);
     let bdir = b.dir.clone();
     let p = protect_flowing_with(spec, &b.addr, "5ms", &["--arbiter", &arb]);
     signal(&p, libc::SIGSTOP);

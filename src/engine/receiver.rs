@@ -86,8 +86,6 @@ pub struct Receiver {
     staging: Vec<u8>,
     /// Validated delta payloads ([`Staged::Delta`]).
     deltas: Vec<u8>,
-    /// gfns of `staged`, for clearing `seen`.
-    staged_gfns: Vec<u64>,
     /// One bit per gfn: seen in the open epoch (duplicates are hostile).
     seen: Vec<u64>,
     scratch: Box<[u8; PAGE_SIZE]>,
@@ -107,7 +105,6 @@ impl Receiver {
             staged: Vec::new(),
             staging: Vec::new(),
             deltas: Vec::new(),
-            staged_gfns: Vec::new(),
             seen: vec![0; (pages as usize).div_ceil(64)],
             scratch: Box::new([0; PAGE_SIZE]),
         })
@@ -140,16 +137,16 @@ impl Receiver {
     /// Returns the discarded epoch number.
     pub fn discard_open(&mut self) -> Option<u64> {
         let o = self.open.take()?;
-        for &g in &self.staged_gfns {
-            self.seen[(g / 64) as usize] &= !(1 << (g % 64));
-        }
         self.clear_staging();
         Some(o.epoch)
     }
 
+    /// Forgets the open epoch's staged pages (and their `seen` bits).
     fn clear_staging(&mut self) {
+        for &(g, _) in &self.staged {
+            self.seen[(g / 64) as usize] &= !(1 << (g % 64));
+        }
         self.staged.clear();
-        self.staged_gfns.clear();
         self.staging.clear();
         self.deltas.clear();
     }
@@ -288,7 +285,6 @@ impl Receiver {
                     },
                 ));
                 self.seen[w] |= bit;
-                self.staged_gfns.push(gfn);
                 continue;
             }
             // SAFETY: gfn < pages (checked above); the receiver is the
@@ -312,7 +308,6 @@ impl Receiver {
             } else {
                 self.staged.push((gfn, Staged::Page(at)));
                 self.seen[w] |= bit;
-                self.staged_gfns.push(gfn);
             }
         }
         self.open.as_mut().expect("open checked").entries = n;
@@ -387,9 +382,6 @@ impl Receiver {
             self.committed = Some(epoch);
         } else {
             self.seeded = true;
-        }
-        for &g in &self.staged_gfns {
-            self.seen[(g / 64) as usize] &= !(1 << (g % 64));
         }
         self.clear_staging();
         self.open = None;

@@ -12,6 +12,7 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use super::tests::open;
 use super::*;
 use crate::domain::Domain;
 
@@ -97,20 +98,6 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
-    }
-}
-
-fn open(s: &KvmSpec) -> Option<KvmDomain> {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm does not exist");
-        return None;
-    }
-    match KvmDomain::new(s) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipped: kvm domain unusable: {e}");
-            None
-        }
     }
 }
 
