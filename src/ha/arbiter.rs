@@ -64,6 +64,13 @@ pub trait Arbiter: Send {
     /// Human-readable name, e.g. `local:/run/castor/pair-7700.lock`.
     fn describe(&self) -> String;
 
+    /// For an arbiter whose hold can lapse while this process lives (a
+    /// lease), the watch that says until when it is held; `None` when a
+    /// won arbiter stays held until the process exits.
+    fn lease(&self) -> Option<super::lease::LeaseWatch> {
+        None
+    }
+
     /// Tries until won or `wait` has passed, polling every `every`.
     fn acquire_within(
         &mut self,

@@ -11,3 +11,4 @@
 pub mod arbiter;
 pub mod detector;
 pub mod fence;
+pub mod lease;
