@@ -59,6 +59,8 @@ pub enum PrimaryError {
     AckTimeout { epoch: u64, waited: Duration },
     #[error("protocol error from backup: {0}")]
     Protocol(String),
+    #[error("output commit: {0}")]
+    Output(#[from] crate::outq::nfqueue::NfqError),
 }
 
 /// Tunables of the primary pipeline.
@@ -89,6 +91,8 @@ pub struct PrimaryConfig {
     /// Hold guest output until the backup acknowledged its epoch (true), or
     /// let it out at once (false: `--no-output-commit`, UNSAFE, experiments).
     pub output_commit: bool,
+    /// Also hold host-device output queued to this NFQUEUE (`--nfqueue`).
+    pub nfqueue: Option<crate::outq::nfqueue::NfqSpec>,
 }
 
 impl Default for PrimaryConfig {
@@ -110,6 +114,7 @@ impl Default for PrimaryConfig {
             precopy_target: 4096,
             precopy_rounds: 30,
             output_commit: true,
+            nfqueue: None,
         }
     }
 }
@@ -634,12 +639,14 @@ fn ack_thread<R: std::io::Read>(
                 // is published, so a clean stop (which waits for the final
                 // ack, then shuts the queue) finds the commit queued first.
                 output.commit(epoch);
+                let acked_at_ns = crate::metrics::mono_ns();
                 g.acked = Some(epoch);
                 shared.cv.notify_all();
                 drop(g);
                 if epoch > 0 {
                     let mut r = entry.record;
                     r.latency_us = entry.pause_start.elapsed().as_micros() as u64;
+                    r.acked_at_ns = acked_at_ns;
                     shared.metrics.lock().unwrap().add(&r);
                 }
             }
@@ -713,6 +720,14 @@ pub fn run<R: std::io::Read + Send + 'static>(
     if let Err(e) = domain.attach_output(&outq) {
         return Err((e.into(), Some(domain)));
     }
+    // Host-device output (NFQUEUE, ARP hold), next to the domain's own.
+    // Kept alive past `outq.shutdown()`, so held packets get NF_DROP on a
+    // live socket.
+    let host_sources = match cfg.nfqueue.as_ref().map(|s| crate::outq::nfqueue::Sources::start(&outq, s)) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => return Err((e.into(), Some(domain))),
+    };
     let cores = if cfg.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -849,6 +864,9 @@ pub fn run<R: std::io::Read + Send + 'static>(
                 Ok(_) => {}
                 Err(oe) => eprintln!("castor: output queue: {oe}"),
             }
+            if let Some(h) = host_sources {
+                eprintln!("castor: {}", h.describe());
+            }
             return Err((e, Some(domain)));
         }
     };
@@ -858,6 +876,9 @@ pub fn run<R: std::io::Read + Send + 'static>(
     let output = outq
         .shutdown()
         .map_err(|e| (PrimaryError::Protocol(e.to_string()), None))?;
+    if let Some(h) = host_sources {
+        eprintln!("castor: {}", h.describe());
+    }
     let elapsed = shared
         .ckpt_start
         .get()
@@ -1112,6 +1133,8 @@ fn drive(
             // `epoch` is exactly what checkpoint `epoch` covers; from the
             // resume on, output belongs to the next epoch.
             outq.open_epoch(epoch + 1);
+            // Read after the store: output read from now on is tagged > epoch.
+            rec.closed_at_ns = crate::metrics::mono_ns();
             let t_paused = Instant::now();
             late.clear();
             domain.harvest_dirty(&mut late)?;

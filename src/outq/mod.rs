@@ -20,8 +20,10 @@
 //!   engine advances the counter with [`OutputQueue::open_epoch`] *between*
 //!   `Domain::pause` and `Domain::resume`: every producer is part of the
 //!   guest (the kvm NIC transmits on the vCPU thread) and is parked then, so
-//!   no producer can read the counter across the boundary. A producer that
-//!   runs while the guest is paused would break this; none exists.
+//!   no producer can read the counter across the boundary. Host-device
+//!   sources ([`nfqueue`]) are not parked; they tag what they read with
+//!   the epoch running at the read, which is never earlier than the epoch
+//!   that produced it (conservative: held at most one epoch longer).
 //! - In commit mode an item is released only after `commit(n)` with
 //!   n ≥ its tag. `commit` is monotonic: a smaller n than already committed
 //!   is ignored. Items of one destination leave in the order they were
@@ -57,6 +59,14 @@ pub enum OutqError {
 pub trait Egress: Send {
     /// Sends one released frame. Runs on `castor-outq`; must not block long.
     fn release(&mut self, frame: &[u8]);
+    /// Called for each held item thrown away at shutdown (never released).
+    /// A destination that holds the real packets elsewhere (NFQUEUE: in the
+    /// kernel) must drop them; the default does nothing.
+    fn discard(&mut self, _frame: &[u8]) {}
+    /// Called after each batch of `release`/`discard` calls (one commit,
+    /// one pass-through item, the shutdown), so a destination can act on
+    /// the batch at once (NFQUEUE: one batch verdict).
+    fn flush(&mut self) {}
 }
 
 /// Whether the queue holds output until its epoch is acknowledged.
@@ -293,7 +303,11 @@ fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
                 r.items += 1;
                 if mode == Mode::PassThrough || it.epoch <= committed {
                     r.passed_through += 1;
+                    let dest = it.dest;
                     release(it, &mut dests, &mut r, &mut hist);
+                    if let Some(Some(d)) = dests.get_mut(dest) {
+                        d.flush();
+                    }
                 } else {
                     r.held += 1;
                     held.push_back(it);
@@ -316,10 +330,16 @@ fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
                     }
                 }
                 held = keep;
+                dests.iter_mut().flatten().for_each(|d| d.flush());
             }
             Msg::Shutdown(reply) => {
                 r.dropped = held.len() as u64;
-                held.clear();
+                for it in held.drain(..) {
+                    if let Some(Some(d)) = dests.get_mut(it.dest) {
+                        d.discard(&it.frame);
+                    }
+                }
+                dests.iter_mut().flatten().for_each(|d| d.flush());
                 r.committed = committed;
                 r.release_delay_us = Pct::of(&hist);
                 let _ = reply.send(r);
@@ -328,6 +348,8 @@ fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
         }
     }
 }
+
+pub mod nfqueue;
 
 #[cfg(test)]
 mod tests;
