@@ -638,8 +638,9 @@ fn ack_thread<R: std::io::Read>(
                 // so the output it produced may leave. Sent before `acked`
                 // is published, so a clean stop (which waits for the final
                 // ack, then shuts the queue) finds the commit queued first.
-                output.commit(epoch);
+                // Read before the commit, which may release output at once.
                 let acked_at_ns = crate::metrics::mono_ns();
+                output.commit(epoch);
                 g.acked = Some(epoch);
                 shared.cv.notify_all();
                 drop(g);
