@@ -82,13 +82,13 @@ struct Sample {
 
 /// Every frame that arrived before its epoch's ack or sooner than
 /// ACK_DELAY after it was sent, described.
-fn early(samples: &[Sample], ep: &Epochs) -> Vec<String> {
+fn early(samples: &[Sample], ep: &Epochs, ack_delay: Duration) -> Vec<String> {
     let mut bad = Vec::new();
     for s in samples {
         let Some(a) = s.arrived else { continue };
         let e = ep.tag_at(s.sent);
         match ep.acked_at(e) {
-            Some(ack) if a >= ack && a - s.sent >= ACK_DELAY.as_nanos() as u64 => {}
+            Some(ack) if a >= ack && a - s.sent >= ack_delay.as_nanos() as u64 => {}
             ack => bad.push(format!(
                 "{} #{}: sent {} µs before epoch {e} closed, arrived {:.1} ms after sending, {}",
                 s.kind,
@@ -235,7 +235,25 @@ fn arp_request(seq: u32) -> [u8; 60] {
 /// guest's port `hg`: IPv4, IPv6 (NFQUEUE) and ARP. Frames are sent from
 /// the guest for ~1.5 s; returns them with their arrival times, the
 /// per-epoch times, and castor's stderr. None: the machine cannot run it.
-fn nfqueue_run(commit: bool) -> Option<(Vec<Sample>, Epochs, String)> {
+/// How one NFQUEUE run goes.
+struct Opts {
+    commit: bool,
+    /// The backup's ack delay (test knob); zero: acks at once.
+    ack_delay: Duration,
+    /// SIGKILL the backup right after the last frame is sent.
+    kill_backup: bool,
+}
+
+struct Run {
+    samples: Vec<Sample>,
+    /// None when the primary ended with an error (no report).
+    epochs: Option<Epochs>,
+    stderr: String,
+    /// When the backup was killed.
+    killed_at: Option<u64>,
+}
+
+fn nfqueue_run(o: Opts) -> Option<Run> {
     if !(have("iptables") && have("ip6tables") && have("nft")) {
         eprintln!("SKIP: needs iptables, ip6tables and nft");
         return None;
@@ -268,10 +286,11 @@ fn nfqueue_run(commit: bool) -> Option<(Vec<Sample>, Epochs, String)> {
 
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let backup = Backup::start_cmd(
+    let delay = format!("{}ms", o.ack_delay.as_millis());
+    let mut backup = Backup::start_cmd(
         castor_in(&h.name),
         &dir.path().join("replica"),
-        &["--quiet", "--test-ack-delay", "200ms"],
+        &["--quiet", "--test-ack-delay", &delay],
         KEY,
     );
     let mut args = vec![
@@ -279,7 +298,7 @@ fn nfqueue_run(commit: bool) -> Option<(Vec<Sample>, Epochs, String)> {
         "--duration", "60s", "--arbiter", "none", "--nfqueue", QUEUE, "--nfqueue-dev", "hg",
         "--per-epoch", "--json", json.to_str().unwrap(),
     ];
-    if !commit {
+    if !o.commit {
         args.push("--no-output-commit");
     }
     let protect = match Protect::start(&h.name, &args) {
@@ -372,10 +391,25 @@ fn nfqueue_run(commit: bool) -> Option<(Vec<Sample>, Epochs, String)> {
     }
     // Wait (bounded) for every frame; a lost one is reported below.
     let t0 = Instant::now();
-    while arrivals.lock().unwrap().len() < samples.len() && t0.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let err = protect.stop();
+    let (err, killed_at) = if o.kill_backup {
+        let killed_at = mono_ns();
+        let _ = backup.child.kill();
+        // The primary notices the loss, drops what it holds and exits.
+        let mut p = protect;
+        let t0 = Instant::now();
+        while p.child.0.try_wait().unwrap().is_none() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "primary did not notice the backup's loss");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Anything released by mistake would be on the wire by now.
+        std::thread::sleep(Duration::from_millis(500));
+        (p.rest.join().unwrap().join("\n"), Some(killed_at))
+    } else {
+        while arrivals.lock().unwrap().len() < samples.len() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (protect.stop(), None)
+    };
     stop.store(true, Ordering::Relaxed);
     rx_threads.into_iter().for_each(|t| t.join().unwrap());
     drop(backup);
@@ -392,7 +426,12 @@ fn nfqueue_run(commit: bool) -> Option<(Vec<Sample>, Epochs, String)> {
         !String::from_utf8_lossy(&saved.stdout).contains("NFQUEUE"),
         "rules left behind"
     );
-    Some((samples, Epochs::load(&json), err))
+    Some(Run {
+        samples,
+        epochs: killed_at.is_none().then(|| Epochs::load(&json)),
+        stderr: err,
+        killed_at,
+    })
 }
 
 /// NFQUEUE (IPv4, IPv6) and the ARP hold: every frame the guest sends
@@ -401,12 +440,22 @@ fn nfqueue_run(commit: bool) -> Option<(Vec<Sample>, Epochs, String)> {
 /// early release.
 #[test]
 fn nfqueue_output_leaves_only_after_its_ack() {
-    let Some((on, ep, err)) = nfqueue_run(true) else {
+    let Some(Run {
+        samples: on,
+        epochs: Some(ep),
+        stderr: err,
+        ..
+    }) = nfqueue_run(Opts {
+        commit: true,
+        ack_delay: ACK_DELAY,
+        kill_backup: false,
+    })
+    else {
         return;
     };
     let lost: Vec<_> = on.iter().filter(|s| s.arrived.is_none()).collect();
     assert!(lost.is_empty(), "frames never arrived: {lost:?}\ncastor:\n{err}");
-    let bad = early(&on, &ep);
+    let bad = early(&on, &ep, ACK_DELAY);
     assert!(bad.is_empty(), "released early:\n{}\ncastor:\n{err}", bad.join("\n"));
     // The frames did go through castor's queue (not around it).
     let line = err
@@ -420,10 +469,20 @@ fn nfqueue_output_leaves_only_after_its_ack() {
     assert!(count("IPv4 ") >= 60 && count("IPv6 ") >= 60, "{line}");
     assert!(count("ARP on hg: ") >= 60, "{line}");
 
-    let Some((off, ep_off, err_off)) = nfqueue_run(false) else {
+    let Some(Run {
+        samples: off,
+        epochs: Some(ep_off),
+        stderr: err_off,
+        ..
+    }) = nfqueue_run(Opts {
+        commit: false,
+        ack_delay: ACK_DELAY,
+        kill_backup: false,
+    })
+    else {
         return;
     };
-    let bad_off = early(&off, &ep_off);
+    let bad_off = early(&off, &ep_off, ACK_DELAY);
     for kind in ["IPv4", "IPv6", "ARP"] {
         let of_kind: Vec<Sample> = on.iter().filter(|s| s.kind == kind).cloned().collect();
         let of_kind_off: Vec<Sample> = off.iter().filter(|s| s.kind == kind).cloned().collect();
@@ -446,15 +505,12 @@ fn nfqueue_output_leaves_only_after_its_ack() {
 /// The kvm NIC: the counter guest's UDP replies reach the client only
 /// after the ack of the epoch that produced them (the request was sent at
 /// `t`, so the reply was produced in an epoch ≥ E(t)).
-#[test]
-fn kvm_nic_output_leaves_only_after_its_ack() {
+fn kvm_run(commit: bool) -> Option<(Vec<Sample>, Epochs, String)> {
     if std::fs::File::open("/dev/kvm").is_err() {
         eprintln!("SKIP: /dev/kvm is not available");
-        return;
+        return None;
     }
-    let Some(ns) = Netns::create("ock") else {
-        return;
-    };
+    let ns = Netns::create("ock")?;
     ns.ip(&["link", "add", "br0", "type", "bridge"]);
     ns.ip(&["addr", "add", "10.205.0.1/24", "dev", "br0"]);
     ns.ip(&["link", "set", "br0", "up"]);
@@ -469,14 +525,15 @@ fn kvm_nic_output_leaves_only_after_its_ack() {
         &["--quiet", "--test-ack-delay", "200ms"],
         KEY,
     );
-    let protect = Protect::start(
-        &ns.name,
-        &[
-            "--domain", "kvm:guest=counter,mem=16MiB,tap=cp0,ip=10.205.0.2", "--backup",
-            &backup.addr, "--epoch", "25ms", "--duration", "120s", "--arbiter", "none",
-            "--per-epoch", "--json", json.to_str().unwrap(),
-        ],
-    )
+    let mut args = vec![
+        "--domain", "kvm:guest=counter,mem=16MiB,tap=cp0,ip=10.205.0.2", "--backup",
+        &backup.addr, "--epoch", "25ms", "--duration", "120s", "--arbiter", "none",
+        "--per-epoch", "--json", json.to_str().unwrap(),
+    ];
+    if !commit {
+        args.push("--no-output-commit");
+    }
+    let protect = Protect::start(&ns.name, &args)
     .unwrap_or_else(|e| panic!("protect failed to start:\n{e}"));
     let samples = ns.run(|| {
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -524,15 +581,73 @@ fn kvm_nic_output_leaves_only_after_its_ack() {
     });
     let err = protect.stop();
     drop(backup);
-    let ep = Epochs::load(&json);
     let lost: Vec<_> = samples.iter().filter(|s| s.arrived.is_none()).collect();
     assert!(lost.is_empty(), "no reply: {lost:?}\ncastor:\n{err}");
-    let bad = early(&samples, &ep);
-    assert!(bad.is_empty(), "released early:\n{}", bad.join("\n"));
+    Some((samples, Epochs::load(&json), err))
+}
+
+/// The kvm NIC: the counter guest's UDP replies reach the client only
+/// after the ack of the epoch that produced them (the request was sent at
+/// `t`, so the reply was produced in an epoch ≥ E(t)); without output
+/// commit the same check catches them leaving early.
+#[test]
+fn kvm_nic_output_leaves_only_after_its_ack() {
+    let Some((on, ep, err)) = kvm_run(true) else {
+        return;
+    };
+    let bad = early(&on, &ep, ACK_DELAY);
+    assert!(bad.is_empty(), "released early:\n{}\ncastor:\n{err}", bad.join("\n"));
+    let Some((off, ep_off, _)) = kvm_run(false) else {
+        return;
+    };
+    let bad_off = early(&off, &ep_off, ACK_DELAY);
     eprintln!(
-        "counter guest round trip with acks delayed {} ms: p50 {:.1} ms, min {:.1} ms",
+        "counter guest round trip, acks delayed {} ms: output commit p50 {:.1} ms (min {:.1}); \
+         --no-output-commit p50 {:.2} ms, {} of {} replies caught leaving early",
         ACK_DELAY.as_millis(),
-        latency_ms(&samples, 0.5),
-        latency_ms(&samples, 0.0)
+        latency_ms(&on, 0.5),
+        latency_ms(&on, 0.0),
+        latency_ms(&off, 0.5),
+        bad_off.len(),
+        off.len()
+    );
+    assert!(bad_off.len() > off.len() / 2, "the check missed early replies");
+}
+
+/// Backup lost while output is held: the primary drops it (NF_DROP for
+/// the queued packets, discarded ARP copies), never releases it. Frames
+/// sent less than the ack delay before the kill cannot have been
+/// acknowledged, so none of them may ever reach the client.
+#[test]
+fn nfqueue_output_held_at_backup_loss_is_dropped() {
+    let Some(r) = nfqueue_run(Opts {
+        commit: true,
+        ack_delay: Duration::from_millis(400),
+        kill_backup: true,
+    }) else {
+        return;
+    };
+    let killed = r.killed_at.unwrap();
+    let unacked: Vec<&Sample> = r
+        .samples
+        .iter()
+        .filter(|s| s.sent + 400_000_000 > killed)
+        .collect();
+    assert!(unacked.len() >= 30, "too few frames in flight at the kill: {}", unacked.len());
+    let leaked: Vec<_> = unacked.iter().filter(|s| s.arrived.is_some()).collect();
+    assert!(
+        leaked.is_empty(),
+        "{} of {} unacknowledged frames reached the client after the backup died: {leaked:?}\ncastor:\n{}",
+        leaked.len(),
+        unacked.len(),
+        r.stderr
+    );
+    assert!(r.stderr.contains("dropped"), "{}", r.stderr);
+    // Frames acknowledged before the kill did get out.
+    assert!(r.samples.iter().any(|s| s.arrived.is_some()), "{}", r.stderr);
+    eprintln!(
+        "backup killed: {} frames held at that moment, none released; {} earlier frames delivered",
+        unacked.len(),
+        r.samples.iter().filter(|s| s.arrived.is_some()).count()
     );
 }
