@@ -651,3 +651,71 @@ fn nfqueue_output_held_at_backup_loss_is_dropped() {
         r.samples.iter().filter(|s| s.arrived.is_some()).count()
     );
 }
+
+/// Clear errors before anything runs: no rule feeds the queue (with the
+/// command to add one), and the queue already bound by another castor.
+#[test]
+fn nfqueue_errors_are_clear() {
+    if !(have("iptables") && have("ip6tables") && have("nft")) {
+        eprintln!("SKIP: needs iptables, ip6tables and nft");
+        return;
+    }
+    let Some(ns) = Netns::create("oce") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let backup = Backup::start_cmd(castor_in(&ns.name), &dir.path().join("r"), &["--quiet"], KEY);
+    let base = [
+        "--domain", "sim:mem=16MiB,writes=5", "--backup", &backup.addr, "--epoch", "25ms",
+        "--arbiter", "none",
+    ];
+    // No rule at all.
+    let out = castor_in(&ns.name)
+        .arg("protect")
+        .args(base)
+        .args(["--nfqueue", "9", "--epochs", "5"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no IPv4 rule sends packets to NFQUEUE queue 9")
+            && err.contains("iptables -t mangle -I PREROUTING -i DEV -j NFQUEUE --queue-num 9"),
+        "{err}"
+    );
+    // A device that does not exist.
+    let out = castor_in(&ns.name)
+        .arg("protect")
+        .args(base)
+        .args(["--nfqueue", "9", "--nfqueue-dev", "nosuch0", "--epochs", "5"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no network device named \"nosuch0\""), "{err}");
+    // Queue 9 held by a running primary: a second one cannot bind it.
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    let first = match Protect::start(
+        &ns.name,
+        &[&base[..], &["--nfqueue", "9", "--nfqueue-dev", "d0", "--duration", "60s"]].concat(),
+    ) {
+        Ok(p) => p,
+        Err(err) if err.contains("NFQUEUE unavailable") => {
+            eprintln!("SKIP: {err}");
+            return;
+        }
+        Err(err) => panic!("{err}"),
+    };
+    let b2 = Backup::start_cmd(castor_in(&ns.name), &dir.path().join("r2"), &["--quiet"], KEY);
+    let out = castor_in(&ns.name)
+        .args(["protect", "--domain", "sim:mem=16MiB,writes=5", "--backup", &b2.addr])
+        .args(["--arbiter", "none", "--nfqueue", "9", "--epochs", "5"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("NFQUEUE unavailable: binding queue 9") && err.contains("another process"),
+        "{err}"
+    );
+    first.stop();
+}

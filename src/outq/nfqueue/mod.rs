@@ -193,7 +193,9 @@ impl Socket {
     fn request(&self, m: &[u8], seq: u32, what: &'static str) -> Result<(), NfqError> {
         let err = |source: std::io::Error| {
             let hint = match source.raw_os_error() {
-                Some(libc::EPERM) => " (needs CAP_NET_ADMIN: run as root)",
+                Some(libc::EPERM) => {
+                    " (another process is bound to this queue, or castor lacks CAP_NET_ADMIN)"
+                }
                 Some(libc::EBUSY) => " (another process is bound to this queue)",
                 Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) | Some(libc::EPROTONOSUPPORT) => {
                     " (is the nfnetlink_queue module loaded? `modprobe nfnetlink_queue`)"
