@@ -54,7 +54,11 @@ impl Epochs {
         let recs = v["per_epoch"].as_array().expect("per_epoch records");
         let (mut closed, mut acked) = (Vec::new(), Vec::new());
         for (i, r) in recs.iter().enumerate() {
-            assert_eq!(r["epoch"].as_u64(), Some(i as u64 + 1), "records not contiguous");
+            assert_eq!(
+                r["epoch"].as_u64(),
+                Some(i as u64 + 1),
+                "records not contiguous"
+            );
             closed.push(r["closed_at_ns"].as_u64().unwrap());
             acked.push(r["acked_at_ns"].as_u64().unwrap());
         }
@@ -96,7 +100,8 @@ fn early(samples: &[Sample], ep: &Epochs, ack_delay: Duration) -> Vec<String> {
                 (ep.closed.get(e - 1).copied().unwrap_or(u64::MAX) - s.sent) / 1000,
                 (a - s.sent) as f64 / 1e6,
                 match ack {
-                    Some(ack) if a < ack => format!("{:.1} ms BEFORE its ack", (ack - a) as f64 / 1e6),
+                    Some(ack) if a < ack =>
+                        format!("{:.1} ms BEFORE its ack", (ack - a) as f64 / 1e6),
                     Some(_) => "after its ack but sooner than the ack delay".into(),
                     None => "and its epoch was never acknowledged".into(),
                 }
@@ -162,7 +167,10 @@ fn stop_child(c: &mut Child) {
     unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
     let t0 = Instant::now();
     while c.try_wait().unwrap().is_none() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "protect did not stop");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "protect did not stop"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -178,7 +186,11 @@ fn have(tool: &str) -> bool {
 fn packet_socket(dev: &str, proto: u16) -> OwnedFd {
     // SAFETY: plain socket(2), checked.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto.to_be() as i32) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: fresh descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let name = std::ffi::CString::new(dev).unwrap();
@@ -264,12 +276,32 @@ fn nfqueue_run(o: Opts) -> Option<Run> {
     h.ip(&["link", "add", "br0", "type", "bridge"]);
     h.ip(&["link", "set", "br0", "up"]);
     g.ip(&[
-        "link", "add", "eth0", "address", "02:00:00:cb:00:02", "type", "veth", "peer", "name",
-        "hg", "netns", &h.name,
+        "link",
+        "add",
+        "eth0",
+        "address",
+        "02:00:00:cb:00:02",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "hg",
+        "netns",
+        &h.name,
     ]);
     c.ip(&[
-        "link", "add", "eth0", "address", "02:00:00:cb:00:03", "type", "veth", "peer", "name",
-        "hc", "netns", &h.name,
+        "link",
+        "add",
+        "eth0",
+        "address",
+        "02:00:00:cb:00:03",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "hc",
+        "netns",
+        &h.name,
     ]);
     for d in ["hg", "hc"] {
         h.ip(&["link", "set", d, "master", "br0"]);
@@ -277,12 +309,39 @@ fn nfqueue_run(o: Opts) -> Option<Run> {
     }
     for (ns, n) in [(&g, "2"), (&c, "3")] {
         ns.ip(&["addr", "add", &format!("10.203.0.{n}/24"), "dev", "eth0"]);
-        ns.ip(&["addr", "add", &format!("fd00:cb::{n}/64"), "dev", "eth0", "nodad"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:cb::{n}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         ns.ip(&["link", "set", "eth0", "up"]);
     }
     // Static neighbours: the guest's UDP leaves at once, no resolution.
-    g.ip(&["neigh", "add", "10.203.0.3", "lladdr", "02:00:00:cb:00:03", "dev", "eth0", "nud", "permanent"]);
-    g.ip(&["neigh", "add", "fd00:cb::3", "lladdr", "02:00:00:cb:00:03", "dev", "eth0", "nud", "permanent"]);
+    g.ip(&[
+        "neigh",
+        "add",
+        "10.203.0.3",
+        "lladdr",
+        "02:00:00:cb:00:03",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    g.ip(&[
+        "neigh",
+        "add",
+        "fd00:cb::3",
+        "lladdr",
+        "02:00:00:cb:00:03",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
 
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
@@ -294,9 +353,23 @@ fn nfqueue_run(o: Opts) -> Option<Run> {
         KEY,
     );
     let mut args = vec![
-        "--domain", "sim:mem=16MiB,writes=20", "--backup", &backup.addr, "--epoch", "25ms",
-        "--duration", "60s", "--arbiter", "none", "--nfqueue", QUEUE, "--nfqueue-dev", "hg",
-        "--per-epoch", "--json", json.to_str().unwrap(),
+        "--domain",
+        "sim:mem=16MiB,writes=20",
+        "--backup",
+        &backup.addr,
+        "--epoch",
+        "25ms",
+        "--duration",
+        "60s",
+        "--arbiter",
+        "none",
+        "--nfqueue",
+        QUEUE,
+        "--nfqueue-dev",
+        "hg",
+        "--per-epoch",
+        "--json",
+        json.to_str().unwrap(),
     ];
     if !o.commit {
         args.push("--no-output-commit");
@@ -348,7 +421,8 @@ fn nfqueue_run(o: Opts) -> Option<Run> {
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {
                 // SAFETY: `buf` is writable for its length.
-                let n = unsafe { libc::recv(rxarp.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                let n =
+                    unsafe { libc::recv(rxarp.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
                 if n >= 42 && buf[12..14] == [0x08, 0x06] && buf[38..40] == [10, 204] {
                     let t = mono_ns();
                     let seq = u32::from(buf[40]) << 8 | u32::from(buf[41]);
@@ -398,14 +472,19 @@ fn nfqueue_run(o: Opts) -> Option<Run> {
         let mut p = protect;
         let t0 = Instant::now();
         while p.child.0.try_wait().unwrap().is_none() {
-            assert!(t0.elapsed() < Duration::from_secs(30), "primary did not notice the backup's loss");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "primary did not notice the backup's loss"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         // Anything released by mistake would be on the wire by now.
         std::thread::sleep(Duration::from_millis(500));
         (p.rest.join().unwrap().join("\n"), Some(killed_at))
     } else {
-        while arrivals.lock().unwrap().len() < samples.len() && t0.elapsed() < Duration::from_secs(5) {
+        while arrivals.lock().unwrap().len() < samples.len()
+            && t0.elapsed() < Duration::from_secs(5)
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
         (protect.stop(), None)
@@ -454,17 +533,32 @@ fn nfqueue_output_leaves_only_after_its_ack() {
         return;
     };
     let lost: Vec<_> = on.iter().filter(|s| s.arrived.is_none()).collect();
-    assert!(lost.is_empty(), "frames never arrived: {lost:?}\ncastor:\n{err}");
+    assert!(
+        lost.is_empty(),
+        "frames never arrived: {lost:?}\ncastor:\n{err}"
+    );
     let bad = early(&on, &ep, ACK_DELAY);
-    assert!(bad.is_empty(), "released early:\n{}\ncastor:\n{err}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "released early:\n{}\ncastor:\n{err}",
+        bad.join("\n")
+    );
     // The frames did go through castor's queue (not around it).
     let line = err
         .lines()
         .find(|l| l.contains("NFQUEUE 7:"))
         .unwrap_or_else(|| panic!("no NFQUEUE report:\n{err}"));
     let count = |what: &str| -> u64 {
-        let i = line.find(what).unwrap_or_else(|| panic!("{what} in {line}")) + what.len();
-        line[i..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+        let i = line
+            .find(what)
+            .unwrap_or_else(|| panic!("{what} in {line}"))
+            + what.len();
+        line[i..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     assert!(count("IPv4 ") >= 60 && count("IPv6 ") >= 60, "{line}");
     assert!(count("ARP on hg: ") >= 60, "{line}");
@@ -526,24 +620,38 @@ fn kvm_run(commit: bool) -> Option<(Vec<Sample>, Epochs, String)> {
         KEY,
     );
     let mut args = vec![
-        "--domain", "kvm:guest=counter,mem=16MiB,tap=cp0,ip=10.205.0.2", "--backup",
-        &backup.addr, "--epoch", "25ms", "--duration", "120s", "--arbiter", "none",
-        "--per-epoch", "--json", json.to_str().unwrap(),
+        "--domain",
+        "kvm:guest=counter,mem=16MiB,tap=cp0,ip=10.205.0.2",
+        "--backup",
+        &backup.addr,
+        "--epoch",
+        "25ms",
+        "--duration",
+        "120s",
+        "--arbiter",
+        "none",
+        "--per-epoch",
+        "--json",
+        json.to_str().unwrap(),
     ];
     if !commit {
         args.push("--no-output-commit");
     }
-    let protect = Protect::start(&ns.name, &args)
-    .unwrap_or_else(|e| panic!("protect failed to start:\n{e}"));
+    let protect =
+        Protect::start(&ns.name, &args).unwrap_or_else(|e| panic!("protect failed to start:\n{e}"));
     let samples = ns.run(|| {
         let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
         sock.connect("10.205.0.2:7777").unwrap();
         let mut buf = [0u8; 64];
         // Until the guest answers (boot, ARP).
         let t0 = Instant::now();
         'up: loop {
-            assert!(t0.elapsed() < Duration::from_secs(30), "the guest never answered");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the guest never answered"
+            );
             sock.send(&[0u8; 16]).unwrap();
             let w = Instant::now();
             while w.elapsed() < Duration::from_millis(500) {
@@ -596,7 +704,11 @@ fn kvm_nic_output_leaves_only_after_its_ack() {
         return;
     };
     let bad = early(&on, &ep, ACK_DELAY);
-    assert!(bad.is_empty(), "released early:\n{}\ncastor:\n{err}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "released early:\n{}\ncastor:\n{err}",
+        bad.join("\n")
+    );
     let Some((off, ep_off, _)) = kvm_run(false) else {
         return;
     };
@@ -611,7 +723,10 @@ fn kvm_nic_output_leaves_only_after_its_ack() {
         bad_off.len(),
         off.len()
     );
-    assert!(bad_off.len() > off.len() / 2, "the check missed early replies");
+    assert!(
+        bad_off.len() > off.len() / 2,
+        "the check missed early replies"
+    );
 }
 
 /// Backup lost while output is held: the primary drops it (NF_DROP for
@@ -633,7 +748,11 @@ fn nfqueue_output_held_at_backup_loss_is_dropped() {
         .iter()
         .filter(|s| s.sent + 400_000_000 > killed)
         .collect();
-    assert!(unacked.len() >= 30, "too few frames in flight at the kill: {}", unacked.len());
+    assert!(
+        unacked.len() >= 30,
+        "too few frames in flight at the kill: {}",
+        unacked.len()
+    );
     let leaked: Vec<_> = unacked.iter().filter(|s| s.arrived.is_some()).collect();
     assert!(
         leaked.is_empty(),
@@ -644,7 +763,11 @@ fn nfqueue_output_held_at_backup_loss_is_dropped() {
     );
     assert!(r.stderr.contains("dropped"), "{}", r.stderr);
     // Frames acknowledged before the kill did get out.
-    assert!(r.samples.iter().any(|s| s.arrived.is_some()), "{}", r.stderr);
+    assert!(
+        r.samples.iter().any(|s| s.arrived.is_some()),
+        "{}",
+        r.stderr
+    );
     eprintln!(
         "backup killed: {} frames held at that moment, none released; {} earlier frames delivered",
         unacked.len(),
@@ -664,10 +787,21 @@ fn nfqueue_errors_are_clear() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let backup = Backup::start_cmd(castor_in(&ns.name), &dir.path().join("r"), &["--quiet"], KEY);
+    let backup = Backup::start_cmd(
+        castor_in(&ns.name),
+        &dir.path().join("r"),
+        &["--quiet"],
+        KEY,
+    );
     let base = [
-        "--domain", "sim:mem=16MiB,writes=5", "--backup", &backup.addr, "--epoch", "25ms",
-        "--arbiter", "none",
+        "--domain",
+        "sim:mem=16MiB,writes=5",
+        "--backup",
+        &backup.addr,
+        "--epoch",
+        "25ms",
+        "--arbiter",
+        "none",
     ];
     // No rule at all.
     let out = castor_in(&ns.name)
@@ -687,7 +821,14 @@ fn nfqueue_errors_are_clear() {
     let out = castor_in(&ns.name)
         .arg("protect")
         .args(base)
-        .args(["--nfqueue", "9", "--nfqueue-dev", "nosuch0", "--epochs", "5"])
+        .args([
+            "--nfqueue",
+            "9",
+            "--nfqueue-dev",
+            "nosuch0",
+            "--epochs",
+            "5",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -696,7 +837,11 @@ fn nfqueue_errors_are_clear() {
     ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
     let first = match Protect::start(
         &ns.name,
-        &[&base[..], &["--nfqueue", "9", "--nfqueue-dev", "d0", "--duration", "60s"]].concat(),
+        &[
+            &base[..],
+            &["--nfqueue", "9", "--nfqueue-dev", "d0", "--duration", "60s"],
+        ]
+        .concat(),
     ) {
         Ok(p) => p,
         Err(err) if err.contains("NFQUEUE unavailable") => {
@@ -705,9 +850,20 @@ fn nfqueue_errors_are_clear() {
         }
         Err(err) => panic!("{err}"),
     };
-    let b2 = Backup::start_cmd(castor_in(&ns.name), &dir.path().join("r2"), &["--quiet"], KEY);
+    let b2 = Backup::start_cmd(
+        castor_in(&ns.name),
+        &dir.path().join("r2"),
+        &["--quiet"],
+        KEY,
+    );
     let out = castor_in(&ns.name)
-        .args(["protect", "--domain", "sim:mem=16MiB,writes=5", "--backup", &b2.addr])
+        .args([
+            "protect",
+            "--domain",
+            "sim:mem=16MiB,writes=5",
+            "--backup",
+            &b2.addr,
+        ])
         .args(["--arbiter", "none", "--nfqueue", "9", "--epochs", "5"])
         .output()
         .unwrap();
@@ -747,7 +903,9 @@ fn nfqueue_latency_side_by_side() {
         }
     }
     for kind in ["IPv4", "IPv6", "ARP"] {
-        let k = |v: &[Sample]| -> Vec<Sample> { v.iter().filter(|s| s.kind == kind).cloned().collect() };
+        let k = |v: &[Sample]| -> Vec<Sample> {
+            v.iter().filter(|s| s.kind == kind).cloned().collect()
+        };
         let (a, b) = (k(&on), k(&off));
         eprintln!(
             "{kind} ({} frames each): output commit p50 {:.2} ms p99 {:.2} ms | pass-through p50 {:.3} ms p99 {:.3} ms",

@@ -724,7 +724,11 @@ pub fn run<R: std::io::Read + Send + 'static>(
     // Host-device output (NFQUEUE, ARP hold), next to the domain's own.
     // Kept alive past `outq.shutdown()`, so held packets get NF_DROP on a
     // live socket.
-    let host_sources = match cfg.nfqueue.as_ref().map(|s| crate::outq::nfqueue::Sources::start(&outq, s)) {
+    let host_sources = match cfg
+        .nfqueue
+        .as_ref()
+        .map(|s| crate::outq::nfqueue::Sources::start(&outq, s))
+    {
         None => None,
         Some(Ok(s)) => Some(s),
         Some(Err(e)) => return Err((e.into(), Some(domain))),

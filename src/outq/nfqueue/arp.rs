@@ -154,7 +154,9 @@ impl ArpHold {
         };
         let idx = ifindex(dev).ok_or_else(|| ArpError::NoDevice { dev: dev.into() })?;
         let bridge = bridge_of(dev).ok_or_else(|| ArpError::NotBridged { dev: dev.into() })?;
-        let bidx = ifindex(&bridge).ok_or_else(|| ArpError::NoDevice { dev: bridge.clone() })?;
+        let bidx = ifindex(&bridge).ok_or_else(|| ArpError::NoDevice {
+            dev: bridge.clone(),
+        })?;
         // Protocol 0 receives nothing until bind, so no frame of another
         // device slips in before the filter is attached.
         let cap = packet_socket(0).map_err(|e| io("opening a packet socket", e))?;
@@ -210,7 +212,10 @@ impl ArpHold {
             )
         };
         if rc < 0 {
-            return Err(io("binding the packet socket", std::io::Error::last_os_error()));
+            return Err(io(
+                "binding the packet socket",
+                std::io::Error::last_os_error(),
+            ));
         }
         let out = packet_socket(0).map_err(|e| io("opening the sending socket", e))?;
         let sent = Arc::new(AtomicU64::new(0));

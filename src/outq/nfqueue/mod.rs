@@ -57,7 +57,9 @@ use msg::{Incoming, Verdict};
 /// Errors of the NFQUEUE source.
 #[derive(Debug, thiserror::Error)]
 pub enum NfqError {
-    #[error("NFQUEUE unavailable: opening a NETLINK_NETFILTER socket: {0} (kernel without nfnetlink?)")]
+    #[error(
+        "NFQUEUE unavailable: opening a NETLINK_NETFILTER socket: {0} (kernel without nfnetlink?)"
+    )]
     Socket(#[source] std::io::Error),
     #[error("NFQUEUE unavailable: {what} queue {queue}: {source}{hint}")]
     Config {
@@ -216,8 +218,7 @@ impl Socket {
             if n == 0 {
                 continue;
             }
-            let msgs =
-                msg::parse(&buf[..n]).map_err(|e| NfqError::Malformed(e, self.queue))?;
+            let msgs = msg::parse(&buf[..n]).map_err(|e| NfqError::Malformed(e, self.queue))?;
             for m in msgs {
                 if let Incoming::Error { seq: s, errno } = m {
                     if s == seq {
@@ -259,7 +260,12 @@ impl NfqEgress {
             // The packets stay held in the kernel and are dropped when the
             // queue closes: a failed verdict never releases anything.
             self.stats.verdict_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(queue = self.sock.queue, id, ?v, "sending a batch verdict: {e}");
+            tracing::warn!(
+                queue = self.sock.queue,
+                id,
+                ?v,
+                "sending a batch verdict: {e}"
+            );
         }
     }
 }

@@ -247,11 +247,17 @@ mod tests {
         assert!(matches!(parse(&d), Err(MsgError::BadNlmsgLen { .. })));
         let mut d = packet_msg(5, 0x0800);
         d[..4].copy_from_slice(&8u32.to_ne_bytes());
-        assert!(matches!(parse(&d), Err(MsgError::BadNlmsgLen { len: 8, .. })));
+        assert!(matches!(
+            parse(&d),
+            Err(MsgError::BadNlmsgLen { len: 8, .. })
+        ));
         // An attribute claiming more than the message holds.
         let mut d = packet_msg(5, 0x0800);
         d[20..22].copy_from_slice(&200u16.to_ne_bytes());
-        assert!(matches!(parse(&d), Err(MsgError::BadAttrLen { len: 200, .. })));
+        assert!(matches!(
+            parse(&d),
+            Err(MsgError::BadAttrLen { len: 200, .. })
+        ));
         // A truncated packet header.
         let d = Builder::new(NFQNL_MSG_PACKET, 0, 0, 7)
             .attr(libc::NFQA_PACKET_HDR, &[0, 0, 0, 1])

@@ -83,11 +83,7 @@ fn save_line_queues(line: &str, queue: u16) -> bool {
         return false;
     }
     let w: Vec<&str> = line.split_whitespace().collect();
-    let arg = |name: &str| {
-        w.iter()
-            .position(|x| *x == name)
-            .and_then(|i| w.get(i + 1))
-    };
+    let arg = |name: &str| w.iter().position(|x| *x == name).and_then(|i| w.get(i + 1));
     if let Some(n) = arg("--queue-num") {
         return n.parse::<u16>() == Ok(queue);
     }
@@ -220,7 +216,10 @@ pub fn install(queue: u16, dev: &str) -> Result<Installed, RuleError> {
             .push((tool.into(), del.iter().map(|s| s.to_string()).collect()));
     }
     if bridge.is_some() {
-        let table = format!("castor_arp_{}", dev.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+        let table = format!(
+            "castor_arp_{}",
+            dev.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        );
         let script = format!(
             "table netdev {table} {{\n  chain hold {{\n    type filter hook ingress device \"{dev}\" priority -500; policy accept;\n    ether type arp drop\n  }}\n}}\n"
         );
