@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use castor::codec::Compressor;
 use castor::domain::DomainSpec;
 use castor::engine::backup::{self, BackupConfig};
+use castor::engine::live::LiveEnd;
 use castor::engine::primary::PrimaryConfig;
 use castor::engine::replica;
 use castor::harness::{self, LoopbackOpts};
@@ -100,6 +101,14 @@ enum Cmd {
         /// by then (fence agents power-cycling a host take tens of seconds).
         #[arg(long, default_value = "60s", value_parser = units::parse_duration, requires = "fence_cmd")]
         fence_timeout: Duration,
+        /// Activated domain: protect it again with the fresh backup at
+        /// HOST:PORT (dialed every --reprotect-every until it answers; full
+        /// copy while the guest runs, then checkpoints). Needs an explicit
+        /// --arbiter that the fresh backup shares.
+        #[arg(long, requires_all = ["activate", "arbiter"])]
+        reprotect: Option<String>,
+        #[arg(long, default_value = "1s", value_parser = units::parse_duration, requires = "reprotect")]
+        reprotect_every: Duration,
     },
     /// Protect a domain: run it in epochs and stream each checkpoint to a backup.
     ///
@@ -130,6 +139,14 @@ enum Cmd {
         /// lock the backup takes by default before activating.
         #[arg(long)]
         arbiter: Option<String>,
+        /// When the backup is lost, stop (and exit 2) instead of keeping the
+        /// guest running unprotected while this copy holds the arbiter.
+        #[arg(long)]
+        stop_on_backup_loss: bool,
+        /// While unprotected, dial --backup again this often; a fresh backup
+        /// there re-protects the running guest (0 = never).
+        #[arg(long, default_value = "1s", value_parser = units::parse_duration)]
+        redial_every: Duration,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -259,6 +276,12 @@ fn phys_mem() -> u64 {
     (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
 }
 
+/// Exit status of `protect --stop-on-backup-loss`: the backup was lost.
+const EXIT_BACKUP_LOST: u8 = 2;
+/// Exit status: the arbiter's lease lapsed; this copy paused its guest and
+/// dropped its held output (another copy may be live now).
+const EXIT_SELF_FENCED: u8 = 5;
+
 /// Exit status: the arbiter is held by another live copy (the backup did
 /// not activate; the primary did not start).
 const EXIT_ARBITER_HELD: u8 = 3;
@@ -333,6 +356,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             arbiter,
             fence_cmd,
             fence_timeout,
+            reprotect,
+            reprotect_every,
         } => {
             let psk = load_psk(psk_file.as_ref())?;
             let l = castor::transport::tcp::listen(&listen).map_err(|e| e.to_string())?;
@@ -351,7 +376,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             let cfg = BackupConfig {
                 state_dir: state_dir.clone(),
-                psk,
+                psk: psk.clone(),
                 max_mem: max_mem.unwrap_or_else(phys_mem),
                 quiet,
                 heartbeat_timeout,
@@ -420,11 +445,27 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     overrides,
                     run_for,
                     run_epochs,
+                    reprotect_every: reprotect.as_ref().map(|_| reprotect_every),
+                    primary: castor::engine::primary::PrimaryConfig::default(),
+                    lease: arbiter.as_ref().and_then(|a| a.lease()),
                 };
                 let dir = state_dir.join("activated");
-                let a =
-                    castor::engine::activate::activate(&out.domain, mem, &state, from, &acfg, &dir)
-                        .map_err(|e| e.to_string())?;
+                let target = reprotect.clone().unwrap_or_default();
+                let dial = move |layout, desc: &str| {
+                    harness::open_session_for(&target, &psk, layout, desc, Duration::ZERO)
+                        .map(|(s, r)| (Box::new(s) as Box<dyn castor::transport::RecordSink>, r))
+                        .map_err(|e| e.to_string())
+                };
+                let a = castor::engine::activate::activate(
+                    &out.domain,
+                    mem,
+                    &state,
+                    from,
+                    &acfg,
+                    &dir,
+                    dial,
+                )
+                .map_err(|e| e.to_string())?;
                 eprintln!(
                     "castor backup: failover: suspect → arbiter won (token {token}) {} → {} → activated {}",
                     since(won_at),
@@ -457,6 +498,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             json,
             quiet,
             arbiter,
+            stop_on_backup_loss,
+            redial_every,
             engine,
         } => {
             let spec = parse_spec(&domain)?;
@@ -495,14 +538,35 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             cfg.max_epochs = epochs;
             cfg.progress = !quiet;
             castor::engine::install_stop_handler();
-            let out = harness::protect(&spec, &backup, &psk, &cfg)
+            let opts = harness::ProtectOpts {
+                continue_unprotected: !stop_on_backup_loss,
+                redial_every: (!redial_every.is_zero()).then_some(redial_every),
+                lease: arb.lease(),
+            };
+            let out = harness::protect(&spec, &backup, &psk, &cfg, &opts)
                 .map_err(|e| format!("protect: {e}"))?;
+            let live = &out.live;
+            let (last, acked) = live.last_epochs.unwrap_or((0, 0));
             eprintln!(
-                "castor protect: stopped after epoch {} (acknowledged {}), digest {}",
-                out.final_epoch, out.acked_epoch, out.digest
+                "castor protect: stopped after {} epochs ({} unprotected, {} protection sessions; last session \
+                 epoch {last}, acknowledged {acked}), digest {}",
+                live.epochs, live.unprotected_epochs, live.sessions, out.digest
             );
-            if let Some(p) = json {
-                harness::write_json(&p, &out.summary).map_err(|e| e.to_string())?;
+            if let (Some(p), Some(s)) = (json, &live.last_summary) {
+                let mut s = s.clone();
+                s.output = Some(live.output.clone());
+                harness::write_json(&p, &s).map_err(|e| e.to_string())?;
+            }
+            match &live.end {
+                LiveEnd::Stopped => {}
+                LiveEnd::BackupLost(why) => {
+                    eprintln!("castor protect: stopped: {why}");
+                    return Ok(ExitCode::from(EXIT_BACKUP_LOST));
+                }
+                LiveEnd::SelfFenced(why) => {
+                    eprintln!("castor protect: self-fenced: {why}");
+                    return Ok(ExitCode::from(EXIT_SELF_FENCED));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -698,20 +698,53 @@ pub fn run<R: std::io::Read + Send + 'static>(
     reader: RecordReader<R>,
     cfg: &PrimaryConfig,
 ) -> Result<PrimaryOutcome, (PrimaryError, Option<Box<dyn Domain>>)> {
-    let layout = domain.layout();
-    let pages = layout.pages;
-    let workers = cfg.workers.max(1);
-    let mode = if cfg.output_commit {
-        Mode::Commit
-    } else {
-        Mode::PassThrough
-    };
-    let outq = match OutputQueue::start(mode) {
+    let mut outq = match OutputQueue::start(Mode::PassThrough) {
         Ok(q) => q,
         Err(e) => return Err((PrimaryError::Protocol(e.to_string()), Some(domain))),
     };
     if let Err(e) = domain.attach_output(&outq) {
         return Err((e.into(), Some(domain)));
+    }
+    let mut out = run_session(domain, &mut outq, sink, reader, cfg);
+    // Nothing uncommitted is held after a clean stop; on an error the
+    // session's held output was already dropped. Shutting down releases
+    // nothing either way.
+    match (outq.shutdown(), &mut out) {
+        (Ok(r), Ok(o)) => o.output = r,
+        (Ok(_), Err(_)) => {}
+        (Err(e), _) => tracing::warn!("output queue: {e}"),
+    }
+    out
+}
+
+/// One protection session of a domain that may already be running (a live
+/// copy re-protected by a fresh backup): seeds the backup while the guest
+/// runs, then checkpoints. `outq` (already attached to the domain's output)
+/// is put in commit mode for the session (unless output commit is off) and
+/// left unprotected (its held output dropped) when the session ends with an
+/// error; after a clean stop everything was committed.
+pub fn run_session<R: std::io::Read + Send + 'static>(
+    mut domain: Box<dyn Domain>,
+    outq: &mut OutputQueue,
+    sink: Box<dyn RecordSink>,
+    reader: RecordReader<R>,
+    cfg: &PrimaryConfig,
+) -> Result<PrimaryOutcome, (PrimaryError, Option<Box<dyn Domain>>)> {
+    let layout = domain.layout();
+    let pages = layout.pages;
+    let workers = cfg.workers.max(1);
+    // The guest may be running (re-protection): pause it around the switch
+    // so no output is tagged across it.
+    let session = domain.pause().map_err(PrimaryError::from).and_then(|_| {
+        if cfg.output_commit {
+            outq.protect()
+        } else {
+            outq.unprotect()
+        }
+        .map_err(|e| PrimaryError::Protocol(e.to_string()))
+    });
+    if let Err(e) = session {
+        return Err((e, Some(domain)));
     }
     let cores = if cfg.pin {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -799,7 +832,7 @@ pub fn run<R: std::io::Read + Send + 'static>(
 
     let result = std::thread::scope(|scope| {
         let (dom, shared, job_txs, tx_send, cores, outq) =
-            (&mut *domain, &*shared, &job_txs, &tx_send, &cores, &outq);
+            (&mut *domain, &*shared, &job_txs, &tx_send, &cores, &*outq);
         std::thread::Builder::new()
             .name("castor-epoch".into())
             .spawn_scoped(scope, move || {
@@ -839,8 +872,10 @@ pub fn run<R: std::io::Read + Send + 'static>(
             // The ack thread exits when the connection closes; do not wait for it.
             drop(ack_handle);
             // Backup lost (or any failure): output not yet committed is
-            // dropped, never released.
-            match outq.shutdown() {
+            // dropped, never released. The guest stays paused until the
+            // caller decides (run unprotected, or self-fence).
+            let paused = domain.pause();
+            match outq.unprotect() {
                 Ok(r) if r.dropped + r.late > 0 => eprintln!(
                     "castor: output commit: dropped {} held output frames of epochs after {} (never released)",
                     r.dropped + r.late,
@@ -849,14 +884,18 @@ pub fn run<R: std::io::Read + Send + 'static>(
                 Ok(_) => {}
                 Err(oe) => eprintln!("castor: output queue: {oe}"),
             }
+            if let Err(pe) = paused {
+                tracing::warn!("pausing the domain after the session failed: {pe}");
+            }
             return Err((e, Some(domain)));
         }
     };
     drop(ack_handle);
     // Clean stop: the final epoch was acknowledged and committed (the
-    // commit precedes the shutdown in the queue's channel).
+    // commit precedes the mode switch in the queue's channel). The guest is
+    // paused; whoever resumes it decides whether it runs unprotected.
     let output = outq
-        .shutdown()
+        .unprotect()
         .map_err(|e| (PrimaryError::Protocol(e.to_string()), None))?;
     let elapsed = shared
         .ckpt_start
@@ -953,7 +992,9 @@ fn drive(
             reason,
         })
     };
-    domain.start()?;
+    // Starts a fresh domain; resumes one that was running before this
+    // session (re-protection) and was paused for the output switch.
+    domain.resume()?;
     // Epoch 0, the seed: live pre-copy rounds while the guest runs. Round 0
     // reads every page; each later round re-sends the pages dirtied since
     // the previous harvest, until the dirty set is small (or stops
