@@ -446,7 +446,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     run_for,
                     run_epochs,
                     reprotect_every: reprotect.as_ref().map(|_| reprotect_every),
-                    primary: castor::engine::primary::PrimaryConfig::default(),
+                    primary: castor::engine::primary::PrimaryConfig {
+                        progress: !quiet,
+                        ..Default::default()
+                    },
                     lease: arbiter.as_ref().and_then(|a| a.lease()),
                 };
                 let dir = state_dir.join("activated");

@@ -229,7 +229,11 @@ where
     D: FnMut(Layout, &str) -> Result<Session<R>, String> + Send + 'static,
 {
     let started = Instant::now();
-    let mut out = Outcome::default();
+    let mut out = Outcome {
+        // Every session after a first one handed in is a re-protection.
+        fresh: u64::from(first.is_none()),
+        ..Outcome::default()
+    };
     let (layout, desc) = (domain.layout(), domain.describe());
     let mut dial = dial;
     let dialer = cfg
@@ -265,7 +269,13 @@ where
         }
     };
     drop(dialer);
-    let output = match outq.unprotect() {
+    // Stopped: the guest is paused and whole, nothing is held. Fenced: it
+    // stays fenced for whatever may still be emitted.
+    let report = match end {
+        LiveEnd::SelfFenced(_) => outq.fence(),
+        _ => outq.unprotect(),
+    };
+    let output = match report {
         Ok(r) => r,
         Err(e) => return Err((e.into(), Some(domain))),
     };
@@ -283,6 +293,8 @@ where
 
 #[derive(Default)]
 struct Outcome {
+    /// 1 when no session was open at the start (an activated copy).
+    fresh: u64,
     sessions: u64,
     epochs: u64,
     unprotected_epochs: u64,
@@ -310,7 +322,7 @@ fn protected<R: std::io::Read + Send + 'static>(
     pcfg.duration = cfg.run_for.map(|d| d.saturating_sub(started.elapsed()));
     pcfg.max_epochs = cfg.run_epochs.map(|n| n.saturating_sub(out.epochs).max(1));
     out.sessions += 1;
-    if out.sessions > 1 {
+    if out.sessions + out.fresh > 1 {
         eprintln!(
             "{}: re-protecting: seeding a fresh backup while the guest runs (session {})",
             cfg.label, out.sessions
@@ -421,5 +433,83 @@ fn unprotected<R: std::io::Read + Send + 'static>(
             return fence(domain, outq, cfg).map(Phase::End);
         }
         domain.resume()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::DomainSpec;
+    use crate::outq::{Egress, Mode};
+    use std::net::TcpStream;
+    use std::sync::mpsc::Sender;
+
+    struct Wire(Sender<Vec<u8>>);
+    impl Egress for Wire {
+        fn release(&mut self, frame: &[u8]) {
+            let _ = self.0.send(frame.to_vec());
+        }
+    }
+
+    /// An unprotected live copy whose lease lapses pauses its guest and
+    /// releases nothing from then on; while the lease held, output passed.
+    #[test]
+    fn unprotected_copy_self_fences_when_its_lease_lapses() {
+        let spec = DomainSpec::parse("sim:mem=1MiB,workload=edits,rate=1000").unwrap();
+        let mut domain = match spec.open() {
+            Ok(d) => d,
+            Err(DomainError::DirtyTracking(why)) => {
+                eprintln!("skipping: kernel dirty tracking unavailable here: {why}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let mut outq = OutputQueue::start(Mode::PassThrough).unwrap();
+        domain.attach_output(&outq).unwrap();
+        let (tx, rx) = channel();
+        let h = outq.handle(Box::new(Wire(tx)));
+        let lease = LeaseWatch::new();
+        lease.extend_to(Instant::now() + Duration::from_millis(400));
+        let cfg = LiveConfig {
+            primary: PrimaryConfig {
+                epoch: Duration::from_millis(10),
+                ..PrimaryConfig::default()
+            },
+            run_for: Some(Duration::from_secs(30)),
+            run_epochs: None,
+            continue_unprotected: true,
+            // Dialing fails every time: no backup exists.
+            redial_every: Some(Duration::from_millis(50)),
+            dial_after: Duration::ZERO,
+            lease: Some(lease.clone()),
+            lease_margin: Duration::from_millis(100),
+            announce_at: Vec::new(),
+            label: "test".into(),
+        };
+        let dials = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let d2 = dials.clone();
+        let dial = move |_: Layout, _: &str| -> Result<Session<TcpStream>, String> {
+            d2.fetch_add(1, Ordering::Relaxed);
+            Err("no backup".into())
+        };
+        // Output while the lease holds passes straight through.
+        h.emit_now(b"before");
+        let t0 = Instant::now();
+        let out = run(domain, &mut outq, None, dial, &cfg).map_err(|(e, _)| e).unwrap();
+        let took = t0.elapsed();
+        assert!(
+            matches!(out.end, LiveEnd::SelfFenced(_)),
+            "ended {:?} instead of self-fencing",
+            out.end
+        );
+        // Fenced no later than the margin before expiry plus one poll.
+        assert!(took < Duration::from_millis(400), "self-fenced only after {took:?}");
+        assert!(out.unprotected_epochs > 0, "the guest never ran unprotected");
+        assert!(dials.load(Ordering::Relaxed) > 0, "never dialed a backup");
+        h.emit_now(b"after");
+        let r = outq.shutdown().unwrap();
+        let got: Vec<Vec<u8>> = rx.try_iter().collect();
+        assert_eq!(got, [b"before".to_vec()], "output left a fenced copy");
+        assert_eq!(r.dropped, 1);
     }
 }
