@@ -495,7 +495,9 @@ mod tests {
         // Output while the lease holds passes straight through.
         h.emit_now(b"before");
         let t0 = Instant::now();
-        let out = run(domain, &mut outq, None, dial, &cfg).map_err(|(e, _)| e).unwrap();
+        let out = run(domain, &mut outq, None, dial, &cfg)
+            .map_err(|(e, _)| e)
+            .unwrap();
         let took = t0.elapsed();
         assert!(
             matches!(out.end, LiveEnd::SelfFenced(_)),
@@ -503,8 +505,14 @@ mod tests {
             out.end
         );
         // Fenced no later than the margin before expiry plus one poll.
-        assert!(took < Duration::from_millis(400), "self-fenced only after {took:?}");
-        assert!(out.unprotected_epochs > 0, "the guest never ran unprotected");
+        assert!(
+            took < Duration::from_millis(400),
+            "self-fenced only after {took:?}"
+        );
+        assert!(
+            out.unprotected_epochs > 0,
+            "the guest never ran unprotected"
+        );
         assert!(dials.load(Ordering::Relaxed) > 0, "never dialed a backup");
         h.emit_now(b"after");
         let r = outq.shutdown().unwrap();
