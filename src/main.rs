@@ -207,6 +207,10 @@ struct EngineArgs {
     /// guest step back in time.
     #[arg(long)]
     no_output_commit: bool,
+    /// Declare the backup lost when nothing (ack or heartbeat) arrived from
+    /// it for this long; the guest then runs unprotected (protect).
+    #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
+    backup_timeout: Duration,
 }
 
 fn parse_compressor(s: &str) -> Result<Compressor, String> {
@@ -231,6 +235,7 @@ impl EngineArgs {
             pin: !self.no_pin,
             compressor: self.compress,
             output_commit: !self.no_output_commit,
+            backup_silence: self.backup_timeout,
             ..PrimaryConfig::default()
         };
         if self.no_output_commit {

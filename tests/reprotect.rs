@@ -142,3 +142,56 @@ fn activated_backup_is_reprotected_by_a_fresh_backup() {
         b1_out.text()
     );
 }
+
+/// A backup that stops answering while its connection stays open
+/// (SIGSTOP): the primary declares it lost after `--backup-timeout`, drops
+/// the output it held for it, and carries on unprotected.
+#[test]
+fn silent_backup_is_declared_lost_and_the_guest_runs_on() {
+    if sim_unavailable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lock = format!("local:{}", dir.path().join("pair.lock").display());
+    let b = Backup::start(&dir.path().join("r1"));
+    let mut p = Reaped(
+        castor()
+            .args([
+                "protect",
+                "--domain",
+                SPEC,
+                "--backup",
+                &b.addr,
+                "--epoch",
+                "25ms",
+                "--arbiter",
+                &lock,
+                "--backup-timeout",
+                "300ms",
+                "--redial-every",
+                "0",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = Lines::watch(p.0.stderr.take().unwrap());
+    out.wait_for("acked", WAIT);
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(b.child.id() as libc::pid_t, libc::SIGSTOP) },
+        0
+    );
+    let l = out.wait_for("backup lost", WAIT);
+    assert!(l.contains("backup silent for"), "{l}");
+    assert!(l.contains("UNPROTECTED"), "{l}");
+    // Still running, unprotected, until told to stop; then a clean exit.
+    assert!(p.0.try_wait().unwrap().is_none(), "{}", out.text());
+    term(p.0.id());
+    let st = p.0.wait().unwrap();
+    assert!(st.success(), "{}", out.text());
+    let last = out.wait_for("stopped after", WAIT);
+    assert!(last.contains("1 protection sessions"), "{last}");
+    // SAFETY: as above.
+    unsafe { libc::kill(b.child.id() as libc::pid_t, libc::SIGCONT) };
+}

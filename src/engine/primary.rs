@@ -89,6 +89,11 @@ pub struct PrimaryConfig {
     /// Hold guest output until the backup acknowledged its epoch (true), or
     /// let it out at once (false: `--no-output-commit`, UNSAFE, experiments).
     pub output_commit: bool,
+    /// Declare the backup lost when no record (ack or heartbeat; it sends
+    /// one every 100 ms without traffic) arrived for this long. Longer than
+    /// the backup's own 500 ms: losing a slow backup costs a full re-seed,
+    /// so the primary waits out more scheduling noise before giving up.
+    pub backup_silence: Duration,
 }
 
 impl Default for PrimaryConfig {
@@ -110,6 +115,7 @@ impl Default for PrimaryConfig {
             precopy_target: 4096,
             precopy_rounds: 30,
             output_commit: true,
+            backup_silence: Duration::from_secs(2),
         }
     }
 }
@@ -215,6 +221,8 @@ struct Shared {
     gate_cv: Condvar,
     /// When checkpointing began (after the seed): run time is counted from here.
     ckpt_start: std::sync::OnceLock<Instant>,
+    /// When the last record from the backup was read.
+    heard: Mutex<Instant>,
 }
 
 impl Shared {
@@ -612,6 +620,7 @@ fn ack_thread<R: std::io::Read>(
             Err(RecordError::Eof) => return shared.fail("backup closed the connection".into()),
             Err(e) => return shared.fail(format!("reading from backup: {e}")),
         };
+        *shared.heard.lock().unwrap() = Instant::now();
         match rec.kind {
             RecordKind::Ack => {
                 let epoch = rec.epoch;
@@ -651,6 +660,23 @@ fn ack_thread<R: std::io::Read>(
                 ))
             }
             other => return shared.fail(format!("unexpected {other:?} record from backup")),
+        }
+    }
+}
+
+/// Fails the session when the backup has been silent (no ack, no
+/// heartbeat) for `silence`: a hung or partitioned backup whose TCP
+/// connection stays open would otherwise hold the guest's output forever.
+fn silence_watchdog(shared: Arc<Shared>, done: Arc<AtomicBool>, silence: Duration) {
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+        let quiet = shared.heard.lock().unwrap().elapsed();
+        if quiet > silence {
+            return shared.fail(format!(
+                "backup silent for {} ms (timeout {} ms)",
+                quiet.as_millis(),
+                silence.as_millis()
+            ));
         }
     }
 }
@@ -765,6 +791,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
         gate: Mutex::new(()),
         gate_cv: Condvar::new(),
         ckpt_start: std::sync::OnceLock::new(),
+        heard: Mutex::new(Instant::now()),
     });
     let start = Instant::now();
     let (tx_send, tx_recv) = channel::<TxMsg>();
@@ -821,6 +848,13 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
             .expect("spawning ack thread")
     };
     let progress_done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let (shared, done, silence) = (shared.clone(), progress_done.clone(), cfg.backup_silence);
+        std::thread::Builder::new()
+            .name("castor-watch".into())
+            .spawn(move || silence_watchdog(shared, done, silence))
+            .expect("spawning the backup watchdog")
+    };
     let progress_handle = cfg.progress.then(|| {
         let shared = shared.clone();
         let done = progress_done.clone();
@@ -866,6 +900,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
     if let Some(h) = progress_handle {
         let _ = h.join();
     }
+    let _ = watchdog.join();
     let (final_epoch, state, recent_dirty) = match result {
         Ok(v) => v,
         Err(e) => {
