@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 2);
 const CLIENT: &str = "10.202.0.1/24";
+const CLIENT_MAC: &str = "02:00:00:00:02:01";
 const PORT: u16 = 7000;
 
 /// Lines a child wrote to stderr, each with when the test read it.
@@ -95,6 +96,7 @@ impl Rig {
         ]);
         ns.ip(&["link", "set", "vc0", "master", "br0"]);
         ns.ip(&["link", "set", "vc0", "up"]);
+        client_ns.ip(&["link", "set", "eth0", "address", CLIENT_MAC]);
         client_ns.ip(&["addr", "add", CLIENT, "dev", "eth0"]);
         client_ns.ip(&["link", "set", "eth0", "up"]);
 
@@ -117,7 +119,14 @@ impl Rig {
         let spec = format!("kvm:guest=tcpcount,tap=tp0,ip={GUEST},console=stderr");
         let primary = Reaped(
             castor_in(&ns.name)
-                .args(["protect", "--quiet", "--domain", &spec, "--backup", &backup.addr])
+                .args([
+                    "protect",
+                    "--quiet",
+                    "--domain",
+                    &spec,
+                    "--backup",
+                    &backup.addr,
+                ])
                 .stderr(Stdio::inherit())
                 .spawn()
                 .unwrap(),
@@ -133,11 +142,23 @@ impl Rig {
         })
     }
 
-    /// Stops the backup and returns everything it wrote to stderr.
+    /// Stops the backup (SIGTERM: an activated domain stops cleanly and
+    /// the backup prints its failover summary) and returns everything it
+    /// wrote to stderr.
     fn finish(mut self) -> Vec<(Instant, String)> {
         drop(self.primary.take());
-        let _ = self.backup.child.kill();
-        let _ = self.backup.child.wait();
+        let pid = self.backup.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on our own unreaped child: the pid is still ours.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while self.backup.child.try_wait().unwrap().is_none() {
+            if t0.elapsed() > Duration::from_secs(20) {
+                let _ = self.backup.child.kill();
+                let _ = self.backup.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if let Some(h) = self.backup_reader.take() {
             h.join().unwrap();
         }
@@ -429,16 +450,14 @@ fn failover_trial(trial: usize) -> Option<String> {
         let out = rig.client_ns.run(|| {
             let mut c = Client::new(connect(Duration::from_secs(60)));
             let mut replies = Vec::new();
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                loop {
-                    let r = c.ask(Duration::from_secs(20));
-                    replies.push(r);
-                    answered.store(replies.len() as u64, Ordering::Release);
-                    if let Some(k) = *killed_at.lock().unwrap() {
-                        let after = replies.iter().filter(|r| r.sent > k).count();
-                        if after >= 40 {
-                            break;
-                        }
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+                let r = c.ask(Duration::from_secs(20));
+                replies.push(r);
+                answered.store(replies.len() as u64, Ordering::Release);
+                if let Some(k) = *killed_at.lock().unwrap() {
+                    let after = replies.iter().filter(|r| r.sent > k).count();
+                    if after >= 40 {
+                        break;
                     }
                 }
             }));
@@ -457,7 +476,10 @@ fn failover_trial(trial: usize) -> Option<String> {
     let lines = rig.finish();
     let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
     let text = text.join("\n");
-    assert!(text.contains("ACTIVATED"), "the backup never activated:\n{text}");
+    assert!(
+        text.contains("ACTIVATED"),
+        "the backup never activated:\n{text}"
+    );
 
     // The property: one reply per request, each counter one more than the
     // previous (strictly increasing, nothing counted twice or skipped).
@@ -534,4 +556,381 @@ fn tcp_connection_survives_failover() {
         lines.push(l);
     }
     eprintln!("summary:\n{}", lines.join("\n"));
+}
+
+/// The guest's MAC (the kvm NIC's default, guests/README.md).
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xca, 0x57, 0x01];
+/// The raw peer's address: on the client's link, owned by no interface, so
+/// the client's kernel drops (never resets) the guest's segments to it.
+const RAW_IP: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 3);
+const RAW_PORT: u16 = 40_000;
+
+/// One TCP segment from the guest.
+#[derive(Debug, Clone)]
+struct Seg {
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: Vec<u8>,
+    at: Instant,
+}
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
+
+/// A hand-driven TCP peer on an AF_PACKET socket on the client's eth0:
+/// sends exactly the segments a test asks for (duplicates, holes, bad
+/// checksums, garbage) and sees every segment the guest sends.
+struct RawPeer {
+    fd: std::os::fd::OwnedFd,
+    mac: [u8; 6],
+}
+
+impl RawPeer {
+    fn open() -> RawPeer {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2); the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: fd is a fresh socket owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the name is a NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+        assert!(ifindex != 0, "eth0 in the client namespace");
+        // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto;
+        sa.sll_ifindex = ifindex as i32;
+        // SAFETY: sa is a valid sockaddr_ll of the given length.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 20_000,
+        };
+        // SAFETY: fd is open; tv lives across the call.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        let mut mac = [0u8; 6];
+        for (m, h) in mac.iter_mut().zip(CLIENT_MAC.split(':')) {
+            *m = u8::from_str_radix(h, 16).unwrap();
+        }
+        RawPeer { fd, mac }
+    }
+
+    fn send_frame(&self, frame: &[u8]) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: frame is readable for its length; fd is bound to eth0.
+        let n = unsafe {
+            libc::send(
+                self.fd.as_raw_fd(),
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+            )
+        };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// An IPv4 frame from RAW_IP to the guest around `l4` (protocol `proto`).
+    fn ip_frame(&self, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(34 + l4.len());
+        f.extend_from_slice(&GUEST_MAC);
+        f.extend_from_slice(&self.mac);
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        ip[6] = 0x40;
+        ip[8] = 64;
+        ip[9] = proto;
+        ip[12..16].copy_from_slice(&RAW_IP.octets());
+        ip[16..20].copy_from_slice(&GUEST.octets());
+        let c = ones_complement(&ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(l4);
+        f
+    }
+
+    /// A TCP segment to the guest; `bad_csum` flips a checksum bit.
+    fn segment(seq: u32, ack: u32, flags: u8, payload: &[u8], bad_csum: bool) -> Vec<u8> {
+        let syn_opt: &[u8] = if flags & SYN != 0 {
+            &[2, 4, 0x05, 0xb4]
+        } else {
+            &[]
+        };
+        let hl = 20 + syn_opt.len();
+        let mut t = vec![0u8; hl];
+        t[0..2].copy_from_slice(&RAW_PORT.to_be_bytes());
+        t[2..4].copy_from_slice(&PORT.to_be_bytes());
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[8..12].copy_from_slice(&ack.to_be_bytes());
+        t[12] = ((hl / 4) as u8) << 4;
+        t[13] = flags;
+        t[14..16].copy_from_slice(&8192u16.to_be_bytes());
+        t[20..].copy_from_slice(syn_opt);
+        t.extend_from_slice(payload);
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&RAW_IP.octets());
+        pseudo.extend_from_slice(&GUEST.octets());
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&(t.len() as u16).to_be_bytes());
+        pseudo.extend_from_slice(&t);
+        let mut c = ones_complement(&pseudo);
+        if bad_csum {
+            c ^= 0x0100;
+        }
+        t[16..18].copy_from_slice(&c.to_be_bytes());
+        t
+    }
+
+    fn send(&self, seq: u32, ack: u32, flags: u8, payload: &[u8]) {
+        self.send_frame(&self.ip_frame(6, &Self::segment(seq, ack, flags, payload, false)));
+    }
+
+    /// The next segment from the guest to this peer within `within`.
+    fn recv(&self, within: Duration) -> Option<Seg> {
+        use std::os::fd::AsRawFd;
+        let t0 = Instant::now();
+        let mut buf = [0u8; 2048];
+        while t0.elapsed() < within {
+            // SAFETY: buf is writable for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                )
+            };
+            if n < 54 {
+                continue;
+            }
+            let f = &buf[..n as usize];
+            if f[0..6] != self.mac || f[6..12] != GUEST_MAC || f[12..14] != [8, 0] {
+                continue;
+            }
+            let ip = &f[14..];
+            let ihl = usize::from(ip[0] & 15) * 4;
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            if ip[9] != 6 || ip[16..20] != RAW_IP.octets() || total > ip.len() || total < ihl + 20 {
+                continue;
+            }
+            assert_eq!(ones_complement(&ip[..ihl]), 0, "guest's IPv4 checksum");
+            let t = &ip[ihl..total];
+            if t[2..4] != RAW_PORT.to_be_bytes() {
+                continue;
+            }
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&ip[12..20]);
+            pseudo.extend_from_slice(&[0, 6]);
+            pseudo.extend_from_slice(&(t.len() as u16).to_be_bytes());
+            pseudo.extend_from_slice(t);
+            assert_eq!(ones_complement(&pseudo), 0, "guest's TCP checksum");
+            let hl = usize::from(t[12] >> 4) * 4;
+            return Some(Seg {
+                seq: u32::from_be_bytes(t[4..8].try_into().unwrap()),
+                ack: u32::from_be_bytes(t[8..12].try_into().unwrap()),
+                flags: t[13],
+                payload: t[hl..].to_vec(),
+                at: Instant::now(),
+            });
+        }
+        None
+    }
+
+    /// The next segment, which must come within `within`.
+    fn expect(&self, what: &str, within: Duration) -> Seg {
+        self.recv(within)
+            .unwrap_or_else(|| panic!("no segment from the guest: expected {what}"))
+    }
+
+    /// Asserts the guest stays silent to this peer for `quiet`.
+    fn silent(&self, what: &str, quiet: Duration) {
+        if let Some(s) = self.recv(quiet) {
+            panic!("{what}: unexpected segment {s:?}");
+        }
+    }
+}
+
+fn counter_of(s: &Seg) -> u64 {
+    std::str::from_utf8(&s.payload)
+        .ok()
+        .and_then(|t| t.strip_suffix('\n'))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("not a reply line: {s:?}"))
+}
+
+/// Duplicate, out-of-order, partly old and corrupt segments, garbage
+/// frames, the guest's retransmission timer with backoff, and the close,
+/// driven segment by segment from a raw socket.
+#[test]
+fn tcp_guest_handles_duplicates_holes_and_garbage() {
+    let Some(rig) = Rig::start("tcr") else {
+        return;
+    };
+    rig.client_ns.run(|| {
+        // The guest must be up: a kernel client connects first.
+        let mut c = Client::new(connect(Duration::from_secs(60)));
+        let base = c.ask(Duration::from_secs(10)).counter;
+        c.close();
+        let p = RawPeer::open();
+        let w = Duration::from_secs(5);
+        let isn = 1000u32;
+
+        // Handshake; a duplicate SYN gets the same SYN-ACK again.
+        p.send(isn, 0, SYN, b"");
+        let sa = p.expect("SYN-ACK", w);
+        assert_eq!((sa.flags, sa.ack), (SYN | ACK, isn + 1), "{sa:?}");
+        p.send(isn, 0, SYN, b"");
+        let sa2 = p.expect("SYN-ACK again", w);
+        assert_eq!((sa2.flags, sa2.seq, sa2.ack), (SYN | ACK, sa.seq, isn + 1));
+        let mut gseq = sa.seq.wrapping_add(1);
+        let mut mine = isn + 1;
+        p.send(mine, gseq, ACK, b"");
+
+        // Asks one line; returns the reply's counter after checking the
+        // reply's sequence number and that it acknowledges the line.
+        let ask = |mine: &mut u32, gseq: &mut u32, line: &[u8], ack_it: bool| -> u64 {
+            p.send(*mine, *gseq, ACK | PSH, line);
+            *mine += line.len() as u32;
+            let r = p.expect("a reply", w);
+            assert_eq!((r.seq, r.ack), (*gseq, *mine), "{r:?}");
+            *gseq = gseq.wrapping_add(r.payload.len() as u32);
+            if ack_it {
+                p.send(*mine, *gseq, ACK, b"");
+            }
+            counter_of(&r)
+        };
+        assert_eq!(ask(&mut mine, &mut gseq, b"a\n", true), base + 1);
+
+        // A duplicate of an answered line: re-ACKed, not answered again.
+        p.send(mine - 2, gseq, ACK | PSH, b"a\n");
+        let d = p.expect("ACK of a duplicate", w);
+        assert_eq!((d.ack, d.payload.len()), (mine, 0), "{d:?}");
+
+        // A hole: "c\n" before "b\n" is dropped with a duplicate ACK...
+        p.send(mine + 2, gseq, ACK | PSH, b"c\n");
+        let d = p.expect("duplicate ACK for the hole", w);
+        assert_eq!((d.ack, d.payload.len()), (mine, 0), "{d:?}");
+        // ...then "b\n" is answered alone, and "c\n" again when resent.
+        assert_eq!(ask(&mut mine, &mut gseq, b"b\n", true), base + 2);
+        assert_eq!(ask(&mut mine, &mut gseq, b"c\n", true), base + 3);
+
+        // Partly old: "c\nd\n" from the old "c" is trimmed to "d\n".
+        p.send(mine - 2, gseq, ACK | PSH, b"c\nd\n");
+        mine += 2;
+        let r = p.expect("reply to the new part", w);
+        assert_eq!((r.ack, counter_of(&r)), (mine, base + 4), "{r:?}");
+        gseq = gseq.wrapping_add(r.payload.len() as u32);
+        p.send(mine, gseq, ACK, b"");
+
+        // Corrupt and garbage frames: no answer, no effect.
+        p.send_frame(&p.ip_frame(6, &RawPeer::segment(mine, gseq, ACK | PSH, b"x\n", true)));
+        let mut bad_ip = p.ip_frame(6, &RawPeer::segment(mine, gseq, ACK | PSH, b"x\n", false));
+        bad_ip[14 + 10] ^= 1; // IPv4 header checksum
+        p.send_frame(&bad_ip);
+        let mut long = p.ip_frame(6, &RawPeer::segment(mine, gseq, ACK | PSH, b"x\n", false));
+        long[14 + 2..14 + 4].copy_from_slice(&1400u16.to_be_bytes()); // total > frame
+        let c = ones_complement(&{
+            let mut h = long[14..34].to_vec();
+            h[10..12].fill(0);
+            h
+        });
+        long[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+        p.send_frame(&long);
+        let mut doff = RawPeer::segment(mine, gseq, ACK | PSH, b"x\n", false);
+        doff[12] = 15 << 4; // header longer than the segment
+        p.send_frame(&p.ip_frame(6, &doff));
+        p.send_frame(&p.ip_frame(6, &[0u8; 7])); // truncated TCP header
+        let mut arp = GUEST_MAC.to_vec();
+        arp.extend_from_slice(&p.mac);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1]); // truncated ARP
+        p.send_frame(&arp);
+        let mut noise = vec![0u8; 600];
+        getrandom::getrandom(&mut noise).unwrap();
+        noise[..6].copy_from_slice(&GUEST_MAC);
+        noise[12..14].copy_from_slice(&[8, 0]);
+        p.send_frame(&noise);
+        p.silent("after corrupt frames", Duration::from_millis(300));
+        assert_eq!(ask(&mut mine, &mut gseq, b"e\n", true), base + 5);
+
+        // An unacknowledged reply is retransmitted on timeout, with backoff.
+        let before = gseq;
+        let n = ask(&mut mine, &mut gseq, b"f\n", false);
+        assert_eq!(n, base + 6);
+        let first = p.expect("first retransmission", w);
+        let second = p.expect("second retransmission", w);
+        for r in [&first, &second] {
+            assert_eq!((r.seq, counter_of(r)), (before, n), "{r:?}");
+        }
+        // RTO 200 ms, then 400 ms: the second gap is the doubled one.
+        let gap = second.at - first.at;
+        assert!(
+            gap > Duration::from_millis(300),
+            "the second retransmission {gap:?} after the first: no backoff"
+        );
+        p.send(mine, gseq, ACK, b"");
+        p.silent("after the ACK", Duration::from_millis(700));
+
+        // A duplicate while a reply is outstanding: the reply again at once.
+        let before = gseq;
+        let n = ask(&mut mine, &mut gseq, b"g\n", false);
+        p.send(mine - 2, before, ACK | PSH, b"g\n");
+        let r = p.expect(
+            "retransmission on the duplicate",
+            Duration::from_millis(150),
+        );
+        assert_eq!((r.seq, counter_of(&r)), (before, n), "{r:?}");
+        p.send(mine, gseq, ACK, b"");
+
+        // Close: our FIN is ACKed and answered with the guest's FIN.
+        p.send(mine, gseq, FIN | ACK, b"");
+        mine += 1;
+        let mut fin_seen = false;
+        while !fin_seen {
+            let s = p.expect("the guest's FIN", w);
+            assert_eq!(s.ack, mine, "{s:?}");
+            fin_seen = s.flags & FIN != 0;
+        }
+        p.send(mine, gseq.wrapping_add(1), ACK, b"");
+        // The connection is gone: new data gets a reset.
+        p.send(mine, gseq.wrapping_add(1), ACK | PSH, b"h\n");
+        let r = p.expect("RST for a closed connection", w);
+        assert!(r.flags & RST != 0, "{r:?}");
+
+        // The counter went on by exactly the lines answered above.
+        let mut c = Client::new(connect(Duration::from_secs(10)));
+        assert_eq!(c.ask(Duration::from_secs(10)).counter, base + 8);
+        c.close();
+    });
+    rig.finish();
 }
