@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use castor::codec::Compressor;
 use castor::domain::DomainSpec;
 use castor::engine::backup::{self, BackupConfig};
+use castor::engine::live::LiveEnd;
 use castor::engine::primary::PrimaryConfig;
 use castor::engine::replica;
 use castor::harness::{self, LoopbackOpts};
@@ -100,6 +101,14 @@ enum Cmd {
         /// by then (fence agents power-cycling a host take tens of seconds).
         #[arg(long, default_value = "60s", value_parser = units::parse_duration, requires = "fence_cmd")]
         fence_timeout: Duration,
+        /// Activated domain: protect it again with the fresh backup at
+        /// HOST:PORT (dialed every --reprotect-every until it answers; full
+        /// copy while the guest runs, then checkpoints). Needs an explicit
+        /// --arbiter that the fresh backup shares.
+        #[arg(long, requires_all = ["activate", "arbiter"])]
+        reprotect: Option<String>,
+        #[arg(long, default_value = "1s", value_parser = units::parse_duration, requires = "reprotect")]
+        reprotect_every: Duration,
         /// FOR TESTS ONLY: delay every ack by this long (output commit tests).
         #[arg(long, hide = true, value_parser = units::parse_duration)]
         test_ack_delay: Option<Duration>,
@@ -133,6 +142,14 @@ enum Cmd {
         /// lock the backup takes by default before activating.
         #[arg(long)]
         arbiter: Option<String>,
+        /// When the backup is lost, stop (and exit 2) instead of keeping the
+        /// guest running unprotected while this copy holds the arbiter.
+        #[arg(long)]
+        stop_on_backup_loss: bool,
+        /// While unprotected, dial --backup again this often; a fresh backup
+        /// there re-protects the running guest (0 = never).
+        #[arg(long, default_value = "1s", value_parser = units::parse_duration)]
+        redial_every: Duration,
         /// Also hold output of host network devices (Xen vifs, veths) that
         /// netfilter rules send to NFQUEUE queue N; released at commit.
         /// Start-up fails if no IPv4/IPv6 rule feeds queue N.
@@ -205,6 +222,10 @@ struct EngineArgs {
     /// guest step back in time.
     #[arg(long)]
     no_output_commit: bool,
+    /// Declare the backup lost when nothing (ack or heartbeat) arrived from
+    /// it for this long; the guest then runs unprotected (protect).
+    #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
+    backup_timeout: Duration,
 }
 
 fn parse_compressor(s: &str) -> Result<Compressor, String> {
@@ -229,6 +250,7 @@ impl EngineArgs {
             pin: !self.no_pin,
             compressor: self.compress,
             output_commit: !self.no_output_commit,
+            backup_silence: self.backup_timeout,
             ..PrimaryConfig::default()
         };
         if self.no_output_commit {
@@ -274,6 +296,8 @@ fn phys_mem() -> u64 {
     (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
 }
 
+/// Exit status of `protect --stop-on-backup-loss`: the backup was lost.
+const EXIT_BACKUP_LOST: u8 = 2;
 /// `--nfqueue Q --nfqueue-dev DEV...`: installs the rules for each DEV,
 /// then checks that IPv4 and IPv6 do reach queue Q.
 fn nfqueue_rules(
@@ -290,6 +314,10 @@ fn nfqueue_rules(
     rules::check(q).map_err(|e| format!("--nfqueue {q}: {e}"))?;
     Ok(installed)
 }
+
+/// Exit status: the arbiter's lease lapsed; this copy paused its guest and
+/// dropped its held output (another copy may be live now).
+const EXIT_SELF_FENCED: u8 = 5;
 
 /// Exit status: the arbiter is held by another live copy (the backup did
 /// not activate; the primary did not start).
@@ -365,6 +393,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             arbiter,
             fence_cmd,
             fence_timeout,
+            reprotect,
+            reprotect_every,
             test_ack_delay,
         } => {
             let psk = load_psk(psk_file.as_ref())?;
@@ -384,7 +414,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             let cfg = BackupConfig {
                 state_dir: state_dir.clone(),
-                psk,
+                psk: psk.clone(),
                 max_mem: max_mem.unwrap_or_else(phys_mem),
                 quiet,
                 heartbeat_timeout,
@@ -460,11 +490,30 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     overrides,
                     run_for,
                     run_epochs,
+                    reprotect_every: reprotect.as_ref().map(|_| reprotect_every),
+                    primary: castor::engine::primary::PrimaryConfig {
+                        progress: !quiet,
+                        ..Default::default()
+                    },
+                    lease: arbiter.as_ref().and_then(|a| a.lease()),
                 };
                 let dir = state_dir.join("activated");
-                let a =
-                    castor::engine::activate::activate(&out.domain, mem, &state, from, &acfg, &dir)
-                        .map_err(|e| e.to_string())?;
+                let target = reprotect.clone().unwrap_or_default();
+                let dial = move |layout, desc: &str| {
+                    harness::open_session_for(&target, &psk, layout, desc, Duration::ZERO)
+                        .map(|(s, r)| (Box::new(s) as Box<dyn castor::transport::RecordSink>, r))
+                        .map_err(|e| e.to_string())
+                };
+                let a = castor::engine::activate::activate(
+                    &out.domain,
+                    mem,
+                    &state,
+                    from,
+                    &acfg,
+                    &dir,
+                    dial,
+                )
+                .map_err(|e| e.to_string())?;
                 eprintln!(
                     "castor backup: failover: suspect → arbiter won (token {token}) {} → {} → activated {}",
                     since(won_at),
@@ -497,6 +546,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             json,
             quiet,
             arbiter,
+            stop_on_backup_loss,
+            redial_every,
             nfqueue,
             nfqueue_dev,
             per_epoch,
@@ -504,8 +555,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         } => {
             let spec = parse_spec(&domain)?;
             // Rules first (and their check), so a missing queue fails
-            // before anything runs; removed when `_rules` drops.
-            let _rules = match nfqueue {
+            // before anything runs; removed when `rules` drops.
+            let rules = match nfqueue {
                 Some(q) => nfqueue_rules(q, &nfqueue_dev)?,
                 None => Vec::new(),
             };
@@ -546,21 +597,42 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             cfg.keep_records = per_epoch;
             cfg.nfqueue = nfqueue.map(|queue| castor::outq::nfqueue::NfqSpec {
                 queue,
-                arp_devices: _rules
+                arp_devices: rules
                     .iter()
                     .filter(|r| r.bridge.is_some())
                     .map(|r| r.dev.clone())
                     .collect(),
             });
             castor::engine::install_stop_handler();
-            let out = harness::protect(&spec, &backup, &psk, &cfg)
+            let opts = harness::ProtectOpts {
+                continue_unprotected: !stop_on_backup_loss,
+                redial_every: (!redial_every.is_zero()).then_some(redial_every),
+                lease: arb.lease(),
+            };
+            let out = harness::protect(&spec, &backup, &psk, &cfg, &opts)
                 .map_err(|e| format!("protect: {e}"))?;
+            let live = &out.live;
+            let (last, acked) = live.last_epochs.unwrap_or((0, 0));
             eprintln!(
-                "castor protect: stopped after epoch {} (acknowledged {}), digest {}",
-                out.final_epoch, out.acked_epoch, out.digest
+                "castor protect: stopped after {} epochs ({} unprotected, {} protection sessions; last session \
+                 epoch {last}, acknowledged {acked}), digest {}",
+                live.epochs, live.unprotected_epochs, live.sessions, out.digest
             );
-            if let Some(p) = json {
-                harness::write_json(&p, &out.summary).map_err(|e| e.to_string())?;
+            if let (Some(p), Some(s)) = (json, &live.last_summary) {
+                let mut s = s.clone();
+                s.output = Some(live.output.clone());
+                harness::write_json(&p, &s).map_err(|e| e.to_string())?;
+            }
+            match &live.end {
+                LiveEnd::Stopped => {}
+                LiveEnd::BackupLost(why) => {
+                    eprintln!("castor protect: stopped: {why}");
+                    return Ok(ExitCode::from(EXIT_BACKUP_LOST));
+                }
+                LiveEnd::SelfFenced(why) => {
+                    eprintln!("castor protect: self-fenced: {why}");
+                    return Ok(ExitCode::from(EXIT_SELF_FENCED));
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -374,6 +374,10 @@ fn nfqueue_run(o: Opts) -> Option<Run> {
     if !o.commit {
         args.push("--no-output-commit");
     }
+    if o.kill_backup {
+        // Exit at the loss instead of running on unprotected.
+        args.push("--stop-on-backup-loss");
+    }
     let protect = match Protect::start(&h.name, &args) {
         Ok(p) => p,
         Err(err) if err.contains("NFQUEUE unavailable") => {

@@ -30,7 +30,11 @@
 //! - Batch verdicts are safe: the kernel numbers queued packets in order,
 //!   one thread reads them in that order and tags them with a
 //!   non-decreasing epoch, so the packets tagged ≤ E are exactly those with
-//!   id ≤ the highest id released at commit(E).
+//!   id ≤ the highest id released at commit(E). (At a new protection
+//!   session the queue drops what it held and the epoch restarts at 1; an
+//!   item of the old session still in the channel then keeps its old tag
+//!   and may be covered by the new session's first batch: safe, since that
+//!   session's seed holds all state from before it began.)
 //! - Held packets are never accepted on shutdown or error: the queue's
 //!   discard path sends NF_DROP up to the highest held id, and closing the
 //!   socket destroys the queue instance, which drops whatever is left.
@@ -242,6 +246,9 @@ struct NfqEgress {
     sock: Arc<Socket>,
     accept_to: Option<u32>,
     drop_to: Option<u32>,
+    /// Highest id a verdict was sent for: a batch covers every id up to
+    /// its own, so an older id needs (and gets) no second verdict.
+    done_to: Option<u32>,
     seq: u32,
     stats: Arc<NfqStats>,
 }
@@ -252,6 +259,10 @@ fn id_of(frame: &[u8]) -> Option<u32> {
 
 impl NfqEgress {
     fn verdict(&mut self, v: Verdict, id: u32) {
+        if self.done_to.is_some_and(|d| id <= d) {
+            return;
+        }
+        self.done_to = Some(id);
         self.seq = self.seq.wrapping_add(1);
         if let Err(e) = self
             .sock
@@ -316,6 +327,7 @@ impl NfqSource {
             sock: sock.clone(),
             accept_to: None,
             drop_to: None,
+            done_to: None,
             seq: 100,
             stats: stats.clone(),
         }));
@@ -437,4 +449,10 @@ impl Sources {
         }
         s
     }
+}
+
+/// Starts the sources of `spec`, if any (see [`Sources::start`]). Keep the
+/// result alive until after the queue's shutdown.
+pub fn attach(outq: &OutputQueue, spec: Option<&NfqSpec>) -> Result<Option<Sources>, NfqError> {
+    spec.map(|s| Sources::start(outq, s)).transpose()
 }
