@@ -211,8 +211,12 @@ struct EngineArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     copy_threads: Option<u64>,
     /// Do not pin workers to cores.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cores")]
     no_pin: bool,
+    /// Pin workers and copy threads to these cores, e.g. `2,3` or `0-3`
+    /// (worker i on the i-th listed core, wrapping; default: every core).
+    #[arg(long, value_parser = parse_cores)]
+    cores: Option<CoreList>,
     /// Compressor for pages where it pays: lz4, zstd, zstd:LEVEL or none.
     #[arg(long, default_value = "lz4", value_parser = parse_compressor)]
     compress: Compressor,
@@ -226,6 +230,45 @@ struct EngineArgs {
     /// it for this long; the guest then runs unprotected (protect).
     #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
     backup_timeout: Duration,
+}
+
+/// A validated `--cores` list.
+#[derive(Debug, Clone)]
+struct CoreList(Vec<usize>);
+
+fn parse_cores(s: &str) -> Result<CoreList, String> {
+    let online: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let num = |t: &str| {
+            t.trim().parse::<usize>().map_err(|_| {
+                format!("--cores {s:?}: {t:?} is not a core number (use e.g. 0,1 or 0-3)")
+            })
+        };
+        let (a, b) = (num(a)?, num(b)?);
+        if a > b {
+            return Err(format!("--cores {s:?}: range {a}-{b} runs backwards"));
+        }
+        for c in a..=b {
+            if !online.contains(&c) {
+                return Err(format!(
+                    "--cores {s:?}: core {c} is not available to this process (available: {online:?})"
+                ));
+            }
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    Ok(CoreList(out))
 }
 
 fn parse_compressor(s: &str) -> Result<Compressor, String> {
@@ -248,6 +291,7 @@ impl EngineArgs {
             epoch: self.epoch,
             max_inflight: self.inflight as usize,
             pin: !self.no_pin,
+            cores: self.cores.as_ref().map(|c| c.0.clone()),
             compressor: self.compress,
             output_commit: !self.no_output_commit,
             backup_silence: self.backup_timeout,

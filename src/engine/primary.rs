@@ -74,6 +74,9 @@ pub struct PrimaryConfig {
     /// Threads copying dirty pages during the pause (including the epoch thread).
     pub copy_threads: usize,
     pub pin: bool,
+    /// With `pin`: the cores workers and copy threads are pinned to, in
+    /// order (worker i gets `cores[i % len]`); `None`: every core.
+    pub cores: Option<Vec<usize>>,
     pub compressor: Compressor,
     pub duration: Option<Duration>,
     pub max_epochs: Option<u64>,
@@ -109,6 +112,7 @@ impl Default for PrimaryConfig {
             workers: cores.clamp(1, 8),
             copy_threads: cores.clamp(1, 4),
             pin: true,
+            cores: None,
             compressor: Compressor::Lz4,
             duration: None,
             max_epochs: None,
@@ -789,8 +793,15 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
     if let Err(e) = session {
         return Err((e, Some(domain)));
     }
-    let cores = if cfg.pin {
-        core_affinity::get_core_ids().unwrap_or_default()
+    let cores: Vec<core_affinity::CoreId> = if cfg.pin {
+        let all = core_affinity::get_core_ids().unwrap_or_default();
+        match &cfg.cores {
+            Some(list) => list
+                .iter()
+                .filter_map(|&id| all.iter().copied().find(|c| c.id == id))
+                .collect(),
+            None => all,
+        }
     } else {
         Vec::new()
     };
