@@ -73,9 +73,21 @@ static u8 txbuf[FRAME_BUF] __attribute__((aligned(16)));
 static u8 mac[6];
 static u8 myip[4];
 static u16 ip_ident;
+static u32 booted; /* the banner was printed (not again after a restore) */
 /* Frames dropped for a bad IPv4, ICMP, UDP or TCP checksum (diagnostic,
  * visible in a memory image). */
 static u64 bad_csum;
+
+/* Prints an IPv4 address as A.B.C.D. */
+static void put_ip(const u8 *ip)
+{
+    u32 i;
+    for (i = 0; i < 4; i++) {
+        putu(ip[i]);
+        if (i < 3)
+            putc_('.');
+    }
+}
 
 /* ---- NIC ---- */
 
@@ -96,6 +108,29 @@ static void net_init(const struct castor_boot_params *p)
     outl(CASTOR_NET_RX_SIZE, FRAME_BUF);
 }
 
+/* Starts a network guest: checks the boot params (halts on a mismatch),
+ * brings up the NIC and, at first boot only, prints
+ * "NAME ip=A.B.C.D port PORT link=L". */
+static void net_boot(const struct castor_boot_params *p, const char *name, u16 port)
+{
+    if (p->magic != CASTOR_BOOT_MAGIC || p->version != CASTOR_BOOT_VERSION) {
+        puts_("FAIL bootparams\n");
+        halt_forever();
+    }
+    net_init(p);
+    if (!booted) {
+        booted = 1;
+        puts_(name);
+        puts_(" ip=");
+        put_ip(myip);
+        puts_(" port ");
+        putu(port);
+        puts_(" link=");
+        putu(inl(CASTOR_NET_LINK));
+        putc_('\n');
+    }
+}
+
 /* Takes one received frame into rxbuf. Returns its length, or 0 when none
  * is queued or the length is unusable (shorter than an Ethernet header,
  * longer than rxbuf, or the device's error value). */
@@ -105,6 +140,27 @@ static u32 net_poll(void)
     if (n == CASTOR_NET_RX_ERROR || n < ETH_HLEN || n > FRAME_BUF)
         return 0;
     return n;
+}
+
+/* Each network guest defines these two: what to do with the n-byte ARP
+ * or IPv4 frame in rxbuf (n >= 14). */
+static void on_arp(u32 n);
+static void on_ipv4(u32 n);
+
+/* Hands the n-byte frame in rxbuf (as net_poll returned it, 0 for none) to
+ * the guest's handler for its ethertype; ignores other types. */
+static void net_dispatch(u32 n)
+{
+    if (n == 0)
+        return;
+    switch (get16(rxbuf + 12)) {
+    case ETHERTYPE_ARP:
+        on_arp(n);
+        break;
+    case ETHERTYPE_IPV4:
+        on_ipv4(n);
+        break;
+    }
 }
 
 /* Sends the first `len` bytes of txbuf (len <= FRAME_BUF), zero-padded to
@@ -117,17 +173,6 @@ static void net_send(u32 len)
     }
     outl(CASTOR_NET_TX_ADDR, (u32)txbuf);
     outl(CASTOR_NET_TX_LEN, len);
-}
-
-/* Prints an IPv4 address as A.B.C.D. */
-static void put_ip(const u8 *ip)
-{
-    u32 i;
-    for (i = 0; i < 4; i++) {
-        putu(ip[i]);
-        if (i < 3)
-            putc_('.');
-    }
 }
 
 /* ---- Ethernet, IPv4 output ---- */
@@ -234,8 +279,9 @@ static int ipv4_input(u32 n, struct ipv4_in *in)
 
 /* ---- ICMP ---- */
 
-/* Answers an ICMP echo request (`len` bytes at m, checksum checked) with
- * an echo reply carrying the same data, to the frame's sender. */
+/* Answers an ICMP echo request (checksum checked; a bad one is counted in
+ * bad_csum) with an echo reply carrying the same data, to the frame's
+ * sender. Other ICMP messages are ignored. */
 static void icmp_input(const struct ipv4_in *in)
 {
     const u8 *m = in->payload;

@@ -27,9 +27,8 @@ typedef unsigned long long u64;
 #define PORT 7777
 
 static u64 counter;
-static u32 booted;
 
-static void arp(u32 n)
+static void on_arp(u32 n)
 {
     const u8 *a = rxbuf + ETH_HLEN;
     if (arp_input(n) == 1)
@@ -78,7 +77,7 @@ static void udp(const struct ipv4_in *in)
     }
 }
 
-static void ipv4(u32 n)
+static void on_ipv4(u32 n)
 {
     struct ipv4_in in;
     if (!ipv4_input(n, &in))
@@ -91,30 +90,9 @@ static void ipv4(u32 n)
 
 void guest_main(const struct castor_boot_params *p)
 {
-    if (p->magic != CASTOR_BOOT_MAGIC || p->version != CASTOR_BOOT_VERSION) {
-        puts_("FAIL bootparams\n");
-        halt_forever();
-    }
-    net_init(p);
-    if (!booted) {
-        booted = 1;
-        puts_("counter ip=");
-        put_ip(myip);
-        puts_(" port 7777 link=");
-        putu(inl(CASTOR_NET_LINK));
-        putc_('\n');
-    }
+    net_boot(p, "counter", PORT);
     for (;;) {
         u32 n = net_poll();
-        if (n == 0)
-            continue;
-        switch (get16(rxbuf + 12)) {
-        case ETHERTYPE_ARP:
-            arp(n);
-            break;
-        case ETHERTYPE_IPV4:
-            ipv4(n);
-            break;
-        }
+        net_dispatch(n);
     }
 }

@@ -101,7 +101,6 @@ struct arp_entry {
 };
 
 static u64 counter;
-static u32 booted;
 static struct conn conns[NCONN];
 static struct arp_entry arp_cache[ARP_SLOTS];
 static u32 arp_next;
@@ -155,7 +154,7 @@ static void arp_request(const u8 *ip)
 }
 
 /* Learns the sender of a request or reply for us; answers a request. */
-static void arp(u32 n)
+static void on_arp(u32 n)
 {
     const u8 *a = rxbuf + ETH_HLEN;
     u16 op = arp_input(n);
@@ -558,7 +557,7 @@ static void tcp(const u8 *ip, const u8 *t, u32 len)
         tcp_send(c, c->snd_nxt, TH_ACK, 0);
 }
 
-static void ipv4(u32 n)
+static void on_ipv4(u32 n)
 {
     struct ipv4_in in;
     if (!ipv4_input(n, &in))
@@ -573,34 +572,13 @@ static void ipv4(u32 n)
 void guest_main(const struct castor_boot_params *p)
 {
     u32 polls = 0;
-    if (p->magic != CASTOR_BOOT_MAGIC || p->version != CASTOR_BOOT_VERSION) {
-        puts_("FAIL bootparams\n");
-        halt_forever();
-    }
-    net_init(p);
-    if (!booted) {
-        booted = 1;
-        puts_("tcpcount ip=");
-        put_ip(myip);
-        puts_(" port 7000 link=");
-        putu(inl(CASTOR_NET_LINK));
-        putc_('\n');
-    }
+    net_boot(p, "tcpcount", PORT);
     for (;;) {
         u32 n = net_poll();
         if (++polls >= TIMER_EVERY) {
             polls = 0;
             tcp_timers();
         }
-        if (n == 0)
-            continue;
-        switch (get16(rxbuf + 12)) {
-        case ETHERTYPE_ARP:
-            arp(n);
-            break;
-        case ETHERTYPE_IPV4:
-            ipv4(n);
-            break;
-        }
+        net_dispatch(n);
     }
 }
