@@ -37,7 +37,9 @@
  * restored replica continues each connection where its checkpoint was,
  * and segments the dead primary produced but never released are simply
  * retransmitted (by the restored guest's timer or on the client's
- * retransmission). No interrupts: the loop polls the NIC. */
+ * retransmission). The NIC, Ethernet, IPv4, ARP packets and ICMP echo
+ * are in ../net.h; the ARP cache is here. No interrupts: the loop polls
+ * the NIC. */
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -49,7 +51,6 @@ typedef unsigned long long u64;
 #include "../net.h"
 
 #define PORT 7000
-#define FRAME_BUF 1536
 #define NCONN 4
 #define SNDBUF 2048 /* power of two: ring indexed by sequence number */
 #define SNDMASK (SNDBUF - 1)
@@ -99,19 +100,13 @@ struct arp_entry {
     u8 used;
 };
 
-static u8 rxbuf[FRAME_BUF] __attribute__((aligned(16)));
-static u8 txbuf[FRAME_BUF] __attribute__((aligned(16)));
-static u8 mac[6];
-static u8 myip[4];
 static u64 counter;
-static u16 ip_ident;
-static u32 booted;
 static struct conn conns[NCONN];
 static struct arp_entry arp_cache[ARP_SLOTS];
 static u32 arp_next;
 static u64 now;
 /* Diagnostics, visible in a memory image. */
-static u64 bad_csum, dropped_ooo, dup_segs, timeouts, resets_sent;
+static u64 dropped_ooo, dup_segs, timeouts, resets_sent;
 
 static int seq_lt(u32 a, u32 b) { return (int)(a - b) < 0; }
 static int seq_le(u32 a, u32 b) { return (int)(a - b) <= 0; }
@@ -122,33 +117,6 @@ static u64 clock_ns(void)
     u32 hi = inl(CASTOR_CLOCK_HI);
     now = ((u64)hi << 32) | lo;
     return now;
-}
-
-static void put_ip(const u8 *ip)
-{
-    u32 i;
-    for (i = 0; i < 4; i++) {
-        putu(ip[i]);
-        if (i < 3)
-            putc_('.');
-    }
-}
-
-static void send(u32 len)
-{
-    if (len < 60) {
-        memset(txbuf + len, 0, 60 - len);
-        len = 60;
-    }
-    outl(CASTOR_NET_TX_ADDR, (u32)txbuf);
-    outl(CASTOR_NET_TX_LEN, len);
-}
-
-static void eth_hdr(const u8 *dst, u16 type)
-{
-    memcpy(txbuf, dst, 6);
-    memcpy(txbuf + 6, mac, 6);
-    put16(txbuf + 12, type);
 }
 
 /* ---- ARP ---- */
@@ -178,22 +146,6 @@ static void arp_learn(const u8 *ip, const u8 *hw)
     arp_cache[i].used = 1;
 }
 
-static void arp_send(u16 op, const u8 *dst_mac, const u8 *tha, const u8 *tpa)
-{
-    u8 *r = txbuf + 14;
-    eth_hdr(dst_mac, 0x0806);
-    put16(r, 1);
-    put16(r + 2, 0x0800);
-    r[4] = 6;
-    r[5] = 4;
-    put16(r + 6, op);
-    memcpy(r + 8, mac, 6);
-    memcpy(r + 14, myip, 4);
-    memcpy(r + 18, tha, 6);
-    memcpy(r + 24, tpa, 4);
-    send(42);
-}
-
 static void arp_request(const u8 *ip)
 {
     static const u8 bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
@@ -201,55 +153,16 @@ static void arp_request(const u8 *ip)
     arp_send(1, bcast, zero, ip);
 }
 
-static void arp(u32 n)
+/* Learns the sender of a request or reply for us; answers a request. */
+static void on_arp(u32 n)
 {
-    const u8 *a = rxbuf + 14;
-    u16 op;
-    if (n < 42 || get16(a) != 1 || get16(a + 2) != 0x0800 || a[4] != 6 || a[5] != 4)
-        return;
-    op = get16(a + 6);
-    if ((op != 1 && op != 2) || memcmp(a + 24, myip, 4) != 0)
+    const u8 *a = rxbuf + ETH_HLEN;
+    u16 op = arp_input(n);
+    if (op == 0)
         return;
     arp_learn(a + 14, a + 8);
     if (op == 1)
         arp_send(2, a + 8, a + 8, a + 14);
-}
-
-/* ---- IPv4 ---- */
-
-/* Fills the IPv4 header at txbuf+14 for `payload` bytes to `dst`. */
-static void ip_hdr(const u8 *dst, u8 proto, u32 payload)
-{
-    u8 *h = txbuf + 14;
-    h[0] = 0x45;
-    h[1] = 0;
-    put16(h + 2, (u16)(20 + payload));
-    put16(h + 4, ip_ident++);
-    put16(h + 6, 0x4000); /* DF */
-    h[8] = 64;
-    h[9] = proto;
-    put16(h + 10, 0);
-    memcpy(h + 12, myip, 4);
-    memcpy(h + 16, dst, 4);
-    put16(h + 10, csum_fold(csum_add(0, h, 20)));
-}
-
-static void icmp(const u8 *ip, const u8 *m, u32 len)
-{
-    u8 *r = txbuf + 14 + 20;
-    if (len < 8 || m[0] != 8 || len > FRAME_BUF - 14 - 20)
-        return;
-    if (csum_fold(csum_add(0, m, len)) != 0) {
-        bad_csum++;
-        return;
-    }
-    eth_hdr(rxbuf + 6, 0x0800);
-    ip_hdr(ip + 12, 1, len);
-    memcpy(r, m, len);
-    r[0] = 0;
-    put16(r + 2, 0);
-    put16(r + 2, csum_fold(csum_add(0, r, len)));
-    send(14 + 20 + len);
 }
 
 /* ---- TCP output ---- */
@@ -271,15 +184,15 @@ static u16 rcv_window(const struct conn *c)
  * retransmission timer covers the loss). */
 static void tcp_send(struct conn *c, u32 seq, u8 flags, u32 len)
 {
-    u8 *t = txbuf + 14 + 20;
+    u8 *t = txbuf + ETH_HLEN + IP_HLEN;
     const u8 *dmac = arp_lookup(c->ip);
     u32 hl = (flags & TH_SYN) ? 24 : 20, i;
     if (!dmac) {
         arp_request(c->ip);
         return;
     }
-    eth_hdr(dmac, 0x0800);
-    ip_hdr(c->ip, 6, hl + len);
+    eth_hdr(dmac, ETHERTYPE_IPV4);
+    ip_hdr(c->ip, IPPROTO_TCP, hl + len);
     put16(t, PORT);
     put16(t + 2, c->port);
     put32(t + 4, seq);
@@ -296,8 +209,8 @@ static void tcp_send(struct conn *c, u32 seq, u8 flags, u32 len)
     }
     for (i = 0; i < len; i++)
         t[hl + i] = c->ring[(seq + i) & SNDMASK];
-    put16(t + 16, csum_fold(csum_add(pseudo(myip, c->ip, 6, hl + len), t, hl + len)));
-    send(14 + 20 + hl + len);
+    put16(t + 16, csum_fold(csum_add(pseudo(myip, c->ip, IPPROTO_TCP, hl + len), t, hl + len)));
+    net_send(ETH_HLEN + IP_HLEN + hl + len);
 }
 
 static void timer_arm(struct conn *c)
@@ -408,13 +321,13 @@ static void tcp_timers(void)
  * generation"), replying to the frame's sender. */
 static void tcp_rst_reply(const u8 *ip, const u8 *t, u32 seglen)
 {
-    u8 *r = txbuf + 14 + 20;
+    u8 *r = txbuf + ETH_HLEN + IP_HLEN;
     u8 flags = t[13];
     if (flags & TH_RST)
         return;
     resets_sent++;
-    eth_hdr(rxbuf + 6, 0x0800);
-    ip_hdr(ip + 12, 6, 20);
+    eth_hdr(rxbuf + 6, ETHERTYPE_IPV4);
+    ip_hdr(ip + 12, IPPROTO_TCP, 20);
     memcpy(r, t + 2, 2);
     memcpy(r + 2, t, 2);
     if (flags & TH_ACK) {
@@ -430,8 +343,8 @@ static void tcp_rst_reply(const u8 *ip, const u8 *t, u32 seglen)
     put16(r + 14, 0);
     put16(r + 16, 0);
     put16(r + 18, 0);
-    put16(r + 16, csum_fold(csum_add(pseudo(myip, ip + 12, 6, 20), r, 20)));
-    send(14 + 40);
+    put16(r + 16, csum_fold(csum_add(pseudo(myip, ip + 12, IPPROTO_TCP, 20), r, 20)));
+    net_send(ETH_HLEN + IP_HLEN + 20);
 }
 
 /* MSS option of a SYN; 536 (RFC 1122 default) without one. Options are
@@ -530,7 +443,7 @@ static void tcp(const u8 *ip, const u8 *t, u32 len)
     int acked_new = 0;
     if (len < 20)
         return;
-    if (csum_fold(csum_add(pseudo(ip + 12, ip + 16, 6, len), t, len)) != 0) {
+    if (csum_fold(csum_add(pseudo(ip + 12, ip + 16, IPPROTO_TCP, len), t, len)) != 0) {
         bad_csum++;
         return;
     }
@@ -644,69 +557,28 @@ static void tcp(const u8 *ip, const u8 *t, u32 len)
         tcp_send(c, c->snd_nxt, TH_ACK, 0);
 }
 
-static void ipv4(u32 n)
+static void on_ipv4(u32 n)
 {
-    const u8 *ip = rxbuf + 14;
-    u32 ihl, total;
-    if (n < 14 + 20 || (ip[0] >> 4) != 4)
+    struct ipv4_in in;
+    if (!ipv4_input(n, &in))
         return;
-    ihl = (u32)(ip[0] & 15) * 4;
-    total = get16(ip + 2);
-    if (ihl < 20 || total < ihl || total > n - 14)
-        return;
-    if (csum_fold(csum_add(0, ip, ihl)) != 0) {
-        bad_csum++;
-        return;
-    }
-    if (memcmp(ip + 16, myip, 4) != 0 || (get16(ip + 6) & 0x3fff) != 0)
-        return; /* not for us, or a fragment */
-    arp_learn(ip + 12, rxbuf + 6);
-    if (ip[9] == 6)
-        tcp(ip, ip + ihl, total - ihl);
-    else if (ip[9] == 1)
-        icmp(ip, ip + ihl, total - ihl);
+    arp_learn(in.ip + 12, rxbuf + 6);
+    if (in.proto == IPPROTO_TCP)
+        tcp(in.ip, in.payload, in.len);
+    else if (in.proto == IPPROTO_ICMP)
+        icmp_input(&in);
 }
 
 void guest_main(const struct castor_boot_params *p)
 {
-    u32 lo, hi, i, polls = 0;
-    if (p->magic != CASTOR_BOOT_MAGIC || p->version != CASTOR_BOOT_VERSION) {
-        puts_("FAIL bootparams\n");
-        halt_forever();
-    }
-    lo = inl(CASTOR_NET_MAC_LO);
-    hi = inl(CASTOR_NET_MAC_HI);
-    for (i = 0; i < 4; i++)
-        mac[i] = (u8)(lo >> (8 * i));
-    mac[4] = (u8)hi;
-    mac[5] = (u8)(hi >> 8);
-    for (i = 0; i < 4; i++)
-        myip[i] = (u8)(p->ip >> (8 * i));
-    if (!booted) {
-        booted = 1;
-        puts_("tcpcount ip=");
-        put_ip(myip);
-        puts_(" port 7000 link=");
-        putu(inl(CASTOR_NET_LINK));
-        putc_('\n');
-    }
-    outl(CASTOR_NET_RX_ADDR, (u32)rxbuf);
-    outl(CASTOR_NET_RX_SIZE, FRAME_BUF);
+    u32 polls = 0;
+    net_boot(p, "tcpcount", PORT);
     for (;;) {
-        u32 n = inl(CASTOR_NET_RX_POLL);
+        u32 n = net_poll();
         if (++polls >= TIMER_EVERY) {
             polls = 0;
             tcp_timers();
         }
-        if (n == 0 || n == CASTOR_NET_RX_ERROR || n < 14 || n > FRAME_BUF)
-            continue;
-        switch (get16(rxbuf + 12)) {
-        case 0x0806:
-            arp(n);
-            break;
-        case 0x0800:
-            ipv4(n);
-            break;
-        }
+        net_dispatch(n);
     }
 }
