@@ -658,7 +658,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let live = &out.live;
             let (last, acked) = live.last_epochs.unwrap_or((0, 0));
             eprintln!(
-                "castor protect: stopped after {} epochs ({} unprotected, {} protection sessions; last session \
+                "castor protect: stopped after {} epochs ({} unprotected; protection sessions: {}; last session \
                  epoch {last}, acknowledged {acked}), digest {}",
                 live.epochs, live.unprotected_epochs, live.sessions, out.digest
             );

@@ -88,7 +88,7 @@ fn primary_runs_unprotected_then_a_fresh_backup_protects_it() {
         "the fresh backup's replica differs from the primary's final state"
     );
     let text = out.text();
-    assert!(text.contains("2 protection sessions"), "{text}");
+    assert!(text.contains("protection sessions: 2"), "{text}");
 }
 
 /// SIGKILL the primary: the backup activates, then protects the activated
@@ -172,7 +172,7 @@ fn silent_backup_is_declared_lost_and_the_guest_runs_on() {
     let st = p.0.wait().unwrap();
     assert!(st.success(), "{}", out.text());
     let last = out.wait_for("stopped after", WAIT);
-    assert!(last.contains("1 protection sessions"), "{last}");
+    assert!(last.contains("protection sessions: 1"), "{last}");
     // SAFETY: as above.
     unsafe { libc::kill(b.child.id() as libc::pid_t, libc::SIGCONT) };
 }
