@@ -47,7 +47,8 @@ enum Cmd {
     /// Exit status: 0 the primary closed the stream; 2 stream broken or
     /// primary silent (activated, with --activate); 3 not activated, the
     /// arbiter is held by another live copy; 4 not activated, the fence
-    /// command failed; 1 any other error.
+    /// command failed; 5 activated, then self-fenced: the arbiter's lease
+    /// (etcd) lapsed, the guest was paused; 1 any other error.
     Backup {
         /// Address to listen on (port 0 picks a free port; the bound address is printed first).
         #[arg(long, default_value = "127.0.0.1:7700")]
@@ -84,8 +85,12 @@ enum Cmd {
         /// 100 ms) arrived for this long, even if its connection stays open.
         #[arg(long, default_value = "500ms", value_parser = units::parse_duration)]
         heartbeat_timeout: Duration,
-        /// Who may go live: `local:PATH` (flock on a shared path) or `none`
-        /// (always wins: Xen Remus's behaviour, unsafe). With --activate the
+        /// Who may go live: `local:PATH` (flock on a shared path),
+        /// `etcd:http://HOST:PORT[,http://HOST:PORT...][/KEY][?ttl=2s]` (a
+        /// leader key on a lease; KEY defaults to castor/pair-PORT; the
+        /// backup campaigns for heartbeat timeout + TTL, so a dead primary's
+        /// lease can expire) or `none` (always wins: Xen Remus's behaviour,
+        /// unsafe). With --activate the
         /// default is local:/run/castor/pair-PORT.lock, PORT being this
         /// backup's listening port, the same lock `protect --backup HOST:PORT`
         /// takes by default. The backup activates only after winning it.
@@ -104,6 +109,9 @@ enum Cmd {
     /// Protect a domain: run it in epochs and stream each checkpoint to a backup.
     ///
     /// Exit status 3: refused to start, the arbiter is held by another copy.
+    /// Exit status 5: self-fenced: the arbiter's lease (etcd) could not be
+    /// renewed in time, so the guest was paused and its unacknowledged
+    /// output dropped (a backup may be taking over).
     Protect {
         #[arg(long)]
         domain: String,
@@ -124,8 +132,10 @@ enum Cmd {
         /// No progress line.
         #[arg(long)]
         quiet: bool,
-        /// Arbiter held for the primary's whole life: `local:PATH` or `none`
-        /// (Xen Remus's behaviour, unsafe). Default:
+        /// Arbiter held for the primary's whole life: `local:PATH`,
+        /// `etcd:http://HOST:PORT[,...][/KEY][?ttl=2s]` (renewed every TTL/4;
+        /// when it cannot be renewed in time the primary self-fences, exit
+        /// 5) or `none` (Xen Remus's behaviour, unsafe). Default:
         /// local:/run/castor/pair-PORT.lock with PORT from --backup, the
         /// lock the backup takes by default before activating.
         #[arg(long)]
@@ -264,6 +274,9 @@ fn phys_mem() -> u64 {
 const EXIT_ARBITER_HELD: u8 = 3;
 /// Exit status: the fence command failed; the backup did not activate.
 const EXIT_FENCE_FAILED: u8 = 4;
+/// Exit status: the arbiter's lease lapsed; the live copy paused its guest
+/// and dropped its unacknowledged output (self-fenced).
+const EXIT_SELF_FENCED: u8 = 5;
 
 /// `--arbiter SPEC`, or the pair's default local lock named by the
 /// backup's port.
@@ -273,7 +286,8 @@ fn make_arbiter(
 ) -> Result<Box<dyn castor::ha::arbiter::Arbiter>, String> {
     use castor::ha::arbiter;
     let a = match spec {
-        Some(s) => arbiter::from_spec(s).map_err(|e| e.to_string())?,
+        Some(s) => arbiter::from_spec_for_pair(s, (backup_port > 0).then_some(backup_port))
+            .map_err(|e| e.to_string())?,
         None => Box::new(arbiter::LocalLock::new(arbiter::default_local_path(
             backup_port,
         ))),
@@ -378,9 +392,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 };
                 eprintln!("castor backup: suspect primary {}: {}", out.peer, out.end);
                 // A dying primary's lock is released only when its process
-                // has exited: give it up to one heartbeat timeout.
+                // has exited: give it up to one heartbeat timeout, plus the
+                // time a dead holder's lease takes to expire.
+                let wait = heartbeat_timeout + arb.takeover_wait();
                 let token = arb
-                    .acquire_within(heartbeat_timeout, Duration::from_millis(20))
+                    .acquire_within(wait, Duration::from_millis(20))
                     .map_err(|e| format!("arbiter: {e}"))?;
                 let Some(token) = token else {
                     eprintln!(
@@ -388,7 +404,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                          (the primary is alive: a network partition, or it closed the connection but runs on). \
                          Activating now would run two copies. The replica of epoch {from} stays saved in {}.",
                         arb.describe(),
-                        heartbeat_timeout.as_millis(),
+                        wait.as_millis(),
                         state_dir.display()
                     );
                     return Ok(ExitCode::from(EXIT_ARBITER_HELD));
@@ -420,11 +436,24 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     overrides,
                     run_for,
                     run_epochs,
+                    lease: arb.lease(),
                 };
                 let dir = state_dir.join("activated");
-                let a =
-                    castor::engine::activate::activate(&out.domain, mem, &state, from, &acfg, &dir)
-                        .map_err(|e| e.to_string())?;
+                let a = match castor::engine::activate::activate(
+                    &out.domain,
+                    mem,
+                    &state,
+                    from,
+                    &acfg,
+                    &dir,
+                ) {
+                    Ok(a) => a,
+                    Err(e @ castor::engine::activate::ActivateError::LeaseLost { .. }) => {
+                        eprintln!("castor backup: SELF-FENCED: {e}");
+                        return Ok(ExitCode::from(EXIT_SELF_FENCED));
+                    }
+                    Err(e) => return Err(e.to_string()),
+                };
                 eprintln!(
                     "castor backup: failover: suspect → arbiter won (token {token}) {} → {} → activated {}",
                     since(won_at),
@@ -465,7 +494,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 .rsplit_once(':')
                 .and_then(|(_, p)| p.parse::<u16>().ok());
             let mut arb = match (arbiter.as_deref(), port) {
-                (Some(a), _) => make_arbiter(Some(a), 0)?,
+                (Some(a), p) => make_arbiter(Some(a), p.unwrap_or(0))?,
                 (None, Some(p)) => make_arbiter(None, p)?,
                 (None, None) => {
                     return Err(format!(
@@ -494,9 +523,20 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             cfg.duration = duration;
             cfg.max_epochs = epochs;
             cfg.progress = !quiet;
+            cfg.lease = arb.lease();
             castor::engine::install_stop_handler();
-            let out = harness::protect(&spec, &backup, &psk, &cfg)
-                .map_err(|e| format!("protect: {e}"))?;
+            let out = match harness::protect(&spec, &backup, &psk, &cfg) {
+                Ok(o) => o,
+                Err(
+                    e @ harness::HarnessError::Primary(
+                        castor::engine::primary::PrimaryError::LeaseLost { .. },
+                    ),
+                ) => {
+                    eprintln!("castor protect: SELF-FENCED: {e}");
+                    return Ok(ExitCode::from(EXIT_SELF_FENCED));
+                }
+                Err(e) => return Err(format!("protect: {e}")),
+            };
             eprintln!(
                 "castor protect: stopped after epoch {} (acknowledged {}), digest {}",
                 out.final_epoch, out.acked_epoch, out.digest

@@ -28,6 +28,8 @@ pub enum ActivateError {
     Domain(#[from] DomainError),
     #[error("saving the activated domain: {0}")]
     Save(#[from] ReplicaError),
+    #[error("self-fenced after {epochs} epochs: the arbiter's lease is no longer held; the guest stays paused")]
+    LeaseLost { epochs: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +42,10 @@ pub struct ActivateConfig {
     pub run_for: Option<Duration>,
     /// Stop after this many epochs past the checkpoint.
     pub run_epochs: Option<u64>,
+    /// The arbiter's lease (etcd): the guest runs an epoch only while the
+    /// lease is held for that epoch plus 100 ms; its output is not held
+    /// here, so the check must cover the whole epoch ahead.
+    pub lease: Option<crate::ha::lease::LeaseWatch>,
 }
 
 #[derive(Debug)]
@@ -127,6 +133,13 @@ pub fn activate(
             || cfg.run_for.is_some_and(|d| started.elapsed() >= d);
         if done {
             break;
+        }
+        if cfg
+            .lease
+            .as_ref()
+            .is_some_and(|l| !l.held_for(cfg.epoch + Duration::from_millis(100)))
+        {
+            return Err(ActivateError::LeaseLost { epochs: ran });
         }
         domain.resume()?;
     }

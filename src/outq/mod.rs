@@ -29,6 +29,9 @@
 //! - Nothing uncommitted is ever released: [`OutputQueue::shutdown`], drop
 //!   of the queue, and any error path discard held items (counted as
 //!   dropped and reported), they never flush them.
+//! - With a gate ([`OutputQueue::gate`]: the arbiter's lease), nothing is
+//!   released unless the lease is held for the gate's margin at that
+//!   moment; what the gate stops stays held (and is dropped at shutdown).
 //! - [`Mode::PassThrough`] (`--no-output-commit`) releases every item at
 //!   once. It breaks guarantee 1 and exists for experiments only.
 
@@ -95,6 +98,7 @@ enum Msg {
     Register(usize, Box<dyn Egress>),
     Item(Item),
     Commit(u64),
+    Gate(crate::ha::lease::LeaseWatch, std::time::Duration),
     Shutdown(Sender<OutqReport>),
 }
 
@@ -213,6 +217,12 @@ impl OutputQueue {
         let _ = self.tx.send(Msg::Commit(n));
     }
 
+    /// From now on release only while `lease` is held for `margin` more
+    /// (the primary's self-fencing; see the module invariants).
+    pub fn gate(&self, lease: crate::ha::lease::LeaseWatch, margin: std::time::Duration) {
+        let _ = self.tx.send(Msg::Gate(lease, margin));
+    }
+
     /// A sender for `commit` that another thread (the ack thread) can own.
     pub fn committer(&self) -> Committer {
         Committer(self.tx.clone())
@@ -269,6 +279,10 @@ fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
     let mut dests: Vec<Option<Box<dyn Egress>>> = Vec::new();
     let mut held: VecDeque<Item> = VecDeque::new();
     let mut committed = 0u64;
+    let mut gate: Option<(crate::ha::lease::LeaseWatch, std::time::Duration)> = None;
+    let open = |g: &Option<(crate::ha::lease::LeaseWatch, std::time::Duration)>| {
+        g.as_ref().map_or(true, |(l, m)| l.held_for(*m))
+    };
     let mut r = OutqReport::default();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
     let release = |it: Item,
@@ -291,7 +305,7 @@ fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
             }
             Msg::Item(it) => {
                 r.items += 1;
-                if mode == Mode::PassThrough || it.epoch <= committed {
+                if (mode == Mode::PassThrough || it.epoch <= committed) && open(&gate) {
                     r.passed_through += 1;
                     release(it, &mut dests, &mut r, &mut hist);
                 } else {
@@ -300,7 +314,7 @@ fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
                 }
             }
             Msg::Commit(n) => {
-                if n <= committed {
+                if n <= committed || !open(&gate) {
                     continue;
                 }
                 committed = n;
@@ -317,6 +331,7 @@ fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
                 }
                 held = keep;
             }
+            Msg::Gate(l, m) => gate = Some((l, m)),
             Msg::Shutdown(reply) => {
                 r.dropped = held.len() as u64;
                 held.clear();
