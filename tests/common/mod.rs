@@ -2,7 +2,9 @@
 //! binary as separate processes.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod fake;
+pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
