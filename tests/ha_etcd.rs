@@ -324,6 +324,7 @@ fn kvm_trial(fault: Fault, trial: u32) -> Option<String> {
         let mut id = 0u64;
         let mut fault_at = None;
         let mut resumed = false;
+        let mut activated_at: Option<Instant> = None;
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(60) {
             id += 1;
@@ -337,13 +338,15 @@ fn kvm_trial(fault: Fault, trial: u32) -> Option<String> {
                 }
                 fault_at = Some(Instant::now());
             }
-            let activated = blog.wait_for("ACTIVATED", Duration::ZERO).is_some();
-            if fault == Fault::Stop && activated && !resumed {
+            if activated_at.is_none() && blog.wait_for("ACTIVATED", Duration::ZERO).is_some() {
+                activated_at = Some(Instant::now());
+            }
+            if fault == Fault::Stop && activated_at.is_some() && !resumed {
                 p.signal(libc::SIGCONT);
                 resumed = true;
             }
             // Enough answers from the activated copy.
-            if activated && got.iter().filter(|(t, _)| Some(*t) > fault_at).count() >= 15 {
+            if activated_at.is_some() && got.iter().filter(|(t, _)| Some(*t) > activated_at).count() >= 15 {
                 break;
             }
         }
@@ -382,8 +385,6 @@ fn kvm_trial(fault: Fault, trial: u32) -> Option<String> {
     let after: Vec<_> = got.iter().filter(|(t, _)| *t > s[first_b].0).collect();
     assert!(after.len() >= 10, "the guest did not continue on the backup: {} replies", after.len());
     let ms = |t: Instant| (t.saturating_duration_since(fault_at)).as_millis();
-    let fenced = ptext.lines().next_back().unwrap_or_default().to_string();
-    let _ = fenced;
     Some(format!(
         "last primary output +{} ms, first backup output +{} ms, last counter before {} first after {}, replies {} ({} after failover), primary exit {:?}",
         ms(s[last_p].0),
