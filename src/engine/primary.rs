@@ -1168,7 +1168,11 @@ fn drive(
             let gate = PauseGate::close(shared);
             domain.pause()?;
             // Self-fencing: without the lease the guest must not run on.
-            if cfg.lease.as_ref().is_some_and(|l| !l.held_for(cfg.lease_margin)) {
+            if cfg
+                .lease
+                .as_ref()
+                .is_some_and(|l| !l.held_for(cfg.lease_margin))
+            {
                 shared.lease_lost.store(true, Ordering::SeqCst);
                 shared.fail("the arbiter's lease lapsed".into());
                 return Err(broken(&shared.inflight.lock().unwrap()).expect("just failed"));

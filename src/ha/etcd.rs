@@ -233,9 +233,14 @@ impl Client {
             // {"error": {"grpc_code": N, "message": "..."}} (streams).
             if let Some(e) = v.get("error") {
                 let (code, message) = match e {
-                    Value::String(s) => (v.get("code").map_or(String::new(), |c| c.to_string()), s.clone()),
+                    Value::String(s) => (
+                        v.get("code").map_or(String::new(), |c| c.to_string()),
+                        s.clone(),
+                    ),
                     other => (
-                        other.get("grpc_code").map_or(String::new(), |c| c.to_string()),
+                        other
+                            .get("grpc_code")
+                            .map_or(String::new(), |c| c.to_string()),
                         other
                             .get("message")
                             .and_then(Value::as_str)
@@ -342,7 +347,11 @@ fn holder(call: &'static str, range: &Value) -> Result<Option<Holder>, EtcdError
     match kvs.as_slice() {
         [] => Ok(None),
         [kv] => Ok(Some(Holder {
-            create_revision: positive(call, "kvs[0].create_revision", int(call, kv, "create_revision")?)?,
+            create_revision: positive(
+                call,
+                "kvs[0].create_revision",
+                int(call, kv, "create_revision")?,
+            )?,
             lease: int(call, kv, "lease")?,
         })),
         more => Err(EtcdError::Field {
@@ -356,7 +365,11 @@ fn holder(call: &'static str, range: &Value) -> Result<Option<Holder>, EtcdError
 
 fn grant(c: &Client, ttl: Duration) -> Result<(i64, Duration), EtcdError> {
     const CALL: &str = "lease/grant";
-    let v = c.call(CALL, "/v3/lease/grant", &json!({ "TTL": ttl.as_secs().to_string() }))?;
+    let v = c.call(
+        CALL,
+        "/v3/lease/grant",
+        &json!({ "TTL": ttl.as_secs().to_string() }),
+    )?;
     header_revision(CALL, &v)?;
     let id = positive(CALL, "ID", int(CALL, &v, "ID")?)?;
     let granted = positive(CALL, "TTL", int(CALL, &v, "TTL")?)?;
@@ -374,7 +387,11 @@ fn revoke(c: &Client, id: i64) -> Result<(), EtcdError> {
 /// knows it (expired or revoked).
 fn keepalive(c: &Client, id: i64) -> Result<Option<Duration>, EtcdError> {
     const CALL: &str = "lease/keepalive";
-    let v = c.call(CALL, "/v3/lease/keepalive", &json!({ "ID": id.to_string() }))?;
+    let v = c.call(
+        CALL,
+        "/v3/lease/keepalive",
+        &json!({ "ID": id.to_string() }),
+    )?;
     let r = v.get("result").ok_or_else(|| EtcdError::Field {
         call: CALL,
         field: "result",
@@ -407,7 +424,12 @@ fn range(c: &Client, key: &str) -> Result<Option<Holder>, EtcdError> {
 
 /// The campaign transaction. Ok(Ok(token)): created KEY bound to `lease`;
 /// Ok(Err(holder)): KEY exists, held by `holder`.
-fn campaign(c: &Client, key: &str, lease: i64, value: &str) -> Result<Result<i64, Option<Holder>>, EtcdError> {
+fn campaign(
+    c: &Client,
+    key: &str,
+    lease: i64,
+    value: &str,
+) -> Result<Result<i64, Option<Holder>>, EtcdError> {
     const CALL: &str = "kv/txn";
     let k = B64.encode(key);
     let body = json!({
@@ -436,7 +458,9 @@ fn campaign(c: &Client, key: &str, lease: i64, value: &str) -> Result<Result<i64
         .ok_or_else(|| EtcdError::Field {
             call: CALL,
             field: "responses",
-            value: v.get("responses").map_or("missing".into(), |r| r.to_string()),
+            value: v
+                .get("responses")
+                .map_or("missing".into(), |r| r.to_string()),
             expected: "one response",
         })?;
     if succeeded {
@@ -459,12 +483,14 @@ fn campaign(c: &Client, key: &str, lease: i64, value: &str) -> Result<Result<i64
         // revision is the key's create revision.
         Ok(Ok(rev))
     } else {
-        let r = first.get("response_range").ok_or_else(|| EtcdError::Field {
-            call: CALL,
-            field: "responses[0].response_range",
-            value: first.to_string(),
-            expected: "the range's answer",
-        })?;
+        let r = first
+            .get("response_range")
+            .ok_or_else(|| EtcdError::Field {
+                call: CALL,
+                field: "responses[0].response_range",
+                value: first.to_string(),
+                expected: "the range's answer",
+            })?;
         Ok(Err(holder(CALL, r)?))
     }
 }
@@ -675,7 +701,8 @@ mod tests {
 
     #[test]
     fn specs_parse_and_bad_ones_say_why() {
-        let s = EtcdSpec::parse("http://10.0.0.1:2379,http://h2:2379/pairs/db?ttl=3s", None).unwrap();
+        let s =
+            EtcdSpec::parse("http://10.0.0.1:2379,http://h2:2379/pairs/db?ttl=3s", None).unwrap();
         assert_eq!(s.endpoints, ["http://10.0.0.1:2379", "http://h2:2379"]);
         assert_eq!(s.key, "pairs/db");
         assert_eq!(s.ttl, Duration::from_secs(3));
@@ -691,7 +718,10 @@ mod tests {
             "http://h:1/k?tl=2s",
         ] {
             let e = EtcdSpec::parse(bad, None).unwrap_err();
-            assert!(e.to_string().contains(bad.split('?').next().unwrap()), "{e}");
+            assert!(
+                e.to_string().contains(bad.split('?').next().unwrap()),
+                "{e}"
+            );
         }
     }
 
@@ -706,7 +736,10 @@ mod tests {
         assert!(int("t", &v, "d").is_err());
         assert!(header_revision("t", &json!({})).is_err());
         assert!(header_revision("t", &json!({"header": {"revision": "0"}})).is_err());
-        assert_eq!(header_revision("t", &json!({"header": {"revision": "5"}})).unwrap(), 5);
+        assert_eq!(
+            header_revision("t", &json!({"header": {"revision": "5"}})).unwrap(),
+            5
+        );
         let two = json!({"kvs": [{"create_revision": "2"}, {"create_revision": "3"}]});
         assert!(holder("t", &two).is_err());
         let zero = json!({"kvs": [{"create_revision": "0"}]});
@@ -724,8 +757,14 @@ mod tests {
     #[test]
     fn unreachable_endpoints_are_named() {
         // Port 9 (discard) on loopback: nothing listens, connect fails fast.
-        let c = Client::new(vec!["http://127.0.0.1:9".into()], Duration::from_millis(200));
+        let c = Client::new(
+            vec!["http://127.0.0.1:9".into()],
+            Duration::from_millis(200),
+        );
         let e = grant(&c, DEFAULT_TTL).unwrap_err().to_string();
-        assert!(e.contains("lease/grant") && e.contains("127.0.0.1:9"), "{e}");
+        assert!(
+            e.contains("lease/grant") && e.contains("127.0.0.1:9"),
+            "{e}"
+        );
     }
 }

@@ -39,7 +39,11 @@ impl Proxy {
                         return;
                     };
                     let _ = up.set_nodelay(true);
-                    let (c2, up2, cl2) = (c.clone(), up.try_clone().unwrap(), client.try_clone().unwrap());
+                    let (c2, up2, cl2) = (
+                        c.clone(),
+                        up.try_clone().unwrap(),
+                        client.try_clone().unwrap(),
+                    );
                     std::thread::spawn(move || pump(up2, Some(cl2), c2));
                     pump(client, Some(up), c);
                 });
