@@ -539,3 +539,66 @@ fn d_without_output_commit_the_lease_gate_alone_holds_output() {
         eprintln!("(d, no output commit) trial {trial}: {r}");
     }
 }
+
+/// (e) The activated backup holds its etcd lease the same way: cut off from
+/// etcd it self-fences its guest (exit 5) within the TTL.
+#[test]
+fn e_activated_backup_cut_off_from_etcd_self_fences() {
+    if sim_unavailable() {
+        return;
+    }
+    let Some(e) = Etcd::start(None) else { return };
+    let key = "castor/test-e";
+    let backup_etcd = Proxy::start(&format!("127.0.0.1:{}", e.port));
+    let arb_b = format!("etcd:http://{}/{key}", backup_etcd.addr);
+    let arb_p = format!("etcd:{}/{key}", e.url);
+    let dir = tempfile::tempdir().unwrap();
+    let b = etcd_backup(
+        castor(),
+        dir.path(),
+        &arb_b,
+        &["--epoch", "5ms", "--run-for", "60s"],
+    );
+    let mut blog = Logged {
+        p: Reaped(std::process::Command::new("true").spawn().unwrap()),
+        log: Arc::new(Mutex::new(Vec::new())),
+    };
+    let mut b = b;
+    {
+        let err = b.child.stderr.take().unwrap();
+        let l = blog.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+    }
+    let p = Logged::spawn(protect_cmd(
+        castor(),
+        "sim:mem=16MiB,workload=mixed,writes=300,seed=21,threads=2",
+        &b.addr,
+        &arb_p,
+    ));
+    p.wait_for("acked", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("{}", p.text()));
+    drop(p); // SIGKILL
+    blog.wait_for("ACTIVATED", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("backup did not activate:\n{}", blog.text()));
+    backup_etcd.cut();
+    let cut = Instant::now();
+    // The message is printed when the guest has been stopped; the exit
+    // comes after a last (here: futile) attempt to revoke the lease.
+    let fenced = blog.wait_for("SELF-FENCED", TTL * 3);
+    let took = cut.elapsed();
+    let code = b.child.wait().unwrap().code();
+    let text = blog.text();
+    eprintln!(
+        "(e) activated backup self-fenced {} ms after the cut, exited {} ms after (exit {code:?})",
+        took.as_millis(),
+        cut.elapsed().as_millis()
+    );
+    assert!(fenced.is_some(), "{text}");
+    assert_eq!(code, Some(5), "{text}");
+    assert!(took <= TTL, "self-fenced only after the TTL: {took:?}");
+    drop(blog.p.0.wait());
+}

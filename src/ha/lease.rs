@@ -82,6 +82,9 @@ mod tests {
         c.revoke();
         assert!(!w.held_for(Duration::ZERO), "clones share one lease");
         w.extend_to(Instant::now() - Duration::from_secs(1));
-        assert!(!w.held_for(Duration::ZERO), "an expiry in the past is not held");
+        assert!(
+            !w.held_for(Duration::ZERO),
+            "an expiry in the past is not held"
+        );
     }
 }
