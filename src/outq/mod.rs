@@ -346,3 +346,6 @@ fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod gate_tests;
