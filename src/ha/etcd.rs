@@ -13,8 +13,10 @@
 //!    to L, else read KEY. Success: the fencing token is the revision that
 //!    created the key. Every winner creates the key anew, at a revision
 //!    larger than any before it, so tokens grow with every winner.
-//!    Failure: another copy holds KEY; L is revoked and the attempt reports
-//!    "held".
+//!    Failure: another copy holds KEY; the attempt reports "held" and L is
+//!    kept for the next attempt while half its TTL is left (a campaign
+//!    then costs one etcd write per attempt); it is revoked when replaced
+//!    or when the arbiter is dropped.
 //!
 //! Holding: a `castor-etcd` thread renews L (`lease/keepalive`) every
 //! TTL/4 and checks that KEY still exists with our create revision and
@@ -511,6 +513,11 @@ pub struct EtcdArbiter {
     held: Option<Held>,
     /// The holder seen by the last failed attempt, for messages.
     last_holder: Option<(i64, i64)>,
+    /// A lease granted for campaigning and not yet used: (id, when its
+    /// grant was sent, granted TTL). Reused by later attempts while at
+    /// least half its TTL is left, so a campaign polling every few ms costs
+    /// one etcd write (the transaction) per attempt, not three.
+    candidate: Option<(i64, Instant, Duration)>,
 }
 
 impl EtcdArbiter {
@@ -524,6 +531,7 @@ impl EtcdArbiter {
             client,
             held: None,
             last_holder: None,
+            candidate: None,
         }
     }
 
@@ -537,7 +545,16 @@ impl EtcdArbiter {
         self.last_holder
     }
 
+    fn drop_candidate(&mut self) {
+        if let Some((id, _, _)) = self.candidate.take() {
+            if let Err(e) = revoke(&self.client, id) {
+                tracing::warn!("etcd arbiter: revoking unused lease {id:x}: {e}");
+            }
+        }
+    }
+
     fn release(&mut self) {
+        self.drop_candidate();
         if let Some(mut h) = self.held.take() {
             h.stop.store(true, Ordering::SeqCst);
             h.watch.revoke();
@@ -569,8 +586,17 @@ impl Arbiter for EtcdArbiter {
             // again.
             self.release();
         }
-        let sent = Instant::now();
-        let (lease, ttl) = grant(&self.client, self.spec.ttl)?;
+        let (lease, sent, ttl) = match self.candidate {
+            Some((id, sent, ttl)) if sent.elapsed() < ttl / 2 => (id, sent, ttl),
+            _ => {
+                self.drop_candidate();
+                let sent = Instant::now();
+                let (id, ttl) = grant(&self.client, self.spec.ttl)?;
+                (id, sent, ttl)
+            }
+        };
+        // Until it wins, the lease is a candidate; won or failed, it is not.
+        self.candidate = None;
         let value = format!("castor pid {}", std::process::id());
         let won = match campaign(&self.client, &self.spec.key, lease, &value) {
             Ok(w) => w,
@@ -585,9 +611,7 @@ impl Arbiter for EtcdArbiter {
             Ok(rev) => rev,
             Err(h) => {
                 self.last_holder = h.map(|h| (h.create_revision, h.lease));
-                if let Err(e) = revoke(&self.client, lease) {
-                    tracing::warn!("etcd arbiter: revoking unused lease {lease:x}: {e}");
-                }
+                self.candidate = Some((lease, sent, ttl));
                 return Ok(None);
             }
         };
@@ -652,7 +676,8 @@ fn keep_alive(
     stop: Arc<AtomicBool>,
 ) {
     let period = ttl / 4;
-    let mut next = Instant::now() + period;
+    // At once: a reused campaign lease may be up to TTL/2 old.
+    let mut next = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         if now < next {
