@@ -36,34 +36,27 @@ use castor::ha::etcd::{EtcdArbiter, EtcdSpec};
 /// The etcd arbiter's default TTL (the tests use it).
 const TTL: Duration = castor::ha::etcd::DEFAULT_TTL;
 
-/// A child whose stderr is collected line by line in the background.
-struct Logged {
-    p: Reaped,
-    log: Arc<Mutex<Vec<String>>>,
-}
+/// Lines of a child's stderr, collected in the background.
+#[derive(Clone)]
+struct Lines(Arc<Mutex<Vec<String>>>);
 
-impl Logged {
-    fn spawn(mut cmd: std::process::Command) -> Logged {
-        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-        let err = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let l = log.clone();
+impl Lines {
+    fn collect(stream: impl std::io::Read + Send + 'static) -> Lines {
+        let lines = Lines(Arc::new(Mutex::new(Vec::new())));
+        let l = lines.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                l.0.lock().unwrap().push(line);
             }
         });
-        Logged {
-            p: Reaped(child),
-            log,
-        }
+        lines
     }
 
-    /// The first line containing `pat`, waiting up to `patience`.
+    /// The first line containing `pat`, polling up to `patience`.
     fn wait_for(&self, pat: &str, patience: Duration) -> Option<String> {
         let t0 = Instant::now();
         loop {
-            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(pat)) {
+            if let Some(l) = self.0.lock().unwrap().iter().find(|l| l.contains(pat)) {
                 return Some(l.clone());
             }
             if t0.elapsed() > patience {
@@ -74,7 +67,32 @@ impl Logged {
     }
 
     fn text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.0.lock().unwrap().join("\n")
+    }
+}
+
+/// A child (SIGKILLed on drop) with its stderr collected.
+struct Logged {
+    p: Reaped,
+    log: Lines,
+}
+
+impl Logged {
+    fn spawn(mut cmd: std::process::Command) -> Logged {
+        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+        let log = Lines::collect(child.stderr.take().unwrap());
+        Logged {
+            p: Reaped(child),
+            log,
+        }
+    }
+
+    fn wait_for(&self, pat: &str, patience: Duration) -> Option<String> {
+        self.log.wait_for(pat, patience)
+    }
+
+    fn text(&self) -> String {
+        self.log.text()
     }
 
     fn signal(&self, sig: libc::c_int) {
@@ -360,20 +378,8 @@ fn kvm_trial(fault: Fault, trial: u32, output_commit: bool) -> Option<String> {
         &["--override", "tap=cb0", "--run-for", "6s"],
     );
     let baddr = b.addr.clone();
-    let mut blog = Logged {
-        p: Reaped(std::process::Command::new("true").spawn().unwrap()),
-        log: Arc::new(Mutex::new(Vec::new())),
-    };
     let mut b = b;
-    {
-        let err = b.child.stderr.take().unwrap();
-        let l = blog.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
-            }
-        });
-    }
+    let blog = Lines::collect(b.child.stderr.take().unwrap());
     let spec = format!("kvm:guest=counter,tap=cp0,ip={GUEST}");
     let mut pcmd = protect_cmd(castor_in(&ns.name), &spec, &baddr, &arb_p);
     if !output_commit {
@@ -433,9 +439,13 @@ fn kvm_trial(fault: Fault, trial: u32, output_commit: bool) -> Option<String> {
                 break;
             }
         }
-        (got, fault_at.expect("the fault was injected"))
+        (
+            got,
+            fault_at.expect("the fault was injected"),
+            activated_at.expect("the backup activated in time"),
+        )
     });
-    let (got, fault_at) = replies;
+    let (got, fault_at, activated_at) = replies;
     let pcode = p.exit_code(Duration::from_secs(10));
     // Keep sampling a little after the primary ended (or was resumed).
     std::thread::sleep(Duration::from_millis(300));
@@ -445,7 +455,6 @@ fn kvm_trial(fault: Fault, trial: u32, output_commit: bool) -> Option<String> {
     let _ = b.child.wait();
     let btext = blog.text();
     let ptext = p.text();
-    drop(blog.p.0.wait());
 
     assert!(
         btext.contains("ACTIVATED"),
@@ -486,7 +495,9 @@ fn kvm_trial(fault: Fault, trial: u32, output_commit: bool) -> Option<String> {
         "counter stepped back: {:?}",
         got.iter().map(|g| g.1).collect::<Vec<_>>()
     );
-    let after: Vec<_> = got.iter().filter(|(t, _)| *t > s[first_b].0).collect();
+    // Replies after the backup said it activated: the primary had
+    // self-fenced (c) or was stopped or fenced (d) by then.
+    let after: Vec<_> = got.iter().filter(|(t, _)| *t > activated_at).collect();
     assert!(
         after.len() >= 10,
         "the guest did not continue on the backup: {} replies",
@@ -497,7 +508,7 @@ fn kvm_trial(fault: Fault, trial: u32, output_commit: bool) -> Option<String> {
         "last primary output +{} ms, first backup output +{} ms, last counter before {} first after {}, replies {} ({} after failover), primary exit {:?}",
         ms(s[last_p].0),
         ms(s[first_b].0),
-        got.iter().rfind(|(t, _)| *t <= s[first_b].0).map_or(0, |g| g.1),
+        got.iter().rfind(|(t, _)| *t <= activated_at).map_or(0, |g| g.1),
         after[0].1,
         got.len(),
         after.len(),
@@ -559,20 +570,8 @@ fn e_activated_backup_cut_off_from_etcd_self_fences() {
         &arb_b,
         &["--epoch", "5ms", "--run-for", "60s"],
     );
-    let mut blog = Logged {
-        p: Reaped(std::process::Command::new("true").spawn().unwrap()),
-        log: Arc::new(Mutex::new(Vec::new())),
-    };
     let mut b = b;
-    {
-        let err = b.child.stderr.take().unwrap();
-        let l = blog.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
-            }
-        });
-    }
+    let blog = Lines::collect(b.child.stderr.take().unwrap());
     let p = Logged::spawn(protect_cmd(
         castor(),
         "sim:mem=16MiB,workload=mixed,writes=300,seed=21,threads=2",
@@ -600,5 +599,4 @@ fn e_activated_backup_cut_off_from_etcd_self_fences() {
     assert!(fenced.is_some(), "{text}");
     assert_eq!(code, Some(5), "{text}");
     assert!(took <= TTL, "self-fenced only after the TTL: {took:?}");
-    drop(blog.p.0.wait());
 }
