@@ -12,6 +12,7 @@ const GUESTS: &[(&str, &[&str])] = &[
     ("memtouch", &["../entry.S", "main.c"]),
     ("counter", &["../entry.S", "main.c"]),
     ("blkcheck", &["../entry.S", "main.c"]),
+    ("tcpcount", &["../entry.S", "main.c"]),
 ];
 
 const CFLAGS: &[&str] = &[

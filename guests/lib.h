@@ -33,11 +33,11 @@ static void puts_(const char *s)
         putc_(*s++);
 }
 
-static void putu(u64 v)
+/* Writes the decimal digits of v ending just before `end` (the caller's
+ * buffer has room for 20 digits before it); returns the first digit. */
+static char *fmt_u64(char *end, u64 v)
 {
-    char buf[21];
-    int i = 20;
-    buf[i] = 0;
+    char *p = end;
     do {
         /* 64-bit division would need libgcc; split into 32-bit steps. */
         u32 hi = (u32)(v >> 32), lo = (u32)v;
@@ -45,10 +45,17 @@ static void putu(u64 v)
         u64 rest = ((u64)rhi << 32) | lo;
         u32 qlo, r;
         __asm__("divl %4" : "=a"(qlo), "=d"(r) : "a"((u32)rest), "d"((u32)(rest >> 32)), "rm"(10u));
-        buf[--i] = (char)('0' + r);
+        *--p = (char)('0' + r);
         v = ((u64)qhi << 32) | qlo;
     } while (v);
-    puts_(&buf[i]);
+    return p;
+}
+
+static void putu(u64 v)
+{
+    char buf[21];
+    buf[20] = 0;
+    puts_(fmt_u64(&buf[20], v));
 }
 
 static __attribute__((unused)) void puthex(u32 v)

@@ -9,11 +9,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::digest::Digest;
-use crate::domain::{Domain, DomainSpec};
-use crate::engine::primary::{self, PrimaryConfig, PrimaryError, PrimaryOutcome};
+use crate::domain::{Domain, DomainSpec, Layout};
+use crate::engine::live::{self, LiveConfig, LiveError, LiveOutcome, Session};
+use crate::engine::primary::{self, PrimaryConfig, PrimaryError};
 use crate::engine::replica;
 use crate::engine::shadow::PageBuf;
 use crate::metrics::{self, Pct, Summary};
+use crate::outq::{Mode, OutputQueue};
 use crate::transport::handshake::{self, random_nonce, HandshakeError, Psk};
 use crate::transport::messages::Hello;
 use crate::transport::record::RecordReader;
@@ -57,6 +59,18 @@ pub fn open_session(
     domain: &dyn Domain,
     patience: Duration,
 ) -> Result<(TcpSink, RecordReader<TcpStream>), HarnessError> {
+    open_session_for(addr, psk, domain.layout(), &domain.describe(), patience)
+}
+
+/// Connects and authenticates to a backup for a domain of `layout` named
+/// `desc`.
+pub fn open_session_for(
+    addr: &str,
+    psk: &Psk,
+    layout: Layout,
+    desc: &str,
+    patience: Duration,
+) -> Result<(TcpSink, RecordReader<TcpStream>), HarnessError> {
     let conn_err = |source| HarnessError::Connect {
         addr: addr.to_string(),
         source,
@@ -64,12 +78,11 @@ pub fn open_session(
     let s = tcp::connect(addr, patience).map_err(conn_err)?;
     let mut w = s.try_clone().map_err(conn_err)?;
     let mut r = RecordReader::new(s);
-    let layout = domain.layout();
     let hello = Hello {
         page_size: layout.page_size,
         pages: layout.pages,
         nonce: random_nonce(),
-        desc: domain.describe(),
+        desc: desc.to_string(),
     };
     handshake::client(&mut r, &mut w, psk, &hello).map_err(|source| HarnessError::Handshake {
         addr: addr.to_string(),
@@ -78,16 +91,73 @@ pub fn open_session(
     Ok((TcpSink(w), r))
 }
 
-/// Runs the primary for `spec` against the backup at `addr`.
+/// How `protect` treats the loss of its backup.
+#[derive(Debug, Clone)]
+pub struct ProtectOpts {
+    /// Keep the guest running unprotected while the arbiter is held.
+    pub continue_unprotected: bool,
+    /// Dial `addr` again this often while unprotected (re-protection).
+    pub redial_every: Option<Duration>,
+    /// The arbiter's lease, when its hold can lapse.
+    pub lease: Option<crate::ha::lease::LeaseWatch>,
+}
+
+/// What `protect` ends with.
+pub struct Protected {
+    pub live: LiveOutcome,
+    /// Digest of the paused domain's memory and state at the end.
+    pub digest: Digest,
+}
+
+/// Runs `spec` as the live copy protected by the backup at `addr`: the
+/// first backup must answer within 10 s; later ones (after a loss) are
+/// dialed per `opts`.
 pub fn protect(
     spec: &DomainSpec,
     addr: &str,
     psk: &Psk,
     cfg: &PrimaryConfig,
-) -> Result<PrimaryOutcome, HarnessError> {
-    let domain = spec.open()?;
+    opts: &ProtectOpts,
+) -> Result<Protected, HarnessError> {
+    let mut domain = spec.open()?;
+    let mut outq = OutputQueue::start(Mode::PassThrough)
+        .map_err(|e| HarnessError::Primary(PrimaryError::Protocol(e.to_string())))?;
+    domain.attach_output(&outq)?;
     let (sink, reader) = open_session(addr, psk, &*domain, Duration::from_secs(10))?;
-    primary::run(domain, Box::new(sink), reader, cfg).map_err(|(e, _)| e.into())
+    let first: Session<TcpStream> = (Box::new(sink), reader);
+    let lcfg = LiveConfig {
+        primary: cfg.clone(),
+        run_for: cfg.duration,
+        run_epochs: cfg.max_epochs,
+        continue_unprotected: opts.continue_unprotected,
+        redial_every: opts.redial_every,
+        dial_after: Duration::ZERO,
+        lease: opts.lease.clone(),
+        lease_margin: Duration::from_millis(100),
+        announce_at: Vec::new(),
+        label: "castor protect".into(),
+    };
+    let (target, psk) = (addr.to_string(), psk.clone());
+    let dial = move |layout, desc: &str| {
+        open_session_for(&target, &psk, layout, desc, Duration::ZERO)
+            .map(|(s, r)| (Box::new(s) as Box<dyn crate::transport::RecordSink>, r))
+            .map_err(|e| e.to_string())
+    };
+    let mut live =
+        live::run(domain, &mut outq, Some(first), dial, &lcfg).map_err(|(e, _)| match e {
+            LiveError::Session(p) => HarnessError::Primary(p),
+            LiveError::Domain(d) => HarnessError::Domain(d),
+            LiveError::Output(o) => HarnessError::Primary(PrimaryError::Protocol(o.to_string())),
+        })?;
+    if let Ok(r) = outq.shutdown() {
+        live.output = r;
+    }
+    let mut state = Vec::new();
+    live.domain.save_state(&mut state)?;
+    // SAFETY: the live copy ends with the domain paused and no castor
+    // thread touching guest memory.
+    let digest = Digest::of(unsafe { live.domain.memory().as_slice() }, &state);
+    Ok(Protected { live, digest })
 }
 
 /// A backup running as a child process of this binary.

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use castor::codec::Compressor;
 use castor::domain::DomainSpec;
 use castor::engine::backup::{self, BackupConfig};
+use castor::engine::live::LiveEnd;
 use castor::engine::primary::PrimaryConfig;
 use castor::engine::replica;
 use castor::harness::{self, LoopbackOpts};
@@ -105,6 +106,14 @@ enum Cmd {
         /// by then (fence agents power-cycling a host take tens of seconds).
         #[arg(long, default_value = "60s", value_parser = units::parse_duration, requires = "fence_cmd")]
         fence_timeout: Duration,
+        /// Activated domain: protect it again with the fresh backup at
+        /// HOST:PORT (dialed every --reprotect-every until it answers; full
+        /// copy while the guest runs, then checkpoints). Needs an explicit
+        /// --arbiter that the fresh backup shares.
+        #[arg(long, requires_all = ["activate", "arbiter"])]
+        reprotect: Option<String>,
+        #[arg(long, default_value = "1s", value_parser = units::parse_duration, requires = "reprotect")]
+        reprotect_every: Duration,
     },
     /// Protect a domain: run it in epochs and stream each checkpoint to a backup.
     ///
@@ -140,6 +149,14 @@ enum Cmd {
         /// lock the backup takes by default before activating.
         #[arg(long)]
         arbiter: Option<String>,
+        /// When the backup is lost, stop (and exit 2) instead of keeping the
+        /// guest running unprotected while this copy holds the arbiter.
+        #[arg(long)]
+        stop_on_backup_loss: bool,
+        /// While unprotected, dial --backup again this often; a fresh backup
+        /// there re-protects the running guest (0 = never).
+        #[arg(long, default_value = "1s", value_parser = units::parse_duration)]
+        redial_every: Duration,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -189,8 +206,12 @@ struct EngineArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     copy_threads: Option<u64>,
     /// Do not pin workers to cores.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "cores")]
     no_pin: bool,
+    /// Pin workers and copy threads to these cores, e.g. `2,3` or `0-3`
+    /// (worker i on the i-th listed core, wrapping; default: every core).
+    #[arg(long, value_parser = parse_cores)]
+    cores: Option<CoreList>,
     /// Compressor for pages where it pays: lz4, zstd, zstd:LEVEL or none.
     #[arg(long, default_value = "lz4", value_parser = parse_compressor)]
     compress: Compressor,
@@ -200,6 +221,49 @@ struct EngineArgs {
     /// guest step back in time.
     #[arg(long)]
     no_output_commit: bool,
+    /// Declare the backup lost when nothing (ack or heartbeat) arrived from
+    /// it for this long; the guest then runs unprotected (protect).
+    #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
+    backup_timeout: Duration,
+}
+
+/// A validated `--cores` list.
+#[derive(Debug, Clone)]
+struct CoreList(Vec<usize>);
+
+fn parse_cores(s: &str) -> Result<CoreList, String> {
+    let online: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.id)
+        .collect();
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let num = |t: &str| {
+            t.trim().parse::<usize>().map_err(|_| {
+                format!("--cores {s:?}: {t:?} is not a core number (use e.g. 0,1 or 0-3)")
+            })
+        };
+        let (a, b) = (num(a)?, num(b)?);
+        if a > b {
+            return Err(format!("--cores {s:?}: range {a}-{b} runs backwards"));
+        }
+        for c in a..=b {
+            if !online.contains(&c) {
+                return Err(format!(
+                    "--cores {s:?}: core {c} is not available to this process (available: {online:?})"
+                ));
+            }
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    Ok(CoreList(out))
 }
 
 fn parse_compressor(s: &str) -> Result<Compressor, String> {
@@ -222,8 +286,10 @@ impl EngineArgs {
             epoch: self.epoch,
             max_inflight: self.inflight as usize,
             pin: !self.no_pin,
+            cores: self.cores.as_ref().map(|c| c.0.clone()),
             compressor: self.compress,
             output_commit: !self.no_output_commit,
+            backup_silence: self.backup_timeout,
             ..PrimaryConfig::default()
         };
         if self.no_output_commit {
@@ -269,14 +335,17 @@ fn phys_mem() -> u64 {
     (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
 }
 
+/// Exit status of `protect --stop-on-backup-loss`: the backup was lost.
+const EXIT_BACKUP_LOST: u8 = 2;
+/// Exit status: the arbiter's lease lapsed; this copy paused its guest and
+/// dropped its held output (another copy may be live now).
+const EXIT_SELF_FENCED: u8 = 5;
+
 /// Exit status: the arbiter is held by another live copy (the backup did
 /// not activate; the primary did not start).
 const EXIT_ARBITER_HELD: u8 = 3;
 /// Exit status: the fence command failed; the backup did not activate.
 const EXIT_FENCE_FAILED: u8 = 4;
-/// Exit status: the arbiter's lease lapsed; the live copy paused its guest
-/// and dropped its unacknowledged output (self-fenced).
-const EXIT_SELF_FENCED: u8 = 5;
 
 /// `--arbiter SPEC`, or the pair's default local lock named by the
 /// backup's port.
@@ -347,6 +416,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             arbiter,
             fence_cmd,
             fence_timeout,
+            reprotect,
+            reprotect_every,
         } => {
             let psk = load_psk(psk_file.as_ref())?;
             let l = castor::transport::tcp::listen(&listen).map_err(|e| e.to_string())?;
@@ -365,7 +436,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             let cfg = BackupConfig {
                 state_dir: state_dir.clone(),
-                psk,
+                psk: psk.clone(),
                 max_mem: max_mem.unwrap_or_else(phys_mem),
                 quiet,
                 heartbeat_timeout,
@@ -436,24 +507,30 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     overrides,
                     run_for,
                     run_epochs,
-                    lease: arb.lease(),
+                    reprotect_every: reprotect.as_ref().map(|_| reprotect_every),
+                    primary: castor::engine::primary::PrimaryConfig {
+                        progress: !quiet,
+                        ..Default::default()
+                    },
+                    lease: arbiter.as_ref().and_then(|a| a.lease()),
                 };
                 let dir = state_dir.join("activated");
-                let a = match castor::engine::activate::activate(
+                let target = reprotect.clone().unwrap_or_default();
+                let dial = move |layout, desc: &str| {
+                    harness::open_session_for(&target, &psk, layout, desc, Duration::ZERO)
+                        .map(|(s, r)| (Box::new(s) as Box<dyn castor::transport::RecordSink>, r))
+                        .map_err(|e| e.to_string())
+                };
+                let a = castor::engine::activate::activate(
                     &out.domain,
                     mem,
                     &state,
                     from,
                     &acfg,
                     &dir,
-                ) {
-                    Ok(a) => a,
-                    Err(e @ castor::engine::activate::ActivateError::LeaseLost { .. }) => {
-                        eprintln!("castor backup: SELF-FENCED: {e}");
-                        return Ok(ExitCode::from(EXIT_SELF_FENCED));
-                    }
-                    Err(e) => return Err(e.to_string()),
-                };
+                    dial,
+                )
+                .map_err(|e| e.to_string())?;
                 eprintln!(
                     "castor backup: failover: suspect → arbiter won (token {token}) {} → {} → activated {}",
                     since(won_at),
@@ -470,6 +547,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     a.meta.digest,
                     dir.display()
                 );
+                if let LiveEnd::SelfFenced(why) = &a.end {
+                    eprintln!("castor backup: activated copy self-fenced: {why}");
+                    return Ok(ExitCode::from(EXIT_SELF_FENCED));
+                }
             }
             Ok(if out.clean {
                 ExitCode::SUCCESS
@@ -486,6 +567,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             json,
             quiet,
             arbiter,
+            stop_on_backup_loss,
+            redial_every,
             engine,
         } => {
             let spec = parse_spec(&domain)?;
@@ -523,26 +606,36 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             cfg.duration = duration;
             cfg.max_epochs = epochs;
             cfg.progress = !quiet;
-            cfg.lease = arb.lease();
             castor::engine::install_stop_handler();
-            let out = match harness::protect(&spec, &backup, &psk, &cfg) {
-                Ok(o) => o,
-                Err(
-                    e @ harness::HarnessError::Primary(
-                        castor::engine::primary::PrimaryError::LeaseLost { .. },
-                    ),
-                ) => {
-                    eprintln!("castor protect: SELF-FENCED: {e}");
+            let opts = harness::ProtectOpts {
+                continue_unprotected: !stop_on_backup_loss,
+                redial_every: (!redial_every.is_zero()).then_some(redial_every),
+                lease: arb.lease(),
+            };
+            let out = harness::protect(&spec, &backup, &psk, &cfg, &opts)
+                .map_err(|e| format!("protect: {e}"))?;
+            let live = &out.live;
+            let (last, acked) = live.last_epochs.unwrap_or((0, 0));
+            eprintln!(
+                "castor protect: stopped after {} epochs ({} unprotected, {} protection sessions; last session \
+                 epoch {last}, acknowledged {acked}), digest {}",
+                live.epochs, live.unprotected_epochs, live.sessions, out.digest
+            );
+            if let (Some(p), Some(s)) = (json, &live.last_summary) {
+                let mut s = s.clone();
+                s.output = Some(live.output.clone());
+                harness::write_json(&p, &s).map_err(|e| e.to_string())?;
+            }
+            match &live.end {
+                LiveEnd::Stopped => {}
+                LiveEnd::BackupLost(why) => {
+                    eprintln!("castor protect: stopped: {why}");
+                    return Ok(ExitCode::from(EXIT_BACKUP_LOST));
+                }
+                LiveEnd::SelfFenced(why) => {
+                    eprintln!("castor protect: self-fenced: {why}");
                     return Ok(ExitCode::from(EXIT_SELF_FENCED));
                 }
-                Err(e) => return Err(format!("protect: {e}")),
-            };
-            eprintln!(
-                "castor protect: stopped after epoch {} (acknowledged {}), digest {}",
-                out.final_epoch, out.acked_epoch, out.digest
-            );
-            if let Some(p) = json {
-                harness::write_json(&p, &out.summary).map_err(|e| e.to_string())?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -21,6 +21,7 @@ typedef unsigned long long u64;
 
 #include "../abi.h"
 #include "../lib.h"
+#include "../net.h"
 
 #define PORT 7777
 #define FRAME_BUF 1536
@@ -33,41 +34,6 @@ static u64 counter;
 static u16 ip_ident;
 static u32 booted;
 static u64 bad_csum;
-
-static u16 get16(const u8 *p) { return (u16)((p[0] << 8) | p[1]); }
-static void put16(u8 *p, u16 v)
-{
-    p[0] = (u8)(v >> 8);
-    p[1] = (u8)v;
-}
-
-/* One's-complement sum of big-endian 16-bit words. */
-static u32 csum_add(u32 sum, const u8 *p, u32 len)
-{
-    while (len > 1) {
-        sum += (u32)((p[0] << 8) | p[1]);
-        p += 2;
-        len -= 2;
-    }
-    if (len)
-        sum += (u32)(p[0] << 8);
-    return sum;
-}
-
-static u16 csum_fold(u32 sum)
-{
-    while (sum >> 16)
-        sum = (sum & 0xffff) + (sum >> 16);
-    return (u16)~sum;
-}
-
-/* Sum of the UDP pseudo header. */
-static u32 pseudo(const u8 *src, const u8 *dst, u32 ulen)
-{
-    u32 s = csum_add(0, src, 4);
-    s = csum_add(s, dst, 4);
-    return s + 17 + ulen;
-}
 
 static void send(u32 len)
 {
@@ -130,7 +96,7 @@ static void udp(const u8 *ip, const u8 *u, u32 ulen)
     u64 c;
     if (ulen < 8 || get16(u + 4) != ulen || get16(u + 2) != PORT)
         return;
-    if (get16(u + 6) != 0 && csum_fold(csum_add(pseudo(ip + 12, ip + 16, ulen), u, ulen)) != 0) {
+    if (get16(u + 6) != 0 && csum_fold(csum_add(pseudo(ip + 12, ip + 16, 17, ulen), u, ulen)) != 0) {
         bad_csum++;
         return;
     }
@@ -146,7 +112,7 @@ static void udp(const u8 *ip, const u8 *u, u32 ulen)
     memcpy(r + 8, u + 8, 8); /* the request id, as sent */
     for (i = 0; i < 8; i++)
         r[16 + i] = (u8)(c >> (8 * i));
-    put16(r + 6, csum_fold(csum_add(pseudo(myip, ip + 12, 24), r, 24)));
+    put16(r + 6, csum_fold(csum_add(pseudo(myip, ip + 12, 17, 24), r, 24)));
     if (get16(r + 6) == 0)
         put16(r + 6, 0xffff);
     send(14 + 20 + 24);

@@ -3,18 +3,24 @@
 //!
 //! The replica's memory is adopted by the restored domain (no copy), the
 //! saved state restores vCPUs and devices, and the guest resumes from
-//! exactly the last complete checkpoint. Until re-protection exists (issue
-//! 3/4) the activated domain runs unprotected: it is driven in epochs of
-//! the same length as on the primary (so deterministic domains keep their
-//! epoch structure) until its run limit or SIGINT/SIGTERM, then paused and
-//! its image saved so it can be inspected or verified.
+//! exactly the last complete checkpoint. It then runs as the live copy
+//! ([`crate::engine::live`]): unprotected (output passes straight through)
+//! and, when asked (`--reprotect`), protected again as soon as a fresh
+//! backup answers. It runs in epochs of the primary's length (so
+//! deterministic domains keep their epoch structure) until its run limit or
+//! SIGINT/SIGTERM, then is paused and its image saved so it can be
+//! inspected or verified.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::digest::Digest;
 use crate::domain::{DomainError, DomainSpec, GuestMemory};
+use crate::engine::live::{self, LiveConfig, LiveEnd, LiveError, Session};
+use crate::engine::primary::PrimaryConfig;
 use crate::engine::replica::{self, Meta, ReplicaError};
+use crate::ha::lease::LeaseWatch;
+use crate::outq::{Mode, OutputQueue};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
@@ -28,8 +34,10 @@ pub enum ActivateError {
     Domain(#[from] DomainError),
     #[error("saving the activated domain: {0}")]
     Save(#[from] ReplicaError),
-    #[error("self-fenced after {epochs} epochs: the arbiter's lease is no longer held; the guest stays paused")]
-    LeaseLost { epochs: u64 },
+    #[error("running the activated domain: {0}")]
+    Live(#[from] LiveError),
+    #[error("output queue: {0}")]
+    Output(#[from] crate::outq::OutqError),
 }
 
 #[derive(Debug, Clone)]
@@ -42,10 +50,13 @@ pub struct ActivateConfig {
     pub run_for: Option<Duration>,
     /// Stop after this many epochs past the checkpoint.
     pub run_epochs: Option<u64>,
-    /// The arbiter's lease (etcd): the guest runs an epoch only while the
-    /// lease is held for that epoch plus 100 ms; its output is not held
-    /// here, so the check must cover the whole epoch ahead.
-    pub lease: Option<crate::ha::lease::LeaseWatch>,
+    /// Protect the activated domain again: dial a fresh backup this often
+    /// once the announcements are done (None: run unprotected).
+    pub reprotect_every: Option<Duration>,
+    /// Tunables of those protection sessions (`epoch` is taken from above).
+    pub primary: PrimaryConfig,
+    /// The arbiter's lease, when its hold can lapse (self-fence on lapse).
+    pub lease: Option<LeaseWatch>,
 }
 
 #[derive(Debug)]
@@ -60,18 +71,29 @@ pub struct Activation {
     pub epochs_run: u64,
     /// Saved image of the activated domain when it stopped.
     pub meta: Meta,
+    /// Backups that protected the activated domain (re-protection).
+    pub sessions: u64,
+    /// Why it stopped.
+    pub end: LiveEnd,
 }
 
 /// Restores `desc` (the primary's domain description) from checkpoint
-/// `epoch` and runs it; saves its final image into `out_dir`.
-pub fn activate(
+/// `epoch` and runs it as the live copy; saves its final image into
+/// `out_dir`. `dial` opens a session to a fresh backup (used only with
+/// `reprotect_every`).
+pub fn activate<R, D>(
     desc: &str,
     memory: GuestMemory,
     state: &[u8],
     epoch: u64,
     cfg: &ActivateConfig,
     out_dir: &Path,
-) -> Result<Activation, ActivateError> {
+    dial: D,
+) -> Result<Activation, ActivateError>
+where
+    R: std::io::Read + Send + 'static,
+    D: FnMut(crate::domain::Layout, &str) -> Result<Session<R>, String> + Send + 'static,
+{
     let t0 = Instant::now();
     let spec = DomainSpec::parse(desc)
         .and_then(|s| match &cfg.overrides {
@@ -83,9 +105,11 @@ pub fn activate(
             source,
         })?;
     let mut domain = spec.restore(memory, state)?;
-    // No `attach_output`: the activated domain runs unprotected (there is no
-    // backup to wait for), so its output passes straight through to its
-    // devices' backends (the TAP). Holding it would only add latency.
+    // The output queue starts unprotected (pass-through): there is no
+    // backup to wait for yet. It is there so a re-protecting backup can
+    // hold output from its first epoch on.
+    let mut outq = OutputQueue::start(Mode::PassThrough)?;
+    domain.attach_output(&outq)?;
     // Announce the guest's addresses from this host before the guest can
     // speak, so the first reply it sends already travels the new path.
     for what in domain.announce()? {
@@ -98,62 +122,45 @@ pub fn activate(
         "castor backup: ACTIVATED {spec} from epoch {epoch}: guest running {:.1} ms after restore began",
         restore_time.as_secs_f64() * 1000.0
     );
-    let started = Instant::now();
-    let mut ran = 0u64;
-    let mut scratch = Vec::new();
-    let mut deadline = started + cfg.epoch;
     // Repeat the announcement: a frame sent the instant a TAP comes up can
     // be dropped while the bridge still sees the port as down (the kernel
     // reports carrier-up asynchronously), and RFC 5227 announces more than
-    // once anyway.
-    let mut repeats = [100u64, 500, 1500].into_iter().peekable();
-    loop {
-        let now = Instant::now();
-        if repeats
-            .peek()
-            .is_some_and(|&ms| now.duration_since(started) >= Duration::from_millis(ms))
-        {
-            repeats.next();
-            domain.announce()?;
-        }
-        if now < deadline {
-            std::thread::sleep((deadline - now).min(Duration::from_millis(50)));
-            if !crate::engine::stop_requested() {
-                continue;
-            }
-        }
-        deadline += cfg.epoch;
-        domain.pause()?;
-        ran += 1;
-        // Unprotected: nobody needs the dirty set, but keep tracking current.
-        scratch.clear();
-        domain.harvest_dirty(&mut scratch)?;
-        let done = crate::engine::stop_requested()
-            || cfg.run_epochs.is_some_and(|n| ran >= n)
-            || cfg.run_for.is_some_and(|d| started.elapsed() >= d);
-        if done {
-            break;
-        }
-        if cfg
-            .lease
-            .as_ref()
-            .is_some_and(|l| !l.held_for(cfg.epoch + Duration::from_millis(100)))
-        {
-            return Err(ActivateError::LeaseLost { epochs: ran });
-        }
-        domain.resume()?;
-    }
+    // once anyway. Re-protection dials only after the last one.
+    let announce_at: Vec<Duration> = [100u64, 500, 1500]
+        .into_iter()
+        .map(Duration::from_millis)
+        .collect();
+    let mut primary = cfg.primary.clone();
+    primary.epoch = cfg.epoch;
+    let lcfg = LiveConfig {
+        primary,
+        run_for: cfg.run_for,
+        run_epochs: cfg.run_epochs,
+        continue_unprotected: true,
+        redial_every: cfg.reprotect_every,
+        dial_after: Duration::ZERO,
+        lease: cfg.lease.clone(),
+        lease_margin: Duration::from_millis(100),
+        announce_at,
+        label: "castor backup".into(),
+    };
+    let out = live::run(domain, &mut outq, None, dial, &lcfg).map_err(|(e, _)| e)?;
+    let mut domain = out.domain;
+    let ran = out.epochs;
     let mut st = Vec::new();
     domain.save_state(&mut st)?;
     // SAFETY: the domain is paused; nothing writes its memory now.
     let mem = unsafe { domain.memory().as_slice() };
     let meta = replica::save(out_dir, mem, &st, epoch + ran, &domain.describe())?;
     debug_assert_eq!(Digest::of(mem, &st).to_hex(), meta.digest);
+    drop(outq.shutdown());
     Ok(Activation {
         from_epoch: epoch,
         restore_time,
         running_at,
         epochs_run: ran,
         meta,
+        sessions: out.sessions,
+        end: out.end,
     })
 }

@@ -12,6 +12,7 @@
 pub mod activate;
 pub mod backup;
 mod copy;
+pub mod live;
 pub mod primary;
 pub mod receiver;
 pub mod replica;

@@ -114,13 +114,20 @@ impl Domain for FakeGuest {
         }));
         Ok(())
     }
+    /// Idempotent, and a no-op before `start`, like the real domains.
     fn pause(&mut self) -> Result<(), DomainError> {
         let mut g = self.ctl.0.lock().unwrap();
-        g.paused = true;
-        g.pauses += 1;
+        if self.producer.is_some() && !g.paused {
+            g.paused = true;
+            g.pauses += 1;
+        }
         Ok(())
     }
+    /// Before `start` it is `start`.
     fn resume(&mut self) -> Result<(), DomainError> {
+        if self.producer.is_none() {
+            return self.start();
+        }
         self.ctl.0.lock().unwrap().paused = false;
         self.ctl.1.notify_all();
         Ok(())

@@ -80,6 +80,9 @@ pub struct PrimaryConfig {
     /// Threads copying dirty pages during the pause (including the epoch thread).
     pub copy_threads: usize,
     pub pin: bool,
+    /// With `pin`: the cores workers and copy threads are pinned to, in
+    /// order (worker i gets `cores[i % len]`); `None`: every core.
+    pub cores: Option<Vec<usize>>,
     pub compressor: Compressor,
     pub duration: Option<Duration>,
     pub max_epochs: Option<u64>,
@@ -105,6 +108,11 @@ pub struct PrimaryConfig {
     /// release, the next pause): 100 ms is above the worst thread wake-up
     /// delay measured under CPU overload (64 ms, see `ha::detector`).
     pub lease_margin: Duration,
+    /// Declare the backup lost when no record (ack or heartbeat; it sends
+    /// one every 100 ms without traffic) arrived for this long. Longer than
+    /// the backup's own 500 ms: losing a slow backup costs a full re-seed,
+    /// so the primary waits out more scheduling noise before giving up.
+    pub backup_silence: Duration,
 }
 
 impl Default for PrimaryConfig {
@@ -116,6 +124,7 @@ impl Default for PrimaryConfig {
             workers: cores.clamp(1, 8),
             copy_threads: cores.clamp(1, 4),
             pin: true,
+            cores: None,
             compressor: Compressor::Lz4,
             duration: None,
             max_epochs: None,
@@ -128,6 +137,7 @@ impl Default for PrimaryConfig {
             output_commit: true,
             lease: None,
             lease_margin: Duration::from_millis(100),
+            backup_silence: Duration::from_secs(2),
         }
     }
 }
@@ -235,6 +245,8 @@ struct Shared {
     ckpt_start: std::sync::OnceLock<Instant>,
     /// Set when the run ends because the arbiter's lease lapsed.
     lease_lost: AtomicBool,
+    /// When the last record from the backup was read.
+    heard: Mutex<Instant>,
 }
 
 impl Shared {
@@ -632,6 +644,7 @@ fn ack_thread<R: std::io::Read>(
             Err(RecordError::Eof) => return shared.fail("backup closed the connection".into()),
             Err(e) => return shared.fail(format!("reading from backup: {e}")),
         };
+        *shared.heard.lock().unwrap() = Instant::now();
         match rec.kind {
             RecordKind::Ack => {
                 let epoch = rec.epoch;
@@ -671,6 +684,23 @@ fn ack_thread<R: std::io::Read>(
                 ))
             }
             other => return shared.fail(format!("unexpected {other:?} record from backup")),
+        }
+    }
+}
+
+/// Fails the session when the backup has been silent (no ack, no
+/// heartbeat) for `silence`: a hung or partitioned backup whose TCP
+/// connection stays open would otherwise hold the guest's output forever.
+fn silence_watchdog(shared: Arc<Shared>, done: Arc<AtomicBool>, silence: Duration) {
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+        let quiet = shared.heard.lock().unwrap().elapsed();
+        if quiet > silence {
+            return shared.fail(format!(
+                "backup silent for {} ms (timeout {} ms)",
+                quiet.as_millis(),
+                silence.as_millis()
+            ));
         }
     }
 }
@@ -718,23 +748,63 @@ pub fn run<R: std::io::Read + Send + 'static>(
     reader: RecordReader<R>,
     cfg: &PrimaryConfig,
 ) -> Result<PrimaryOutcome, (PrimaryError, Option<Box<dyn Domain>>)> {
-    let layout = domain.layout();
-    let pages = layout.pages;
-    let workers = cfg.workers.max(1);
-    let mode = if cfg.output_commit {
-        Mode::Commit
-    } else {
-        Mode::PassThrough
-    };
-    let outq = match OutputQueue::start(mode) {
+    let mut outq = match OutputQueue::start(Mode::PassThrough) {
         Ok(q) => q,
         Err(e) => return Err((PrimaryError::Protocol(e.to_string()), Some(domain))),
     };
     if let Err(e) = domain.attach_output(&outq) {
         return Err((e.into(), Some(domain)));
     }
-    let cores = if cfg.pin {
-        core_affinity::get_core_ids().unwrap_or_default()
+    let mut out = run_session(domain, &mut outq, sink, reader, cfg);
+    // Nothing uncommitted is held after a clean stop; on an error the
+    // session's held output was already dropped. Shutting down releases
+    // nothing either way.
+    match (outq.shutdown(), &mut out) {
+        (Ok(r), Ok(o)) => o.output = r,
+        (Ok(_), Err(_)) => {}
+        (Err(e), _) => tracing::warn!("output queue: {e}"),
+    }
+    out
+}
+
+/// One protection session of a domain that may already be running (a live
+/// copy re-protected by a fresh backup): seeds the backup while the guest
+/// runs, then checkpoints. `outq` (already attached to the domain's output)
+/// is put in commit mode for the session (unless output commit is off) and
+/// left unprotected (its held output dropped) when the session ends with an
+/// error; after a clean stop everything was committed.
+pub fn run_session<R: std::io::Read + Send + 'static>(
+    mut domain: Box<dyn Domain>,
+    outq: &mut OutputQueue,
+    sink: Box<dyn RecordSink>,
+    reader: RecordReader<R>,
+    cfg: &PrimaryConfig,
+) -> Result<PrimaryOutcome, (PrimaryError, Option<Box<dyn Domain>>)> {
+    let layout = domain.layout();
+    let pages = layout.pages;
+    let workers = cfg.workers.max(1);
+    // The guest may be running (re-protection): pause it around the switch
+    // so no output is tagged across it.
+    let session = domain.pause().map_err(PrimaryError::from).and_then(|_| {
+        if cfg.output_commit {
+            outq.protect()
+        } else {
+            outq.unprotect()
+        }
+        .map_err(|e| PrimaryError::Protocol(e.to_string()))
+    });
+    if let Err(e) = session {
+        return Err((e, Some(domain)));
+    }
+    let cores: Vec<core_affinity::CoreId> = if cfg.pin {
+        let all = core_affinity::get_core_ids().unwrap_or_default();
+        match &cfg.cores {
+            Some(list) => list
+                .iter()
+                .filter_map(|&id| all.iter().copied().find(|c| c.id == id))
+                .collect(),
+            None => all,
+        }
     } else {
         Vec::new()
     };
@@ -753,6 +823,7 @@ pub fn run<R: std::io::Read + Send + 'static>(
         gate_cv: Condvar::new(),
         ckpt_start: std::sync::OnceLock::new(),
         lease_lost: AtomicBool::new(false),
+        heard: Mutex::new(Instant::now()),
     });
     if let Some(l) = &cfg.lease {
         // Queued before any commit can be (one FIFO channel).
@@ -832,6 +903,13 @@ pub fn run<R: std::io::Read + Send + 'static>(
             })
             .expect("spawning lease thread")
     });
+    let watchdog = {
+        let (shared, done, silence) = (shared.clone(), progress_done.clone(), cfg.backup_silence);
+        std::thread::Builder::new()
+            .name("castor-watch".into())
+            .spawn(move || silence_watchdog(shared, done, silence))
+            .expect("spawning the backup watchdog")
+    };
     let progress_handle = cfg.progress.then(|| {
         let shared = shared.clone();
         let done = progress_done.clone();
@@ -843,7 +921,7 @@ pub fn run<R: std::io::Read + Send + 'static>(
 
     let result = std::thread::scope(|scope| {
         let (dom, shared, job_txs, tx_send, cores, outq) =
-            (&mut *domain, &*shared, &job_txs, &tx_send, &cores, &outq);
+            (&mut *domain, &*shared, &job_txs, &tx_send, &cores, &*outq);
         std::thread::Builder::new()
             .name("castor-epoch".into())
             .spawn_scoped(scope, move || {
@@ -893,14 +971,17 @@ pub fn run<R: std::io::Read + Send + 'static>(
         }
         r => r,
     };
+    let _ = watchdog.join();
     let (final_epoch, state, recent_dirty) = match result {
         Ok(v) => v,
         Err(e) => {
             // The ack thread exits when the connection closes; do not wait for it.
             drop(ack_handle);
             // Backup lost (or any failure): output not yet committed is
-            // dropped, never released.
-            match outq.shutdown() {
+            // dropped, never released. The guest stays paused until the
+            // caller decides (run unprotected, or self-fence).
+            let paused = domain.pause();
+            match outq.unprotect() {
                 Ok(r) if r.dropped + r.late > 0 => eprintln!(
                     "castor: output commit: dropped {} held output frames of epochs after {} (never released)",
                     r.dropped + r.late,
@@ -909,14 +990,18 @@ pub fn run<R: std::io::Read + Send + 'static>(
                 Ok(_) => {}
                 Err(oe) => eprintln!("castor: output queue: {oe}"),
             }
+            if let Err(pe) = paused {
+                tracing::warn!("pausing the domain after the session failed: {pe}");
+            }
             return Err((e, Some(domain)));
         }
     };
     drop(ack_handle);
     // Clean stop: the final epoch was acknowledged and committed (the
-    // commit precedes the shutdown in the queue's channel).
+    // commit precedes the mode switch in the queue's channel). The guest is
+    // paused; whoever resumes it decides whether it runs unprotected.
     let output = outq
-        .shutdown()
+        .unprotect()
         .map_err(|e| (PrimaryError::Protocol(e.to_string()), None))?;
     let elapsed = shared
         .ckpt_start
@@ -1013,7 +1098,9 @@ fn drive(
             reason,
         })
     };
-    domain.start()?;
+    // Starts a fresh domain; resumes one that was running before this
+    // session (re-protection) and was paused for the output switch.
+    domain.resume()?;
     // Epoch 0, the seed: live pre-copy rounds while the guest runs. Round 0
     // reads every page; each later round re-sends the pages dirtied since
     // the previous harvest, until the dirty set is small (or stops

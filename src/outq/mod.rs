@@ -34,6 +34,16 @@
 //!   moment; what the gate stops stays held (and is dropped at shutdown).
 //! - [`Mode::PassThrough`] (`--no-output-commit`) releases every item at
 //!   once. It breaks guarantee 1 and exists for experiments only.
+//! - Protection sessions. The queue outlives any one backup: a live copy
+//!   that loses its backup keeps running unprotected (pass-through) while
+//!   it holds the arbiter, and is protected again when a backup returns.
+//!   [`OutputQueue::protect`] opens a session (commit mode, epoch 1,
+//!   nothing committed); [`OutputQueue::unprotect`] ends it, dropping what
+//!   it still held. A commit carries its session: a late ack of an old
+//!   backup can never release output of the next session.
+//! - [`OutputQueue::fence`] drops everything held and everything produced
+//!   from then on: the state of a copy that may no longer be the live one
+//!   never leaves.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,9 +77,12 @@ pub trait Egress: Send {
 pub enum Mode {
     /// Output commit: hold until `commit` of the item's epoch.
     Commit,
-    /// Release at once. UNSAFE: output may leave before the backup holds the
-    /// state that produced it; for latency experiments only.
+    /// Release at once. UNSAFE while a backup exists: output may leave
+    /// before the backup holds the state that produced it; for latency
+    /// experiments, and for a live copy that has no backup (unprotected).
     PassThrough,
+    /// Release nothing, ever: the copy self-fenced.
+    Fenced,
 }
 
 /// What the queue did, reported at shutdown.
@@ -84,12 +97,15 @@ pub struct OutqReport {
     pub passed_through: u64,
     /// Items that were held at least until a commit.
     pub held: u64,
-    /// Uncommitted items discarded at shutdown (never released).
+    /// Uncommitted items discarded at shutdown, at the end of a protection
+    /// session, or while fenced (never released).
     pub dropped: u64,
     /// Items emitted after the queue shut down (never released).
     pub late: u64,
-    /// Highest committed epoch.
+    /// Highest committed epoch of the last protection session.
     pub committed: u64,
+    /// Protection sessions opened (backups that protected this copy).
+    pub sessions: u64,
     /// Output release delay (emit → release), µs.
     pub release_delay_us: Pct,
 }
@@ -97,8 +113,11 @@ pub struct OutqReport {
 enum Msg {
     Register(usize, Box<dyn Egress>),
     Item(Item),
-    Commit(u64),
+    /// (session, epoch)
+    Commit(u64, u64),
     Gate(crate::ha::lease::LeaseWatch, std::time::Duration),
+    /// Enter `mode`; a new commit-mode session gets this number.
+    SetMode(Mode, u64, Sender<OutqReport>),
     Shutdown(Sender<OutqReport>),
 }
 
@@ -113,6 +132,8 @@ struct Item {
 struct Tags {
     /// The epoch the guest is running now; producers tag items with it.
     current: AtomicU64,
+    /// The protection session commits must name (0: none yet).
+    session: AtomicU64,
     /// Items emitted after the thread ended.
     late: AtomicU64,
     next_dest: AtomicU64,
@@ -168,6 +189,7 @@ impl OutputQueue {
         let (tx, rx) = channel();
         let tags = Arc::new(Tags {
             current: AtomicU64::new(1),
+            session: AtomicU64::new(u64::from(mode == Mode::Commit)),
             late: AtomicU64::new(0),
             next_dest: AtomicU64::new(0),
         });
@@ -214,18 +236,55 @@ impl OutputQueue {
     /// The backup acknowledged checkpoint `n`: release every item tagged
     /// ≤ n. Monotonic; a stale `n` is ignored by the thread.
     pub fn commit(&self, n: u64) {
-        let _ = self.tx.send(Msg::Commit(n));
+        self.committer().commit(n)
     }
 
     /// From now on release only while `lease` is held for `margin` more
-    /// (the primary's self-fencing; see the module invariants).
+    /// (self-fencing; see the module invariants).
     pub fn gate(&self, lease: crate::ha::lease::LeaseWatch, margin: std::time::Duration) {
         let _ = self.tx.send(Msg::Gate(lease, margin));
     }
 
-    /// A sender for `commit` that another thread (the ack thread) can own.
+    /// A sender for `commit`, bound to the current protection session,
+    /// that another thread (the ack thread) can own.
     pub fn committer(&self) -> Committer {
-        Committer(self.tx.clone())
+        Committer {
+            tx: self.tx.clone(),
+            session: self.tags.session.load(Ordering::Acquire),
+        }
+    }
+
+    /// Opens a protection session: from now on items are held until their
+    /// epoch is committed by a committer of this session; epochs restart
+    /// at 1. Call while the guest is paused or before it runs.
+    pub fn protect(&mut self) -> Result<OutqReport, OutqError> {
+        let session = self.tags.session.load(Ordering::Acquire) + 1;
+        self.tags.current.store(1, Ordering::Release);
+        self.tags.session.store(session, Ordering::Release);
+        self.set_mode(Mode::Commit, session)
+    }
+
+    /// Ends the protection session: items it still holds are dropped
+    /// (never released) and later items pass straight through. Call only
+    /// when no other copy can go live (the arbiter is held).
+    pub fn unprotect(&mut self) -> Result<OutqReport, OutqError> {
+        self.set_mode(Mode::PassThrough, 0)
+    }
+
+    /// Self-fencing: drops everything held and everything produced later.
+    pub fn fence(&mut self) -> Result<OutqReport, OutqError> {
+        self.set_mode(Mode::Fenced, 0)
+    }
+
+    /// Switches mode once the thread has handled everything sent before;
+    /// returns the running report.
+    fn set_mode(&mut self, mode: Mode, session: u64) -> Result<OutqReport, OutqError> {
+        self.mode = mode;
+        let (rtx, rrx) = channel();
+        self.tx
+            .send(Msg::SetMode(mode, session, rtx))
+            .map_err(|_| OutqError::Panicked)?;
+        rrx.recv().map_err(|_| OutqError::Panicked)
     }
 
     /// Stops the thread. Items not committed by now are dropped (counted in
@@ -264,18 +323,22 @@ impl Drop for OutputQueue {
     }
 }
 
-/// Sends commits to the queue from another thread.
+/// Sends commits of one protection session to the queue from another
+/// thread; once that session has ended its commits are ignored.
 #[derive(Clone)]
-pub struct Committer(Sender<Msg>);
+pub struct Committer {
+    tx: Sender<Msg>,
+    session: u64,
+}
 
 impl Committer {
     /// See [`OutputQueue::commit`].
     pub fn commit(&self, n: u64) {
-        let _ = self.0.send(Msg::Commit(n));
+        let _ = self.tx.send(Msg::Commit(self.session, n));
     }
 }
 
-fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
+fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
     let mut dests: Vec<Option<Box<dyn Egress>>> = Vec::new();
     let mut held: VecDeque<Item> = VecDeque::new();
     let mut committed = 0u64;
@@ -283,7 +346,11 @@ fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
     let open = |g: &Option<(crate::ha::lease::LeaseWatch, std::time::Duration)>| {
         g.as_ref().map_or(true, |(l, m)| l.held_for(*m))
     };
-    let mut r = OutqReport::default();
+    let mut session = u64::from(mode == Mode::Commit);
+    let mut r = OutqReport {
+        sessions: session,
+        ..OutqReport::default()
+    };
     let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
     let release = |it: Item,
                    dests: &mut Vec<Option<Box<dyn Egress>>>,
@@ -305,16 +372,43 @@ fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
             }
             Msg::Item(it) => {
                 r.items += 1;
-                if (mode == Mode::PassThrough || it.epoch <= committed) && open(&gate) {
-                    r.passed_through += 1;
-                    release(it, &mut dests, &mut r, &mut hist);
-                } else {
-                    r.held += 1;
-                    held.push_back(it);
+                match mode {
+                    Mode::Fenced => r.dropped += 1,
+                    // The lease gate: nothing leaves without the arbiter.
+                    Mode::PassThrough if !open(&gate) => r.dropped += 1,
+                    Mode::PassThrough => {
+                        r.passed_through += 1;
+                        release(it, &mut dests, &mut r, &mut hist);
+                    }
+                    Mode::Commit if it.epoch <= committed && open(&gate) => {
+                        r.passed_through += 1;
+                        release(it, &mut dests, &mut r, &mut hist);
+                    }
+                    Mode::Commit => {
+                        r.held += 1;
+                        held.push_back(it);
+                    }
                 }
             }
-            Msg::Commit(n) => {
-                if n <= committed || !open(&gate) {
+            Msg::SetMode(m, s, reply) => {
+                // Whatever the old session still held is not covered by any
+                // backup that can still acknowledge it: drop, never release.
+                r.dropped += held.len() as u64;
+                held.clear();
+                r.committed = committed;
+                mode = m;
+                committed = 0;
+                if m == Mode::Commit {
+                    session = s;
+                    r.sessions += 1;
+                } else {
+                    session = 0;
+                }
+                r.release_delay_us = Pct::of(&hist);
+                let _ = reply.send(r.clone());
+            }
+            Msg::Commit(s, n) => {
+                if mode != Mode::Commit || s != session || n <= committed || !open(&gate) {
                     continue;
                 }
                 committed = n;
@@ -333,7 +427,7 @@ fn queue_thread(rx: Receiver<Msg>, mode: Mode) {
             }
             Msg::Gate(l, m) => gate = Some((l, m)),
             Msg::Shutdown(reply) => {
-                r.dropped = held.len() as u64;
+                r.dropped += held.len() as u64;
                 held.clear();
                 r.committed = committed;
                 r.release_delay_us = Pct::of(&hist);

@@ -163,3 +163,60 @@ fn release_delay_is_measured() {
     let r = q.shutdown().unwrap();
     assert!(r.release_delay_us.max >= 20_000, "{:?}", r.release_delay_us);
 }
+
+#[test]
+fn a_late_ack_of_an_ended_session_releases_nothing_of_the_next() {
+    let mut q = OutputQueue::start(Mode::Commit).unwrap();
+    let (w, rx) = wire();
+    let (pw, prx) = wire();
+    let h = q.handle(w);
+    let probe = q.handle(pw);
+    let old = q.committer();
+    h.emit_now(b"s1-e1");
+    // The backup is lost before acking epoch 1: its output is dropped.
+    let r = q.unprotect().unwrap();
+    assert_eq!(r.dropped, 1);
+    assert!(
+        got(&rx).is_empty(),
+        "unacked output released when the session ended"
+    );
+    // Unprotected: output passes straight through.
+    h.emit_now(b"free");
+    settle(&probe, &prx);
+    assert_eq!(got(&rx), [b"free".to_vec()]);
+    // A fresh backup: a new session, epochs restart at 1.
+    q.protect().unwrap();
+    assert_eq!(h.epoch(), 1);
+    h.emit_now(b"s2-e1");
+    // The old backup's ack for epoch 1 arrives late: it must not count.
+    old.commit(1);
+    old.commit(9);
+    settle(&probe, &prx);
+    assert!(
+        got(&rx).is_empty(),
+        "an ack of the previous session released output of the new one"
+    );
+    q.committer().commit(1);
+    settle(&probe, &prx);
+    assert_eq!(got(&rx), [b"s2-e1".to_vec()]);
+    let r = q.shutdown().unwrap();
+    assert_eq!((r.sessions, r.dropped, r.committed), (2, 1, 1));
+}
+
+#[test]
+fn fenced_queue_releases_nothing_ever() {
+    let mut q = OutputQueue::start(Mode::PassThrough).unwrap();
+    let (w, rx) = wire();
+    let h = q.handle(w);
+    let c = q.committer();
+    q.protect().unwrap();
+    h.emit_now(b"held");
+    let r = q.fence().unwrap();
+    assert_eq!(r.dropped, 1);
+    h.emit_now(b"after");
+    c.commit(5);
+    q.committer().commit(5);
+    let r = q.shutdown().unwrap();
+    assert!(got(&rx).is_empty(), "a fenced queue released output");
+    assert_eq!((r.dropped, r.released), (2, 0));
+}

@@ -4,6 +4,7 @@
 
 pub mod etcd;
 pub mod fake;
+pub mod lines;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read};
@@ -68,10 +69,22 @@ impl Backup {
     }
 
     /// A backup started by `cmd` (e.g. [`castor_in`] a namespace).
-    pub fn start_cmd(mut cmd: Command, dir: &Path, extra: &[&str], key: &str) -> Backup {
+    pub fn start_cmd(cmd: Command, dir: &Path, extra: &[&str], key: &str) -> Backup {
+        Self::start_at(cmd, "127.0.0.1:0", dir, extra, key)
+    }
+
+    /// A backup listening on `listen` (a fixed port: a fresh backup where
+    /// a lost one was).
+    pub fn start_at(
+        mut cmd: Command,
+        listen: &str,
+        dir: &Path,
+        extra: &[&str],
+        key: &str,
+    ) -> Backup {
         let mut child = cmd
             .env("CASTOR_PSK", key)
-            .args(["backup", "--listen", "127.0.0.1:0", "--state-dir"])
+            .args(["backup", "--listen", listen, "--state-dir"])
             .arg(dir)
             .args(extra)
             .stdout(Stdio::piped())

@@ -419,15 +419,19 @@ impl Domain for KvmDomain {
     }
 
     fn announce(&mut self) -> std::result::Result<Vec<String>, DomainError> {
-        let Some(ip) = self.spec.ip else {
-            return Ok(Vec::new());
-        };
         let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(if devices.net.announce_ipv4(ip) {
-            vec![format!("gratuitous ARP for {ip}")]
-        } else {
-            Vec::new()
-        })
+        let mut said = Vec::new();
+        if let Some(ip) = self.spec.ip {
+            if devices.net.announce_ipv4(ip) {
+                said.push(format!("gratuitous ARP for {ip}"));
+            }
+        }
+        if let Some(ip) = self.spec.ip6 {
+            if devices.net.announce_ipv6(ip) {
+                said.push(format!("unsolicited neighbour advertisement for {ip}"));
+            }
+        }
+        Ok(said)
     }
 
     fn save_state(&mut self, out: &mut Vec<u8>) -> std::result::Result<(), DomainError> {

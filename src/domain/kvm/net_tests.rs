@@ -231,6 +231,59 @@ fn counter_guest_answers_udp_across_restore() {
     });
 }
 
+/// The activation announcement for IPv6: a neighbour that cached another
+/// MAC for the guest's IPv6 address (the old primary's path) replaces it
+/// with the guest's MAC when the domain announces itself. The kernel
+/// applies an unsolicited NA only if it is valid (hop limit, checksum,
+/// flags), so this also proves the frame is well formed.
+#[test]
+fn unsolicited_na_updates_a_neighbours_cache() {
+    let Some(ns) = Netns::create() else { return };
+    const GUEST_IP6: &str = "fd00:200::2";
+    let spec = KvmSpec::parse(&format!(
+        "guest=counter,mem=16MiB,tap={TAP},ip={GUEST_IP},ip6={GUEST_IP6},mac=52:54:00:c0:ff:ee"
+    ))
+    .unwrap();
+    ns.run(|| {
+        let Some(mut d) = open(&spec) else { return };
+        bring_up(&ns);
+        ns.ip(&["addr", "add", "fd00:200::1/64", "dev", TAP, "nodad"]);
+        ns.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            GUEST_IP6,
+            "lladdr",
+            "02:00:00:00:00:99",
+            "nud",
+            "stale",
+            "dev",
+            TAP,
+        ]);
+        let said = d.announce().unwrap();
+        assert!(
+            said.iter().any(|s| s.contains("neighbour advertisement")),
+            "{said:?}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let neigh = loop {
+            let o = Command::new("ip")
+                .args(["-n", &ns.name, "-6", "neigh", "show", GUEST_IP6])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&o.stdout).to_string();
+            if text.contains("52:54:00:c0:ff:ee") || Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            neigh.contains("52:54:00:c0:ff:ee"),
+            "the neighbour cache kept the old MAC: {neigh}"
+        );
+    });
+}
+
 /// (d) The blkcheck guest writes and reads back through the block device
 /// and sees out-of-range requests refused; the image holds its pattern.
 #[test]

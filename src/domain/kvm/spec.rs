@@ -97,6 +97,9 @@ pub struct KvmSpec {
     pub mac: Option<[u8; 6]>,
     /// The guest's IPv4 address, passed in the boot params (0 when absent).
     pub ip: Option<std::net::Ipv4Addr>,
+    /// An IPv6 address the guest owns: announced (unsolicited neighbour
+    /// advertisement) when a backup activates it.
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// Block device image file; `None`: no disk (commands fail).
     pub disk: Option<String>,
     pub console: Option<ConsoleSink>,
@@ -118,6 +121,7 @@ impl Default for KvmSpec {
             tap: None,
             mac: None,
             ip: None,
+            ip6: None,
             disk: None,
             console: None,
         }
@@ -125,7 +129,7 @@ impl Default for KvmSpec {
 }
 
 const KEYS: &str =
-    "guest, mem, regions, region_pages, touch, pattern, seed, dirty, tap, mac, ip, disk, console";
+    "guest, mem, regions, region_pages, touch, pattern, seed, dirty, tap, mac, ip, ip6, disk, console";
 
 /// Parses `52:54:00:12:34:56` (a unicast MAC).
 fn parse_mac(v: &str) -> Option<[u8; 6]> {
@@ -214,6 +218,15 @@ impl KvmSpec {
                             .map_err(|_| bad("an IPv4 address like 10.200.0.2"))?,
                     )
                 }
+                "ip6" => {
+                    let a: std::net::Ipv6Addr = value
+                        .parse()
+                        .map_err(|_| bad("a unicast IPv6 address like fd00:200::2"))?;
+                    if a.is_multicast() || a.is_unspecified() {
+                        return Err(bad("a unicast IPv6 address like fd00:200::2"));
+                    }
+                    s.ip6 = Some(a);
+                }
                 "disk" => {
                     if value.is_empty() {
                         return Err(bad("an image file path"));
@@ -300,6 +313,9 @@ impl fmt::Display for KvmSpec {
         if let Some(ip) = &self.ip {
             write!(f, ",ip={ip}")?;
         }
+        if let Some(ip) = &self.ip6 {
+            write!(f, ",ip6={ip}")?;
+        }
         if let Some(d) = &self.disk {
             write!(f, ",disk={d}")?;
         }
@@ -338,6 +354,7 @@ mod tests {
             "guest=memtouch,mem=32MiB,regions=3,region_pages=1,touch=1,pattern=sequential,seed=7,dirty=ring,console=/tmp/x.log",
             "guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1,dirty=bitmap,console=stderr",
             "guest=memtouch,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1,dirty=bitmap,tap=castor0,mac=52:54:00:0a:bc:de,ip=10.200.0.2,disk=/tmp/d.img,console=stderr",
+            "guest=counter,mem=16MiB,regions=64,region_pages=4,touch=8,pattern=random,seed=1,dirty=bitmap,ip=10.200.0.2,ip6=fd00:200::2",
         ] {
             let s = KvmSpec::parse(text).unwrap();
             assert_eq!(s.to_string(), text);
@@ -364,6 +381,8 @@ mod tests {
             ("mac=01:00:00:00:00:01", "mac=01:"),
             ("mac=52:54:00:12:34", "mac=52"),
             ("ip=10.0.0", "ip=10.0.0"),
+            ("ip6=10.0.0.1", "ip6=10.0.0.1"),
+            ("ip6=ff02::1", "ip6=ff02::1"),
             ("disk=", "disk="),
         ] {
             let e = KvmSpec::parse(text).unwrap_err().to_string();

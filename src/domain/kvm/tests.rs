@@ -333,7 +333,14 @@ fn clock_continues_across_restore() {
     drop(d);
     let mut r = KvmDomain::restore(&s, &mem, &st).unwrap();
     let t_restored = r.guest_time_ns();
-    assert!(t_restored <= t_saved && t_saved - t_restored < 50_000_000);
+    // The saved time is read just after the checkpoint (the clock runs
+    // while the source is paused); the gap is scheduling delay, which on a
+    // loaded 2-core machine reached 50 ms. Bounded well below the 300 ms
+    // wait below, which the restored clock must not count.
+    assert!(
+        t_restored <= t_saved && t_saved - t_restored < 200_000_000,
+        "restored {t_restored} ns vs saved {t_saved} ns"
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(r.guest_time_ns(), t_restored, "clock runs before start");
     let started = Instant::now();

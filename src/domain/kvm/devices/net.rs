@@ -126,6 +126,48 @@ pub fn gratuitous_arp(mac: [u8; 6], ip: std::net::Ipv4Addr) -> Vec<u8> {
     f
 }
 
+/// An unsolicited neighbour advertisement (RFC 4861 §7.2.6) for `ip`
+/// from `mac`: to all nodes (ff02::1), hop limit 255, Override set and
+/// Solicited clear, with the target link-layer address option, so
+/// neighbours replace a cached MAC for `ip` with `mac`.
+pub fn unsolicited_na(mac: [u8; 6], ip: std::net::Ipv6Addr) -> Vec<u8> {
+    const ICMP_LEN: usize = 32; // header 4 + flags 4 + target 16 + option 8
+    let all_nodes = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let mut f = Vec::with_capacity(14 + 40 + ICMP_LEN);
+    f.extend_from_slice(&[0x33, 0x33, 0, 0, 0, 1]); // multicast MAC of ff02::1
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x86, 0xdd]); // ethertype IPv6
+    f.extend_from_slice(&[0x60, 0, 0, 0]); // version 6, no class/flow
+    f.extend_from_slice(&(ICMP_LEN as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]); // next header ICMPv6, hop limit 255
+    f.extend_from_slice(&ip.octets()); // source: the announced address
+    f.extend_from_slice(&all_nodes.octets());
+    let icmp = f.len();
+    f.extend_from_slice(&[136, 0, 0, 0]); // NA, code 0, checksum below
+    f.extend_from_slice(&[0x20, 0, 0, 0]); // R=0 S=0 O=1
+    f.extend_from_slice(&ip.octets()); // target
+    f.extend_from_slice(&[2, 1]); // option: target link-layer address, 8 bytes
+    f.extend_from_slice(&mac);
+    // Checksum over the pseudo-header (src, dst, length, next header).
+    let mut sum = 0u32;
+    let mut add = |b: &[u8]| {
+        for c in b.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&ip.octets());
+    add(&all_nodes.octets());
+    add(&(ICMP_LEN as u32).to_be_bytes());
+    add(&[0, 0, 0, 58]);
+    add(&f[icmp..]);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let ck = !(sum as u16);
+    f[icmp + 2..icmp + 4].copy_from_slice(&ck.to_be_bytes());
+    f
+}
+
 pub struct Net {
     mac: [u8; 6],
     regs: NetRegs,
@@ -182,6 +224,16 @@ impl Net {
             return false;
         };
         sink.emit(&gratuitous_arp(self.mac, ip));
+        true
+    }
+
+    /// Sends an unsolicited neighbour advertisement for `ip` (see
+    /// [`unsolicited_na`]). Returns false when there is no backend.
+    pub fn announce_ipv6(&mut self, ip: std::net::Ipv6Addr) -> bool {
+        let Some(sink) = &mut self.sink else {
+            return false;
+        };
+        sink.emit(&unsolicited_na(self.mac, ip));
         true
     }
 
@@ -493,5 +545,36 @@ mod garp_tests {
         assert_eq!(&f[22..28], &mac, "sender MAC");
         assert_eq!(&f[28..32], &[10, 1, 2, 3], "sender IP");
         assert_eq!(&f[38..42], &[10, 1, 2, 3], "target IP = sender IP");
+    }
+
+    #[test]
+    fn unsolicited_na_layout_and_checksum() {
+        let mac = [0x52, 0x54, 0, 0xca, 0x57, 1];
+        let ip: std::net::Ipv6Addr = "fd00:200::2".parse().unwrap();
+        let f = unsolicited_na(mac, ip);
+        assert_eq!(f.len(), 14 + 40 + 32);
+        assert_eq!(&f[0..6], &[0x33, 0x33, 0, 0, 0, 1]);
+        assert_eq!(&f[12..14], &[0x86, 0xdd]);
+        assert_eq!(f[20], 58, "next header ICMPv6");
+        assert_eq!(f[21], 255, "hop limit must be 255 or receivers drop it");
+        assert_eq!(&f[54..56], &[136, 0], "neighbour advertisement");
+        assert_eq!(f[58] & 0xe0, 0x20, "Override set, Solicited clear");
+        assert_eq!(&f[62..78], &ip.octets(), "target");
+        assert_eq!(&f[78..80], &[2, 1]);
+        assert_eq!(&f[80..86], &mac);
+        // The one's-complement sum over pseudo-header + message is 0xffff.
+        let mut sum = 0u32;
+        let mut add = |b: &[u8]| {
+            for c in b.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+            }
+        };
+        add(&f[22..54]); // source + destination
+        add(&[0, 0, 0, 32, 0, 0, 0, 58]);
+        add(&f[54..]);
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        assert_eq!(sum, 0xffff);
     }
 }
