@@ -14,51 +14,15 @@ use std::time::{Duration, Instant};
 use castor::codec::{Compressor, Encoder};
 use castor::PAGE_SIZE;
 
-type Page = [u8; PAGE_SIZE];
+#[path = "pages.rs"]
+mod pages;
+use pages::{text_page, Page, Rng};
 
 /// Pages per set: 64 MiB, far beyond the caches, like a busy epoch's
 /// dirty set on a large guest.
 const PAGES: usize = 16384;
 /// Pages per stripe unit, as the engine interleaves shards.
 const STRIPE: usize = 64;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-fn text_page(rng: &mut Rng, p: &mut Page) {
-    const WORDS: [&[u8]; 8] = [
-        b"the ",
-        b"replica ",
-        b"epoch ",
-        b"page ",
-        b"dirty ",
-        b"and ",
-        b"\n",
-        b"{\"id\": ",
-    ];
-    let mut i = 0;
-    while i < PAGE_SIZE {
-        let w: &[u8] = if rng.below(10) == 0 {
-            &[0; 12]
-        } else {
-            WORDS[rng.below(WORDS.len())]
-        };
-        let n = w.len().min(PAGE_SIZE - i);
-        p[i..i + n].copy_from_slice(&w[..n]);
-        i += n;
-    }
-}
 
 /// (current, previous) page images of one set.
 struct Set {
@@ -85,7 +49,7 @@ fn sets() -> Vec<Set> {
         prev: vec![[0; PAGE_SIZE]; PAGES],
     };
     for i in 0..PAGES {
-        text_page(&mut rng, &mut small.prev[i]);
+        small.prev[i] = text_page(&mut rng);
         small.cur[i] = small.prev[i];
         for _ in 0..1 + rng.below(4) {
             let off = rng.below(PAGE_SIZE - 16);
@@ -93,8 +57,8 @@ fn sets() -> Vec<Set> {
                 *b = rng.next() as u8;
             }
         }
-        text_page(&mut rng, &mut text.prev[i]);
-        text_page(&mut rng, &mut text.cur[i]);
+        text.prev[i] = text_page(&mut rng);
+        text.cur[i] = text_page(&mut rng);
         for c in random.cur[i].chunks_exact_mut(8) {
             c.copy_from_slice(&rng.next().to_le_bytes());
         }

@@ -123,6 +123,9 @@ pub fn protect(
     let mut outq = OutputQueue::start(Mode::PassThrough)
         .map_err(|e| HarnessError::Primary(PrimaryError::Protocol(e.to_string())))?;
     domain.attach_output(&outq)?;
+    // Host devices (`--nfqueue`): alive until after the queue's shutdown.
+    let host = crate::outq::nfqueue::attach(&outq, cfg.nfqueue.as_ref())
+        .map_err(|e| HarnessError::Primary(e.into()))?;
     let (sink, reader) = open_session(addr, psk, &*domain, Duration::from_secs(10))?;
     let first: Session<TcpStream> = (Box::new(sink), reader);
     let lcfg = LiveConfig {
@@ -151,6 +154,9 @@ pub fn protect(
         })?;
     if let Ok(r) = outq.shutdown() {
         live.output = r;
+    }
+    if let Some(h) = host {
+        eprintln!("castor: {}", h.describe());
     }
     let mut state = Vec::new();
     live.domain.save_state(&mut state)?;

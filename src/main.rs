@@ -114,6 +114,9 @@ enum Cmd {
         reprotect: Option<String>,
         #[arg(long, default_value = "1s", value_parser = units::parse_duration, requires = "reprotect")]
         reprotect_every: Duration,
+        /// FOR TESTS ONLY: delay every ack by this long (output commit tests).
+        #[arg(long, hide = true, value_parser = units::parse_duration)]
+        test_ack_delay: Option<Duration>,
     },
     /// Protect a domain: run it in epochs and stream each checkpoint to a backup.
     ///
@@ -157,6 +160,18 @@ enum Cmd {
         /// there re-protects the running guest (0 = never).
         #[arg(long, default_value = "1s", value_parser = units::parse_duration)]
         redial_every: Duration,
+        /// Also hold output of host network devices (Xen vifs, veths) that
+        /// netfilter rules send to NFQUEUE queue N; released at commit.
+        /// Start-up fails if no IPv4/IPv6 rule feeds queue N.
+        #[arg(long, value_name = "N")]
+        nfqueue: Option<u16>,
+        /// Install (and remove at exit) the rules holding DEV's IPv4, IPv6
+        /// and, for a bridge port, ARP output in the --nfqueue queue. Repeatable.
+        #[arg(long, value_name = "DEV", requires = "nfqueue")]
+        nfqueue_dev: Vec<String>,
+        /// Include every epoch's record (with ack times) in the JSON report.
+        #[arg(long)]
+        per_epoch: bool,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -337,6 +352,23 @@ fn phys_mem() -> u64 {
 
 /// Exit status of `protect --stop-on-backup-loss`: the backup was lost.
 const EXIT_BACKUP_LOST: u8 = 2;
+/// `--nfqueue Q --nfqueue-dev DEV...`: installs the rules for each DEV,
+/// then checks that IPv4 and IPv6 do reach queue Q.
+fn nfqueue_rules(
+    q: u16,
+    devs: &[String],
+) -> Result<Vec<castor::outq::nfqueue::rules::Installed>, String> {
+    use castor::outq::nfqueue::rules;
+    let mut installed = Vec::new();
+    for d in devs {
+        let r = rules::install(q, d).map_err(|e| format!("--nfqueue-dev {d}: {e}"))?;
+        eprintln!("castor protect: holding output of {}", r.describe());
+        installed.push(r);
+    }
+    rules::check(q).map_err(|e| format!("--nfqueue {q}: {e}"))?;
+    Ok(installed)
+}
+
 /// Exit status: the arbiter's lease lapsed; this copy paused its guest and
 /// dropped its held output (another copy may be live now).
 const EXIT_SELF_FENCED: u8 = 5;
@@ -418,6 +450,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             fence_timeout,
             reprotect,
             reprotect_every,
+            test_ack_delay,
         } => {
             let psk = load_psk(psk_file.as_ref())?;
             let l = castor::transport::tcp::listen(&listen).map_err(|e| e.to_string())?;
@@ -440,7 +473,14 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 max_mem: max_mem.unwrap_or_else(phys_mem),
                 quiet,
                 heartbeat_timeout,
+                ack_delay: test_ack_delay.unwrap_or_default(),
             };
+            if let Some(d) = test_ack_delay {
+                eprintln!(
+                    "castor backup: TEST MODE: every ack is delayed by {} ms",
+                    d.as_millis()
+                );
+            }
             if activate {
                 castor::engine::install_stop_handler();
             }
@@ -569,9 +609,18 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             arbiter,
             stop_on_backup_loss,
             redial_every,
+            nfqueue,
+            nfqueue_dev,
+            per_epoch,
             engine,
         } => {
             let spec = parse_spec(&domain)?;
+            // Rules first (and their check), so a missing queue fails
+            // before anything runs; removed when `rules` drops.
+            let rules = match nfqueue {
+                Some(q) => nfqueue_rules(q, &nfqueue_dev)?,
+                None => Vec::new(),
+            };
             let psk = load_psk(psk_file.as_ref())?;
             let port = backup
                 .rsplit_once(':')
@@ -606,6 +655,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             cfg.duration = duration;
             cfg.max_epochs = epochs;
             cfg.progress = !quiet;
+            cfg.keep_records = per_epoch;
+            cfg.nfqueue = nfqueue.map(|queue| castor::outq::nfqueue::NfqSpec {
+                queue,
+                arp_devices: rules
+                    .iter()
+                    .filter(|r| r.bridge.is_some())
+                    .map(|r| r.dev.clone())
+                    .collect(),
+            });
             castor::engine::install_stop_handler();
             let opts = harness::ProtectOpts {
                 continue_unprotected: !stop_on_backup_loss,

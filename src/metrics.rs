@@ -38,6 +38,24 @@ pub struct EpochRecord {
     pub send_us: u64,
     /// Pause start → ack received.
     pub latency_us: u64,
+    /// CLOCK_MONOTONIC (ns) just after the next epoch was opened in the
+    /// output queue: output read later is tagged with a later epoch.
+    pub closed_at_ns: u64,
+    /// CLOCK_MONOTONIC (ns) when the ack arrived and the output queue was
+    /// told to commit this epoch.
+    pub acked_at_ns: u64,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process and network
+/// namespace on the host, so tests can compare events across processes.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn hist() -> Histogram<u64> {

@@ -18,6 +18,25 @@ fn term(pid: u32) {
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
 }
 
+/// `castor protect` of [`SPEC`] against `addr` with the pair's `lock` and
+/// `extra` arguments, once checkpoints are acknowledged; its stderr lines.
+fn protect_watched(addr: &str, lock: &str, extra: &[&str]) -> (Reaped, Lines) {
+    let mut p = Reaped(
+        castor()
+            .args([
+                "protect", "--domain", SPEC, "--backup", addr, "--epoch", "25ms",
+            ])
+            .args(["--arbiter", lock])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let out = Lines::watch(p.0.stderr.take().unwrap());
+    out.wait_for("acked", WAIT);
+    (p, out)
+}
+
 /// The digest a stopped `castor protect` reports for its final state.
 fn final_digest(lines: &Lines) -> String {
     let l = lines.wait_for("castor protect: stopped after", WAIT);
@@ -43,27 +62,7 @@ fn primary_runs_unprotected_then_a_fresh_backup_protects_it() {
     let lock = format!("local:{}", dir.path().join("pair.lock").display());
     let b1 = Backup::start(&dir.path().join("r1"));
     let addr = b1.addr.clone();
-    let mut p = Reaped(
-        castor()
-            .args([
-                "protect",
-                "--domain",
-                SPEC,
-                "--backup",
-                &addr,
-                "--epoch",
-                "25ms",
-                "--arbiter",
-                &lock,
-                "--redial-every",
-                "100ms",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let out = Lines::watch(p.0.stderr.take().unwrap());
-    out.wait_for("acked", WAIT);
+    let (mut p, out) = protect_watched(&addr, &lock, &["--redial-every", "100ms"]);
     drop(b1); // SIGKILL + reap
     out.wait_for("UNPROTECTED", WAIT);
     assert!(
@@ -154,29 +153,11 @@ fn silent_backup_is_declared_lost_and_the_guest_runs_on() {
     let dir = tempfile::tempdir().unwrap();
     let lock = format!("local:{}", dir.path().join("pair.lock").display());
     let b = Backup::start(&dir.path().join("r1"));
-    let mut p = Reaped(
-        castor()
-            .args([
-                "protect",
-                "--domain",
-                SPEC,
-                "--backup",
-                &b.addr,
-                "--epoch",
-                "25ms",
-                "--arbiter",
-                &lock,
-                "--backup-timeout",
-                "300ms",
-                "--redial-every",
-                "0",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (mut p, out) = protect_watched(
+        &b.addr,
+        &lock,
+        &["--backup-timeout", "300ms", "--redial-every", "0"],
     );
-    let out = Lines::watch(p.0.stderr.take().unwrap());
-    out.wait_for("acked", WAIT);
     // SAFETY: kill(2) on our own child's pid; no memory is involved.
     assert_eq!(
         unsafe { libc::kill(b.child.id() as libc::pid_t, libc::SIGSTOP) },

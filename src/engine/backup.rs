@@ -43,6 +43,10 @@ pub struct BackupConfig {
     /// Suspect the primary after this long without any record from it
     /// (see [`crate::ha::detector::DEFAULT_TIMEOUT`]).
     pub heartbeat_timeout: Duration,
+    /// FOR TESTS ONLY (`castor backup --test-ack-delay`): send each ack this
+    /// long after the epoch was committed, so a test can tell "output
+    /// produced" from "ack sent" by a visible margin. Zero in real use.
+    pub ack_delay: Duration,
 }
 
 /// How a session ended.
@@ -138,6 +142,25 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
             })
             .expect("spawning heartbeat thread")
     };
+    // Test-only ack delay: acks leave from their own thread, in order, each
+    // `ack_delay` after its commit; receiving is not slowed down.
+    let delayed = (!cfg.ack_delay.is_zero()).then(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, Instant)>();
+        let w = writer.clone();
+        let delay = cfg.ack_delay;
+        let t = std::thread::Builder::new()
+            .name("castor-ack-delay".into())
+            .spawn(move || {
+                for (e, at) in rx {
+                    std::thread::sleep((at + delay).saturating_duration_since(Instant::now()));
+                    if send(&w, RecordKind::Ack, e, &[]).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning ack-delay thread");
+        (tx, t)
+    });
 
     // Suspect a primary that stops sending even though its TCP stays open.
     let live = Arc::new(Liveness::new(cfg.heartbeat_timeout));
@@ -173,7 +196,9 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
         match rx.on_record(rec) {
             Ok(Event::None) => {}
             Ok(Event::Committed(e)) => {
-                if let Err(err) = send(&writer, RecordKind::Ack, e, &[]) {
+                if let Some((tx, _)) = &delayed {
+                    let _ = tx.send((e, now));
+                } else if let Err(err) = send(&writer, RecordKind::Ack, e, &[]) {
                     break (false, format!("sending ack {e}: {err}"));
                 }
             }
@@ -188,6 +213,10 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
         }
     };
     let ended_at = Instant::now();
+    if let Some((tx, t)) = delayed {
+        drop(tx);
+        let _ = t.join();
+    }
     let silent = watchdog.finish();
     if let Some(s) = silent {
         end = format!(

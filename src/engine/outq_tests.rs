@@ -199,6 +199,7 @@ fn backup_thread() -> (String, JoinHandle<()>, tempfile::TempDir) {
         max_mem: 1 << 30,
         quiet: true,
         heartbeat_timeout: crate::ha::detector::DEFAULT_TIMEOUT,
+        ack_delay: Duration::ZERO,
     };
     let h = std::thread::spawn(move || {
         let _ = backup::serve(&l, &cfg);

@@ -67,6 +67,8 @@ pub enum PrimaryError {
     Protocol(String),
     #[error("self-fenced: the arbiter's lease is no longer held (last acknowledged epoch {acked}); the guest stays paused and its unacknowledged output was dropped")]
     LeaseLost { acked: u64 },
+    #[error("output commit: {0}")]
+    Output(#[from] crate::outq::nfqueue::NfqError),
 }
 
 /// Tunables of the primary pipeline.
@@ -113,6 +115,8 @@ pub struct PrimaryConfig {
     /// the backup's own 500 ms: losing a slow backup costs a full re-seed,
     /// so the primary waits out more scheduling noise before giving up.
     pub backup_silence: Duration,
+    /// Also hold host-device output queued to this NFQUEUE (`--nfqueue`).
+    pub nfqueue: Option<crate::outq::nfqueue::NfqSpec>,
 }
 
 impl Default for PrimaryConfig {
@@ -138,6 +142,7 @@ impl Default for PrimaryConfig {
             lease: None,
             lease_margin: Duration::from_millis(100),
             backup_silence: Duration::from_secs(2),
+            nfqueue: None,
         }
     }
 }
@@ -666,6 +671,8 @@ fn ack_thread<R: std::io::Read>(
                 // so the output it produced may leave. Sent before `acked`
                 // is published, so a clean stop (which waits for the final
                 // ack, then shuts the queue) finds the commit queued first.
+                // Read before the commit, which may release output at once.
+                let acked_at_ns = crate::metrics::mono_ns();
                 output.commit(epoch);
                 g.acked = Some(epoch);
                 shared.cv.notify_all();
@@ -673,6 +680,7 @@ fn ack_thread<R: std::io::Read>(
                 if epoch > 0 {
                     let mut r = entry.record;
                     r.latency_us = entry.pause_start.elapsed().as_micros() as u64;
+                    r.acked_at_ns = acked_at_ns;
                     shared.metrics.lock().unwrap().add(&r);
                 }
             }
@@ -755,6 +763,12 @@ pub fn run<R: std::io::Read + Send + 'static>(
     if let Err(e) = domain.attach_output(&outq) {
         return Err((e.into(), Some(domain)));
     }
+    // Host-device output next to the domain's own; kept past the
+    // shutdown, so held packets get their NF_DROP on a live socket.
+    let host = match crate::outq::nfqueue::attach(&outq, cfg.nfqueue.as_ref()) {
+        Ok(h) => h,
+        Err(e) => return Err((e.into(), Some(domain))),
+    };
     let mut out = run_session(domain, &mut outq, sink, reader, cfg);
     // Nothing uncommitted is held after a clean stop; on an error the
     // session's held output was already dropped. Shutting down releases
@@ -763,6 +777,9 @@ pub fn run<R: std::io::Read + Send + 'static>(
         (Ok(r), Ok(o)) => o.output = r,
         (Ok(_), Err(_)) => {}
         (Err(e), _) => tracing::warn!("output queue: {e}"),
+    }
+    if let Some(h) = host {
+        eprintln!("castor: {}", h.describe());
     }
     out
 }
@@ -1269,6 +1286,8 @@ fn drive(
             // `epoch` is exactly what checkpoint `epoch` covers; from the
             // resume on, output belongs to the next epoch.
             outq.open_epoch(epoch + 1);
+            // Read after the store: output read from now on is tagged > epoch.
+            rec.closed_at_ns = crate::metrics::mono_ns();
             let t_paused = Instant::now();
             late.clear();
             domain.harvest_dirty(&mut late)?;

@@ -20,8 +20,10 @@
 //!   engine advances the counter with [`OutputQueue::open_epoch`] *between*
 //!   `Domain::pause` and `Domain::resume`: every producer is part of the
 //!   guest (the kvm NIC transmits on the vCPU thread) and is parked then, so
-//!   no producer can read the counter across the boundary. A producer that
-//!   runs while the guest is paused would break this; none exists.
+//!   no producer can read the counter across the boundary. Host-device
+//!   sources ([`nfqueue`]) are not parked; they tag what they read with
+//!   the epoch running at the read, which is never earlier than the epoch
+//!   that produced it (conservative: held at most one epoch longer).
 //! - In commit mode an item is released only after `commit(n)` with
 //!   n ≥ its tag. `commit` is monotonic: a smaller n than already committed
 //!   is ignored. Items of one destination leave in the order they were
@@ -70,6 +72,30 @@ pub enum OutqError {
 pub trait Egress: Send {
     /// Sends one released frame. Runs on `castor-outq`; must not block long.
     fn release(&mut self, frame: &[u8]);
+    /// Called for each item thrown away (shutdown, end of a session,
+    /// fenced): never released. A destination that holds the real packets
+    /// elsewhere (NFQUEUE: in the kernel) must drop them; default: nothing.
+    fn discard(&mut self, _frame: &[u8]) {}
+    /// Called after each batch of `release`/`discard` calls (one commit,
+    /// one pass-through item, a drop), so a destination can act on the
+    /// batch at once (NFQUEUE: one batch verdict).
+    fn flush(&mut self) {}
+}
+
+/// Discards `items` at their destinations (never released), then flushes.
+fn discard_all(
+    items: impl IntoIterator<Item = Item>,
+    dests: &mut [Option<Box<dyn Egress>>],
+) -> u64 {
+    let mut n = 0;
+    for it in items {
+        if let Some(Some(d)) = dests.get_mut(it.dest) {
+            d.discard(&it.frame);
+        }
+        n += 1;
+    }
+    dests.iter_mut().flatten().for_each(|d| d.flush());
+    n
 }
 
 /// Whether the queue holds output until its epoch is acknowledged.
@@ -362,6 +388,16 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
         r.released += 1;
         let _ = hist.record((it.at.elapsed().as_micros() as u64).max(1));
     };
+    let release_now = |it: Item,
+                       dests: &mut Vec<Option<Box<dyn Egress>>>,
+                       r: &mut OutqReport,
+                       hist: &mut Histogram<u64>| {
+        let dest = it.dest;
+        release(it, dests, r, hist);
+        if let Some(Some(d)) = dests.get_mut(dest) {
+            d.flush();
+        }
+    };
     for msg in rx.iter() {
         match msg {
             Msg::Register(id, d) => {
@@ -373,16 +409,16 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
             Msg::Item(it) => {
                 r.items += 1;
                 match mode {
-                    Mode::Fenced => r.dropped += 1,
+                    Mode::Fenced => r.dropped += discard_all([it], &mut dests),
                     // The lease gate: nothing leaves without the arbiter.
-                    Mode::PassThrough if !open(&gate) => r.dropped += 1,
+                    Mode::PassThrough if !open(&gate) => r.dropped += discard_all([it], &mut dests),
                     Mode::PassThrough => {
                         r.passed_through += 1;
-                        release(it, &mut dests, &mut r, &mut hist);
+                        release_now(it, &mut dests, &mut r, &mut hist);
                     }
                     Mode::Commit if it.epoch <= committed && open(&gate) => {
                         r.passed_through += 1;
-                        release(it, &mut dests, &mut r, &mut hist);
+                        release_now(it, &mut dests, &mut r, &mut hist);
                     }
                     Mode::Commit => {
                         r.held += 1;
@@ -393,8 +429,7 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
             Msg::SetMode(m, s, reply) => {
                 // Whatever the old session still held is not covered by any
                 // backup that can still acknowledge it: drop, never release.
-                r.dropped += held.len() as u64;
-                held.clear();
+                r.dropped += discard_all(held.drain(..), &mut dests);
                 r.committed = committed;
                 mode = m;
                 committed = 0;
@@ -424,11 +459,11 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
                     }
                 }
                 held = keep;
+                dests.iter_mut().flatten().for_each(|d| d.flush());
             }
             Msg::Gate(l, m) => gate = Some((l, m)),
             Msg::Shutdown(reply) => {
-                r.dropped += held.len() as u64;
-                held.clear();
+                r.dropped += discard_all(held.drain(..), &mut dests);
                 r.committed = committed;
                 r.release_delay_us = Pct::of(&hist);
                 let _ = reply.send(r);
@@ -437,6 +472,8 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
         }
     }
 }
+
+pub mod nfqueue;
 
 #[cfg(test)]
 mod tests;

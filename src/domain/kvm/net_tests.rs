@@ -358,6 +358,7 @@ fn protected_rtts(
         max_mem: 1 << 30,
         quiet: true,
         heartbeat_timeout: crate::ha::detector::DEFAULT_TIMEOUT,
+        ack_delay: Duration::ZERO,
     };
     let b = std::thread::spawn(move || backup::serve(&l, &bcfg).map(|_| ()));
     let s = tcp::connect(&addr, Duration::from_secs(10)).unwrap();

@@ -1,0 +1,291 @@
+//! The netfilter rules that send a device's packets to castor's queue:
+//! checked at start-up (a queue nobody feeds holds nothing, silently), and
+//! optionally installed and removed by castor (`--nfqueue-dev DEV`).
+//!
+//! What holds what (Linux 6.18 as configured here, iptables-nft 1.8):
+//! - IPv4: `iptables -t mangle -I PREROUTING -i DEV -j NFQUEUE --queue-num N`
+//!   (`-m physdev --physdev-in DEV` for a bridge port: with br_netfilter,
+//!   bridged packets traverse iptables with the bridge as in-device).
+//! - IPv6: the same with ip6tables.
+//! - ARP: no queue exists for it (see [`super::arp`]); for a bridge port a
+//!   netdev-ingress rule drops ARP from DEV while castor holds a copy.
+//!
+//! Installed rules are removed when [`Installed`] is dropped. If castor is
+//! killed they stay, and with no listener on the queue the kernel drops
+//! what they match: output stays held (lost, never leaked) until an
+//! operator removes them.
+
+use std::process::Command;
+
+use super::arp;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("running `{cmd}`: {source} (install iptables/nftables)")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{cmd}` failed: {stderr}")]
+    Failed { cmd: String, stderr: String },
+    #[error("no {family} rule sends packets to NFQUEUE queue {queue}, so that traffic would leave unheld. Add one, e.g.\n    {example}\nor let castor install and remove it with --nfqueue-dev DEV")]
+    Missing {
+        family: &'static str,
+        queue: u16,
+        example: String,
+    },
+    #[error("{dev} is a port of bridge {bridge} but {sysctl} is 0, so its {family} packets bypass iptables; set it to 1 (needs br_netfilter)")]
+    BridgeNf {
+        dev: String,
+        bridge: String,
+        sysctl: &'static str,
+        family: &'static str,
+    },
+    #[error("no network device named {0:?}")]
+    NoDevice(String),
+}
+
+fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String, RuleError> {
+    use std::io::Write;
+    let cmd = format!("{prog} {}", args.join(" "));
+    let mut c = Command::new(prog);
+    c.args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().map_err(|source| RuleError::Spawn {
+        cmd: cmd.clone(),
+        source,
+    })?;
+    if let Some(s) = stdin {
+        let _ = child.stdin.take().unwrap().write_all(s.as_bytes());
+    }
+    drop(child.stdin.take());
+    let out = child
+        .wait_with_output()
+        .map_err(|source| RuleError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(RuleError::Failed {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether an `iptables-save` rule line queues to `queue`.
+fn save_line_queues(line: &str, queue: u16) -> bool {
+    if !line.starts_with("-A ") || !line.contains("-j NFQUEUE") {
+        return false;
+    }
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let arg = |name: &str| w.iter().position(|x| *x == name).and_then(|i| w.get(i + 1));
+    if let Some(n) = arg("--queue-num") {
+        return n.parse::<u16>() == Ok(queue);
+    }
+    if let Some(r) = arg("--queue-balance") {
+        if let Some((a, b)) = r.split_once(':') {
+            return matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= queue && queue <= b);
+        }
+        return false;
+    }
+    queue == 0
+}
+
+/// Whether `nft list ruleset` text queues `family` traffic (ip, ip6; inet
+/// counts for both) to `queue`.
+fn nft_queues(ruleset: &str, family: &str, queue: u16) -> bool {
+    let mut fam = "";
+    for line in ruleset.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("table ") {
+            fam = rest.split_whitespace().next().unwrap_or("");
+            continue;
+        }
+        if fam != family && fam != "inet" {
+            continue;
+        }
+        let w: Vec<&str> = t.split_whitespace().collect();
+        if let Some(i) = w.iter().position(|x| *x == "queue") {
+            let num = w[i..]
+                .iter()
+                .position(|x| *x == "num")
+                .and_then(|j| w.get(i + j + 1));
+            match num {
+                None if queue == 0 => return true,
+                Some(n) => {
+                    if n.parse::<u16>() == Ok(queue) {
+                        return true;
+                    }
+                    if let Some((a, b)) = n.split_once('-') {
+                        if matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= queue && queue <= b)
+                        {
+                            return true;
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    false
+}
+
+/// Checks that IPv4 and IPv6 packets are sent to `queue` by some rule
+/// (iptables, ip6tables, or native nftables).
+pub fn check(queue: u16) -> Result<(), RuleError> {
+    let nft = run("nft", &["list", "ruleset"], None).unwrap_or_default();
+    for (family, save, nfam, tool) in [
+        ("IPv4", "iptables-save", "ip", "iptables"),
+        ("IPv6", "ip6tables-save", "ip6", "ip6tables"),
+    ] {
+        let saved = run(save, &[], None)?;
+        if saved.lines().any(|l| save_line_queues(l, queue)) || nft_queues(&nft, nfam, queue) {
+            continue;
+        }
+        return Err(RuleError::Missing {
+            family,
+            queue,
+            example: format!(
+                "{tool} -t mangle -I PREROUTING -i DEV -j NFQUEUE --queue-num {queue}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Rules castor installed for one device; removed on drop.
+pub struct Installed {
+    /// (program, args to delete).
+    undo: Vec<(String, Vec<String>)>,
+    arp_table: Option<String>,
+    pub dev: String,
+    /// The bridge DEV is a port of (ARP is held only then).
+    pub bridge: Option<String>,
+}
+
+fn sysctl_is_one(path: &str) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|s| s.trim() == "1")
+}
+
+/// Installs the rules holding `dev`'s IPv4, IPv6 and (bridge port) ARP
+/// output in `queue`.
+pub fn install(queue: u16, dev: &str) -> Result<Installed, RuleError> {
+    if !std::path::Path::new(&format!("/sys/class/net/{dev}")).exists() || dev.contains('/') {
+        return Err(RuleError::NoDevice(dev.to_string()));
+    }
+    let bridge = arp::bridge_of(dev);
+    if let Some(b) = &bridge {
+        for (sysctl, family) in [
+            ("bridge-nf-call-iptables", "IPv4"),
+            ("bridge-nf-call-ip6tables", "IPv6"),
+        ] {
+            if !sysctl_is_one(&format!("/proc/sys/net/bridge/{sysctl}")) {
+                return Err(RuleError::BridgeNf {
+                    dev: dev.into(),
+                    bridge: b.clone(),
+                    sysctl,
+                    family,
+                });
+            }
+        }
+    }
+    let q = queue.to_string();
+    let mut m: Vec<&str> = match bridge {
+        Some(_) => vec!["-m", "physdev", "--physdev-in", dev],
+        None => vec!["-i", dev],
+    };
+    m.extend(["-j", "NFQUEUE", "--queue-num", &q]);
+    let mut inst = Installed {
+        undo: Vec::new(),
+        arp_table: None,
+        dev: dev.into(),
+        bridge: bridge.clone(),
+    };
+    for tool in ["iptables", "ip6tables"] {
+        let mut args = vec!["-w", "-t", "mangle", "-I", "PREROUTING"];
+        args.extend(&m);
+        run(tool, &args, None)?;
+        let mut del = vec!["-w", "-t", "mangle", "-D", "PREROUTING"];
+        del.extend(&m);
+        inst.undo
+            .push((tool.into(), del.iter().map(|s| s.to_string()).collect()));
+    }
+    if bridge.is_some() {
+        let table = format!(
+            "castor_arp_{}",
+            dev.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        );
+        let script = format!(
+            "table netdev {table} {{\n  chain hold {{\n    type filter hook ingress device \"{dev}\" priority -500; policy accept;\n    ether type arp drop\n  }}\n}}\n"
+        );
+        run("nft", &["-f", "-"], Some(&script))?;
+        inst.arp_table = Some(table);
+    }
+    Ok(inst)
+}
+
+impl Installed {
+    pub fn describe(&self) -> String {
+        match &self.bridge {
+            Some(b) => format!(
+                "{}: IPv4/IPv6 by physdev rule, ARP by netdev drop + castor copy into bridge {b}",
+                self.dev
+            ),
+            None => format!(
+                "{}: IPv4/IPv6 by -i rule; ARP NOT held (not a bridge port)",
+                self.dev
+            ),
+        }
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        for (prog, args) in &self.undo {
+            let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            if let Err(e) = run(prog, &a, None) {
+                eprintln!("castor: removing an NFQUEUE rule: {e}");
+            }
+        }
+        if let Some(t) = &self.arp_table {
+            if let Err(e) = run("nft", &["delete", "table", "netdev", t], None) {
+                eprintln!("castor: removing the ARP hold rule: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_iptables_save_lines() {
+        let l = "-A PREROUTING -i vh0 -j NFQUEUE --queue-num 5";
+        assert!(save_line_queues(l, 5));
+        assert!(!save_line_queues(l, 6));
+        assert!(save_line_queues("-A FORWARD -j NFQUEUE", 0));
+        assert!(!save_line_queues("-A FORWARD -j NFQUEUE", 1));
+        assert!(save_line_queues(
+            "-A FORWARD -j NFQUEUE --queue-balance 4:7",
+            6
+        ));
+        assert!(!save_line_queues("-A FORWARD -j ACCEPT", 0));
+        assert!(!save_line_queues(":PREROUTING ACCEPT [0:0]", 0));
+    }
+
+    #[test]
+    fn recognises_nft_rules_per_family() {
+        let r = "table ip mangle {\n chain PREROUTING {\n  iifname \"vb\" counter packets 0 bytes 0 queue num 5\n }\n}\ntable ip6 t {\n chain c {\n  queue num 2-4\n }\n}\n";
+        assert!(nft_queues(r, "ip", 5));
+        assert!(!nft_queues(r, "ip6", 5));
+        assert!(nft_queues(r, "ip6", 3));
+        assert!(!nft_queues(r, "ip", 3));
+        assert!(nft_queues("table inet x {\n queue num 9\n}", "ip6", 9));
+    }
+}
