@@ -142,7 +142,8 @@ fn a_one_winner_and_tokens_grow_after_release_and_death() {
     let Some(e) = Etcd::start(None) else { return };
     let spec = format!("etcd:{}/castor/test-a", e.url);
     let mut a = from_spec(&spec).unwrap();
-    let mut b = from_spec(&spec).unwrap();
+    // The second contender lists a dead endpoint first: it fails over.
+    let mut b = from_spec(&format!("etcd:http://127.0.0.1:9,{}/castor/test-a", e.url)).unwrap();
     let ta = a.try_acquire().unwrap().expect("the first contender wins");
     assert_eq!(b.try_acquire().unwrap(), None, "the second loses");
     assert!(b.lease().is_none());

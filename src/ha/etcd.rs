@@ -180,6 +180,9 @@ impl EtcdSpec {
 struct Client {
     agent: ureq::Agent,
     endpoints: Arc<Vec<String>>,
+    /// Index of the endpoint that answered last: tried first, so a dead
+    /// member costs one timeout once, not on every renewal.
+    preferred: Arc<std::sync::atomic::AtomicUsize>,
     timeout: Duration,
 }
 
@@ -192,6 +195,7 @@ impl Client {
         Client {
             agent,
             endpoints: Arc::new(endpoints),
+            preferred: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             timeout,
         }
     }
@@ -201,7 +205,10 @@ impl Client {
     /// transport failure moves on to the next endpoint.
     fn call(&self, call: &'static str, path: &str, body: &Value) -> Result<Value, EtcdError> {
         let mut tried = Vec::new();
-        for ep in self.endpoints.iter() {
+        let n = self.endpoints.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n.max(1);
+        for i in (0..n).map(|k| (first + k) % n) {
+            let ep = &self.endpoints[i];
             let url = format!("{ep}{path}");
             let r = self
                 .agent
@@ -250,12 +257,22 @@ impl Client {
                             .to_string(),
                     ),
                 };
+                // gRPC UNAVAILABLE (14): this member cannot serve now (no
+                // leader, shutting down); another member may.
+                if code == "14" {
+                    tried.push(format!("{ep}: unavailable: {message}"));
+                    continue;
+                }
                 return Err(EtcdError::Status {
                     call,
                     endpoint: ep.clone(),
                     code: format!("HTTP {status}, grpc code {code}"),
                     message,
                 });
+            }
+            if status == 503 {
+                tried.push(format!("{ep}: HTTP 503"));
+                continue;
             }
             if status != 200 {
                 return Err(EtcdError::Status {
@@ -265,6 +282,7 @@ impl Client {
                     message: text.chars().take(200).collect(),
                 });
             }
+            self.preferred.store(i, Ordering::Relaxed);
             return Ok(v);
         }
         Err(EtcdError::Unreachable {
