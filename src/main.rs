@@ -48,7 +48,8 @@ enum Cmd {
     /// Exit status: 0 the primary closed the stream; 2 stream broken or
     /// primary silent (activated, with --activate); 3 not activated, the
     /// arbiter is held by another live copy; 4 not activated, the fence
-    /// command failed; 1 any other error.
+    /// command failed; 5 activated, then self-fenced: the arbiter's lease
+    /// (etcd) lapsed, the guest was paused; 1 any other error.
     Backup {
         /// Address to listen on (port 0 picks a free port; the bound address is printed first).
         #[arg(long, default_value = "127.0.0.1:7700")]
@@ -85,8 +86,12 @@ enum Cmd {
         /// 100 ms) arrived for this long, even if its connection stays open.
         #[arg(long, default_value = "500ms", value_parser = units::parse_duration)]
         heartbeat_timeout: Duration,
-        /// Who may go live: `local:PATH` (flock on a shared path) or `none`
-        /// (always wins: Xen Remus's behaviour, unsafe). With --activate the
+        /// Who may go live: `local:PATH` (flock on a shared path),
+        /// `etcd:http://HOST:PORT[,http://HOST:PORT...][/KEY][?ttl=2s]` (a
+        /// leader key on a lease; KEY defaults to castor/pair-PORT; the
+        /// backup campaigns for heartbeat timeout + TTL, so a dead primary's
+        /// lease can expire) or `none` (always wins: Xen Remus's behaviour,
+        /// unsafe). With --activate the
         /// default is local:/run/castor/pair-PORT.lock, PORT being this
         /// backup's listening port, the same lock `protect --backup HOST:PORT`
         /// takes by default. The backup activates only after winning it.
@@ -116,6 +121,9 @@ enum Cmd {
     /// Protect a domain: run it in epochs and stream each checkpoint to a backup.
     ///
     /// Exit status 3: refused to start, the arbiter is held by another copy.
+    /// Exit status 5: self-fenced: the arbiter's lease (etcd) could not be
+    /// renewed in time, so the guest was paused and its unacknowledged
+    /// output dropped (a backup may be taking over).
     Protect {
         #[arg(long)]
         domain: String,
@@ -136,8 +144,10 @@ enum Cmd {
         /// No progress line.
         #[arg(long)]
         quiet: bool,
-        /// Arbiter held for the primary's whole life: `local:PATH` or `none`
-        /// (Xen Remus's behaviour, unsafe). Default:
+        /// Arbiter held for the primary's whole life: `local:PATH`,
+        /// `etcd:http://HOST:PORT[,...][/KEY][?ttl=2s]` (renewed every TTL/4;
+        /// when it cannot be renewed in time the primary self-fences, exit
+        /// 5) or `none` (Xen Remus's behaviour, unsafe). Default:
         /// local:/run/castor/pair-PORT.lock with PORT from --backup, the
         /// lock the backup takes by default before activating.
         #[arg(long)]
@@ -377,7 +387,8 @@ fn make_arbiter(
 ) -> Result<Box<dyn castor::ha::arbiter::Arbiter>, String> {
     use castor::ha::arbiter;
     let a = match spec {
-        Some(s) => arbiter::from_spec(s).map_err(|e| e.to_string())?,
+        Some(s) => arbiter::from_spec_for_pair(s, (backup_port > 0).then_some(backup_port))
+            .map_err(|e| e.to_string())?,
         None => Box::new(arbiter::LocalLock::new(arbiter::default_local_path(
             backup_port,
         ))),
@@ -492,9 +503,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 };
                 eprintln!("castor backup: suspect primary {}: {}", out.peer, out.end);
                 // A dying primary's lock is released only when its process
-                // has exited: give it up to one heartbeat timeout.
+                // has exited: give it up to one heartbeat timeout, plus the
+                // time a dead holder's lease takes to expire.
+                let wait = heartbeat_timeout + arb.takeover_wait();
                 let token = arb
-                    .acquire_within(heartbeat_timeout, Duration::from_millis(20))
+                    .acquire_within(wait, Duration::from_millis(20))
                     .map_err(|e| format!("arbiter: {e}"))?;
                 let Some(token) = token else {
                     eprintln!(
@@ -502,7 +515,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                          (the primary is alive: a network partition, or it closed the connection but runs on). \
                          Activating now would run two copies. The replica of epoch {from} stays saved in {}.",
                         arb.describe(),
-                        heartbeat_timeout.as_millis(),
+                        wait.as_millis(),
                         state_dir.display()
                     );
                     return Ok(ExitCode::from(EXIT_ARBITER_HELD));
@@ -574,6 +587,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     a.meta.digest,
                     dir.display()
                 );
+                if let LiveEnd::SelfFenced(why) = &a.end {
+                    eprintln!("castor backup: activated copy self-fenced: {why}");
+                    return Ok(ExitCode::from(EXIT_SELF_FENCED));
+                }
             }
             Ok(if out.clean {
                 ExitCode::SUCCESS
@@ -609,7 +626,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 .rsplit_once(':')
                 .and_then(|(_, p)| p.parse::<u16>().ok());
             let mut arb = match (arbiter.as_deref(), port) {
-                (Some(a), _) => make_arbiter(Some(a), 0)?,
+                (Some(a), p) => make_arbiter(Some(a), p.unwrap_or(0))?,
                 (None, Some(p)) => make_arbiter(None, p)?,
                 (None, None) => {
                     return Err(format!(

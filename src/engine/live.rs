@@ -229,6 +229,10 @@ where
     D: FnMut(Layout, &str) -> Result<Session<R>, String> + Send + 'static,
 {
     let started = Instant::now();
+    if let Some(l) = &cfg.lease {
+        // Checked by the output thread before every release, in every mode.
+        outq.gate(l.clone(), cfg.lease_margin);
+    }
     let mut out = Outcome {
         // Every session after a first one handed in is a re-protection.
         fresh: u64::from(first.is_none()),
@@ -319,6 +323,9 @@ fn protected<R: std::io::Read + Send + 'static>(
     out: &mut Outcome,
 ) -> Protected {
     let mut pcfg = cfg.primary.clone();
+    // The session self-fences on its own (primary.rs) when the lease lapses.
+    pcfg.lease = cfg.lease.clone();
+    pcfg.lease_margin = cfg.lease_margin;
     pcfg.duration = cfg.run_for.map(|d| d.saturating_sub(started.elapsed()));
     pcfg.max_epochs = cfg.run_epochs.map(|n| n.saturating_sub(out.epochs).max(1));
     out.sessions += 1;

@@ -23,6 +23,12 @@
 //!   epoch N+1 in the queue between the pause ending N and the resume; the
 //!   ack thread commits N when Ack(N) arrives. When the run fails, held
 //!   output is dropped with the queue, never released.
+//! - Self-fencing: with `PrimaryConfig::lease` (an arbiter whose hold can
+//!   lapse) the guest runs, and output leaves, only while the lease is held
+//!   for at least `lease_margin` more. Once it is not, the guest is paused
+//!   and never resumed, the output queue stops releasing (it checks the
+//!   lease itself before every release), and the run ends with
+//!   [`PrimaryError::LeaseLost`]; held output is then dropped.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,6 +65,8 @@ pub enum PrimaryError {
     AckTimeout { epoch: u64, waited: Duration },
     #[error("protocol error from backup: {0}")]
     Protocol(String),
+    #[error("self-fenced: the arbiter's lease is no longer held (last acknowledged epoch {acked}); the guest stays paused and its unacknowledged output was dropped")]
+    LeaseLost { acked: u64 },
     #[error("output commit: {0}")]
     Output(#[from] crate::outq::nfqueue::NfqError),
 }
@@ -94,6 +102,14 @@ pub struct PrimaryConfig {
     /// Hold guest output until the backup acknowledged its epoch (true), or
     /// let it out at once (false: `--no-output-commit`, UNSAFE, experiments).
     pub output_commit: bool,
+    /// The arbiter's lease, when its hold can lapse (etcd): see the module
+    /// doc, "Self-fencing".
+    pub lease: Option<crate::ha::lease::LeaseWatch>,
+    /// Self-fence once the lease is held for less than this. It covers the
+    /// delay between a check and the act it allows (the output thread's
+    /// release, the next pause): 100 ms is above the worst thread wake-up
+    /// delay measured under CPU overload (64 ms, see `ha::detector`).
+    pub lease_margin: Duration,
     /// Declare the backup lost when no record (ack or heartbeat; it sends
     /// one every 100 ms without traffic) arrived for this long. Longer than
     /// the backup's own 500 ms: losing a slow backup costs a full re-seed,
@@ -123,6 +139,8 @@ impl Default for PrimaryConfig {
             precopy_target: 4096,
             precopy_rounds: 30,
             output_commit: true,
+            lease: None,
+            lease_margin: Duration::from_millis(100),
             backup_silence: Duration::from_secs(2),
             nfqueue: None,
         }
@@ -230,6 +248,8 @@ struct Shared {
     gate_cv: Condvar,
     /// When checkpointing began (after the seed): run time is counted from here.
     ckpt_start: std::sync::OnceLock<Instant>,
+    /// Set when the run ends because the arbiter's lease lapsed.
+    lease_lost: AtomicBool,
     /// When the last record from the backup was read.
     heard: Mutex<Instant>,
 }
@@ -819,8 +839,13 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
         gate: Mutex::new(()),
         gate_cv: Condvar::new(),
         ckpt_start: std::sync::OnceLock::new(),
+        lease_lost: AtomicBool::new(false),
         heard: Mutex::new(Instant::now()),
     });
+    if let Some(l) = &cfg.lease {
+        // Queued before any commit can be (one FIFO channel).
+        outq.gate(l.clone(), cfg.lease_margin);
+    }
     let start = Instant::now();
     let (tx_send, tx_recv) = channel::<TxMsg>();
     let (staging_ret_tx, staging_ret_rx) = channel::<PageBuf>();
@@ -876,6 +901,25 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
             .expect("spawning ack thread")
     };
     let progress_done = Arc::new(AtomicBool::new(false));
+    // Between pauses the guest runs (and waits for acks may be long): this
+    // thread notices a lapsing lease within a few ms and fails the run, which
+    // wakes every wait; the guest is paused on the way out.
+    let lease_handle = cfg.lease.clone().map(|l| {
+        let (shared, done, margin) = (shared.clone(), progress_done.clone(), cfg.lease_margin);
+        std::thread::Builder::new()
+            .name("castor-lease".into())
+            .spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    if !l.held_for(margin) {
+                        shared.lease_lost.store(true, Ordering::SeqCst);
+                        shared.fail("the arbiter's lease lapsed".into());
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+            .expect("spawning lease thread")
+    });
     let watchdog = {
         let (shared, done, silence) = (shared.clone(), progress_done.clone(), cfg.backup_silence);
         std::thread::Builder::new()
@@ -928,6 +972,22 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
     if let Some(h) = progress_handle {
         let _ = h.join();
     }
+    if let Some(h) = lease_handle {
+        let _ = h.join();
+    }
+    // Self-fenced: pause (idempotent) and report the lease, whatever wait
+    // noticed it first.
+    let result = match result {
+        Err(_) if shared.lease_lost.load(Ordering::SeqCst) => {
+            let paused = domain.pause();
+            let acked = shared.inflight.lock().unwrap().acked.unwrap_or(0);
+            match paused {
+                Ok(()) => Err(PrimaryError::LeaseLost { acked }),
+                Err(e) => Err(e.into()),
+            }
+        }
+        r => r,
+    };
     let _ = watchdog.join();
     let (final_epoch, state, recent_dirty) = match result {
         Ok(v) => v,
@@ -1211,6 +1271,16 @@ fn drive(
             let t0 = Instant::now();
             let gate = PauseGate::close(shared);
             domain.pause()?;
+            // Self-fencing: without the lease the guest must not run on.
+            if cfg
+                .lease
+                .as_ref()
+                .is_some_and(|l| !l.held_for(cfg.lease_margin))
+            {
+                shared.lease_lost.store(true, Ordering::SeqCst);
+                shared.fail("the arbiter's lease lapsed".into());
+                return Err(broken(&shared.inflight.lock().unwrap()).expect("just failed"));
+            }
             // Output commit: epoch `epoch` ends here. The guest (every
             // output producer) is parked until `resume`, so output tagged
             // `epoch` is exactly what checkpoint `epoch` covers; from the

@@ -9,6 +9,10 @@
 //!   included), so a dead holder never blocks its successor. Good for one
 //!   host (demos, tests) or a shared filesystem whose locks work across
 //!   hosts; not a substitute for a real quorum service.
+//! - `etcd:http://HOST:PORT[,...][/KEY][?ttl=DURATION]`: a leader key
+//!   bound to a lease in an etcd cluster; the token is the key's create
+//!   revision. The hold lapses when the lease is not renewed in time, which
+//!   the holder learns through [`Arbiter::lease`] (see [`super::etcd`]).
 //! - `none`: always wins, token 0. That is Xen Remus's behaviour: nothing
 //!   stops a partitioned backup from running next to a live primary. Only
 //!   when asked for, with a warning.
@@ -51,8 +55,10 @@ pub enum ArbiterError {
         #[source]
         source: std::io::Error,
     },
-    #[error("unknown arbiter {0:?}: use local:PATH or none")]
+    #[error("unknown arbiter {0:?}: use local:PATH, etcd:http://HOST:PORT[/KEY] or none")]
     Spec(String),
+    #[error(transparent)]
+    Etcd(#[from] super::etcd::EtcdError),
 }
 
 pub trait Arbiter: Send {
@@ -69,6 +75,13 @@ pub trait Arbiter: Send {
     /// won arbiter stays held until the process exits.
     fn lease(&self) -> Option<super::lease::LeaseWatch> {
         None
+    }
+
+    /// How long a holder that died may still hold the arbiter: a successor
+    /// campaigns at least this long before giving up. Zero when the hold
+    /// ends with the holder's process (a lock); a lease's TTL otherwise.
+    fn takeover_wait(&self) -> Duration {
+        Duration::ZERO
     }
 
     /// Tries until won or `wait` has passed, polling every `every`.
@@ -91,10 +104,23 @@ pub trait Arbiter: Send {
     }
 }
 
-/// Parses `local:PATH` or `none`.
+/// Parses `local:PATH`, `etcd:...` (with an explicit /KEY) or `none`.
 pub fn from_spec(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {
+    from_spec_for_pair(spec, None)
+}
+
+/// [`from_spec`] for the pair whose backup listens on `backup_port`, which
+/// names the default etcd key (`castor/pair-PORT`).
+pub fn from_spec_for_pair(
+    spec: &str,
+    backup_port: Option<u16>,
+) -> Result<Box<dyn Arbiter>, ArbiterError> {
     if spec == "none" {
         return Ok(Box::new(NoArbiter));
+    }
+    if let Some(rest) = spec.strip_prefix("etcd:") {
+        let s = super::etcd::EtcdSpec::parse(rest, backup_port)?;
+        return Ok(Box::new(super::etcd::EtcdArbiter::new(s)));
     }
     match spec.strip_prefix("local:") {
         Some(p) if !p.is_empty() => Ok(Box::new(LocalLock::new(p))),
@@ -282,5 +308,12 @@ mod tests {
         assert_eq!(from_spec("local:/x/y").unwrap().describe(), "local:/x/y");
         assert!(from_spec("local:").is_err());
         assert!(from_spec("etcd:foo").is_err());
+        assert!(from_spec("etcd:http://h:2379").is_err(), "no key, no port");
+        assert_eq!(
+            from_spec_for_pair("etcd:http://h:2379", Some(7700))
+                .unwrap()
+                .describe(),
+            "etcd:http://h:2379/castor/pair-7700?ttl=2s"
+        );
     }
 }

@@ -10,5 +10,6 @@
 
 pub mod arbiter;
 pub mod detector;
+pub mod etcd;
 pub mod fence;
 pub mod lease;

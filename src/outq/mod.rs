@@ -31,6 +31,9 @@
 //! - Nothing uncommitted is ever released: [`OutputQueue::shutdown`], drop
 //!   of the queue, and any error path discard held items (counted as
 //!   dropped and reported), they never flush them.
+//! - With a gate ([`OutputQueue::gate`]: the arbiter's lease), nothing is
+//!   released unless the lease is held for the gate's margin at that
+//!   moment; what the gate stops stays held (and is dropped at shutdown).
 //! - [`Mode::PassThrough`] (`--no-output-commit`) releases every item at
 //!   once. It breaks guarantee 1 and exists for experiments only.
 //! - Protection sessions. The queue outlives any one backup: a live copy
@@ -138,6 +141,7 @@ enum Msg {
     Item(Item),
     /// (session, epoch)
     Commit(u64, u64),
+    Gate(crate::ha::lease::LeaseWatch, std::time::Duration),
     /// Enter `mode`; a new commit-mode session gets this number.
     SetMode(Mode, u64, Sender<OutqReport>),
     Shutdown(Sender<OutqReport>),
@@ -261,6 +265,12 @@ impl OutputQueue {
         self.committer().commit(n)
     }
 
+    /// From now on release only while `lease` is held for `margin` more
+    /// (self-fencing; see the module invariants).
+    pub fn gate(&self, lease: crate::ha::lease::LeaseWatch, margin: std::time::Duration) {
+        let _ = self.tx.send(Msg::Gate(lease, margin));
+    }
+
     /// A sender for `commit`, bound to the current protection session,
     /// that another thread (the ack thread) can own.
     pub fn committer(&self) -> Committer {
@@ -358,6 +368,10 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
     let mut dests: Vec<Option<Box<dyn Egress>>> = Vec::new();
     let mut held: VecDeque<Item> = VecDeque::new();
     let mut committed = 0u64;
+    let mut gate: Option<(crate::ha::lease::LeaseWatch, std::time::Duration)> = None;
+    let open = |g: &Option<(crate::ha::lease::LeaseWatch, std::time::Duration)>| {
+        g.as_ref().map_or(true, |(l, m)| l.held_for(*m))
+    };
     let mut session = u64::from(mode == Mode::Commit);
     let mut r = OutqReport {
         sessions: session,
@@ -396,11 +410,13 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
                 r.items += 1;
                 match mode {
                     Mode::Fenced => r.dropped += discard_all([it], &mut dests),
+                    // The lease gate: nothing leaves without the arbiter.
+                    Mode::PassThrough if !open(&gate) => r.dropped += discard_all([it], &mut dests),
                     Mode::PassThrough => {
                         r.passed_through += 1;
                         release_now(it, &mut dests, &mut r, &mut hist);
                     }
-                    Mode::Commit if it.epoch <= committed => {
+                    Mode::Commit if it.epoch <= committed && open(&gate) => {
                         r.passed_through += 1;
                         release_now(it, &mut dests, &mut r, &mut hist);
                     }
@@ -427,7 +443,7 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
                 let _ = reply.send(r.clone());
             }
             Msg::Commit(s, n) => {
-                if mode != Mode::Commit || s != session || n <= committed {
+                if mode != Mode::Commit || s != session || n <= committed || !open(&gate) {
                     continue;
                 }
                 committed = n;
@@ -445,6 +461,7 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
                 held = keep;
                 dests.iter_mut().flatten().for_each(|d| d.flush());
             }
+            Msg::Gate(l, m) => gate = Some((l, m)),
             Msg::Shutdown(reply) => {
                 r.dropped += discard_all(held.drain(..), &mut dests);
                 r.committed = committed;
@@ -460,3 +477,6 @@ pub mod nfqueue;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod gate_tests;

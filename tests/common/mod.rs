@@ -2,8 +2,10 @@
 //! binary as separate processes.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod fake;
 pub mod lines;
+pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

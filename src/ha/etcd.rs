@@ -1,0 +1,813 @@
+//! `etcd:` arbiter: a leader key bound to a lease, in an etcd v3 cluster.
+//!
+//! Spec: `etcd:http://HOST:PORT[,http://HOST:PORT...][/KEY][?ttl=DURATION]`.
+//! Endpoints are tried in order until one answers; KEY defaults to
+//! `castor/pair-PORT` (PORT: the backup's port, as for the `local` lock) and
+//! the TTL to [`DEFAULT_TTL`].
+//!
+//! Winning (one campaign attempt, [`Arbiter::try_acquire`]):
+//! 1. `lease/grant` TTL → lease L (etcd may grant more than asked: its
+//!    minimum is 1.5 election timeouts, 2 s with default settings; the
+//!    granted TTL is what counts).
+//! 2. `kv/txn`: if `create_revision(KEY) == 0` (no key) then `put KEY` bound
+//!    to L, else read KEY. Success: the fencing token is the revision that
+//!    created the key. Every winner creates the key anew, at a revision
+//!    larger than any before it, so tokens grow with every winner.
+//!    Failure: another copy holds KEY; the attempt reports "held" and L is
+//!    kept for the next attempt while half its TTL is left (a campaign
+//!    then costs one etcd write per attempt); it is revoked when replaced
+//!    or when the arbiter is dropped.
+//!
+//! Holding: a `castor-etcd` thread renews L (`lease/keepalive`) every
+//! TTL/4 and checks that KEY still exists with our create revision and
+//! lease. After each renewal it extends the [`LeaseWatch`] to
+//! `sent + granted TTL - drift margin`, `sent` taken *before* the request
+//! left, so the request's network delay never counts as held time: etcd
+//! starts the renewed TTL when it processes the request, which is later.
+//! When etcd says the lease or key is gone the watch is revoked at once.
+//! When etcd cannot be reached the watch simply runs out. Dropping the
+//! arbiter revokes L, which deletes KEY: a successor wins at once.
+//!
+//! Transport: etcd's JSON gateway (`/v3/...`, served on the client port by
+//! etcd 3.4 and later) through ureq, a small synchronous HTTP client: no
+//! async runtime and no protoc at build time, and the five calls used here
+//! are plain request/response (even keepalive, one message per request).
+//! Every request has a timeout; every field read from a response is
+//! checked, and a missing or malformed one is an error naming the call and
+//! the value.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use super::arbiter::{Arbiter, ArbiterError, FencingToken};
+use super::lease::LeaseWatch;
+
+/// Default lease TTL. etcd's minimum TTL with its default election timeout
+/// (1 s) is 1.5 s, rounded up to whole seconds: 2 s. The backup suspects a
+/// silent primary after 500 ms; with a 2 s TTL renewed every 500 ms the
+/// primary survives three lost renewals in a row (a busy or briefly
+/// unreachable etcd) before it must self-fence, and a failover after a
+/// primary's death costs at most heartbeat timeout + 2 s.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(2);
+
+/// Subtracted from every granted TTL before it is published in the watch:
+/// covers the rate difference between this host's monotonic clock and the
+/// etcd leader's (ppm in practice; 5 % is generous) and the lease checker's
+/// own granularity on our side.
+fn drift_margin(ttl: Duration) -> Duration {
+    ttl / 20
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd arbiter spec {spec:?}: {why} (use etcd:http://HOST:PORT[,http://HOST:PORT...][/KEY][?ttl=DURATION])")]
+    Spec { spec: String, why: String },
+    #[error("etcd {call}: no endpoint answered ({tried})")]
+    Unreachable { call: &'static str, tried: String },
+    #[error("etcd {call} at {endpoint}: {code} {message}")]
+    Status {
+        call: &'static str,
+        endpoint: String,
+        code: String,
+        message: String,
+    },
+    #[error("etcd {call} at {endpoint}: the answer is not JSON ({why}): {body:?}")]
+    Json {
+        call: &'static str,
+        endpoint: String,
+        why: String,
+        body: String,
+    },
+    #[error("etcd {call}: field {field} is {value}, expected {expected}")]
+    Field {
+        call: &'static str,
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("spawning the castor-etcd keepalive thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// A parsed `etcd:` spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdSpec {
+    /// `http://HOST:PORT`, without trailing slash.
+    pub endpoints: Vec<String>,
+    pub key: String,
+    pub ttl: Duration,
+}
+
+impl EtcdSpec {
+    /// Parses what follows `etcd:`. `pair_port` names the default key.
+    pub fn parse(rest: &str, pair_port: Option<u16>) -> Result<EtcdSpec, EtcdError> {
+        let bad = |why: &str| EtcdError::Spec {
+            spec: format!("etcd:{rest}"),
+            why: why.to_string(),
+        };
+        let (main, opts) = match rest.split_once('?') {
+            Some((m, o)) => (m, Some(o)),
+            None => (rest, None),
+        };
+        let mut ttl = DEFAULT_TTL;
+        for kv in opts.into_iter().flat_map(|o| o.split('&')) {
+            match kv.split_once('=') {
+                Some(("ttl", v)) => {
+                    ttl = crate::units::parse_duration(v).map_err(|e| bad(&format!("ttl: {e}")))?;
+                    if ttl < Duration::from_secs(1) {
+                        return Err(bad("ttl below 1 s (etcd counts leases in whole seconds)"));
+                    }
+                }
+                _ => return Err(bad(&format!("unknown option {kv:?} (known: ttl=DURATION)"))),
+            }
+        }
+        let mut endpoints = Vec::new();
+        let mut key = None;
+        let parts: Vec<&str> = main.split(',').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let Some(after) = part.strip_prefix("http://") else {
+                return Err(bad(&format!(
+                    "endpoint {part:?} does not start with http:// (the gateway is plain HTTP here)"
+                )));
+            };
+            let (hostport, path) = match after.split_once('/') {
+                Some((h, p)) => (h, Some(p)),
+                None => (after, None),
+            };
+            match hostport.rsplit_once(':') {
+                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => {}
+                _ => return Err(bad(&format!("endpoint {part:?} is not http://HOST:PORT"))),
+            }
+            if let Some(p) = path.filter(|p| !p.is_empty()) {
+                if i + 1 != parts.len() {
+                    return Err(bad("only the last endpoint may carry /KEY"));
+                }
+                key = Some(p.to_string());
+            }
+            endpoints.push(format!("http://{hostport}"));
+        }
+        let key = match (key, pair_port) {
+            (Some(k), _) => k,
+            (None, Some(p)) if p > 0 => format!("castor/pair-{p}"),
+            _ => return Err(bad("no /KEY, and no backup port to name the default key")),
+        };
+        Ok(EtcdSpec {
+            endpoints,
+            key,
+            ttl,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "etcd:{}/{}?ttl={}s",
+            self.endpoints.join(","),
+            self.key,
+            self.ttl.as_secs()
+        )
+    }
+}
+
+/// A small JSON-over-HTTP client for the gateway, failing over between
+/// endpoints on transport errors.
+#[derive(Clone)]
+struct Client {
+    agent: ureq::Agent,
+    endpoints: Arc<Vec<String>>,
+    /// Index of the endpoint that answered last: tried first, so a dead
+    /// member costs one timeout once, not on every renewal.
+    preferred: Arc<std::sync::atomic::AtomicUsize>,
+    timeout: Duration,
+}
+
+impl Client {
+    fn new(endpoints: Vec<String>, timeout: Duration) -> Self {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(timeout)
+            .timeout(timeout)
+            .build();
+        Client {
+            agent,
+            endpoints: Arc::new(endpoints),
+            preferred: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            timeout,
+        }
+    }
+
+    /// POSTs `body` to `path` on the first endpoint that answers. An HTTP
+    /// error status from etcd is an answer (it is definitive); only a
+    /// transport failure moves on to the next endpoint.
+    fn call(&self, call: &'static str, path: &str, body: &Value) -> Result<Value, EtcdError> {
+        let mut tried = Vec::new();
+        let n = self.endpoints.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n.max(1);
+        for i in (0..n).map(|k| (first + k) % n) {
+            let ep = &self.endpoints[i];
+            let url = format!("{ep}{path}");
+            let r = self
+                .agent
+                .post(&url)
+                .timeout(self.timeout)
+                .set("Content-Type", "application/json")
+                .send_string(&body.to_string());
+            let (status, resp) = match r {
+                Ok(resp) => (200, resp),
+                Err(ureq::Error::Status(code, resp)) => (code, resp),
+                Err(ureq::Error::Transport(t)) => {
+                    tried.push(format!("{ep}: {t}"));
+                    continue;
+                }
+            };
+            let text = resp.into_string().map_err(|e| EtcdError::Json {
+                call,
+                endpoint: ep.clone(),
+                why: format!("reading the body: {e}"),
+                body: String::new(),
+            })?;
+            // Streaming calls (keepalive) answer one JSON object per line.
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            let v: Value = serde_json::from_str(first).map_err(|e| EtcdError::Json {
+                call,
+                endpoint: ep.clone(),
+                why: e.to_string(),
+                body: text.chars().take(200).collect(),
+            })?;
+            // Errors come as {"error": "...", "code": N} (unary) or
+            // {"error": {"grpc_code": N, "message": "..."}} (streams).
+            if let Some(e) = v.get("error") {
+                let (code, message) = match e {
+                    Value::String(s) => (
+                        v.get("code").map_or(String::new(), |c| c.to_string()),
+                        s.clone(),
+                    ),
+                    other => (
+                        other
+                            .get("grpc_code")
+                            .map_or(String::new(), |c| c.to_string()),
+                        other
+                            .get("message")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                    ),
+                };
+                // gRPC UNAVAILABLE (14): this member cannot serve now (no
+                // leader, shutting down); another member may.
+                if code == "14" {
+                    tried.push(format!("{ep}: unavailable: {message}"));
+                    continue;
+                }
+                return Err(EtcdError::Status {
+                    call,
+                    endpoint: ep.clone(),
+                    code: format!("HTTP {status}, grpc code {code}"),
+                    message,
+                });
+            }
+            if status == 503 {
+                tried.push(format!("{ep}: HTTP 503"));
+                continue;
+            }
+            if status != 200 {
+                return Err(EtcdError::Status {
+                    call,
+                    endpoint: ep.clone(),
+                    code: format!("HTTP {status}"),
+                    message: text.chars().take(200).collect(),
+                });
+            }
+            self.preferred.store(i, Ordering::Relaxed);
+            return Ok(v);
+        }
+        Err(EtcdError::Unreachable {
+            call,
+            tried: tried.join("; "),
+        })
+    }
+}
+
+/// An int64 field as the gateway writes it: a decimal string (proto3 JSON),
+/// absent when zero.
+fn int(call: &'static str, v: &Value, field: &'static str) -> Result<i64, EtcdError> {
+    let bad = |value: String| EtcdError::Field {
+        call,
+        field,
+        value,
+        expected: "an int64 (decimal string)",
+    };
+    match v.get(field) {
+        None => Ok(0),
+        Some(Value::String(s)) => s.parse::<i64>().map_err(|_| bad(format!("{s:?}"))),
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| bad(n.to_string())),
+        Some(other) => Err(bad(other.to_string())),
+    }
+}
+
+/// Every answer carries a header with the store's revision (≥ 1: the
+/// empty store is at revision 1).
+fn header_revision(call: &'static str, v: &Value) -> Result<i64, EtcdError> {
+    let h = v.get("header").ok_or_else(|| EtcdError::Field {
+        call,
+        field: "header",
+        value: "missing".into(),
+        expected: "an object",
+    })?;
+    let rev = int(call, h, "revision")?;
+    if rev < 1 {
+        return Err(EtcdError::Field {
+            call,
+            field: "header.revision",
+            value: rev.to_string(),
+            expected: "≥ 1",
+        });
+    }
+    Ok(rev)
+}
+
+fn positive(call: &'static str, field: &'static str, n: i64) -> Result<i64, EtcdError> {
+    if n > 0 {
+        Ok(n)
+    } else {
+        Err(EtcdError::Field {
+            call,
+            field,
+            value: n.to_string(),
+            expected: "> 0",
+        })
+    }
+}
+
+/// The key's holder as read back: create revision and lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Holder {
+    create_revision: i64,
+    lease: i64,
+}
+
+/// The one kv of a single-key range answer, if any.
+fn holder(call: &'static str, range: &Value) -> Result<Option<Holder>, EtcdError> {
+    let kvs = match range.get("kvs") {
+        None => return Ok(None),
+        Some(Value::Array(a)) => a,
+        Some(other) => {
+            return Err(EtcdError::Field {
+                call,
+                field: "kvs",
+                value: other.to_string(),
+                expected: "an array",
+            })
+        }
+    };
+    match kvs.as_slice() {
+        [] => Ok(None),
+        [kv] => Ok(Some(Holder {
+            create_revision: positive(
+                call,
+                "kvs[0].create_revision",
+                int(call, kv, "create_revision")?,
+            )?,
+            lease: int(call, kv, "lease")?,
+        })),
+        more => Err(EtcdError::Field {
+            call,
+            field: "kvs",
+            value: format!("{} entries", more.len()),
+            expected: "at most one (a single-key range)",
+        }),
+    }
+}
+
+fn grant(c: &Client, ttl: Duration) -> Result<(i64, Duration), EtcdError> {
+    const CALL: &str = "lease/grant";
+    let v = c.call(
+        CALL,
+        "/v3/lease/grant",
+        &json!({ "TTL": ttl.as_secs().to_string() }),
+    )?;
+    header_revision(CALL, &v)?;
+    let id = positive(CALL, "ID", int(CALL, &v, "ID")?)?;
+    let granted = positive(CALL, "TTL", int(CALL, &v, "TTL")?)?;
+    Ok((id, Duration::from_secs(granted as u64)))
+}
+
+fn revoke(c: &Client, id: i64) -> Result<(), EtcdError> {
+    const CALL: &str = "lease/revoke";
+    let v = c.call(CALL, "/v3/lease/revoke", &json!({ "ID": id.to_string() }))?;
+    header_revision(CALL, &v)?;
+    Ok(())
+}
+
+/// Renews lease `id`; the TTL it now has, or None when etcd no longer
+/// knows it (expired or revoked).
+fn keepalive(c: &Client, id: i64) -> Result<Option<Duration>, EtcdError> {
+    const CALL: &str = "lease/keepalive";
+    let v = c.call(
+        CALL,
+        "/v3/lease/keepalive",
+        &json!({ "ID": id.to_string() }),
+    )?;
+    let r = v.get("result").ok_or_else(|| EtcdError::Field {
+        call: CALL,
+        field: "result",
+        value: "missing".into(),
+        expected: "an object",
+    })?;
+    header_revision(CALL, r)?;
+    let got = int(CALL, r, "ID")?;
+    if got != id {
+        return Err(EtcdError::Field {
+            call: CALL,
+            field: "result.ID",
+            value: got.to_string(),
+            expected: "the lease renewed",
+        });
+    }
+    match int(CALL, r, "TTL")? {
+        t if t > 0 => Ok(Some(Duration::from_secs(t as u64))),
+        // Absent (0): etcd does not know the lease any more.
+        _ => Ok(None),
+    }
+}
+
+fn range(c: &Client, key: &str) -> Result<Option<Holder>, EtcdError> {
+    const CALL: &str = "kv/range";
+    let v = c.call(CALL, "/v3/kv/range", &json!({ "key": B64.encode(key) }))?;
+    header_revision(CALL, &v)?;
+    holder(CALL, &v)
+}
+
+/// The campaign transaction. Ok(Ok(token)): created KEY bound to `lease`;
+/// Ok(Err(holder)): KEY exists, held by `holder`.
+fn campaign(
+    c: &Client,
+    key: &str,
+    lease: i64,
+    value: &str,
+) -> Result<Result<i64, Option<Holder>>, EtcdError> {
+    const CALL: &str = "kv/txn";
+    let k = B64.encode(key);
+    let body = json!({
+        "compare": [{ "key": k, "result": "EQUAL", "target": "CREATE", "create_revision": "0" }],
+        "success": [{ "request_put": { "key": k, "value": B64.encode(value), "lease": lease.to_string() } }],
+        "failure": [{ "request_range": { "key": k } }],
+    });
+    let v = c.call(CALL, "/v3/kv/txn", &body)?;
+    let rev = header_revision(CALL, &v)?;
+    let succeeded = match v.get("succeeded") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(EtcdError::Field {
+                call: CALL,
+                field: "succeeded",
+                value: other.to_string(),
+                expected: "a boolean",
+            })
+        }
+    };
+    let first = v
+        .get("responses")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .ok_or_else(|| EtcdError::Field {
+            call: CALL,
+            field: "responses",
+            value: v
+                .get("responses")
+                .map_or("missing".into(), |r| r.to_string()),
+            expected: "one response",
+        })?;
+    if succeeded {
+        let put = first.get("response_put").ok_or_else(|| EtcdError::Field {
+            call: CALL,
+            field: "responses[0].response_put",
+            value: first.to_string(),
+            expected: "the put's answer",
+        })?;
+        let put_rev = header_revision(CALL, put)?;
+        if put_rev != rev {
+            return Err(EtcdError::Field {
+                call: CALL,
+                field: "responses[0].response_put.header.revision",
+                value: put_rev.to_string(),
+                expected: "the transaction's revision",
+            });
+        }
+        // The put created the key (create_revision was 0), so the txn's
+        // revision is the key's create revision.
+        Ok(Ok(rev))
+    } else {
+        let r = first
+            .get("response_range")
+            .ok_or_else(|| EtcdError::Field {
+                call: CALL,
+                field: "responses[0].response_range",
+                value: first.to_string(),
+                expected: "the range's answer",
+            })?;
+        Ok(Err(holder(CALL, r)?))
+    }
+}
+
+/// A won arbiter: the lease, its keepalive thread and its watch.
+struct Held {
+    lease: i64,
+    token: FencingToken,
+    watch: LeaseWatch,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// `etcd:...`; see the module doc.
+pub struct EtcdArbiter {
+    spec: EtcdSpec,
+    client: Client,
+    held: Option<Held>,
+    /// The holder seen by the last failed attempt, for messages.
+    last_holder: Option<(i64, i64)>,
+    /// A lease granted for campaigning and not yet used: (id, when its
+    /// grant was sent, granted TTL). Reused by later attempts while at
+    /// least half its TTL is left, so a campaign polling every few ms costs
+    /// one etcd write (the transaction) per attempt, not three.
+    candidate: Option<(i64, Instant, Duration)>,
+}
+
+impl EtcdArbiter {
+    pub fn new(spec: EtcdSpec) -> Self {
+        // A request must fail well within one renewal period so that the
+        // next endpoint, or the next renewal, still has time.
+        let timeout = (spec.ttl / 4).max(Duration::from_millis(100));
+        let client = Client::new(spec.endpoints.clone(), timeout);
+        EtcdArbiter {
+            spec,
+            client,
+            held: None,
+            last_holder: None,
+            candidate: None,
+        }
+    }
+
+    pub fn spec(&self) -> &EtcdSpec {
+        &self.spec
+    }
+
+    /// Create revision and lease of the key's holder, as last seen by a
+    /// failed attempt.
+    pub fn last_holder(&self) -> Option<(i64, i64)> {
+        self.last_holder
+    }
+
+    fn drop_candidate(&mut self) {
+        if let Some((id, _, _)) = self.candidate.take() {
+            if let Err(e) = revoke(&self.client, id) {
+                tracing::warn!("etcd arbiter: revoking unused lease {id:x}: {e}");
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        self.drop_candidate();
+        if let Some(mut h) = self.held.take() {
+            h.stop.store(true, Ordering::SeqCst);
+            h.watch.revoke();
+            if let Some(t) = h.thread.take() {
+                t.thread().unpark();
+                let _ = t.join();
+            }
+            if let Err(e) = revoke(&self.client, h.lease) {
+                tracing::warn!("etcd arbiter: revoking lease {:x} on release: {e}", h.lease);
+            }
+        }
+    }
+}
+
+impl Drop for EtcdArbiter {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl Arbiter for EtcdArbiter {
+    fn try_acquire(&mut self) -> Result<Option<FencingToken>, ArbiterError> {
+        if let Some(h) = &self.held {
+            if !h.stop.load(Ordering::SeqCst) {
+                return Ok(Some(h.token));
+            }
+            // Lost (the keepalive thread gave up): campaign anew, with a
+            // new watch, so a holder of the old one never sees it valid
+            // again.
+            self.release();
+        }
+        let (lease, sent, ttl) = match self.candidate {
+            Some((id, sent, ttl)) if sent.elapsed() < ttl / 2 => (id, sent, ttl),
+            _ => {
+                self.drop_candidate();
+                let sent = Instant::now();
+                let (id, ttl) = grant(&self.client, self.spec.ttl)?;
+                (id, sent, ttl)
+            }
+        };
+        // Until it wins, the lease is a candidate; won or failed, it is not.
+        self.candidate = None;
+        let value = format!("castor pid {}", std::process::id());
+        let won = match campaign(&self.client, &self.spec.key, lease, &value) {
+            Ok(w) => w,
+            Err(e) => {
+                // The put may have happened with the answer lost: revoking
+                // the lease deletes the key again.
+                let _ = revoke(&self.client, lease);
+                return Err(e.into());
+            }
+        };
+        let rev = match won {
+            Ok(rev) => rev,
+            Err(h) => {
+                self.last_holder = h.map(|h| (h.create_revision, h.lease));
+                self.candidate = Some((lease, sent, ttl));
+                return Ok(None);
+            }
+        };
+        let token = FencingToken(rev as u64);
+        let watch = LeaseWatch::new();
+        watch.extend_to(sent + ttl - drift_margin(ttl));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (client, key, watch, stop) = (
+                self.client.clone(),
+                self.spec.key.clone(),
+                watch.clone(),
+                stop.clone(),
+            );
+            let mine = Holder {
+                create_revision: rev,
+                lease,
+            };
+            std::thread::Builder::new()
+                .name("castor-etcd".into())
+                .spawn(move || keep_alive(client, key, mine, ttl, watch, stop))
+        };
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = revoke(&self.client, lease);
+                return Err(EtcdError::Spawn(e).into());
+            }
+        };
+        self.held = Some(Held {
+            lease,
+            token,
+            watch,
+            stop,
+            thread: Some(thread),
+        });
+        Ok(Some(token))
+    }
+
+    fn describe(&self) -> String {
+        self.spec.describe()
+    }
+
+    fn lease(&self) -> Option<LeaseWatch> {
+        self.held.as_ref().map(|h| h.watch.clone())
+    }
+
+    fn takeover_wait(&self) -> Duration {
+        self.spec.ttl + drift_margin(self.spec.ttl)
+    }
+}
+
+/// The `castor-etcd` thread: renews every TTL/4 (sooner after a failure),
+/// publishing each renewal in `watch`; stops, revoking the watch, once
+/// etcd says the lease or the key is no longer ours.
+fn keep_alive(
+    c: Client,
+    key: String,
+    mine: Holder,
+    ttl: Duration,
+    watch: LeaseWatch,
+    stop: Arc<AtomicBool>,
+) {
+    let period = ttl / 4;
+    // At once: a reused campaign lease may be up to TTL/2 old.
+    let mut next = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now < next {
+            std::thread::park_timeout(next - now);
+            continue;
+        }
+        let sent = Instant::now();
+        let lost = match keepalive(&c, mine.lease) {
+            Ok(Some(t)) => {
+                watch.extend_to(sent + t - drift_margin(t));
+                // The lease alone is not the hold: the key must still be
+                // ours (an operator may have deleted it).
+                match range(&c, &key) {
+                    Ok(Some(h)) if h == mine => None,
+                    Ok(h) => Some(format!("key {key:?} is now {h:?}, not ours ({mine:?})")),
+                    Err(e) => {
+                        tracing::warn!("etcd arbiter: checking key {key:?}: {e}");
+                        None
+                    }
+                }
+            }
+            Ok(None) => Some(format!("lease {:x} expired or revoked", mine.lease)),
+            Err(e) => {
+                eprintln!(
+                    "castor: etcd arbiter: renewing lease {:x} failed ({e}); held for {} ms more",
+                    mine.lease,
+                    watch.remaining().as_millis()
+                );
+                next = Instant::now() + period / 2;
+                continue;
+            }
+        };
+        if let Some(why) = lost {
+            eprintln!("castor: etcd arbiter: LOST: {why}");
+            watch.revoke();
+            stop.store(true, Ordering::SeqCst);
+            return;
+        }
+        next = sent + period;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_bad_ones_say_why() {
+        let s =
+            EtcdSpec::parse("http://10.0.0.1:2379,http://h2:2379/pairs/db?ttl=3s", None).unwrap();
+        assert_eq!(s.endpoints, ["http://10.0.0.1:2379", "http://h2:2379"]);
+        assert_eq!(s.key, "pairs/db");
+        assert_eq!(s.ttl, Duration::from_secs(3));
+        let d = EtcdSpec::parse("http://h:2379", Some(7700)).unwrap();
+        assert_eq!((d.key.as_str(), d.ttl), ("castor/pair-7700", DEFAULT_TTL));
+        for bad in [
+            "h:2379/k",
+            "http://h/k",
+            "http://h:0/k",
+            "http://h:1/a,http://h:2/b",
+            "http://h:1",
+            "http://h:1/k?ttl=200ms",
+            "http://h:1/k?tl=2s",
+        ] {
+            let e = EtcdSpec::parse(bad, None).unwrap_err();
+            assert!(
+                e.to_string().contains(bad.split('?').next().unwrap()),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn fields_are_checked() {
+        let v = json!({"a": "12", "b": 7, "c": "x", "d": true});
+        assert_eq!(int("t", &v, "a").unwrap(), 12);
+        assert_eq!(int("t", &v, "b").unwrap(), 7);
+        assert_eq!(int("t", &v, "missing").unwrap(), 0, "proto3 omits zeros");
+        let e = int("t", &v, "c").unwrap_err().to_string();
+        assert!(e.contains("field c is \"x\""), "{e}");
+        assert!(int("t", &v, "d").is_err());
+        assert!(header_revision("t", &json!({})).is_err());
+        assert!(header_revision("t", &json!({"header": {"revision": "0"}})).is_err());
+        assert_eq!(
+            header_revision("t", &json!({"header": {"revision": "5"}})).unwrap(),
+            5
+        );
+        let two = json!({"kvs": [{"create_revision": "2"}, {"create_revision": "3"}]});
+        assert!(holder("t", &two).is_err());
+        let zero = json!({"kvs": [{"create_revision": "0"}]});
+        assert!(holder("t", &zero).is_err());
+        let one = json!({"kvs": [{"create_revision": "4", "lease": "9"}]});
+        assert_eq!(
+            holder("t", &one).unwrap(),
+            Some(Holder {
+                create_revision: 4,
+                lease: 9
+            })
+        );
+    }
+
+    #[test]
+    fn unreachable_endpoints_are_named() {
+        // Port 9 (discard) on loopback: nothing listens, connect fails fast.
+        let c = Client::new(
+            vec!["http://127.0.0.1:9".into()],
+            Duration::from_millis(200),
+        );
+        let e = grant(&c, DEFAULT_TTL).unwrap_err().to_string();
+        assert!(
+            e.contains("lease/grant") && e.contains("127.0.0.1:9"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,91 @@
+//! A private etcd for a test: free ports on loopback, data in a tempdir,
+//! killed on drop. Optionally inside a network namespace of the test's own.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{Netns, Reaped};
+
+pub struct Etcd {
+    /// `http://127.0.0.1:PORT`, the client URL.
+    pub url: String,
+    pub port: u16,
+    _proc: Reaped,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    /// Starts etcd (in `ns` when given) and waits until it serves; None
+    /// (reason printed) when /usr/bin/etcd is missing.
+    pub fn start(ns: Option<&Netns>) -> Option<Etcd> {
+        const BIN: &str = "/usr/bin/etcd";
+        if !std::path::Path::new(BIN).exists() {
+            eprintln!("SKIP: {BIN} is missing (apt-get install etcd-server)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // Ports picked on the host's loopback; a fresh namespace has all of
+        // them free anyway.
+        let (port, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        cmd.arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--name", "t", "--listen-client-urls", &url])
+            .args(["--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("t={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        let proc = Reaped(cmd.spawn().expect("starting etcd"));
+        let e = Etcd {
+            url,
+            port,
+            _proc: proc,
+            _dir: dir,
+        };
+        let ready = || {
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(20) {
+                let r = ureq::get(&format!("{}/health", e.url))
+                    .timeout(Duration::from_millis(500))
+                    .call();
+                if let Ok(r) = r {
+                    if r.into_string().unwrap_or_default().contains("true") {
+                        return true;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            false
+        };
+        let ok = match ns {
+            Some(ns) => ns.run(ready),
+            None => ready(),
+        };
+        assert!(
+            ok,
+            "etcd did not become healthy:\n{}",
+            std::fs::read_to_string(e._dir.path().join("etcd.log")).unwrap_or_default()
+        );
+        Some(e)
+    }
+}
