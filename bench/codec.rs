@@ -17,7 +17,6 @@ use criterion::{Criterion, Throughput};
 mod pages;
 use pages::{text_page, Page, Rng};
 
-
 const PAGES: usize = 2048;
 
 fn random_page(rng: &mut Rng) -> Page {
