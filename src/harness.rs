@@ -71,6 +71,45 @@ pub fn open_session_for(
     desc: &str,
     patience: Duration,
 ) -> Result<(TcpSink, RecordReader<TcpStream>), HarnessError> {
+    open_session_nonce(addr, psk, layout, desc, patience, random_nonce())
+}
+
+/// [`open_session_for`] as a live copy's session: beaconing to `beacon`
+/// (the backup's second heartbeat path) for as long as the session's
+/// sending half lives.
+pub fn open_protection(
+    addr: &str,
+    psk: &Psk,
+    layout: Layout,
+    desc: &str,
+    patience: Duration,
+    beacon: Option<std::net::SocketAddr>,
+) -> Result<Session<TcpStream>, HarnessError> {
+    let nonce = random_nonce();
+    let (sink, reader) = open_session_nonce(addr, psk, layout, desc, patience, nonce)?;
+    let sink: Box<dyn crate::transport::RecordSink> = match beacon {
+        Some(to) => {
+            let b = crate::ha::beacon::Sender::start(to, psk.clone(), nonce).map_err(|source| {
+                HarnessError::Connect {
+                    addr: format!("beacon path {to}"),
+                    source,
+                }
+            })?;
+            Box::new(crate::ha::beacon::BeaconSink::new(Box::new(sink), b))
+        }
+        None => Box::new(sink),
+    };
+    Ok((sink, reader))
+}
+
+fn open_session_nonce(
+    addr: &str,
+    psk: &Psk,
+    layout: Layout,
+    desc: &str,
+    patience: Duration,
+    nonce: [u8; crate::transport::messages::NONCE_LEN],
+) -> Result<(TcpSink, RecordReader<TcpStream>), HarnessError> {
     let conn_err = |source| HarnessError::Connect {
         addr: addr.to_string(),
         source,
@@ -81,7 +120,7 @@ pub fn open_session_for(
     let hello = Hello {
         page_size: layout.page_size,
         pages: layout.pages,
-        nonce: random_nonce(),
+        nonce,
         desc: desc.to_string(),
     };
     handshake::client(&mut r, &mut w, psk, &hello).map_err(|source| HarnessError::Handshake {
@@ -98,6 +137,8 @@ pub struct ProtectOpts {
     pub continue_unprotected: bool,
     /// Dial `addr` again this often while unprotected (re-protection).
     pub redial_every: Option<Duration>,
+    /// The backup's beacon address (second heartbeat path), if any.
+    pub beacon: Option<std::net::SocketAddr>,
     /// The arbiter's lease, when its hold can lapse.
     pub lease: Option<crate::ha::lease::LeaseWatch>,
 }
@@ -126,8 +167,14 @@ pub fn protect(
     // Host devices (`--nfqueue`): alive until after the queue's shutdown.
     let host = crate::outq::nfqueue::attach(&outq, cfg.nfqueue.as_ref())
         .map_err(|e| HarnessError::Primary(e.into()))?;
-    let (sink, reader) = open_session(addr, psk, &*domain, Duration::from_secs(10))?;
-    let first: Session<TcpStream> = (Box::new(sink), reader);
+    let first = open_protection(
+        addr,
+        psk,
+        domain.layout(),
+        &domain.describe(),
+        Duration::from_secs(10),
+        opts.beacon,
+    )?;
     let lcfg = LiveConfig {
         primary: cfg.clone(),
         run_for: cfg.duration,
@@ -141,9 +188,9 @@ pub fn protect(
         label: "castor protect".into(),
     };
     let (target, psk) = (addr.to_string(), psk.clone());
+    let beacon = opts.beacon;
     let dial = move |layout, desc: &str| {
-        open_session_for(&target, &psk, layout, desc, Duration::ZERO)
-            .map(|(s, r)| (Box::new(s) as Box<dyn crate::transport::RecordSink>, r))
+        open_protection(&target, &psk, layout, desc, Duration::ZERO, beacon)
             .map_err(|e| e.to_string())
     };
     let mut live =

@@ -86,6 +86,12 @@ enum Cmd {
         /// 100 ms) arrived for this long, even if its connection stays open.
         #[arg(long, default_value = "500ms", value_parser = units::parse_duration)]
         heartbeat_timeout: Duration,
+        /// Second heartbeat path: also take authenticated UDP beacons from
+        /// the primary (`protect --beacon`) on this address, ideally on
+        /// another network than --listen. The primary is suspected only
+        /// when both paths are silent past --heartbeat-timeout.
+        #[arg(long)]
+        beacon_listen: Option<String>,
         /// Who may go live: `local:PATH` (flock on a shared path),
         /// `etcd:http://HOST:PORT[,http://HOST:PORT...][/KEY][?ttl=2s]` (a
         /// leader key on a lease; KEY defaults to castor/pair-PORT; the
@@ -152,6 +158,11 @@ enum Cmd {
         /// lock the backup takes by default before activating.
         #[arg(long)]
         arbiter: Option<String>,
+        /// Second heartbeat path: send authenticated UDP beacons to the
+        /// backup's `--beacon-listen` address every 100 ms during each
+        /// protection session.
+        #[arg(long)]
+        beacon: Option<std::net::SocketAddr>,
         /// When the backup is lost, stop (and exit 2) instead of keeping the
         /// guest running unprotected while this copy holds the arbiter.
         #[arg(long)]
@@ -445,6 +456,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             run_epochs,
             overrides,
             heartbeat_timeout,
+            beacon_listen,
             arbiter,
             fence_cmd,
             fence_timeout,
@@ -474,6 +486,20 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 quiet,
                 heartbeat_timeout,
                 ack_delay: test_ack_delay.unwrap_or_default(),
+                beacon: match &beacon_listen {
+                    Some(a) => {
+                        let r = castor::ha::beacon::Receiver::bind(a, psk.clone())
+                            .map_err(|e| e.to_string())?;
+                        if !quiet {
+                            eprintln!(
+                                "castor backup: beacons (second heartbeat path) on udp {}",
+                                r.local_addr().map_err(|e| e.to_string())?
+                            );
+                        }
+                        Some(std::sync::Arc::new(r))
+                    }
+                    None => None,
+                },
             };
             if let Some(d) = test_ack_delay {
                 eprintln!(
@@ -609,6 +635,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             arbiter,
             stop_on_backup_loss,
             redial_every,
+            beacon,
             nfqueue,
             nfqueue_dev,
             per_epoch,
@@ -668,6 +695,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let opts = harness::ProtectOpts {
                 continue_unprotected: !stop_on_backup_loss,
                 redial_every: (!redial_every.is_zero()).then_some(redial_every),
+                beacon,
                 lease: arb.lease(),
             };
             let out = harness::protect(&spec, &backup, &psk, &cfg, &opts)

@@ -47,6 +47,9 @@ pub struct BackupConfig {
     /// long after the epoch was committed, so a test can tell "output
     /// produced" from "ack sent" by a visible margin. Zero in real use.
     pub ack_delay: Duration,
+    /// The second heartbeat path: beacons of the session's primary also
+    /// count as signs of life (see [`crate::ha::beacon`]).
+    pub beacon: Option<std::sync::Arc<crate::ha::beacon::Receiver>>,
 }
 
 /// How a session ended.
@@ -164,6 +167,9 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
 
     // Suspect a primary that stops sending even though its TCP stays open.
     let live = Arc::new(Liveness::new(cfg.heartbeat_timeout));
+    if let Some(b) = &cfg.beacon {
+        b.follow(hello.nonce, live.clone());
+    }
     let watchdog = reader
         .get_ref()
         .try_clone()
@@ -218,11 +224,17 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
         let _ = t.join();
     }
     let silent = watchdog.finish();
+    let beacons = cfg.beacon.as_ref().map(|b| b.unfollow());
     if let Some(s) = silent {
         end = format!(
-            "primary silent for {} ms (heartbeat timeout {} ms)",
+            "primary silent for {} ms (heartbeat timeout {} ms{})",
             s.as_millis(),
-            cfg.heartbeat_timeout.as_millis()
+            cfg.heartbeat_timeout.as_millis(),
+            if beacons.is_some() {
+                ", on both the stream and the beacon path"
+            } else {
+                ""
+            }
         );
     }
     done.store(true, Ordering::Relaxed);
@@ -237,10 +249,11 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
             "stream broken"
         };
         eprintln!(
-            "castor backup: {what}: {end} ({:.1}s; longest gap between records while live {} ms, heartbeat timeout {} ms)",
+            "castor backup: {what}: {end} ({:.1}s; longest gap between records while live {} ms, heartbeat timeout {} ms{})",
             started.elapsed().as_secs_f64(),
             max_gap.as_millis(),
-            cfg.heartbeat_timeout.as_millis()
+            cfg.heartbeat_timeout.as_millis(),
+            beacons.map_or(String::new(), |n| format!("; {n} beacons heard"))
         );
         if let Some(d) = discarded {
             eprintln!("castor backup: epoch {d} was incomplete and has been discarded whole");

@@ -9,6 +9,7 @@
 //! and may still be releasing output.
 
 pub mod arbiter;
+pub mod beacon;
 pub mod detector;
 pub mod etcd;
 pub mod fence;

@@ -110,6 +110,26 @@ impl Psk {
         Ok(Psk::from_bytes(trimmed))
     }
 
+    /// HMAC-SHA256 with this key over `parts`, concatenated: for other
+    /// authenticated messages of a session (the UDP beacon).
+    pub fn tag(&self, parts: &[&[u8]]) -> [u8; MAC_LEN] {
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        for p in parts {
+            m.update(p);
+        }
+        m.finalize().into_bytes().into()
+    }
+
+    /// Checks a (possibly truncated, at least 16-byte) [`Psk::tag`] in
+    /// constant time.
+    pub fn check_tag(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        for p in parts {
+            m.update(p);
+        }
+        tag.len() >= 16 && m.verify_truncated_left(tag).is_ok()
+    }
+
     fn mac(&self, label: &[u8], hello: &[u8], nonce_b: &[u8]) -> [u8; MAC_LEN] {
         let mut m = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
         m.update(label);
