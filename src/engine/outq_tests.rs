@@ -200,6 +200,7 @@ fn backup_thread() -> (String, JoinHandle<()>, tempfile::TempDir) {
         quiet: true,
         heartbeat_timeout: crate::ha::detector::DEFAULT_TIMEOUT,
         ack_delay: Duration::ZERO,
+        beacon: None,
     };
     let h = std::thread::spawn(move || {
         let _ = backup::serve(&l, &cfg);

@@ -359,6 +359,7 @@ fn protected_rtts(
         quiet: true,
         heartbeat_timeout: crate::ha::detector::DEFAULT_TIMEOUT,
         ack_delay: Duration::ZERO,
+        beacon: None,
     };
     let b = std::thread::spawn(move || backup::serve(&l, &bcfg).map(|_| ()));
     let s = tcp::connect(&addr, Duration::from_secs(10)).unwrap();
