@@ -83,18 +83,18 @@ pub fn open_protection(
     layout: Layout,
     desc: &str,
     patience: Duration,
-    beacon: Option<std::net::SocketAddr>,
+    beacon: Option<(std::net::SocketAddr, Duration)>,
 ) -> Result<Session<TcpStream>, HarnessError> {
     let nonce = random_nonce();
     let (sink, reader) = open_session_nonce(addr, psk, layout, desc, patience, nonce)?;
     let sink: Box<dyn crate::transport::RecordSink> = match beacon {
-        Some(to) => {
-            let b = crate::ha::beacon::Sender::start(to, psk.clone(), nonce).map_err(|source| {
-                HarnessError::Connect {
+        Some((to, every)) => {
+            let b = crate::ha::beacon::Sender::start(to, psk.clone(), nonce, every).map_err(
+                |source| HarnessError::Connect {
                     addr: format!("beacon path {to}"),
                     source,
-                }
-            })?;
+                },
+            )?;
             Box::new(crate::ha::beacon::BeaconSink::new(Box::new(sink), b))
         }
         None => Box::new(sink),
@@ -173,7 +173,7 @@ pub fn protect(
         domain.layout(),
         &domain.describe(),
         Duration::from_secs(10),
-        opts.beacon,
+        opts.beacon.map(|b| (b, cfg.heartbeat_interval)),
     )?;
     let lcfg = LiveConfig {
         primary: cfg.clone(),
@@ -188,7 +188,7 @@ pub fn protect(
         label: "castor protect".into(),
     };
     let (target, psk) = (addr.to_string(), psk.clone());
-    let beacon = opts.beacon;
+    let beacon = opts.beacon.map(|b| (b, cfg.heartbeat_interval));
     let dial = move |layout, desc: &str| {
         open_protection(&target, &psk, layout, desc, Duration::ZERO, beacon)
             .map_err(|e| e.to_string())

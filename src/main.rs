@@ -86,6 +86,10 @@ enum Cmd {
         /// 100 ms) arrived for this long, even if its connection stays open.
         #[arg(long, default_value = "500ms", value_parser = units::parse_duration)]
         heartbeat_timeout: Duration,
+        /// Send a heartbeat to the primary this often (keep it several times
+        /// shorter than the primary's --backup-timeout).
+        #[arg(long, default_value = "100ms", value_parser = units::parse_duration)]
+        heartbeat_interval: Duration,
         /// Second heartbeat path: also take authenticated UDP beacons from
         /// the primary (`protect --beacon`) on this address, ideally on
         /// another network than --listen. The primary is suspected only
@@ -251,6 +255,11 @@ struct EngineArgs {
     /// it for this long; the guest then runs unprotected (protect).
     #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
     backup_timeout: Duration,
+    /// Send a heartbeat (and a beacon, with --beacon) after this long
+    /// without traffic to the backup; keep it several times shorter than
+    /// the backup's --heartbeat-timeout.
+    #[arg(long, default_value = "100ms", value_parser = units::parse_duration)]
+    heartbeat_interval: Duration,
 }
 
 /// A validated `--cores` list.
@@ -306,6 +315,17 @@ fn parse_compressor(s: &str) -> Result<Compressor, String> {
     }
 }
 
+/// A heartbeat interval must leave the peer at least two beats per timeout.
+fn check_heartbeat(interval: Duration, peer_timeout: Duration, names: &str) -> Result<(), String> {
+    if interval.is_zero() || interval * 2 > peer_timeout {
+        return Err(format!(
+            "{names}: a heartbeat interval of {interval:?} leaves fewer than two beats within the \
+             {peer_timeout:?} timeout; shorten the interval or lengthen the timeout"
+        ));
+    }
+    Ok(())
+}
+
 impl EngineArgs {
     fn config(&self) -> PrimaryConfig {
         let mut c = PrimaryConfig {
@@ -316,6 +336,7 @@ impl EngineArgs {
             compressor: self.compress,
             output_commit: !self.no_output_commit,
             backup_silence: self.backup_timeout,
+            heartbeat_interval: self.heartbeat_interval,
             ..PrimaryConfig::default()
         };
         if self.no_output_commit {
@@ -456,6 +477,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             run_epochs,
             overrides,
             heartbeat_timeout,
+            heartbeat_interval,
             beacon_listen,
             arbiter,
             fence_cmd,
@@ -464,6 +486,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             reprotect_every,
             test_ack_delay,
         } => {
+            check_heartbeat(
+                heartbeat_interval,
+                heartbeat_timeout,
+                "--heartbeat-interval vs --heartbeat-timeout",
+            )?;
             let psk = load_psk(psk_file.as_ref())?;
             let l = castor::transport::tcp::listen(&listen).map_err(|e| e.to_string())?;
             let addr = l.local_addr().map_err(|e| e.to_string())?;
@@ -485,6 +512,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 max_mem: max_mem.unwrap_or_else(phys_mem),
                 quiet,
                 heartbeat_timeout,
+                heartbeat_interval,
                 ack_delay: test_ack_delay.unwrap_or_default(),
                 beacon: match &beacon_listen {
                     Some(a) => {
@@ -642,6 +670,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             engine,
         } => {
             let spec = parse_spec(&domain)?;
+            check_heartbeat(
+                engine.heartbeat_interval,
+                engine.backup_timeout,
+                "--heartbeat-interval vs --backup-timeout",
+            )?;
             // Rules first (and their check), so a missing queue fails
             // before anything runs; removed when `rules` drops.
             let rules = match nfqueue {

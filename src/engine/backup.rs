@@ -43,6 +43,8 @@ pub struct BackupConfig {
     /// Suspect the primary after this long without any record from it
     /// (see [`crate::ha::detector::DEFAULT_TIMEOUT`]).
     pub heartbeat_timeout: Duration,
+    /// Send a heartbeat to the primary this often.
+    pub heartbeat_interval: Duration,
     /// FOR TESTS ONLY (`castor backup --test-ack-delay`): send each ack this
     /// long after the epoch was committed, so a test can tell "output
     /// produced" from "ack sent" by a visible margin. Zero in real use.
@@ -129,12 +131,12 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
     let writer = Arc::new(Mutex::new(writer));
     let done = Arc::new(AtomicBool::new(false));
     let hb = {
-        let (w, done) = (writer.clone(), done.clone());
+        let (w, done, every) = (writer.clone(), done.clone(), cfg.heartbeat_interval);
         std::thread::Builder::new()
             .name("castor-heartbeat".into())
             .spawn(move || {
                 while !done.load(Ordering::Relaxed) {
-                    std::thread::park_timeout(Duration::from_millis(100));
+                    std::thread::park_timeout(every);
                     if done.load(Ordering::Relaxed) {
                         break;
                     }

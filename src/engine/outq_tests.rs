@@ -201,6 +201,7 @@ fn backup_thread() -> (String, JoinHandle<()>, tempfile::TempDir) {
         heartbeat_timeout: crate::ha::detector::DEFAULT_TIMEOUT,
         ack_delay: Duration::ZERO,
         beacon: None,
+        heartbeat_interval: Duration::from_millis(100),
     };
     let h = std::thread::spawn(move || {
         let _ = backup::serve(&l, &cfg);

@@ -115,6 +115,9 @@ pub struct PrimaryConfig {
     /// the backup's own 500 ms: losing a slow backup costs a full re-seed,
     /// so the primary waits out more scheduling noise before giving up.
     pub backup_silence: Duration,
+    /// Send a heartbeat to the backup after this long without sending
+    /// anything (the backup's `--heartbeat-timeout` must allow several).
+    pub heartbeat_interval: Duration,
     /// Also hold host-device output queued to this NFQUEUE (`--nfqueue`).
     pub nfqueue: Option<crate::outq::nfqueue::NfqSpec>,
 }
@@ -142,6 +145,7 @@ impl Default for PrimaryConfig {
             lease: None,
             lease_margin: Duration::from_millis(100),
             backup_silence: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_millis(100),
             nfqueue: None,
         }
     }
@@ -469,6 +473,7 @@ fn tx_thread(
     buf_return: Vec<Sender<Vec<u8>>>,
     staging_return: Sender<PageBuf>,
     seed_start: Instant,
+    hb_every: Duration,
 ) {
     let mut pending: BTreeMap<u64, Assembly> = BTreeMap::new();
     let mut next = 0u64;
@@ -487,7 +492,7 @@ fn tx_thread(
         got: 0,
     };
     loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        match rx.recv_timeout(hb_every) {
             Ok(TxMsg::Meta(m)) => {
                 let u = m.unit;
                 pending.entry(u).or_insert_with(new_assembly).meta = Some(m);
@@ -622,7 +627,7 @@ fn tx_thread(
                 return;
             }
         }
-        if last_send.elapsed() >= Duration::from_millis(100) {
+        if last_send.elapsed() >= hb_every {
             hb.clear();
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -877,6 +882,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
     }
     let tx_handle = {
         let shared = shared.clone();
+        let hb_every = cfg.heartbeat_interval;
         std::thread::Builder::new()
             .name("castor-tx".into())
             .spawn(move || {
@@ -888,6 +894,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
                     buf_rets,
                     staging_ret_tx,
                     start,
+                    hb_every,
                 )
             })
             .expect("spawning tx thread")

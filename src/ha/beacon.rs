@@ -37,8 +37,6 @@ const VERSION: u8 = 1;
 const TAG_LEN: usize = 16;
 /// Bytes of a beacon.
 pub const LEN: usize = 4 + 4 + 8 + NONCE_LEN + TAG_LEN;
-/// Beacon interval: the replication channel's heartbeat interval.
-pub const INTERVAL: Duration = Duration::from_millis(100);
 
 /// Why a datagram is not a beacon of the current session.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -89,7 +87,7 @@ pub fn decode(psk: &Psk, d: &[u8]) -> Result<(u64, [u8; NONCE_LEN]), BeaconError
     Ok((seq, nonce))
 }
 
-/// Sends beacons every [`INTERVAL`] until dropped.
+/// Sends beacons every `every` until dropped.
 pub struct Sender {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -97,7 +95,12 @@ pub struct Sender {
 
 impl Sender {
     /// Beacons for the session `nonce` to `to`.
-    pub fn start(to: SocketAddr, psk: Psk, nonce: [u8; NONCE_LEN]) -> io::Result<Sender> {
+    pub fn start(
+        to: SocketAddr,
+        psk: Psk,
+        nonce: [u8; NONCE_LEN],
+        every: Duration,
+    ) -> io::Result<Sender> {
         let bind: SocketAddr = if to.is_ipv4() {
             "0.0.0.0:0".parse().expect("literal")
         } else {
@@ -116,7 +119,7 @@ impl Sender {
                     // A lost or refused datagram is what this path exists
                     // to tolerate: keep sending.
                     let _ = sock.send(&encode(&psk, &nonce, seq));
-                    std::thread::sleep(INTERVAL);
+                    std::thread::sleep(every);
                 }
             })?;
         Ok(Sender {

@@ -360,6 +360,7 @@ fn protected_rtts(
         heartbeat_timeout: crate::ha::detector::DEFAULT_TIMEOUT,
         ack_delay: Duration::ZERO,
         beacon: None,
+        heartbeat_interval: Duration::from_millis(100),
     };
     let b = std::thread::spawn(move || backup::serve(&l, &bcfg).map(|_| ()));
     let s = tcp::connect(&addr, Duration::from_secs(10)).unwrap();
