@@ -18,6 +18,7 @@ use crate::transport::handshake::{self, random_nonce, HandshakeError, Psk};
 use crate::transport::messages::Hello;
 use crate::transport::record::RecordReader;
 use crate::transport::tcp::{self, TcpSink};
+use crate::transport::{select, TransportKind};
 use crate::PAGE_SIZE;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,12 @@ pub enum HarnessError {
         addr: String,
         #[source]
         source: HandshakeError,
+    },
+    #[error("transport with backup {addr}: {source}")]
+    Transport {
+        addr: String,
+        #[source]
+        source: crate::transport::select::SetupError,
     },
     #[error(transparent)]
     Primary(#[from] PrimaryError),
@@ -85,9 +92,45 @@ pub fn protect(
     psk: &Psk,
     cfg: &PrimaryConfig,
 ) -> Result<PrimaryOutcome, HarnessError> {
+    protect_with(spec, addr, psk, cfg, TransportKind::Tcp)
+}
+
+/// [`protect`] over `transport` (the backup must run the same one).
+pub fn protect_with(
+    spec: &DomainSpec,
+    addr: &str,
+    psk: &Psk,
+    cfg: &PrimaryConfig,
+    transport: TransportKind,
+) -> Result<PrimaryOutcome, HarnessError> {
     let domain = spec.open()?;
+    run_session(domain, addr, psk, cfg, transport)
+}
+
+/// Opens a session over `transport` and runs the primary on it.
+fn run_session(
+    domain: Box<dyn Domain>,
+    addr: &str,
+    psk: &Psk,
+    cfg: &PrimaryConfig,
+    transport: TransportKind,
+) -> Result<PrimaryOutcome, HarnessError> {
     let (sink, reader) = open_session(addr, psk, &*domain, Duration::from_secs(10))?;
-    primary::run(domain, Box::new(sink), reader, cfg).map_err(|(e, _)| e.into())
+    let mut out = match transport {
+        TransportKind::Tcp => primary::run(domain, Box::new(sink), reader, cfg),
+        kind => {
+            let (sink, reader) = select::primary(kind, reader, sink.0).map_err(|source| {
+                HarnessError::Transport {
+                    addr: addr.to_string(),
+                    source,
+                }
+            })?;
+            primary::run(domain, sink, reader, cfg)
+        }
+    }
+    .map_err(|(e, _)| HarnessError::from(e))?;
+    out.summary.transport = transport.name().into();
+    Ok(out)
 }
 
 /// A backup running as a child process of this binary.
@@ -107,7 +150,12 @@ impl BackupChild {
     }
 }
 
-fn spawn_backup(state_dir: &Path, psk_hex: &str, quiet: bool) -> Result<BackupChild, HarnessError> {
+fn spawn_backup(
+    state_dir: &Path,
+    psk_hex: &str,
+    quiet: bool,
+    transport: TransportKind,
+) -> Result<BackupChild, HarnessError> {
     let exe = std::env::current_exe()
         .map_err(|e| HarnessError::Backup(format!("locating castor binary: {e}")))?;
     let log = tempfile::NamedTempFile::new()
@@ -118,6 +166,7 @@ fn spawn_backup(state_dir: &Path, psk_hex: &str, quiet: bool) -> Result<BackupCh
     let mut cmd = Command::new(exe);
     cmd.args(["backup", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(state_dir)
+        .args(["--transport", transport.name()])
         .env("CASTOR_PSK", psk_hex)
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
@@ -146,6 +195,7 @@ fn spawn_backup(state_dir: &Path, psk_hex: &str, quiet: bool) -> Result<BackupCh
 pub struct LoopbackOpts {
     pub state_dir: Option<PathBuf>,
     pub quiet_backup: bool,
+    pub transport: TransportKind,
 }
 
 /// Backup child + in-process primary on loopback; then checks that the
@@ -168,14 +218,10 @@ pub fn loopback(
     };
     let key: String = random_nonce().iter().map(|b| format!("{b:02x}")).collect();
     let psk = Psk::from_bytes(key.as_bytes());
-    let backup = spawn_backup(&state_dir, &key, opts.quiet_backup)?;
+    let backup = spawn_backup(&state_dir, &key, opts.quiet_backup, opts.transport)?;
     let cpu0 = metrics::self_cpu();
     let domain = spec.open()?;
-    let run = open_session(&backup.addr, &psk, &*domain, Duration::from_secs(10)).and_then(
-        |(sink, reader)| {
-            primary::run(domain, Box::new(sink), reader, cfg).map_err(|(e, _)| e.into())
-        },
-    );
+    let run = run_session(domain, &backup.addr, &psk, cfg, opts.transport);
     let (raw, backup_cpu) =
         metrics::wait_child(backup.child.id()).map_err(|e| HarnessError::Backup(e.to_string()))?;
     let status = std::os::unix::process::ExitStatusExt::from_raw(raw);

@@ -13,6 +13,7 @@ use castor::engine::primary::PrimaryConfig;
 use castor::engine::replica;
 use castor::harness::{self, LoopbackOpts};
 use castor::transport::handshake::{random_nonce, Psk};
+use castor::transport::TransportKind;
 use castor::units;
 
 #[derive(Parser)]
@@ -55,6 +56,9 @@ enum Cmd {
         /// Directory for the committed replica (memory.img, state.bin, meta.json).
         #[arg(long)]
         state_dir: PathBuf,
+        /// Transport the primary must use: tcp, uring or rdma.
+        #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+        transport: TransportKind,
         #[arg(long)]
         psk_file: Option<PathBuf>,
         /// Largest guest memory a primary may ask this backup to hold (default: physical RAM).
@@ -190,6 +194,11 @@ struct EngineArgs {
     /// guest step back in time.
     #[arg(long)]
     no_output_commit: bool,
+    /// Transport to the backup: tcp, uring (io_uring zero-copy send into the
+    /// backup's registered slot ring) or rdma (needs the `rdma` build
+    /// feature and an RDMA device). The backup must use the same one.
+    #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+    transport: TransportKind,
 }
 
 fn parse_compressor(s: &str) -> Result<Compressor, String> {
@@ -292,6 +301,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             engine,
         } => {
             let spec = parse_spec(&domain)?;
+            engine.transport.check_available()?;
             let mut cfg = engine.config();
             cfg.duration = Some(duration);
             cfg.progress = true;
@@ -308,6 +318,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 &LoopbackOpts {
                     state_dir: None,
                     quiet_backup: false,
+                    transport: engine.transport,
                 },
             )
             .map_err(|e| e.to_string())?;
@@ -321,6 +332,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Backup {
             listen,
             state_dir,
+            transport,
             psk_file,
             max_mem,
             quiet,
@@ -335,6 +347,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             fence_timeout,
         } => {
             let psk = load_psk(psk_file.as_ref())?;
+            transport.check_available()?;
             let l = castor::transport::tcp::listen(&listen).map_err(|e| e.to_string())?;
             let addr = l.local_addr().map_err(|e| e.to_string())?;
             // Chosen (and checked) now, so a bad spec fails before replication.
@@ -359,7 +372,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             if activate {
                 castor::engine::install_stop_handler();
             }
-            let mut out = backup::serve(&l, &cfg).map_err(|e| format!("backup: {e}"))?;
+            let mut out =
+                backup::serve_with(&l, &cfg, transport).map_err(|e| format!("backup: {e}"))?;
             match (&out.meta, out.committed) {
                 (Some(m), Some(e)) => eprintln!(
                     "castor backup: replica holds epoch {e} (digest {}), saved to {}",
@@ -461,6 +475,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         } => {
             let spec = parse_spec(&domain)?;
             let psk = load_psk(psk_file.as_ref())?;
+            engine.transport.check_available()?;
             let port = backup
                 .rsplit_once(':')
                 .and_then(|(_, p)| p.parse::<u16>().ok());
@@ -495,7 +510,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             cfg.max_epochs = epochs;
             cfg.progress = !quiet;
             castor::engine::install_stop_handler();
-            let out = harness::protect(&spec, &backup, &psk, &cfg)
+            let out = harness::protect_with(&spec, &backup, &psk, &cfg, engine.transport)
                 .map_err(|e| format!("protect: {e}"))?;
             eprintln!(
                 "castor protect: stopped after epoch {} (acknowledged {}), digest {}",
@@ -515,6 +530,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             engine,
         } => {
             let spec = parse_spec(&domain)?;
+            engine.transport.check_available()?;
             let mut cfg = engine.config();
             cfg.duration = Some(duration);
             cfg.progress = progress;
@@ -527,6 +543,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 &LoopbackOpts {
                     state_dir: None,
                     quiet_backup: true,
+                    transport: engine.transport,
                 },
             )
             .map_err(|e| e.to_string())?;
