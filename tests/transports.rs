@@ -1,0 +1,263 @@
+//! The `uring` and `rdma` transports through the real binary: replicas
+//! equal the primary over uring, mismatched transports are refused with a
+//! reason on both ends, hostile ring traffic is rejected, and rdma says
+//! clearly why it cannot run.
+
+mod common;
+use common::*;
+
+use std::io::Write;
+
+use castor::transport::record::{write_record, RecordKind, RecordReader};
+use castor::transport::slots::{Announce, ChunkTag};
+
+/// True (reason printed) when castor reported that this kernel has no
+/// usable io_uring; any other failure is left to the caller's asserts.
+fn uring_missing(stderr: &str) -> bool {
+    let missing =
+        stderr.contains("io_uring is unavailable") || stderr.contains("does not support io_uring");
+    if missing {
+        eprintln!("SKIP: io_uring unavailable here: {}", stderr.trim());
+    }
+    missing
+}
+
+#[test]
+fn uring_bench_replica_matches_primary() {
+    if sim_unavailable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("run.json");
+    let out = castor()
+        .args([
+            "bench",
+            "--domain",
+            "sim:mem=64MiB,workload=mixed,rate=50000,threads=2",
+            "--duration",
+            "2s",
+            "--transport",
+            "uring",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && uring_missing(&err) {
+        return;
+    }
+    assert!(out.status.success(), "bench over uring failed:\n{err}");
+    let run: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(run["transport"], "uring");
+    assert!(run["epochs"].as_u64().unwrap() > 5, "{run}");
+    assert_eq!(run["digest_match"], true, "{run}");
+    assert_eq!(run["replica_digest"], run["primary_digest"]);
+    assert_eq!(run["replica_epoch"], run["acked_epoch"]);
+}
+
+/// Separate processes, deterministic domain: the replica equals a
+/// from-scratch recomputation, and the stream (seed of 32 MiB, far beyond
+/// the 8 MiB ring) needed many rounds of credits.
+#[test]
+fn uring_protect_replica_equals_recomputation() {
+    if sim_unavailable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "sim:mem=32MiB,workload=incompressible,writes=500,seed=5,fill=1";
+    let b = Backup::start_with(
+        &dir.path().join("replica"),
+        &["--transport", "uring"],
+        KEY,
+    );
+    let bdir = b.dir.clone();
+    let out = castor()
+        .args([
+            "protect",
+            "--quiet",
+            "--domain",
+            spec,
+            "--backup",
+            &b.addr,
+            "--arbiter",
+            "none",
+            "--epoch",
+            "5ms",
+            "--epochs",
+            "15",
+            "--transport",
+            "uring",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let (bst, berr) = b.wait();
+    if !out.status.success() && (uring_missing(&err) || uring_missing(&berr)) {
+        return;
+    }
+    assert!(out.status.success(), "protect over uring failed:\n{err}\nbackup:\n{berr}");
+    assert!(bst.success(), "backup: {berr}");
+    let m = meta(&bdir).expect("replica saved");
+    assert_eq!(m.epoch, 15);
+    assert_eq!(m.digest, replica_digest(&bdir));
+    assert_eq!(m.digest, expected_digest(spec, 15));
+}
+
+fn mismatch(backup_transport: &str, primary_transport: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backup::start_with(
+        &dir.path().join("replica"),
+        &["--transport", backup_transport],
+        KEY,
+    );
+    let out = castor()
+        .args([
+            "protect",
+            "--quiet",
+            "--domain",
+            "sim:mem=4MiB,workload=uniform,writes=10",
+            "--backup",
+            &b.addr,
+            "--arbiter",
+            "none",
+            "--epochs",
+            "3",
+            "--transport",
+            primary_transport,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let (bst, berr) = b.wait();
+    if uring_missing(&err) || uring_missing(&berr) {
+        return;
+    }
+    assert!(!out.status.success(), "primary accepted a mismatch:\n{err}");
+    assert!(!bst.success(), "backup accepted a mismatch:\n{berr}");
+    let want = format!(
+        "this backup runs --transport {backup_transport} but the primary"
+    );
+    for (who, text) in [("primary", err.to_string()), ("backup", berr)] {
+        assert!(
+            text.contains(&want) && text.contains("start both with the same --transport"),
+            "{who} did not explain the mismatch:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn tcp_primary_refused_by_uring_backup() {
+    if sim_unavailable() {
+        return;
+    }
+    mismatch("uring", "tcp");
+}
+
+#[test]
+fn uring_primary_refused_by_tcp_backup() {
+    if sim_unavailable() {
+        return;
+    }
+    mismatch("tcp", "uring");
+}
+
+/// A fake primary sets up a uring session, then sends one chunk header;
+/// returns the backup's exit status and stderr.
+fn hostile_chunk(header: impl FnOnce(&Announce) -> [u8; 8]) -> Option<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backup::start_with(&dir.path().join("replica"), &["--transport", "uring"], KEY);
+    let s = common::fake::session(&b.addr, KEY).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut v = Vec::new();
+    write_record(&mut v, RecordKind::Transport, 0, &[1]);
+    w.write_all(&v).unwrap();
+    let mut r = RecordReader::new(s);
+    let rec = r.next().unwrap();
+    if rec.kind == RecordKind::Error {
+        let msg = String::from_utf8_lossy(rec.payload).into_owned();
+        drop(r);
+        let (_, err) = b.wait();
+        if uring_missing(&msg) || uring_missing(&err) {
+            return None;
+        }
+        panic!("backup refused the uring session: {msg}");
+    }
+    assert_eq!(rec.kind, RecordKind::Slots);
+    let ann = Announce::decode(rec.payload).expect("backup's announcement is valid");
+    assert!(ann.ring_len() >= 8 << 20);
+    let mut chunk = header(&ann).to_vec();
+    chunk.extend_from_slice(&[0xAA; 4096]);
+    // The backup may close before reading everything: ignore write errors.
+    let _ = w.write_all(&chunk);
+    let (st, err) = b.wait();
+    assert_eq!(st.code(), Some(2), "backup must report a broken stream:\n{err}");
+    assert!(meta(&dir.path().join("replica")).is_none());
+    Some(err)
+}
+
+#[test]
+fn chunk_for_the_wrong_slot_is_rejected() {
+    let Some(err) = hostile_chunk(|_| {
+        let mut h = [0u8; 8];
+        h[0..4].copy_from_slice(&ChunkTag { slot: 5, len: 100 }.encode().to_le_bytes());
+        h
+    }) else {
+        return;
+    };
+    assert!(
+        err.contains("chunk names slot 5, but the stream is at slot 0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn chunk_out_of_sequence_is_rejected() {
+    let Some(err) = hostile_chunk(|_| {
+        let mut h = [0u8; 8];
+        h[0..4].copy_from_slice(&ChunkTag { slot: 0, len: 100 }.encode().to_le_bytes());
+        h[4..8].copy_from_slice(&7u32.to_le_bytes());
+        h
+    }) else {
+        return;
+    };
+    assert!(err.contains("sequence 7, expected 0"), "{err}");
+}
+
+#[test]
+fn chunk_overrunning_its_slot_is_rejected() {
+    let Some(err) = hostile_chunk(|a| {
+        let mut h = [0u8; 8];
+        // Slot 0 holds a.slot_size bytes; ask for one more via the tag's
+        // largest length when the slot is smaller than the tag allows.
+        let len = (a.slot_size + 1).min(castor::transport::slots::MAX_SLOT_SIZE);
+        h[0..4].copy_from_slice(&ChunkTag { slot: 0, len }.encode().to_le_bytes());
+        h
+    }) else {
+        return;
+    };
+    assert!(err.contains("overruns its slot"), "{err}");
+}
+
+/// `--transport rdma` on a machine or build that cannot run it fails at
+/// start-up and says why (no device here; no feature in a default build).
+#[test]
+fn rdma_says_why_it_cannot_run() {
+    let out = castor()
+        .args([
+            "protect", "--domain", "sim:mem=4MiB,writes=1", "--backup", "127.0.0.1:1",
+            "--arbiter", "none", "--epochs", "1", "--transport", "rdma",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!("SKIP: castor runs rdma on this machine");
+        return;
+    }
+    assert!(
+        err.contains("built without the `rdma` cargo feature")
+            || err.contains("no RDMA device found (ibv_get_device_list returned 0 devices); use --transport uring or tcp"),
+        "{err}"
+    );
+}
