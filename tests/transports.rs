@@ -66,11 +66,7 @@ fn uring_protect_replica_equals_recomputation() {
     }
     let dir = tempfile::tempdir().unwrap();
     let spec = "sim:mem=32MiB,workload=incompressible,writes=500,seed=5,fill=1";
-    let b = Backup::start_with(
-        &dir.path().join("replica"),
-        &["--transport", "uring"],
-        KEY,
-    );
+    let b = Backup::start_with(&dir.path().join("replica"), &["--transport", "uring"], KEY);
     let bdir = b.dir.clone();
     let out = castor()
         .args([
@@ -96,7 +92,10 @@ fn uring_protect_replica_equals_recomputation() {
     if !out.status.success() && (uring_missing(&err) || uring_missing(&berr)) {
         return;
     }
-    assert!(out.status.success(), "protect over uring failed:\n{err}\nbackup:\n{berr}");
+    assert!(
+        out.status.success(),
+        "protect over uring failed:\n{err}\nbackup:\n{berr}"
+    );
     assert!(bst.success(), "backup: {berr}");
     let m = meta(&bdir).expect("replica saved");
     assert_eq!(m.epoch, 15);
@@ -135,9 +134,7 @@ fn mismatch(backup_transport: &str, primary_transport: &str) {
     }
     assert!(!out.status.success(), "primary accepted a mismatch:\n{err}");
     assert!(!bst.success(), "backup accepted a mismatch:\n{berr}");
-    let want = format!(
-        "this backup runs --transport {backup_transport} but the primary"
-    );
+    let want = format!("this backup runs --transport {backup_transport} but the primary");
     for (who, text) in [("primary", err.to_string()), ("backup", berr)] {
         assert!(
             text.contains(&want) && text.contains("start both with the same --transport"),
@@ -191,7 +188,11 @@ fn hostile_chunk(header: impl FnOnce(&Announce) -> [u8; 8]) -> Option<String> {
     // The backup may close before reading everything: ignore write errors.
     let _ = w.write_all(&chunk);
     let (st, err) = b.wait();
-    assert_eq!(st.code(), Some(2), "backup must report a broken stream:\n{err}");
+    assert_eq!(
+        st.code(),
+        Some(2),
+        "backup must report a broken stream:\n{err}"
+    );
     assert!(meta(&dir.path().join("replica")).is_none());
     Some(err)
 }
@@ -245,8 +246,17 @@ fn chunk_overrunning_its_slot_is_rejected() {
 fn rdma_says_why_it_cannot_run() {
     let out = castor()
         .args([
-            "protect", "--domain", "sim:mem=4MiB,writes=1", "--backup", "127.0.0.1:1",
-            "--arbiter", "none", "--epochs", "1", "--transport", "rdma",
+            "protect",
+            "--domain",
+            "sim:mem=4MiB,writes=1",
+            "--backup",
+            "127.0.0.1:1",
+            "--arbiter",
+            "none",
+            "--epochs",
+            "1",
+            "--transport",
+            "rdma",
         ])
         .output()
         .unwrap();

@@ -197,7 +197,11 @@ pub fn serve_with(
             Err(e) => break (false, e.to_string()),
         };
         if rec.kind == RecordKind::Transport {
-            let asked = rec.payload.first().copied().and_then(TransportKind::from_u8);
+            let asked = rec
+                .payload
+                .first()
+                .copied()
+                .and_then(TransportKind::from_u8);
             let msg = format!(
                 "this backup runs --transport {transport} but the primary asked for --transport {}; \
                  start both with the same --transport",

@@ -97,9 +97,11 @@ impl TransportKind {
                 }
                 #[cfg(not(feature = "rdma"))]
                 {
-                    Err("--transport rdma: this castor was built without the `rdma` cargo feature \
+                    Err(
+                        "--transport rdma: this castor was built without the `rdma` cargo feature \
                          (rebuild with `cargo build --release --features rdma`)"
-                        .into())
+                            .into(),
+                    )
                 }
             }
         }

@@ -51,22 +51,34 @@ pub const DEFAULT_SLOT_SIZE: u32 = 256 << 10;
 pub enum SlotError {
     #[error("slot count {0} out of range 2..={MAX_SLOTS}")]
     SlotCount(u32),
-    #[error("slot size {0} out of range {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE} or not a multiple of 4096")]
+    #[error(
+        "slot size {0} out of range {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE} or not a multiple of 4096"
+    )]
     SlotSize(u32),
     #[error("ring of {slots} × {slot_size} bytes cannot hold a whole record of {MAX_RECORD} bytes behind a partly read slot (need (slots-1) × slot_size >= {MAX_RECORD})")]
     RingTooSmall { slots: u32, slot_size: u32 },
     #[error("chunk names slot {got}, but the stream is at slot {want}")]
     WrongSlot { got: u32, want: u32 },
     #[error("chunk of {len} bytes at offset {offset} overruns its slot of {slot_size} bytes")]
-    ChunkOverrun { len: u32, offset: u32, slot_size: u32 },
-    #[error("chunk into slot sequence {seq} without a credit (only {released} + {slots} credited)")]
+    ChunkOverrun {
+        len: u32,
+        offset: u32,
+        slot_size: u32,
+    },
+    #[error(
+        "chunk into slot sequence {seq} without a credit (only {released} + {slots} credited)"
+    )]
     NoCredit { seq: u64, released: u64, slots: u32 },
     #[error("credit starting at slot sequence {first} repeats slots already credited (next expected {want})")]
     DuplicateCredit { first: u64, want: u64 },
     #[error("credit starting at slot sequence {first} skips slots (next expected {want})")]
     CreditGap { first: u64, want: u64 },
     #[error("credit of {count} slots from {first} releases slots not yet completely sent (only {completed} completed)")]
-    CreditOverflow { first: u64, count: u32, completed: u64 },
+    CreditOverflow {
+        first: u64,
+        count: u32,
+        completed: u64,
+    },
     #[error("empty credit")]
     EmptyCredit,
     #[error("chunk header carries sequence {got}, expected {want} (stream out of sync)")]

@@ -49,7 +49,9 @@ const CREDIT_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum UringError {
     #[error("io_uring is unavailable on this kernel ({kernel}): {source} (is io_uring disabled by the kernel.io_uring_disabled sysctl or a seccomp policy?); use --transport tcp")]
     Setup { kernel: String, source: io::Error },
-    #[error("kernel {kernel} does not support io_uring {op} (needs Linux {needs}); use --transport tcp")]
+    #[error(
+        "kernel {kernel} does not support io_uring {op} (needs Linux {needs}); use --transport tcp"
+    )]
     Unsupported {
         kernel: String,
         op: &'static str,
@@ -136,10 +138,7 @@ impl Region {
                 source: io::Error::last_os_error(),
             });
         }
-        Ok(Region {
-            ptr: p.cast(),
-            len,
-        })
+        Ok(Region { ptr: p.cast(), len })
     }
 
     fn iovec(&self) -> libc::iovec {
@@ -288,7 +287,8 @@ impl CreditShared {
 /// (re-framed) to whoever reads it (the primary's ack thread).
 pub struct CreditFilter {
     inner: RecordReader<TcpStream>,
-    shared: Arc<CreditShared>,
+    /// None: credits do not travel on this path (rdma), and one is an error.
+    shared: Option<Arc<CreditShared>>,
     out: Vec<u8>,
     pos: usize,
 }
@@ -297,9 +297,25 @@ impl CreditFilter {
     pub fn new(inner: RecordReader<TcpStream>, shared: Arc<CreditShared>) -> Self {
         CreditFilter {
             inner,
-            shared,
+            shared: Some(shared),
             out: Vec::new(),
             pos: 0,
+        }
+    }
+
+    /// A return path on which a `Credit` record is a protocol error.
+    pub fn passthrough(inner: RecordReader<TcpStream>) -> Self {
+        CreditFilter {
+            inner,
+            shared: None,
+            out: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    fn close(&self, why: String) {
+        if let Some(s) = &self.shared {
+            s.close(why);
         }
     }
 }
@@ -308,30 +324,38 @@ impl Read for CreditFilter {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.out.len() {
             match self.inner.next() {
-                Ok(rec) if rec.kind == RecordKind::Credit => match Credit::decode(rec.payload) {
-                    Ok(c) => {
-                        let mut g = self.shared.m.lock().unwrap();
-                        g.credits.push_back(c);
-                        self.shared.cv.notify_all();
+                Ok(rec) if rec.kind == RecordKind::Credit => {
+                    match (Credit::decode(rec.payload), &self.shared) {
+                        (Ok(c), Some(sh)) => {
+                            let mut g = sh.m.lock().unwrap();
+                            g.credits.push_back(c);
+                            sh.cv.notify_all();
+                        }
+                        (Ok(_), None) => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "backup sent a Credit record on the TCP path of an rdma session",
+                            ))
+                        }
+                        (Err(e), _) => {
+                            let msg = format!("malformed credit from the backup: {e}");
+                            self.close(msg.clone());
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
+                        }
                     }
-                    Err(e) => {
-                        let msg = format!("malformed credit from the backup: {e}");
-                        self.shared.close(msg.clone());
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
-                    }
-                },
+                }
                 Ok(rec) => {
                     self.out.clear();
                     self.pos = 0;
                     write_record(&mut self.out, rec.kind, rec.epoch, rec.payload);
                 }
                 Err(RecordError::Eof) => {
-                    self.shared.close("backup closed the connection".into());
+                    self.close("backup closed the connection".into());
                     return Ok(0);
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    self.shared.close(msg.clone());
+                    self.close(msg.clone());
                     return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
                 }
             }
@@ -380,7 +404,11 @@ pub struct UringSink {
 impl UringSink {
     /// `sock` is the session's connection (a clone; the caller keeps reading
     /// the return path through a [`CreditFilter`] sharing `credits`).
-    pub fn new(sock: TcpStream, ann: &Announce, credits: Arc<CreditShared>) -> Result<Self, UringError> {
+    pub fn new(
+        sock: TcpStream,
+        ann: &Announce,
+        credits: Arc<CreditShared>,
+    ) -> Result<Self, UringError> {
         let ring = new_ring()?;
         let stride = (CHUNK_HEADER + ann.slot_size as usize).next_multiple_of(4096);
         let stage = Region::new(stride * STAGE_BUFS, "the send staging buffers")?;
@@ -659,7 +687,11 @@ pub struct UringSource {
 
 impl UringSource {
     /// Sets up the ring for `ann` on `sock`; credits go out on `writer`.
-    pub fn new(sock: TcpStream, ann: &Announce, writer: Arc<Mutex<TcpStream>>) -> Result<Self, UringError> {
+    pub fn new(
+        sock: TcpStream,
+        ann: &Announce,
+        writer: Arc<Mutex<TcpStream>>,
+    ) -> Result<Self, UringError> {
         let ring = new_ring()?;
         let mem = MirrorRing::new(ann.ring_len())?;
         let hdr = Region::new(4096, "the chunk header buffer")?;
