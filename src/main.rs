@@ -166,6 +166,23 @@ enum Cmd {
     },
     /// Print a new random pre-shared key (hex) for --psk-file.
     Keygen,
+    /// Transports side by side on loopback (tcp and uring, raw and lz4
+    /// pages): page bytes per second and CPU seconds per replicated GiB,
+    /// with memcpy bandwidth (and iperf3 line rate) from the same run.
+    BenchTransport {
+        /// Length of each case.
+        #[arg(long, default_value = "3s", value_parser = units::parse_duration)]
+        duration: Duration,
+        /// Also measure iperf3 on loopback (needs iperf3).
+        #[arg(long)]
+        iperf: bool,
+        /// Also measure iperf3 across a veth pair between two network
+        /// namespaces this run creates and deletes (needs root, iperf3).
+        #[arg(long)]
+        veth: bool,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -576,6 +593,20 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Cmd::Digest { .. } => {
             Err("digest needs --replica DIR, or --domain SPEC --at-epoch N".into())
+        }
+        Cmd::BenchTransport {
+            duration,
+            iperf,
+            veth,
+            json,
+        } => {
+            TransportKind::Uring.check_available()?;
+            let r = castor::transport_bench::run(duration, iperf, veth)?;
+            if let Some(p) = json {
+                let j = serde_json::to_vec_pretty(&r).expect("report serialises");
+                std::fs::write(&p, j).map_err(|e| format!("writing {}: {e}", p.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Keygen => {
             println!(
