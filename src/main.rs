@@ -173,6 +173,9 @@ enum Cmd {
         /// Length of each case.
         #[arg(long, default_value = "3s", value_parser = units::parse_duration)]
         duration: Duration,
+        /// Rounds of every case (interleaved); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Also measure iperf3 on loopback (needs iperf3).
         #[arg(long)]
         iperf: bool,
@@ -596,12 +599,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Cmd::BenchTransport {
             duration,
+            rounds,
             iperf,
             veth,
             json,
         } => {
             TransportKind::Uring.check_available()?;
-            let r = castor::transport_bench::run(duration, iperf, veth)?;
+            let r = castor::transport_bench::run(duration, rounds, iperf, veth)?;
             if let Some(p) = json {
                 let j = serde_json::to_vec_pretty(&r).expect("report serialises");
                 std::fs::write(&p, j).map_err(|e| format!("writing {}: {e}", p.display()))?;

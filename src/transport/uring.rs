@@ -395,6 +395,10 @@ pub struct UringSink {
     seq: u32,
     /// First fatal error; later calls repeat it.
     failed: Option<String>,
+    /// SEND_ZC (true), or plain SEND from the same registered buffers
+    /// (false: only to measure what zero copy costs on loopback, where the
+    /// kernel copies zero-copy pages on local delivery anyway).
+    zero_copy: bool,
     /// Notifications reporting the kernel copied instead of sending from
     /// our pages (always the case on loopback).
     pub zc_copied: u64,
@@ -438,9 +442,16 @@ impl UringSink {
             credits,
             seq: 0,
             failed: None,
+            zero_copy: true,
             zc_copied: 0,
             zc_notifs: 0,
         })
+    }
+
+    /// Sends with plain IORING_OP_SEND instead of SEND_ZC (benchmarks only).
+    pub fn without_zero_copy(mut self) -> Self {
+        self.zero_copy = false;
+        self
     }
 
     fn fail(&mut self, msg: String) -> io::Error {
@@ -620,11 +631,18 @@ impl RecordSink for UringSink {
                 }
             }
             let len = CHUNK_HEADER + p.len;
-            let e = opcode::SendZc::new(types::Fixed(0), dst.as_ptr(), len as u32)
-                .buf_index(Some(0))
-                .flags(libc::MSG_WAITALL)
-                .build()
-                .user_data(b as u64);
+            let e = if !self.zero_copy {
+                opcode::Send::new(types::Fixed(0), dst.as_ptr(), len as u32)
+                    .flags(libc::MSG_WAITALL)
+                    .build()
+                    .user_data(b as u64)
+            } else {
+                opcode::SendZc::new(types::Fixed(0), dst.as_ptr(), len as u32)
+                    .buf_index(Some(0))
+                    .flags(libc::MSG_WAITALL)
+                    .build()
+                    .user_data(b as u64)
+            };
             self.stages[b] = Stage {
                 len,
                 result_due: true,
