@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 
 use castor::transport::record::{write_record, RecordKind, RecordReader};
 use castor::transport::slots::{Announce, ChunkTag};
@@ -270,4 +270,68 @@ fn rdma_says_why_it_cannot_run() {
             || err.contains("no RDMA device found (ibv_get_device_list returned 0 devices); use --transport uring or tcp"),
         "{err}"
     );
+}
+
+/// Failure detection works over uring too: a SIGSTOPped primary sends
+/// nothing (not even credits' data), the backup's watchdog shuts the socket
+/// under the pending io_uring read, and the backup ends "primary silent",
+/// keeping the last complete checkpoint (a recomputable epoch).
+#[test]
+fn uring_backup_detects_a_stopped_primary() {
+    if sim_unavailable() {
+        return;
+    }
+    let spec = "sim:mem=16MiB,workload=mixed,writes=300,seed=21,threads=2";
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backup::start_with(&dir.path().join("replica"), &["--transport", "uring"], KEY);
+    let bdir = b.dir.clone();
+    let mut p = castor()
+        .args([
+            "protect",
+            "--domain",
+            spec,
+            "--backup",
+            &b.addr,
+            "--epoch",
+            "5ms",
+            "--arbiter",
+            "none",
+            "--transport",
+            "uring",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first progress line is the event that checkpoints flow; a
+    // primary that fails first (no io_uring) ends its stderr instead.
+    let mut lines = BufReader::new(p.stderr.take().unwrap()).lines();
+    let p = Reaped(p);
+    let mut seen = String::new();
+    let mut flowing = false;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains("acked") {
+            flowing = true;
+            break;
+        }
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    if !flowing && uring_missing(&seen) {
+        return;
+    }
+    assert!(flowing, "protect ended without a progress line:\n{seen}");
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(
+        unsafe { libc::kill(p.0.id() as libc::pid_t, libc::SIGSTOP) },
+        0
+    );
+    let (st, berr) = b.wait();
+    drop(p);
+    assert_eq!(st.code(), Some(2), "{berr}");
+    assert!(berr.contains("primary silent for"), "{berr}");
+    let m = meta(&bdir).expect("replica saved");
+    assert_eq!(m.digest, expected_digest(spec, m.epoch));
 }
