@@ -57,8 +57,8 @@ fn uring_bench_replica_matches_primary() {
 }
 
 /// Separate processes, deterministic domain: the replica equals a
-/// from-scratch recomputation, and the stream (seed of 32 MiB, far beyond
-/// the 8 MiB ring) needed many rounds of credits.
+/// from-scratch recomputation, and the stream (seed of 32 MiB, twice the
+/// 16 MiB ring, plus 15 checkpoints) needed rounds of credits.
 #[test]
 fn uring_protect_replica_equals_recomputation() {
     if sim_unavailable() {
@@ -159,9 +159,17 @@ fn uring_primary_refused_by_tcp_backup() {
     mismatch("tcp", "uring");
 }
 
-/// A fake primary sets up a uring session, then sends one chunk header;
-/// returns the backup's exit status and stderr.
-fn hostile_chunk(header: impl FnOnce(&Announce) -> [u8; 8]) -> Option<String> {
+/// Chunk header bytes: tag and sequence number.
+fn chunk_header(slot: u32, len: u32, seq: u32) -> Vec<u8> {
+    let mut h = ChunkTag { slot, len }.encode().to_le_bytes().to_vec();
+    h.extend_from_slice(&seq.to_le_bytes());
+    h
+}
+
+/// A fake primary sets up a uring session, then sends the bytes `chunks`
+/// makes from the backup's announcement; returns the backup's stderr (None:
+/// io_uring unavailable here).
+fn hostile_chunks(chunks: impl FnOnce(&Announce) -> Vec<u8>) -> Option<String> {
     let dir = tempfile::tempdir().unwrap();
     let b = Backup::start_with(&dir.path().join("replica"), &["--transport", "uring"], KEY);
     let s = common::fake::session(&b.addr, KEY).unwrap();
@@ -182,11 +190,10 @@ fn hostile_chunk(header: impl FnOnce(&Announce) -> [u8; 8]) -> Option<String> {
     }
     assert_eq!(rec.kind, RecordKind::Slots);
     let ann = Announce::decode(rec.payload).expect("backup's announcement is valid");
-    assert!(ann.ring_len() >= 8 << 20);
-    let mut chunk = header(&ann).to_vec();
-    chunk.extend_from_slice(&[0xAA; 4096]);
+    let mut bytes = chunks(&ann);
+    bytes.extend_from_slice(&[0xAA; 4096]);
     // The backup may close before reading everything: ignore write errors.
-    let _ = w.write_all(&chunk);
+    let _ = w.write_all(&bytes);
     let (st, err) = b.wait();
     assert_eq!(
         st.code(),
@@ -199,11 +206,7 @@ fn hostile_chunk(header: impl FnOnce(&Announce) -> [u8; 8]) -> Option<String> {
 
 #[test]
 fn chunk_for_the_wrong_slot_is_rejected() {
-    let Some(err) = hostile_chunk(|_| {
-        let mut h = [0u8; 8];
-        h[0..4].copy_from_slice(&ChunkTag { slot: 5, len: 100 }.encode().to_le_bytes());
-        h
-    }) else {
+    let Some(err) = hostile_chunks(|_| chunk_header(5, 100, 0)) else {
         return;
     };
     assert!(
@@ -214,26 +217,24 @@ fn chunk_for_the_wrong_slot_is_rejected() {
 
 #[test]
 fn chunk_out_of_sequence_is_rejected() {
-    let Some(err) = hostile_chunk(|_| {
-        let mut h = [0u8; 8];
-        h[0..4].copy_from_slice(&ChunkTag { slot: 0, len: 100 }.encode().to_le_bytes());
-        h[4..8].copy_from_slice(&7u32.to_le_bytes());
-        h
-    }) else {
+    let Some(err) = hostile_chunks(|_| chunk_header(0, 100, 7)) else {
         return;
     };
     assert!(err.contains("sequence 7, expected 0"), "{err}");
 }
 
+/// A valid 100-byte chunk (the start of a longer record, so the parser
+/// waits for more), then one as long as a whole slot: it would run 100
+/// bytes past slot 0 (into memory the parser may still be reading).
 #[test]
 fn chunk_overrunning_its_slot_is_rejected() {
-    let Some(err) = hostile_chunk(|a| {
-        let mut h = [0u8; 8];
-        // Slot 0 holds a.slot_size bytes; ask for one more via the tag's
-        // largest length when the slot is smaller than the tag allows.
-        let len = (a.slot_size + 1).min(castor::transport::slots::MAX_SLOT_SIZE);
-        h[0..4].copy_from_slice(&ChunkTag { slot: 0, len }.encode().to_le_bytes());
-        h
+    let Some(err) = hostile_chunks(|a| {
+        let mut rec = Vec::new();
+        write_record(&mut rec, RecordKind::State, 1, &[0x55; 1000]);
+        let mut v = chunk_header(0, 100, 0);
+        v.extend_from_slice(&rec[..100]);
+        v.extend(chunk_header(0, a.slot_size, 1));
+        v
     }) else {
         return;
     };

@@ -43,9 +43,11 @@ pub const MAX_SLOTS: u32 = 1 << (32 - LEN_BITS);
 /// Smallest slot accepted (keeps per-chunk overhead sane).
 pub const MIN_SLOT_SIZE: u32 = 4096;
 
-/// Defaults of the ring a backup offers: 32 × 256 KiB = 8 MiB.
-pub const DEFAULT_SLOTS: u32 = 32;
-pub const DEFAULT_SLOT_SIZE: u32 = 256 << 10;
+/// Defaults of the ring a backup offers: 16 × 1 MiB = 16 MiB (bigger slots
+/// mean fewer chunks: `bench-transport` measured 0.68 CPU s per replicated
+/// GiB over uring with 1 MiB slots against 0.87 with 256 KiB ones).
+pub const DEFAULT_SLOTS: u32 = 16;
+pub const DEFAULT_SLOT_SIZE: u32 = 1 << 20;
 
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum SlotError {
