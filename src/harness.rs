@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::digest::Digest;
 use crate::domain::{Domain, DomainSpec, Layout};
 use crate::engine::live::{self, LiveConfig, LiveError, LiveOutcome, Session};
-use crate::engine::primary::{self, PrimaryConfig, PrimaryError};
+use crate::engine::primary::{self, PrimaryConfig, PrimaryError, PrimaryOutcome};
 use crate::engine::replica;
 use crate::engine::shadow::PageBuf;
 use crate::metrics::{self, Pct, Summary};
@@ -20,6 +20,7 @@ use crate::transport::handshake::{self, random_nonce, HandshakeError, Psk};
 use crate::transport::messages::Hello;
 use crate::transport::record::RecordReader;
 use crate::transport::tcp::{self, TcpSink};
+use crate::transport::{select, TransportKind};
 use crate::PAGE_SIZE;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,12 @@ pub enum HarnessError {
         addr: String,
         #[source]
         source: HandshakeError,
+    },
+    #[error("transport with backup {addr}: {source}")]
+    Transport {
+        addr: String,
+        #[source]
+        source: crate::transport::select::SetupError,
     },
     #[error(transparent)]
     Primary(#[from] PrimaryError),
@@ -84,9 +91,22 @@ pub fn open_protection(
     desc: &str,
     patience: Duration,
     beacon: Option<(std::net::SocketAddr, Duration)>,
-) -> Result<Session<TcpStream>, HarnessError> {
+    transport: TransportKind,
+) -> Result<Session<Box<dyn std::io::Read + Send>>, HarnessError> {
     let nonce = random_nonce();
     let (sink, reader) = open_session_nonce(addr, psk, layout, desc, patience, nonce)?;
+    let (sink, reader): Session<Box<dyn std::io::Read + Send>> = match transport {
+        TransportKind::Tcp => (
+            Box::new(sink),
+            reader.map_inner(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ),
+        kind => {
+            select::primary(kind, reader, sink.0).map_err(|source| HarnessError::Transport {
+                addr: addr.to_string(),
+                source,
+            })?
+        }
+    };
     let sink: Box<dyn crate::transport::RecordSink> = match beacon {
         Some((to, every)) => {
             let b = crate::ha::beacon::Sender::start(to, psk.clone(), nonce, every).map_err(
@@ -95,9 +115,9 @@ pub fn open_protection(
                     source,
                 },
             )?;
-            Box::new(crate::ha::beacon::BeaconSink::new(Box::new(sink), b))
+            Box::new(crate::ha::beacon::BeaconSink::new(sink, b))
         }
-        None => Box::new(sink),
+        None => sink,
     };
     Ok((sink, reader))
 }
@@ -139,6 +159,8 @@ pub struct ProtectOpts {
     pub redial_every: Option<Duration>,
     /// The backup's beacon address (second heartbeat path), if any.
     pub beacon: Option<std::net::SocketAddr>,
+    /// Transport of every session (the backups must run the same).
+    pub transport: TransportKind,
     /// The arbiter's lease, when its hold can lapse.
     pub lease: Option<crate::ha::lease::LeaseWatch>,
 }
@@ -174,6 +196,7 @@ pub fn protect(
         &domain.describe(),
         Duration::from_secs(10),
         opts.beacon.map(|b| (b, cfg.heartbeat_interval)),
+        opts.transport,
     )?;
     let lcfg = LiveConfig {
         primary: cfg.clone(),
@@ -189,9 +212,18 @@ pub fn protect(
     };
     let (target, psk) = (addr.to_string(), psk.clone());
     let beacon = opts.beacon.map(|b| (b, cfg.heartbeat_interval));
+    let transport = opts.transport;
     let dial = move |layout, desc: &str| {
-        open_protection(&target, &psk, layout, desc, Duration::ZERO, beacon)
-            .map_err(|e| e.to_string())
+        open_protection(
+            &target,
+            &psk,
+            layout,
+            desc,
+            Duration::ZERO,
+            beacon,
+            transport,
+        )
+        .map_err(|e| e.to_string())
     };
     let mut live =
         live::run(domain, &mut outq, Some(first), dial, &lcfg).map_err(|(e, _)| match e {
@@ -213,6 +245,32 @@ pub fn protect(
     Ok(Protected { live, digest })
 }
 
+/// Opens a session over `transport` and runs the primary on it.
+fn run_session(
+    domain: Box<dyn Domain>,
+    addr: &str,
+    psk: &Psk,
+    cfg: &PrimaryConfig,
+    transport: TransportKind,
+) -> Result<PrimaryOutcome, HarnessError> {
+    let (sink, reader) = open_session(addr, psk, &*domain, Duration::from_secs(10))?;
+    let mut out = match transport {
+        TransportKind::Tcp => primary::run(domain, Box::new(sink), reader, cfg),
+        kind => {
+            let (sink, reader) = select::primary(kind, reader, sink.0).map_err(|source| {
+                HarnessError::Transport {
+                    addr: addr.to_string(),
+                    source,
+                }
+            })?;
+            primary::run(domain, sink, reader, cfg)
+        }
+    }
+    .map_err(|(e, _)| HarnessError::from(e))?;
+    out.summary.transport = transport.name().into();
+    Ok(out)
+}
+
 /// A backup running as a child process of this binary.
 struct BackupChild {
     child: Child,
@@ -230,7 +288,12 @@ impl BackupChild {
     }
 }
 
-fn spawn_backup(state_dir: &Path, psk_hex: &str, quiet: bool) -> Result<BackupChild, HarnessError> {
+fn spawn_backup(
+    state_dir: &Path,
+    psk_hex: &str,
+    quiet: bool,
+    transport: TransportKind,
+) -> Result<BackupChild, HarnessError> {
     let exe = std::env::current_exe()
         .map_err(|e| HarnessError::Backup(format!("locating castor binary: {e}")))?;
     let log = tempfile::NamedTempFile::new()
@@ -241,6 +304,7 @@ fn spawn_backup(state_dir: &Path, psk_hex: &str, quiet: bool) -> Result<BackupCh
     let mut cmd = Command::new(exe);
     cmd.args(["backup", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(state_dir)
+        .args(["--transport", transport.name()])
         .env("CASTOR_PSK", psk_hex)
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
@@ -269,6 +333,7 @@ fn spawn_backup(state_dir: &Path, psk_hex: &str, quiet: bool) -> Result<BackupCh
 pub struct LoopbackOpts {
     pub state_dir: Option<PathBuf>,
     pub quiet_backup: bool,
+    pub transport: TransportKind,
 }
 
 /// Backup child + in-process primary on loopback; then checks that the
@@ -291,14 +356,10 @@ pub fn loopback(
     };
     let key: String = random_nonce().iter().map(|b| format!("{b:02x}")).collect();
     let psk = Psk::from_bytes(key.as_bytes());
-    let backup = spawn_backup(&state_dir, &key, opts.quiet_backup)?;
+    let backup = spawn_backup(&state_dir, &key, opts.quiet_backup, opts.transport)?;
     let cpu0 = metrics::self_cpu();
     let domain = spec.open()?;
-    let run = open_session(&backup.addr, &psk, &*domain, Duration::from_secs(10)).and_then(
-        |(sink, reader)| {
-            primary::run(domain, Box::new(sink), reader, cfg).map_err(|(e, _)| e.into())
-        },
-    );
+    let run = run_session(domain, &backup.addr, &psk, cfg, opts.transport);
     let (raw, backup_cpu) =
         metrics::wait_child(backup.child.id()).map_err(|e| HarnessError::Backup(e.to_string()))?;
     let status = std::os::unix::process::ExitStatusExt::from_raw(raw);

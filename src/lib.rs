@@ -15,6 +15,7 @@ pub mod harness;
 pub mod metrics;
 pub mod outq;
 pub mod transport;
+pub mod transport_bench;
 pub mod units;
 
 /// Size of a guest page in bytes. Every domain castor drives uses 4 KiB pages.

@@ -14,6 +14,7 @@ use castor::engine::primary::PrimaryConfig;
 use castor::engine::replica;
 use castor::harness::{self, LoopbackOpts};
 use castor::transport::handshake::{random_nonce, Psk};
+use castor::transport::TransportKind;
 use castor::units;
 
 #[derive(Parser)]
@@ -57,6 +58,9 @@ enum Cmd {
         /// Directory for the committed replica (memory.img, state.bin, meta.json).
         #[arg(long)]
         state_dir: PathBuf,
+        /// Transport the primary must use: tcp, uring or rdma.
+        #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+        transport: TransportKind,
         #[arg(long)]
         psk_file: Option<PathBuf>,
         /// Largest guest memory a primary may ask this backup to hold (default: physical RAM).
@@ -219,6 +223,26 @@ enum Cmd {
     },
     /// Print a new random pre-shared key (hex) for --psk-file.
     Keygen,
+    /// Transports side by side on loopback (tcp and uring, raw and lz4
+    /// pages): page bytes per second and CPU seconds per replicated GiB,
+    /// with memcpy bandwidth (and iperf3 line rate) from the same run.
+    BenchTransport {
+        /// Length of each case.
+        #[arg(long, default_value = "3s", value_parser = units::parse_duration)]
+        duration: Duration,
+        /// Rounds of every case (interleaved); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Also measure iperf3 on loopback (needs iperf3).
+        #[arg(long)]
+        iperf: bool,
+        /// Also measure iperf3 across a veth pair between two network
+        /// namespaces this run creates and deletes (needs root, iperf3).
+        #[arg(long)]
+        veth: bool,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -260,6 +284,11 @@ struct EngineArgs {
     /// the backup's --heartbeat-timeout.
     #[arg(long, default_value = "100ms", value_parser = units::parse_duration)]
     heartbeat_interval: Duration,
+    /// Transport to the backup: tcp, uring (io_uring zero-copy send into the
+    /// backup's registered slot ring) or rdma (needs the `rdma` build
+    /// feature and an RDMA device). The backup must use the same one.
+    #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+    transport: TransportKind,
 }
 
 /// A validated `--cores` list.
@@ -439,6 +468,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             engine,
         } => {
             let spec = parse_spec(&domain)?;
+            engine.transport.check_available()?;
             let mut cfg = engine.config();
             cfg.duration = Some(duration);
             cfg.progress = true;
@@ -455,6 +485,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 &LoopbackOpts {
                     state_dir: None,
                     quiet_backup: false,
+                    transport: engine.transport,
                 },
             )
             .map_err(|e| e.to_string())?;
@@ -468,6 +499,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Backup {
             listen,
             state_dir,
+            transport,
             psk_file,
             max_mem,
             quiet,
@@ -492,6 +524,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 "--heartbeat-interval vs --heartbeat-timeout",
             )?;
             let psk = load_psk(psk_file.as_ref())?;
+            transport.check_available()?;
             let l = castor::transport::tcp::listen(&listen).map_err(|e| e.to_string())?;
             let addr = l.local_addr().map_err(|e| e.to_string())?;
             // Chosen (and checked) now, so a bad spec fails before replication.
@@ -538,7 +571,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             if activate {
                 castor::engine::install_stop_handler();
             }
-            let mut out = backup::serve(&l, &cfg).map_err(|e| format!("backup: {e}"))?;
+            let mut out =
+                backup::serve_with(&l, &cfg, transport).map_err(|e| format!("backup: {e}"))?;
             match (&out.meta, out.committed) {
                 (Some(m), Some(e)) => eprintln!(
                     "castor backup: replica holds epoch {e} (digest {}), saved to {}",
@@ -610,10 +644,18 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 };
                 let dir = state_dir.join("activated");
                 let target = reprotect.clone().unwrap_or_default();
+                // The fresh backup runs this backup's --transport.
                 let dial = move |layout, desc: &str| {
-                    harness::open_session_for(&target, &psk, layout, desc, Duration::ZERO)
-                        .map(|(s, r)| (Box::new(s) as Box<dyn castor::transport::RecordSink>, r))
-                        .map_err(|e| e.to_string())
+                    harness::open_protection(
+                        &target,
+                        &psk,
+                        layout,
+                        desc,
+                        Duration::ZERO,
+                        None,
+                        transport,
+                    )
+                    .map_err(|e| e.to_string())
                 };
                 let a = castor::engine::activate::activate(
                     &out.domain,
@@ -682,6 +724,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 None => Vec::new(),
             };
             let psk = load_psk(psk_file.as_ref())?;
+            engine.transport.check_available()?;
             let port = backup
                 .rsplit_once(':')
                 .and_then(|(_, p)| p.parse::<u16>().ok());
@@ -729,6 +772,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 continue_unprotected: !stop_on_backup_loss,
                 redial_every: (!redial_every.is_zero()).then_some(redial_every),
                 beacon,
+                transport: engine.transport,
                 lease: arb.lease(),
             };
             let out = harness::protect(&spec, &backup, &psk, &cfg, &opts)
@@ -767,6 +811,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             engine,
         } => {
             let spec = parse_spec(&domain)?;
+            engine.transport.check_available()?;
             let mut cfg = engine.config();
             cfg.duration = Some(duration);
             cfg.progress = progress;
@@ -779,6 +824,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 &LoopbackOpts {
                     state_dir: None,
                     quiet_backup: true,
+                    transport: engine.transport,
                 },
             )
             .map_err(|e| e.to_string())?;
@@ -811,6 +857,21 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Cmd::Digest { .. } => {
             Err("digest needs --replica DIR, or --domain SPEC --at-epoch N".into())
+        }
+        Cmd::BenchTransport {
+            duration,
+            rounds,
+            iperf,
+            veth,
+            json,
+        } => {
+            TransportKind::Uring.check_available()?;
+            let r = castor::transport_bench::run(duration, rounds, iperf, veth)?;
+            if let Some(p) = json {
+                let j = serde_json::to_vec_pretty(&r).expect("report serialises");
+                std::fs::write(&p, j).map_err(|e| format!("writing {}: {e}", p.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Keygen => {
             println!(

@@ -15,6 +15,7 @@ use crate::engine::replica::{self, Meta, ReplicaError};
 use crate::ha::detector::{Liveness, Watchdog};
 use crate::transport::handshake::{self, HandshakeError, Psk};
 use crate::transport::record::{write_record, RecordError, RecordKind, RecordReader};
+use crate::transport::{select, RecordSource, TransportKind};
 use crate::PAGE_SIZE;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,12 @@ pub enum BackupError {
         peer: String,
         #[source]
         source: HandshakeError,
+    },
+    #[error("transport with {peer}: {source}")]
+    Transport {
+        peer: String,
+        #[source]
+        source: crate::transport::select::SetupError,
     },
     #[error("allocating the replica: {0}")]
     Alloc(#[from] crate::domain::DomainError),
@@ -84,8 +91,17 @@ fn send(w: &Mutex<TcpStream>, kind: RecordKind, epoch: u64, payload: &[u8]) -> s
     w.lock().unwrap().write_all(&v)
 }
 
-/// Serves one primary from `listener` and returns once its stream ended.
+/// Serves one primary from `listener` over tcp and returns once its stream ended.
 pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome, BackupError> {
+    serve_with(listener, cfg, TransportKind::Tcp)
+}
+
+/// Serves one primary that must use `transport` (see `transport::select`).
+pub fn serve_with(
+    listener: &TcpListener,
+    cfg: &BackupConfig,
+    transport: TransportKind,
+) -> Result<BackupOutcome, BackupError> {
     let (stream, addr) = listener.accept().map_err(BackupError::Accept)?;
     let peer = addr.to_string();
     stream.set_nodelay(true).ok();
@@ -116,7 +132,18 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
         peer: peer.clone(),
         source,
     })?;
-    reader.get_ref().set_read_timeout(None).ok();
+    // Heartbeats, acks and credits share the writer.
+    let writer = Arc::new(Mutex::new(writer));
+    let mut reader: Box<dyn RecordSource> = match transport {
+        TransportKind::Tcp => Box::new(reader),
+        kind => select::backup(kind, reader, writer.clone()).map_err(|source| {
+            BackupError::Transport {
+                peer: peer.clone(),
+                source,
+            }
+        })?,
+    };
+    reader.stream().set_read_timeout(None).ok();
     if !cfg.quiet {
         eprintln!(
             "castor backup: replicating {} ({} pages, {}) from {peer}",
@@ -128,7 +155,6 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
     let mut rx = Receiver::new(hello.pages)?;
 
     // Heartbeats to the primary while the session lasts.
-    let writer = Arc::new(Mutex::new(writer));
     let done = Arc::new(AtomicBool::new(false));
     let hb = {
         let (w, done, every) = (writer.clone(), done.clone(), cfg.heartbeat_interval);
@@ -173,7 +199,7 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
         b.follow(hello.nonce, live.clone());
     }
     let watchdog = reader
-        .get_ref()
+        .stream()
         .try_clone()
         .and_then(|s| Watchdog::spawn(live.clone(), s))
         .map_err(BackupError::Accept)?;
@@ -184,7 +210,7 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
     let mut last_rec = started;
     let mut max_gap = Duration::ZERO;
     let (clean, mut end) = loop {
-        let rec = reader.next();
+        let rec = reader.next_record();
         let now = Instant::now();
         live.beat_at(now);
         if rec.is_ok() {
@@ -201,6 +227,20 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
             }
             Err(e) => break (false, e.to_string()),
         };
+        if rec.kind == RecordKind::Transport {
+            let asked = rec
+                .payload
+                .first()
+                .copied()
+                .and_then(TransportKind::from_u8);
+            let msg = format!(
+                "this backup runs --transport {transport} but the primary asked for --transport {}; \
+                 start both with the same --transport",
+                asked.map_or("(unknown)", TransportKind::name)
+            );
+            let _ = send(&writer, RecordKind::Error, 0, msg.as_bytes());
+            break (false, msg);
+        }
         match rx.on_record(rec) {
             Ok(Event::None) => {}
             Ok(Event::Committed(e)) => {
@@ -243,7 +283,8 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
     hb.thread().unpark();
     let _ = hb.join();
     let discarded = rx.discard_open();
-    let bytes_received = reader.bytes_read;
+    let bytes_received = reader.bytes_read();
+    drop(reader);
     if !cfg.quiet {
         let what = if clean {
             "stream ended"

@@ -21,7 +21,7 @@
 use std::io::{self, Read};
 
 /// Wire format version. Bumped on any incompatible change of a header or payload layout.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 pub const MAGIC: u32 = u32::from_le_bytes(*b"CSTR");
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a reader accepts. Pages records are kept far below it.
@@ -43,6 +43,13 @@ pub enum RecordKind {
     Heartbeat = 21,
     Close = 22,
     Error = 23,
+    /// Primary → backup right after AuthOk: the transport it wants (one
+    /// byte, see `transport::TransportKind`). Absent means tcp.
+    Transport = 24,
+    /// Backup → primary: the receive ring (`transport::slots::Announce`).
+    Slots = 25,
+    /// Backup → primary: slots handed back (`transport::slots::Credit`).
+    Credit = 26,
 }
 
 impl RecordKind {
@@ -61,6 +68,9 @@ impl RecordKind {
             21 => Heartbeat,
             22 => Close,
             23 => Error,
+            24 => Transport,
+            25 => Slots,
+            26 => Credit,
             _ => return None,
         })
     }
@@ -93,6 +103,8 @@ pub enum RecordError {
         want: u32,
         got: u32,
     },
+    #[error("receive ring: {0}")]
+    Slot(#[from] crate::transport::slots::SlotError),
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
 }
@@ -143,6 +155,64 @@ pub fn finish_record(out: &mut [u8], start: usize) {
     out[start + 20..start + 24].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// A verified header: everything but the payload's checksum.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    pub kind: RecordKind,
+    pub epoch: u64,
+    pub len: usize,
+    pub crc: u32,
+}
+
+/// Verifies magic, version, kind, flags and length bound of a header.
+pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<Header, RecordError> {
+    let magic = u32::from_le_bytes(h[0..4].try_into().unwrap());
+    if magic != MAGIC {
+        return Err(RecordError::BadMagic(magic));
+    }
+    let version = u16::from_le_bytes(h[4..6].try_into().unwrap());
+    if version != WIRE_VERSION {
+        return Err(RecordError::Version { got: version });
+    }
+    let kind = RecordKind::from_u8(h[6]).ok_or(RecordError::UnknownKind(h[6]))?;
+    if h[7] != 0 {
+        return Err(RecordError::Flags(h[7]));
+    }
+    let epoch = u64::from_le_bytes(h[8..16].try_into().unwrap());
+    let len = u32::from_le_bytes(h[16..20].try_into().unwrap()) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(RecordError::TooLong { kind, len });
+    }
+    let crc = u32::from_le_bytes(h[20..24].try_into().unwrap());
+    Ok(Header {
+        kind,
+        epoch,
+        len,
+        crc,
+    })
+}
+
+/// Checks the CRC of a whole record (`rec` = header bytes + payload) whose
+/// header `h` was parsed, and returns the record.
+pub fn verify<'a>(h: &Header, rec: &'a [u8]) -> Result<Record<'a>, RecordError> {
+    debug_assert_eq!(rec.len(), HEADER_LEN + h.len);
+    let payload = &rec[HEADER_LEN..];
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&rec[..20]), payload);
+    if crc != h.crc {
+        return Err(RecordError::Checksum {
+            kind: h.kind,
+            epoch: h.epoch,
+            want: h.crc,
+            got: crc,
+        });
+    }
+    Ok(Record {
+        kind: h.kind,
+        epoch: h.epoch,
+        payload,
+    })
+}
+
 /// Reads and verifies records from a byte stream.
 ///
 /// The reader does its own buffering: it reads the socket in large chunks
@@ -174,6 +244,28 @@ impl<R: Read> RecordReader<R> {
 
     pub fn get_ref(&self) -> &R {
         &self.inner
+    }
+
+    /// Bytes read from the stream but not yet handed out as records.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// The stream, dropping the buffer (check [`Self::buffered`] first).
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    /// The same reader over `f(stream)`, keeping what is buffered (e.g. to
+    /// box the stream's type away).
+    pub fn map_inner<S: Read>(self, f: impl FnOnce(R) -> S) -> RecordReader<S> {
+        RecordReader {
+            inner: f(self.inner),
+            buf: self.buf,
+            start: self.start,
+            end: self.end,
+            bytes_read: self.bytes_read,
+        }
     }
 
     /// Makes `n` unconsumed bytes available.
@@ -212,24 +304,8 @@ impl<R: Read> RecordReader<R> {
         let h: [u8; HEADER_LEN] = self.buf[self.start..self.start + HEADER_LEN]
             .try_into()
             .expect("header length");
-        let magic = u32::from_le_bytes(h[0..4].try_into().unwrap());
-        if magic != MAGIC {
-            return Err(RecordError::BadMagic(magic));
-        }
-        let version = u16::from_le_bytes(h[4..6].try_into().unwrap());
-        if version != WIRE_VERSION {
-            return Err(RecordError::Version { got: version });
-        }
-        let kind = RecordKind::from_u8(h[6]).ok_or(RecordError::UnknownKind(h[6]))?;
-        if h[7] != 0 {
-            return Err(RecordError::Flags(h[7]));
-        }
-        let epoch = u64::from_le_bytes(h[8..16].try_into().unwrap());
-        let len = u32::from_le_bytes(h[16..20].try_into().unwrap()) as usize;
-        if len > MAX_PAYLOAD {
-            return Err(RecordError::TooLong { kind, len });
-        }
-        let want = u32::from_le_bytes(h[20..24].try_into().unwrap());
+        let hd = parse_header(&h)?;
+        let len = hd.len;
         if let Err(e) = self.fill(HEADER_LEN + len, "record payload", false) {
             return Err(match e {
                 RecordError::Truncated { got, .. } => RecordError::Truncated {
@@ -240,22 +316,15 @@ impl<R: Read> RecordReader<R> {
                 e => e,
             });
         }
-        let p = self.start + HEADER_LEN;
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&h[..20]), &self.buf[p..p + len]);
-        if crc != want {
-            return Err(RecordError::Checksum {
-                kind,
-                epoch,
-                want,
-                got: crc,
-            });
-        }
-        self.start = p + len;
+        let at = self.start;
+        let end = at + HEADER_LEN + len;
+        verify(&hd, &self.buf[at..end])?;
+        self.start = end;
         self.bytes_read += (HEADER_LEN + len) as u64;
         Ok(Record {
-            kind,
-            epoch,
-            payload: &self.buf[p..p + len],
+            kind: hd.kind,
+            epoch: hd.epoch,
+            payload: &self.buf[at + HEADER_LEN..end],
         })
     }
 }

@@ -1,0 +1,172 @@
+//! Agreeing on a transport right after the handshake, and building its
+//! halves.
+//!
+//! ```text
+//! primary                                   backup
+//!   (tcp: nothing; data records follow)
+//!   Transport{kind u8}                     ──►
+//!                                           ◄── Slots{Announce}   (or Error: mismatch, setup failure)
+//! ```
+//!
+//! A backup running tcp that receives a `Transport` record, or a backup
+//! running uring/rdma whose first record is not one, refuses with an Error
+//! record naming both transports, so both ends print the same reason.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+
+use crate::transport::record::{write_record, RecordError, RecordKind, RecordReader};
+use crate::transport::slots::{Announce, SlotError, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE};
+use crate::transport::uring::{CreditFilter, CreditShared, UringError, UringSink, UringSource};
+use crate::transport::{RecordSink, RecordSource, TransportKind};
+
+/// The primary's return path for non-tcp transports.
+pub type ReturnPath = RecordReader<Box<dyn Read + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("transport mismatch: {0}")]
+    Mismatch(String),
+    #[error("backup refused the transport: {0}")]
+    Refused(String),
+    #[error("unexpected {got:?} record while setting up the {transport} transport")]
+    Unexpected {
+        transport: TransportKind,
+        got: RecordKind,
+    },
+    #[error("malformed Transport record ({len} bytes, value {value:?})")]
+    BadRequest { len: usize, value: Option<u8> },
+    #[error("the primary sent {0} bytes of data before the receive ring was announced")]
+    EarlyData(usize),
+    #[error("receive ring announcement: {0}")]
+    Slot(#[from] SlotError),
+    #[error(transparent)]
+    Uring(#[from] UringError),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("i/o error setting up the transport: {0}")]
+    Io(#[from] io::Error),
+}
+
+fn send(w: &mut impl Write, kind: RecordKind, payload: &[u8]) -> io::Result<()> {
+    let mut v = Vec::new();
+    write_record(&mut v, kind, 0, payload);
+    w.write_all(&v)
+}
+
+/// Primary side, after the handshake, for a non-tcp transport.
+pub fn primary(
+    kind: TransportKind,
+    mut reader: RecordReader<TcpStream>,
+    mut writer: TcpStream,
+) -> Result<(Box<dyn RecordSink>, ReturnPath), SetupError> {
+    debug_assert_ne!(kind, TransportKind::Tcp);
+    send(&mut writer, RecordKind::Transport, &[kind.to_u8()])?;
+    let rec = reader.next()?;
+    let ann = match rec.kind {
+        RecordKind::Slots => Announce::decode(rec.payload)?,
+        RecordKind::Error => {
+            return Err(SetupError::Refused(
+                String::from_utf8_lossy(rec.payload).into_owned(),
+            ))
+        }
+        got => {
+            return Err(SetupError::Unexpected {
+                transport: kind,
+                got,
+            })
+        }
+    };
+    match kind {
+        TransportKind::Uring => {
+            let credits = Arc::new(CreditShared::default());
+            let sink = UringSink::new(writer, &ann, credits.clone())?;
+            let back: Box<dyn Read + Send> = Box::new(CreditFilter::new(reader, credits));
+            Ok((Box::new(sink), RecordReader::new(back)))
+        }
+        #[cfg(feature = "rdma")]
+        TransportKind::Rdma => {
+            let (sink, back) = crate::transport::rdma::primary(reader, writer, &ann)
+                .map_err(|e| SetupError::Unavailable(e.to_string()))?;
+            Ok((sink, back))
+        }
+        other => Err(SetupError::Unavailable(format!(
+            "transport {other} is not available in this build"
+        ))),
+    }
+}
+
+/// Backup side, after the handshake, for a non-tcp transport: checks the
+/// primary asked for the same one, announces the ring, returns the source.
+pub fn backup(
+    kind: TransportKind,
+    mut reader: RecordReader<TcpStream>,
+    writer: Arc<Mutex<TcpStream>>,
+) -> Result<Box<dyn RecordSource>, SetupError> {
+    debug_assert_ne!(kind, TransportKind::Tcp);
+    let refuse = |msg: String| {
+        let mut v = Vec::new();
+        write_record(&mut v, RecordKind::Error, 0, msg.as_bytes());
+        let _ = writer.lock().unwrap().write_all(&v);
+        msg
+    };
+    let rec = reader.next()?;
+    if rec.kind != RecordKind::Transport {
+        return Err(SetupError::Mismatch(refuse(format!(
+            "this backup runs --transport {kind} but the primary uses tcp (its first record was {:?}); \
+             start both with the same --transport",
+            rec.kind
+        ))));
+    }
+    let asked = match rec.payload {
+        [v] => TransportKind::from_u8(*v).ok_or(SetupError::BadRequest {
+            len: 1,
+            value: Some(*v),
+        })?,
+        p => {
+            return Err(SetupError::BadRequest {
+                len: p.len(),
+                value: None,
+            })
+        }
+    };
+    if asked != kind {
+        return Err(SetupError::Mismatch(refuse(format!(
+            "this backup runs --transport {kind} but the primary asked for --transport {asked}; \
+             start both with the same --transport"
+        ))));
+    }
+    if reader.buffered() != 0 {
+        return Err(SetupError::EarlyData(reader.buffered()));
+    }
+    let sock = reader.into_inner();
+    let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE)?;
+    let announce = |a: &Announce| -> Result<(), SetupError> {
+        let mut v = Vec::new();
+        write_record(&mut v, RecordKind::Slots, 0, &a.encode());
+        writer.lock().unwrap().write_all(&v)?;
+        Ok(())
+    };
+    match kind {
+        TransportKind::Uring => {
+            let src = match UringSource::new(sock, &ann, writer.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    refuse(format!("the backup cannot run uring: {e}"));
+                    return Err(e.into());
+                }
+            };
+            announce(&ann)?;
+            Ok(Box::new(src))
+        }
+        #[cfg(feature = "rdma")]
+        TransportKind::Rdma => crate::transport::rdma::backup(sock, ann, writer.clone(), announce)
+            .map_err(|e| SetupError::Unavailable(refuse(format!("rdma setup failed: {e}")))),
+        other => Err(SetupError::Unavailable(refuse(format!(
+            "transport {other} is not available in this backup's build"
+        )))),
+    }
+}

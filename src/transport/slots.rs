@@ -1,0 +1,702 @@
+//! The slot/credit protocol shared by the `uring` and `rdma` transports.
+//! Pure bookkeeping: no I/O, no unsafe.
+//!
+//! The backup owns a receive ring of `slots` × `slot_size` bytes, announced
+//! once at connect time ([`Announce`]). The primary's record stream is laid
+//! into the ring byte by byte: stream offset `p` lands at ring offset
+//! `p mod (slots × slot_size)`, so slot `k` of the ring holds stream bytes
+//! `[q × slot_size, (q+1) × slot_size)` for every *slot sequence number* `q`
+//! with `q mod slots = k`. Each transfer (a *chunk*) stays inside one slot
+//! and is named by a 32-bit tag ([`ChunkTag`], the RDMA immediate): the slot
+//! index and the length. Its offset inside the slot is implied by the stream
+//! position, which both ends track.
+//!
+//! Credits: the primary may write into slot sequence `q` only while
+//! `q < released + slots`, `released` being the number of slot sequences the
+//! backup has handed back. The backup hands a slot back ([`Credit`]) once
+//! its parser has consumed every byte of it, so a record is read in place
+//! from the ring until it has been applied. Credits are returned in order:
+//! `{first, count}` must start exactly at the sender's `released`.
+//!
+//! Because a record may straddle slots (and the ring's end), the backup maps
+//! its ring twice back to back (see the transports) and the parser reads
+//! a record as one slice. For that a whole record must fit in the window
+//! behind a partly consumed slot: `(slots - 1) × slot_size >= MAX_RECORD`,
+//! which [`Announce::validate`] enforces.
+//!
+//! Invariants checked against a hostile peer, each failing with a typed
+//! [`SlotError`] and never a panic: a chunk names the slot the stream is in,
+//! is non-empty, ends inside that slot and inside the credited window; a
+//! credit starts at the sender's first outstanding slot, is non-empty and
+//! releases only slots the sender has completely written.
+
+use crate::transport::record::{Cursor, PayloadError, HEADER_LEN, MAX_PAYLOAD};
+
+/// Largest record on the wire (header + largest payload).
+pub const MAX_RECORD: u64 = (HEADER_LEN + MAX_PAYLOAD) as u64;
+/// Bits of a [`ChunkTag`] holding `len - 1`; the rest hold the slot index.
+pub const LEN_BITS: u32 = 20;
+/// Largest slot: a chunk length must fit in [`LEN_BITS`].
+pub const MAX_SLOT_SIZE: u32 = 1 << LEN_BITS;
+/// Most slots: the slot index must fit in the remaining 12 bits.
+pub const MAX_SLOTS: u32 = 1 << (32 - LEN_BITS);
+/// Smallest slot accepted (keeps per-chunk overhead sane).
+pub const MIN_SLOT_SIZE: u32 = 4096;
+
+/// Defaults of the ring a backup offers: 16 × 1 MiB = 16 MiB (bigger slots
+/// mean fewer chunks: `bench-transport` measured 0.68 CPU s per replicated
+/// GiB over uring with 1 MiB slots against 0.87 with 256 KiB ones).
+pub const DEFAULT_SLOTS: u32 = 16;
+pub const DEFAULT_SLOT_SIZE: u32 = 1 << 20;
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum SlotError {
+    #[error("slot count {0} out of range 2..={MAX_SLOTS}")]
+    SlotCount(u32),
+    #[error(
+        "slot size {0} out of range {MIN_SLOT_SIZE}..={MAX_SLOT_SIZE} or not a multiple of 4096"
+    )]
+    SlotSize(u32),
+    #[error("ring of {slots} × {slot_size} bytes cannot hold a whole record of {MAX_RECORD} bytes behind a partly read slot (need (slots-1) × slot_size >= {MAX_RECORD})")]
+    RingTooSmall { slots: u32, slot_size: u32 },
+    #[error("chunk names slot {got}, but the stream is at slot {want}")]
+    WrongSlot { got: u32, want: u32 },
+    #[error("chunk of {len} bytes at offset {offset} overruns its slot of {slot_size} bytes")]
+    ChunkOverrun {
+        len: u32,
+        offset: u32,
+        slot_size: u32,
+    },
+    #[error(
+        "chunk into slot sequence {seq} without a credit (only {released} + {slots} credited)"
+    )]
+    NoCredit { seq: u64, released: u64, slots: u32 },
+    #[error("credit starting at slot sequence {first} repeats slots already credited (next expected {want})")]
+    DuplicateCredit { first: u64, want: u64 },
+    #[error("credit starting at slot sequence {first} skips slots (next expected {want})")]
+    CreditGap { first: u64, want: u64 },
+    #[error("credit of {count} slots from {first} releases slots not yet completely sent (only {completed} completed)")]
+    CreditOverflow {
+        first: u64,
+        count: u32,
+        completed: u64,
+    },
+    #[error("empty credit")]
+    EmptyCredit,
+    #[error("chunk header carries sequence {got}, expected {want} (stream out of sync)")]
+    ChunkSequence { got: u32, want: u32 },
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+}
+
+/// The backup's ring, as announced to the primary. `addr` and `rkey` are
+/// the RDMA target of the ring (zero for `uring`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announce {
+    pub slots: u32,
+    pub slot_size: u32,
+    pub addr: u64,
+    pub rkey: u32,
+    /// rdma: the port the backup's rdma_cm listener waits on (0 for uring).
+    pub cm_port: u16,
+}
+
+impl Announce {
+    pub const LEN: usize = 22;
+
+    pub fn new(slots: u32, slot_size: u32) -> Result<Self, SlotError> {
+        let a = Announce {
+            slots,
+            slot_size,
+            addr: 0,
+            rkey: 0,
+            cm_port: 0,
+        };
+        a.validate()?;
+        Ok(a)
+    }
+
+    pub fn validate(&self) -> Result<(), SlotError> {
+        if !(2..=MAX_SLOTS).contains(&self.slots) {
+            return Err(SlotError::SlotCount(self.slots));
+        }
+        if !(MIN_SLOT_SIZE..=MAX_SLOT_SIZE).contains(&self.slot_size) || self.slot_size % 4096 != 0
+        {
+            return Err(SlotError::SlotSize(self.slot_size));
+        }
+        if (self.slots as u64 - 1) * (self.slot_size as u64) < MAX_RECORD {
+            return Err(SlotError::RingTooSmall {
+                slots: self.slots,
+                slot_size: self.slot_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes of the ring.
+    pub fn ring_len(&self) -> usize {
+        self.slots as usize * self.slot_size as usize
+    }
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..4].copy_from_slice(&self.slots.to_le_bytes());
+        b[4..8].copy_from_slice(&self.slot_size.to_le_bytes());
+        b[8..16].copy_from_slice(&self.addr.to_le_bytes());
+        b[16..20].copy_from_slice(&self.rkey.to_le_bytes());
+        b[20..22].copy_from_slice(&self.cm_port.to_le_bytes());
+        b
+    }
+
+    /// Decodes and validates an announcement from the wire.
+    pub fn decode(p: &[u8]) -> Result<Self, SlotError> {
+        let mut c = Cursor::new(p, "Slots");
+        let a = Announce {
+            slots: c.u32()?,
+            slot_size: c.u32()?,
+            addr: c.u64()?,
+            rkey: c.u32()?,
+            cm_port: c.u16()?,
+        };
+        c.finish()?;
+        a.validate()?;
+        Ok(a)
+    }
+}
+
+/// A chunk's 32-bit name: slot index in the high 12 bits, `len - 1` in the
+/// low 20 (the RDMA immediate; the `uring` chunk header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkTag {
+    pub slot: u32,
+    pub len: u32,
+}
+
+impl ChunkTag {
+    /// Encodes; `len` must be in 1..=MAX_SLOT_SIZE and `slot` < MAX_SLOTS
+    /// (guaranteed by a validated [`Announce`]).
+    pub fn encode(&self) -> u32 {
+        debug_assert!(self.len >= 1 && self.len <= MAX_SLOT_SIZE && self.slot < MAX_SLOTS);
+        (self.slot << LEN_BITS) | (self.len - 1)
+    }
+
+    /// Every u32 decodes to some tag; [`RingState::on_chunk`] judges it.
+    pub fn decode(v: u32) -> Self {
+        ChunkTag {
+            slot: v >> LEN_BITS,
+            len: (v & (MAX_SLOT_SIZE - 1)) + 1,
+        }
+    }
+}
+
+/// Slots handed back by the backup: sequence numbers `first..first+count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credit {
+    pub first: u64,
+    pub count: u32,
+}
+
+impl Credit {
+    pub const LEN: usize = 12;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..8].copy_from_slice(&self.first.to_le_bytes());
+        b[8..12].copy_from_slice(&self.count.to_le_bytes());
+        b
+    }
+
+    pub fn decode(p: &[u8]) -> Result<Self, SlotError> {
+        let mut c = Cursor::new(p, "Credit");
+        let v = Credit {
+            first: c.u64()?,
+            count: c.u32()?,
+        };
+        c.finish()?;
+        Ok(v)
+    }
+}
+
+/// Where a chunk goes: ring offset and length (and its tag for the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub ring_offset: usize,
+    pub len: usize,
+    pub tag: ChunkTag,
+}
+
+/// The primary's side: stream position and credits.
+///
+/// Invariant: every byte it places lies in a slot sequence
+/// `< released + slots`, i.e. never more outstanding slots than credits.
+#[derive(Debug, Clone)]
+pub struct CreditWindow {
+    slots: u32,
+    slot_size: u32,
+    /// Stream bytes placed so far.
+    pos: u64,
+    /// Slot sequences credited back.
+    released: u64,
+}
+
+impl CreditWindow {
+    pub fn new(a: &Announce) -> Self {
+        CreditWindow {
+            slots: a.slots,
+            slot_size: a.slot_size,
+            pos: 0,
+            released: 0,
+        }
+    }
+
+    pub fn pos(&self) -> u64 {
+        self.pos
+    }
+
+    /// Slot sequences currently written to but not yet credited back.
+    pub fn outstanding(&self) -> u64 {
+        self.pos.div_ceil(self.slot_size as u64) - self.released
+    }
+
+    /// Places up to `want` (> 0) bytes at the current position, or `None`
+    /// when the next byte needs a slot the backup has not credited yet.
+    /// Call [`Self::advance`] once the chunk is on its way.
+    pub fn place(&self, want: usize) -> Option<Placement> {
+        let s = self.slot_size as u64;
+        let seq = self.pos / s;
+        if want == 0 || seq >= self.released + self.slots as u64 {
+            return None;
+        }
+        let off = self.pos % s;
+        let len = (want as u64).min(s - off);
+        let slot = (seq % self.slots as u64) as u32;
+        Some(Placement {
+            ring_offset: slot as usize * self.slot_size as usize + off as usize,
+            len: len as usize,
+            tag: ChunkTag {
+                slot,
+                len: len as u32,
+            },
+        })
+    }
+
+    pub fn advance(&mut self, p: &Placement) {
+        self.pos += p.len as u64;
+    }
+
+    /// Applies a credit from the wire.
+    pub fn on_credit(&mut self, c: Credit) -> Result<(), SlotError> {
+        if c.count == 0 {
+            return Err(SlotError::EmptyCredit);
+        }
+        if c.first < self.released {
+            return Err(SlotError::DuplicateCredit {
+                first: c.first,
+                want: self.released,
+            });
+        }
+        if c.first > self.released {
+            return Err(SlotError::CreditGap {
+                first: c.first,
+                want: self.released,
+            });
+        }
+        let completed = self.pos / self.slot_size as u64;
+        match self.released.checked_add(c.count as u64) {
+            Some(r) if r <= completed => {
+                self.released = r;
+                Ok(())
+            }
+            _ => Err(SlotError::CreditOverflow {
+                first: c.first,
+                count: c.count,
+                completed,
+            }),
+        }
+    }
+}
+
+/// The backup's side: what has landed in the ring, what the parser has
+/// consumed, what has been credited back.
+///
+/// Invariants: `credited*slot_size <= read <= write`, and
+/// `write <= (credited + slots) * slot_size`, so no accepted chunk ever lies
+/// outside the ring or over bytes the parser has not consumed.
+#[derive(Debug, Clone)]
+pub struct RingState {
+    slots: u32,
+    slot_size: u32,
+    write: u64,
+    read: u64,
+    credited: u64,
+}
+
+impl RingState {
+    pub fn new(a: &Announce) -> Self {
+        RingState {
+            slots: a.slots,
+            slot_size: a.slot_size,
+            write: 0,
+            read: 0,
+            credited: 0,
+        }
+    }
+
+    pub fn ring_len(&self) -> usize {
+        self.slots as usize * self.slot_size as usize
+    }
+
+    /// Stream bytes received and not yet consumed.
+    pub fn available(&self) -> u64 {
+        self.write - self.read
+    }
+
+    /// Ring offset of the next unconsumed byte.
+    pub fn read_offset(&self) -> usize {
+        (self.read % self.ring_len() as u64) as usize
+    }
+
+    /// Stream bytes consumed.
+    pub fn consumed(&self) -> u64 {
+        self.read
+    }
+
+    /// Where the next chunk may land: the rest of the current slot, if the
+    /// sender holds its credit (always true for a sender that follows the
+    /// protocol and a receiver that keeps up).
+    pub fn next_room(&self) -> Placement {
+        let s = self.slot_size as u64;
+        let seq = self.write / s;
+        let off = self.write % s;
+        let slot = (seq % self.slots as u64) as u32;
+        let len = (s - off) as u32;
+        Placement {
+            ring_offset: slot as usize * self.slot_size as usize + off as usize,
+            len: len as usize,
+            tag: ChunkTag { slot, len },
+        }
+    }
+
+    /// Judges a chunk tag from the wire. On success the chunk's bytes belong
+    /// at the returned placement; call [`Self::on_landed`] once they are there.
+    pub fn on_chunk(&self, raw: u32) -> Result<Placement, SlotError> {
+        let tag = ChunkTag::decode(raw);
+        let s = self.slot_size as u64;
+        let seq = self.write / s;
+        let off = (self.write % s) as u32;
+        let want = (seq % self.slots as u64) as u32;
+        if tag.slot != want {
+            return Err(SlotError::WrongSlot {
+                got: tag.slot,
+                want,
+            });
+        }
+        if tag.len > self.slot_size - off {
+            return Err(SlotError::ChunkOverrun {
+                len: tag.len,
+                offset: off,
+                slot_size: self.slot_size,
+            });
+        }
+        if seq >= self.credited + self.slots as u64 {
+            return Err(SlotError::NoCredit {
+                seq,
+                released: self.credited,
+                slots: self.slots,
+            });
+        }
+        Ok(Placement {
+            ring_offset: want as usize * self.slot_size as usize + off as usize,
+            len: tag.len as usize,
+            tag,
+        })
+    }
+
+    /// `n` bytes of an accepted chunk have landed (`n` at most what is left
+    /// of its placement; the caller tracks partial arrivals).
+    pub fn on_landed(&mut self, n: usize) {
+        self.write += n as u64;
+        debug_assert!(self.write <= (self.credited + self.slots as u64) * self.slot_size as u64);
+    }
+
+    /// The parser is done with `n` more bytes. Panics if more than have
+    /// landed: a caller bug, not a peer's.
+    pub fn consume(&mut self, n: usize) {
+        assert!(n as u64 <= self.available(), "consumed past what landed");
+        self.read += n as u64;
+    }
+
+    /// Slots fully consumed and not yet credited back.
+    pub fn creditable(&self) -> u64 {
+        self.read / self.slot_size as u64 - self.credited
+    }
+
+    /// Slots now fully consumed and not yet credited back, as one credit.
+    pub fn take_credit(&mut self) -> Option<Credit> {
+        let done = self.read / self.slot_size as u64;
+        if done <= self.credited {
+            return None;
+        }
+        let c = Credit {
+            first: self.credited,
+            count: (done - self.credited) as u32,
+        };
+        self.credited = done;
+        Some(c)
+    }
+
+    /// Whether a record of `len` bytes starting at the read position can
+    /// ever be held whole in the ring (false means the peer is hostile or
+    /// the announcement was not validated).
+    pub fn fits(&self, len: u64) -> bool {
+        let off = self.read % self.slot_size as u64;
+        off + len <= self.slots as u64 * self.slot_size as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ann(slots: u32, size: u32) -> Announce {
+        Announce {
+            slots,
+            slot_size: size,
+            addr: 0,
+            rkey: 0,
+            cm_port: 0,
+        }
+    }
+
+    #[test]
+    fn announce_round_trip_and_validation() {
+        let a = Announce {
+            addr: 0x7f00_1234_5000,
+            rkey: 77,
+            cm_port: 4791,
+            ..Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).unwrap()
+        };
+        assert_eq!(Announce::decode(&a.encode()).unwrap(), a);
+        assert_eq!(
+            Announce::decode(&ann(1, 1 << 20).encode()),
+            Err(SlotError::SlotCount(1))
+        );
+        assert_eq!(
+            Announce::decode(&ann(64, 5000).encode()),
+            Err(SlotError::SlotSize(5000))
+        );
+        assert_eq!(
+            Announce::decode(&ann(64, 2 << 20).encode()),
+            Err(SlotError::SlotSize(2 << 20))
+        );
+        assert!(matches!(
+            Announce::decode(&ann(8, 256 << 10).encode()),
+            Err(SlotError::RingTooSmall { .. })
+        ));
+        assert!(matches!(
+            Announce::decode(&a.encode()[..21]),
+            Err(SlotError::Payload(_))
+        ));
+    }
+
+    #[test]
+    fn tags_round_trip_at_the_edges() {
+        for (slot, len) in [(0, 1), (0, MAX_SLOT_SIZE), (MAX_SLOTS - 1, 1), (5, 4096)] {
+            let t = ChunkTag { slot, len };
+            assert_eq!(ChunkTag::decode(t.encode()), t);
+        }
+    }
+
+    fn pair(slots: u32, size: u32) -> (CreditWindow, RingState) {
+        let a = Announce::new(slots, size).unwrap();
+        (CreditWindow::new(&a), RingState::new(&a))
+    }
+
+    #[test]
+    fn sender_stops_at_the_credit_window_and_resumes_on_credit() {
+        let (mut w, mut r) = pair(32, 256 << 10);
+        let s = 256usize << 10;
+        for _ in 0..32 {
+            let p = w.place(usize::MAX).unwrap();
+            assert_eq!(p.len, s);
+            assert_eq!(r.on_chunk(p.tag.encode()).unwrap(), p);
+            r.on_landed(p.len);
+            w.advance(&p);
+        }
+        assert_eq!(w.outstanding(), 32);
+        assert!(w.place(1).is_none(), "33rd slot without a credit");
+        r.consume(s + 10);
+        let c = r.take_credit().unwrap();
+        assert_eq!(c, Credit { first: 0, count: 1 });
+        assert!(r.take_credit().is_none());
+        w.on_credit(c).unwrap();
+        let p = w.place(100).unwrap();
+        assert_eq!((p.ring_offset, p.len, p.tag.slot), (0, 100, 0));
+    }
+
+    #[test]
+    fn hostile_chunks_are_rejected() {
+        let (_, mut r) = pair(32, 256 << 10);
+        assert_eq!(
+            r.on_chunk(ChunkTag { slot: 3, len: 10 }.encode()),
+            Err(SlotError::WrongSlot { got: 3, want: 0 })
+        );
+        r.on_landed(100);
+        assert_eq!(
+            r.on_chunk(
+                ChunkTag {
+                    slot: 0,
+                    len: 256 << 10
+                }
+                .encode()
+            ),
+            Err(SlotError::ChunkOverrun {
+                len: 256 << 10,
+                offset: 100,
+                slot_size: 256 << 10
+            })
+        );
+        // Fill the ring, then write once more without a credit.
+        let mut r = RingState::new(&Announce::new(32, 256 << 10).unwrap());
+        for i in 0..32 {
+            let p = r
+                .on_chunk(
+                    ChunkTag {
+                        slot: i,
+                        len: 256 << 10,
+                    }
+                    .encode(),
+                )
+                .unwrap();
+            r.on_landed(p.len);
+        }
+        assert!(matches!(
+            r.on_chunk(ChunkTag { slot: 0, len: 1 }.encode()),
+            Err(SlotError::NoCredit { seq: 32, .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_credits_are_rejected() {
+        let (mut w, _) = pair(32, 256 << 10);
+        let p = w.place(3 * (256 << 10)).unwrap();
+        w.advance(&p);
+        let p = w.place(3 * (256 << 10)).unwrap();
+        w.advance(&p);
+        let p = w.place(10).unwrap();
+        w.advance(&p); // slots 0 and 1 complete, 2 partly written
+        assert_eq!(
+            w.on_credit(Credit { first: 0, count: 3 }),
+            Err(SlotError::CreditOverflow {
+                first: 0,
+                count: 3,
+                completed: 2
+            })
+        );
+        assert_eq!(
+            w.on_credit(Credit { first: 0, count: 0 }),
+            Err(SlotError::EmptyCredit)
+        );
+        assert_eq!(
+            w.on_credit(Credit { first: 1, count: 1 }),
+            Err(SlotError::CreditGap { first: 1, want: 0 })
+        );
+        w.on_credit(Credit { first: 0, count: 1 }).unwrap();
+        assert_eq!(
+            w.on_credit(Credit { first: 0, count: 1 }),
+            Err(SlotError::DuplicateCredit { first: 0, want: 1 })
+        );
+        assert!(matches!(
+            w.on_credit(Credit {
+                first: 1,
+                count: u32::MAX
+            }),
+            Err(SlotError::CreditOverflow { .. })
+        ));
+        assert!(matches!(
+            Credit::decode(&[0; 11]),
+            Err(SlotError::Payload(_))
+        ));
+    }
+
+    proptest! {
+        /// A sender and a receiver following the protocol through arbitrary
+        /// send sizes and consumption steps: the stream arrives intact, the
+        /// sender never holds more slots than credits, and every chunk stays
+        /// inside the ring and inside one slot.
+        #[test]
+        fn protocol_moves_a_stream_intact(
+            slots in 18u32..40,
+            size_pages in 64u32..=256,
+            sends in proptest::collection::vec(1usize..1_000_000, 1..24),
+            consume_steps in proptest::collection::vec(1usize..1_500_000, 1..40),
+        ) {
+            let size = size_pages * 4096;
+            let (mut w, mut r) = pair(slots, size);
+            let ring_len = r.ring_len();
+            let mut ring = vec![0u8; ring_len];
+            let total: usize = sends.iter().sum();
+            let stream: Vec<u8> = (0..total).map(|i| (i * 31 + i / 7) as u8).collect();
+            let mut sent = 0usize;
+            let mut got = Vec::with_capacity(total);
+            let mut step = 0usize;
+            while got.len() < total {
+                // Sender: as much as credits allow.
+                while sent < total {
+                    let Some(p) = w.place(total - sent) else { break };
+                    prop_assert!(p.ring_offset + p.len <= ring_len);
+                    prop_assert!(p.ring_offset / size as usize == (p.ring_offset + p.len - 1) / size as usize);
+                    let q = r.on_chunk(p.tag.encode()).unwrap();
+                    prop_assert_eq!(q, p);
+                    ring[p.ring_offset..p.ring_offset + p.len].copy_from_slice(&stream[sent..sent + p.len]);
+                    r.on_landed(p.len);
+                    w.advance(&p);
+                    sent += p.len;
+                    prop_assert!(w.outstanding() <= slots as u64);
+                }
+                // Receiver: consume some of what landed, credit back.
+                let want = consume_steps[step % consume_steps.len()];
+                step += 1;
+                let mut n = (want as u64).min(r.available()) as usize;
+                while n > 0 {
+                    let off = r.read_offset();
+                    let k = n.min(ring_len - off);
+                    got.extend_from_slice(&ring[off..off + k]);
+                    r.consume(k);
+                    n -= k;
+                }
+                if let Some(c) = r.take_credit() {
+                    w.on_credit(c).unwrap();
+                }
+            }
+            prop_assert!(got == stream);
+        }
+
+        /// Arbitrary tags and credits from a hostile peer never panic and
+        /// never place a byte outside the ring.
+        #[test]
+        fn arbitrary_wire_values_never_escape_the_ring(
+            tags in proptest::collection::vec(any::<u32>(), 1..200),
+            credits in proptest::collection::vec((any::<u64>(), any::<u32>()), 1..50),
+            ann_bytes in proptest::collection::vec(any::<u8>(), 0..30),
+        ) {
+            let _ = Announce::decode(&ann_bytes);
+            let (mut w, mut r) = pair(20, 256 << 10);
+            for t in tags {
+                if let Ok(p) = r.on_chunk(t) {
+                    prop_assert!(p.ring_offset + p.len <= r.ring_len());
+                    r.on_landed(p.len);
+                }
+            }
+            let p = w.place(5 << 20).unwrap();
+            w.advance(&p);
+            for (first, count) in credits {
+                let before = w.outstanding();
+                if w.on_credit(Credit { first, count }).is_ok() {
+                    prop_assert!(w.outstanding() < before);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! `castor bench-transport`: the transports side by side in one run.
+//!
+//! For each transport (tcp, uring) and payload (raw incompressible pages,
+//! lz4-compressed pages) a sender thread streams Pages-sized records of
+//! pre-encoded pages through the transport's sink on loopback, and a
+//! receiver thread takes them from the transport's source and applies them
+//! to a destination memory like the backup does (raw: copied out of the
+//! receive buffer; compressed: decompressed into place). Reported per case:
+//! replicated page bytes per second and CPU seconds (whole process, both
+//! ends, kernel included) per replicated GiB. Encoding is done before the
+//! clock starts, so the figures are the transport's and the apply step's.
+//! The same run measures single-thread memcpy bandwidth (the physical
+//! limit of a copy) and, when iperf3 is installed, loopback line rate and
+//! optionally a veth pair between two network namespaces. `uring-copy` is
+//! uring with plain SEND instead of SEND_ZC from the same registered
+//! buffers: on loopback (and veth) the kernel copies zero-copy pages when it
+//! delivers them locally, so the difference is what zero copy costs where
+//! it cannot pay off.
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::metrics;
+use crate::transport::record::{write_record, RecordKind, RecordReader};
+use crate::transport::slots::{Announce, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE};
+use crate::transport::tcp::TcpSink;
+use crate::transport::uring::{CreditFilter, CreditShared, UringSink, UringSource};
+use crate::transport::{RecordSink, RecordSource, TransportKind};
+use crate::PAGE_SIZE;
+
+/// Pages per record (one Pages record of the primary is ~256 KiB).
+const PAGES_PER_RECORD: usize = 64;
+/// Distinct pages cycled through (destination memory size).
+const PAGES: usize = 16384; // 64 MiB
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    Raw,
+    Lz4,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaseResult {
+    pub transport: String,
+    pub payload: String,
+    pub seconds: f64,
+    pub page_bytes: u64,
+    pub wire_bytes: u64,
+    pub gib_per_s: f64,
+    pub wire_gib_per_s: f64,
+    pub cpu_s_per_gib: f64,
+}
+
+fn rng(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// Incompressible pages, or text-like pages lz4 halves or better.
+fn make_pages(p: Payload) -> Vec<u8> {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut v = vec![0u8; PAGES * PAGE_SIZE];
+    match p {
+        Payload::Raw => {
+            for c in v.chunks_mut(8) {
+                c.copy_from_slice(&rng(&mut seed).to_le_bytes()[..c.len()]);
+            }
+        }
+        Payload::Lz4 => {
+            const WORDS: [&[u8]; 12] = [
+                b"checkpoint ",
+                b"the ",
+                b"epoch ",
+                b"of ",
+                b"a ",
+                b"guest ",
+                b"page ",
+                b"dirty ",
+                b"backup ",
+                b"replica ",
+                b"0x7f3a ",
+                b"\n",
+            ];
+            let mut i = 0;
+            while i < v.len() {
+                let w = WORDS[(rng(&mut seed) % WORDS.len() as u64) as usize];
+                let n = w.len().min(v.len() - i);
+                v[i..i + n].copy_from_slice(&w[..n]);
+                i += n;
+            }
+        }
+    }
+    v
+}
+
+/// Pre-encoded records, cycled by the sender: (record bytes, page bytes).
+fn make_records(p: Payload, pages: &[u8]) -> Vec<Vec<u8>> {
+    pages
+        .chunks(PAGES_PER_RECORD * PAGE_SIZE)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut payload = Vec::with_capacity(chunk.len() + 64);
+            payload.extend_from_slice(&((i * PAGES_PER_RECORD) as u32).to_le_bytes());
+            for page in chunk.chunks(PAGE_SIZE) {
+                match p {
+                    Payload::Raw => payload.extend_from_slice(page),
+                    Payload::Lz4 => {
+                        let c = lz4_flex::block::compress(page);
+                        payload.extend_from_slice(&(c.len() as u32).to_le_bytes());
+                        payload.extend_from_slice(&c);
+                    }
+                }
+            }
+            let mut rec = Vec::new();
+            write_record(&mut rec, RecordKind::Pages, 1, &payload);
+            rec
+        })
+        .collect()
+}
+
+/// Applies one record's pages to `dest`; returns page bytes applied.
+fn apply(p: Payload, payload: &[u8], dest: &mut [u8]) -> Result<u64, String> {
+    let first = u32::from_le_bytes(payload[..4].try_into().unwrap()) as usize;
+    let mut at = 4;
+    let mut n = 0;
+    while at < payload.len() {
+        let gfn = first + n;
+        let page = dest
+            .get_mut(gfn * PAGE_SIZE..(gfn + 1) * PAGE_SIZE)
+            .ok_or("page out of range")?;
+        match p {
+            Payload::Raw => {
+                page.copy_from_slice(&payload[at..at + PAGE_SIZE]);
+                at += PAGE_SIZE;
+            }
+            Payload::Lz4 => {
+                let len = u32::from_le_bytes(payload[at..at + 4].try_into().unwrap()) as usize;
+                at += 4;
+                let got = lz4_flex::block::decompress_into(&payload[at..at + len], page)
+                    .map_err(|e| e.to_string())?;
+                if got != PAGE_SIZE {
+                    return Err(format!("page decompressed to {got} bytes"));
+                }
+                at += len;
+            }
+        }
+        n += 1;
+    }
+    Ok((n * PAGE_SIZE) as u64)
+}
+
+fn pair() -> std::io::Result<(TcpStream, TcpStream)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let c = TcpStream::connect(l.local_addr()?)?;
+    let (s, _) = l.accept()?;
+    c.set_nodelay(true)?;
+    s.set_nodelay(true)?;
+    Ok((c, s))
+}
+
+/// One case: streams records for `dur`, returns the measured figures.
+/// `zero_copy` false: uring with plain SEND (to show SEND_ZC's cost on loopback).
+pub fn run_case(
+    t: TransportKind,
+    p: Payload,
+    dur: Duration,
+    zero_copy: bool,
+) -> Result<CaseResult, String> {
+    let pages = make_pages(p);
+    let records = make_records(p, &pages);
+    drop(pages);
+    let (c, s) = pair().map_err(|e| e.to_string())?;
+    let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).map_err(|e| e.to_string())?;
+    let mut source: Box<dyn RecordSource + Send> = match t {
+        TransportKind::Tcp => Box::new(RecordReader::new(s)),
+        TransportKind::Uring => {
+            let w = Arc::new(Mutex::new(s.try_clone().map_err(|e| e.to_string())?));
+            Box::new(UringSource::new(s, &ann, w).map_err(|e| e.to_string())?)
+        }
+        TransportKind::Rdma => return Err("rdma cannot be benchmarked without a device".into()),
+    };
+    let mut back_reader = None;
+    let mut sink: Box<dyn RecordSink> = match t {
+        TransportKind::Tcp => Box::new(TcpSink(c.try_clone().map_err(|e| e.to_string())?)),
+        _ => {
+            let credits = Arc::new(CreditShared::default());
+            let back = CreditFilter::new(
+                RecordReader::new(c.try_clone().map_err(|e| e.to_string())?),
+                credits.clone(),
+            );
+            back_reader = Some(std::thread::spawn(move || {
+                let mut b = back;
+                let mut sink = [0u8; 4096];
+                while matches!(b.read(&mut sink), Ok(n) if n > 0) {}
+            }));
+            Box::new(
+                UringSink::new(c.try_clone().map_err(|e| e.to_string())?, &ann, credits)
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+    };
+    let receiver = std::thread::spawn(move || -> Result<(u64, u64), String> {
+        let mut dest = vec![0u8; PAGES * PAGE_SIZE];
+        let (mut page_bytes, mut wire) = (0u64, 0u64);
+        loop {
+            let r = source.next_record().map_err(|e| e.to_string())?;
+            wire += (r.payload.len() + 24) as u64;
+            match r.kind {
+                RecordKind::Pages => page_bytes += apply(p, r.payload, &mut dest)?,
+                RecordKind::Close => return Ok((page_bytes, wire)),
+                k => return Err(format!("unexpected {k:?}")),
+            }
+        }
+    });
+    let cpu0 = metrics::self_cpu();
+    let t0 = Instant::now();
+    let mut i = 0;
+    while t0.elapsed() < dur {
+        // Eight records per call, like an epoch's head + shards + tail.
+        let batch: Vec<&[u8]> = (0..8)
+            .map(|k| &records[(i + k) % records.len()][..])
+            .collect();
+        sink.send(&batch).map_err(|e| e.to_string())?;
+        i += 8;
+    }
+    let mut close = Vec::new();
+    write_record(&mut close, RecordKind::Close, 1, &[]);
+    sink.send(&[&close]).map_err(|e| e.to_string())?;
+    let (page_bytes, wire) = receiver.join().map_err(|_| "receiver panicked")??;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = (metrics::self_cpu() - cpu0).as_secs_f64();
+    drop(sink);
+    let _ = c.shutdown(std::net::Shutdown::Both);
+    if let Some(h) = back_reader {
+        let _ = h.join();
+    }
+    let gib = page_bytes as f64 / (1u64 << 30) as f64;
+    Ok(CaseResult {
+        transport: if zero_copy {
+            t.name().into()
+        } else {
+            format!("{t}-copy")
+        },
+        payload: match p {
+            Payload::Raw => "raw".into(),
+            Payload::Lz4 => "lz4".into(),
+        },
+        seconds: secs,
+        page_bytes,
+        wire_bytes: wire,
+        gib_per_s: gib / secs,
+        wire_gib_per_s: wire as f64 / (1u64 << 30) as f64 / secs,
+        cpu_s_per_gib: cpu / gib,
+    })
+}
+
+/// Single-thread memcpy bandwidth, GiB/s, over 64 MiB buffers for `dur`.
+pub fn memcpy_gib_s(dur: Duration) -> f64 {
+    let src = vec![1u8; 64 << 20];
+    let mut dst = vec![0u8; 64 << 20];
+    dst.copy_from_slice(&src); // fault in
+    let t0 = Instant::now();
+    let mut bytes = 0u64;
+    while t0.elapsed() < dur {
+        dst.copy_from_slice(std::hint::black_box(&src));
+        bytes += src.len() as u64;
+    }
+    std::hint::black_box(&dst);
+    bytes as f64 / (1u64 << 30) as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// `iperf3 ARGS`, run through `prefix` (e.g. `ip netns exec NS`) if any.
+fn iperf3_cmd(prefix: &[&str], args: &[&str]) -> Command {
+    let mut all: Vec<&str> = prefix.to_vec();
+    all.push("iperf3");
+    all.extend_from_slice(args);
+    let mut c = Command::new(all[0]);
+    c.args(&all[1..]);
+    c
+}
+
+/// iperf3 TCP throughput to `ip` (server and client each run through their
+/// prefix), in GiB/s; None when iperf3 is missing or fails.
+fn iperf3(server_prefix: &[&str], client_prefix: &[&str], ip: &str, secs: u32) -> Option<f64> {
+    let port = "5299";
+    let mut child = iperf3_cmd(server_prefix, &["-s", "-1", "-B", ip, "-p", port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let t = secs.to_string();
+    let mut out = None;
+    // The server's readiness has no event to wait on: retry the client.
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Ok(o) = iperf3_cmd(client_prefix, &["-c", ip, "-p", port, "-J", "-t", &t]).output() {
+            if o.status.success() {
+                out = Some(o.stdout);
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let j: serde_json::Value = serde_json::from_slice(&out?).ok()?;
+    let bps = j["end"]["sum_received"]["bits_per_second"].as_f64()?;
+    Some(bps / 8.0 / (1u64 << 30) as f64)
+}
+
+fn sh(args: &[&str]) -> bool {
+    Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// iperf3 across a veth pair between two namespaces this run creates (and
+/// deletes); addresses exist only inside them.
+fn iperf3_veth(secs: u32) -> Option<f64> {
+    let (a, b) = ("castor-bt-a", "castor-bt-b");
+    let cleanup = || {
+        sh(&["ip", "netns", "del", a]);
+        sh(&["ip", "netns", "del", b]);
+    };
+    cleanup();
+    let ok = sh(&["ip", "netns", "add", a])
+        && sh(&["ip", "netns", "add", b])
+        && sh(&[
+            "ip", "link", "add", "cbt0", "netns", a, "type", "veth", "peer", "name", "cbt1",
+            "netns", b,
+        ])
+        && sh(&["ip", "-n", a, "addr", "add", "10.213.0.1/30", "dev", "cbt0"])
+        && sh(&["ip", "-n", b, "addr", "add", "10.213.0.2/30", "dev", "cbt1"])
+        && sh(&["ip", "-n", a, "link", "set", "cbt0", "up"])
+        && sh(&["ip", "-n", b, "link", "set", "cbt1", "up"])
+        && sh(&["ip", "-n", a, "link", "set", "lo", "up"])
+        && sh(&["ip", "-n", b, "link", "set", "lo", "up"]);
+    let r = if ok {
+        iperf3(
+            &["ip", "netns", "exec", b],
+            &["ip", "netns", "exec", a],
+            "10.213.0.2",
+            secs,
+        )
+    } else {
+        None
+    };
+    cleanup();
+    r
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub memcpy_gib_s: f64,
+    pub iperf3_loopback_gib_s: Option<f64>,
+    pub iperf3_veth_gib_s: Option<f64>,
+    pub cases: Vec<CaseResult>,
+}
+
+/// Runs every case `rounds` times for `dur` each, the cases interleaved so
+/// load from elsewhere on the machine hits them alike; reports each case's
+/// median round (by throughput).
+pub fn run(dur: Duration, rounds: usize, iperf: bool, veth: bool) -> Result<Report, String> {
+    let memcpy = memcpy_gib_s(Duration::from_secs(1));
+    println!("memcpy (1 thread)      {memcpy:>7.2} GiB/s");
+    let secs = dur.as_secs().max(1) as u32;
+    let lo = if iperf {
+        iperf3(&[], &[], "127.0.0.1", secs)
+    } else {
+        None
+    };
+    if iperf {
+        println!(
+            "iperf3 loopback        {}",
+            lo.map_or("unavailable".into(), |g| format!("{g:>7.2} GiB/s"))
+        );
+    }
+    let ve = if veth { iperf3_veth(secs) } else { None };
+    if veth {
+        println!(
+            "iperf3 veth (netns)    {}",
+            ve.map_or("unavailable".into(), |g| format!("{g:>7.2} GiB/s"))
+        );
+    }
+    let mut plan = Vec::new();
+    for p in [Payload::Raw, Payload::Lz4] {
+        for (t, zc) in [
+            (TransportKind::Tcp, true),
+            (TransportKind::Uring, true),
+            (TransportKind::Uring, false),
+        ] {
+            plan.push((t, p, zc));
+        }
+    }
+    let mut all: Vec<Vec<CaseResult>> = vec![Vec::new(); plan.len()];
+    for round in 0..rounds.max(1) {
+        eprintln!("round {} of {}", round + 1, rounds.max(1));
+        for (i, &(t, p, zc)) in plan.iter().enumerate() {
+            all[i].push(run_case(t, p, dur, zc)?);
+        }
+    }
+    println!("transport   payload   page GiB/s   wire GiB/s   cpu s / replicated GiB   (median of {} rounds)", rounds.max(1));
+    let mut cases = Vec::new();
+    for mut rs in all {
+        rs.sort_by(|a, b| a.gib_per_s.total_cmp(&b.gib_per_s));
+        let r = rs.swap_remove(rs.len() / 2);
+        {
+            println!(
+                "{:<11} {:<7} {:>12.2} {:>12.2} {:>12.3}",
+                r.transport, r.payload, r.gib_per_s, r.wire_gib_per_s, r.cpu_s_per_gib
+            );
+            cases.push(r);
+        }
+    }
+    Ok(Report {
+        memcpy_gib_s: memcpy,
+        iperf3_loopback_gib_s: lo,
+        iperf3_veth_gib_s: ve,
+        cases,
+    })
+}

@@ -1,0 +1,338 @@
+//! The `uring` and `rdma` transports through the real binary: replicas
+//! equal the primary over uring, mismatched transports are refused with a
+//! reason on both ends, hostile ring traffic is rejected, and rdma says
+//! clearly why it cannot run.
+
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader, Write};
+
+use castor::transport::record::{write_record, RecordKind, RecordReader};
+use castor::transport::slots::{Announce, ChunkTag};
+
+/// True (reason printed) when castor reported that this kernel has no
+/// usable io_uring; any other failure is left to the caller's asserts.
+fn uring_missing(stderr: &str) -> bool {
+    let missing =
+        stderr.contains("io_uring is unavailable") || stderr.contains("does not support io_uring");
+    if missing {
+        eprintln!("SKIP: io_uring unavailable here: {}", stderr.trim());
+    }
+    missing
+}
+
+#[test]
+fn uring_bench_replica_matches_primary() {
+    if sim_unavailable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("run.json");
+    let out = castor()
+        .args([
+            "bench",
+            "--domain",
+            "sim:mem=64MiB,workload=mixed,rate=50000,threads=2",
+            "--duration",
+            "2s",
+            "--transport",
+            "uring",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && uring_missing(&err) {
+        return;
+    }
+    assert!(out.status.success(), "bench over uring failed:\n{err}");
+    let run: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(run["transport"], "uring");
+    assert!(run["epochs"].as_u64().unwrap() > 5, "{run}");
+    assert_eq!(run["digest_match"], true, "{run}");
+    assert_eq!(run["replica_digest"], run["primary_digest"]);
+    assert_eq!(run["replica_epoch"], run["acked_epoch"]);
+}
+
+/// Separate processes, deterministic domain: the replica equals a
+/// from-scratch recomputation, and the stream (seed of 32 MiB, twice the
+/// 16 MiB ring, plus 15 checkpoints) needed rounds of credits.
+#[test]
+fn uring_protect_replica_equals_recomputation() {
+    if sim_unavailable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "sim:mem=32MiB,workload=incompressible,writes=500,seed=5,fill=1";
+    let b = Backup::start_with(&dir.path().join("replica"), &["--transport", "uring"], KEY);
+    let bdir = b.dir.clone();
+    let out = castor()
+        .args([
+            "protect",
+            "--quiet",
+            "--domain",
+            spec,
+            "--backup",
+            &b.addr,
+            "--arbiter",
+            "none",
+            "--epoch",
+            "5ms",
+            "--epochs",
+            "15",
+            "--transport",
+            "uring",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let (bst, berr) = b.wait();
+    if !out.status.success() && (uring_missing(&err) || uring_missing(&berr)) {
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "protect over uring failed:\n{err}\nbackup:\n{berr}"
+    );
+    assert!(bst.success(), "backup: {berr}");
+    let m = meta(&bdir).expect("replica saved");
+    assert_eq!(m.epoch, 15);
+    assert_eq!(m.digest, replica_digest(&bdir));
+    assert_eq!(m.digest, expected_digest(spec, 15));
+}
+
+fn mismatch(backup_transport: &str, primary_transport: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backup::start_with(
+        &dir.path().join("replica"),
+        &["--transport", backup_transport],
+        KEY,
+    );
+    let out = castor()
+        .args([
+            "protect",
+            "--quiet",
+            "--domain",
+            "sim:mem=4MiB,workload=uniform,writes=10",
+            "--backup",
+            &b.addr,
+            "--arbiter",
+            "none",
+            "--epochs",
+            "3",
+            "--transport",
+            primary_transport,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let (bst, berr) = b.wait();
+    if uring_missing(&err) || uring_missing(&berr) {
+        return;
+    }
+    assert!(!out.status.success(), "primary accepted a mismatch:\n{err}");
+    assert!(!bst.success(), "backup accepted a mismatch:\n{berr}");
+    let want = format!("this backup runs --transport {backup_transport} but the primary");
+    for (who, text) in [("primary", err.to_string()), ("backup", berr)] {
+        assert!(
+            text.contains(&want) && text.contains("start both with the same --transport"),
+            "{who} did not explain the mismatch:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn tcp_primary_refused_by_uring_backup() {
+    if sim_unavailable() {
+        return;
+    }
+    mismatch("uring", "tcp");
+}
+
+#[test]
+fn uring_primary_refused_by_tcp_backup() {
+    if sim_unavailable() {
+        return;
+    }
+    mismatch("tcp", "uring");
+}
+
+/// Chunk header bytes: tag and sequence number.
+fn chunk_header(slot: u32, len: u32, seq: u32) -> Vec<u8> {
+    let mut h = ChunkTag { slot, len }.encode().to_le_bytes().to_vec();
+    h.extend_from_slice(&seq.to_le_bytes());
+    h
+}
+
+/// A fake primary sets up a uring session, then sends the bytes `chunks`
+/// makes from the backup's announcement; returns the backup's stderr (None:
+/// io_uring unavailable here).
+fn hostile_chunks(chunks: impl FnOnce(&Announce) -> Vec<u8>) -> Option<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backup::start_with(&dir.path().join("replica"), &["--transport", "uring"], KEY);
+    let s = common::fake::session(&b.addr, KEY).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut v = Vec::new();
+    write_record(&mut v, RecordKind::Transport, 0, &[1]);
+    w.write_all(&v).unwrap();
+    let mut r = RecordReader::new(s);
+    let rec = r.next().unwrap();
+    if rec.kind == RecordKind::Error {
+        let msg = String::from_utf8_lossy(rec.payload).into_owned();
+        drop(r);
+        let (_, err) = b.wait();
+        if uring_missing(&msg) || uring_missing(&err) {
+            return None;
+        }
+        panic!("backup refused the uring session: {msg}");
+    }
+    assert_eq!(rec.kind, RecordKind::Slots);
+    let ann = Announce::decode(rec.payload).expect("backup's announcement is valid");
+    let mut bytes = chunks(&ann);
+    bytes.extend_from_slice(&[0xAA; 4096]);
+    // The backup may close before reading everything: ignore write errors.
+    let _ = w.write_all(&bytes);
+    let (st, err) = b.wait();
+    assert_eq!(
+        st.code(),
+        Some(2),
+        "backup must report a broken stream:\n{err}"
+    );
+    assert!(meta(&dir.path().join("replica")).is_none());
+    Some(err)
+}
+
+#[test]
+fn chunk_for_the_wrong_slot_is_rejected() {
+    let Some(err) = hostile_chunks(|_| chunk_header(5, 100, 0)) else {
+        return;
+    };
+    assert!(
+        err.contains("chunk names slot 5, but the stream is at slot 0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn chunk_out_of_sequence_is_rejected() {
+    let Some(err) = hostile_chunks(|_| chunk_header(0, 100, 7)) else {
+        return;
+    };
+    assert!(err.contains("sequence 7, expected 0"), "{err}");
+}
+
+/// A valid 100-byte chunk (the start of a longer record, so the parser
+/// waits for more), then one as long as a whole slot: it would run 100
+/// bytes past slot 0 (into memory the parser may still be reading).
+#[test]
+fn chunk_overrunning_its_slot_is_rejected() {
+    let Some(err) = hostile_chunks(|a| {
+        let mut rec = Vec::new();
+        write_record(&mut rec, RecordKind::State, 1, &[0x55; 1000]);
+        let mut v = chunk_header(0, 100, 0);
+        v.extend_from_slice(&rec[..100]);
+        v.extend(chunk_header(0, a.slot_size, 1));
+        v
+    }) else {
+        return;
+    };
+    assert!(err.contains("overruns its slot"), "{err}");
+}
+
+/// `--transport rdma` on a machine or build that cannot run it fails at
+/// start-up and says why (no device here; no feature in a default build).
+#[test]
+fn rdma_says_why_it_cannot_run() {
+    let out = castor()
+        .args([
+            "protect",
+            "--domain",
+            "sim:mem=4MiB,writes=1",
+            "--backup",
+            "127.0.0.1:1",
+            "--arbiter",
+            "none",
+            "--epochs",
+            "1",
+            "--transport",
+            "rdma",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!("SKIP: castor runs rdma on this machine");
+        return;
+    }
+    assert!(
+        err.contains("built without the `rdma` cargo feature")
+            || err.contains("no RDMA device found (ibv_get_device_list returned 0 devices); use --transport uring or tcp"),
+        "{err}"
+    );
+}
+
+/// Failure detection works over uring too: a SIGSTOPped primary sends
+/// nothing (not even credits' data), the backup's watchdog shuts the socket
+/// under the pending io_uring read, and the backup ends "primary silent",
+/// keeping the last complete checkpoint (a recomputable epoch).
+#[test]
+fn uring_backup_detects_a_stopped_primary() {
+    if sim_unavailable() {
+        return;
+    }
+    let spec = "sim:mem=16MiB,workload=mixed,writes=300,seed=21,threads=2";
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backup::start_with(&dir.path().join("replica"), &["--transport", "uring"], KEY);
+    let bdir = b.dir.clone();
+    let mut p = castor()
+        .args([
+            "protect",
+            "--domain",
+            spec,
+            "--backup",
+            &b.addr,
+            "--epoch",
+            "5ms",
+            "--arbiter",
+            "none",
+            "--transport",
+            "uring",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first progress line is the event that checkpoints flow; a
+    // primary that fails first (no io_uring) ends its stderr instead.
+    let mut lines = BufReader::new(p.stderr.take().unwrap()).lines();
+    let p = Reaped(p);
+    let mut seen = String::new();
+    let mut flowing = false;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains("acked") {
+            flowing = true;
+            break;
+        }
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    if !flowing && uring_missing(&seen) {
+        return;
+    }
+    assert!(flowing, "protect ended without a progress line:\n{seen}");
+    // Keep draining so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(
+        unsafe { libc::kill(p.0.id() as libc::pid_t, libc::SIGSTOP) },
+        0
+    );
+    let (st, berr) = b.wait();
+    drop(p);
+    assert_eq!(st.code(), Some(2), "{berr}");
+    assert!(berr.contains("primary silent for"), "{berr}");
+    let m = meta(&bdir).expect("replica saved");
+    assert_eq!(m.digest, expected_digest(spec, m.epoch));
+}
