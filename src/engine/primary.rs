@@ -465,6 +465,7 @@ struct Assembly {
 }
 
 /// Owns the sending half. Sends each epoch whole and in order.
+#[allow(clippy::too_many_arguments)]
 fn tx_thread(
     mut sink: Box<dyn RecordSink>,
     rx: Receiver<TxMsg>,
