@@ -346,6 +346,12 @@ fn protected<R: std::io::Read + Send + 'static>(
             if let PrimaryError::Domain(_) = e {
                 return Err((LiveError::Session(e), Some(d)));
             }
+            // The backup we were started against refused us (a transport
+            // or size mismatch, ...): a configuration error to report, not
+            // a lost backup to run on without.
+            if matches!(e, PrimaryError::Refused { .. }) && out.sessions == 1 && out.fresh == 0 {
+                return Err((LiveError::Session(e), Some(d)));
+            }
             if let PrimaryError::BackupLost { acked, .. } = &e {
                 out.epochs += acked;
             }

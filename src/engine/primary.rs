@@ -61,6 +61,8 @@ pub enum PrimaryError {
     },
     #[error("backup connection lost (last acknowledged epoch {acked}): {reason}")]
     BackupLost { acked: u64, reason: String },
+    #[error("the backup refused the session: {reason}")]
+    Refused { reason: String },
     #[error("backup did not acknowledge epoch {epoch} within {waited:?}")]
     AckTimeout { epoch: u64, waited: Duration },
     #[error("protocol error from backup: {0}")]
@@ -235,6 +237,9 @@ struct Inflight {
     pending: BTreeMap<u64, InflightEntry>,
     /// Set once the link failed; the reason.
     broken: Option<String>,
+    /// The backup itself reported an error and refused to go on (a
+    /// mismatched configuration, a stream it found corrupt).
+    refused: bool,
     /// Units (seed rounds and checkpoints) fully handed to the sink.
     units_sent: u64,
 }
@@ -278,6 +283,21 @@ impl Shared {
     }
 }
 
+impl Inflight {
+    /// The session's failure, once it failed.
+    fn error(&self) -> Option<PrimaryError> {
+        let reason = self.broken.clone()?;
+        Some(if self.refused {
+            PrimaryError::Refused { reason }
+        } else {
+            PrimaryError::BackupLost {
+                acked: self.acked.unwrap_or(0),
+                reason,
+            }
+        })
+    }
+}
+
 impl Shared {
     /// Waits on the in-flight table while `cond` holds; fails as soon as the
     /// link is broken.
@@ -287,11 +307,8 @@ impl Shared {
         cond: impl Fn(&Inflight) -> bool,
     ) -> Result<std::sync::MutexGuard<'a, Inflight>, PrimaryError> {
         while cond(&g) {
-            if let Some(reason) = g.broken.clone() {
-                return Err(PrimaryError::BackupLost {
-                    acked: g.acked.unwrap_or(0),
-                    reason,
-                });
+            if let Some(e) = g.error() {
+                return Err(e);
             }
             g = self
                 .cv
@@ -306,6 +323,16 @@ impl Shared {
         let mut g = self.inflight.lock().unwrap();
         if g.broken.is_none() {
             g.broken = Some(reason);
+        }
+        self.cv.notify_all();
+    }
+
+    /// The backup reported an error: the session fails as refused.
+    fn refuse(&self, reason: String) {
+        let mut g = self.inflight.lock().unwrap();
+        if g.broken.is_none() {
+            g.broken = Some(reason);
+            g.refused = true;
         }
         self.cv.notify_all();
     }
@@ -692,7 +719,7 @@ fn ack_thread<R: std::io::Read>(
             }
             RecordKind::Heartbeat => {}
             RecordKind::Error => {
-                return shared.fail(format!(
+                return shared.refuse(format!(
                     "backup reported: {}",
                     String::from_utf8_lossy(rec.payload)
                 ))
@@ -1117,12 +1144,7 @@ fn drive(
     outq: &OutputQueue,
 ) -> DriveResult {
     let k = cfg.max_inflight.max(1) as u64;
-    let broken = |g: &Inflight| {
-        g.broken.clone().map(|reason| PrimaryError::BackupLost {
-            acked: g.acked.unwrap_or(0),
-            reason,
-        })
-    };
+    let broken = |g: &Inflight| g.error();
     // Starts a fresh domain; resumes one that was running before this
     // session (re-protection) and was paused for the output switch.
     domain.resume()?;
