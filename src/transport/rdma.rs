@@ -31,12 +31,10 @@ use std::time::{Duration, Instant};
 
 use rdma_sys::*;
 
-use crate::transport::record::{
-    parse_header, verify, Record, RecordError, RecordReader, HEADER_LEN,
-};
+use crate::transport::record::{verify, Record, RecordError, RecordReader, HEADER_LEN};
 use crate::transport::select::{ReturnPath, SetupError};
 use crate::transport::slots::{Announce, ChunkTag, Credit, CreditWindow, RingState, SlotError};
-use crate::transport::uring::{CreditFilter, MirrorRing};
+use crate::transport::uring::{ready_record, CreditFilter, MirrorRing};
 use crate::transport::{RecordSink, RecordSource};
 
 /// Staging buffers of the primary (each one slot).
@@ -925,20 +923,13 @@ impl RecordSource for RdmaSource {
             }
         }
         loop {
-            let avail = self.state.available();
-            if avail >= HEADER_LEN as u64 {
-                let off = self.state.read_offset();
-                let h: [u8; HEADER_LEN] = self.ring.slice(off, HEADER_LEN).try_into().unwrap();
-                let hd = parse_header(&h)?;
-                let need = HEADER_LEN + hd.len;
-                assert!(self.state.fits(need as u64));
-                if avail >= need as u64 {
-                    self.pending_consume = need;
-                    self.bytes_read += need as u64;
-                    return verify(&hd, self.ring.slice(off, need));
-                }
+            if let Some((off, hd, need)) = ready_record(&self.state, &self.ring)? {
+                self.pending_consume = need;
+                self.bytes_read += need as u64;
+                return verify(&hd, self.ring.slice(off, need));
             }
-            self.receive(avail == 0)?;
+            let empty = self.state.available() == 0;
+            self.receive(empty)?;
         }
     }
 

@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use crate::transport::record::{
-    parse_header, verify, write_record, Record, RecordError, RecordKind, RecordReader, HEADER_LEN,
+    parse_header, verify, write_record, Header, Record, RecordError, RecordKind, RecordReader,
+    HEADER_LEN,
 };
 use crate::transport::slots::{Announce, ChunkTag, Credit, CreditWindow, RingState, SlotError};
 use crate::transport::{RecordSink, RecordSource};
@@ -258,6 +259,30 @@ impl Drop for MirrorRing {
         // SAFETY: the reservation made in `new`.
         unsafe { libc::munmap(self.base.cast(), 2 * self.len) };
     }
+}
+
+/// The next whole record waiting in a slot ring, if one has fully
+/// arrived: its offset, verified header and total length (the caller
+/// checks the CRC with [`verify`] and consumes it). Shared by the uring and
+/// rdma sources, which differ only in how bytes reach the ring.
+pub(crate) fn ready_record(
+    state: &RingState,
+    ring: &MirrorRing,
+) -> Result<Option<(usize, Header, usize)>, RecordError> {
+    let avail = state.available();
+    if avail < HEADER_LEN as u64 {
+        return Ok(None);
+    }
+    let off = state.read_offset();
+    let h: [u8; HEADER_LEN] = ring
+        .slice(off, HEADER_LEN)
+        .try_into()
+        .expect("slice of HEADER_LEN bytes");
+    let hd = parse_header(&h)?;
+    let need = HEADER_LEN + hd.len;
+    // Guaranteed by a validated announcement (len <= MAX_PAYLOAD).
+    assert!(state.fits(need as u64));
+    Ok((avail >= need as u64).then_some((off, hd, need)))
 }
 
 /// Credits and end-of-stream handed from the return path to the sink.
@@ -858,21 +883,13 @@ impl RecordSource for UringSource {
             }
         }
         loop {
-            let avail = self.state.available();
-            if avail >= HEADER_LEN as u64 {
-                let off = self.state.read_offset();
-                let h: [u8; HEADER_LEN] = self.mem.slice(off, HEADER_LEN).try_into().unwrap();
-                let hd = parse_header(&h)?;
-                let need = HEADER_LEN + hd.len;
-                // Guaranteed by a validated announcement (len <= MAX_PAYLOAD).
-                assert!(self.state.fits(need as u64));
-                if avail >= need as u64 {
-                    self.pending_consume = need;
-                    self.bytes_read += need as u64;
-                    return verify(&hd, self.mem.slice(off, need));
-                }
+            if let Some((off, hd, need)) = ready_record(&self.state, &self.mem)? {
+                self.pending_consume = need;
+                self.bytes_read += need as u64;
+                return verify(&hd, self.mem.slice(off, need));
             }
-            self.receive(avail == 0)?;
+            let empty = self.state.available() == 0;
+            self.receive(empty)?;
         }
     }
 
