@@ -1,23 +1,10 @@
 //! The lease gate: the queue releases only while the arbiter's lease is held.
 
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
 
+use super::tests::wire;
 use super::*;
 use crate::ha::lease::LeaseWatch;
-
-struct Wire(Sender<Vec<u8>>);
-
-impl Egress for Wire {
-    fn release(&mut self, frame: &[u8]) {
-        let _ = self.0.send(frame.to_vec());
-    }
-}
-
-fn wire() -> (Box<dyn Egress>, Receiver<Vec<u8>>) {
-    let (tx, rx) = channel();
-    (Box::new(Wire(tx)), rx)
-}
 
 #[test]
 fn nothing_leaves_once_the_lease_is_lost_even_committed_output() {

@@ -4,7 +4,7 @@ use std::time::Duration;
 use super::*;
 
 /// Records released frames on a channel (the test's view of the wire).
-struct Wire(Sender<Vec<u8>>);
+pub(super) struct Wire(Sender<Vec<u8>>);
 
 impl Egress for Wire {
     fn release(&mut self, frame: &[u8]) {
@@ -12,7 +12,7 @@ impl Egress for Wire {
     }
 }
 
-fn wire() -> (Box<dyn Egress>, Receiver<Vec<u8>>) {
+pub(super) fn wire() -> (Box<dyn Egress>, Receiver<Vec<u8>>) {
     let (tx, rx) = channel();
     (Box::new(Wire(tx)), rx)
 }
