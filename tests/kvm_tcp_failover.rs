@@ -607,48 +607,11 @@ struct RawPeer {
 
 impl RawPeer {
     fn open() -> RawPeer {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2); the result is checked before use.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        assert!(
-            fd >= 0,
-            "packet socket: {}",
-            std::io::Error::last_os_error()
+        let fd = common::packet::packet_socket(
+            "eth0",
+            libc::ETH_P_ALL as u16,
+            std::time::Duration::from_millis(20),
         );
-        // SAFETY: fd is a fresh socket owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: the name is a NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
-        assert!(ifindex != 0, "eth0 in the client namespace");
-        // SAFETY: sockaddr_ll is plain old data; all-zero is valid.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = proto;
-        sa.sll_ifindex = ifindex as i32;
-        // SAFETY: sa is a valid sockaddr_ll of the given length.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sa as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 20_000,
-        };
-        // SAFETY: fd is open; tv lives across the call.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
         let mut mac = [0u8; 6];
         for (m, h) in mac.iter_mut().zip(CLIENT_MAC.split(':')) {
             *m = u8::from_str_radix(h, 16).unwrap();

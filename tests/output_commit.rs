@@ -20,7 +20,7 @@ use common::*;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -180,50 +180,6 @@ fn have(tool: &str) -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-/// A raw packet socket in the calling thread's namespace, bound to `dev`.
-fn packet_socket(dev: &str, proto: u16) -> OwnedFd {
-    // SAFETY: plain socket(2), checked.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto.to_be() as i32) };
-    assert!(
-        fd >= 0,
-        "AF_PACKET socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: fresh descriptor.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let name = std::ffi::CString::new(dev).unwrap();
-    // SAFETY: zeroed sockaddr_ll is valid; `name` outlives the call.
-    let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sa.sll_family = libc::AF_PACKET as u16;
-    sa.sll_protocol = proto.to_be();
-    sa.sll_ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
-    assert!(sa.sll_ifindex > 0, "no device {dev}");
-    // SAFETY: `sa` is a valid sockaddr_ll.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &sa as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 50_000,
-    };
-    // SAFETY: a live timeval of the size passed.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    fd
 }
 
 const G_MAC: [u8; 6] = [0x02, 0, 0, 0xcb, 0, 0x02];
@@ -394,14 +350,22 @@ fn nfqueue_run(o: Opts) -> Option<Run> {
         for s in [&a, &b] {
             s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         }
-        (a, b, packet_socket("eth0", 0x0806))
+        (
+            a,
+            b,
+            packet::packet_socket("eth0", 0x0806, Duration::from_millis(50)),
+        )
     });
     let (tx4, tx6, txarp) = g.run(|| {
         let a = UdpSocket::bind("0.0.0.0:0").unwrap();
         a.connect("10.203.0.3:9004").unwrap();
         let b = UdpSocket::bind("[::]:0").unwrap();
         b.connect("[fd00:cb::3]:9006").unwrap();
-        (a, b, packet_socket("eth0", 0x0806))
+        (
+            a,
+            b,
+            packet::packet_socket("eth0", 0x0806, Duration::from_millis(50)),
+        )
     });
     let arrivals: Arc<Mutex<BTreeMap<(&'static str, u32), u64>>> = Default::default();
     let stop = Arc::new(AtomicBool::new(false));

@@ -5,6 +5,7 @@
 pub mod etcd;
 pub mod fake;
 pub mod lines;
+pub mod packet;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader, Read};
