@@ -236,8 +236,9 @@ enum Cmd {
         /// Also measure iperf3 on loopback (needs iperf3).
         #[arg(long)]
         iperf: bool,
-        /// Also measure iperf3 across a veth pair between two network
-        /// namespaces this run creates and deletes (needs root, iperf3).
+        /// Also run every case (and iperf3, with --iperf) across a veth pair
+        /// between two network namespaces this run creates and deletes
+        /// (needs root and iproute2).
         #[arg(long)]
         veth: bool,
         #[arg(long)]

@@ -2,7 +2,8 @@
 //!
 //! For each transport (tcp, uring) and payload (raw incompressible pages,
 //! lz4-compressed pages) a sender thread streams Pages-sized records of
-//! pre-encoded pages through the transport's sink on loopback, and a
+//! pre-encoded pages through the transport's sink, on loopback and (with
+//! `--veth`) across a veth pair between two network namespaces, and a
 //! receiver thread takes them from the transport's source and applies them
 //! to a destination memory like the backup does (raw: copied out of the
 //! receive buffer; compressed: decompressed into place). Reported per case:
@@ -10,8 +11,8 @@
 //! ends, kernel included) per replicated GiB. Encoding is done before the
 //! clock starts, so the figures are the transport's and the apply step's.
 //! The same run measures single-thread memcpy bandwidth (the physical
-//! limit of a copy) and, when iperf3 is installed, loopback line rate and
-//! optionally a veth pair between two network namespaces. `uring-copy` is
+//! limit of a copy) and, when iperf3 is installed, the line rate of the
+//! same links. `uring-copy` is
 //! uring with plain SEND instead of SEND_ZC from the same registered
 //! buffers: on loopback (and veth) the kernel copies zero-copy pages when it
 //! delivers them locally, so the difference is what zero copy costs where
@@ -44,6 +45,7 @@ pub enum Payload {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CaseResult {
+    pub link: String,
     pub transport: String,
     pub payload: String,
     pub seconds: f64,
@@ -154,9 +156,61 @@ fn apply(p: Payload, payload: &[u8], dest: &mut [u8]) -> Result<u64, String> {
     Ok((n * PAGE_SIZE) as u64)
 }
 
-fn pair() -> std::io::Result<(TcpStream, TcpStream)> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let c = TcpStream::connect(l.local_addr()?)?;
+/// Where the two ends of a case talk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    Loopback,
+    /// Across the veth pair of a [`Veth`]: sender in its namespace B,
+    /// receiver in A.
+    Veth,
+}
+
+impl Link {
+    fn name(self) -> &'static str {
+        match self {
+            Link::Loopback => "loopback",
+            Link::Veth => "veth",
+        }
+    }
+}
+
+/// Runs `f` on a thread that entered network namespace `ns`; sockets it
+/// creates stay in that namespace wherever they are used later.
+fn in_netns<R: Send>(
+    ns: &str,
+    f: impl FnOnce() -> std::io::Result<R> + Send,
+) -> std::io::Result<R> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let f_ns = std::fs::File::open(&path)?;
+            // SAFETY: `f_ns` is an open netns file; CLONE_NEWNET changes
+            // only this thread's network namespace.
+            if unsafe { libc::setns(f_ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+    })
+}
+
+fn pair(link: Link) -> std::io::Result<(TcpStream, TcpStream)> {
+    let (l, c) = match link {
+        Link::Loopback => {
+            let l = TcpListener::bind("127.0.0.1:0")?;
+            let c = TcpStream::connect(l.local_addr()?)?;
+            (l, c)
+        }
+        Link::Veth => {
+            let l = in_netns(VETH_A, || TcpListener::bind((VETH_IP_A, 0)))?;
+            let to = l.local_addr()?;
+            let c = in_netns(VETH_B, || TcpStream::connect(to))?;
+            (l, c)
+        }
+    };
     let (s, _) = l.accept()?;
     c.set_nodelay(true)?;
     s.set_nodelay(true)?;
@@ -170,11 +224,12 @@ pub fn run_case(
     p: Payload,
     dur: Duration,
     zero_copy: bool,
+    link: Link,
 ) -> Result<CaseResult, String> {
     let pages = make_pages(p);
     let records = make_records(p, &pages);
     drop(pages);
-    let (c, s) = pair().map_err(|e| e.to_string())?;
+    let (c, s) = pair(link).map_err(|e| format!("connecting over {}: {e}", link.name()))?;
     let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).map_err(|e| e.to_string())?;
     let mut source: Box<dyn RecordSource + Send> = match t {
         TransportKind::Tcp => Box::new(RecordReader::new(s)),
@@ -241,6 +296,7 @@ pub fn run_case(
     }
     let gib = page_bytes as f64 / (1u64 << 30) as f64;
     Ok(CaseResult {
+        link: link.name().into(),
         transport: if zero_copy {
             t.name().into()
         } else {
@@ -321,39 +377,54 @@ fn sh(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// iperf3 across a veth pair between two namespaces this run creates (and
-/// deletes); addresses exist only inside them.
-fn iperf3_veth(secs: u32) -> Option<f64> {
-    let (a, b) = ("castor-bt-a", "castor-bt-b");
-    let cleanup = || {
-        sh(&["ip", "netns", "del", a]);
-        sh(&["ip", "netns", "del", b]);
-    };
-    cleanup();
-    let ok = sh(&["ip", "netns", "add", a])
-        && sh(&["ip", "netns", "add", b])
-        && sh(&[
-            "ip", "link", "add", "cbt0", "netns", a, "type", "veth", "peer", "name", "cbt1",
-            "netns", b,
-        ])
-        && sh(&["ip", "-n", a, "addr", "add", "10.213.0.1/30", "dev", "cbt0"])
-        && sh(&["ip", "-n", b, "addr", "add", "10.213.0.2/30", "dev", "cbt1"])
-        && sh(&["ip", "-n", a, "link", "set", "cbt0", "up"])
-        && sh(&["ip", "-n", b, "link", "set", "cbt1", "up"])
-        && sh(&["ip", "-n", a, "link", "set", "lo", "up"])
-        && sh(&["ip", "-n", b, "link", "set", "lo", "up"]);
-    let r = if ok {
+const VETH_A: &str = "castor-bt-a";
+const VETH_B: &str = "castor-bt-b";
+const VETH_IP_A: &str = "10.213.0.1";
+
+/// A veth pair between two namespaces this run creates (A: 10.213.0.1,
+/// B: 10.213.0.2) and deletes when dropped; addresses exist only inside.
+struct Veth;
+
+impl Veth {
+    fn create() -> Option<Veth> {
+        let v = Veth;
+        v.cleanup();
+        let (a, b) = (VETH_A, VETH_B);
+        let ok = sh(&["ip", "netns", "add", a])
+            && sh(&["ip", "netns", "add", b])
+            && sh(&[
+                "ip", "link", "add", "cbt0", "netns", a, "type", "veth", "peer", "name", "cbt1",
+                "netns", b,
+            ])
+            && sh(&["ip", "-n", a, "addr", "add", "10.213.0.1/30", "dev", "cbt0"])
+            && sh(&["ip", "-n", b, "addr", "add", "10.213.0.2/30", "dev", "cbt1"])
+            && sh(&["ip", "-n", a, "link", "set", "cbt0", "up"])
+            && sh(&["ip", "-n", b, "link", "set", "cbt1", "up"])
+            && sh(&["ip", "-n", a, "link", "set", "lo", "up"])
+            && sh(&["ip", "-n", b, "link", "set", "lo", "up"]);
+        ok.then_some(v)
+    }
+
+    fn cleanup(&self) {
+        sh(&["ip", "netns", "del", VETH_A]);
+        sh(&["ip", "netns", "del", VETH_B]);
+    }
+
+    /// iperf3 from B to A.
+    fn iperf3(&self, secs: u32) -> Option<f64> {
         iperf3(
-            &["ip", "netns", "exec", b],
-            &["ip", "netns", "exec", a],
+            &["ip", "netns", "exec", VETH_B],
+            &["ip", "netns", "exec", VETH_A],
             "10.213.0.2",
             secs,
         )
-    } else {
-        None
-    };
-    cleanup();
-    r
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -382,39 +453,60 @@ pub fn run(dur: Duration, rounds: usize, iperf: bool, veth: bool) -> Result<Repo
             lo.map_or("unavailable".into(), |g| format!("{g:>7.2} GiB/s"))
         );
     }
-    let ve = if veth { iperf3_veth(secs) } else { None };
-    if veth {
+    // The veth pair (root and iproute2 needed) carries iperf3 and the
+    // transports themselves; without it only loopback is measured.
+    let pair = if veth {
+        let v = Veth::create();
+        if v.is_none() {
+            eprintln!("bench-transport: cannot create the veth pair (needs root and iproute2): loopback only");
+        }
+        v
+    } else {
+        None
+    };
+    let ve = match (&pair, iperf) {
+        (Some(v), true) => v.iperf3(secs),
+        _ => None,
+    };
+    if veth && iperf {
         println!(
             "iperf3 veth (netns)    {}",
             ve.map_or("unavailable".into(), |g| format!("{g:>7.2} GiB/s"))
         );
     }
+    let mut links = vec![Link::Loopback];
+    if pair.is_some() {
+        links.push(Link::Veth);
+    }
     let mut plan = Vec::new();
-    for p in [Payload::Raw, Payload::Lz4] {
-        for (t, zc) in [
-            (TransportKind::Tcp, true),
-            (TransportKind::Uring, true),
-            (TransportKind::Uring, false),
-        ] {
-            plan.push((t, p, zc));
+    for &link in &links {
+        for p in [Payload::Raw, Payload::Lz4] {
+            for (t, zc) in [
+                (TransportKind::Tcp, true),
+                (TransportKind::Uring, true),
+                (TransportKind::Uring, false),
+            ] {
+                plan.push((t, p, zc, link));
+            }
         }
     }
     let mut all: Vec<Vec<CaseResult>> = vec![Vec::new(); plan.len()];
     for round in 0..rounds.max(1) {
         eprintln!("round {} of {}", round + 1, rounds.max(1));
-        for (i, &(t, p, zc)) in plan.iter().enumerate() {
-            all[i].push(run_case(t, p, dur, zc)?);
+        for (i, &(t, p, zc, link)) in plan.iter().enumerate() {
+            all[i].push(run_case(t, p, dur, zc, link)?);
         }
     }
-    println!("transport   payload   page GiB/s   wire GiB/s   cpu s / replicated GiB   (median of {} rounds)", rounds.max(1));
+    drop(pair);
+    println!("link      transport   payload   page GiB/s   wire GiB/s   cpu s / replicated GiB   (median of {} rounds)", rounds.max(1));
     let mut cases = Vec::new();
     for mut rs in all {
         rs.sort_by(|a, b| a.gib_per_s.total_cmp(&b.gib_per_s));
         let r = rs.swap_remove(rs.len() / 2);
         {
             println!(
-                "{:<11} {:<7} {:>12.2} {:>12.2} {:>12.3}",
-                r.transport, r.payload, r.gib_per_s, r.wire_gib_per_s, r.cpu_s_per_gib
+                "{:<9} {:<11} {:<7} {:>12.2} {:>12.2} {:>12.3}",
+                r.link, r.transport, r.payload, r.gib_per_s, r.wire_gib_per_s, r.cpu_s_per_gib
             );
             cases.push(r);
         }
