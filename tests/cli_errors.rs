@@ -1,0 +1,71 @@
+//! Bad command-line values are refused up front with a message that names
+//! the option and the value, before anything runs.
+
+mod common;
+
+use common::castor;
+
+fn refused(args: &[&str]) -> String {
+    let out = castor().args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn core_lists_are_checked() {
+    let e = refused(&["bench", "--cores", "4096"]);
+    assert!(e.contains("core 4096 is not available"), "{e}");
+    let e = refused(&["bench", "--cores", "1-0"]);
+    assert!(e.contains("runs backwards"), "{e}");
+    let e = refused(&["bench", "--cores", "x"]);
+    assert!(e.contains("\"x\" is not a core number"), "{e}");
+    let e = refused(&["bench", "--cores", "0", "--no-pin"]);
+    assert!(e.contains("--no-pin") && e.contains("--cores"), "{e}");
+}
+
+#[test]
+fn heartbeat_interval_must_leave_two_beats_per_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = refused(&[
+        "backup",
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+        "--heartbeat-interval",
+        "300ms",
+    ]);
+    assert!(
+        e.contains("--heartbeat-interval vs --heartbeat-timeout"),
+        "{e}"
+    );
+    let e = refused(&[
+        "protect",
+        "--domain",
+        "sim:mem=1MiB",
+        "--backup",
+        "127.0.0.1:1",
+        "--heartbeat-interval",
+        "2s",
+    ]);
+    assert!(
+        e.contains("--heartbeat-interval vs --backup-timeout"),
+        "{e}"
+    );
+}
+
+#[test]
+fn reprotect_needs_an_explicit_arbiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = refused(&[
+        "backup",
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+        "--activate",
+        "--reprotect",
+        "127.0.0.1:9",
+    ]);
+    assert!(e.contains("--arbiter"), "{e}");
+}
