@@ -128,6 +128,10 @@ enum Cmd {
         reprotect: Option<String>,
         #[arg(long, default_value = "1s", value_parser = units::parse_duration, requires = "reprotect")]
         reprotect_every: Duration,
+        /// With --reprotect: beacon (second heartbeat path) to the fresh
+        /// backup's --beacon-listen address every --heartbeat-interval.
+        #[arg(long, requires = "reprotect")]
+        reprotect_beacon: Option<std::net::SocketAddr>,
         /// FOR TESTS ONLY: delay every ack by this long (output commit tests).
         #[arg(long, hide = true, value_parser = units::parse_duration)]
         test_ack_delay: Option<Duration>,
@@ -517,6 +521,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             fence_timeout,
             reprotect,
             reprotect_every,
+            reprotect_beacon,
             test_ack_delay,
         } => {
             check_heartbeat(
@@ -653,7 +658,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                         layout,
                         desc,
                         Duration::ZERO,
-                        None,
+                        reprotect_beacon.map(|b| (b, heartbeat_interval)),
                         transport,
                     )
                     .map_err(|e| e.to_string())

@@ -92,8 +92,8 @@ fn primary_runs_unprotected_then_a_fresh_backup_protects_it() {
 }
 
 /// SIGKILL the primary: the backup activates, then protects the activated
-/// guest with a fresh backup (`--reprotect`); at a clean stop the fresh
-/// backup's replica equals the activated copy's final image.
+/// guest with a fresh backup (`--reprotect`, beaconing to it); at a clean
+/// stop the fresh backup's replica equals the activated copy's final image.
 #[test]
 fn activated_backup_is_reprotected_by_a_fresh_backup() {
     if sim_unavailable() {
@@ -102,8 +102,13 @@ fn activated_backup_is_reprotected_by_a_fresh_backup() {
     let dir = tempfile::tempdir().unwrap();
     let lock = format!("local:{}", dir.path().join("pair.lock").display());
     let r2 = dir.path().join("r2");
-    let b2 = Backup::start(&r2);
-    let mut b2 = b2;
+    // The fresh backup also takes beacons (second heartbeat path).
+    let beacon = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut b2 = Backup::start_with(&r2, &["--beacon-listen", &beacon], KEY);
     let b2_out = Lines::watch(b2.child.stderr.take().unwrap());
     let r1 = dir.path().join("r1");
     let mut b1 = Backup::start_with(
@@ -118,6 +123,8 @@ fn activated_backup_is_reprotected_by_a_fresh_backup() {
             &b2.addr,
             "--reprotect-every",
             "100ms",
+            "--reprotect-beacon",
+            &beacon,
         ],
         KEY,
     );
@@ -134,6 +141,15 @@ fn activated_backup_is_reprotected_by_a_fresh_backup() {
     assert_eq!(st.code(), Some(2), "{}", b1_out.text());
     let st2 = b2.child.wait().unwrap();
     assert!(st2.success(), "{}", b2_out.text());
+    // The re-protecting copy beaconed to the fresh backup.
+    let end = b2_out.wait_for("beacons heard", WAIT);
+    let heard: u64 = end
+        .split("; ")
+        .find(|t| t.ends_with("beacons heard)"))
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(heard > 0, "no beacons from the re-protecting copy: {end}");
     assert_eq!(
         replica_digest(&r2),
         replica_digest(&r1.join("activated")),
