@@ -253,10 +253,13 @@ pub fn run_case(
                 let mut sink = [0u8; 4096];
                 while matches!(b.read(&mut sink), Ok(n) if n > 0) {}
             }));
-            Box::new(
-                UringSink::new(c.try_clone().map_err(|e| e.to_string())?, &ann, credits)
-                    .map_err(|e| e.to_string())?,
-            )
+            let sink = UringSink::new(c.try_clone().map_err(|e| e.to_string())?, &ann, credits)
+                .map_err(|e| e.to_string())?;
+            Box::new(if zero_copy {
+                sink
+            } else {
+                sink.without_zero_copy()
+            })
         }
     };
     let receiver = std::thread::spawn(move || -> Result<(u64, u64), String> {
