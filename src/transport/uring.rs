@@ -422,8 +422,8 @@ pub enum SendMode {
 }
 
 /// The memory one direct SENDMSG_ZC hands the kernel: chunk header, iovec
-/// list and msghdr. Boxed, so its address never changes; rewritten only
-/// while its op slot is free (no completion or notification due), so the
+/// list and msghdr. Lives in a vector that is never resized, so its address
+/// never changes; rewritten only while its op slot is free (no completion or notification due), so the
 /// kernel never sees it change under an operation.
 struct DirectOp {
     hdr: [u8; CHUNK_HEADER],
@@ -437,8 +437,8 @@ struct DirectOp {
 unsafe impl Send for DirectOp {}
 
 impl DirectOp {
-    fn new() -> Box<Self> {
-        Box::new(DirectOp {
+    fn new() -> Self {
+        DirectOp {
             hdr: [0; CHUNK_HEADER],
             iov: [libc::iovec {
                 iov_base: std::ptr::null_mut(),
@@ -447,7 +447,7 @@ impl DirectOp {
             // SAFETY: msghdr is plain data (pointers and integers) for which
             // all-zero is valid: no name, no iovecs, no control data.
             msg: unsafe { std::mem::zeroed() },
-        })
+        }
     }
 }
 
@@ -473,8 +473,10 @@ pub struct UringSink {
     /// One per staging buffer, or per op slot in direct mode (the index is
     /// the user_data of its submissions).
     stages: Vec<Stage>,
-    /// DIRECT_OPS op slots (direct mode only; empty otherwise).
-    direct: Vec<Box<DirectOp>>,
+    /// DIRECT_OPS op slots (direct mode only; empty otherwise). Allocated
+    /// once in `with_mode` and never resized, so no op moves while the
+    /// kernel holds pointers into it.
+    direct: Vec<DirectOp>,
     free: Vec<usize>,
     /// Entries of the batch being built, in order.
     batch: Vec<(squeue::Entry, usize)>,
@@ -635,48 +637,46 @@ impl UringSink {
             SendMode::StagedZc => "IORING_OP_SEND_ZC from a fixed buffer",
             SendMode::StagedCopy => "IORING_OP_SEND",
         };
-        {
-            let b = c.user_data() as usize;
-            let Some(st) = self.stages.get_mut(b) else {
-                return Err(self.fail(format!("io_uring completion for unknown buffer {b}")));
-            };
-            if cqueue::notif(c.flags()) {
-                st.notif_due = false;
-                self.zc_notifs += 1;
-                // IORING_NOTIF_USAGE_ZC_COPIED is reported in res.
-                if c.result() as u32 & (1 << 31) != 0 {
-                    self.zc_copied += 1;
-                }
-            } else {
-                st.result_due = false;
-                st.notif_due = cqueue::more(c.flags());
-                let want = st.len;
-                let res = c.result();
-                if !st.notif_due {
-                    self.free.push(b);
-                }
-                if res < 0 {
-                    let e = io::Error::from_raw_os_error(-res);
-                    let msg = match -res {
-                        libc::EOPNOTSUPP | libc::EINVAL => format!(
-                            "{op} failed: {e} (kernel {} may not support zero-copy send on this socket); use --transport tcp",
-                            kernel()
-                        ),
-                        libc::ECANCELED => format!("send cancelled after an earlier send of the batch failed: {e}"),
-                        _ => format!("sending to the backup: {e}"),
-                    };
-                    return Err(self.fail(msg));
-                }
-                if res as usize != want {
-                    return Err(self.fail(format!(
-                        "short send ({op}): {res} of {want} bytes (MSG_WAITALL)"
-                    )));
-                }
-                return Ok(());
+        let b = c.user_data() as usize;
+        let Some(st) = self.stages.get_mut(b) else {
+            return Err(self.fail(format!("io_uring completion for unknown buffer {b}")));
+        };
+        if cqueue::notif(c.flags()) {
+            st.notif_due = false;
+            self.zc_notifs += 1;
+            // IORING_NOTIF_USAGE_ZC_COPIED is reported in res.
+            if c.result() as u32 & (1 << 31) != 0 {
+                self.zc_copied += 1;
             }
-            if !st.result_due && !st.notif_due {
+        } else {
+            st.result_due = false;
+            st.notif_due = cqueue::more(c.flags());
+            let want = st.len;
+            let res = c.result();
+            if !st.notif_due {
                 self.free.push(b);
             }
+            if res < 0 {
+                let e = io::Error::from_raw_os_error(-res);
+                let msg = match -res {
+                    libc::EOPNOTSUPP | libc::EINVAL => format!(
+                        "{op} failed: {e} (kernel {} may not support zero-copy send on this socket); use --transport tcp",
+                        kernel()
+                    ),
+                    libc::ECANCELED => format!("send cancelled after an earlier send of the batch failed: {e}"),
+                    _ => format!("sending to the backup: {e}"),
+                };
+                return Err(self.fail(msg));
+            }
+            if res as usize != want {
+                return Err(self.fail(format!(
+                    "short send ({op}): {res} of {want} bytes (MSG_WAITALL)"
+                )));
+            }
+            return Ok(());
+        }
+        if !st.result_due && !st.notif_due {
+            self.free.push(b);
         }
         Ok(())
     }
@@ -697,8 +697,9 @@ impl UringSink {
             };
             // SAFETY: a staged entry points into the registered staging
             // region, which stays untouched until its completion and
-            // notification. A direct entry points at its boxed DirectOp
-            // (address fixed, not rewritten while its slot is in flight) and
+            // notification. A direct entry points at its DirectOp (in
+            // `self.direct`, never resized, not rewritten while its slot is
+            // in flight) and
             // at the caller's buffers, which `send_direct` holds borrowed
             // until `drain` has seen every completion and notification.
             if unsafe { self.ring.submission().push(&e) }.is_err() {
@@ -848,7 +849,11 @@ impl UringSink {
             if let Err(e) = self.reap() {
                 first.get_or_insert(e);
             }
-            let due = self.stages.iter().filter(|s| s.result_due || s.notif_due).count();
+            let due = self
+                .stages
+                .iter()
+                .filter(|s| s.result_due || s.notif_due)
+                .count();
             if due == 0 {
                 return first.map_or(Ok(()), Err);
             }
@@ -862,9 +867,7 @@ impl UringSink {
                 let args = types::SubmitArgs::new().timespec(&ts);
                 match self.ring.submitter().submit_with_args(1, &args) {
                     Ok(_) => Ok(()),
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME)) => {
-                        Ok(())
-                    }
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME)) => Ok(()),
                     Err(e) => Err(format!("io_uring_enter: {e}")),
                 }
             };
