@@ -11,6 +11,20 @@ fn refused(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
+/// `castor backup` on a fresh state directory with `extra` arguments.
+fn backup_refused(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "backup",
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    refused(&args)
+}
+
 #[test]
 fn core_lists_are_checked() {
     let e = refused(&["bench", "--cores", "4096"]);
@@ -25,16 +39,7 @@ fn core_lists_are_checked() {
 
 #[test]
 fn heartbeat_interval_must_leave_two_beats_per_timeout() {
-    let dir = tempfile::tempdir().unwrap();
-    let e = refused(&[
-        "backup",
-        "--listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        dir.path().to_str().unwrap(),
-        "--heartbeat-interval",
-        "300ms",
-    ]);
+    let e = backup_refused(&["--heartbeat-interval", "300ms"]);
     assert!(
         e.contains("--heartbeat-interval vs --heartbeat-timeout"),
         "{e}"
@@ -56,16 +61,6 @@ fn heartbeat_interval_must_leave_two_beats_per_timeout() {
 
 #[test]
 fn reprotect_needs_an_explicit_arbiter() {
-    let dir = tempfile::tempdir().unwrap();
-    let e = refused(&[
-        "backup",
-        "--listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        dir.path().to_str().unwrap(),
-        "--activate",
-        "--reprotect",
-        "127.0.0.1:9",
-    ]);
+    let e = backup_refused(&["--activate", "--reprotect", "127.0.0.1:9"]);
     assert!(e.contains("--arbiter"), "{e}");
 }
