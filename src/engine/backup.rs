@@ -61,6 +61,24 @@ pub struct BackupConfig {
     pub beacon: Option<std::sync::Arc<crate::ha::beacon::Receiver>>,
 }
 
+impl BackupConfig {
+    /// A quiet backup keeping its replica in `state_dir`: the defaults of
+    /// `castor backup` (heartbeat timeout and interval, no beacon path, no
+    /// ack delay) and a memory limit of `max_mem` bytes.
+    pub fn new(state_dir: PathBuf, psk: Psk, max_mem: u64) -> Self {
+        BackupConfig {
+            state_dir,
+            psk,
+            max_mem,
+            quiet: true,
+            heartbeat_timeout: crate::ha::detector::DEFAULT_TIMEOUT,
+            heartbeat_interval: Duration::from_millis(100),
+            ack_delay: Duration::ZERO,
+            beacon: None,
+        }
+    }
+}
+
 /// How a session ended.
 #[derive(Debug)]
 pub struct BackupOutcome {

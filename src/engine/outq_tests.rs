@@ -193,16 +193,7 @@ fn backup_thread() -> (String, JoinHandle<()>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let l = tcp::listen("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let cfg = BackupConfig {
-        state_dir: dir.path().to_path_buf(),
-        psk: Psk::from_bytes(KEY),
-        max_mem: 1 << 30,
-        quiet: true,
-        heartbeat_timeout: crate::ha::detector::DEFAULT_TIMEOUT,
-        ack_delay: Duration::ZERO,
-        beacon: None,
-        heartbeat_interval: Duration::from_millis(100),
-    };
+    let cfg = BackupConfig::new(dir.path().to_path_buf(), Psk::from_bytes(KEY), 1 << 30);
     let h = std::thread::spawn(move || {
         let _ = backup::serve(&l, &cfg);
     });
@@ -278,6 +269,17 @@ fn cfg(epochs: u64, output_commit: bool) -> PrimaryConfig {
     }
 }
 
+/// Fails naming the first frames released before their epoch's ack.
+fn assert_none_early(truth: &[u64], wire: &[(u64, Instant)], acks: &BTreeMap<u64, Instant>) {
+    let bad = early(truth, wire, acks);
+    assert!(
+        bad.is_empty(),
+        "{} frames left before their ack, first {:?}",
+        bad.len(),
+        &bad[..bad.len().min(10)]
+    );
+}
+
 /// Frames released before the primary read the Ack of their epoch.
 fn early(truth: &[u64], wire: &[(u64, Instant)], acks: &BTreeMap<u64, Instant>) -> Vec<u64> {
     wire.iter()
@@ -297,13 +299,7 @@ fn no_frame_leaves_before_the_ack_of_its_epoch() {
     b.join().unwrap();
     assert!(truth.len() > 50, "the guest produced only {}", truth.len());
     assert_eq!(out.final_epoch, 30);
-    let bad = early(&truth, &wire, &acks);
-    assert!(
-        bad.is_empty(),
-        "{} frames left before their ack, first {:?}",
-        bad.len(),
-        &bad[..bad.len().min(10)]
-    );
+    assert_none_early(&truth, &wire, &acks);
     // Clean stop: the final epoch was acknowledged, so everything the guest
     // produced is out, in production order, and nothing was dropped.
     let seqs: Vec<u64> = wire.iter().map(|w| w.0).collect();
@@ -344,13 +340,7 @@ fn backup_lost_drops_held_output() {
         panic!("the run survived a cut link")
     };
     assert!(matches!(e, PrimaryError::BackupLost { .. }), "{e}");
-    let bad = early(&truth, &wire, &acks);
-    assert!(
-        bad.is_empty(),
-        "{} frames left before their ack, first {:?}",
-        bad.len(),
-        &bad[..bad.len().min(10)]
-    );
+    assert_none_early(&truth, &wire, &acks);
     let last_acked = acks.keys().max().copied().unwrap_or(0);
     let unacked = truth.iter().filter(|&&e| e > last_acked).count();
     assert!(unacked > 0, "no output was held when the link broke");

@@ -41,7 +41,9 @@ use crate::transport::record::{
     parse_header, verify, write_record, Header, Record, RecordError, RecordKind, RecordReader,
     HEADER_LEN,
 };
-use crate::transport::slots::{Announce, ChunkTag, Credit, CreditWindow, RingState, SlotError};
+use crate::transport::slots::{
+    Announce, ChunkTag, Credit, CreditWindow, Placement, RingState, SlotError,
+};
 use crate::transport::{RecordSink, RecordSource};
 
 /// Bytes before each chunk body on the wire: tag u32, seq u32.
@@ -683,6 +685,25 @@ impl UringSink {
 
     /// Submits the batch as one linked chain and waits for all its send
     /// completions (not for the notifications).
+    /// Queues the send `e` of chunk `p` (`len` bytes with its header) from
+    /// buffer or op slot `b`: marks its completions due, advances the credit
+    /// window and the chunk sequence, and submits once half the ring is
+    /// queued.
+    fn queue(&mut self, e: squeue::Entry, b: usize, len: usize, p: &Placement) -> io::Result<()> {
+        self.stages[b] = Stage {
+            len,
+            result_due: true,
+            notif_due: false,
+        };
+        self.batch.push((e, b));
+        self.window.advance(p);
+        self.seq = self.seq.wrapping_add(1);
+        if self.batch.len() >= RING_ENTRIES as usize / 2 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         if self.batch.is_empty() {
             return Ok(());
@@ -822,18 +843,8 @@ impl UringSink {
                 .flags(libc::MSG_WAITALL as u32)
                 .build()
                 .user_data(b as u64);
-            self.stages[b] = Stage {
-                len,
-                result_due: true,
-                notif_due: false,
-            };
-            self.batch.push((e, b));
-            self.window.advance(&p);
-            self.seq = self.seq.wrapping_add(1);
+            self.queue(e, b, len, &p)?;
             left -= p.len;
-            if self.batch.len() >= RING_ENTRIES as usize / 2 {
-                self.flush()?;
-            }
         }
         self.flush()
     }
@@ -932,18 +943,8 @@ impl RecordSink for UringSink {
                     .build()
                     .user_data(b as u64)
             };
-            self.stages[b] = Stage {
-                len,
-                result_due: true,
-                notif_due: false,
-            };
-            self.batch.push((e, b));
-            self.window.advance(&p);
-            self.seq = self.seq.wrapping_add(1);
+            self.queue(e, b, len, &p)?;
             left -= p.len;
-            if self.batch.len() >= RING_ENTRIES as usize / 2 {
-                self.flush()?;
-            }
         }
         self.flush()
     }

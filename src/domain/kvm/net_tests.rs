@@ -352,16 +352,7 @@ fn protected_rtts(
     let dir = tempfile::tempdir().unwrap();
     let l = tcp::listen("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let bcfg = BackupConfig {
-        state_dir: dir.path().to_path_buf(),
-        psk: Psk::from_bytes(KEY),
-        max_mem: 1 << 30,
-        quiet: true,
-        heartbeat_timeout: crate::ha::detector::DEFAULT_TIMEOUT,
-        ack_delay: Duration::ZERO,
-        beacon: None,
-        heartbeat_interval: Duration::from_millis(100),
-    };
+    let bcfg = BackupConfig::new(dir.path().to_path_buf(), Psk::from_bytes(KEY), 1 << 30);
     let b = std::thread::spawn(move || backup::serve(&l, &bcfg).map(|_| ()));
     let s = tcp::connect(&addr, Duration::from_secs(10)).unwrap();
     let mut w = s.try_clone().unwrap();
