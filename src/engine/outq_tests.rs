@@ -285,7 +285,7 @@ fn early(truth: &[u64], wire: &[(u64, Instant)], acks: &BTreeMap<u64, Instant>) 
     wire.iter()
         .filter(|(seq, t)| {
             let e = truth[*seq as usize];
-            acks.get(&e).is_none_or(|a| t < a)
+            acks.get(&e).map_or(true, |a| t < a)
         })
         .map(|(seq, _)| *seq)
         .collect()
