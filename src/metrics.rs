@@ -3,7 +3,7 @@
 //! Every checkpoint yields one [`EpochRecord`], filled in as it flows down
 //! the pipeline (driver → encoders → transport → ack). [`Metrics`] folds
 //! completed records into HdrHistograms; [`Summary`] is the stable,
-//! documented JSON shape of a run (see README, "JSON report").
+//! documented JSON shape of a run (see docs/cli.md, "JSON report").
 
 use std::time::Duration;
 
