@@ -8,6 +8,7 @@
 
 pub mod codec;
 pub mod digest;
+pub mod disk;
 pub mod domain;
 pub mod engine;
 pub mod ha;

@@ -1,0 +1,38 @@
+//! Disk replication: guest disk writes travel with the epoch they ran in
+//! and reach the backup's image at that epoch's commit, with the memory.
+//!
+//! ```text
+//! primary:  NBD client / kvm block ─► WriteLog: image (at once) + epoch log
+//!                                        │ cut in the pause
+//!                                        ▼
+//!           epoch N's checkpoint: DiskWrites records (wire), counted in EpochEnd
+//! backup:   Staging (memory, spill file) ─► at commit(N): apply, fdatasync
+//!           if N carried a flush ─► ack(N)
+//! ```
+//!
+//! - [`image`]: a raw image with checked positional I/O.
+//! - [`log`]: the primary's per-epoch write log and its fencing gate.
+//! - [`fence`]: the gate itself (revocation, arbiter lease).
+//! - [`wire`]: the `DiskWrites` payload, bounds-checked.
+//! - [`stage`]: the backup's staging and commit.
+//! - [`nbd`]: the NBD server that exposes a [`log::WriteLog`] to any client.
+//! - [`addr`]: `HOST:PORT` / `unix:PATH`.
+//!
+//! After failover the backup's disk is the disk after exactly a prefix of
+//! the guest's writes, in order: the writes of every committed epoch and
+//! none of a later one. See `docs/disk.md`.
+
+pub mod addr;
+pub mod fence;
+pub mod image;
+pub mod log;
+pub mod nbd;
+pub mod stage;
+pub mod wire;
+
+pub use addr::NbdAddr;
+pub use fence::Fence;
+pub use image::DiskImage;
+pub use log::{EpochOps, LogConfig, WriteLog};
+pub use nbd::{Export, NbdServer, ServerConfig};
+pub use stage::Staging;

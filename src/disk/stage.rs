@@ -1,0 +1,296 @@
+//! The backup's staging of an open epoch's disk writes.
+//!
+//! A `DiskWrites` payload is validated whole ([`super::wire::parse`])
+//! before it is staged; staged payloads are kept in memory up to a bound
+//! and spill to an unnamed temporary file beyond it. Nothing reaches a
+//! disk image before [`Staging::commit`], which the receiver calls at the
+//! epoch's end together with the memory commit and before it acks: it
+//! replays the writes in arrival order and, when the epoch carried a flush
+//! (or a FUA write), `fdatasync`s the images it touched before returning.
+//! Epochs without a flush leave their writes in the backup's page cache
+//! (a volatile write cache, as the guest asked for no durability).
+//!
+//! Invariant: a discarded epoch ([`Staging::discard`]) leaves every image
+//! untouched.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::image::{DiskImage, ImageError};
+use super::wire::{parse, DiskWireError, OpRef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Wire(#[from] DiskWireError),
+    #[error("{op} disk staging spill file in {dir}: {source}")]
+    Spill {
+        op: &'static str,
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("applying staged disk writes: {0}")]
+    Apply(#[from] ImageError),
+    #[error("staged disk write names disk {disk}, but {disks} image(s) are open")]
+    NoImage { disk: u16, disks: usize },
+}
+
+/// What one commit applied.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub ops: u64,
+    pub write_bytes: u64,
+    /// Whether the images were synced (the epoch carried a flush).
+    pub synced: bool,
+}
+
+#[derive(Debug)]
+pub struct Staging {
+    limit: usize,
+    spill_dir: PathBuf,
+    /// Staged payloads, each behind its `u32` length.
+    mem: Vec<u8>,
+    spill: Option<File>,
+    spilled: u64,
+    records: u32,
+    flush: bool,
+    /// Reused to read spilled payloads back.
+    scratch: Vec<u8>,
+}
+
+impl Staging {
+    /// Stages up to `limit` bytes in memory, spilling to a file in `spill_dir`.
+    pub fn new(limit: usize, spill_dir: &Path) -> Staging {
+        Staging {
+            limit,
+            spill_dir: spill_dir.to_path_buf(),
+            mem: Vec::new(),
+            spill: None,
+            spilled: 0,
+            records: 0,
+            flush: false,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// `DiskWrites` records staged in the open epoch.
+    pub fn records(&self) -> u32 {
+        self.records
+    }
+
+    /// Bytes staged in the spill file (0 while the epoch fits in memory).
+    pub fn spilled(&self) -> u64 {
+        self.spilled
+    }
+
+    /// Validates `payload` against the disks' sizes and stages it whole.
+    pub fn stage(&mut self, payload: &[u8], sizes: &[u64]) -> Result<(), StageError> {
+        let (_, ops) = parse(payload, sizes)?;
+        self.flush |= ops.iter().any(|o| matches!(o, OpRef::Flush));
+        let len = (payload.len() as u32).to_le_bytes();
+        if self.spill.is_none() && self.mem.len() + 4 + payload.len() <= self.limit {
+            self.mem.extend_from_slice(&len);
+            self.mem.extend_from_slice(payload);
+        } else {
+            self.spill_write(&len)?;
+            self.spill_write(payload)?;
+        }
+        self.records += 1;
+        Ok(())
+    }
+
+    fn spill_err(&self, op: &'static str) -> impl FnOnce(io::Error) -> StageError + '_ {
+        move |source| StageError::Spill {
+            op,
+            dir: self.spill_dir.clone(),
+            source,
+        }
+    }
+
+    fn spill_write(&mut self, bytes: &[u8]) -> Result<(), StageError> {
+        if self.spill.is_none() {
+            let f = tempfile::tempfile_in(&self.spill_dir).map_err(self.spill_err("creating"))?;
+            self.spill = Some(f);
+        }
+        let f = self.spill.as_ref().expect("created above");
+        f.write_all_at(bytes, self.spilled)
+            .map_err(self.spill_err("writing"))?;
+        self.spilled += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Applies the open epoch's writes to `images` (indexed by disk), in
+    /// order, syncing them if the epoch carried a flush; then forgets them.
+    pub fn commit(&mut self, images: &[&DiskImage]) -> Result<Applied, StageError> {
+        let sizes: Vec<u64> = images.iter().map(|i| i.size()).collect();
+        let mut applied = Applied::default();
+        let mem = std::mem::take(&mut self.mem);
+        let mut at = 0;
+        while at < mem.len() {
+            let len = u32::from_le_bytes(mem[at..at + 4].try_into().expect("4 bytes")) as usize;
+            apply(&mem[at + 4..at + 4 + len], &sizes, images, &mut applied)?;
+            at += 4 + len;
+        }
+        self.mem = mem;
+        let mut pos = 0;
+        while pos < self.spilled {
+            let mut len = [0u8; 4];
+            let f = self.spill.as_ref().expect("spilled bytes live in the file");
+            f.read_exact_at(&mut len, pos)
+                .map_err(self.spill_err("reading"))?;
+            self.scratch.resize(u32::from_le_bytes(len) as usize, 0);
+            f.read_exact_at(&mut self.scratch, pos + 4)
+                .map_err(self.spill_err("reading"))?;
+            apply(&self.scratch, &sizes, images, &mut applied)?;
+            pos += 4 + self.scratch.len() as u64;
+        }
+        if self.flush {
+            for img in images {
+                img.sync()?;
+            }
+            applied.synced = true;
+        }
+        self.discard();
+        Ok(applied)
+    }
+
+    /// Forgets the open epoch's writes (torn epoch, or after commit).
+    pub fn discard(&mut self) {
+        self.mem.clear();
+        if self.spilled > 0 {
+            if let Some(f) = &self.spill {
+                // Only shrinks a scratch file; on failure later writes
+                // overwrite it from offset 0 anyway.
+                let _ = f.set_len(0);
+            }
+        }
+        self.spilled = 0;
+        self.records = 0;
+        self.flush = false;
+    }
+}
+
+fn apply(
+    payload: &[u8],
+    sizes: &[u64],
+    images: &[&DiskImage],
+    applied: &mut Applied,
+) -> Result<(), StageError> {
+    let (disk, ops) = parse(payload, sizes)?;
+    let img = images.get(disk as usize).ok_or(StageError::NoImage {
+        disk,
+        disks: images.len(),
+    })?;
+    for op in ops {
+        match op {
+            OpRef::Write { offset, data } => {
+                img.write_at(data, offset)?;
+                applied.write_bytes += data.len() as u64;
+            }
+            OpRef::Zero { offset, len } => img.zero(offset, len)?,
+            OpRef::Flush => {}
+        }
+        applied.ops += 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::wire::{encode, DiskOp};
+
+    fn payload(disk: u16, ops: &[DiskOp]) -> Vec<u8> {
+        let mut p = Vec::new();
+        encode(&mut p, disk, ops);
+        p
+    }
+
+    fn w(offset: u64, b: u8, n: usize) -> DiskOp {
+        DiskOp::Write {
+            offset,
+            data: vec![b; n],
+        }
+    }
+
+    fn read(img: &DiskImage) -> Vec<u8> {
+        let mut b = vec![0; img.size() as usize];
+        img.read_at(&mut b, 0).unwrap();
+        b
+    }
+
+    #[test]
+    fn nothing_reaches_the_image_before_commit_and_order_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskImage::create(&dir.path().join("a.img"), 16384).unwrap();
+        let b = DiskImage::create(&dir.path().join("b.img"), 8192).unwrap();
+        let sizes = [a.size(), b.size()];
+        // A tiny memory bound: the second and third payloads spill.
+        let mut s = Staging::new(100, dir.path());
+        s.stage(&payload(0, &[w(0, 1, 64)]), &sizes).unwrap();
+        s.stage(&payload(0, &[w(32, 2, 4096)]), &sizes).unwrap();
+        s.stage(&payload(1, &[w(100, 3, 10), DiskOp::Flush]), &sizes)
+            .unwrap();
+        assert!(s.spilled() > 0, "the bound forced a spill");
+        assert_eq!(s.records(), 3);
+        assert!(read(&a).iter().all(|&x| x == 0), "staged, not applied");
+        let got = s.commit(&[&a, &b]).unwrap();
+        assert_eq!(
+            got,
+            Applied {
+                ops: 4,
+                write_bytes: 64 + 4096 + 10,
+                synced: true
+            }
+        );
+        let ra = read(&a);
+        assert!(ra[..32].iter().all(|&x| x == 1), "first write");
+        assert!(ra[32..4128].iter().all(|&x| x == 2), "second write over it");
+        assert!(read(&b)[100..110].iter().all(|&x| x == 3));
+        assert_eq!((s.records(), s.spilled()), (0, 0));
+    }
+
+    #[test]
+    fn a_hostile_record_is_refused_whole_and_a_discarded_epoch_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskImage::create(&dir.path().join("a.img"), 8192).unwrap();
+        let mut s = Staging::new(1 << 20, dir.path());
+        // First op valid, second past the end: the record is not staged.
+        let bad = payload(0, &[w(0, 7, 10), w(8190, 7, 10)]);
+        assert!(s.stage(&bad, &[a.size()]).is_err());
+        assert_eq!(s.records(), 0);
+        s.stage(&payload(0, &[w(0, 7, 10)]), &[a.size()]).unwrap();
+        s.discard();
+        let got = s.commit(&[&a]).unwrap();
+        assert_eq!(got, Applied::default());
+        assert!(read(&a).iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn zero_and_trim_clear_the_range_at_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskImage::create(&dir.path().join("a.img"), 8192).unwrap();
+        a.write_at(&[5; 8192], 0).unwrap();
+        let mut s = Staging::new(1 << 20, dir.path());
+        let p = payload(
+            0,
+            &[
+                DiskOp::Zero { offset: 0, len: 10 },
+                DiskOp::Trim {
+                    offset: 4096,
+                    len: 4096,
+                },
+            ],
+        );
+        s.stage(&p, &[8192]).unwrap();
+        let got = s.commit(&[&a]).unwrap();
+        assert!(!got.synced, "no flush in the epoch");
+        let r = read(&a);
+        assert!(r[..10].iter().all(|&x| x == 0));
+        assert!(r[10..4096].iter().all(|&x| x == 5));
+        assert!(r[4096..].iter().all(|&x| x == 0));
+    }
+}
