@@ -12,5 +12,7 @@ pub mod arbiter;
 pub mod beacon;
 pub mod detector;
 pub mod etcd;
+pub mod exit;
+pub mod failover;
 pub mod fence;
 pub mod lease;

@@ -1,0 +1,294 @@
+//! `castor backup`: receive checkpoints from one primary, save the committed
+//! replica when its stream ends or breaks and, with `--activate`, fail over
+//! ([`castor::ha::failover`]): arbiter, fence, activation, re-protection.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use castor::engine::activate::{self, ActivateConfig};
+use castor::engine::backup::{self, BackupConfig, BackupOutcome};
+use castor::engine::live::LiveEnd;
+use castor::engine::primary::PrimaryConfig;
+use castor::ha::arbiter::Arbiter;
+use castor::ha::beacon;
+use castor::ha::exit;
+use castor::ha::failover::{self, Activated, Plan};
+use castor::ha::lease::LeaseWatch;
+use castor::harness;
+use castor::transport::handshake::Psk;
+use castor::transport::TransportKind;
+use castor::units;
+
+use super::arbiter::make_arbiter;
+use super::keys::load_psk;
+use super::parse::check_heartbeat;
+
+#[derive(Args)]
+pub struct BackupArgs {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed first).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: String,
+    /// Directory for the committed replica (memory.img, state.bin, meta.json).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Transport the primary must use: tcp, uring or rdma.
+    #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+    transport: TransportKind,
+    #[arg(long)]
+    psk_file: Option<PathBuf>,
+    /// Largest guest memory a primary may ask this backup to hold (default: physical RAM).
+    #[arg(long, value_parser = units::parse_size)]
+    max_mem: Option<u64>,
+    #[arg(long)]
+    quiet: bool,
+    /// When the stream ends or breaks, restore the last committed
+    /// checkpoint into a live domain and run it (its final image goes to
+    /// STATE_DIR/activated when it stops).
+    #[arg(long)]
+    activate: bool,
+    /// Activated domain: epoch length (as on the primary).
+    #[arg(long, default_value = "25ms", value_parser = units::parse_duration)]
+    epoch: Duration,
+    /// Activated domain: stop after this long (default: until SIGINT/SIGTERM).
+    #[arg(long, value_parser = units::parse_duration, requires = "activate")]
+    run_for: Option<Duration>,
+    /// Activated domain: stop after this many epochs.
+    #[arg(long, requires = "activate")]
+    run_epochs: Option<u64>,
+    /// Activated domain: `key=value,...` replacing parts of the primary's
+    /// spec, e.g. `console=/var/log/guest.log,tap=castor1`.
+    #[arg(long = "override", requires = "activate")]
+    overrides: Option<String>,
+    /// Suspect the primary when no record (data or heartbeat, sent every
+    /// 100 ms) arrived for this long, even if its connection stays open.
+    #[arg(long, default_value = "500ms", value_parser = units::parse_duration)]
+    heartbeat_timeout: Duration,
+    /// Send a heartbeat to the primary this often (keep it several times
+    /// shorter than the primary's --backup-timeout).
+    #[arg(long, default_value = "100ms", value_parser = units::parse_duration)]
+    heartbeat_interval: Duration,
+    /// Second heartbeat path: also take authenticated UDP beacons from
+    /// the primary (`protect --beacon`) on this address, ideally on
+    /// another network than --listen. The primary is suspected only
+    /// when both paths are silent past --heartbeat-timeout.
+    #[arg(long)]
+    beacon_listen: Option<String>,
+    /// Who may go live: `local:PATH` (flock on a shared path),
+    /// `etcd:http://HOST:PORT[,http://HOST:PORT...][/KEY][?ttl=2s]` (a
+    /// leader key on a lease; KEY defaults to castor/pair-PORT; the
+    /// backup campaigns for heartbeat timeout + TTL, so a dead primary's
+    /// lease can expire) or `none` (always wins: Xen Remus's behaviour,
+    /// unsafe). With --activate the
+    /// default is local:/run/castor/pair-PORT.lock, PORT being this
+    /// backup's listening port, the same lock `protect --backup HOST:PORT`
+    /// takes by default. The backup activates only after winning it.
+    #[arg(long, requires = "activate")]
+    arbiter: Option<String>,
+    /// Run `sh -c CMD` after winning the arbiter and before activating
+    /// (env CASTOR_FENCING_TOKEN, CASTOR_PEER); a non-zero exit status
+    /// stops the activation.
+    #[arg(long, requires = "activate")]
+    fence_cmd: Option<String>,
+    /// Kill the fence command and do not activate if it has not finished
+    /// by then (fence agents power-cycling a host take tens of seconds).
+    #[arg(long, default_value = "60s", value_parser = units::parse_duration, requires = "fence_cmd")]
+    fence_timeout: Duration,
+    /// Activated domain: protect it again with the fresh backup at
+    /// HOST:PORT (dialed every --reprotect-every until it answers; full
+    /// copy while the guest runs, then checkpoints). Needs an explicit
+    /// --arbiter that the fresh backup shares.
+    #[arg(long, requires_all = ["activate", "arbiter"])]
+    reprotect: Option<String>,
+    #[arg(long, default_value = "1s", value_parser = units::parse_duration, requires = "reprotect")]
+    reprotect_every: Duration,
+    /// With --reprotect: beacon (second heartbeat path) to the fresh
+    /// backup's --beacon-listen address every --heartbeat-interval.
+    #[arg(long, requires = "reprotect")]
+    reprotect_beacon: Option<std::net::SocketAddr>,
+    /// FOR TESTS ONLY: delay every ack by this long (output commit tests).
+    #[arg(long, hide = true, value_parser = units::parse_duration)]
+    test_ack_delay: Option<Duration>,
+}
+
+pub fn run(a: BackupArgs) -> Result<ExitCode, String> {
+    check_heartbeat(
+        a.heartbeat_interval,
+        a.heartbeat_timeout,
+        "--heartbeat-interval vs --heartbeat-timeout",
+    )?;
+    let psk = load_psk(a.psk_file.as_ref())?;
+    a.transport.check_available()?;
+    let l = castor::transport::tcp::listen(&a.listen).map_err(|e| e.to_string())?;
+    let addr = l.local_addr().map_err(|e| e.to_string())?;
+    // Chosen (and checked) now, so a bad spec fails before replication.
+    let mut arbiter = if a.activate {
+        Some(make_arbiter(a.arbiter.as_deref(), addr.port())?)
+    } else {
+        None
+    };
+    {
+        use std::io::Write;
+        let mut o = std::io::stdout();
+        let _ = writeln!(o, "listening on {addr}");
+        let _ = o.flush();
+    }
+    let cfg = backup_config(&a, &psk)?;
+    if let Some(d) = a.test_ack_delay {
+        eprintln!(
+            "castor backup: TEST MODE: every ack is delayed by {} ms",
+            d.as_millis()
+        );
+    }
+    if a.activate {
+        castor::engine::install_stop_handler();
+    }
+    let mut out = backup::serve_with(&l, &cfg, a.transport).map_err(|e| format!("backup: {e}"))?;
+    match (&out.meta, out.committed) {
+        (Some(m), Some(e)) => eprintln!(
+            "castor backup: replica holds epoch {e} (digest {}), saved to {}",
+            m.digest,
+            a.state_dir.display()
+        ),
+        _ => eprintln!("castor backup: no checkpoint was completed; nothing saved"),
+    }
+    if let Some(arb) = arbiter.as_mut() {
+        if let Some(code) = fail_over(&a, psk, arb.as_mut(), &mut out)? {
+            return Ok(ExitCode::from(code));
+        }
+    }
+    Ok(if out.clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::STREAM_LOST)
+    })
+}
+
+fn backup_config(a: &BackupArgs, psk: &Psk) -> Result<BackupConfig, String> {
+    let beacon = match &a.beacon_listen {
+        Some(addr) => {
+            let r = beacon::Receiver::bind(addr, psk.clone()).map_err(|e| e.to_string())?;
+            if !a.quiet {
+                eprintln!(
+                    "castor backup: beacons (second heartbeat path) on udp {}",
+                    r.local_addr().map_err(|e| e.to_string())?
+                );
+            }
+            Some(Arc::new(r))
+        }
+        None => None,
+    };
+    Ok(BackupConfig {
+        state_dir: a.state_dir.clone(),
+        psk: psk.clone(),
+        max_mem: a.max_mem.unwrap_or_else(phys_mem),
+        quiet: a.quiet,
+        heartbeat_timeout: a.heartbeat_timeout,
+        heartbeat_interval: a.heartbeat_interval,
+        ack_delay: a.test_ack_delay.unwrap_or_default(),
+        beacon,
+    })
+}
+
+/// `--activate`: the failover sequence on the committed replica; the exit
+/// status it imposes, if any.
+fn fail_over(
+    a: &BackupArgs,
+    psk: Psk,
+    arb: &mut dyn Arbiter,
+    out: &mut BackupOutcome,
+) -> Result<Option<u8>, String> {
+    let Some((mem, state)) = out.replica.take() else {
+        return Err("cannot activate: no checkpoint was completed".into());
+    };
+    let dir = a.state_dir.join("activated");
+    let plan = Plan {
+        peer: &out.peer,
+        why: &out.end,
+        from_epoch: out.committed.unwrap_or(0),
+        stream_lost_at: out.ended_at,
+        heartbeat_timeout: a.heartbeat_timeout,
+        fence_cmd: a.fence_cmd.as_deref(),
+        fence_timeout: a.fence_timeout,
+        state_dir: &a.state_dir,
+        activated_dir: &dir,
+    };
+    let domain = &out.domain;
+    let activation = |lease: Option<LeaseWatch>| {
+        let acfg = activate_config(a, lease);
+        let dial = reprotect_dial(a, psk);
+        let r = activate::activate(domain, mem, &state, plan.from_epoch, &acfg, &dir, dial)
+            .map_err(|e| e.to_string())?;
+        Ok(Activated {
+            from_epoch: r.from_epoch,
+            running_at: r.running_at,
+            epochs_run: r.epochs_run,
+            stopped_epoch: r.meta.epoch,
+            digest: r.meta.digest.to_string(),
+            self_fenced: match r.end {
+                LiveEnd::SelfFenced(why) => Some(why),
+                _ => None,
+            },
+        })
+    };
+    let f = failover::run(&plan, arb, activation).map_err(|e| e.to_string())?;
+    Ok(f.outcome.exit_status())
+}
+
+fn activate_config(a: &BackupArgs, lease: Option<LeaseWatch>) -> ActivateConfig {
+    ActivateConfig {
+        epoch: a.epoch,
+        overrides: a.overrides.clone(),
+        run_for: a.run_for,
+        run_epochs: a.run_epochs,
+        reprotect_every: a.reprotect.as_ref().map(|_| a.reprotect_every),
+        primary: PrimaryConfig {
+            progress: !a.quiet,
+            ..Default::default()
+        },
+        lease,
+    }
+}
+
+/// Dials the fresh backup of `--reprotect`; it runs this backup's
+/// --transport.
+fn reprotect_dial(
+    a: &BackupArgs,
+    psk: Psk,
+) -> impl FnMut(
+    castor::domain::Layout,
+    &str,
+) -> Result<castor::engine::live::Session<Box<dyn std::io::Read + Send>>, String>
+       + Send
+       + 'static {
+    let target = a.reprotect.clone().unwrap_or_default();
+    let beacon = a.reprotect_beacon.map(|b| (b, a.heartbeat_interval));
+    let transport = a.transport;
+    move |layout, desc: &str| {
+        harness::open_protection(
+            &target,
+            &psk,
+            layout,
+            desc,
+            Duration::ZERO,
+            beacon,
+            transport,
+        )
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// Physical memory of this host, bytes: the default `--max-mem`.
+fn phys_mem() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
+}

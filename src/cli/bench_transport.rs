@@ -1,0 +1,41 @@
+//! `castor bench-transport`: the transports side by side on loopback (and
+//! across a veth pair, with --veth).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use castor::transport::TransportKind;
+use castor::units;
+
+#[derive(Args)]
+pub struct BenchTransportArgs {
+    /// Length of each case.
+    #[arg(long, default_value = "3s", value_parser = units::parse_duration)]
+    duration: Duration,
+    /// Rounds of every case (interleaved); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Also measure iperf3 on loopback (needs iperf3).
+    #[arg(long)]
+    iperf: bool,
+    /// Also run every case (and iperf3, with --iperf) across a veth pair
+    /// between two network namespaces this run creates and deletes
+    /// (needs root and iproute2).
+    #[arg(long)]
+    veth: bool,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn run(a: BenchTransportArgs) -> Result<ExitCode, String> {
+    TransportKind::Uring.check_available()?;
+    let r = castor::transport_bench::run(a.duration, a.rounds, a.iperf, a.veth)?;
+    if let Some(p) = a.json {
+        let j = serde_json::to_vec_pretty(&r).expect("report serialises");
+        std::fs::write(&p, j).map_err(|e| format!("writing {}: {e}", p.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

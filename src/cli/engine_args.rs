@@ -1,0 +1,90 @@
+//! The primary's tunables, shared by `protect`, `bench` and `demo`.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use castor::codec::Compressor;
+use castor::engine::primary::PrimaryConfig;
+use castor::transport::TransportKind;
+use castor::units;
+
+use super::parse::{parse_compressor, parse_cores, CoreList};
+
+#[derive(Args, Clone)]
+pub struct EngineArgs {
+    /// Epoch length: how long the guest runs between checkpoints.
+    #[arg(long, default_value = "25ms", value_parser = units::parse_duration)]
+    pub epoch: Duration,
+    /// Checkpoints allowed in flight before the next epoch is extended.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub inflight: u64,
+    /// Encode workers (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub workers: Option<u64>,
+    /// Threads copying dirty pages during the pause (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub copy_threads: Option<u64>,
+    /// Do not pin workers to cores.
+    #[arg(long, conflicts_with = "cores")]
+    pub no_pin: bool,
+    /// Pin workers and copy threads to these cores, e.g. `2,3` or `0-3`
+    /// (worker i on the i-th listed core, wrapping; default: every core).
+    #[arg(long, value_parser = parse_cores)]
+    pub cores: Option<CoreList>,
+    /// Compressor for pages where it pays: lz4, zstd, zstd:LEVEL or none.
+    #[arg(long, default_value = "lz4", value_parser = parse_compressor)]
+    pub compress: Compressor,
+    /// UNSAFE, for experiments: let guest output (network frames) out at
+    /// once instead of holding it until the backup acknowledged the
+    /// checkpoint that produced it. After a failover clients may see the
+    /// guest step back in time.
+    #[arg(long)]
+    pub no_output_commit: bool,
+    /// Declare the backup lost when nothing (ack or heartbeat) arrived from
+    /// it for this long; the guest then runs unprotected (protect).
+    #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
+    pub backup_timeout: Duration,
+    /// Send a heartbeat (and a beacon, with --beacon) after this long
+    /// without traffic to the backup; keep it several times shorter than
+    /// the backup's --heartbeat-timeout.
+    #[arg(long, default_value = "100ms", value_parser = units::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Transport to the backup: tcp, uring (io_uring zero-copy send into the
+    /// backup's registered slot ring) or rdma (needs the `rdma` build
+    /// feature and an RDMA device). The backup must use the same one.
+    #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+    pub transport: TransportKind,
+}
+
+impl EngineArgs {
+    /// The primary's configuration from these flags (warns about
+    /// `--no-output-commit`).
+    pub fn config(&self) -> PrimaryConfig {
+        let mut c = PrimaryConfig {
+            epoch: self.epoch,
+            max_inflight: self.inflight as usize,
+            pin: !self.no_pin,
+            cores: self.cores.as_ref().map(|c| c.0.clone()),
+            compressor: self.compress,
+            output_commit: !self.no_output_commit,
+            backup_silence: self.backup_timeout,
+            heartbeat_interval: self.heartbeat_interval,
+            ..PrimaryConfig::default()
+        };
+        if self.no_output_commit {
+            eprintln!(
+                "castor: WARNING: --no-output-commit is UNSAFE: guest output leaves before the backup \
+                 holds the state that produced it, so after a failover clients can see replies the \
+                 backup never made (a step back in time). Use it only for experiments."
+            );
+        }
+        if let Some(w) = self.workers {
+            c.workers = w as usize;
+        }
+        if let Some(t) = self.copy_threads {
+            c.copy_threads = t as usize;
+        }
+        c
+    }
+}

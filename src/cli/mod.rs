@@ -1,0 +1,20 @@
+//! The commands of the `castor` binary, one file each, and the flags and
+//! value parsers they share.
+//!
+//! Each command module holds its clap argument struct (`XxxArgs`) and a
+//! `run` that turns those arguments into library calls and an exit status.
+//! Errors come back as the message `main` prints after `castor: error:`.
+
+pub mod backup;
+pub mod bench;
+pub mod bench_transport;
+pub mod demo;
+pub mod digest;
+pub mod keygen;
+pub mod protect;
+
+mod arbiter;
+mod engine_args;
+mod keys;
+mod nfqueue;
+mod parse;
