@@ -2,8 +2,7 @@
 //! each once committed, and saves the committed replica when the stream ends
 //! or breaks.
 
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,7 +13,7 @@ use crate::engine::receiver::{Event, Receiver};
 use crate::engine::replica::{self, Meta, ReplicaError};
 use crate::ha::detector::{Liveness, Watchdog};
 use crate::transport::handshake::{self, HandshakeError, Psk};
-use crate::transport::record::{write_record, RecordError, RecordKind, RecordReader};
+use crate::transport::record::{send_record, RecordError, RecordKind, RecordReader};
 use crate::transport::{select, RecordSource, TransportKind};
 use crate::PAGE_SIZE;
 
@@ -103,12 +102,6 @@ pub struct BackupOutcome {
     pub replica: Option<(crate::domain::GuestMemory, Vec<u8>)>,
 }
 
-fn send(w: &Mutex<TcpStream>, kind: RecordKind, epoch: u64, payload: &[u8]) -> std::io::Result<()> {
-    let mut v = Vec::with_capacity(32 + payload.len());
-    write_record(&mut v, kind, epoch, payload);
-    w.lock().unwrap().write_all(&v)
-}
-
 /// Serves one primary from `listener` over tcp and returns once its stream ended.
 pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome, BackupError> {
     serve_with(listener, cfg, TransportKind::Tcp)
@@ -184,7 +177,8 @@ pub fn serve_with(
                     if done.load(Ordering::Relaxed) {
                         break;
                     }
-                    if send(&w, RecordKind::Heartbeat, 0, &[]).is_err() {
+                    if send_record(&mut *w.lock().unwrap(), RecordKind::Heartbeat, 0, &[]).is_err()
+                    {
                         break;
                     }
                 }
@@ -202,7 +196,7 @@ pub fn serve_with(
             .spawn(move || {
                 for (e, at) in rx {
                     std::thread::sleep((at + delay).saturating_duration_since(Instant::now()));
-                    if send(&w, RecordKind::Ack, e, &[]).is_err() {
+                    if send_record(&mut *w.lock().unwrap(), RecordKind::Ack, e, &[]).is_err() {
                         break;
                     }
                 }
@@ -256,7 +250,12 @@ pub fn serve_with(
                  start both with the same --transport",
                 asked.map_or("(unknown)", TransportKind::name)
             );
-            let _ = send(&writer, RecordKind::Error, 0, msg.as_bytes());
+            let _ = send_record(
+                &mut *writer.lock().unwrap(),
+                RecordKind::Error,
+                0,
+                msg.as_bytes(),
+            );
             break (false, msg);
         }
         match rx.on_record(rec) {
@@ -264,7 +263,9 @@ pub fn serve_with(
             Ok(Event::Committed(e)) => {
                 if let Some((tx, _)) = &delayed {
                     let _ = tx.send((e, now));
-                } else if let Err(err) = send(&writer, RecordKind::Ack, e, &[]) {
+                } else if let Err(err) =
+                    send_record(&mut *writer.lock().unwrap(), RecordKind::Ack, e, &[])
+                {
                     break (false, format!("sending ack {e}: {err}"));
                 }
             }
@@ -273,7 +274,12 @@ pub fn serve_with(
             }
             Err(e) => {
                 let msg = e.to_string();
-                let _ = send(&writer, RecordKind::Error, 0, msg.as_bytes());
+                let _ = send_record(
+                    &mut *writer.lock().unwrap(),
+                    RecordKind::Error,
+                    0,
+                    msg.as_bytes(),
+                );
                 break (false, msg);
             }
         }

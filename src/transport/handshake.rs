@@ -24,7 +24,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::transport::messages::{Hello, MAC_LEN, NONCE_LEN};
-use crate::transport::record::{write_record, PayloadError, RecordError, RecordKind, RecordReader};
+use crate::transport::record::{send_record, PayloadError, RecordError, RecordKind, RecordReader};
 
 /// Built-in key used when none is configured: lets one-host demos run with
 /// no setup, and is announced with a warning because anyone can use it.
@@ -168,15 +168,9 @@ pub fn random_nonce() -> [u8; NONCE_LEN] {
     n
 }
 
-fn send(w: &mut impl Write, kind: RecordKind, payload: &[u8]) -> io::Result<()> {
-    let mut v = Vec::with_capacity(payload.len() + 24);
-    write_record(&mut v, kind, 0, payload);
-    w.write_all(&v)
-}
-
 /// Sends an Error record with a human-readable reason (best effort).
 pub fn send_error(w: &mut impl Write, msg: &str) {
-    let _ = send(w, RecordKind::Error, msg.as_bytes());
+    let _ = send_record(w, RecordKind::Error, 0, msg.as_bytes());
 }
 
 fn expect<R: io::Read>(r: &mut RecordReader<R>, want: RecordKind) -> Result<&[u8], HandshakeError> {
@@ -203,20 +197,20 @@ pub fn client<R: io::Read, W: Write>(
     hello: &Hello,
 ) -> Result<(), HandshakeError> {
     let hp = hello.encode();
-    send(w, RecordKind::Hello, &hp)?;
+    send_record(w, RecordKind::Hello, 0, &hp)?;
     let ack = expect(r, RecordKind::HelloAck)?;
     if ack.len() != NONCE_LEN + MAC_LEN {
         return Err(HandshakeError::Auth("HelloAck has the wrong length"));
     }
     let (nonce_b, mac_b) = ack.split_at(NONCE_LEN);
     if !psk.verify(LABEL_B, &hp, nonce_b, mac_b) {
-        let _ = send(w, RecordKind::Error, b"backup failed authentication");
+        let _ = send_record(w, RecordKind::Error, 0, b"backup failed authentication");
         return Err(HandshakeError::Auth(
             "the backup's proof of the key does not verify",
         ));
     }
     let mac_p = psk.mac(LABEL_P, &hp, nonce_b);
-    send(w, RecordKind::Auth, &mac_p)?;
+    send_record(w, RecordKind::Auth, 0, &mac_p)?;
     expect(r, RecordKind::AuthOk)?;
     Ok(())
 }
@@ -244,7 +238,7 @@ pub fn server<R: io::Read, W: Write>(
     let nonce_b = random_nonce();
     let mut ack = nonce_b.to_vec();
     ack.extend_from_slice(&psk.mac(LABEL_B, &hp, &nonce_b));
-    send(w, RecordKind::HelloAck, &ack)?;
+    send_record(w, RecordKind::HelloAck, 0, &ack)?;
     let auth = expect(r, RecordKind::Auth)?;
     if !psk.verify(LABEL_P, &hp, &nonce_b, auth) {
         send_error(w, "authentication failed: wrong pre-shared key");
@@ -252,7 +246,7 @@ pub fn server<R: io::Read, W: Write>(
             "the primary's proof of the key does not verify",
         ));
     }
-    send(w, RecordKind::AuthOk, &[])?;
+    send_record(w, RecordKind::AuthOk, 0, &[])?;
     Ok(hello)
 }
 

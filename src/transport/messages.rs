@@ -3,7 +3,8 @@
 //! Encoders append to a send buffer; decoders take untrusted payloads through
 //! [`Cursor`] and return [`PayloadError`] naming the field that was wrong.
 
-use crate::transport::record::{begin_record, finish_record, Cursor, PayloadError, RecordKind};
+use crate::transport::record::{begin_record, finish_record, RecordKind};
+use crate::transport::wire::{Cursor, PayloadError};
 
 pub const NONCE_LEN: usize = 32;
 pub const MAC_LEN: usize = 32;

@@ -12,17 +12,16 @@
 //! running uring/rdma whose first record is not one, refuses with an Error
 //! record naming both transports, so both ends print the same reason.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 
-use crate::transport::record::{write_record, RecordError, RecordKind, RecordReader};
+use crate::transport::kind::TransportKind;
+use crate::transport::link::{RecordSink, RecordSource};
+use crate::transport::record::{send_record, RecordError, RecordKind, RecordReader};
+use crate::transport::ring::{CreditFilter, CreditShared, ReturnPath};
 use crate::transport::slots::{Announce, SlotError, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE};
-use crate::transport::uring::{CreditFilter, CreditShared, UringError, UringSink, UringSource};
-use crate::transport::{RecordSink, RecordSource, TransportKind};
-
-/// The primary's return path for non-tcp transports.
-pub type ReturnPath = RecordReader<Box<dyn Read + Send>>;
+use crate::transport::uring::{UringError, UringSink, UringSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -51,12 +50,6 @@ pub enum SetupError {
     Io(#[from] io::Error),
 }
 
-fn send(w: &mut impl Write, kind: RecordKind, payload: &[u8]) -> io::Result<()> {
-    let mut v = Vec::new();
-    write_record(&mut v, kind, 0, payload);
-    w.write_all(&v)
-}
-
 /// Primary side, after the handshake, for a non-tcp transport.
 pub fn primary(
     kind: TransportKind,
@@ -64,7 +57,7 @@ pub fn primary(
     mut writer: TcpStream,
 ) -> Result<(Box<dyn RecordSink>, ReturnPath), SetupError> {
     debug_assert_ne!(kind, TransportKind::Tcp);
-    send(&mut writer, RecordKind::Transport, &[kind.to_u8()])?;
+    send_record(&mut writer, RecordKind::Transport, 0, &[kind.to_u8()])?;
     let rec = reader.next()?;
     let ann = match rec.kind {
         RecordKind::Slots => Announce::decode(rec.payload)?,
@@ -108,9 +101,12 @@ pub fn backup(
 ) -> Result<Box<dyn RecordSource>, SetupError> {
     debug_assert_ne!(kind, TransportKind::Tcp);
     let refuse = |msg: String| {
-        let mut v = Vec::new();
-        write_record(&mut v, RecordKind::Error, 0, msg.as_bytes());
-        let _ = writer.lock().unwrap().write_all(&v);
+        let _ = send_record(
+            &mut *writer.lock().unwrap(),
+            RecordKind::Error,
+            0,
+            msg.as_bytes(),
+        );
         msg
     };
     let rec = reader.next()?;
@@ -145,9 +141,12 @@ pub fn backup(
     let sock = reader.into_inner();
     let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE)?;
     let announce = |a: &Announce| -> Result<(), SetupError> {
-        let mut v = Vec::new();
-        write_record(&mut v, RecordKind::Slots, 0, &a.encode());
-        writer.lock().unwrap().write_all(&v)?;
+        send_record(
+            &mut *writer.lock().unwrap(),
+            RecordKind::Slots,
+            0,
+            &a.encode(),
+        )?;
         Ok(())
     };
     match kind {

@@ -30,7 +30,7 @@
 //! credit starts at the sender's first outstanding slot, is non-empty and
 //! releases only slots the sender has completely written.
 
-use crate::transport::record::{Cursor, PayloadError, HEADER_LEN, MAX_PAYLOAD};
+use crate::transport::wire::{Cursor, PayloadError, HEADER_LEN, MAX_PAYLOAD};
 
 /// Largest record on the wire (header + largest payload).
 pub const MAX_RECORD: u64 = (HEADER_LEN + MAX_PAYLOAD) as u64;

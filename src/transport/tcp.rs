@@ -4,7 +4,7 @@ use std::io::{self, IoSlice, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
-use crate::transport::RecordSink;
+use crate::transport::link::RecordSink;
 
 /// Connects to a backup, retrying until `patience` runs out so a primary
 /// started just before its backup still finds it.

@@ -1,0 +1,166 @@
+//! The `uring` transport: io_uring over the session's TCP connection, with
+//! the slot/credit protocol of [`crate::transport::slots`].
+//!
+//! Primary ([`UringSink`]): records are cut into chunks that each fit the
+//! backup's current receive slot, each sent with an 8-byte chunk header
+//! (`tag` u32 = [`ChunkTag`](crate::transport::slots::ChunkTag), `seq` u32 = chunk count mod 2^32) on a fixed
+//! file. By default ([`SendMode::Direct`]) a chunk is one
+//! `IORING_OP_SENDMSG_ZC` whose iovecs are the header (in sink-owned memory)
+//! and the pieces of the caller's buffers that make up its body, so the
+//! sink copies no byte; since the caller lends those buffers only for the
+//! call, `send` returns only once every one of its sends has both its
+//! completion and its zero-copy notification (`IORING_CQE_F_NOTIF`), i.e.
+//! once the kernel no longer reads them. The staged modes copy the chunk
+//! into the sink's registered staging buffers instead and send it with
+//! `IORING_OP_SEND_ZC` (or plain `SEND`) from there; a staging buffer is
+//! reused only after its completion and notification arrived. One batch of
+//! chunks is submitted as one linked chain (links keep them in order on the
+//! socket). The sink never places a byte into a slot
+//! it holds no credit for; credits arrive on the return path, where
+//! [`CreditFilter`] takes `Credit` records out of the stream the ack thread
+//! reads and hands them to the sink.
+//!
+//! Backup ([`UringSource`]): the receive ring is one memfd mapped twice back
+//! to back ([`MirrorRing`]), the first mapping registered as a fixed buffer.
+//! Chunk bodies are read with `IORING_OP_READ_FIXED` straight into their
+//! slot; records are verified and handed to the receiver as slices of the
+//! ring (a record running past the ring's end reads on into the mirror), so
+//! no byte is copied between the socket and the decoder beyond the kernel's
+//! own copy. Consumed slots are credited back in order.
+//!
+//! Files: `sink.rs` (the primary's half), `source.rs` (the backup's half:
+//! how chunks arrive and credits leave, under the shared
+//! [`crate::transport::ring::RingReader`]); this file holds the ring setup
+//! and memory both share.
+
+mod sink;
+mod source;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+
+use io_uring::{opcode, IoUring, Probe};
+
+use crate::transport::ring::MirrorError;
+pub use crate::transport::ring::{CreditFilter, CreditShared, MirrorRing};
+pub use sink::{SendMode, UringSink};
+pub use source::{UringLink, UringSource};
+
+/// Bytes before each chunk body on the wire: tag u32, seq u32.
+pub const CHUNK_HEADER: usize = 8;
+const RING_ENTRIES: u32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UringError {
+    #[error("io_uring is unavailable on this kernel ({kernel}): {source} (is io_uring disabled by the kernel.io_uring_disabled sysctl or a seccomp policy?); use --transport tcp")]
+    Setup { kernel: String, source: io::Error },
+    #[error(
+        "kernel {kernel} does not support io_uring {op} (needs Linux {needs}); use --transport tcp"
+    )]
+    Unsupported {
+        kernel: String,
+        op: &'static str,
+        needs: &'static str,
+    },
+    #[error("registering {what} with io_uring: {source}")]
+    Register {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("mapping {what} of {len} bytes: {source}")]
+    Map {
+        what: &'static str,
+        len: usize,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Ring(#[from] MirrorError),
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn new_ring() -> Result<IoUring, UringError> {
+    let ring = IoUring::new(RING_ENTRIES).map_err(|source| UringError::Setup {
+        kernel: kernel(),
+        source,
+    })?;
+    let mut p = Probe::new();
+    ring.submitter()
+        .register_probe(&mut p)
+        .map_err(|source| UringError::Setup {
+            kernel: kernel(),
+            source,
+        })?;
+    for (code, op, needs) in [
+        (opcode::SendZc::CODE, "IORING_OP_SEND_ZC", "6.0"),
+        (opcode::ReadFixed::CODE, "IORING_OP_READ_FIXED", "5.1"),
+    ] {
+        if !p.is_supported(code) {
+            return Err(UringError::Unsupported {
+                kernel: kernel(),
+                op,
+                needs,
+            });
+        }
+    }
+    Ok(ring)
+}
+
+/// Checks that this machine can run the transport (ring setup and the ops
+/// it needs), for a clear error at start-up.
+pub fn probe() -> Result<(), UringError> {
+    new_ring().map(drop)
+}
+
+/// Page-aligned anonymous memory, unmapped on drop.
+struct Region {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain memory; access is coordinated by its owner.
+unsafe impl Send for Region {}
+
+impl Region {
+    fn new(len: usize, what: &'static str) -> Result<Self, UringError> {
+        // SAFETY: anonymous private mapping, no address hint.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(UringError::Map {
+                what,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(Region { ptr: p.cast(), len })
+    }
+
+    fn iovec(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.ptr.cast(),
+            iov_len: self.len,
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: mapped by `new` with this length; pages the kernel still
+        // pins (registered buffers) stay alive in the kernel until released.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}

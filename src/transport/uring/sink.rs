@@ -1,0 +1,549 @@
+//! The primary's half of the `uring` transport (see the module doc of
+//! [`crate::transport::uring`]): chunks placed by the credit window, sent
+//! with SENDMSG_ZC straight from the caller's buffers or from registered
+//! staging buffers.
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
+
+use super::{kernel, new_ring, Region, UringError, CHUNK_HEADER, RING_ENTRIES};
+use crate::transport::link::RecordSink;
+use crate::transport::ring::{Chunker, CreditShared, CreditWait};
+use crate::transport::slots::{Announce, CreditWindow, Placement};
+
+/// Staging buffers of the sink (each holds one chunk header + one slot).
+const STAGE_BUFS: usize = 8;
+/// SENDMSG_ZC operations the direct mode keeps in flight at most (one
+/// batch: each yields two completions, so the completion queue of
+/// `2 * RING_ENTRIES` never overflows).
+pub(super) const DIRECT_OPS: usize = RING_ENTRIES as usize / 2;
+/// iovecs of one SENDMSG_ZC (header + body pieces); a chunk is cut short
+/// rather than span more pieces (well under the kernel's UIO_MAXIOV).
+pub(super) const MAX_IOV: usize = 64;
+/// How long `send` waits for the kernel to finish with the caller's buffers
+/// before it shuts the socket down and fails.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The sink gives up when no credit arrives for this long.
+const CREDIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How [`UringSink`] puts chunks on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendMode {
+    /// `IORING_OP_SENDMSG_ZC` straight from the caller's buffers (default).
+    Direct,
+    /// Copy into the registered staging buffers, `IORING_OP_SEND_ZC` from
+    /// there (the default on kernels without SENDMSG_ZC, before 6.1).
+    StagedZc,
+    /// Copy into the staging buffers, plain `IORING_OP_SEND` (benchmarks:
+    /// on loopback the kernel copies zero-copy pages on local delivery).
+    StagedCopy,
+}
+
+/// The memory one direct SENDMSG_ZC hands the kernel: chunk header, iovec
+/// list and msghdr. Lives in a vector that is never resized, so its address
+/// never changes; rewritten only while its op slot is free (no completion or notification due), so the
+/// kernel never sees it change under an operation.
+struct DirectOp {
+    hdr: [u8; CHUNK_HEADER],
+    iov: [libc::iovec; MAX_IOV],
+    msg: libc::msghdr,
+}
+
+// SAFETY: the raw pointers in `iov`/`msg` point at the op itself and at the
+// caller's buffers of the current `send` call; the op is only touched by the
+// sink that owns it, which never returns from `send` with one in flight.
+unsafe impl Send for DirectOp {}
+
+impl DirectOp {
+    fn new() -> Self {
+        DirectOp {
+            hdr: [0; CHUNK_HEADER],
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MAX_IOV],
+            // SAFETY: msghdr is plain data (pointers and integers) for which
+            // all-zero is valid: no name, no iovecs, no control data.
+            msg: unsafe { std::mem::zeroed() },
+        }
+    }
+}
+
+/// State of one staging buffer (or, in direct mode, one op slot).
+#[derive(Clone, Copy, Default)]
+pub(super) struct Stage {
+    /// Bytes submitted from it (header + body).
+    len: usize,
+    /// Its send completion is still due.
+    pub(super) result_due: bool,
+    /// Its zero-copy notification is still due.
+    pub(super) notif_due: bool,
+}
+
+/// The primary's sending half over io_uring (see the module doc).
+pub struct UringSink {
+    ring: IoUring,
+    /// Keeps the registered fd (fixed file 0) open.
+    _sock: TcpStream,
+    /// STAGE_BUFS buffers of `stride` bytes, registered as fixed buffer 0.
+    stage: Region,
+    stride: usize,
+    /// One per staging buffer, or per op slot in direct mode (the index is
+    /// the user_data of its submissions).
+    pub(super) stages: Vec<Stage>,
+    /// DIRECT_OPS op slots (direct mode only; empty otherwise). Allocated
+    /// once in `with_mode` and never resized, so no op moves while the
+    /// kernel holds pointers into it.
+    direct: Vec<DirectOp>,
+    pub(super) free: Vec<usize>,
+    /// Entries of the batch being built, in order.
+    batch: Vec<(squeue::Entry, usize)>,
+    pub(super) window: CreditWindow,
+    credits: Arc<CreditShared>,
+    pub(super) seq: u32,
+    /// First fatal error; later calls repeat it.
+    failed: Option<String>,
+    mode: SendMode,
+    /// Notifications reporting the kernel copied instead of sending from
+    /// our pages (always the case on loopback).
+    pub zc_copied: u64,
+    pub zc_notifs: u64,
+}
+
+impl UringSink {
+    /// `sock` is the session's connection (a clone; the caller keeps reading
+    /// the return path through a [`CreditFilter`] sharing `credits`).
+    pub fn new(
+        sock: TcpStream,
+        ann: &Announce,
+        credits: Arc<CreditShared>,
+    ) -> Result<Self, UringError> {
+        let ring = new_ring()?;
+        let mut probe = Probe::new();
+        let direct_supported = ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::SendMsgZc::CODE);
+        let stride = (CHUNK_HEADER + ann.slot_size as usize).next_multiple_of(4096);
+        let stage = Region::new(stride * STAGE_BUFS, "the send staging buffers")?;
+        // SAFETY: the region outlives the ring's use of it: pages of
+        // registered buffers are pinned by the kernel until unregistered.
+        unsafe { ring.submitter().register_buffers(&[stage.iovec()]) }.map_err(|source| {
+            UringError::Register {
+                what: "the send staging buffers",
+                source,
+            }
+        })?;
+        ring.submitter()
+            .register_files(&[sock.as_raw_fd()])
+            .map_err(|source| UringError::Register {
+                what: "the socket as a fixed file",
+                source,
+            })?;
+        Ok(UringSink {
+            ring,
+            _sock: sock,
+            stage,
+            stride,
+            stages: Vec::new(),
+            direct: Vec::new(),
+            free: Vec::new(),
+            batch: Vec::new(),
+            window: CreditWindow::new(ann),
+            credits,
+            seq: 0,
+            failed: None,
+            mode: SendMode::Direct,
+            zc_copied: 0,
+            zc_notifs: 0,
+        }
+        .with_mode(if direct_supported {
+            SendMode::Direct
+        } else {
+            SendMode::StagedZc
+        }))
+    }
+
+    /// Sends with plain IORING_OP_SEND from the staging buffers instead of
+    /// zero copy (benchmarks only).
+    pub fn without_zero_copy(self) -> Self {
+        self.with_mode(SendMode::StagedCopy)
+    }
+
+    /// Switches to `mode`; only before the first `send`.
+    pub fn with_mode(mut self, mode: SendMode) -> Self {
+        assert!(
+            self.window.pos() == 0 && self.batch.is_empty(),
+            "send mode changed after sending"
+        );
+        let n = if mode == SendMode::Direct {
+            DIRECT_OPS
+        } else {
+            STAGE_BUFS
+        };
+        self.mode = mode;
+        self.stages = vec![Stage::default(); n];
+        self.free = (0..n).rev().collect();
+        self.direct = if mode == SendMode::Direct {
+            (0..n).map(|_| DirectOp::new()).collect()
+        } else {
+            Vec::new()
+        };
+        self
+    }
+
+    pub fn mode(&self) -> SendMode {
+        self.mode
+    }
+
+    fn fail(&mut self, msg: String) -> io::Error {
+        self.failed.get_or_insert(msg.clone());
+        io::Error::other(msg)
+    }
+
+    /// Moves queued credits into the window.
+    fn absorb_credits(&mut self) -> io::Result<()> {
+        for c in self.credits.take() {
+            if let Err(e) = self.window.on_credit(c) {
+                return Err(self.fail(format!("backup sent a bad credit: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocks until at least one credit is queued.
+    fn wait_credit(&mut self) -> io::Result<()> {
+        match self.credits.wait(Instant::now() + CREDIT_TIMEOUT) {
+            Ok(()) => self.absorb_credits(),
+            Err(CreditWait::Closed(why)) => {
+                Err(self.fail(format!("waiting for receive-slot credits: {why}")))
+            }
+            Err(CreditWait::TimedOut) => Err(self.fail(format!(
+                "no receive-slot credit from the backup for {} s ({} slots outstanding)",
+                CREDIT_TIMEOUT.as_secs(),
+                self.window.outstanding()
+            ))),
+        }
+    }
+
+    /// Handles every completion in the queue (all of them, so the
+    /// bookkeeping of in-flight sends stays exact), then reports the first
+    /// failure among them.
+    fn reap(&mut self) -> io::Result<()> {
+        let cqes: Vec<cqueue::Entry> = self.ring.completion().collect();
+        let mut first = None;
+        for c in cqes {
+            if let Err(e) = self.reap_one(c) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn reap_one(&mut self, c: cqueue::Entry) -> io::Result<()> {
+        let op = match self.mode {
+            SendMode::Direct => "IORING_OP_SENDMSG_ZC",
+            SendMode::StagedZc => "IORING_OP_SEND_ZC from a fixed buffer",
+            SendMode::StagedCopy => "IORING_OP_SEND",
+        };
+        let b = c.user_data() as usize;
+        let Some(st) = self.stages.get_mut(b) else {
+            return Err(self.fail(format!("io_uring completion for unknown buffer {b}")));
+        };
+        if cqueue::notif(c.flags()) {
+            st.notif_due = false;
+            self.zc_notifs += 1;
+            // IORING_NOTIF_USAGE_ZC_COPIED is reported in res.
+            if c.result() as u32 & (1 << 31) != 0 {
+                self.zc_copied += 1;
+            }
+        } else {
+            st.result_due = false;
+            st.notif_due = cqueue::more(c.flags());
+            let want = st.len;
+            let res = c.result();
+            if !st.notif_due {
+                self.free.push(b);
+            }
+            if res < 0 {
+                let e = io::Error::from_raw_os_error(-res);
+                let msg = match -res {
+                    libc::EOPNOTSUPP | libc::EINVAL => format!(
+                        "{op} failed: {e} (kernel {} may not support zero-copy send on this socket); use --transport tcp",
+                        kernel()
+                    ),
+                    libc::ECANCELED => format!("send cancelled after an earlier send of the batch failed: {e}"),
+                    _ => format!("sending to the backup: {e}"),
+                };
+                return Err(self.fail(msg));
+            }
+            if res as usize != want {
+                return Err(self.fail(format!(
+                    "short send ({op}): {res} of {want} bytes (MSG_WAITALL)"
+                )));
+            }
+            return Ok(());
+        }
+        if !st.result_due && !st.notif_due {
+            self.free.push(b);
+        }
+        Ok(())
+    }
+
+    /// Queues the send `e` of chunk `p` (`len` bytes with its header) from
+    /// buffer or op slot `b`: marks its completions due, advances the credit
+    /// window and the chunk sequence, and submits once half the ring is
+    /// queued.
+    fn queue(&mut self, e: squeue::Entry, b: usize, len: usize, p: &Placement) -> io::Result<()> {
+        self.stages[b] = Stage {
+            len,
+            result_due: true,
+            notif_due: false,
+        };
+        self.batch.push((e, b));
+        self.window.advance(p);
+        self.seq = self.seq.wrapping_add(1);
+        if self.batch.len() >= RING_ENTRIES as usize / 2 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Submits the batch as one linked chain and waits for all its send
+    /// completions (not for the notifications).
+    fn flush(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let n = self.batch.len();
+        let batch: Vec<squeue::Entry> = self.batch.iter().map(|(e, _)| e.clone()).collect();
+        for (i, e) in batch.into_iter().enumerate() {
+            let e = if i + 1 < n {
+                e.flags(squeue::Flags::IO_LINK)
+            } else {
+                e
+            };
+            // SAFETY: a staged entry points into the registered staging
+            // region, which stays untouched until its completion and
+            // notification. A direct entry points at its DirectOp (in
+            // `self.direct`, never resized, not rewritten while its slot is
+            // in flight) and
+            // at the caller's buffers, which `send_direct` holds borrowed
+            // until `drain` has seen every completion and notification.
+            if unsafe { self.ring.submission().push(&e) }.is_err() {
+                // This entry and the rest never reach the kernel.
+                for (_, b) in self.batch.drain(i..) {
+                    self.stages[b] = Stage::default();
+                    self.free.push(b);
+                }
+                return Err(self.fail("io_uring submission queue full".into()));
+            }
+        }
+        self.batch.clear();
+        loop {
+            self.reap()?;
+            if !self.stages.iter().any(|s| s.result_due) {
+                return Ok(());
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(self.fail(format!("io_uring_enter: {e}"))),
+            }
+        }
+    }
+
+    /// A free staging buffer, waiting for notifications if none is.
+    fn take_buffer(&mut self) -> io::Result<usize> {
+        loop {
+            if let Some(b) = self.free.pop() {
+                return Ok(b);
+            }
+            self.flush()?;
+            self.reap()?;
+            if let Some(b) = self.free.pop() {
+                return Ok(b);
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(self.fail(format!("io_uring_enter: {e}"))),
+            }
+        }
+    }
+}
+
+impl UringSink {
+    /// Direct mode: every chunk is one SENDMSG_ZC of [its header, the pieces
+    /// of `bufs` that make up its body]. Returns only once the kernel is
+    /// done with `bufs` (see [`Self::drain`]), error or not.
+    fn send_direct(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        let sent = self.send_direct_chunks(bufs);
+        // Entries built but never submitted reference nothing the kernel
+        // sees; release their op slots.
+        for (_, b) in std::mem::take(&mut self.batch) {
+            self.stages[b] = Stage::default();
+            self.free.push(b);
+        }
+        let drained = self.drain();
+        sent.and(drained)
+    }
+
+    fn send_direct_chunks(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        let mut chunks = Chunker::new(bufs);
+        while chunks.left() > 0 {
+            self.absorb_credits()?;
+            // A chunk needs one iovec per piece after the header's.
+            let cap = chunks.span(MAX_IOV - 1);
+            let Some(p) = self.window.place(chunks.left().min(cap)) else {
+                // Everything placed so far must be on its way before we
+                // wait, or the backup could never free a slot.
+                self.flush()?;
+                self.wait_credit()?;
+                continue;
+            };
+            let b = self.take_buffer()?;
+            let op = &mut self.direct[b];
+            op.hdr[0..4].copy_from_slice(&p.tag.encode().to_le_bytes());
+            op.hdr[4..8].copy_from_slice(&self.seq.to_le_bytes());
+            op.iov[0] = libc::iovec {
+                iov_base: op.hdr.as_mut_ptr().cast(),
+                iov_len: CHUNK_HEADER,
+            };
+            let mut n_iov = 1;
+            chunks.take(p.len, |src| {
+                op.iov[n_iov] = libc::iovec {
+                    // The kernel only reads through this pointer.
+                    iov_base: src.as_ptr().cast_mut().cast(),
+                    iov_len: src.len(),
+                };
+                n_iov += 1;
+            });
+            op.msg.msg_iov = op.iov.as_mut_ptr();
+            op.msg.msg_iovlen = n_iov as _;
+            let len = CHUNK_HEADER + p.len;
+            let e = opcode::SendMsgZc::new(types::Fixed(0), &op.msg)
+                .flags(libc::MSG_WAITALL as u32)
+                .build()
+                .user_data(b as u64);
+            self.queue(e, b, len, &p)?;
+        }
+        self.flush()
+    }
+
+    /// Waits until no submitted send has a completion or notification due,
+    /// i.e. the kernel no longer reads any memory a send pointed at. If that
+    /// takes over [`DRAIN_TIMEOUT`], shuts the socket down (so nothing more
+    /// of the caller's buffers goes out) and fails the sink.
+    fn drain(&mut self) -> io::Result<()> {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let mut first = None;
+        loop {
+            if let Err(e) = self.reap() {
+                first.get_or_insert(e);
+            }
+            let due = self
+                .stages
+                .iter()
+                .filter(|s| s.result_due || s.notif_due)
+                .count();
+            if due == 0 {
+                return first.map_or(Ok(()), Err);
+            }
+            let waited = if Instant::now() >= deadline {
+                Err(format!(
+                    "{due} zero-copy sends still unfinished after {} s",
+                    DRAIN_TIMEOUT.as_secs()
+                ))
+            } else {
+                let ts = types::Timespec::from(Duration::from_millis(100));
+                let args = types::SubmitArgs::new().timespec(&ts);
+                match self.ring.submitter().submit_with_args(1, &args) {
+                    Ok(_) => Ok(()),
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME)) => Ok(()),
+                    Err(e) => Err(format!("io_uring_enter: {e}")),
+                }
+            };
+            if let Err(msg) = waited {
+                let _ = self._sock.shutdown(std::net::Shutdown::Both);
+                return Err(self.fail(format!("waiting for the kernel to finish sending: {msg}")));
+            }
+        }
+    }
+}
+
+impl RecordSink for UringSink {
+    fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        if let Some(m) = &self.failed {
+            return Err(io::Error::other(m.clone()));
+        }
+        if self.mode == SendMode::Direct {
+            self.send_direct(bufs)
+        } else {
+            self.send_staged(bufs)
+        }
+    }
+}
+
+impl UringSink {
+    /// Staged modes: every chunk is copied, behind its header, into a free
+    /// staging buffer and sent from there.
+    fn send_staged(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        let mut chunks = Chunker::new(bufs);
+        while chunks.left() > 0 {
+            self.absorb_credits()?;
+            let Some(p) = self.window.place(chunks.left()) else {
+                // Everything placed so far must be on its way before we
+                // wait, or the backup could never free a slot.
+                self.flush()?;
+                self.wait_credit()?;
+                continue;
+            };
+            let b = self.take_buffer()?;
+            let base = b * self.stride;
+            // SAFETY: buffer b is free (no send or notification due), lies
+            // inside the staging region, and CHUNK_HEADER + slot <= stride.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(self.stage.ptr.add(base), CHUNK_HEADER + p.len)
+            };
+            dst[0..4].copy_from_slice(&p.tag.encode().to_le_bytes());
+            dst[4..8].copy_from_slice(&self.seq.to_le_bytes());
+            chunks.copy_into(&mut dst[CHUNK_HEADER..]);
+            let len = CHUNK_HEADER + p.len;
+            let e = if self.mode == SendMode::StagedCopy {
+                opcode::Send::new(types::Fixed(0), dst.as_ptr(), len as u32)
+                    .flags(libc::MSG_WAITALL)
+                    .build()
+                    .user_data(b as u64)
+            } else {
+                opcode::SendZc::new(types::Fixed(0), dst.as_ptr(), len as u32)
+                    .buf_index(Some(0))
+                    .flags(libc::MSG_WAITALL)
+                    .build()
+                    .user_data(b as u64)
+            };
+            self.queue(e, b, len, &p)?;
+        }
+        self.flush()
+    }
+}
+
+impl Drop for UringSink {
+    fn drop(&mut self) {
+        // Best effort: collect outstanding notifications so the kernel is
+        // done with the staging pages before the ring goes (the pages stay
+        // pinned by the kernel either way).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.stages.iter().any(|s| s.notif_due || s.result_due) && Instant::now() < deadline {
+            if self.reap().is_err() {
+                break;
+            }
+            let ts = types::Timespec::from(Duration::from_millis(50));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+        }
+    }
+}
