@@ -15,6 +15,7 @@ pub mod ha;
 pub mod harness;
 pub mod metrics;
 pub mod outq;
+pub mod stats;
 pub mod transport;
 pub mod transport_bench;
 pub mod units;

@@ -10,6 +10,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+pub use crate::stats::Pct;
+
 /// Measurements of one checkpoint. Times in microseconds.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EpochRecord {
@@ -155,29 +157,6 @@ impl Metrics {
     }
 }
 
-/// Percentiles of one quantity, in its histogram's unit.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
-pub struct Pct {
-    pub p50: u64,
-    pub p99: u64,
-    pub max: u64,
-    pub mean: f64,
-}
-
-impl Pct {
-    pub fn of(h: &Histogram<u64>) -> Pct {
-        if h.is_empty() {
-            return Pct::default();
-        }
-        Pct {
-            p50: h.value_at_quantile(0.5),
-            p99: h.value_at_quantile(0.99),
-            max: h.max(),
-            mean: (h.mean() * 10.0).round() / 10.0,
-        }
-    }
-}
-
 /// CPU time consumed by each side, seconds.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Cpu {
@@ -232,7 +211,7 @@ pub struct Summary {
     pub per_epoch: Vec<EpochRecord>,
     /// Output commit: held/released/dropped output and its release delay.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub output: Option<crate::outq::OutqReport>,
+    pub output: Option<crate::stats::OutqReport>,
 }
 
 impl Summary {

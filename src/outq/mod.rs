@@ -56,7 +56,8 @@ use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
-use crate::metrics::Pct;
+pub use crate::stats::OutqReport;
+use crate::stats::Pct;
 
 /// Errors of the output queue.
 #[derive(Debug, thiserror::Error)]
@@ -109,31 +110,6 @@ pub enum Mode {
     PassThrough,
     /// Release nothing, ever: the copy self-fenced.
     Fenced,
-}
-
-/// What the queue did, reported at shutdown.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct OutqReport {
-    /// Items that entered the queue.
-    pub items: u64,
-    /// Items released to their destination.
-    pub released: u64,
-    /// Items released without waiting (pass-through mode, or produced in an
-    /// already committed epoch).
-    pub passed_through: u64,
-    /// Items that were held at least until a commit.
-    pub held: u64,
-    /// Uncommitted items discarded at shutdown, at the end of a protection
-    /// session, or while fenced (never released).
-    pub dropped: u64,
-    /// Items emitted after the queue shut down (never released).
-    pub late: u64,
-    /// Highest committed epoch of the last protection session.
-    pub committed: u64,
-    /// Protection sessions opened (backups that protected this copy).
-    pub sessions: u64,
-    /// Output release delay (emit → release), µs.
-    pub release_delay_us: Pct,
 }
 
 enum Msg {

@@ -1,132 +1,11 @@
-//! Arbitration: before a copy of the domain goes live (a primary starting,
-//! a backup activating) it must win the arbiter, which hands out a fencing
-//! token that grows with every winner.
-//!
-//! - `local:PATH`: an exclusive `flock` on PATH. The token is a u64 kept in
-//!   the file, incremented by each winner and fsynced before the win is
-//!   reported. The winner keeps the file open for as long as it is live; the
-//!   kernel drops the lock when the holder's process dies (SIGKILL
-//!   included), so a dead holder never blocks its successor. Good for one
-//!   host (demos, tests) or a shared filesystem whose locks work across
-//!   hosts; not a substitute for a real quorum service.
-//! - `etcd:http://HOST:PORT[,...][/KEY][?ttl=DURATION]`: a leader key
-//!   bound to a lease in an etcd cluster; the token is the key's create
-//!   revision. The hold lapses when the lease is not renewed in time, which
-//!   the holder learns through [`Arbiter::lease`] (see [`super::etcd`]).
-//! - `none`: always wins, token 0. That is Xen Remus's behaviour: nothing
-//!   stops a partitioned backup from running next to a live primary. Only
-//!   when asked for, with a warning.
+//! `local:PATH` (an exclusive `flock` holding a fencing token) and `none`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-/// Proof of having won the arbiter: larger than every earlier winner's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct FencingToken(pub u64);
-
-impl std::fmt::Display for FencingToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ArbiterError {
-    #[error("opening the arbiter lock file {path}: {source} (use --arbiter local:PATH with a writable path)")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("flock(LOCK_EX|LOCK_NB) on {path}: {source}")]
-    Lock {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the arbiter lock file {path} holds {content:?}, not a fencing token (a decimal u64)")]
-    Corrupt { path: PathBuf, content: String },
-    #[error("updating the fencing token in {path}: {source}")]
-    Update {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("unknown arbiter {0:?}: use local:PATH, etcd:http://HOST:PORT[/KEY] or none")]
-    Spec(String),
-    #[error(transparent)]
-    Etcd(#[from] super::etcd::EtcdError),
-}
-
-pub trait Arbiter: Send {
-    /// Tries once to win. `Ok(None)`: another copy holds the arbiter.
-    /// Once won, the arbiter stays held until `self` is dropped (or the
-    /// process dies), and further calls return the same token.
-    fn try_acquire(&mut self) -> Result<Option<FencingToken>, ArbiterError>;
-
-    /// Human-readable name, e.g. `local:/run/castor/pair-7700.lock`.
-    fn describe(&self) -> String;
-
-    /// For an arbiter whose hold can lapse while this process lives (a
-    /// lease), the watch that says until when it is held; `None` when a
-    /// won arbiter stays held until the process exits.
-    fn lease(&self) -> Option<super::lease::LeaseWatch> {
-        None
-    }
-
-    /// How long a holder that died may still hold the arbiter: a successor
-    /// campaigns at least this long before giving up. Zero when the hold
-    /// ends with the holder's process (a lock); a lease's TTL otherwise.
-    fn takeover_wait(&self) -> Duration {
-        Duration::ZERO
-    }
-
-    /// Tries until won or `wait` has passed, polling every `every`.
-    fn acquire_within(
-        &mut self,
-        wait: Duration,
-        every: Duration,
-    ) -> Result<Option<FencingToken>, ArbiterError> {
-        let deadline = Instant::now() + wait;
-        loop {
-            if let Some(t) = self.try_acquire()? {
-                return Ok(Some(t));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(every.min(deadline - now));
-        }
-    }
-}
-
-/// Parses `local:PATH`, `etcd:...` (with an explicit /KEY) or `none`.
-pub fn from_spec(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {
-    from_spec_for_pair(spec, None)
-}
-
-/// [`from_spec`] for the pair whose backup listens on `backup_port`, which
-/// names the default etcd key (`castor/pair-PORT`).
-pub fn from_spec_for_pair(
-    spec: &str,
-    backup_port: Option<u16>,
-) -> Result<Box<dyn Arbiter>, ArbiterError> {
-    if spec == "none" {
-        return Ok(Box::new(NoArbiter));
-    }
-    if let Some(rest) = spec.strip_prefix("etcd:") {
-        let s = super::etcd::EtcdSpec::parse(rest, backup_port)?;
-        return Ok(Box::new(super::etcd::EtcdArbiter::new(s)));
-    }
-    match spec.strip_prefix("local:") {
-        Some(p) if !p.is_empty() => Ok(Box::new(LocalLock::new(p))),
-        _ => Err(ArbiterError::Spec(spec.to_string())),
-    }
-}
+use super::contract::{Arbiter, ArbiterError, FencingToken};
 
 /// Default local lock of a replication pair, named by the backup's port:
 /// the primary knows it from `--backup HOST:PORT`, the backup from its
@@ -252,6 +131,7 @@ pub const NONE_WARNING: &str =
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn local_lock_excludes_and_tokens_grow() {
@@ -300,20 +180,5 @@ mod tests {
         assert!(matches!(a.try_acquire(), Err(ArbiterError::Corrupt { .. })));
         std::fs::write(&p, "41\n").unwrap();
         assert_eq!(a.try_acquire().unwrap(), Some(FencingToken(42)));
-    }
-
-    #[test]
-    fn specs_parse() {
-        assert_eq!(from_spec("none").unwrap().describe(), "none");
-        assert_eq!(from_spec("local:/x/y").unwrap().describe(), "local:/x/y");
-        assert!(from_spec("local:").is_err());
-        assert!(from_spec("etcd:foo").is_err());
-        assert!(from_spec("etcd:http://h:2379").is_err(), "no key, no port");
-        assert_eq!(
-            from_spec_for_pair("etcd:http://h:2379", Some(7700))
-                .unwrap()
-                .describe(),
-            "etcd:http://h:2379/castor/pair-7700?ttl=2s"
-        );
     }
 }

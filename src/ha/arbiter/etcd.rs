@@ -45,8 +45,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::arbiter::{Arbiter, ArbiterError, FencingToken};
-use super::lease::LeaseWatch;
+pub use super::contract::EtcdError;
+use super::contract::{Arbiter, ArbiterError, FencingToken};
+use crate::ha::lease::LeaseWatch;
 
 /// Default lease TTL. etcd's minimum TTL with its default election timeout
 /// (1 s) is 1.5 s, rounded up to whole seconds: 2 s. The backup suspects a
@@ -62,37 +63,6 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(2);
 /// own granularity on our side.
 fn drift_margin(ttl: Duration) -> Duration {
     ttl / 20
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum EtcdError {
-    #[error("etcd arbiter spec {spec:?}: {why} (use etcd:http://HOST:PORT[,http://HOST:PORT...][/KEY][?ttl=DURATION])")]
-    Spec { spec: String, why: String },
-    #[error("etcd {call}: no endpoint answered ({tried})")]
-    Unreachable { call: &'static str, tried: String },
-    #[error("etcd {call} at {endpoint}: {code} {message}")]
-    Status {
-        call: &'static str,
-        endpoint: String,
-        code: String,
-        message: String,
-    },
-    #[error("etcd {call} at {endpoint}: the answer is not JSON ({why}): {body:?}")]
-    Json {
-        call: &'static str,
-        endpoint: String,
-        why: String,
-        body: String,
-    },
-    #[error("etcd {call}: field {field} is {value}, expected {expected}")]
-    Field {
-        call: &'static str,
-        field: &'static str,
-        value: String,
-        expected: &'static str,
-    },
-    #[error("spawning the castor-etcd keepalive thread: {0}")]
-    Spawn(#[source] std::io::Error),
 }
 
 /// A parsed `etcd:` spec.
