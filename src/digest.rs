@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use crate::domain::{DomainError, DomainSpec};
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Digest(pub [u8; 32]);
 
@@ -47,6 +49,25 @@ impl fmt::Display for Digest {
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Digest({})", self.to_hex())
+    }
+}
+
+/// What the replica of a deterministic sim domain must hold after `epoch`
+/// epochs (`castor digest --domain SPEC --at-epoch N`), computed without
+/// replication. A kvm guest is not deterministic: no such digest exists.
+pub fn expected(spec: &DomainSpec, epoch: u64) -> Result<Digest, DomainError> {
+    match spec {
+        DomainSpec::Sim(s) => {
+            let (mem, state) = crate::domain::sim::expected_after(s, epoch)?;
+            // SAFETY: `mem` is a private image nobody else writes.
+            Ok(Digest::of(unsafe { mem.as_slice() }, &state))
+        }
+        DomainSpec::Kvm(_) => Err(DomainError::Spec {
+            spec: spec.to_string(),
+            reason: "a kvm guest is not deterministic: no expected digest exists \
+                     (use a sim domain with writes=N)"
+                .into(),
+        }),
     }
 }
 

@@ -5,19 +5,26 @@
 //! (framed, checksummed records) → backup → ack → [`outq`] (guest output
 //! held until its checkpoint is acknowledged). See `../shared/DESIGN.md` and
 //! `docs/wire-format.md`.
+//!
+//! Around that flow: [`ha`] (failure detection, the arbiter, fencing, the
+//! backup's failover), [`metrics`] and [`stats`] (measurements and the
+//! value types they share), [`report`] (the run's table and JSON),
+//! [`bench`] (the loopback and transport benchmarks), [`digest`] (what
+//! "replica equals primary" means). The `castor` binary's commands are in
+//! `src/cli/`, one file each; `src/main.rs` only parses and dispatches.
 
+pub mod bench;
 pub mod codec;
 pub mod digest;
 pub mod disk;
 pub mod domain;
 pub mod engine;
 pub mod ha;
-pub mod harness;
 pub mod metrics;
 pub mod outq;
+pub mod report;
 pub mod stats;
 pub mod transport;
-pub mod transport_bench;
 pub mod units;
 
 /// Size of a guest page in bytes. Every domain castor drives uses 4 KiB pages.

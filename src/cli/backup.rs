@@ -18,7 +18,6 @@ use castor::ha::beacon;
 use castor::ha::exit;
 use castor::ha::failover::{self, Activated, Plan};
 use castor::ha::lease::LeaseWatch;
-use castor::harness;
 use castor::transport::handshake::Psk;
 use castor::transport::TransportKind;
 use castor::units;
@@ -268,7 +267,7 @@ fn reprotect_dial(
     let beacon = a.reprotect_beacon.map(|b| (b, a.heartbeat_interval));
     let transport = a.transport;
     move |layout, desc: &str| {
-        harness::open_protection(
+        castor::engine::dial::open_protection(
             &target,
             &psk,
             layout,

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use castor::harness::{self, LoopbackOpts};
+use castor::bench::loopback::{self, LoopbackOpts};
+use castor::report;
 use castor::units;
 
 use super::engine_args::EngineArgs;
@@ -40,7 +41,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     cfg.keep_records = a.per_epoch;
     cfg.keep_dirty_lists = 20;
     castor::engine::install_stop_handler();
-    let s = harness::loopback(
+    let s = loopback::loopback(
         &spec,
         &cfg,
         &LoopbackOpts {
@@ -50,9 +51,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         },
     )
     .map_err(|e| e.to_string())?;
-    harness::print_table(&s);
+    report::print_table(&s);
     if let Some(p) = a.json {
-        harness::write_json(&p, &s).map_err(|e| e.to_string())?;
+        report::write_json(&p, &s).map_err(|e| e.to_string())?;
     }
     Ok(if s.digest_match {
         ExitCode::SUCCESS

@@ -32,7 +32,7 @@ pub struct BenchTransportArgs {
 
 pub fn run(a: BenchTransportArgs) -> Result<ExitCode, String> {
     TransportKind::Uring.check_available()?;
-    let r = castor::transport_bench::run(a.duration, a.rounds, a.iperf, a.veth)?;
+    let r = castor::bench::transport::run(a.duration, a.rounds, a.iperf, a.veth)?;
     if let Some(p) = a.json {
         let j = serde_json::to_vec_pretty(&r).expect("report serialises");
         std::fs::write(&p, j).map_err(|e| format!("writing {}: {e}", p.display()))?;

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use castor::harness::{self, LoopbackOpts};
+use castor::bench::loopback::{self, LoopbackOpts};
+use castor::report;
 use castor::units;
 
 use super::engine_args::EngineArgs;
@@ -34,7 +35,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
         humantime::format_duration(a.duration),
         a.engine.epoch.as_millis()
     );
-    let s = harness::loopback(
+    let s = loopback::loopback(
         &spec,
         &cfg,
         &LoopbackOpts {
@@ -44,7 +45,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
         },
     )
     .map_err(|e| e.to_string())?;
-    harness::print_table(&s);
+    report::print_table(&s);
     Ok(if s.digest_match {
         ExitCode::SUCCESS
     } else {

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use clap::Args;
 
 use castor::engine::replica;
-use castor::harness;
 
 use super::parse::parse_spec;
 
@@ -36,7 +35,7 @@ pub fn run(a: DigestArgs) -> Result<ExitCode, String> {
             ..
         } => {
             let spec = parse_spec(&domain)?;
-            let d = harness::expected_digest(&spec, n).map_err(|e| e.to_string())?;
+            let d = castor::digest::expected(&spec, n).map_err(|e| e.to_string())?;
             println!("{d} epoch {n} {spec}");
             Ok(ExitCode::SUCCESS)
         }

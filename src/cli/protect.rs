@@ -9,10 +9,11 @@ use clap::Args;
 
 use castor::engine::live::LiveEnd;
 use castor::engine::primary::PrimaryConfig;
+use castor::engine::protect::{self, ProtectOpts, Protected};
 use castor::ha::arbiter::Arbiter;
 use castor::ha::exit;
-use castor::harness::{self, Protected};
 use castor::outq::nfqueue::rules::Installed;
+use castor::report;
 use castor::units;
 
 use super::arbiter::make_arbiter;
@@ -101,14 +102,14 @@ pub fn run(a: ProtectArgs) -> Result<ExitCode, String> {
     };
     let cfg = primary_config(&a, &rules);
     castor::engine::install_stop_handler();
-    let opts = harness::ProtectOpts {
+    let opts = ProtectOpts {
         continue_unprotected: !a.stop_on_backup_loss,
         redial_every: (!a.redial_every.is_zero()).then_some(a.redial_every),
         beacon: a.beacon,
         transport: a.engine.transport,
         lease: arb.lease(),
     };
-    let out = harness::protect(&spec, &a.backup, &psk, &cfg, &opts)
+    let out = protect::protect(&spec, &a.backup, &psk, &cfg, &opts)
         .map_err(|e| format!("protect: {e}"))?;
     report(&out, a.json)
 }
@@ -180,7 +181,7 @@ fn report(out: &Protected, json: Option<PathBuf>) -> Result<ExitCode, String> {
     if let (Some(p), Some(s)) = (json, &live.last_summary) {
         let mut s = s.clone();
         s.output = Some(live.output.clone());
-        harness::write_json(&p, &s).map_err(|e| e.to_string())?;
+        report::write_json(&p, &s).map_err(|e| e.to_string())?;
     }
     match &live.end {
         LiveEnd::Stopped => Ok(ExitCode::SUCCESS),

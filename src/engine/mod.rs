@@ -12,8 +12,10 @@
 pub mod activate;
 pub mod backup;
 mod copy;
+pub mod dial;
 pub mod live;
 pub mod primary;
+pub mod protect;
 pub mod receiver;
 pub mod replica;
 pub(crate) mod shadow;

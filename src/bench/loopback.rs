@@ -1,0 +1,201 @@
+//! The `bench` and `demo` job: a backup child process of this binary and
+//! an in-process primary on loopback; then a digest check (replica ==
+//! primary at the last acknowledged epoch), the CPU each side used, and a
+//! plain-memcpy baseline of the pause's copy stage.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::domain::{Domain, DomainError, DomainSpec};
+use crate::engine::dial::{open_session, DialError};
+use crate::engine::primary::{self, PrimaryConfig, PrimaryError, PrimaryOutcome};
+use crate::engine::replica::{self, ReplicaError};
+use crate::engine::shadow::PageBuf;
+use crate::metrics::{self, Pct, Summary};
+use crate::transport::handshake::{random_nonce, Psk};
+use crate::transport::{select, TransportKind};
+use crate::PAGE_SIZE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoopbackError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error(transparent)]
+    Primary(#[from] PrimaryError),
+    #[error("backup process: {0}")]
+    Backup(String),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+}
+
+/// Opens a session over `transport` and runs the primary on it.
+fn run_session(
+    domain: Box<dyn Domain>,
+    addr: &str,
+    psk: &Psk,
+    cfg: &PrimaryConfig,
+    transport: TransportKind,
+) -> Result<PrimaryOutcome, LoopbackError> {
+    let (sink, reader) = open_session(addr, psk, &*domain, Duration::from_secs(10))?;
+    let mut out = match transport {
+        TransportKind::Tcp => primary::run(domain, Box::new(sink), reader, cfg),
+        kind => {
+            let (sink, reader) =
+                select::primary(kind, reader, sink.0).map_err(|source| DialError::Transport {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            primary::run(domain, sink, reader, cfg)
+        }
+    }
+    .map_err(|(e, _)| LoopbackError::from(e))?;
+    out.summary.transport = transport.name().into();
+    Ok(out)
+}
+
+/// A backup running as a child process of this binary.
+struct BackupChild {
+    child: Child,
+    addr: String,
+    /// Its stderr, kept to explain a failed run.
+    log: tempfile::NamedTempFile,
+}
+
+impl BackupChild {
+    /// The last lines the backup wrote to stderr.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(6)..].join("\n")
+    }
+}
+
+fn spawn_backup(
+    state_dir: &Path,
+    psk_hex: &str,
+    quiet: bool,
+    transport: TransportKind,
+) -> Result<BackupChild, LoopbackError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| LoopbackError::Backup(format!("locating castor binary: {e}")))?;
+    let log = tempfile::NamedTempFile::new()
+        .map_err(|e| LoopbackError::Backup(format!("creating a log file: {e}")))?;
+    let err = log
+        .reopen()
+        .map_err(|e| LoopbackError::Backup(format!("opening the log file: {e}")))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["backup", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state_dir)
+        .args(["--transport", transport.name()])
+        .env("CASTOR_PSK", psk_hex)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    if quiet {
+        cmd.stderr(Stdio::from(err));
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| LoopbackError::Backup(format!("starting backup: {e}")))?;
+    let out = child.stdout.take().expect("stdout piped");
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .map_err(|e| LoopbackError::Backup(format!("reading backup's address: {e}")))?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .ok_or_else(|| {
+            LoopbackError::Backup(format!("unexpected first line from backup: {line:?}"))
+        })?
+        .to_string();
+    Ok(BackupChild { child, addr, log })
+}
+
+/// Options of a loopback run.
+pub struct LoopbackOpts {
+    pub state_dir: Option<PathBuf>,
+    pub quiet_backup: bool,
+    pub transport: TransportKind,
+}
+
+/// Backup child + in-process primary on loopback; then checks that the
+/// replica's digest equals the primary's at the last acknowledged epoch.
+pub fn loopback(
+    spec: &DomainSpec,
+    cfg: &PrimaryConfig,
+    opts: &LoopbackOpts,
+) -> Result<Summary, LoopbackError> {
+    let tmp;
+    let state_dir = match &opts.state_dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("castor-replica-")
+                .tempdir()
+                .map_err(|e| LoopbackError::Backup(format!("creating a state directory: {e}")))?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let key: String = random_nonce().iter().map(|b| format!("{b:02x}")).collect();
+    let psk = Psk::from_bytes(key.as_bytes());
+    let backup = spawn_backup(&state_dir, &key, opts.quiet_backup, opts.transport)?;
+    let cpu0 = metrics::self_cpu();
+    let domain = spec.open()?;
+    let run = run_session(domain, &backup.addr, &psk, cfg, opts.transport);
+    let (raw, backup_cpu) =
+        metrics::wait_child(backup.child.id()).map_err(|e| LoopbackError::Backup(e.to_string()))?;
+    let status = std::os::unix::process::ExitStatusExt::from_raw(raw);
+    let explain = |what: String| {
+        let tail = backup.log_tail();
+        if tail.is_empty() {
+            what
+        } else {
+            format!("{what}\nbackup said:\n{tail}")
+        }
+    };
+    let outcome = run.map_err(|e| LoopbackError::Backup(explain(e.to_string())))?;
+    let primary_cpu = metrics::self_cpu() - cpu0;
+    if !std::process::ExitStatus::success(&status) {
+        return Err(LoopbackError::Backup(explain(format!(
+            "backup exited with {status:?}"
+        ))));
+    }
+    let (meta, replica_digest) = replica::verify(&state_dir)?;
+    let mut s = outcome.summary;
+    s.cpu = metrics::Cpu {
+        primary_s: round3(primary_cpu.as_secs_f64()),
+        backup_s: round3(backup_cpu.as_secs_f64()),
+    };
+    s.replica_digest = replica_digest.to_hex();
+    s.replica_epoch = meta.epoch;
+    s.digest_match = meta.epoch == outcome.final_epoch && replica_digest == outcome.digest;
+    s.memcpy_us = memcpy_baseline(&*outcome.domain, &outcome.recent_dirty);
+    Ok(s)
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// Times a plain single-threaded copy of each recent dirty set out of the
+/// (paused) guest memory: the floor the pause's copy stage is judged against.
+fn memcpy_baseline(domain: &dyn Domain, lists: &[Vec<u64>]) -> Option<Pct> {
+    let max = lists.iter().map(Vec::len).max()?;
+    let buf = PageBuf::new_populated(max.max(1)).ok()?;
+    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok()?;
+    let mem = domain.memory();
+    for l in lists {
+        let t = Instant::now();
+        for (i, &g) in l.iter().enumerate() {
+            // SAFETY: g < pages (harvested from this domain), slot i < max;
+            // the domain is paused, so guest memory is stable.
+            unsafe { std::ptr::copy_nonoverlapping(mem.page_ptr(g), buf.slot_ptr(i), PAGE_SIZE) };
+        }
+        let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+    }
+    Some(Pct::of(&h))
+}

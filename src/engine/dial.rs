@@ -1,0 +1,136 @@
+//! Dialing a backup: connect, authenticate (the handshake naming the
+//! domain's layout), switch to the session's transport and, with a beacon
+//! address, beacon to the backup's second heartbeat path for as long as
+//! the session's sending half lives.
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use crate::domain::{Domain, Layout};
+use crate::engine::live::Session;
+use crate::ha::beacon;
+use crate::transport::handshake::{self, random_nonce, HandshakeError, Psk};
+use crate::transport::messages::{Hello, NONCE_LEN};
+use crate::transport::record::RecordReader;
+use crate::transport::tcp::{self, TcpSink};
+use crate::transport::{select, RecordSink, TransportKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connecting to backup {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("handshake with backup {addr}: {source}")]
+    Handshake {
+        addr: String,
+        #[source]
+        source: HandshakeError,
+    },
+    #[error("transport with backup {addr}: {source}")]
+    Transport {
+        addr: String,
+        #[source]
+        source: select::SetupError,
+    },
+}
+
+/// Connects and authenticates to a backup for `domain`.
+pub fn open_session(
+    addr: &str,
+    psk: &Psk,
+    domain: &dyn Domain,
+    patience: Duration,
+) -> Result<(TcpSink, RecordReader<TcpStream>), DialError> {
+    open_session_for(addr, psk, domain.layout(), &domain.describe(), patience)
+}
+
+/// Connects and authenticates to a backup for a domain of `layout` named
+/// `desc`.
+pub fn open_session_for(
+    addr: &str,
+    psk: &Psk,
+    layout: Layout,
+    desc: &str,
+    patience: Duration,
+) -> Result<(TcpSink, RecordReader<TcpStream>), DialError> {
+    open_session_nonce(addr, psk, layout, desc, patience, random_nonce())
+}
+
+/// Switches an authenticated tcp session to `transport`.
+fn select_transport(
+    addr: &str,
+    (sink, reader): (TcpSink, RecordReader<TcpStream>),
+    transport: TransportKind,
+) -> Result<Session<Box<dyn std::io::Read + Send>>, DialError> {
+    Ok(match transport {
+        TransportKind::Tcp => (
+            Box::new(sink),
+            reader.map_inner(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ),
+        kind => select::primary(kind, reader, sink.0).map_err(|source| DialError::Transport {
+            addr: addr.to_string(),
+            source,
+        })?,
+    })
+}
+
+/// [`open_session_for`] as a live copy's session: beaconing to `beacon`
+/// (the backup's second heartbeat path) for as long as the session's
+/// sending half lives.
+pub fn open_protection(
+    addr: &str,
+    psk: &Psk,
+    layout: Layout,
+    desc: &str,
+    patience: Duration,
+    beacon: Option<(std::net::SocketAddr, Duration)>,
+    transport: TransportKind,
+) -> Result<Session<Box<dyn std::io::Read + Send>>, DialError> {
+    let nonce = random_nonce();
+    let tcp = open_session_nonce(addr, psk, layout, desc, patience, nonce)?;
+    let (sink, reader) = select_transport(addr, tcp, transport)?;
+    let sink: Box<dyn RecordSink> = match beacon {
+        Some((to, every)) => {
+            let b = beacon::Sender::start(to, psk.clone(), nonce, every).map_err(|source| {
+                DialError::Connect {
+                    addr: format!("beacon path {to}"),
+                    source,
+                }
+            })?;
+            Box::new(beacon::BeaconSink::new(sink, b))
+        }
+        None => sink,
+    };
+    Ok((sink, reader))
+}
+
+fn open_session_nonce(
+    addr: &str,
+    psk: &Psk,
+    layout: Layout,
+    desc: &str,
+    patience: Duration,
+    nonce: [u8; NONCE_LEN],
+) -> Result<(TcpSink, RecordReader<TcpStream>), DialError> {
+    let conn_err = |source| DialError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let s = tcp::connect(addr, patience).map_err(conn_err)?;
+    let mut w = s.try_clone().map_err(conn_err)?;
+    let mut r = RecordReader::new(s);
+    let hello = Hello {
+        page_size: layout.page_size,
+        pages: layout.pages,
+        nonce,
+        desc: desc.to_string(),
+    };
+    handshake::client(&mut r, &mut w, psk, &hello).map_err(|source| DialError::Handshake {
+        addr: addr.to_string(),
+        source,
+    })?;
+    Ok((TcpSink(w), r))
+}
