@@ -201,31 +201,25 @@ where
     F: FnOnce(Option<LeaseWatch>) -> Result<Activated, String>,
 {
     let mut tl = Timeline::new(plan.stream_lost_at);
-    let mut activate = Some(activate);
     suspect(plan);
     let mut stage = Stage::Arbitrate;
-    loop {
+    let token = loop {
         stage = match stage {
             Stage::Arbitrate => after_arbiter(arbitrate(plan, arb, &mut tl)?),
             Stage::Fence(token) => after_fence(token, fence(plan, token, &mut tl)),
-            Stage::Activate(token) => {
-                // The sequence reaches this stage once: the closure is there.
-                let Some(f) = activate.take() else {
-                    unreachable!("failover activates once")
-                };
-                let activated = f(arb.lease()).map_err(FailoverError::Activate)?;
-                tl.running = Some(tl.since_loss(activated.running_at));
-                Stage::Done(Outcome::Activated { token, activated })
-            }
-            Stage::Done(outcome) => {
-                announce(plan, &outcome, &tl);
-                return Ok(Failover {
-                    outcome,
-                    timeline: tl,
-                });
-            }
+            Stage::Activate(token) => break token,
+            Stage::Done(outcome) => return Ok(finish(plan, outcome, tl)),
         }
-    }
+    };
+    // Step 4: activate, holding the arbiter (and its lease, if any).
+    let activated = activate(arb.lease()).map_err(FailoverError::Activate)?;
+    tl.running = Some(tl.since_loss(activated.running_at));
+    Ok(finish(plan, Outcome::Activated { token, activated }, tl))
+}
+
+fn finish(plan: &Plan, outcome: Outcome, timeline: Timeline) -> Failover {
+    announce(plan, &outcome, &timeline);
+    Failover { outcome, timeline }
 }
 
 /// Step 1: say whom we suspect and why.
