@@ -4,6 +4,7 @@
 
 pub mod etcd;
 pub mod fake;
+pub mod lab;
 pub mod lines;
 pub mod packet;
 pub mod proxy;

@@ -1,0 +1,194 @@
+//! The rdma transport for real: castor built with `--features rdma` runs in
+//! the emulated lab (tools/lab, QEMU with Debian's kernel), over a Soft-RoCE
+//! device (rdma_rxe on a dummy netdev). Primary and backup are separate
+//! processes inside the guest (tests/lab/rdma-pair.sh); the guest saves
+//! what each trial produced into a shared directory and the checks are
+//! made here. Skips only when qemu-system-x86_64 is missing.
+
+mod common;
+use common::lab::{lab_run, lab_unavailable, out_file, rdma_castor};
+use common::Meta;
+
+use std::path::Path;
+
+/// One trial's results: (primary exit, backup exit, backup stderr).
+fn trial(dir: &Path) -> (String, String, String) {
+    (
+        out_file(dir, "primary.rc"),
+        out_file(dir, "backup.rc"),
+        out_file(dir, "backup.err"),
+    )
+}
+
+/// The saved replica is whole and equals the recomputed state at its epoch.
+fn assert_replica_recomputed(dir: &Path, what: &str) -> u64 {
+    let err = out_file(dir, "backup.err");
+    let meta: Meta = serde_json::from_str(&out_file(dir, "meta.json"))
+        .unwrap_or_else(|e| panic!("{what}: no replica saved ({e}):\n{err}"));
+    let first = |f: &str| {
+        out_file(dir, f)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        first("replica.digest"),
+        meta.digest,
+        "{what}: files disagree with meta.json"
+    );
+    assert_eq!(
+        first("expected.digest"),
+        meta.digest,
+        "{what}: replica is not the state after epoch {}",
+        meta.epoch
+    );
+    meta.epoch
+}
+
+/// Separate processes over rdma: 15 epochs of a domain whose seed (32 MiB,
+/// incompressible) is twice the 16 MiB receive ring, so the stream needed
+/// rounds of credits; the replica equals a from-scratch recomputation.
+#[test]
+fn rdma_protect_replica_equals_recomputation() {
+    if lab_unavailable() {
+        return;
+    }
+    let castor = rdma_castor().to_str().unwrap().to_string();
+    let out = tempfile::tempdir().unwrap();
+    let spec = "sim:mem=32MiB,workload=incompressible,writes=500,seed=5,fill=1";
+    let res = lab_run(
+        &["--rdma", "--castor", &castor, "--timeout", "600"],
+        out.path(),
+        &["tests/lab/rdma-pair.sh", "rdma", "rdma", spec, "15"],
+    );
+    let d = out.path().join("0");
+    let (prc, brc, berr) = trial(&d);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert_eq!(prc, "0", "primary failed:\n{}", out_file(&d, "primary.err"));
+    assert_eq!(brc, "0", "backup failed:\n{berr}");
+    assert_eq!(assert_replica_recomputed(&d, "rdma protect"), 15);
+}
+
+/// SIGKILL of the primary at random moments (after checkpoints flow): the
+/// backup reports a broken stream and saves exactly the last complete
+/// checkpoint, never a torn one (tests/kill.rs does the same over tcp).
+#[test]
+fn rdma_sigkill_of_primary_leaves_last_complete_epoch() {
+    if lab_unavailable() {
+        return;
+    }
+    let castor = rdma_castor().to_str().unwrap().to_string();
+    let mut seed = std::env::var("CASTOR_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| (std::process::id() as u64 * 2654435761) | 1);
+    eprintln!("kill trials seed {seed} (set CASTOR_KILL_SEED to replay)");
+    let delays: Vec<String> = (0..3)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 400).to_string()
+        })
+        .collect();
+    let out = tempfile::tempdir().unwrap();
+    let spec = "sim:mem=32MiB,workload=incompressible,writes=3000,seed=5";
+    // Kill only once epoch 2 is acknowledged: a kill while the backup holds
+    // epoch 1 (right after the seed) leaves a replica that differs from the
+    // recomputed epoch 1 over tcp too, on the host as well (a bug outside
+    // the transport, reported; the lab's slow seed makes that window wide).
+    let mut cmd = vec![
+        "env",
+        "KILL_AFTER_ACKED=2",
+        "tests/lab/rdma-pair.sh",
+        "rdma",
+        "rdma",
+        spec,
+        "0",
+    ];
+    cmd.extend(delays.iter().map(String::as_str));
+    let res = lab_run(
+        &["--rdma", "--castor", &castor, "--timeout", "600"],
+        out.path(),
+        &cmd,
+    );
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    for (n, ms) in delays.iter().enumerate() {
+        let d = out.path().join(n.to_string());
+        let (_, brc, berr) = trial(&d);
+        let perr = out_file(&d, "primary.err");
+        assert!(
+            !perr.contains("no progress line"),
+            "trial {n}: primary never flowed:\n{perr}"
+        );
+        assert_eq!(
+            brc, "2",
+            "trial {n}: backup should report a broken stream:\n{berr}"
+        );
+        let epoch = assert_replica_recomputed(&d, &format!("trial {n}"));
+        eprintln!(
+            "trial {n}: killed {ms} ms after the first progress line; replica at epoch {epoch}"
+        );
+        assert!(epoch >= 2, "trial {n}");
+    }
+}
+
+/// A tcp backup refuses an rdma primary and an rdma backup a tcp primary,
+/// each end saying why; and with no RDMA device (rxe0 deleted) the rdma
+/// build says so at start-up (on a plain host tests/transports.rs checks
+/// the message of a build without the feature).
+#[test]
+fn rdma_mismatch_refused_and_missing_device_explained() {
+    if lab_unavailable() {
+        return;
+    }
+    let castor = rdma_castor().to_str().unwrap().to_string();
+    let out = tempfile::tempdir().unwrap();
+    let spec = "sim:mem=4MiB,workload=uniform,writes=10";
+    let script = format!(
+        "LAB_OUT=$LAB_OUT/a tests/lab/rdma-pair.sh tcp rdma {spec} 3 && \
+         LAB_OUT=$LAB_OUT/b tests/lab/rdma-pair.sh rdma tcp {spec} 3 && \
+         rdma link delete rxe0 && \
+         {{ castor protect --domain {spec} --backup 10.9.0.1:1 --arbiter none --epochs 1 \
+            --transport rdma 2>$LAB_OUT/nodev.err; echo $? >$LAB_OUT/nodev.rc; }}"
+    );
+    let res = lab_run(
+        &["--rdma", "--castor", &castor, "--timeout", "600"],
+        out.path(),
+        &["sh", "-c", &script],
+    );
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    for (sub, backup_t) in [("a/0", "tcp"), ("b/0", "rdma")] {
+        let d = out.path().join(sub);
+        let (prc, brc, berr) = trial(&d);
+        let perr = out_file(&d, "primary.err");
+        assert_ne!(prc, "0", "primary accepted a mismatch:\n{perr}");
+        assert_ne!(brc, "0", "backup accepted a mismatch:\n{berr}");
+        let want = format!("this backup runs --transport {backup_t} but the primary");
+        for (who, text) in [("primary", &perr), ("backup", &berr)] {
+            assert!(
+                text.contains(&want) && text.contains("start both with the same --transport"),
+                "{who} did not explain the mismatch:\n{text}"
+            );
+        }
+    }
+    assert_ne!(out_file(out.path(), "nodev.rc"), "0");
+    let err = out_file(out.path(), "nodev.err");
+    assert!(
+        err.contains("no RDMA device found (ibv_get_device_list returned 0 devices); use --transport uring or tcp"),
+        "{err}"
+    );
+}
