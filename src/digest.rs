@@ -62,9 +62,9 @@ pub fn expected(spec: &DomainSpec, epoch: u64) -> Result<Digest, DomainError> {
             // SAFETY: `mem` is a private image nobody else writes.
             Ok(Digest::of(unsafe { mem.as_slice() }, &state))
         }
-        DomainSpec::Kvm(_) => Err(DomainError::Spec {
+        DomainSpec::Kvm(_) | DomainSpec::Xen(_) => Err(DomainError::Spec {
             spec: spec.to_string(),
-            reason: "a kvm guest is not deterministic: no expected digest exists \
+            reason: "a kvm or xen guest is not deterministic: no expected digest exists \
                      (use a sim domain with writes=N)"
                 .into(),
         }),

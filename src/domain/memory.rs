@@ -120,6 +120,16 @@ impl GuestMemory {
         })
     }
 
+    /// Takes ownership of an existing mapping (a Xen guest's memory mapped
+    /// through privcmd, say); it is unmapped with `munmap` on drop.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + len` is one page-aligned mapping (possibly made of
+    /// several VMAs) that nothing else unmaps, readable for its whole length.
+    pub unsafe fn from_raw_mapping(ptr: NonNull<u8>, len: usize) -> Self {
+        GuestMemory { ptr, len }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

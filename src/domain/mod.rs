@@ -5,6 +5,7 @@ pub mod kvm;
 pub mod memory;
 pub mod pagemap;
 pub mod sim;
+pub mod xen;
 
 use std::fmt;
 
@@ -122,6 +123,7 @@ pub fn spec_pairs<'a>(kv: &'a str, keys: &str) -> Result<Vec<(&'a str, &'a str)>
 pub enum DomainSpec {
     Sim(sim::SimSpec),
     Kvm(kvm::KvmSpec),
+    Xen(xen::XenSpec),
 }
 
 impl DomainSpec {
@@ -130,9 +132,10 @@ impl DomainSpec {
         match kind {
             "sim" => Ok(DomainSpec::Sim(sim::SimSpec::parse(rest)?)),
             "kvm" => Ok(DomainSpec::Kvm(kvm::KvmSpec::parse(rest)?)),
+            "xen" => Ok(DomainSpec::Xen(xen::XenSpec::parse(rest)?)),
             other => Err(DomainError::Spec {
                 spec: s.to_string(),
-                reason: format!("unknown domain kind {other:?} (known: sim, kvm)"),
+                reason: format!("unknown domain kind {other:?} (known: sim, kvm, xen)"),
             }),
         }
     }
@@ -142,6 +145,7 @@ impl DomainSpec {
         match self {
             DomainSpec::Sim(s) => Ok(Box::new(sim::SimDomain::new(s)?)),
             DomainSpec::Kvm(s) => Ok(Box::new(kvm::KvmDomain::new(s)?)),
+            DomainSpec::Xen(s) => xen::open(s),
         }
     }
 
@@ -149,6 +153,7 @@ impl DomainSpec {
         match self {
             DomainSpec::Sim(s) => s.layout(),
             DomainSpec::Kvm(s) => s.layout(),
+            DomainSpec::Xen(s) => s.layout(),
         }
     }
 
@@ -196,6 +201,7 @@ impl DomainSpec {
                 let image = unsafe { memory.as_slice() };
                 Ok(Box::new(kvm::KvmDomain::restore(s, image, state)?))
             }
+            DomainSpec::Xen(s) => xen::restore(s, memory, state),
         }
     }
 }
@@ -205,6 +211,7 @@ impl fmt::Display for DomainSpec {
         match self {
             DomainSpec::Sim(s) => write!(f, "sim:{s}"),
             DomainSpec::Kvm(s) => write!(f, "kvm:{s}"),
+            DomainSpec::Xen(s) => write!(f, "xen:{s}"),
         }
     }
 }

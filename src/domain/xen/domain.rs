@@ -1,0 +1,390 @@
+//! [`XenDomain`]: a running Xen guest driven through the [`Domain`] trait.
+//!
+//! Call order, as Xen's checkpointed save does it (xg_sr_save.c):
+//! open pauses the guest, turns log-dirty on (`enable_logdirty`, with the
+//! shadow-off retry) and maps all of its memory; `start` unpauses it and the
+//! engine copies every present page while it runs (pages it writes
+//! meanwhile are in the next harvest). Each epoch then: `pause` suspends
+//! the guest (`suspend.rs`); `harvest_dirty` takes the log-dirty bitmap
+//! with `CLEAN | LOGDIRTY_FINAL` (final: the guest is stopped, nothing can
+//! race the read) and the scanner pool turns it into frame numbers;
+//! `save_state` reads vCPU contexts (PV) or the HVM context and params;
+//! `resume` resumes with `xc_domain_resume(fast=1)`.
+//!
+//! Invariants:
+//! - `frames[g]` is the frame mapped at page `g` of `mem` (PV: the machine
+//!   frame from the guest's p2m; HVM: `g` itself). A PV guest that changes
+//!   its p2m writes one of its p2m pages; when a harvest reports such a
+//!   page, the p2m is re-read from `mem` and the changed pages remapped
+//!   before the engine copies them.
+//! - Dropping the domain leaves the guest running, with log-dirty off.
+
+use std::sync::Arc;
+
+use super::config;
+use super::ffi;
+use super::map::{self, PvP2m};
+use super::scan::ScanPool;
+use super::spec::{Target, XenSpec};
+use super::state::XenState;
+use super::suspend::Suspender;
+use super::sys::{Bitmap, DomInfo, Foreign, Result, Store, Xc, XenError};
+use crate::domain::{Domain, DomainError, GuestMemory, Layout};
+use crate::PAGE_SIZE;
+
+/// HVM params a checkpoint carries (the ones Xen's HVM save sends that
+/// describe guest-visible placement of special pages and features).
+const HVM_PARAMS: &[u32] = &[
+    ffi::HVM_PARAM_STORE_PFN,
+    ffi::HVM_PARAM_IOREQ_PFN,
+    ffi::HVM_PARAM_BUFIOREQ_PFN,
+    ffi::HVM_PARAM_PAGING_RING_PFN,
+    ffi::HVM_PARAM_MONITOR_RING_PFN,
+    ffi::HVM_PARAM_SHARING_RING_PFN,
+    ffi::HVM_PARAM_VM86_TSS_SIZED,
+    ffi::HVM_PARAM_CONSOLE_PFN,
+    ffi::HVM_PARAM_ACPI_IOPORTS_LOCATION,
+    ffi::HVM_PARAM_VIRIDIAN,
+    ffi::HVM_PARAM_IDENT_PT,
+    ffi::HVM_PARAM_VM_GENERATION_ID_ADDR,
+    ffi::HVM_PARAM_IOREQ_SERVER_PFN,
+    ffi::HVM_PARAM_NR_IOREQ_SERVER_PAGES,
+    ffi::HVM_PARAM_X87_FIP_WIDTH,
+    ffi::HVM_PARAM_MCA_CAP,
+];
+
+pub struct XenDomain {
+    spec: XenSpec,
+    xc: Arc<Xc>,
+    fm: Foreign,
+    info: DomInfo,
+    width: u32,
+    bitmap: Bitmap,
+    pool: ScanPool,
+    suspender: Suspender,
+    frames: Vec<u64>,
+    /// PV: pfn of each p2m page, in table order (empty for HVM).
+    p2m_pfns: Vec<u64>,
+    /// The same pfns sorted, for membership tests in harvest.
+    p2m_sorted: Vec<u64>,
+    shinfo: Option<GuestMemory>,
+    started: bool,
+    stopped: bool,
+    /// Declared last: unmapped after everything that may read it.
+    mem: GuestMemory,
+}
+
+fn domid_of(xc: &Xc, target: &Target) -> Result<u32> {
+    let name = match target {
+        Target::Domid(d) => return Ok(*d),
+        Target::Name(n) => n,
+    };
+    let store = Store::open()?;
+    for d in xc.list(1, 4096)? {
+        let path = format!("/local/domain/{}/name", d.domid);
+        if store.read(&path)?.as_deref() == Some(name.as_str()) {
+            return Ok(d.domid);
+        }
+    }
+    Err(XenError::NoSuchName(name.clone()))
+}
+
+fn uuid(h: &[u8; 16]) -> String {
+    let x: Vec<String> = h.iter().map(|b| format!("{b:02x}")).collect();
+    let x = x.concat();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..]
+    )
+}
+
+/// The guest's xl config: the file the spec names, else the copy libxl
+/// keeps as the domain's "xl" userdata.
+fn config_text(spec: &XenSpec, info: &DomInfo) -> std::result::Result<String, DomainError> {
+    let path = match &spec.config {
+        Some(p) => p.clone(),
+        None => format!(
+            "/var/lib/xen/userdata-d.{}.{}.xl",
+            info.domid,
+            uuid(&info.handle)
+        )
+        .into(),
+    };
+    std::fs::read_to_string(&path).map_err(|e| DomainError::Spec {
+        spec: format!("xen:{spec}"),
+        reason: format!(
+            "reading the guest's xl config {}: {e} (the backup needs it to build the \
+             replica; give config=PATH)",
+            path.display()
+        ),
+    })
+}
+
+impl XenDomain {
+    pub fn open(spec: &XenSpec) -> std::result::Result<XenDomain, DomainError> {
+        let xc = Xc::open()?;
+        let domid = domid_of(&xc, &spec.target)?;
+        let info = xc.info(domid)?;
+        if info.dying() || info.shutdown_reason().is_some() {
+            return Err(XenError::State {
+                domid,
+                reason: "is shutting down or dying; castor protects a running guest".into(),
+            }
+            .into());
+        }
+        let mut spec = spec.clone();
+        spec.cfg =
+            Some(
+                config::pack(&config_text(&spec, &info)?).map_err(|e| DomainError::Spec {
+                    spec: format!("xen:{spec}"),
+                    reason: e.to_string(),
+                })?,
+            );
+        xc.pause(domid)?;
+        match Self::arm(spec, xc.clone(), info) {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                let _ = xc.disable_logdirty(domid);
+                let _ = xc.unpause(domid);
+                Err(e)
+            }
+        }
+    }
+
+    /// With the guest paused: log-dirty on, memory mapped, suspend path
+    /// chosen.
+    fn arm(
+        mut spec: XenSpec,
+        xc: Arc<Xc>,
+        info: DomInfo,
+    ) -> std::result::Result<XenDomain, DomainError> {
+        let domid = info.domid;
+        xc.enable_logdirty(domid)?;
+        let fm = Foreign::open()?;
+        let width = xc.guest_width(domid)?;
+        let (frames, table, shinfo) = if info.hvm() {
+            let n = xc.max_gpfn(domid)? + 1;
+            ((0..n).collect::<Vec<u64>>(), Vec::new(), None)
+        } else {
+            if width != 8 {
+                return Err(XenError::State {
+                    domid,
+                    reason: format!(
+                        "is a {}-bit PV guest; castor reads 64-bit PV guests",
+                        width * 8
+                    ),
+                }
+                .into());
+            }
+            let (sh, _) = map::map_frames(
+                &fm,
+                domid,
+                &[info.shared_info_frame],
+                u64::MAX,
+                libc::PROT_READ,
+            )?;
+            // SAFETY: a private read-only view of the shared-info page.
+            let PvP2m {
+                frames,
+                table_frames,
+            } = map::read_pv_p2m(&fm, domid, unsafe { sh.as_slice() })?;
+            (frames, table_frames, Some(sh))
+        };
+        let (mem, holes) = map::map_frames(&fm, domid, &frames, u64::MAX, libc::PROT_READ)?;
+        let p2m_pfns = table
+            .iter()
+            .filter_map(|m| frames.iter().position(|f| f == m).map(|p| p as u64))
+            .collect::<Vec<u64>>();
+        let mut p2m_sorted = p2m_pfns.clone();
+        p2m_sorted.sort_unstable();
+        let bitmap = Bitmap::new(&xc, domid, frames.len() as u64)?;
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let pool = ScanPool::new(spec.scanners, &cores).map_err(|source| DomainError::Sys {
+            op: "spawning the dirty-bitmap scanners",
+            source,
+        })?;
+        let suspender = Suspender::new(&xc, &info, spec.suspend, spec.suspend_timeout)?;
+        spec.pages = Some(frames.len() as u64);
+        eprintln!(
+            "castor: xen domain {domid} ({}, {} pages, {holes} holes, {} vCPUs), suspend via {}",
+            if info.hvm() { "HVM" } else { "PV" },
+            frames.len(),
+            info.max_vcpu_id + 1,
+            suspender.name()
+        );
+        Ok(XenDomain {
+            spec,
+            xc,
+            fm,
+            info,
+            width,
+            bitmap,
+            pool,
+            suspender,
+            frames,
+            p2m_pfns,
+            p2m_sorted,
+            shinfo,
+            started: false,
+            stopped: true,
+            mem,
+        })
+    }
+
+    /// Re-reads a PV guest's p2m from its own (mapped) p2m pages and
+    /// remaps the pages whose machine frame changed.
+    fn refresh_p2m(&mut self) -> Result<()> {
+        let domid = self.info.domid;
+        let mut new = Vec::with_capacity(self.frames.len());
+        let per = PAGE_SIZE / 8;
+        for &pfn in &self.p2m_pfns {
+            let mut page = [0u8; PAGE_SIZE];
+            self.mem.read_page(pfn, &mut page);
+            for e in page.chunks_exact(8).take(per) {
+                if new.len() == self.frames.len() {
+                    break;
+                }
+                new.push(u64::from_le_bytes(e.try_into().expect("8 bytes")));
+            }
+        }
+        if new.len() != self.frames.len() {
+            return Err(XenError::State {
+                domid,
+                reason: format!(
+                    "p2m re-read gave {} entries, not {}",
+                    new.len(),
+                    self.frames.len()
+                ),
+            });
+        }
+        let n = map::remap(&self.fm, domid, &self.mem, &self.frames, &new, u64::MAX)?;
+        if n > 0 {
+            tracing::info!("domain {domid}: p2m changed, remapped {n} pages");
+        }
+        self.frames = new;
+        Ok(())
+    }
+
+    fn state(&self) -> Result<XenState> {
+        let domid = self.info.domid;
+        let mut st = XenState {
+            hvm: self.info.hvm(),
+            guest_width: self.width,
+            ..Default::default()
+        };
+        if st.hvm {
+            st.hvm_context = Some(self.xc.hvm_context(domid)?);
+            for &p in HVM_PARAMS {
+                // A param the hypervisor does not know is left out, as
+                // Xen's own save skips zero params.
+                if let Ok(v) = self.xc.hvm_param(domid, p) {
+                    if v != 0 {
+                        st.hvm_params.push((p, v));
+                    }
+                }
+            }
+        } else {
+            for v in 0..=self.info.max_vcpu_id {
+                st.vcpus.push((v, self.xc.vcpu_context(domid, v)?));
+            }
+            if let Some(sh) = &self.shinfo {
+                // SAFETY: the guest is stopped; a one-page private mapping.
+                st.shared_info = Some(unsafe { sh.as_slice() }[..PAGE_SIZE].to_vec());
+            }
+        }
+        Ok(st)
+    }
+}
+
+impl Domain for XenDomain {
+    fn layout(&self) -> Layout {
+        Layout {
+            page_size: PAGE_SIZE as u32,
+            pages: self.frames.len() as u64,
+        }
+    }
+
+    fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    fn describe(&self) -> String {
+        format!("xen:{}", self.spec)
+    }
+
+    fn start(&mut self) -> std::result::Result<(), DomainError> {
+        self.xc.unpause(self.info.domid)?;
+        self.started = true;
+        self.stopped = false;
+        Ok(())
+    }
+
+    fn pause(&mut self) -> std::result::Result<(), DomainError> {
+        self.suspender.suspend()?;
+        self.stopped = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> std::result::Result<(), DomainError> {
+        self.suspender.resume()?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    fn harvest_dirty(&mut self, out: &mut Vec<u64>) -> std::result::Result<(), DomainError> {
+        let domid = self.info.domid;
+        self.xc.logdirty_clean(domid, &mut self.bitmap, true)?;
+        let from = out.len();
+        self.pool.scan(self.bitmap.words(), self.bitmap.bits(), out);
+        let p2m_touched = !self.p2m_sorted.is_empty()
+            && out[from..]
+                .iter()
+                .any(|g| self.p2m_sorted.binary_search(g).is_ok());
+        if p2m_touched {
+            self.refresh_p2m()?;
+        }
+        Ok(())
+    }
+
+    fn present_pages(&self, out: &mut Vec<u64>) -> std::result::Result<bool, DomainError> {
+        out.extend((0..self.frames.len() as u64).filter(|&g| self.frames[g as usize] != u64::MAX));
+        Ok(true)
+    }
+
+    fn save_state(&mut self, out: &mut Vec<u8>) -> std::result::Result<(), DomainError> {
+        self.state()?.encode(out);
+        Ok(())
+    }
+}
+
+impl Drop for XenDomain {
+    fn drop(&mut self) {
+        let domid = self.info.domid;
+        if let Err(e) = self.xc.disable_logdirty(domid) {
+            tracing::warn!("domain {domid}: {e}");
+        }
+        let r = if !self.started {
+            self.xc.unpause(domid)
+        } else if self.stopped {
+            self.suspender.recover()
+        } else {
+            Ok(())
+        };
+        if let Err(e) = r {
+            tracing::error!("domain {domid} may be left stopped: {e}");
+        }
+    }
+}
+
+impl From<XenError> for DomainError {
+    fn from(e: XenError) -> Self {
+        DomainError::Sys {
+            op: "xen domain",
+            source: std::io::Error::other(e),
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The saved non-memory state of a Xen guest: versioned records.
+//!
+//! ```text
+//! header   magic "CXST" | version u16 (1) | flags u16 (bit 0: HVM)
+//!          | guest width u32 (bytes) | record count u32
+//! record   tag u16 | reserved u16 (0) | length u32 | payload
+//!   1 VCPU        vcpu id u32 | vcpu_guest_context bytes (PV)
+//!   2 HVM_CONTEXT xc_domain_hvm_getcontext blob (HVM)
+//!   3 HVM_PARAMS  count u32 | (index u32 | value u64) * count (HVM)
+//!   4 SHARED_INFO the shared-info page, 4096 bytes (PV)
+//! ```
+//!
+//! All integers little-endian. A checkpoint's state arrives from the wire
+//! (via the backup's replica), so [`XenState::decode`] treats it as hostile:
+//! every length is checked before use, sizes are capped, a vCPU appears at
+//! most once, unknown tags and trailing bytes are refused, and every error
+//! names the field and value. A future format bumps `version`; decoders
+//! refuse versions they do not know rather than guess.
+
+const MAGIC: &[u8; 4] = b"CXST";
+pub const VERSION: u16 = 1;
+const FLAG_HVM: u16 = 1;
+
+const TAG_VCPU: u16 = 1;
+const TAG_HVM_CONTEXT: u16 = 2;
+const TAG_HVM_PARAMS: u16 = 3;
+const TAG_SHARED_INFO: u16 = 4;
+
+/// Xen's limit on vCPUs per domain (HVM_MAX_VCPUS is 128 for HVM; PV
+/// domains are bounded by the domctl's max_vcpus, well under this).
+pub const MAX_VCPUS: u32 = 4096;
+/// Upper bound on one vCPU context (vcpu_guest_context_any_t is ~5 KiB).
+pub const MAX_VCPU_BYTES: usize = 64 << 10;
+/// Upper bound on the HVM context blob.
+pub const MAX_HVM_CONTEXT: usize = 16 << 20;
+const MAX_PARAMS: u32 = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("xen state: truncated at byte {at}: {what} needs {need} bytes, {left} left")]
+    Truncated {
+        at: usize,
+        what: &'static str,
+        need: usize,
+        left: usize,
+    },
+    #[error("xen state: bad magic {0:?} (not a castor xen state)")]
+    Magic([u8; 4]),
+    #[error("xen state: version {0} is not supported (this build reads version {VERSION})")]
+    Version(u16),
+    #[error("xen state: unknown flags {0:#x}")]
+    Flags(u16),
+    #[error("xen state: guest width {0} is not 4 or 8")]
+    Width(u32),
+    #[error("xen state: unknown record tag {tag} at byte {at}")]
+    Tag { tag: u16, at: usize },
+    #[error("xen state: record {tag} at byte {at}: {reason}")]
+    Record { tag: u16, at: usize, reason: String },
+    #[error("xen state: {0} trailing bytes after the last record")]
+    Trailing(usize),
+    #[error("xen state: {0}")]
+    Incomplete(String),
+}
+
+/// Non-memory state of one checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct XenState {
+    pub hvm: bool,
+    pub guest_width: u32,
+    /// PV: (vcpu id, raw vcpu_guest_context), ascending ids.
+    pub vcpus: Vec<(u32, Vec<u8>)>,
+    pub hvm_context: Option<Vec<u8>>,
+    pub hvm_params: Vec<(u32, u64)>,
+    pub shared_info: Option<Vec<u8>>,
+}
+
+fn record(out: &mut Vec<u8>, tag: u16, payload: &[&[u8]]) {
+    let len: usize = payload.iter().map(|p| p.len()).sum();
+    out.extend_from_slice(&tag.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    for p in payload {
+        out.extend_from_slice(p);
+    }
+}
+
+impl XenState {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let n = self.vcpus.len()
+            + usize::from(self.hvm_context.is_some())
+            + usize::from(!self.hvm_params.is_empty())
+            + usize::from(self.shared_info.is_some());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(if self.hvm { FLAG_HVM } else { 0 }).to_le_bytes());
+        out.extend_from_slice(&self.guest_width.to_le_bytes());
+        out.extend_from_slice(&(n as u32).to_le_bytes());
+        for (id, ctx) in &self.vcpus {
+            record(out, TAG_VCPU, &[&id.to_le_bytes(), ctx]);
+        }
+        if let Some(h) = &self.hvm_context {
+            record(out, TAG_HVM_CONTEXT, &[h]);
+        }
+        if !self.hvm_params.is_empty() {
+            let mut p = (self.hvm_params.len() as u32).to_le_bytes().to_vec();
+            for (i, v) in &self.hvm_params {
+                p.extend_from_slice(&i.to_le_bytes());
+                p.extend_from_slice(&v.to_le_bytes());
+            }
+            record(out, TAG_HVM_PARAMS, &[&p]);
+        }
+        if let Some(s) = &self.shared_info {
+            record(out, TAG_SHARED_INFO, &[s]);
+        }
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<XenState, StateError> {
+        let mut r = Reader { buf, at: 0 };
+        let magic: [u8; 4] = r.take(4, "magic")?.try_into().expect("4 bytes");
+        if &magic != MAGIC {
+            return Err(StateError::Magic(magic));
+        }
+        let version = r.u16("version")?;
+        if version != VERSION {
+            return Err(StateError::Version(version));
+        }
+        let flags = r.u16("flags")?;
+        if flags & !FLAG_HVM != 0 {
+            return Err(StateError::Flags(flags));
+        }
+        let guest_width = r.u32("guest width")?;
+        if guest_width != 4 && guest_width != 8 {
+            return Err(StateError::Width(guest_width));
+        }
+        let mut st = XenState {
+            hvm: flags & FLAG_HVM != 0,
+            guest_width,
+            ..Default::default()
+        };
+        let count = r.u32("record count")?;
+        for _ in 0..count {
+            st.read_record(&mut r)?;
+        }
+        if r.left() != 0 {
+            return Err(StateError::Trailing(r.left()));
+        }
+        st.check_complete()?;
+        Ok(st)
+    }
+
+    fn read_record(&mut self, r: &mut Reader) -> Result<(), StateError> {
+        let at = r.at;
+        let tag = r.u16("record tag")?;
+        let reserved = r.u16("record reserved")?;
+        let len = r.u32("record length")? as usize;
+        let bad = |reason: String| StateError::Record { tag, at, reason };
+        if reserved != 0 {
+            return Err(bad(format!("reserved field is {reserved}, not 0")));
+        }
+        let payload = r.take(len, "record payload")?;
+        match tag {
+            TAG_VCPU => self.read_vcpu(payload).map_err(bad),
+            TAG_HVM_CONTEXT => {
+                if self.hvm_context.is_some() {
+                    return Err(bad("second HVM context".into()));
+                }
+                if payload.is_empty() || payload.len() > MAX_HVM_CONTEXT {
+                    return Err(bad(format!(
+                        "HVM context of {len} bytes (1..={MAX_HVM_CONTEXT})"
+                    )));
+                }
+                self.hvm_context = Some(payload.to_vec());
+                Ok(())
+            }
+            TAG_HVM_PARAMS => self.read_params(payload).map_err(bad),
+            TAG_SHARED_INFO => {
+                if self.shared_info.is_some() || payload.len() != crate::PAGE_SIZE {
+                    return Err(bad(format!("shared info of {len} bytes (one page, once)")));
+                }
+                self.shared_info = Some(payload.to_vec());
+                Ok(())
+            }
+            tag => Err(StateError::Tag { tag, at }),
+        }
+    }
+
+    fn read_vcpu(&mut self, p: &[u8]) -> Result<(), String> {
+        if p.len() < 5 || p.len() > 4 + MAX_VCPU_BYTES {
+            return Err(format!(
+                "vCPU record of {} bytes (5..={})",
+                p.len(),
+                4 + MAX_VCPU_BYTES
+            ));
+        }
+        let id = u32::from_le_bytes(p[..4].try_into().expect("4 bytes"));
+        if id >= MAX_VCPUS {
+            return Err(format!("vCPU id {id} >= {MAX_VCPUS}"));
+        }
+        if let Some((last, _)) = self.vcpus.last() {
+            if id <= *last {
+                return Err(format!("vCPU id {id} after {last} (ids ascend, once each)"));
+            }
+        }
+        self.vcpus.push((id, p[4..].to_vec()));
+        Ok(())
+    }
+
+    fn read_params(&mut self, p: &[u8]) -> Result<(), String> {
+        if !self.hvm_params.is_empty() {
+            return Err("second HVM params record".into());
+        }
+        if p.len() < 4 {
+            return Err(format!("HVM params record of {} bytes", p.len()));
+        }
+        let n = u32::from_le_bytes(p[..4].try_into().expect("4 bytes"));
+        if n == 0 || n > MAX_PARAMS || p.len() != 4 + 12 * n as usize {
+            return Err(format!(
+                "{n} HVM params in {} bytes (1..={MAX_PARAMS}, 12 bytes each)",
+                p.len()
+            ));
+        }
+        for e in p[4..].chunks_exact(12) {
+            let i = u32::from_le_bytes(e[..4].try_into().expect("4 bytes"));
+            let v = u64::from_le_bytes(e[4..].try_into().expect("8 bytes"));
+            self.hvm_params.push((i, v));
+        }
+        Ok(())
+    }
+
+    fn check_complete(&self) -> Result<(), StateError> {
+        let missing = if self.hvm {
+            (self.hvm_context.is_none()).then_some("an HVM guest's state has no HVM context")
+        } else if self.vcpus.is_empty() {
+            Some("a PV guest's state has no vCPU")
+        } else if self.vcpus[0].0 != 0 {
+            Some("a PV guest's state lacks vCPU 0")
+        } else {
+            None
+        };
+        match missing {
+            Some(m) => Err(StateError::Incomplete(m.into())),
+            None => Ok(()),
+        }
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn left(&self) -> usize {
+        self.buf.len() - self.at
+    }
+
+    fn take(&mut self, need: usize, what: &'static str) -> Result<&'a [u8], StateError> {
+        if need > self.left() {
+            return Err(StateError::Truncated {
+                at: self.at,
+                what,
+                need,
+                left: self.left(),
+            });
+        }
+        let s = &self.buf[self.at..self.at + need];
+        self.at += need;
+        Ok(s)
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, StateError> {
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("2 bytes"),
+        ))
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, StateError> {
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4 bytes"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pv() -> XenState {
+        XenState {
+            hvm: false,
+            guest_width: 8,
+            vcpus: vec![(0, vec![1; 5168]), (1, vec![2; 5168])],
+            shared_info: Some(vec![9; 4096]),
+            ..Default::default()
+        }
+    }
+
+    fn hvm() -> XenState {
+        XenState {
+            hvm: true,
+            guest_width: 8,
+            hvm_context: Some(vec![7; 1000]),
+            hvm_params: vec![(1, 0xfeff0), (2, 3)],
+            ..Default::default()
+        }
+    }
+
+    fn enc(s: &XenState) -> Vec<u8> {
+        let mut v = Vec::new();
+        s.encode(&mut v);
+        v
+    }
+
+    #[test]
+    fn round_trips() {
+        for s in [pv(), hvm()] {
+            assert_eq!(XenState::decode(&enc(&s)).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let b = enc(&pv());
+        for n in 0..b.len() {
+            assert!(XenState::decode(&b[..n]).is_err(), "prefix {n} accepted");
+        }
+    }
+
+    #[test]
+    fn hostile_headers_are_named() {
+        let mut b = enc(&pv());
+        b[0] = b'X';
+        assert!(matches!(XenState::decode(&b), Err(StateError::Magic(_))));
+        let mut b = enc(&pv());
+        b[4] = 2;
+        assert_eq!(XenState::decode(&b), Err(StateError::Version(2)));
+        let mut b = enc(&pv());
+        b[6] = 0x80;
+        assert_eq!(XenState::decode(&b), Err(StateError::Flags(0x80)));
+        let mut b = enc(&pv());
+        b[8] = 5;
+        assert_eq!(XenState::decode(&b), Err(StateError::Width(5)));
+        let mut b = enc(&pv());
+        b.push(0);
+        assert_eq!(XenState::decode(&b), Err(StateError::Trailing(1)));
+    }
+
+    #[test]
+    fn hostile_records_are_refused() {
+        // Record count says more than there is.
+        let mut b = enc(&pv());
+        b[12] = 200;
+        assert!(matches!(
+            XenState::decode(&b),
+            Err(StateError::Truncated { .. })
+        ));
+        // A length of 4 GiB.
+        let mut b = enc(&pv());
+        b[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            XenState::decode(&b),
+            Err(StateError::Truncated { .. })
+        ));
+        // Unknown tag.
+        let mut b = enc(&pv());
+        b[16] = 77;
+        assert!(matches!(
+            XenState::decode(&b),
+            Err(StateError::Tag { tag: 77, .. })
+        ));
+        // The same vCPU twice.
+        let mut s = pv();
+        s.vcpus[1].0 = 0;
+        assert!(matches!(
+            XenState::decode(&enc(&s)),
+            Err(StateError::Record { .. })
+        ));
+        // vCPU id out of range.
+        let mut s = pv();
+        s.vcpus[1].0 = MAX_VCPUS;
+        assert!(matches!(
+            XenState::decode(&enc(&s)),
+            Err(StateError::Record { .. })
+        ));
+        // Shared info not one page.
+        let mut s = pv();
+        s.shared_info = Some(vec![0; 10]);
+        assert!(XenState::decode(&enc(&s)).is_err());
+        // Params count disagreeing with the length.
+        let mut b = enc(&hvm());
+        let at = b.len() - 2 * 12 - 4;
+        b[at] = 3;
+        assert!(matches!(
+            XenState::decode(&b),
+            Err(StateError::Record { .. })
+        ));
+    }
+
+    #[test]
+    fn incomplete_states_are_refused() {
+        let mut s = pv();
+        s.vcpus.clear();
+        assert!(matches!(
+            XenState::decode(&enc(&s)),
+            Err(StateError::Incomplete(_))
+        ));
+        let mut s = pv();
+        s.vcpus.remove(0);
+        assert!(matches!(
+            XenState::decode(&enc(&s)),
+            Err(StateError::Incomplete(_))
+        ));
+        let mut s = hvm();
+        s.hvm_context = None;
+        assert!(matches!(
+            XenState::decode(&enc(&s)),
+            Err(StateError::Incomplete(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = XenState::decode(&b);
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(i in 0usize..200, x in 1u8..=255) {
+            let mut b = enc(&pv());
+            let i = i % b.len();
+            b[i] ^= x;
+            let _ = XenState::decode(&b);
+        }
+    }
+}
