@@ -165,15 +165,17 @@ pub fn protect_flowing_with(spec: &str, addr: &str, epoch: &str, extra: &[&str])
     p
 }
 
-/// Reads a `protect` child's stderr until its first progress line (the
-/// event that checkpoints are flowing); returns that line.
+/// Reads a `protect` child's stderr until its first progress line that
+/// reports an acknowledged checkpoint (the event that checkpoints are
+/// flowing: a line saying `acked 0` can come while the seed is still being
+/// copied, before the backup holds anything); returns that line.
 pub fn first_progress_line(p: &mut Child) -> String {
     let err = p.stderr.take().expect("stderr piped");
     let mut lines = BufReader::new(err).lines();
     let mut seen = Vec::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
-        if line.contains("acked") {
+        if acked_in(&line).is_some_and(|n| n >= 1) {
             // Keep draining in the background so the child never blocks on a full pipe.
             std::thread::spawn(move || lines.for_each(drop));
             return line;
@@ -184,6 +186,12 @@ pub fn first_progress_line(p: &mut Child) -> String {
         "protect ended without a progress line:\n{}",
         seen.join("\n")
     );
+}
+
+/// The acknowledged epoch a progress line reports (`… acked N | …`).
+fn acked_in(line: &str) -> Option<u64> {
+    let rest = line.split_once("acked")?.1;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 #[derive(Debug, serde::Deserialize)]
