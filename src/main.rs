@@ -47,7 +47,7 @@ enum Cmd {
     /// renewed in time, so the guest was paused and its unacknowledged
     /// output dropped (a backup may be taking over).
     Protect(protect::ProtectArgs),
-    /// Backup and primary on loopback: measure, report, and check replica == primary.
+    /// Backup and primary on this host (loopback, or `--addr`): measure, report, and check replica == primary.
     Bench(bench::BenchArgs),
     /// Digest of a saved replica (verified against its meta.json), or the
     /// expected digest of a deterministic sim domain after N epochs.

@@ -4,6 +4,7 @@
 //! plain-memcpy baseline of the pause's copy stage.
 
 use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -77,9 +78,9 @@ impl BackupChild {
 fn spawn_backup(
     state_dir: &Path,
     psk_hex: &str,
-    quiet: bool,
-    transport: TransportKind,
+    opts: &LoopbackOpts,
 ) -> Result<BackupChild, LoopbackError> {
+    let (quiet, transport) = (opts.quiet_backup, opts.transport);
     let exe = std::env::current_exe()
         .map_err(|e| LoopbackError::Backup(format!("locating castor binary: {e}")))?;
     let log = tempfile::NamedTempFile::new()
@@ -88,7 +89,9 @@ fn spawn_backup(
         .reopen()
         .map_err(|e| LoopbackError::Backup(format!("opening the log file: {e}")))?;
     let mut cmd = Command::new(exe);
-    cmd.args(["backup", "--listen", "127.0.0.1:0", "--state-dir"])
+    cmd.args(["backup", "--listen"])
+        .arg(std::net::SocketAddr::new(opts.ip, 0).to_string())
+        .arg("--state-dir")
         .arg(state_dir)
         .args(["--transport", transport.name()])
         .env("CASTOR_PSK", psk_hex)
@@ -120,7 +123,14 @@ pub struct LoopbackOpts {
     pub state_dir: Option<PathBuf>,
     pub quiet_backup: bool,
     pub transport: TransportKind,
+    /// The local address the backup listens on and the primary dials:
+    /// [`LOOPBACK`] unless the transport needs another (rdma: an address on
+    /// an RDMA device).
+    pub ip: IpAddr,
 }
+
+/// The default address of a bench or demo run.
+pub const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// Backup child + in-process primary on loopback; then checks that the
 /// replica's digest equals the primary's at the last acknowledged epoch.
@@ -142,7 +152,7 @@ pub fn loopback(
     };
     let key: String = random_nonce().iter().map(|b| format!("{b:02x}")).collect();
     let psk = Psk::from_bytes(key.as_bytes());
-    let backup = spawn_backup(&state_dir, &key, opts.quiet_backup, opts.transport)?;
+    let backup = spawn_backup(&state_dir, &key, opts)?;
     let cpu0 = metrics::self_cpu();
     let domain = spec.open()?;
     let run = run_session(domain, &backup.addr, &psk, cfg, opts.transport);

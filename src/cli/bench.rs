@@ -1,6 +1,7 @@
-//! `castor bench`: backup and primary on loopback; measure, report, and
-//! check replica == primary.
+//! `castor bench`: backup and primary on this host (loopback, or the
+//! address `--addr` names); measure, report, and check replica == primary.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -28,12 +29,31 @@ pub struct BenchArgs {
     /// Print a progress line every second.
     #[arg(long)]
     progress: bool,
+    /// Local address the backup listens on and the primary dials (default:
+    /// $CASTOR_BENCH_ADDR, else 127.0.0.1). `--transport rdma` needs an
+    /// address on an RDMA device; the lab sets CASTOR_BENCH_ADDR to one.
+    #[arg(long)]
+    addr: Option<IpAddr>,
     #[command(flatten)]
     engine: EngineArgs,
 }
 
+/// `--addr`, else $CASTOR_BENCH_ADDR, else loopback.
+fn bench_ip(flag: Option<IpAddr>) -> Result<IpAddr, String> {
+    if let Some(ip) = flag {
+        return Ok(ip);
+    }
+    match std::env::var("CASTOR_BENCH_ADDR") {
+        Ok(v) => v.trim().parse().map_err(|e| {
+            format!("CASTOR_BENCH_ADDR={v:?} is not an IP address ({e}); e.g. 10.9.0.1")
+        }),
+        Err(_) => Ok(loopback::LOOPBACK),
+    }
+}
+
 pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     let spec = parse_spec(&a.domain)?;
+    let ip = bench_ip(a.addr)?;
     a.engine.transport.check_available()?;
     let mut cfg = a.engine.config();
     cfg.duration = Some(a.duration);
@@ -48,6 +68,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             state_dir: None,
             quiet_backup: true,
             transport: a.engine.transport,
+            ip,
         },
     )
     .map_err(|e| e.to_string())?;

@@ -42,6 +42,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
             state_dir: None,
             quiet_backup: false,
             transport: a.engine.transport,
+            ip: loopback::LOOPBACK,
         },
     )
     .map_err(|e| e.to_string())?;
