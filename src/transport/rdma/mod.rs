@@ -20,8 +20,33 @@
 //! the QP, deregisters memory, destroys CQ, PD, ids and event channel, in
 //! that order.
 //!
-//! These machines have no RDMA device: this module is built in CI and its
-//! protocol logic is exercised through the `uring` transport.
+//! Waiting: a waiter polls its CQ, spins a little on an empty one, then
+//! arms the CQ's completion channel and sleeps in poll(2) (in slices, so
+//! deadlines and the control connection are checked): an idle connection
+//! costs no CPU. Every rdma_cm event has a deadline ([`CM_EVENT_TIMEOUT`]).
+//!
+//! RECVs: the backup keeps `2 × slots` RECVs posted and reposts each as
+//! its completion is taken, before the chunk is parsed. Credits bound
+//! bytes, not chunks, so many small chunks can outrun the posted RECVs;
+//! the QP then answers RNR NAK and the primary's HCA retries the write
+//! (`rnr_retry_count = 7`: retry without limit, per the IB spec): a pause,
+//! never a lost or reordered chunk.
+//!
+//! What the peer can write: the ring is registered REMOTE_WRITE as a
+//! whole, on a PD that holds only this connection's QP, so only the
+//! connected, PSK-authenticated primary can write into it. A faulty primary
+//! could overwrite bytes the backup has landed but not yet parsed, or is
+//! parsing; that gives it no power it lacks anyway (it holds the key and
+//! can MAC any record it likes), and it cannot reach a committed replica:
+//! records are verified and decoded out of the ring into the receiver's
+//! staging at receipt, and the replica is written only from staging at an
+//! epoch's end. Every chunk's immediate is checked against the credited
+//! window ([`RingState`](crate::transport::slots::RingState)), so a chunk
+//! outside it ends the session.
+//!
+//! Tested for real in the emulated lab (tests/lab_rdma.rs: Soft-RoCE in
+//! QEMU, docs/lab.md); the ring and credit logic is also exercised through
+//! the `uring` transport on any host.
 //!
 //! Files: `verbs.rs` (the verbs and rdma_cm objects, torn down in order),
 //! `sink.rs` (the primary: connect, write chunks, take credits),
@@ -44,7 +69,15 @@ use crate::transport::slots::{ChunkTag, SlotError};
 pub use sink::{primary, RdmaSink};
 pub use source::{backup, RdmaLink, RdmaSource};
 
+/// rdma_resolve_addr / rdma_resolve_route give up after this long.
 const CM_TIMEOUT_MS: i32 = 2000;
+/// Longest wait for any rdma_cm event (a backup waiting for the primary's
+/// CONNECT_REQUEST, a primary waiting for ESTABLISHED): generous for
+/// emulated hosts, where connecting takes far longer than on hardware.
+const CM_EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Sleep slice of an idle waiter between its checks (stall deadline, the
+/// control connection).
+const IDLE_SLICE: Duration = Duration::from_millis(10);
 /// Give up when no credit or completion arrives for this long.
 const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 const WR_CREDIT_SEND: u64 = u64::MAX;
@@ -64,6 +97,8 @@ pub enum RdmaError {
         got: String,
         status: i32,
     },
+    #[error("rdma_cm: no {want} event within {after:?}")]
+    CmTimeout { want: &'static str, after: Duration },
     #[error("address {0} is not on an RDMA device")]
     NotRdma(IpAddr),
     #[error("work completion {wr_id} failed: {status} (vendor error 0x{vendor:x})")]

@@ -9,7 +9,9 @@ use std::time::Instant;
 use rdma_sys::*;
 
 use super::verbs::{empty_wc, expect_event, sockaddr_of, Buf, Conn, Mr};
-use super::{call_err, probe, RdmaError, CM_TIMEOUT_MS, STALL_TIMEOUT};
+use super::{
+    call_err, probe, RdmaError, CM_EVENT_TIMEOUT, CM_TIMEOUT_MS, IDLE_SLICE, STALL_TIMEOUT,
+};
 use crate::transport::link::RecordSink;
 use crate::transport::record::RecordReader;
 use crate::transport::ring::{Chunker, CreditFilter, ReturnPath};
@@ -51,6 +53,7 @@ pub fn primary(
         c.ch,
         rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED,
         "ADDR_RESOLVED",
+        CM_EVENT_TIMEOUT,
     )?;
     // SAFETY: live id with a resolved address.
     if unsafe { rdma_resolve_route(c.id, CM_TIMEOUT_MS) } != 0 {
@@ -60,6 +63,7 @@ pub fn primary(
         c.ch,
         rdma_cm_event_type::RDMA_CM_EVENT_ROUTE_RESOLVED,
         "ROUTE_RESOLVED",
+        CM_EVENT_TIMEOUT,
     )?;
     c.make_qp(STAGE_BUFS as u32 + 4, CREDIT_RECVS as u32)?;
     let slot = ann.slot_size as usize;
@@ -93,6 +97,7 @@ pub fn primary(
         c.ch,
         rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED,
         "ESTABLISHED",
+        CM_EVENT_TIMEOUT,
     )?;
     c.connected = true;
     let sink = RdmaSink {
@@ -169,16 +174,20 @@ impl RdmaSink {
         Ok(n)
     }
 
-    /// Reaps until `done` holds, failing after [`STALL_TIMEOUT`].
+    /// Reaps until `done` holds, failing after [`STALL_TIMEOUT`]; between
+    /// empty polls it spins briefly, then sleeps on the completion channel.
     fn reap_until(&mut self, done: impl Fn(&Self) -> bool) -> Result<(), RdmaError> {
         let start = Instant::now();
+        let mut spins = 0;
         while !done(self) {
-            if self.reap()? == 0 {
-                if start.elapsed() > STALL_TIMEOUT {
-                    return Err(RdmaError::Stalled(STALL_TIMEOUT));
-                }
-                std::thread::yield_now();
+            if self.reap()? > 0 {
+                spins = 0;
+                continue;
             }
+            if start.elapsed() > STALL_TIMEOUT {
+                return Err(RdmaError::Stalled(STALL_TIMEOUT));
+            }
+            self.conn.idle(&mut spins, IDLE_SLICE)?;
         }
         Ok(())
     }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use rdma_sys::*;
 
 use super::verbs::{empty_wc, expect_event, sockaddr_of, Buf, Conn, Mr};
-use super::{call_err, probe, to_record_err, RdmaError, WR_CREDIT_SEND};
+use super::{
+    call_err, probe, to_record_err, RdmaError, CM_EVENT_TIMEOUT, IDLE_SLICE, WR_CREDIT_SEND,
+};
 use crate::transport::link::RecordSource;
 use crate::transport::record::RecordError;
 use crate::transport::ring::{MirrorRing, RingLink, RingReader};
@@ -89,9 +91,11 @@ pub fn backup<E: std::fmt::Display>(
         c.ch,
         rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_REQUEST,
         "CONNECT_REQUEST",
+        CM_EVENT_TIMEOUT,
     )?;
-    // One RECV per chunk in flight: at most one chunk per slot outstanding
-    // per credit window, plus slack.
+    // One RECV per chunk landing. Credits bound bytes, not chunks: when
+    // small chunks outrun these, the QP answers RNR NAK and the primary's
+    // HCA retries without limit (module doc), so this sizes the common case.
     let recvs = ann.slots * 2;
     c.make_qp(8, recvs)?;
     for i in 0..recvs {
@@ -106,6 +110,7 @@ pub fn backup<E: std::fmt::Display>(
         c.ch,
         rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED,
         "ESTABLISHED",
+        CM_EVENT_TIMEOUT,
     )?;
     c.connected = true;
     let link = RdmaLink {
@@ -201,6 +206,7 @@ impl RingLink for RdmaLink {
         at_boundary: bool,
     ) -> Result<(), RecordError> {
         let start = Instant::now();
+        let mut spins = 0;
         loop {
             let mut wcs: [ibv_wc; 8] = std::array::from_fn(|_| empty_wc());
             let n = self.conn.poll(&mut wcs).map_err(to_record_err)?;
@@ -239,7 +245,9 @@ impl RingLink for RdmaLink {
             if landed {
                 return Ok(());
             }
-            if n == 0 {
+            if n > 0 {
+                spins = 0;
+            } else {
                 if start.elapsed() > Duration::from_millis(10) && self.control_closed() {
                     return Err(if at_boundary {
                         RecordError::Eof
@@ -251,7 +259,9 @@ impl RingLink for RdmaLink {
                         }
                     });
                 }
-                std::thread::yield_now();
+                self.conn
+                    .idle(&mut spins, IDLE_SLICE)
+                    .map_err(to_record_err)?;
             }
         }
     }

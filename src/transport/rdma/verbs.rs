@@ -4,11 +4,40 @@
 use std::ffi::CStr;
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use rdma_sys::*;
 
 use super::{call_err, RdmaError};
 use crate::transport::slots::Credit;
+
+/// Empty polls of the CQ before a waiter arms the completion channel and
+/// sleeps in poll(2): a short spin keeps latency low while completions
+/// stream, the sleep keeps an idle connection off the CPU.
+const SPIN_POLLS: u32 = 200;
+
+/// Waits until `fd` is readable or `timeout` passes; true when readable.
+fn wait_readable(fd: i32, timeout: Duration) -> Result<bool, RdmaError> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one pollfd on the stack for the duration of the call.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(RdmaError::Call {
+            call: "poll",
+            source: e,
+        });
+    }
+    Ok(r > 0)
+}
 
 pub(super) fn sockaddr_of(a: SocketAddr) -> libc::sockaddr_storage {
     // SAFETY: sockaddr_storage is plain data; all-zero is valid.
@@ -40,13 +69,23 @@ fn event_name(t: u32) -> String {
         .into_owned()
 }
 
-/// Waits for the next cm event on `ch`, which must be `want`; returns the
-/// event's id.
+/// Waits up to `timeout` for the next cm event on `ch`, which must be
+/// `want`; returns the event's id. A peer that never connects (or answers)
+/// fails here with [`RdmaError::CmTimeout`] instead of blocking forever.
 pub(super) fn expect_event(
     ch: *mut rdma_event_channel,
     want: rdma_cm_event_type::Type,
     name: &'static str,
+    timeout: Duration,
 ) -> Result<*mut rdma_cm_id, RdmaError> {
+    // SAFETY: ch is a live channel; fd is its file descriptor.
+    let fd = unsafe { (*ch).fd };
+    if !wait_readable(fd, timeout)? {
+        return Err(RdmaError::CmTimeout {
+            want: name,
+            after: timeout,
+        });
+    }
     let mut ev: *mut rdma_cm_event = std::ptr::null_mut();
     // SAFETY: ch is a live channel; ev receives an event we ack below.
     if unsafe { rdma_get_cm_event(ch, &mut ev) } != 0 {
@@ -108,6 +147,11 @@ pub(super) struct Conn {
     pub(super) id: *mut rdma_cm_id,
     pub(super) pd: *mut ibv_pd,
     pub(super) cq: *mut ibv_cq,
+    /// The CQ's completion channel: its fd turns readable on a completion
+    /// after [`Conn::idle`] armed the CQ.
+    comp: *mut ibv_comp_channel,
+    /// The CQ is armed (ibv_req_notify_cq) and its event not yet taken.
+    armed: bool,
     pub(super) qp: bool,
     pub(super) connected: bool,
     /// Regions registered on `pd`: dropped (deregistered) before the PD.
@@ -130,6 +174,8 @@ impl Conn {
             id: std::ptr::null_mut(),
             pd: std::ptr::null_mut(),
             cq: std::ptr::null_mut(),
+            comp: std::ptr::null_mut(),
+            armed: false,
             qp: false,
             connected: false,
             mrs: Vec::new(),
@@ -165,12 +211,17 @@ impl Conn {
             }
         }
         // SAFETY: as above.
+        self.comp = unsafe { ibv_create_comp_channel(verbs) };
+        if self.comp.is_null() {
+            return Err(call_err("ibv_create_comp_channel"));
+        }
+        // SAFETY: as above; comp is live.
         self.cq = unsafe {
             ibv_create_cq(
                 verbs,
                 (send_wr + recv_wr) as i32,
                 std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                self.comp,
                 0,
             )
         };
@@ -267,6 +318,46 @@ impl Conn {
         }
         Ok(n as usize)
     }
+
+    /// Called after an empty [`Conn::poll`]; `spins` counts empty polls in
+    /// a row (reset it when a poll finds something). Spins for the first
+    /// [`SPIN_POLLS`], then arms the CQ and returns (so the caller polls
+    /// once more: a completion that landed before arming raises no event),
+    /// then sleeps until the completion channel fires or `slice` passes.
+    pub(super) fn idle(&mut self, spins: &mut u32, slice: Duration) -> Result<(), RdmaError> {
+        if *spins < SPIN_POLLS {
+            *spins += 1;
+            std::hint::spin_loop();
+            return Ok(());
+        }
+        if !self.armed {
+            // SAFETY: live CQ created with the completion channel.
+            let r = unsafe { ibv_req_notify_cq(self.cq, 0) };
+            if r != 0 {
+                return Err(RdmaError::Call {
+                    call: "ibv_req_notify_cq",
+                    source: io::Error::from_raw_os_error(r),
+                });
+            }
+            self.armed = true;
+            return Ok(());
+        }
+        // SAFETY: live completion channel.
+        let fd = unsafe { (*self.comp).fd };
+        if wait_readable(fd, slice)? {
+            let mut cq = std::ptr::null_mut();
+            let mut ctx = std::ptr::null_mut();
+            // SAFETY: the channel is readable, so this returns at once; the
+            // event is acknowledged right away (destroying the CQ needs
+            // every event acknowledged).
+            if unsafe { ibv_get_cq_event(self.comp, &mut cq, &mut ctx) } == 0 {
+                // SAFETY: cq is the CQ the event came from.
+                unsafe { ibv_ack_cq_events(cq, 1) };
+                self.armed = false;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Conn {
@@ -283,6 +374,9 @@ impl Drop for Conn {
             self.mrs.clear();
             if !self.cq.is_null() {
                 ibv_destroy_cq(self.cq);
+            }
+            if !self.comp.is_null() {
+                ibv_destroy_comp_channel(self.comp);
             }
             if !self.pd.is_null() {
                 ibv_dealloc_pd(self.pd);
@@ -303,7 +397,9 @@ pub(super) fn empty_wc() -> ibv_wc {
     unsafe { std::mem::zeroed() }
 }
 
-/// Page-aligned memory for staging and credit buffers.
+/// Memory for staging and credit buffers: a plain heap allocation (no
+/// alignment beyond the allocator's; ibv_reg_mr registers any byte range,
+/// pinning the pages it touches). It must not be resized while registered.
 pub(super) struct Buf(pub(super) Vec<u8>);
 
 impl Buf {
