@@ -81,6 +81,11 @@ fn spawn_backup(
     opts: &LoopbackOpts,
 ) -> Result<BackupChild, LoopbackError> {
     let (quiet, transport) = (opts.quiet_backup, opts.transport);
+    // The backup child tolerates the silence the primary tolerates
+    // (--backup-timeout, 2 s by default) rather than its own 500 ms: both
+    // run on this one host, which under load (or emulated, in the lab)
+    // stalls either side alike.
+    let silence = humantime::format_duration(opts.backup_silence).to_string();
     let exe = std::env::current_exe()
         .map_err(|e| LoopbackError::Backup(format!("locating castor binary: {e}")))?;
     let log = tempfile::NamedTempFile::new()
@@ -94,6 +99,7 @@ fn spawn_backup(
         .arg("--state-dir")
         .arg(state_dir)
         .args(["--transport", transport.name()])
+        .args(["--heartbeat-timeout", &silence])
         .env("CASTOR_PSK", psk_hex)
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
@@ -127,6 +133,9 @@ pub struct LoopbackOpts {
     /// [`LOOPBACK`] unless the transport needs another (rdma: an address on
     /// an RDMA device).
     pub ip: IpAddr,
+    /// The backup child's --heartbeat-timeout (the primary's backup
+    /// silence).
+    pub backup_silence: Duration,
 }
 
 /// The default address of a bench or demo run.

@@ -68,6 +68,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             state_dir: None,
             quiet_backup: true,
             transport: a.engine.transport,
+            backup_silence: cfg.backup_silence,
             ip,
         },
     )

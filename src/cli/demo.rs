@@ -42,6 +42,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
             state_dir: None,
             quiet_backup: false,
             transport: a.engine.transport,
+            backup_silence: cfg.backup_silence,
             ip: loopback::LOOPBACK,
         },
     )
