@@ -12,9 +12,10 @@
 //!
 //! Invariants:
 //! - The guest runs unprotected (output released at once) only while this
-//!   copy holds the arbiter: with a lease ([`LeaseWatch`]) it is checked
-//!   every [`POLL`] and before every epoch boundary; without one (a local
-//!   lock) the hold lasts as long as the process.
+//!   copy holds the arbiter: with a lease ([`LeaseWatch`]) its gate
+//!   ([`LiveConfig::lease_gate`]) is asked every [`POLL`] and before every
+//!   epoch boundary; without one (a local lock) the hold lasts as long as
+//!   the process.
 //! - Output held by a protection session that ends without its acks is
 //!   dropped ([`OutputQueue::unprotect`]), never released: the copy that
 //!   resumes unprotected has already produced that output's state, and the
@@ -32,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use crate::domain::{Domain, DomainError, Layout};
 use crate::engine::primary::{self, PrimaryConfig, PrimaryError};
-use crate::ha::lease::LeaseWatch;
+use crate::ha::lease::{LeaseGate, LeaseWatch, Verdict};
 use crate::metrics::Summary;
 use crate::outq::{OutputQueue, OutqReport};
 use crate::transport::record::RecordReader;
@@ -188,10 +189,16 @@ impl<R> Drop for Dialer<R> {
     }
 }
 
+impl LiveConfig {
+    /// The gate every lease decision of the live copy consults (the
+    /// unprotected loop, the output queue, each protection session).
+    pub fn lease_gate(&self) -> LeaseGate {
+        LeaseGate::new(self.lease.clone(), self.lease_margin)
+    }
+}
+
 fn lease_ok(cfg: &LiveConfig) -> bool {
-    cfg.lease
-        .as_ref()
-        .map_or(true, |l| l.held_for(cfg.lease_margin))
+    cfg.lease_gate().may_proceed(Instant::now()) == Verdict::Proceed
 }
 
 fn fence(
@@ -201,10 +208,11 @@ fn fence(
 ) -> Result<LiveEnd, LiveError> {
     domain.pause()?;
     let r = outq.fence()?;
+    let gate = cfg.lease_gate();
     let why = format!(
         "the arbiter's lease lapsed ({} ms left, margin {} ms)",
-        cfg.lease.as_ref().map_or(0, |l| l.remaining().as_millis()),
-        cfg.lease_margin.as_millis()
+        gate.remaining_at(Instant::now()).as_millis(),
+        gate.margin().as_millis()
     );
     eprintln!(
         "{}: SELF-FENCED: {why}; guest paused, {} held output items dropped, nothing more will be released",
@@ -229,9 +237,10 @@ where
     D: FnMut(Layout, &str) -> Result<Session<R>, String> + Send + 'static,
 {
     let started = Instant::now();
-    if let Some(l) = &cfg.lease {
+    let gate = cfg.lease_gate();
+    if gate.can_lapse() {
         // Checked by the output thread before every release, in every mode.
-        outq.gate(l.clone(), cfg.lease_margin);
+        outq.set_gate(gate);
     }
     let mut out = Outcome {
         // Every session after a first one handed in is a re-protection.

@@ -56,6 +56,7 @@ use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
+use crate::ha::lease::{LeaseGate, Verdict};
 pub use crate::stats::OutqReport;
 use crate::stats::Pct;
 
@@ -117,7 +118,7 @@ enum Msg {
     Item(Item),
     /// (session, epoch)
     Commit(u64, u64),
-    Gate(crate::ha::lease::LeaseWatch, std::time::Duration),
+    Gate(LeaseGate),
     /// Enter `mode`; a new commit-mode session gets this number.
     SetMode(Mode, u64, Sender<OutqReport>),
     Shutdown(Sender<OutqReport>),
@@ -244,7 +245,12 @@ impl OutputQueue {
     /// From now on release only while `lease` is held for `margin` more
     /// (self-fencing; see the module invariants).
     pub fn gate(&self, lease: crate::ha::lease::LeaseWatch, margin: std::time::Duration) {
-        let _ = self.tx.send(Msg::Gate(lease, margin));
+        self.set_gate(LeaseGate::new(Some(lease), margin));
+    }
+
+    /// From now on release only while `gate` says [`Verdict::Proceed`].
+    pub fn set_gate(&self, gate: LeaseGate) {
+        let _ = self.tx.send(Msg::Gate(gate));
     }
 
     /// A sender for `commit`, bound to the current protection session,
@@ -344,10 +350,9 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
     let mut dests: Vec<Option<Box<dyn Egress>>> = Vec::new();
     let mut held: VecDeque<Item> = VecDeque::new();
     let mut committed = 0u64;
-    let mut gate: Option<(crate::ha::lease::LeaseWatch, std::time::Duration)> = None;
-    let open = |g: &Option<(crate::ha::lease::LeaseWatch, std::time::Duration)>| {
-        g.as_ref().map_or(true, |(l, m)| l.held_for(*m))
-    };
+    // No gate until one is set: releases need no lease.
+    let mut gate = LeaseGate::default();
+    let open = |g: &LeaseGate| g.may_proceed(Instant::now()) == Verdict::Proceed;
     let mut session = u64::from(mode == Mode::Commit);
     let mut r = OutqReport {
         sessions: session,
@@ -437,7 +442,7 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
                 held = keep;
                 dests.iter_mut().flatten().for_each(|d| d.flush());
             }
-            Msg::Gate(l, m) => gate = Some((l, m)),
+            Msg::Gate(g) => gate = g,
             Msg::Shutdown(reply) => {
                 r.dropped += discard_all(held.drain(..), &mut dests);
                 r.committed = committed;

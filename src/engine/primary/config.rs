@@ -1,0 +1,98 @@
+//! The primary's tunables.
+//!
+//! Invariant: every field has a safe default ([`Default`]); the lease
+//! fields are read only through [`PrimaryConfig::lease_gate`], the one
+//! rule every self-fencing decision applies.
+
+use std::time::Duration;
+
+use crate::codec::Compressor;
+use crate::ha::lease::LeaseGate;
+
+/// Tunables of the primary pipeline.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    pub epoch: Duration,
+    /// K: checkpoints allowed in flight (sent, not acknowledged).
+    pub max_inflight: usize,
+    /// Encode workers, each owning a shard of the page range.
+    pub workers: usize,
+    /// Threads copying dirty pages during the pause (including the epoch thread).
+    pub copy_threads: usize,
+    pub pin: bool,
+    /// With `pin`: the cores workers and copy threads are pinned to, in
+    /// order (worker i gets `cores[i % len]`); `None`: every core.
+    pub cores: Option<Vec<usize>>,
+    pub compressor: Compressor,
+    pub duration: Option<Duration>,
+    pub max_epochs: Option<u64>,
+    /// Print a progress line to stderr every second.
+    pub progress: bool,
+    pub keep_records: bool,
+    /// How long to wait for the final acknowledgement on a clean stop.
+    pub final_ack_timeout: Duration,
+    /// Keep this many recent dirty lists for post-run measurements.
+    pub keep_dirty_lists: usize,
+    /// Pre-copy ends once a round's dirty set is at most this many pages.
+    pub precopy_target: u64,
+    /// At most this many pre-copy rounds after the first full pass.
+    pub precopy_rounds: u32,
+    /// Hold guest output until the backup acknowledged its epoch (true), or
+    /// let it out at once (false: `--no-output-commit`, UNSAFE, experiments).
+    pub output_commit: bool,
+    /// The arbiter's lease, when its hold can lapse (etcd): see the module
+    /// doc, "Self-fencing".
+    pub lease: Option<crate::ha::lease::LeaseWatch>,
+    /// Self-fence once the lease is held for less than this. It covers the
+    /// delay between a check and the act it allows (the output thread's
+    /// release, the next pause): 100 ms is above the worst thread wake-up
+    /// delay measured under CPU overload (64 ms, see `ha::detector`).
+    pub lease_margin: Duration,
+    /// Declare the backup lost when no record (ack or heartbeat; it sends
+    /// one every 100 ms without traffic) arrived for this long. Longer than
+    /// the backup's own 500 ms: losing a slow backup costs a full re-seed,
+    /// so the primary waits out more scheduling noise before giving up.
+    pub backup_silence: Duration,
+    /// Send a heartbeat to the backup after this long without sending
+    /// anything (the backup's `--heartbeat-timeout` must allow several).
+    pub heartbeat_interval: Duration,
+    /// Also hold host-device output queued to this NFQUEUE (`--nfqueue`).
+    pub nfqueue: Option<crate::outq::nfqueue::NfqSpec>,
+}
+
+impl Default for PrimaryConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        PrimaryConfig {
+            epoch: Duration::from_millis(25),
+            max_inflight: 2,
+            workers: cores.clamp(1, 8),
+            copy_threads: cores.clamp(1, 4),
+            pin: true,
+            cores: None,
+            compressor: Compressor::Lz4,
+            duration: None,
+            max_epochs: None,
+            progress: false,
+            keep_records: false,
+            final_ack_timeout: Duration::from_secs(30),
+            keep_dirty_lists: 0,
+            precopy_target: 4096,
+            precopy_rounds: 30,
+            output_commit: true,
+            lease: None,
+            lease_margin: Duration::from_millis(100),
+            backup_silence: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_millis(100),
+            nfqueue: None,
+        }
+    }
+}
+
+impl PrimaryConfig {
+    /// The gate every lease decision of a session consults (the lease
+    /// thread, each pause, the output queue).
+    pub fn lease_gate(&self) -> LeaseGate {
+        LeaseGate::new(self.lease.clone(), self.lease_margin)
+    }
+}

@@ -1,0 +1,173 @@
+//! The encode workers (`castor-enc-N`): each encodes its own shard of every
+//! unit against the shadow copy, after the guest resumed.
+//!
+//! Invariants:
+//! - Pages are dealt in stripes of 2^[`STRIPE_SHIFT`] pages; stripe s
+//!   belongs to encoder `s % shards` ([`owner`]), so each shadow page has
+//!   exactly one writer and a hot region still spreads over every encoder.
+//! - The shadow page of gfn g equals what the backup will hold for g once it
+//!   applies everything sent: an encoder updates it with exactly the bytes it
+//!   encoded, unless the page encoded as unchanged.
+//! - Encoders step aside every 32 pages while a pause is underway
+//!   ([`Shared::yield_to_pause`]), so the copy threads have the cores.
+//! - An encoder drops its clone of the job before reporting its shard, so
+//!   `castor-tx` can reclaim the staging buffer once every shard is in.
+
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::job::{EpochJob, ShardOut, ShardStats, Source, TxMsg};
+use super::shared::Shared;
+use crate::codec::{Compressor, Encoder, PageKind};
+use crate::transport::messages::PagesWriter;
+use crate::PAGE_SIZE;
+
+/// Pointer to the shadow, shared by encoders; each touches only its shard.
+#[derive(Clone, Copy)]
+pub(super) struct ShadowPtr(pub *mut u8, pub u64);
+// SAFETY: encoders write disjoint gfn ranges of the shadow (shard ownership),
+// and the shadow outlives them (joined before it is dropped).
+unsafe impl Send for ShadowPtr {}
+
+#[derive(Clone, Copy)]
+pub(super) struct MemPtr(pub *const u8);
+// SAFETY: guest memory outlives the encoders (joined before the domain is
+// returned); seed reads race with guest writes by design, and every page
+// written during the seed is dirty and re-sent in epoch 1.
+unsafe impl Send for MemPtr {}
+
+/// Pages are dealt to encoders in stripes of 2^STRIPE_SHIFT pages (256 KiB),
+/// so a hot region spreads over every encoder while each stripe of the
+/// shadow still has exactly one owner.
+const STRIPE_SHIFT: u32 = 6;
+
+fn owner(gfn: u64, shards: usize) -> usize {
+    ((gfn >> STRIPE_SHIFT) % shards as u64) as usize
+}
+
+/// One encoder's fixed inputs.
+pub(super) struct Worker {
+    pub shard: usize,
+    pub shards: usize,
+    pub shadow: ShadowPtr,
+    pub mem: MemPtr,
+    pub compressor: Compressor,
+    pub shared: Arc<Shared>,
+}
+
+impl ShardStats {
+    fn count(&mut self, kind: PageKind) {
+        match kind {
+            PageKind::Unchanged => self.unchanged += 1,
+            PageKind::Zero => self.zero += 1,
+            PageKind::Delta | PageKind::DeltaLz4 | PageKind::DeltaZstd => self.delta += 1,
+            _ => self.full += 1,
+        }
+    }
+}
+
+/// Encodes this worker's shard of every job until `jobs` closes; output
+/// buffers come back from `castor-tx` through `bufs`.
+pub(super) fn encoder_thread(
+    w: Worker,
+    jobs: Receiver<Arc<EpochJob>>,
+    out: Sender<TxMsg>,
+    bufs: Receiver<Vec<u8>>,
+) {
+    let mut enc = Encoder::new(w.compressor);
+    let mut page = Box::new([0u8; PAGE_SIZE]);
+    for job in jobs {
+        let t0 = Instant::now();
+        let mut buf = bufs.try_recv().unwrap_or_default();
+        buf.clear();
+        let mut pw = PagesWriter::new(job.epoch);
+        let mut st = ShardStats::default();
+        encode_job(&w, &job, &mut enc, &mut page, &mut buf, &mut pw, &mut st);
+        pw.close(&mut buf);
+        st.encode_us = t0.elapsed().as_micros() as u64;
+        let unit = job.unit;
+        drop(job); // before reporting, so the tx thread can reclaim staging
+        let msg = ShardOut {
+            unit,
+            shard: w.shard,
+            buf,
+            records: pw.records,
+            entries: pw.entries,
+            stats: st,
+        };
+        if out.send(TxMsg::Shard(msg)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Encodes this worker's pages of `job` into `buf`.
+fn encode_job(
+    w: &Worker,
+    job: &EpochJob,
+    enc: &mut Encoder,
+    page: &mut [u8; PAGE_SIZE],
+    buf: &mut Vec<u8>,
+    pw: &mut PagesWriter,
+    st: &mut ShardStats,
+) {
+    let (shard, shards, shadow, mem, shared) = (w.shard, w.shards, w.shadow, w.mem, &*w.shared);
+    let pages = shadow.1;
+    let mut n = 0u32;
+    let mut one = |gfn: u64, src: &[u8; PAGE_SIZE], buf: &mut Vec<u8>, pw: &mut PagesWriter| {
+        n = n.wrapping_add(1);
+        if n % 32 == 0 {
+            shared.yield_to_pause();
+        }
+        // SAFETY: gfn < pages and owner(gfn) == shard: this encoder
+        // alone touches this shadow page.
+        let prev =
+            unsafe { &mut *(shadow.0.add(gfn as usize * PAGE_SIZE) as *mut [u8; PAGE_SIZE]) };
+        st.raw_bytes += PAGE_SIZE as u64;
+        let mut kind = PageKind::Invalid;
+        pw.push(buf, gfn, |o| {
+            kind = enc.encode(src, Some(prev), o);
+            (kind != PageKind::Unchanged).then_some(kind as u8)
+        });
+        st.count(kind);
+        if kind != PageKind::Unchanged {
+            prev.copy_from_slice(src);
+        }
+    };
+    let mine = |g: &u64| owner(*g, shards) == shard;
+    let mut live = |gfn: u64, buf: &mut Vec<u8>, pw: &mut PagesWriter| {
+        // SAFETY: gfn < pages; copying out of guest memory into our own
+        // buffer (see MemPtr for the race argument).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                mem.0.add(gfn as usize * PAGE_SIZE),
+                page.as_mut_ptr(),
+                PAGE_SIZE,
+            )
+        };
+        one(gfn, page, buf, pw);
+    };
+    match &job.source {
+        Source::AllLive => {
+            let stripe = 1u64 << STRIPE_SHIFT;
+            let mut start = shard as u64 * stripe;
+            while start < pages {
+                (start..(start + stripe).min(pages)).for_each(|g| live(g, buf, pw));
+                start += stripe * shards as u64;
+            }
+        }
+        Source::Live(gfns) => gfns
+            .iter()
+            .filter(|g| mine(g))
+            .for_each(|&g| live(g, buf, pw)),
+        Source::Staged(gfns, staging) => {
+            for (i, &gfn) in gfns.iter().enumerate().filter(|(_, g)| mine(g)) {
+                // SAFETY: the copy into staging finished before the job
+                // was sent; nobody writes staging until it is returned.
+                let src = unsafe { staging.slot(i) };
+                one(gfn, src, buf, pw);
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Staging buffers: where the pause copies dirty pages for the encoders.
+//!
+//! Invariants:
+//! - Before the first checkpoint, K buffers sized for the seed's last dirty
+//!   set are allocated and faulted in while the guest still runs
+//!   ([`StagingPool::prefault`]), so a pause normally allocates nothing.
+//! - A buffer is either spare (here), or held by one in-flight job; `castor-tx`
+//!   returns it once no encoder holds the job ([`StagingPool::reclaim`], run
+//!   before the pause).
+//! - Inside the pause ([`StagingPool::take`]) a spare buffer large enough is
+//!   used; otherwise one more is allocated while at most K+1 exist;
+//!   otherwise the pause waits for one to come back (the pipeline is full)
+//!   and grows it if it is too small. The wait and the growth are the only
+//!   ways a pause can depend on castor's own resources; wave 2's
+//!   backpressure should make them unreachable by deciding before the pause.
+
+use std::sync::mpsc::Receiver;
+
+use super::shared::Shared;
+use super::PrimaryError;
+use crate::engine::shadow::PageBuf;
+
+pub(super) struct StagingPool<'a> {
+    spare: Vec<PageBuf>,
+    /// Buffers in existence: spare and held by the pipeline.
+    count: usize,
+    /// K: checkpoints allowed in flight.
+    k: usize,
+    returned: &'a Receiver<PageBuf>,
+}
+
+impl<'a> StagingPool<'a> {
+    pub fn new(k: usize, returned: &'a Receiver<PageBuf>) -> Self {
+        StagingPool {
+            spare: Vec::new(),
+            count: 0,
+            k,
+            returned,
+        }
+    }
+
+    /// Allocates and faults in the first checkpoints' K buffers, sized for a
+    /// dirty set of `dirty` pages of a `pages`-page guest. Call while the
+    /// guest runs.
+    pub fn prefault(&mut self, pages: u64, dirty: u64) -> Result<(), PrimaryError> {
+        let first = (pages as usize).min((dirty as usize * 2).max(8192));
+        self.spare = (0..self.k)
+            .map(|_| PageBuf::new_populated(first))
+            .collect::<Result<_, _>>()?;
+        self.count = self.spare.len();
+        Ok(())
+    }
+
+    /// Takes back the buffers `castor-tx` returned. Call before the pause.
+    pub fn reclaim(&mut self) {
+        while let Ok(b) = self.returned.try_recv() {
+            self.spare.push(b);
+        }
+    }
+
+    /// A buffer of at least `n` slots, for use inside the pause.
+    pub fn take(&mut self, n: usize, shared: &Shared) -> Result<PageBuf, PrimaryError> {
+        let mut staging = match self.spare.iter().position(|b| b.slots() >= n) {
+            Some(i) => self.spare.swap_remove(i),
+            None if self.count <= self.k => {
+                self.count += 1;
+                PageBuf::new_populated((n * 5 / 4).max(1024))?
+            }
+            None => {
+                // All buffers busy or too small: wait for one, grow if needed.
+                let b = match self.spare.pop() {
+                    Some(b) => b,
+                    None => self.wait_for_one(shared)?,
+                };
+                if b.slots() >= n {
+                    b
+                } else {
+                    PageBuf::new_populated((n * 5 / 4).max(1024))?
+                }
+            }
+        };
+        if staging.slots() < n {
+            staging = PageBuf::new_populated(n * 5 / 4)?;
+        }
+        Ok(staging)
+    }
+
+    fn wait_for_one(&self, shared: &Shared) -> Result<PageBuf, PrimaryError> {
+        self.returned.recv().map_err(|_| {
+            // The tx thread only ends early on a failed link.
+            let g = shared.inflight.lock().unwrap();
+            g.error().unwrap_or(PrimaryError::BackupLost {
+                acked: g.acked.unwrap_or(0),
+                reason: "transport thread ended".into(),
+            })
+        })
+    }
+}

@@ -1,0 +1,311 @@
+//! The tx thread (`castor-tx`): the only writer of the connection. It
+//! assembles each unit from its metadata and every encoder's shard, frames
+//! it, and sends it whole and in order; between units it returns buffers,
+//! sends heartbeats, and finally the Close record.
+//!
+//! Invariants:
+//! - Units reach the sink strictly in unit order and each whole: epoch N's
+//!   Begin, all its shards, State and End go out in one `send`, and N+1 only
+//!   after N. The seed (epoch 0) spans several units: its first opens the
+//!   epoch, its last closes it.
+//! - A closing unit is entered in the in-flight table *before* it is sent,
+//!   so an ack can never arrive for an epoch the ack thread does not know.
+//! - Staging goes back to the epoch thread only once no encoder holds the
+//!   unit's job any more; shard buffers go back to their encoder.
+//! - With nothing to send for `hb_every`, a heartbeat goes out.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::job::{EpochJob, Meta, ShardOut, Source, TxMsg};
+use super::shared::{InflightEntry, Shared};
+use crate::engine::shadow::PageBuf;
+use crate::metrics::EpochRecord;
+use crate::transport::messages::{EpochBegin, EpochClass, EpochEnd};
+use crate::transport::record::{write_record, RecordKind};
+use crate::transport::RecordSink;
+
+/// Where `castor-tx` returns buffers, and its fixed settings.
+pub(super) struct TxEnds {
+    pub shards: usize,
+    pub shared: Arc<Shared>,
+    /// Per encoder: its used output buffers.
+    pub buf_return: Vec<Sender<Vec<u8>>>,
+    /// To the epoch thread: staging buffers no job holds any more.
+    pub staging_return: Sender<PageBuf>,
+    pub seed_start: Instant,
+    pub hb_every: Duration,
+}
+
+/// A unit being put together from its parts.
+struct Assembly {
+    meta: Option<Meta>,
+    shards: Vec<Option<ShardOut>>,
+    got: usize,
+}
+
+/// A unit framed for the wire: the records around the shards.
+struct Framed {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    record: EpochRecord,
+}
+
+struct Tx {
+    sink: Box<dyn RecordSink>,
+    ends: TxEnds,
+    pending: BTreeMap<u64, Assembly>,
+    /// The next unit to send.
+    next: u64,
+    finish: Option<u64>,
+    last_closed: Option<u64>,
+    last_send: Instant,
+    hb: Vec<u8>,
+    /// The seed (epoch 0) spans several units (pre-copy rounds): its End and
+    /// measurements so far.
+    seed_end: EpochEnd,
+    seed_rec: EpochRecord,
+    /// Sent units whose job may still be referenced by an encoder.
+    orphans: Vec<Arc<EpochJob>>,
+}
+
+/// Owns the sending half. Sends each epoch whole and in order.
+pub(super) fn tx_thread(sink: Box<dyn RecordSink>, rx: Receiver<TxMsg>, ends: TxEnds) {
+    let hb_every = ends.hb_every;
+    let mut tx = Tx {
+        sink,
+        ends,
+        pending: BTreeMap::new(),
+        next: 0,
+        finish: None,
+        last_closed: None,
+        last_send: Instant::now(),
+        hb: Vec::new(),
+        seed_end: EpochEnd::default(),
+        seed_rec: EpochRecord::default(),
+        orphans: Vec::new(),
+    };
+    loop {
+        match rx.recv_timeout(hb_every) {
+            Ok(msg) => tx.take(msg),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        // Send every complete unit that is next in line.
+        while let Some(a) = tx.next_complete() {
+            if tx.send_unit(a).is_err() {
+                return;
+            }
+        }
+        tx.reclaim_staging();
+        if tx.close_if_done() {
+            return;
+        }
+        if tx.last_send.elapsed() >= hb_every && tx.heartbeat().is_err() {
+            return;
+        }
+    }
+}
+
+/// The session already failed (recorded in [`Shared`]).
+struct Failed;
+
+impl Tx {
+    fn assembly(&mut self, unit: u64) -> &mut Assembly {
+        let shards = self.ends.shards;
+        self.pending.entry(unit).or_insert_with(|| Assembly {
+            meta: None,
+            shards: (0..shards).map(|_| None).collect(),
+            got: 0,
+        })
+    }
+
+    fn take(&mut self, msg: TxMsg) {
+        match msg {
+            TxMsg::Meta(m) => {
+                let u = m.unit;
+                self.assembly(u).meta = Some(m);
+            }
+            TxMsg::Shard(s) => {
+                let e = self.assembly(s.unit);
+                let i = s.shard;
+                e.shards[i] = Some(s);
+                e.got += 1;
+            }
+            TxMsg::Finish(e) => self.finish = Some(e),
+        }
+    }
+
+    /// The next unit in send order, once all its parts are in.
+    fn next_complete(&mut self) -> Option<Assembly> {
+        let a = self.pending.get(&self.next)?;
+        if a.meta.is_none() || a.got < self.ends.shards {
+            return None;
+        }
+        self.pending.remove(&self.next)
+    }
+
+    /// Builds the records around a unit's shards and its measurements
+    /// (`wire_bytes` counts head, shards and tail).
+    fn frame(&mut self, meta: &mut Meta, outs: &[ShardOut]) -> Framed {
+        let seed = meta.class == EpochClass::Seed;
+        let opens = !seed || meta.first_round;
+        let closes = !seed || meta.last_round;
+        let mut head = Vec::with_capacity(64);
+        if opens {
+            let begin = EpochBegin {
+                class: meta.class,
+                dirty: meta.dirty,
+            };
+            write_record(
+                &mut head,
+                RecordKind::EpochBegin,
+                meta.epoch,
+                &begin.encode(),
+            );
+        }
+        let mut rec = if seed {
+            std::mem::take(&mut self.seed_rec)
+        } else {
+            std::mem::take(&mut meta.record)
+        };
+        let mut end = if seed {
+            self.seed_end
+        } else {
+            EpochEnd::default()
+        };
+        for o in outs {
+            rec.unchanged_pages += o.stats.unchanged;
+            rec.zero_pages += o.stats.zero;
+            rec.delta_pages += o.stats.delta;
+            rec.full_pages += o.stats.full;
+            rec.raw_bytes += o.stats.raw_bytes;
+            rec.encode_us += o.stats.encode_us;
+            end.page_entries += o.entries;
+            end.pages_records += o.records;
+        }
+        let mut tail = Vec::with_capacity(meta.state.len() + 64);
+        if !seed {
+            write_record(&mut tail, RecordKind::State, meta.epoch, &meta.state);
+            end.state_len = meta.state.len() as u32;
+        }
+        if closes {
+            write_record(&mut tail, RecordKind::EpochEnd, meta.epoch, &end.encode());
+        }
+        let shard_bytes: u64 = outs.iter().map(|o| o.buf.len() as u64).sum();
+        rec.wire_bytes += head.len() as u64 + shard_bytes + tail.len() as u64;
+        rec.state_bytes = meta.state.len() as u64;
+        if seed && !closes {
+            self.seed_end = end;
+            self.seed_rec = rec.clone();
+        }
+        Framed {
+            head,
+            tail,
+            record: rec,
+        }
+    }
+
+    /// Frames and sends one complete unit, then hands its buffers back.
+    fn send_unit(&mut self, a: Assembly) -> Result<(), Failed> {
+        let mut meta = a.meta.expect("checked by next_complete");
+        let outs: Vec<ShardOut> = a
+            .shards
+            .into_iter()
+            .map(|s| s.expect("all shards present"))
+            .collect();
+        let seed = meta.class == EpochClass::Seed;
+        let closes = !seed || meta.last_round;
+        let Framed { head, tail, record } = self.frame(&mut meta, &outs);
+        let shared = &*self.ends.shared;
+        let mut bufs: Vec<&[u8]> = vec![&head];
+        bufs.extend(outs.iter().map(|o| &o.buf[..]));
+        bufs.push(&tail);
+        if closes {
+            let mut g = shared.inflight.lock().unwrap();
+            g.pending.insert(
+                meta.epoch,
+                InflightEntry {
+                    record: record.clone(),
+                    pause_start: meta.pause_start,
+                },
+            );
+        }
+        let t = Instant::now();
+        let r = self.sink.send(&bufs);
+        let send_us = t.elapsed().as_micros() as u64;
+        self.last_send = Instant::now();
+        if let Err(e) = r {
+            shared.fail(format!("sending epoch {}: {e}", meta.epoch));
+            return Err(Failed);
+        }
+        {
+            let mut g = shared.inflight.lock().unwrap();
+            if let Some(p) = g.pending.get_mut(&meta.epoch) {
+                p.record.send_us += send_us;
+            }
+            g.units_sent = self.next + 1;
+            shared.cv.notify_all();
+        }
+        if seed && closes {
+            *shared.seed_done.lock().unwrap() =
+                Some((self.ends.seed_start.elapsed(), record.wire_bytes));
+        }
+        if closes {
+            self.last_closed = Some(meta.epoch);
+        }
+        drop(bufs);
+        for o in outs {
+            let _ = self.ends.buf_return[o.shard].send(o.buf);
+        }
+        self.orphans.push(meta.job);
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Returns staging buffers whose job nobody else holds any more.
+    fn reclaim_staging(&mut self) {
+        let staging_return = &self.ends.staging_return;
+        self.orphans.retain_mut(|job| {
+            let Some(j) = Arc::get_mut(job) else {
+                return true;
+            };
+            if let Source::Staged(_, st) = std::mem::replace(&mut j.source, Source::AllLive) {
+                let _ = staging_return.send(st);
+            }
+            false
+        });
+    }
+
+    /// Sends Close once the final epoch is out; true when the thread is done.
+    fn close_if_done(&mut self) -> bool {
+        let (Some(f), Some(c)) = (self.finish, self.last_closed) else {
+            return false;
+        };
+        if c < f {
+            return false;
+        }
+        let mut c = Vec::new();
+        write_record(&mut c, RecordKind::Close, f, &[]);
+        if let Err(e) = self.sink.send(&[&c]) {
+            self.ends.shared.fail(format!("sending close: {e}"));
+        }
+        true
+    }
+
+    fn heartbeat(&mut self) -> Result<(), Failed> {
+        self.hb.clear();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        write_record(&mut self.hb, RecordKind::Heartbeat, 0, &now.to_le_bytes());
+        if let Err(e) = self.sink.send(&[&self.hb]) {
+            self.ends.shared.fail(format!("sending heartbeat: {e}"));
+            return Err(Failed);
+        }
+        self.last_send = Instant::now();
+        Ok(())
+    }
+}
