@@ -2,10 +2,11 @@
 //! each once committed, and saves the committed replica when the stream ends
 //! or breaks.
 
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::digest::Digest;
@@ -13,6 +14,7 @@ use crate::engine::receiver::{Event, Receiver};
 use crate::engine::replica::{self, Meta, ReplicaError};
 use crate::ha::detector::{Liveness, Watchdog};
 use crate::transport::handshake::{self, HandshakeError, Psk};
+use crate::transport::messages::Hello;
 use crate::transport::record::{send_record, RecordError, RecordKind, RecordReader};
 use crate::transport::{select, RecordSource, TransportKind};
 use crate::PAGE_SIZE;
@@ -108,11 +110,94 @@ pub fn serve(listener: &TcpListener, cfg: &BackupConfig) -> Result<BackupOutcome
 }
 
 /// Serves one primary that must use `transport` (see `transport::select`).
+///
+/// Steps: accept and authenticate the primary ([`accept`]); start the
+/// session's helpers (heartbeats, delayed acks, silence watchdog:
+/// [`Helpers::start`]); receive, commit and acknowledge until the stream
+/// ends ([`receive`]); stop the helpers and say why it ended
+/// ([`Helpers::stop`]); save the committed replica ([`save`]).
 pub fn serve_with(
     listener: &TcpListener,
     cfg: &BackupConfig,
     transport: TransportKind,
 ) -> Result<BackupOutcome, BackupError> {
+    let Accepted {
+        peer,
+        hello,
+        writer,
+        mut reader,
+    } = accept(listener, cfg, transport)?;
+    if !cfg.quiet {
+        eprintln!(
+            "castor backup: replicating {} ({} pages, {}) from {peer}",
+            hello.desc,
+            hello.pages,
+            crate::units::fmt_bytes(hello.pages * PAGE_SIZE as u64)
+        );
+    }
+    let mut rx = Receiver::new(hello.pages)?;
+    let helpers = Helpers::start(cfg, &writer, &*reader, &hello)?;
+    let started = Instant::now();
+    let got = receive(&mut *reader, &mut rx, &writer, &helpers, transport, started);
+    let ended_at = Instant::now();
+    let (end, silent, beacons) = helpers.stop(cfg, got.end);
+    let discarded = rx.discard_open();
+    let bytes_received = reader.bytes_read();
+    drop(reader);
+    if !cfg.quiet {
+        let what = if got.clean {
+            "stream ended"
+        } else {
+            "stream broken"
+        };
+        eprintln!(
+            "castor backup: {what}: {end} ({:.1}s; longest gap between records while live {} ms, heartbeat timeout {} ms{})",
+            started.elapsed().as_secs_f64(),
+            got.max_gap.as_millis(),
+            cfg.heartbeat_timeout.as_millis(),
+            beacons.map_or(String::new(), |n| format!("; {n} beacons heard"))
+        );
+        if let Some(d) = discarded {
+            eprintln!("castor backup: epoch {d} was incomplete and has been discarded whole");
+        }
+    }
+    save(
+        cfg,
+        rx,
+        BackupOutcome {
+            peer,
+            domain: hello.desc,
+            clean: got.clean,
+            end,
+            discarded,
+            committed: None,
+            meta: None,
+            digest: None,
+            bytes_received,
+            silent,
+            ended_at,
+            replica: None,
+        },
+    )
+}
+
+/// An accepted, authenticated primary, its transport set up.
+struct Accepted {
+    peer: String,
+    hello: Hello,
+    /// Heartbeats, acks and credits share the writer.
+    writer: Arc<Mutex<TcpStream>>,
+    reader: Box<dyn RecordSource>,
+}
+
+/// Accepts one connection, runs the handshake (refusing a page size or a
+/// memory size this backup cannot hold) and sets up `transport` on it.
+/// Every read of the handshake has a 10 s deadline.
+fn accept(
+    listener: &TcpListener,
+    cfg: &BackupConfig,
+    transport: TransportKind,
+) -> Result<Accepted, BackupError> {
     let (stream, addr) = listener.accept().map_err(BackupError::Accept)?;
     let peer = addr.to_string();
     stream.set_nodelay(true).ok();
@@ -145,7 +230,7 @@ pub fn serve_with(
     })?;
     // Heartbeats, acks and credits share the writer.
     let writer = Arc::new(Mutex::new(writer));
-    let mut reader: Box<dyn RecordSource> = match transport {
+    let reader: Box<dyn RecordSource> = match transport {
         TransportKind::Tcp => Box::new(reader),
         kind => select::backup(kind, reader, writer.clone()).map_err(|source| {
             BackupError::Transport {
@@ -155,73 +240,153 @@ pub fn serve_with(
         })?,
     };
     reader.stream().set_read_timeout(None).ok();
-    if !cfg.quiet {
-        eprintln!(
-            "castor backup: replicating {} ({} pages, {}) from {peer}",
-            hello.desc,
-            hello.pages,
-            crate::units::fmt_bytes(hello.pages * PAGE_SIZE as u64)
-        );
+    Ok(Accepted {
+        peer,
+        hello,
+        writer,
+        reader,
+    })
+}
+
+/// Acks sent `ack_delay` after their commit, in order (tests only).
+type DelayedAcks = (std::sync::mpsc::Sender<(u64, Instant)>, JoinHandle<()>);
+
+/// The threads that run beside the receive loop for one session.
+///
+/// Invariant: once [`Helpers::stop`] returns, every delayed ack was sent (or
+/// the link failed), and the heartbeat and watchdog threads have ended.
+struct Helpers {
+    done: Arc<AtomicBool>,
+    /// `castor-heartbeat`: a heartbeat to the primary every interval.
+    hb: JoinHandle<()>,
+    delayed: Option<DelayedAcks>,
+    /// Signs of life from the primary (records, and beacons if any).
+    live: Arc<Liveness>,
+    /// Suspects a primary that stops sending though its TCP stays open.
+    watchdog: Watchdog,
+}
+
+impl Helpers {
+    fn start(
+        cfg: &BackupConfig,
+        writer: &Arc<Mutex<TcpStream>>,
+        reader: &dyn RecordSource,
+        hello: &Hello,
+    ) -> Result<Helpers, BackupError> {
+        // Heartbeats to the primary while the session lasts.
+        let done = Arc::new(AtomicBool::new(false));
+        let hb = {
+            let (w, done, every) = (writer.clone(), done.clone(), cfg.heartbeat_interval);
+            std::thread::Builder::new()
+                .name("castor-heartbeat".into())
+                .spawn(move || {
+                    while !done.load(Ordering::Relaxed) {
+                        std::thread::park_timeout(every);
+                        if done.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if send_record(&mut *w.lock().unwrap(), RecordKind::Heartbeat, 0, &[])
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                })
+                .expect("spawning heartbeat thread")
+        };
+        // Test-only ack delay: acks leave from their own thread, in order, each
+        // `ack_delay` after its commit; receiving is not slowed down.
+        let delayed = (!cfg.ack_delay.is_zero()).then(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<(u64, Instant)>();
+            let w = writer.clone();
+            let delay = cfg.ack_delay;
+            let t = std::thread::Builder::new()
+                .name("castor-ack-delay".into())
+                .spawn(move || {
+                    for (e, at) in rx {
+                        std::thread::sleep((at + delay).saturating_duration_since(Instant::now()));
+                        if send_record(&mut *w.lock().unwrap(), RecordKind::Ack, e, &[]).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .expect("spawning ack-delay thread");
+            (tx, t)
+        });
+
+        // Suspect a primary that stops sending even though its TCP stays open.
+        let live = Arc::new(Liveness::new(cfg.heartbeat_timeout));
+        if let Some(b) = &cfg.beacon {
+            b.follow(hello.nonce, live.clone());
+        }
+        let watchdog = reader
+            .stream()
+            .try_clone()
+            .and_then(|s| Watchdog::spawn(live.clone(), s))
+            .map_err(BackupError::Accept)?;
+        Ok(Helpers {
+            done,
+            hb,
+            delayed,
+            live,
+            watchdog,
+        })
     }
-    let mut rx = Receiver::new(hello.pages)?;
 
-    // Heartbeats to the primary while the session lasts.
-    let done = Arc::new(AtomicBool::new(false));
-    let hb = {
-        let (w, done, every) = (writer.clone(), done.clone(), cfg.heartbeat_interval);
-        std::thread::Builder::new()
-            .name("castor-heartbeat".into())
-            .spawn(move || {
-                while !done.load(Ordering::Relaxed) {
-                    std::thread::park_timeout(every);
-                    if done.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    if send_record(&mut *w.lock().unwrap(), RecordKind::Heartbeat, 0, &[]).is_err()
-                    {
-                        break;
-                    }
+    /// Stops the helpers once the stream ended for `end`. Returns why it
+    /// ended (the silence, if the watchdog saw one), the silence, and the
+    /// beacons heard (with a beacon path).
+    fn stop(self, cfg: &BackupConfig, mut end: String) -> (String, Option<Duration>, Option<u64>) {
+        if let Some((tx, t)) = self.delayed {
+            drop(tx);
+            let _ = t.join();
+        }
+        let silent = self.watchdog.finish();
+        let beacons = cfg.beacon.as_ref().map(|b| b.unfollow());
+        if let Some(s) = silent {
+            end = format!(
+                "primary silent for {} ms (heartbeat timeout {} ms{})",
+                s.as_millis(),
+                cfg.heartbeat_timeout.as_millis(),
+                if beacons.is_some() {
+                    ", on both the stream and the beacon path"
+                } else {
+                    ""
                 }
-            })
-            .expect("spawning heartbeat thread")
-    };
-    // Test-only ack delay: acks leave from their own thread, in order, each
-    // `ack_delay` after its commit; receiving is not slowed down.
-    let delayed = (!cfg.ack_delay.is_zero()).then(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<(u64, Instant)>();
-        let w = writer.clone();
-        let delay = cfg.ack_delay;
-        let t = std::thread::Builder::new()
-            .name("castor-ack-delay".into())
-            .spawn(move || {
-                for (e, at) in rx {
-                    std::thread::sleep((at + delay).saturating_duration_since(Instant::now()));
-                    if send_record(&mut *w.lock().unwrap(), RecordKind::Ack, e, &[]).is_err() {
-                        break;
-                    }
-                }
-            })
-            .expect("spawning ack-delay thread");
-        (tx, t)
-    });
-
-    // Suspect a primary that stops sending even though its TCP stays open.
-    let live = Arc::new(Liveness::new(cfg.heartbeat_timeout));
-    if let Some(b) = &cfg.beacon {
-        b.follow(hello.nonce, live.clone());
+            );
+        }
+        self.done.store(true, Ordering::Relaxed);
+        self.hb.thread().unpark();
+        let _ = self.hb.join();
+        (end, silent, beacons)
     }
-    let watchdog = reader
-        .stream()
-        .try_clone()
-        .and_then(|s| Watchdog::spawn(live.clone(), s))
-        .map_err(BackupError::Accept)?;
+}
 
-    let started = Instant::now();
-    // Longest silence between two records: how close a healthy session came
-    // to the heartbeat timeout.
+/// How the receive loop ended.
+struct Received {
+    /// The primary closed the stream cleanly.
+    clean: bool,
+    end: String,
+    /// Longest silence between two records: how close a healthy session
+    /// came to the heartbeat timeout.
+    max_gap: Duration,
+}
+
+/// Receives records until the stream ends: each committed epoch is
+/// acknowledged (at once, or through the delayed-ack thread); a transport
+/// mismatch or a bad stream is reported to the primary as an Error record.
+fn receive(
+    reader: &mut dyn RecordSource,
+    rx: &mut Receiver,
+    writer: &Mutex<TcpStream>,
+    helpers: &Helpers,
+    transport: TransportKind,
+    started: Instant,
+) -> Received {
+    let (live, delayed) = (&helpers.live, &helpers.delayed);
     let mut last_rec = started;
     let mut max_gap = Duration::ZERO;
-    let (clean, mut end) = loop {
+    let (clean, end) = loop {
         let rec = reader.next_record();
         let now = Instant::now();
         live.beat_at(now);
@@ -240,16 +405,7 @@ pub fn serve_with(
             Err(e) => break (false, e.to_string()),
         };
         if rec.kind == RecordKind::Transport {
-            let asked = rec
-                .payload
-                .first()
-                .copied()
-                .and_then(TransportKind::from_u8);
-            let msg = format!(
-                "this backup runs --transport {transport} but the primary asked for --transport {}; \
-                 start both with the same --transport",
-                asked.map_or("(unknown)", TransportKind::name)
-            );
+            let msg = transport_mismatch(transport, rec.payload);
             let _ = send_record(
                 &mut *writer.lock().unwrap(),
                 RecordKind::Error,
@@ -261,7 +417,7 @@ pub fn serve_with(
         match rx.on_record(rec) {
             Ok(Event::None) => {}
             Ok(Event::Committed(e)) => {
-                if let Some((tx, _)) = &delayed {
+                if let Some((tx, _)) = delayed {
                     let _ = tx.send((e, now));
                 } else if let Err(err) =
                     send_record(&mut *writer.lock().unwrap(), RecordKind::Ack, e, &[])
@@ -284,71 +440,38 @@ pub fn serve_with(
             }
         }
     };
-    let ended_at = Instant::now();
-    if let Some((tx, t)) = delayed {
-        drop(tx);
-        let _ = t.join();
-    }
-    let silent = watchdog.finish();
-    let beacons = cfg.beacon.as_ref().map(|b| b.unfollow());
-    if let Some(s) = silent {
-        end = format!(
-            "primary silent for {} ms (heartbeat timeout {} ms{})",
-            s.as_millis(),
-            cfg.heartbeat_timeout.as_millis(),
-            if beacons.is_some() {
-                ", on both the stream and the beacon path"
-            } else {
-                ""
-            }
-        );
-    }
-    done.store(true, Ordering::Relaxed);
-    hb.thread().unpark();
-    let _ = hb.join();
-    let discarded = rx.discard_open();
-    let bytes_received = reader.bytes_read();
-    drop(reader);
-    if !cfg.quiet {
-        let what = if clean {
-            "stream ended"
-        } else {
-            "stream broken"
-        };
-        eprintln!(
-            "castor backup: {what}: {end} ({:.1}s; longest gap between records while live {} ms, heartbeat timeout {} ms{})",
-            started.elapsed().as_secs_f64(),
-            max_gap.as_millis(),
-            cfg.heartbeat_timeout.as_millis(),
-            beacons.map_or(String::new(), |n| format!("; {n} beacons heard"))
-        );
-        if let Some(d) = discarded {
-            eprintln!("castor backup: epoch {d} was incomplete and has been discarded whole");
-        }
-    }
-    let (meta, digest) = match rx.committed() {
-        Some(epoch) => {
-            // SAFETY: the receiver is the replica's only writer and it is idle.
-            let mem = unsafe { rx.memory().as_slice() };
-            let meta = replica::save(&cfg.state_dir, mem, rx.state(), epoch, &hello.desc)?;
-            let d = Digest::from_hex(&meta.digest);
-            (Some(meta), d)
-        }
-        None => (None, None),
-    };
-    let committed = rx.committed();
-    Ok(BackupOutcome {
-        peer,
-        domain: hello.desc,
+    Received {
         clean,
         end,
-        discarded,
-        committed,
-        meta,
-        digest,
-        bytes_received,
-        silent,
-        ended_at,
-        replica: committed.map(|_| rx.into_replica()),
-    })
+        max_gap,
+    }
+}
+
+/// The primary asked for another transport than this backup runs.
+fn transport_mismatch(transport: TransportKind, payload: &[u8]) -> String {
+    let asked = payload.first().copied().and_then(TransportKind::from_u8);
+    format!(
+        "this backup runs --transport {transport} but the primary asked for --transport {}; \
+         start both with the same --transport",
+        asked.map_or("(unknown)", TransportKind::name)
+    )
+}
+
+/// Saves the committed replica (if any epoch was committed) to the state
+/// directory and completes `out` with it.
+fn save(
+    cfg: &BackupConfig,
+    rx: Receiver,
+    mut out: BackupOutcome,
+) -> Result<BackupOutcome, BackupError> {
+    if let Some(epoch) = rx.committed() {
+        // SAFETY: the receiver is the replica's only writer and it is idle.
+        let mem = unsafe { rx.memory().as_slice() };
+        let meta = replica::save(&cfg.state_dir, mem, rx.state(), epoch, &out.domain)?;
+        out.digest = Digest::from_hex(&meta.digest);
+        out.meta = Some(meta);
+    }
+    out.committed = rx.committed();
+    out.replica = out.committed.map(|_| rx.into_replica());
+    Ok(out)
 }

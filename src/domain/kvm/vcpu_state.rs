@@ -264,168 +264,219 @@ impl VcpuState {
 
     /// Decodes the vCPU records out of `records` (other tags are skipped;
     /// the caller checks for unknown ones). Every vCPU record but XCRS is
-    /// required.
+    /// required. Each record is decoded by its own function below, which
+    /// checks its version, every field's bounds and that nothing trails.
     pub fn decode(records: &[RawRecord<'_>]) -> Result<Self> {
-        let find = |tag: &[u8; 4], name: &'static str| -> Result<RawRecord<'_>> {
-            records
-                .iter()
-                .find(|r| &r.magic == tag)
-                .copied()
-                .ok_or_else(|| KvmError::State {
-                    record: name,
-                    reason: "missing from the saved state".into(),
-                })
+        // In this order, so the first bad record reported stays the same.
+        let mp_state = decode_mpst(&find(records, "MPST")?)?;
+        let regs = decode_regs(&find(records, "REGS")?)?;
+        let sregs = decode_sregs(&find(records, "SREG")?)?;
+        let fpu = decode_fpu(&find(records, "FPU_")?)?;
+        let xcrs = match records.iter().find(|r| &r.magic == b"XCRS") {
+            Some(raw) => Some(decode_xcrs(raw)?),
+            None => None,
         };
-        let mut st = VcpuState::default();
-
-        let mut r = Reader::new("MPST", &find(b"MPST", "MPST")?, 1)?;
-        st.mp_state.mp_state = r.u32("mp_state")?;
-        r.finish()?;
-
-        let mut r = Reader::new("REGS", &find(b"REGS", "REGS")?, 1)?;
-        let g = &mut st.regs;
-        for (name, slot) in [
-            ("rax", &mut g.rax),
-            ("rbx", &mut g.rbx),
-            ("rcx", &mut g.rcx),
-            ("rdx", &mut g.rdx),
-            ("rsi", &mut g.rsi),
-            ("rdi", &mut g.rdi),
-            ("rsp", &mut g.rsp),
-            ("rbp", &mut g.rbp),
-            ("r8", &mut g.r8),
-            ("r9", &mut g.r9),
-            ("r10", &mut g.r10),
-            ("r11", &mut g.r11),
-            ("r12", &mut g.r12),
-            ("r13", &mut g.r13),
-            ("r14", &mut g.r14),
-            ("r15", &mut g.r15),
-            ("rip", &mut g.rip),
-            ("rflags", &mut g.rflags),
-        ] {
-            *slot = r.u64(name)?;
-        }
-        r.finish()?;
-
-        let mut r = Reader::new("SREG", &find(b"SREG", "SREG")?, 1)?;
-        let s = &mut st.sregs;
-        for (name, seg) in [
-            ("cs", &mut s.cs),
-            ("ds", &mut s.ds),
-            ("es", &mut s.es),
-            ("fs", &mut s.fs),
-            ("gs", &mut s.gs),
-            ("ss", &mut s.ss),
-            ("tr", &mut s.tr),
-            ("ldt", &mut s.ldt),
-        ] {
-            *seg = get_segment(&mut r, name)?;
-        }
-        for (name, dt) in [("gdt", &mut s.gdt), ("idt", &mut s.idt)] {
-            dt.base = r.u64(name)?;
-            dt.limit = r.u16(name)?;
-        }
-        for (name, slot) in [
-            ("cr0", &mut s.cr0),
-            ("cr2", &mut s.cr2),
-            ("cr3", &mut s.cr3),
-            ("cr4", &mut s.cr4),
-            ("cr8", &mut s.cr8),
-            ("efer", &mut s.efer),
-            ("apic_base", &mut s.apic_base),
-        ] {
-            *slot = r.u64(name)?;
-        }
-        for v in s.interrupt_bitmap.iter_mut() {
-            *v = r.u64("interrupt_bitmap")?;
-        }
-        r.finish()?;
-
-        let mut r = Reader::new("FPU_", &find(b"FPU_", "FPU_")?, 1)?;
-        let f = &mut st.fpu;
-        for x in f.fpr.iter_mut() {
-            *x = r.array("fpr")?;
-        }
-        f.fcw = r.u16("fcw")?;
-        f.fsw = r.u16("fsw")?;
-        f.ftwx = r.u8("ftwx")?;
-        f.last_opcode = r.u16("last_opcode")?;
-        f.last_ip = r.u64("last_ip")?;
-        f.last_dp = r.u64("last_dp")?;
-        for x in f.xmm.iter_mut() {
-            *x = r.array("xmm")?;
-        }
-        f.mxcsr = r.u32("mxcsr")?;
-        r.finish()?;
-
-        if let Some(raw) = records.iter().find(|r| &r.magic == b"XCRS") {
-            let mut r = Reader::new("XCRS", raw, 1)?;
-            let mut x = kvm_xcrs::default();
-            let n = r.u32("nr_xcrs")?;
-            if n as usize > x.xcrs.len() {
-                return Err(r.invalid("nr_xcrs", format!("{n} exceeds {}", x.xcrs.len())));
-            }
-            x.nr_xcrs = n;
-            x.flags = r.u32("flags")?;
-            for xcr in x.xcrs[..n as usize].iter_mut() {
-                xcr.xcr = r.u32("xcr")?;
-                xcr.value = r.u64("value")?;
-            }
-            r.finish()?;
-            st.xcrs = Some(x);
-        }
-
-        let mut r = Reader::new("DBGR", &find(b"DBGR", "DBGR")?, 1)?;
-        let d = &mut st.debugregs;
-        for v in d.db.iter_mut() {
-            *v = r.u64("db")?;
-        }
-        d.dr6 = r.u64("dr6")?;
-        d.dr7 = r.u64("dr7")?;
-        d.flags = r.u64("flags")?;
-        r.finish()?;
-
-        let mut r = Reader::new("MSRS", &find(b"MSRS", "MSRS")?, 1)?;
-        let n = r.u32("count")?;
-        // Each entry is 12 bytes: refuse counts the payload cannot hold
-        // before allocating for them.
-        if n as usize > r_remaining(&find(b"MSRS", "MSRS")?) / 12 {
-            return Err(r.invalid("count", format!("{n} entries do not fit the record")));
-        }
-        for _ in 0..n {
-            let i = r.u32("index")?;
-            let v = r.u64("data")?;
-            st.msrs.push((i, v));
-        }
-        r.finish()?;
-
-        let mut r = Reader::new("EVNT", &find(b"EVNT", "EVNT")?, 1)?;
-        let e = &mut st.events;
-        e.exception.injected = r.u8("exception.injected")?;
-        e.exception.nr = r.u8("exception.nr")?;
-        e.exception.has_error_code = r.u8("exception.has_error_code")?;
-        e.exception.pending = r.u8("exception.pending")?;
-        e.exception.error_code = r.u32("exception.error_code")?;
-        e.interrupt.injected = r.u8("interrupt.injected")?;
-        e.interrupt.nr = r.u8("interrupt.nr")?;
-        e.interrupt.soft = r.u8("interrupt.soft")?;
-        e.interrupt.shadow = r.u8("interrupt.shadow")?;
-        e.nmi.injected = r.u8("nmi.injected")?;
-        e.nmi.pending = r.u8("nmi.pending")?;
-        e.nmi.masked = r.u8("nmi.masked")?;
-        e.sipi_vector = r.u32("sipi_vector")?;
-        e.flags = r.u32("flags")?;
-        e.smi.smm = r.u8("smi.smm")?;
-        e.smi.pending = r.u8("smi.pending")?;
-        e.smi.smm_inside_nmi = r.u8("smi.smm_inside_nmi")?;
-        e.smi.latched_init = r.u8("smi.latched_init")?;
-        e.triple_fault.pending = r.u8("triple_fault.pending")?;
-        e.exception_has_payload = r.u8("exception_has_payload")?;
-        e.exception_payload = r.u64("exception_payload")?;
-        r.finish()?;
-        Ok(st)
+        let debugregs = decode_dbgr(&find(records, "DBGR")?)?;
+        let msrs = decode_msrs(&find(records, "MSRS")?)?;
+        let events = decode_events(&find(records, "EVNT")?)?;
+        Ok(VcpuState {
+            mp_state,
+            regs,
+            sregs,
+            fpu,
+            xcrs,
+            debugregs,
+            msrs,
+            events,
+        })
     }
+}
+
+/// The record tagged `tag`, which must be present.
+fn find<'a>(records: &[RawRecord<'a>], tag: &'static str) -> Result<RawRecord<'a>> {
+    records
+        .iter()
+        .find(|r| r.magic.as_slice() == tag.as_bytes())
+        .copied()
+        .ok_or_else(|| KvmError::State {
+            record: tag,
+            reason: "missing from the saved state".into(),
+        })
+}
+
+fn decode_mpst(raw: &RawRecord<'_>) -> Result<kvm_mp_state> {
+    let mut r = Reader::new("MPST", raw, 1)?;
+    let st = kvm_mp_state {
+        mp_state: r.u32("mp_state")?,
+    };
+    r.finish()?;
+    Ok(st)
+}
+
+fn decode_regs(raw: &RawRecord<'_>) -> Result<kvm_regs> {
+    let mut r = Reader::new("REGS", raw, 1)?;
+    let mut g = kvm_regs::default();
+    for (name, slot) in [
+        ("rax", &mut g.rax),
+        ("rbx", &mut g.rbx),
+        ("rcx", &mut g.rcx),
+        ("rdx", &mut g.rdx),
+        ("rsi", &mut g.rsi),
+        ("rdi", &mut g.rdi),
+        ("rsp", &mut g.rsp),
+        ("rbp", &mut g.rbp),
+        ("r8", &mut g.r8),
+        ("r9", &mut g.r9),
+        ("r10", &mut g.r10),
+        ("r11", &mut g.r11),
+        ("r12", &mut g.r12),
+        ("r13", &mut g.r13),
+        ("r14", &mut g.r14),
+        ("r15", &mut g.r15),
+        ("rip", &mut g.rip),
+        ("rflags", &mut g.rflags),
+    ] {
+        *slot = r.u64(name)?;
+    }
+    r.finish()?;
+    Ok(g)
+}
+
+fn decode_sregs(raw: &RawRecord<'_>) -> Result<kvm_sregs> {
+    let mut r = Reader::new("SREG", raw, 1)?;
+    let mut s = kvm_sregs::default();
+    for (name, seg) in [
+        ("cs", &mut s.cs),
+        ("ds", &mut s.ds),
+        ("es", &mut s.es),
+        ("fs", &mut s.fs),
+        ("gs", &mut s.gs),
+        ("ss", &mut s.ss),
+        ("tr", &mut s.tr),
+        ("ldt", &mut s.ldt),
+    ] {
+        *seg = get_segment(&mut r, name)?;
+    }
+    for (name, dt) in [("gdt", &mut s.gdt), ("idt", &mut s.idt)] {
+        dt.base = r.u64(name)?;
+        dt.limit = r.u16(name)?;
+    }
+    for (name, slot) in [
+        ("cr0", &mut s.cr0),
+        ("cr2", &mut s.cr2),
+        ("cr3", &mut s.cr3),
+        ("cr4", &mut s.cr4),
+        ("cr8", &mut s.cr8),
+        ("efer", &mut s.efer),
+        ("apic_base", &mut s.apic_base),
+    ] {
+        *slot = r.u64(name)?;
+    }
+    for v in s.interrupt_bitmap.iter_mut() {
+        *v = r.u64("interrupt_bitmap")?;
+    }
+    r.finish()?;
+    Ok(s)
+}
+
+fn decode_fpu(raw: &RawRecord<'_>) -> Result<kvm_fpu> {
+    let mut r = Reader::new("FPU_", raw, 1)?;
+    let mut f = kvm_fpu::default();
+    for x in f.fpr.iter_mut() {
+        *x = r.array("fpr")?;
+    }
+    f.fcw = r.u16("fcw")?;
+    f.fsw = r.u16("fsw")?;
+    f.ftwx = r.u8("ftwx")?;
+    f.last_opcode = r.u16("last_opcode")?;
+    f.last_ip = r.u64("last_ip")?;
+    f.last_dp = r.u64("last_dp")?;
+    for x in f.xmm.iter_mut() {
+        *x = r.array("xmm")?;
+    }
+    f.mxcsr = r.u32("mxcsr")?;
+    r.finish()?;
+    Ok(f)
+}
+
+/// XCRS: the count is checked against the fixed array before any entry
+/// is read.
+fn decode_xcrs(raw: &RawRecord<'_>) -> Result<kvm_xcrs> {
+    let mut r = Reader::new("XCRS", raw, 1)?;
+    let mut x = kvm_xcrs::default();
+    let n = r.u32("nr_xcrs")?;
+    if n as usize > x.xcrs.len() {
+        return Err(r.invalid("nr_xcrs", format!("{n} exceeds {}", x.xcrs.len())));
+    }
+    x.nr_xcrs = n;
+    x.flags = r.u32("flags")?;
+    for xcr in x.xcrs[..n as usize].iter_mut() {
+        xcr.xcr = r.u32("xcr")?;
+        xcr.value = r.u64("value")?;
+    }
+    r.finish()?;
+    Ok(x)
+}
+
+fn decode_dbgr(raw: &RawRecord<'_>) -> Result<kvm_debugregs> {
+    let mut r = Reader::new("DBGR", raw, 1)?;
+    let mut d = kvm_debugregs::default();
+    for v in d.db.iter_mut() {
+        *v = r.u64("db")?;
+    }
+    d.dr6 = r.u64("dr6")?;
+    d.dr7 = r.u64("dr7")?;
+    d.flags = r.u64("flags")?;
+    r.finish()?;
+    Ok(d)
+}
+
+/// MSRS: (index, value) pairs; the count is checked against the payload
+/// before anything is allocated for it.
+fn decode_msrs(raw: &RawRecord<'_>) -> Result<Vec<(u32, u64)>> {
+    let mut r = Reader::new("MSRS", raw, 1)?;
+    let n = r.u32("count")?;
+    // Each entry is 12 bytes: refuse counts the payload cannot hold
+    // before allocating for them.
+    if n as usize > r_remaining(raw) / 12 {
+        return Err(r.invalid("count", format!("{n} entries do not fit the record")));
+    }
+    let mut msrs = Vec::new();
+    for _ in 0..n {
+        let i = r.u32("index")?;
+        let v = r.u64("data")?;
+        msrs.push((i, v));
+    }
+    r.finish()?;
+    Ok(msrs)
+}
+
+fn decode_events(raw: &RawRecord<'_>) -> Result<kvm_vcpu_events> {
+    let mut r = Reader::new("EVNT", raw, 1)?;
+    let mut e = kvm_vcpu_events::default();
+    e.exception.injected = r.u8("exception.injected")?;
+    e.exception.nr = r.u8("exception.nr")?;
+    e.exception.has_error_code = r.u8("exception.has_error_code")?;
+    e.exception.pending = r.u8("exception.pending")?;
+    e.exception.error_code = r.u32("exception.error_code")?;
+    e.interrupt.injected = r.u8("interrupt.injected")?;
+    e.interrupt.nr = r.u8("interrupt.nr")?;
+    e.interrupt.soft = r.u8("interrupt.soft")?;
+    e.interrupt.shadow = r.u8("interrupt.shadow")?;
+    e.nmi.injected = r.u8("nmi.injected")?;
+    e.nmi.pending = r.u8("nmi.pending")?;
+    e.nmi.masked = r.u8("nmi.masked")?;
+    e.sipi_vector = r.u32("sipi_vector")?;
+    e.flags = r.u32("flags")?;
+    e.smi.smm = r.u8("smi.smm")?;
+    e.smi.pending = r.u8("smi.pending")?;
+    e.smi.smm_inside_nmi = r.u8("smi.smm_inside_nmi")?;
+    e.smi.latched_init = r.u8("smi.latched_init")?;
+    e.triple_fault.pending = r.u8("triple_fault.pending")?;
+    e.exception_has_payload = r.u8("exception_has_payload")?;
+    e.exception_payload = r.u64("exception_payload")?;
+    r.finish()?;
+    Ok(e)
 }
 
 fn r_remaining(raw: &RawRecord<'_>) -> usize {
