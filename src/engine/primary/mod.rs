@@ -27,6 +27,17 @@
 //! | `watch.rs`   | `castor-lease`, `castor-watch`, `castor-progress` |
 //! | `shared.rs`  | the in-flight table, failure flag and pause gate the threads share |
 //!
+//! Where the next features land (seams, no behaviour yet):
+//! - throttling the guest when it dirties faster than the pipeline ships:
+//!   a verdict of `pacing::Pacer::wait_for_pause`, decided before the pause;
+//! - an adaptive epoch length: `pacing::Pacer::next_epoch`, the one place the
+//!   next deadline is chosen (inputs: the epoch's `EpochRecord`);
+//! - per-record MACs: `tx::Tx::frame` and the sink, where every record of a
+//!   unit is written;
+//! - disk-write records: collected in `epoch::Driver::pause` next to the
+//!   state save, carried in `job::Meta`, framed by `tx::Tx::frame` between
+//!   the pages and the State record.
+//!
 //! Invariants:
 //! - Epochs reach the wire strictly in order, each whole (Begin, all shards,
 //!   State, End), because only `castor-tx` writes and it sends epoch N+1

@@ -11,8 +11,9 @@
 //!   used; otherwise one more is allocated while at most K+1 exist;
 //!   otherwise the pause waits for one to come back (the pipeline is full)
 //!   and grows it if it is too small. The wait and the growth are the only
-//!   ways a pause can depend on castor's own resources; wave 2's
-//!   backpressure should make them unreachable by deciding before the pause.
+//!   ways a pause can depend on castor's own resources (kept as they were);
+//!   backpressure decided before the pause ([`super::pacing`]) is where
+//!   they can be made unreachable.
 
 use std::sync::mpsc::Receiver;
 
