@@ -48,7 +48,9 @@
 //! - At most `max_inflight` checkpoints are unacknowledged when a pause
 //!   starts; the wait for a slot is recorded as the epoch's extension.
 //! - The guest's pause holds only harvest, copy and state save (plus the
-//!   lease check and the output epoch switch): every wait is taken before it.
+//!   lease check and the output epoch switch): the deadline and backpressure
+//!   waits are taken before it; the one wait left inside is the staging
+//!   fallback when every buffer is in flight (see `staging.rs`).
 //! - Output commit: the guest's output goes to a `castor-outq` queue
 //!   (`Domain::attach_output`, before `start`). The epoch thread opens
 //!   epoch N+1 in the queue between the pause ending N and the resume; the
