@@ -215,7 +215,7 @@ fn wrong_key_is_refused_before_any_page() {
         meta(&bdir).is_none(),
         "a replica was saved despite a wrong key"
     );
-    assert!(!bdir.join("memory.img").exists());
+    assert!(!bdir.join("current").exists());
 }
 
 #[test]

@@ -1,13 +1,28 @@
-//! The committed replica on disk (`--state-dir`).
+//! The committed replica on disk (`--state-dir`), replaced as a set.
 //!
 //! ```text
-//! memory.img   raw guest memory, page 0 first (sparse: zero pages are holes)
-//! state.bin    saved vCPU/device state of the committed epoch
-//! meta.json    {"format":"castor-replica-v1","epoch":E,"pages":P,"page_size":4096,
-//!               "domain":"sim:...","digest":"<hex>","memory_bytes":…,"state_bytes":…}
+//! STATE_DIR/
+//!   current -> v00000000000000000042-5f3a…    symlink naming the complete replica
+//!   v00000000000000000042-5f3a…/
+//!     memory.img   raw guest memory, page 0 first (sparse: zero pages are holes)
+//!     state.bin    saved vCPU/device state of the committed epoch
+//!     meta.json    {"format":"castor-replica-v1","epoch":E,"pages":P,"page_size":4096,
+//!                   "domain":"sim:...","digest":"<hex>","memory_bytes":…,"state_bytes":…}
+//!     disks/       disk images of the epoch, when the domain has disks
 //! ```
-//! Files are written under temporary names, synced, then renamed; meta.json
-//! is renamed last, so a meta.json always describes complete image files.
+//!
+//! A save never touches the replica `current` names. It writes a whole new
+//! version under a temporary name (`.tmp-v…`), syncs every file and the
+//! version directory, renames it to its final name, syncs STATE_DIR, then
+//! points a fresh symlink at it and renames that symlink over `current`
+//! (rename is atomic), and syncs STATE_DIR again. Only then are older
+//! versions removed. A crash at any point therefore leaves `current`
+//! naming either the old or the new complete replica, never neither and
+//! never a mix; leftovers of an interrupted save are removed by the next one.
+//!
+//! Readers ([`verify`], [`read_meta`], [`version_dir`]) follow `current`. A
+//! directory written by an older castor (the three files directly in
+//! STATE_DIR, no `current`) is still read; the next save replaces it.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -20,6 +35,13 @@ use crate::digest::Digest;
 use crate::PAGE_SIZE;
 
 pub const FORMAT: &str = "castor-replica-v1";
+/// The symlink naming the complete replica.
+pub const CURRENT: &str = "current";
+/// Where a version keeps its disk images.
+pub const DISKS: &str = "disks";
+const TMP_PREFIX: &str = ".tmp-";
+const CURRENT_TMP: &str = ".current.tmp";
+const LEGACY_FILES: [&str; 3] = ["memory.img", "state.bin", "meta.json"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -46,6 +68,43 @@ pub struct Meta {
     pub state_bytes: u64,
 }
 
+/// One step of a save, in order; [`save_with`]'s hook runs before each, so
+/// tests can fail any of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    CreateVersion,
+    WriteMemory,
+    WriteState,
+    WriteDisks,
+    WriteMeta,
+    SyncFiles,
+    SyncVersionDir,
+    RenameVersion,
+    SyncStateDirAfterRename,
+    LinkCurrent,
+    SwitchCurrent,
+    SyncStateDirAfterSwitch,
+    RemoveOld,
+}
+
+impl Step {
+    pub const ALL: [Step; 13] = [
+        Step::CreateVersion,
+        Step::WriteMemory,
+        Step::WriteState,
+        Step::WriteDisks,
+        Step::WriteMeta,
+        Step::SyncFiles,
+        Step::SyncVersionDir,
+        Step::RenameVersion,
+        Step::SyncStateDirAfterRename,
+        Step::LinkCurrent,
+        Step::SwitchCurrent,
+        Step::SyncStateDirAfterSwitch,
+        Step::RemoveOld,
+    ];
+}
+
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ReplicaError + 'a {
     move |source| ReplicaError::Io {
         op,
@@ -54,21 +113,16 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Rep
     }
 }
 
-fn write_atomic(
-    dir: &Path,
-    name: &str,
-    f: impl FnOnce(&File) -> io::Result<()>,
-) -> Result<(), ReplicaError> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let dst = dir.join(name);
-    let file = File::create(&tmp).map_err(io_err("creating", &tmp))?;
-    f(&file).map_err(io_err("writing", &tmp))?;
-    file.sync_all().map_err(io_err("syncing", &tmp))?;
-    fs::rename(&tmp, &dst).map_err(io_err("renaming", &dst))?;
-    Ok(())
-}
+/// What a save writes besides memory and state: fills the version's
+/// `disks/` directory (already created) with the epoch's disk images.
+/// Every regular file it leaves there is synced and switched with the rest.
+pub type DiskWriter<'a> = &'a mut dyn FnMut(&Path) -> io::Result<()>;
 
-/// Saves a committed replica. `memory` must not change during the call.
+/// Runs before each [`Step`]; an error fails the save at that step.
+pub type StepHook<'a> = &'a mut dyn FnMut(Step) -> io::Result<()>;
+
+/// Saves a committed replica (no disks). `memory` must not change during
+/// the call.
 pub fn save(
     dir: &Path,
     memory: &[u8],
@@ -76,35 +130,23 @@ pub fn save(
     epoch: u64,
     domain: &str,
 ) -> Result<Meta, ReplicaError> {
+    save_with(dir, memory, state, epoch, domain, None, &mut |_| Ok(()))
+}
+
+/// [`save`] with the epoch's disk images (`disks`) and a hook run before
+/// every step (error injection in tests; `&mut |_| Ok(())` otherwise).
+pub fn save_with(
+    dir: &Path,
+    memory: &[u8],
+    state: &[u8],
+    epoch: u64,
+    domain: &str,
+    disks: Option<DiskWriter<'_>>,
+    hook: StepHook<'_>,
+) -> Result<Meta, ReplicaError> {
     fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
-    write_atomic(dir, "memory.img", |f| {
-        f.set_len(memory.len() as u64)?;
-        // Write runs of non-zero pages; zero pages stay holes.
-        let mut i = 0;
-        let pages = memory.len() / PAGE_SIZE;
-        let is_zero = |p: usize| {
-            memory[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
-                .iter()
-                .all(|&b| b == 0)
-        };
-        while i < pages {
-            if is_zero(i) {
-                i += 1;
-                continue;
-            }
-            let mut j = i + 1;
-            while j < pages && j - i < 256 && !is_zero(j) {
-                j += 1;
-            }
-            f.write_all_at(
-                &memory[i * PAGE_SIZE..j * PAGE_SIZE],
-                (i * PAGE_SIZE) as u64,
-            )?;
-            i = j;
-        }
-        Ok(())
-    })?;
-    write_atomic(dir, "state.bin", |mut f| f.write_all(state))?;
+    let name = version_name(epoch);
+    let tmp = dir.join(format!("{TMP_PREFIX}{name}"));
     let meta = Meta {
         format: FORMAT.into(),
         epoch,
@@ -115,13 +157,205 @@ pub fn save(
         memory_bytes: memory.len() as u64,
         state_bytes: state.len() as u64,
     };
-    let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
-    write_atomic(dir, "meta.json", |mut f| f.write_all(&json))?;
+    write_version(&tmp, memory, state, &meta, disks, hook)?;
+    let ver = dir.join(&name);
+    run(hook, Step::RenameVersion, &ver)?;
+    fs::rename(&tmp, &ver).map_err(io_err("renaming the new version to", &ver))?;
+    run(hook, Step::SyncStateDirAfterRename, dir)?;
+    sync_dir(dir)?;
+    switch_current(dir, &name, hook)?;
+    // The new replica is saved and current: failing to tidy up is no
+    // failure of the save (the next save retries).
+    if let Err(e) = run(hook, Step::RemoveOld, dir).and_then(|()| remove_stale(dir, &name)) {
+        tracing::warn!("replica of epoch {epoch} saved, but removing older versions failed: {e}");
+    }
     Ok(meta)
 }
 
+fn run(hook: StepHook<'_>, step: Step, path: &Path) -> Result<(), ReplicaError> {
+    hook(step).map_err(|source| ReplicaError::Io {
+        op: "injected failure before",
+        path: path.join(format!("{step:?}")),
+        source,
+    })
+}
+
+/// A fresh, unique version name that sorts by epoch.
+fn version_name(epoch: u64) -> String {
+    let mut r = [0u8; 8];
+    if getrandom::getrandom(&mut r).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        r = (t.as_nanos() as u64 ^ std::process::id() as u64).to_le_bytes();
+    }
+    format!("v{epoch:020}-{:016x}", u64::from_le_bytes(r))
+}
+
+fn is_version_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() > 22 && b[0] == b'v' && b[1..21].iter().all(u8::is_ascii_digit) && b[21] == b'-'
+}
+
+/// Writes and syncs every file of a version into `tmp`, then `tmp` itself.
+fn write_version(
+    tmp: &Path,
+    memory: &[u8],
+    state: &[u8],
+    meta: &Meta,
+    disks: Option<DiskWriter<'_>>,
+    hook: StepHook<'_>,
+) -> Result<(), ReplicaError> {
+    run(hook, Step::CreateVersion, tmp)?;
+    fs::create_dir(tmp).map_err(io_err("creating the new version", tmp))?;
+    run(hook, Step::WriteMemory, tmp)?;
+    let mut files = vec![write_file(tmp, "memory.img", |f| write_sparse(f, memory))?];
+    run(hook, Step::WriteState, tmp)?;
+    files.push(write_file(tmp, "state.bin", |mut f| f.write_all(state))?);
+    run(hook, Step::WriteDisks, tmp)?;
+    if let Some(w) = disks {
+        let d = tmp.join(DISKS);
+        fs::create_dir(&d).map_err(io_err("creating", &d))?;
+        w(&d).map_err(io_err("writing disk images into", &d))?;
+        for e in fs::read_dir(&d).map_err(io_err("listing", &d))? {
+            let e = e.map_err(io_err("listing", &d))?;
+            if e.file_type().map_err(io_err("listing", &d))?.is_file() {
+                let p = e.path();
+                files.push(File::open(&p).map_err(io_err("opening", &p))?);
+            }
+        }
+        files.push(File::open(&d).map_err(io_err("opening", &d))?);
+    }
+    run(hook, Step::WriteMeta, tmp)?;
+    let json = serde_json::to_vec_pretty(meta).expect("meta serialises");
+    files.push(write_file(tmp, "meta.json", |mut f| f.write_all(&json))?);
+    run(hook, Step::SyncFiles, tmp)?;
+    for f in &files {
+        f.sync_all().map_err(io_err("syncing a file of", tmp))?;
+    }
+    run(hook, Step::SyncVersionDir, tmp)?;
+    sync_dir(tmp)
+}
+
+fn write_file(
+    dir: &Path,
+    name: &str,
+    f: impl FnOnce(&File) -> io::Result<()>,
+) -> Result<File, ReplicaError> {
+    let p = dir.join(name);
+    let file = File::create(&p).map_err(io_err("creating", &p))?;
+    f(&file).map_err(io_err("writing", &p))?;
+    Ok(file)
+}
+
+/// Writes runs of non-zero pages; zero pages stay holes.
+fn write_sparse(f: &File, memory: &[u8]) -> io::Result<()> {
+    f.set_len(memory.len() as u64)?;
+    let pages = memory.len() / PAGE_SIZE;
+    let is_zero = |p: usize| {
+        memory[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+            .iter()
+            .all(|&b| b == 0)
+    };
+    let mut i = 0;
+    while i < pages {
+        if is_zero(i) {
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < pages && j - i < 256 && !is_zero(j) {
+            j += 1;
+        }
+        f.write_all_at(
+            &memory[i * PAGE_SIZE..j * PAGE_SIZE],
+            (i * PAGE_SIZE) as u64,
+        )?;
+        i = j;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ReplicaError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing directory", dir))
+}
+
+/// Points `current` at version `name`: a fresh symlink renamed over it.
+fn switch_current(dir: &Path, name: &str, hook: StepHook<'_>) -> Result<(), ReplicaError> {
+    let link = dir.join(CURRENT_TMP);
+    run(hook, Step::LinkCurrent, &link)?;
+    match fs::remove_file(&link) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("removing", &link)(e)),
+    }
+    std::os::unix::fs::symlink(name, &link).map_err(io_err("creating symlink", &link))?;
+    let cur = dir.join(CURRENT);
+    run(hook, Step::SwitchCurrent, &cur)?;
+    fs::rename(&link, &cur).map_err(io_err("switching", &cur))?;
+    run(hook, Step::SyncStateDirAfterSwitch, dir)?;
+    sync_dir(dir)
+}
+
+/// Removes everything a save owns in `dir` except version `keep`: older
+/// versions, interrupted saves, and an older castor's top-level files.
+fn remove_stale(dir: &Path, keep: &str) -> Result<(), ReplicaError> {
+    for e in fs::read_dir(dir).map_err(io_err("listing", dir))? {
+        let e = e.map_err(io_err("listing", dir))?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let p = e.path();
+        let r = if (is_version_name(name) && name != keep)
+            || name.strip_prefix(TMP_PREFIX).is_some_and(is_version_name)
+        {
+            fs::remove_dir_all(&p)
+        } else if name == CURRENT_TMP
+            || LEGACY_FILES.contains(&name)
+            || LEGACY_FILES.iter().any(|f| name == format!(".{f}.tmp"))
+        {
+            fs::remove_file(&p)
+        } else {
+            continue;
+        };
+        r.map_err(io_err("removing the stale", &p))?;
+    }
+    Ok(())
+}
+
+/// The directory holding the complete replica of `dir`: the version
+/// `current` names, or `dir` itself for an older castor's layout.
+pub fn version_dir(dir: &Path) -> Result<PathBuf, ReplicaError> {
+    let cur = dir.join(CURRENT);
+    match fs::read_link(&cur) {
+        Ok(target) => {
+            let name = target.to_str().filter(|n| is_version_name(n));
+            match name {
+                Some(n) => Ok(dir.join(n)),
+                None => Err(ReplicaError::Invalid {
+                    path: cur,
+                    reason: format!("it points to {target:?}, not to a version of this directory"),
+                }),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound && dir.join("meta.json").exists() => {
+            Ok(dir.to_path_buf())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ReplicaError::Invalid {
+            path: dir.to_path_buf(),
+            reason: format!("no {CURRENT} (nothing was saved here)"),
+        }),
+        Err(e) => Err(io_err("reading symlink", &cur)(e)),
+    }
+}
+
 pub fn read_meta(dir: &Path) -> Result<Meta, ReplicaError> {
-    let p = dir.join("meta.json");
+    read_meta_in(&version_dir(dir)?)
+}
+
+fn read_meta_in(ver: &Path) -> Result<Meta, ReplicaError> {
+    let p = ver.join("meta.json");
     let bytes = fs::read(&p).map_err(io_err("reading", &p))?;
     let meta: Meta = serde_json::from_slice(&bytes).map_err(|e| ReplicaError::Invalid {
         path: p.clone(),
@@ -138,14 +372,15 @@ pub fn read_meta(dir: &Path) -> Result<Meta, ReplicaError> {
 
 /// Recomputes the digest of the saved image and checks it against meta.json.
 pub fn verify(dir: &Path) -> Result<(Meta, Digest), ReplicaError> {
-    let meta = read_meta(dir)?;
-    let mp = dir.join("memory.img");
-    let sp = dir.join("state.bin");
+    let ver = version_dir(dir)?;
+    let meta = read_meta_in(&ver)?;
+    let mp = ver.join("memory.img");
+    let sp = ver.join("state.bin");
     let memory = fs::read(&mp).map_err(io_err("reading", &mp))?;
     let state = fs::read(&sp).map_err(io_err("reading", &sp))?;
     if memory.len() as u64 != meta.memory_bytes || state.len() as u64 != meta.state_bytes {
         return Err(ReplicaError::Invalid {
-            path: dir.to_path_buf(),
+            path: ver,
             reason: format!(
                 "image sizes {}+{} bytes disagree with meta.json ({}+{})",
                 memory.len(),
@@ -158,7 +393,7 @@ pub fn verify(dir: &Path) -> Result<(Meta, Digest), ReplicaError> {
     let d = Digest::of(&memory, &state);
     if d.to_hex() != meta.digest {
         return Err(ReplicaError::Invalid {
-            path: dir.to_path_buf(),
+            path: ver,
             reason: format!(
                 "image digest {d} does not match meta.json's {}",
                 meta.digest
@@ -169,21 +404,5 @@ pub fn verify(dir: &Path) -> Result<(Meta, Digest), ReplicaError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn save_verify_and_detect_tampering() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut mem = vec![0u8; 8 * PAGE_SIZE];
-        mem[3 * PAGE_SIZE + 7] = 9;
-        mem[7 * PAGE_SIZE] = 1;
-        let m = save(dir.path(), &mem, b"st", 42, "sim:").unwrap();
-        let (m2, d) = verify(dir.path()).unwrap();
-        assert_eq!(m, m2);
-        assert_eq!(d, Digest::of(&mem, b"st"));
-        assert_eq!(fs::read(dir.path().join("memory.img")).unwrap(), mem);
-        fs::write(dir.path().join("state.bin"), b"xx").unwrap();
-        assert!(verify(dir.path()).is_err());
-    }
-}
+#[path = "replica_tests.rs"]
+mod tests;

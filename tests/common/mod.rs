@@ -200,8 +200,10 @@ pub struct Meta {
     pub digest: String,
 }
 
+/// The meta.json of the replica `dir/current` names, if one was saved.
 pub fn meta(dir: &Path) -> Option<Meta> {
-    let b = std::fs::read(dir.join("meta.json")).ok()?;
+    let ver = std::fs::read_link(dir.join("current")).ok()?;
+    let b = std::fs::read(dir.join(ver).join("meta.json")).ok()?;
     Some(serde_json::from_slice(&b).expect("meta.json parses"))
 }
 
