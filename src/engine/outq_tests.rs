@@ -55,6 +55,9 @@ struct FakeGuest {
     handle: Option<OutputHandle>,
     wire: Log,
     producer: Option<JoinHandle<()>>,
+    /// Emit one frame as soon as output is attached, before protection
+    /// starts (what a host-device source such as NFQUEUE can read then).
+    emit_at_attach: bool,
 }
 
 impl FakeGuest {
@@ -66,6 +69,7 @@ impl FakeGuest {
             handle: None,
             wire: Arc::default(),
             producer: None,
+            emit_at_attach: false,
         }
     }
 }
@@ -143,7 +147,14 @@ impl Domain for FakeGuest {
         Ok(())
     }
     fn attach_output(&mut self, q: &OutputQueue) -> Result<(), DomainError> {
-        self.handle = Some(q.handle(Box::new(Recorder(self.wire.clone()))));
+        let h = q.handle(Box::new(Recorder(self.wire.clone())));
+        if self.emit_at_attach {
+            // Produced before the first checkpoint: it belongs to epoch 1.
+            let mut t = self.truth.lock().unwrap();
+            h.emit_now(&(t.len() as u64).to_le_bytes());
+            t.push(1);
+        }
+        self.handle = Some(h);
         Ok(())
     }
 }
@@ -234,7 +245,16 @@ fn run_primary(
     cfg: &PrimaryConfig,
     during: impl FnOnce() + Send + 'static,
 ) -> RunResult {
-    let domain = Box::new(FakeGuest::new());
+    run_guest(FakeGuest::new(), addr, cfg, during)
+}
+
+fn run_guest(
+    guest: FakeGuest,
+    addr: &str,
+    cfg: &PrimaryConfig,
+    during: impl FnOnce() + Send + 'static,
+) -> RunResult {
+    let domain = Box::new(guest);
     let (truth, wire) = (domain.truth.clone(), domain.wire.clone());
     let s = tcp::connect(addr, Duration::from_secs(10)).unwrap();
     let mut w = s.try_clone().unwrap();
@@ -306,6 +326,28 @@ fn no_frame_leaves_before_the_ack_of_its_epoch() {
     assert_eq!(seqs, (0..truth.len() as u64).collect::<Vec<_>>());
     assert_eq!((out.output.dropped, out.output.late), (0, 0));
     assert!(out.output.release_delay_us.p50 > 0);
+}
+
+/// Output produced after the sources are attached but before protection
+/// starts is held like any other: released by the ack of epoch 1.
+#[test]
+fn output_before_the_first_session_waits_for_the_first_ack() {
+    let (addr, b, _dir) = backup_thread();
+    let mut g = FakeGuest::new();
+    g.emit_at_attach = true;
+    let (res, truth, wire, acks) = run_guest(g, &addr, &cfg(5, true), || {});
+    res.expect("clean run");
+    b.join().unwrap();
+    assert_eq!(truth[0], 1);
+    let first = wire
+        .iter()
+        .find(|w| w.0 == 0)
+        .expect("frame 0 released at the end");
+    assert!(
+        first.1 >= acks[&1],
+        "frame 0 left before the ack of epoch 1"
+    );
+    assert_none_early(&truth, &wire, &acks);
 }
 
 /// The check above can fail: without output commit, frames leave early.

@@ -46,6 +46,12 @@
 //! - [`OutputQueue::fence`] drops everything held and everything produced
 //!   from then on: the state of a copy that may no longer be the live one
 //!   never leaves.
+//! - [`Mode::Hold`] is how a primary's queue starts: sources (the domain's
+//!   NIC, NFQUEUE) are attached before the first session opens, and what
+//!   they produce in that window is held, never passed through. The first
+//!   [`OutputQueue::protect`] carries it into the session (tagged with the
+//!   first epoch, whose checkpoint covers it); `unprotect` releases it (no
+//!   backup was asked for); `fence` drops it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,6 +117,9 @@ pub enum Mode {
     PassThrough,
     /// Release nothing, ever: the copy self-fenced.
     Fenced,
+    /// Hold everything until the first mode change: a queue whose sources
+    /// are attached before its first protection session opens.
+    Hold,
 }
 
 enum Msg {
@@ -391,6 +400,10 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
                 r.items += 1;
                 match mode {
                     Mode::Fenced => r.dropped += discard_all([it], &mut dests),
+                    Mode::Hold => {
+                        r.held += 1;
+                        held.push_back(it);
+                    }
                     // The lease gate: nothing leaves without the arbiter.
                     Mode::PassThrough if !open(&gate) => r.dropped += discard_all([it], &mut dests),
                     Mode::PassThrough => {
@@ -408,9 +421,23 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
                 }
             }
             Msg::SetMode(m, s, reply) => {
-                // Whatever the old session still held is not covered by any
-                // backup that can still acknowledge it: drop, never release.
-                r.dropped += discard_all(held.drain(..), &mut dests);
+                match (mode, m) {
+                    // Held before the first session: its first checkpoint
+                    // covers it (tags are at most that session's epoch 1).
+                    (Mode::Hold, Mode::Commit) => held.iter_mut().for_each(|it| it.epoch = 1),
+                    // No backup was asked for (--no-output-commit).
+                    (Mode::Hold, Mode::PassThrough) if open(&gate) => {
+                        for it in held.drain(..) {
+                            r.passed_through += 1;
+                            release(it, &mut dests, &mut r, &mut hist);
+                        }
+                        dests.iter_mut().flatten().for_each(|d| d.flush());
+                    }
+                    // Whatever the old session still held is not covered by
+                    // any backup that can still acknowledge it: drop, never
+                    // release.
+                    _ => r.dropped += discard_all(held.drain(..), &mut dests),
+                }
                 r.committed = committed;
                 mode = m;
                 committed = 0;

@@ -220,3 +220,47 @@ fn fenced_queue_releases_nothing_ever() {
     assert!(got(&rx).is_empty(), "a fenced queue released output");
     assert_eq!((r.dropped, r.released), (2, 0));
 }
+
+/// A queue whose sources are attached before its first session (the
+/// primary's, with NFQUEUE) holds from the first item: nothing passes
+/// through in that window, and the first session's first ack releases it.
+#[test]
+fn hold_mode_holds_until_the_first_session_then_its_first_ack() {
+    let mut q = OutputQueue::start(Mode::Hold).unwrap();
+    let (w, rx) = wire();
+    let h = q.handle(w);
+    h.emit_now(b"early-a");
+    h.emit_now(b"early-b");
+    // protect() returns once the thread handled everything sent before.
+    q.protect().unwrap();
+    assert!(got(&rx).is_empty(), "released before protection started");
+    let (pw, prx) = wire();
+    let probe = q.handle(pw);
+    q.commit(0);
+    settle(&probe, &prx);
+    assert!(got(&rx).is_empty(), "the seed's ack released held output");
+    q.commit(1);
+    settle(&probe, &prx);
+    assert_eq!(got(&rx), [b"early-a".to_vec(), b"early-b".to_vec()]);
+    let r = q.shutdown().unwrap();
+    assert_eq!((r.held, r.dropped), (2, 0));
+}
+
+#[test]
+fn hold_mode_releases_on_unprotect_and_drops_on_fence() {
+    let mut q = OutputQueue::start(Mode::Hold).unwrap();
+    let (w, rx) = wire();
+    let h = q.handle(w);
+    h.emit_now(b"x");
+    let r = q.unprotect().unwrap();
+    assert_eq!(got(&rx), [b"x".to_vec()], "--no-output-commit releases it");
+    assert_eq!(r.dropped, 0);
+
+    let mut q = OutputQueue::start(Mode::Hold).unwrap();
+    let (w, rx) = wire();
+    let h = q.handle(w);
+    h.emit_now(b"y");
+    let r = q.fence().unwrap();
+    assert!(got(&rx).is_empty(), "a fenced copy released output");
+    assert_eq!(r.dropped, 1);
+}

@@ -136,7 +136,9 @@ pub fn run<R: std::io::Read + Send + 'static>(
     reader: RecordReader<R>,
     cfg: &PrimaryConfig,
 ) -> Result<PrimaryOutcome, (PrimaryError, Option<Box<dyn Domain>>)> {
-    let mut outq = match OutputQueue::start(Mode::PassThrough) {
+    // Hold from the first item: sources are attached before the session
+    // opens, and nothing they produce in between may pass through.
+    let mut outq = match OutputQueue::start(Mode::Hold) {
         Ok(q) => q,
         Err(e) => return Err((PrimaryError::Protocol(e.to_string()), Some(domain))),
     };
