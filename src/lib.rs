@@ -19,6 +19,7 @@ pub mod digest;
 pub mod disk;
 pub mod domain;
 pub mod engine;
+pub mod fuzzing;
 pub mod ha;
 pub mod metrics;
 pub mod outq;
