@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")"
 secs=${1:-60}
 [ $# -gt 0 ] && shift
-targets=${*:-"record handshake page receiver nfqueue beacon"}
+targets=${*:-"record handshake page receiver nfqueue beacon disk_writes nbd"}
 cargo +nightly fuzz build -O
 for t in $targets; do
     # New inputs go to work/ (not committed); corpus/ holds the seeds.

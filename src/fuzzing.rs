@@ -23,13 +23,15 @@ pub const KEY: &[u8] = b"castor-fuzz-key-0123456789abcdef";
 pub type Body = fn(&[u8]);
 
 /// Every target, by name: what `fuzz/fuzz_targets/NAME.rs` runs.
-pub const TARGETS: [(&str, Body); 6] = [
+pub const TARGETS: [(&str, Body); 8] = [
     ("record", record),
     ("handshake", handshake),
     ("page", page),
     ("receiver", receiver),
     ("nfqueue", nfqueue),
     ("beacon", beacon),
+    ("disk_writes", disk_writes),
+    ("nbd", nbd),
 ];
 
 /// The record parser: a byte stream split into verified records.
@@ -205,6 +207,8 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         "receiver" => vec![receiver_stream()],
         "nfqueue" => nfqueue_seeds(),
         "beacon" => vec![beacon::encode(&Psk::from_bytes(KEY), &[3; NONCE_LEN], 5).to_vec()],
+        "disk_writes" => vec![disk_writes_seed()],
+        "nbd" => vec![nbd_seed()],
         _ => Vec::new(),
     }
 }
@@ -332,4 +336,126 @@ fn nfqueue_seeds() -> Vec<Vec<u8>> {
     let mut both = packet.clone();
     both.extend_from_slice(&error);
     vec![packet, error, both]
+}
+
+/// Size of the disk [`disk_writes`] and [`nbd`] check against.
+const DISK_SIZE: u64 = 1 << 20;
+
+/// The DiskWrites payload parser (a checkpoint's disk writes from the
+/// wire): every op it accepts lies inside the disk.
+pub fn disk_writes(data: &[u8]) {
+    use crate::disk::wire::{self, OpRef};
+    if let Ok((disk, ops)) = wire::parse(data, &[DISK_SIZE]) {
+        assert_eq!(disk, 0);
+        for op in ops {
+            match op {
+                OpRef::Write { offset, data } => {
+                    assert!(offset + data.len() as u64 <= DISK_SIZE)
+                }
+                OpRef::Zero { offset, len } => assert!(offset + len <= DISK_SIZE),
+                OpRef::Flush => {}
+            }
+        }
+    }
+}
+
+fn disk_writes_seed() -> Vec<u8> {
+    use crate::disk::wire::{self, DiskOp};
+    let mut v = Vec::new();
+    let ops = [
+        DiskOp::Write {
+            offset: 4096,
+            data: vec![7; 512],
+        },
+        DiskOp::Zero {
+            offset: 0,
+            len: 4096,
+        },
+        DiskOp::Trim {
+            offset: 8192,
+            len: 4096,
+        },
+        DiskOp::Flush,
+    ];
+    wire::encode(&mut v, 0, &ops);
+    v
+}
+
+/// One NBD server (unix socket, a 1 MiB export), started on first use.
+fn nbd_server() -> &'static std::path::Path {
+    use crate::disk::{DiskImage, Export, Fence, LogConfig, NbdAddr, NbdServer, WriteLog};
+    use std::sync::{Arc, OnceLock};
+    static SERVER: OnceLock<(tempfile::TempDir, NbdServer, std::path::PathBuf)> = OnceLock::new();
+    let (_, _, path) = SERVER.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = DiskImage::create(&dir.path().join("d.img"), DISK_SIZE).expect("image");
+        let log = Arc::new(WriteLog::new(
+            img,
+            Arc::new(Fence::open()),
+            LogConfig::default(),
+        ));
+        let export = Export {
+            name: "data".into(),
+            log,
+        };
+        let path = dir.path().join("nbd.sock");
+        let cfg = crate::disk::ServerConfig {
+            handshake_timeout: std::time::Duration::from_secs(2),
+            request_timeout: std::time::Duration::from_secs(2),
+            idle_timeout: std::time::Duration::from_secs(2),
+            ..Default::default()
+        };
+        let server =
+            NbdServer::start(&NbdAddr::Unix(path.clone()), vec![export], cfg).expect("NBD server");
+        (dir, server, path)
+    });
+    path
+}
+
+/// The NBD server (handshake and request parser) against a client that
+/// sends `data` and closes its side: it must answer or hang up within its
+/// deadlines, never panic.
+pub fn nbd(data: &[u8]) {
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(nbd_server()).expect("connect");
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = c.write_all(data);
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    let mut sink = Vec::new();
+    let r = c.read_to_end(&mut sink);
+    assert!(
+        !matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the NBD server neither answered nor hung up within 10 s"
+    );
+}
+
+/// A client that negotiates export "data" with NBD_OPT_GO, writes, reads,
+/// flushes and disconnects.
+fn nbd_seed() -> Vec<u8> {
+    use crate::disk::nbd::proto::*;
+    let mut v = Vec::new();
+    v.extend_from_slice(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes());
+    let name = b"data";
+    let mut opt = (name.len() as u32).to_be_bytes().to_vec();
+    opt.extend_from_slice(name);
+    opt.extend_from_slice(&0u16.to_be_bytes());
+    v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    v.extend_from_slice(&OPT_GO.to_be_bytes());
+    v.extend_from_slice(&(opt.len() as u32).to_be_bytes());
+    v.extend_from_slice(&opt);
+    let req = |kind: u16, offset: u64, len: u32| Request {
+        magic: REQUEST_MAGIC,
+        flags: 0,
+        kind,
+        cookie: 1,
+        offset,
+        len,
+    };
+    v.extend_from_slice(&req(CMD_WRITE, 4096, 8).encode());
+    v.extend_from_slice(b"12345678");
+    v.extend_from_slice(&req(CMD_READ, 0, 512).encode());
+    v.extend_from_slice(&req(CMD_FLUSH, 0, 0).encode());
+    v.extend_from_slice(&req(CMD_DISC, 0, 0).encode());
+    v
 }

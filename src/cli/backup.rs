@@ -31,7 +31,8 @@ pub struct BackupArgs {
     /// Address to listen on (port 0 picks a free port; the bound address is printed first).
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: String,
-    /// Directory for the committed replica (memory.img, state.bin, meta.json).
+    /// Directory for the committed replica: `current` names the complete
+    /// version (memory.img, state.bin, meta.json), replaced as a set.
     #[arg(long)]
     state_dir: PathBuf,
     /// Transport the primary must use: tcp, uring or rdma.
