@@ -58,7 +58,10 @@ pub fn protect(
     opts: &ProtectOpts,
 ) -> Result<Protected, ProtectError> {
     let mut domain = spec.open()?;
-    let mut outq = OutputQueue::start(Mode::PassThrough)
+    // Hold from the first item: the sources are attached before the first
+    // session opens (dialing and the handshake take a while), and nothing
+    // they produce in between may pass through.
+    let mut outq = OutputQueue::start(Mode::Hold)
         .map_err(|e| ProtectError::Primary(PrimaryError::Protocol(e.to_string())))?;
     domain.attach_output(&outq)?;
     // Host devices (`--nfqueue`): alive until after the queue's shutdown.

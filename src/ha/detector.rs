@@ -9,6 +9,14 @@
 //! down. The blocked read then returns, and the receiving loop ends exactly
 //! as for a broken stream: the open epoch is discarded whole, the replica
 //! stays at the last complete one.
+//!
+//! Silence is measured only on what the backup is actually waiting for:
+//! while the receiving loop processes a record (decoding, committing an
+//! epoch, sending its ack) it is not reading, and data the primary sent
+//! meanwhile waits in the socket. [`Liveness::processing`] brackets that
+//! work: the watchdog never fires inside it, and its end counts as a beat,
+//! so the backup's own slowness is never taken for a silent primary. Beacons
+//! (the second path, [`crate::ha::beacon`]) beat the same [`Liveness`].
 
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -52,6 +60,7 @@ impl Liveness {
             base,
             last_ns: AtomicU64::new(0),
             timeout,
+            busy: AtomicBool::new(false),
         }
     }
 
@@ -76,7 +85,20 @@ impl Liveness {
     }
 
     /// `Some(silence)` once the silence at `now` exceeds the timeout.
+    /// Runs `f` (processing what was read) with the silence clock stopped:
+    /// no expiry inside it, and its end counts as a sign of life.
+    pub fn processing<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.busy.store(true, Ordering::SeqCst);
+        let r = f();
+        self.beat();
+        self.busy.store(false, Ordering::SeqCst);
+        r
+    }
+
     pub fn expired_at(&self, now: Instant) -> Option<Duration> {
+        if self.busy.load(Ordering::SeqCst) {
+            return None;
+        }
         let s = self.silent_at(now);
         (s > self.timeout).then_some(s)
     }
@@ -177,6 +199,18 @@ mod tests {
             l.beat_at(t0 + i * 100 * MS);
             assert_eq!(l.expired_at(t0 + i * 100 * MS + 99 * MS), None);
         }
+    }
+
+    #[test]
+    fn processing_is_never_silence() {
+        let l = Liveness::new(20 * MS);
+        l.processing(|| {
+            std::thread::sleep(60 * MS);
+            assert_eq!(l.expired_at(Instant::now()), None, "expired while processing");
+        });
+        assert_eq!(l.expired_at(Instant::now()), None, "the end of processing is a beat");
+        std::thread::sleep(30 * MS);
+        assert!(l.expired_at(Instant::now()).is_some(), "silence after processing counts");
     }
 
     #[test]
