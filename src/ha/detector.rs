@@ -48,6 +48,8 @@ pub struct Liveness {
     /// Nanoseconds after `base` of the last record.
     last_ns: AtomicU64,
     timeout: Duration,
+    /// The receiving loop is processing a record, not waiting for one.
+    busy: AtomicBool,
 }
 
 impl Liveness {
@@ -206,11 +208,22 @@ mod tests {
         let l = Liveness::new(20 * MS);
         l.processing(|| {
             std::thread::sleep(60 * MS);
-            assert_eq!(l.expired_at(Instant::now()), None, "expired while processing");
+            assert_eq!(
+                l.expired_at(Instant::now()),
+                None,
+                "expired while processing"
+            );
         });
-        assert_eq!(l.expired_at(Instant::now()), None, "the end of processing is a beat");
+        assert_eq!(
+            l.expired_at(Instant::now()),
+            None,
+            "the end of processing is a beat"
+        );
         std::thread::sleep(30 * MS);
-        assert!(l.expired_at(Instant::now()).is_some(), "silence after processing counts");
+        assert!(
+            l.expired_at(Instant::now()).is_some(),
+            "silence after processing counts"
+        );
     }
 
     #[test]
