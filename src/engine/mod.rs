@@ -9,6 +9,7 @@
 //! in-flight table). Backup: one receiver that stages each epoch and applies
 //! it whole at the epoch's end record, plus a heartbeat thread.
 
+pub mod accept;
 pub mod activate;
 pub mod backup;
 mod copy;

@@ -93,6 +93,12 @@ pub enum RecordError {
     Flags(u8),
     #[error("{kind:?} record payload of {len} bytes exceeds the limit of {MAX_PAYLOAD}")]
     TooLong { kind: RecordKind, len: usize },
+    #[error("{kind:?} record payload of {len} bytes before authentication (at most {limit})")]
+    Unauthenticated {
+        kind: RecordKind,
+        len: usize,
+        limit: usize,
+    },
     #[error("checksum mismatch in {kind:?} record of epoch {epoch}: header says 0x{want:08x}, computed 0x{got:08x}")]
     Checksum {
         kind: RecordKind,
@@ -236,6 +242,9 @@ pub struct RecordReader<R> {
     end: usize,
     /// Bytes consumed as records so far.
     pub bytes_read: u64,
+    /// Largest payload accepted, below MAX_PAYLOAD before authentication
+    /// (see [`RecordReader::with_limit`]).
+    limit: Option<usize>,
 }
 
 /// Reads ask the kernel for at least this much room.
@@ -249,7 +258,28 @@ impl<R: Read> RecordReader<R> {
             start: 0,
             end: 0,
             bytes_read: 0,
+            limit: None,
         }
+    }
+
+    /// A reader for a peer that has not authenticated yet: it starts with
+    /// a buffer of a few `limit`s and refuses any record whose payload
+    /// exceeds `limit`, so a stranger makes it allocate only that much.
+    pub fn with_limit(inner: R, limit: usize) -> Self {
+        RecordReader {
+            inner,
+            buf: vec![0; 2 * (HEADER_LEN + limit)],
+            start: 0,
+            end: 0,
+            bytes_read: 0,
+            limit: Some(limit),
+        }
+    }
+
+    /// Lifts [`RecordReader::with_limit`]'s limit (the peer authenticated).
+    pub fn unlimited(mut self) -> Self {
+        self.limit = None;
+        self
     }
 
     pub fn get_ref(&self) -> &R {
@@ -275,19 +305,21 @@ impl<R: Read> RecordReader<R> {
             start: self.start,
             end: self.end,
             bytes_read: self.bytes_read,
+            limit: self.limit,
         }
     }
 
     /// Makes `n` unconsumed bytes available.
     fn fill(&mut self, n: usize, what: &'static str, at_boundary: bool) -> Result<(), RecordError> {
+        let chunk = self.limit.map_or(READ_CHUNK, |l| HEADER_LEN + l);
         while self.end - self.start < n {
-            if self.buf.len() - self.start < n + READ_CHUNK {
+            if self.buf.len() - self.start < n + chunk {
                 // Move the partial record to the front, growing if needed.
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
-                if self.buf.len() < n + READ_CHUNK {
-                    self.buf.resize(n + READ_CHUNK, 0);
+                if self.buf.len() < n + chunk {
+                    self.buf.resize(n + chunk, 0);
                 }
             }
             match self.inner.read(&mut self.buf[self.end..]) {
@@ -316,6 +348,13 @@ impl<R: Read> RecordReader<R> {
             .expect("header length");
         let hd = parse_header(&h)?;
         let len = hd.len;
+        if let Some(limit) = self.limit.filter(|&l| len > l) {
+            return Err(RecordError::Unauthenticated {
+                kind: hd.kind,
+                len,
+                limit,
+            });
+        }
         if let Err(e) = self.fill(HEADER_LEN + len, "record payload", false) {
             return Err(match e {
                 RecordError::Truncated { got, .. } => RecordError::Truncated {
@@ -429,5 +468,24 @@ mod tests {
             assert!(matches!(r.next(), Err(RecordError::Eof)));
             assert_eq!(r.bytes_read, v.len() as u64);
         }
+    }
+
+    #[test]
+    fn a_limited_reader_refuses_big_records_and_stays_small() {
+        let mut v = one(RecordKind::Hello, 0, &[1; 100]);
+        v.extend(one(RecordKind::Pages, 1, &vec![2; 1 << 20]));
+        let mut r = RecordReader::with_limit(&v[..], 4096);
+        assert_eq!(r.next().unwrap().payload.len(), 100);
+        let e = r.next().unwrap_err();
+        assert!(
+            matches!(e, RecordError::Unauthenticated { len, limit: 4096, .. } if len == 1 << 20),
+            "{e}"
+        );
+        assert!(r.buf.len() <= 4 * 4096, "grew to {} bytes", r.buf.len());
+        // Authenticated: the same bytes pass.
+        let mut r = RecordReader::with_limit(&v[..], 4096);
+        r.next().unwrap();
+        let mut r = r.unlimited();
+        assert_eq!(r.next().unwrap().payload.len(), 1 << 20);
     }
 }
