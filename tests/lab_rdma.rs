@@ -7,9 +7,14 @@
 
 mod common;
 use common::lab::{lab_run, lab_unavailable, out_file, rdma_castor};
-use common::Meta;
+use common::{Backup, Meta, KEY};
 
+use std::io::Write;
 use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use castor::transport::record::{write_record, RecordKind, RecordReader};
 
 /// One trial's results: (primary exit, backup exit, backup stderr).
 fn trial(dir: &Path) -> (String, String, String) {
@@ -72,6 +77,38 @@ fn rdma_protect_replica_equals_recomputation() {
     assert_eq!(prc, "0", "primary failed:\n{}", out_file(&d, "primary.err"));
     assert_eq!(brc, "0", "backup failed:\n{berr}");
     assert_eq!(assert_replica_recomputed(&d, "rdma protect"), 15);
+}
+
+/// `castor bench --transport rdma` in the lab: the bench picks the RDMA
+/// device's address from CASTOR_BENCH_ADDR (set by the lab), and its
+/// replica equals the primary at the last acknowledged epoch.
+#[test]
+fn rdma_bench_replica_matches_primary() {
+    if lab_unavailable() {
+        return;
+    }
+    let castor = rdma_castor().to_str().unwrap().to_string();
+    let out = tempfile::tempdir().unwrap();
+    let res = lab_run(
+        &["--rdma", "--castor", &castor, "--timeout", "600"],
+        out.path(),
+        &[
+            "sh",
+            "-c",
+            "castor bench --transport rdma --domain sim:mem=32MiB,workload=edits,rate=20000 \
+             --duration 3s --backup-timeout 10s --json $LAB_OUT/run.json",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "{stderr}");
+    let run: serde_json::Value =
+        serde_json::from_str(&out_file(out.path(), "run.json")).expect("bench wrote its JSON");
+    assert_eq!(run["transport"], "rdma");
+    // Emulated and shared: a few seconds may hold only one or two epochs.
+    assert!(run["epochs"].as_u64().unwrap() >= 1, "{run}");
+    assert_eq!(run["digest_match"], true, "{run}");
+    assert_eq!(run["replica_digest"], run["primary_digest"]);
+    assert_eq!(run["replica_epoch"], run["acked_epoch"]);
 }
 
 /// SIGKILL of the primary at random moments (after checkpoints flow): the
@@ -191,4 +228,82 @@ fn rdma_mismatch_refused_and_missing_device_explained() {
         err.contains("no RDMA device found (ibv_get_device_list returned 0 devices); use --transport uring or tcp"),
         "{err}"
     );
+}
+
+/// Runs this test binary's ignored test `name` inside the rdma lab (the
+/// binary is under target/, which the lab shares at the same path), with
+/// the rdma build as `castor` on PATH; asserts it passed.
+fn run_inside(name: &str) {
+    let castor = rdma_castor().to_str().unwrap().to_string();
+    let exe = std::env::current_exe().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let res = lab_run(
+        &["--rdma", "--castor", &castor, "--timeout", "600"],
+        out.path(),
+        &[
+            exe.to_str().unwrap(),
+            "--ignored",
+            "--exact",
+            name,
+            "--nocapture",
+        ],
+    );
+    assert!(
+        res.status.success(),
+        "{name} failed in the lab:\n{}\n{}",
+        String::from_utf8_lossy(&res.stdout),
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(stdout.contains("1 passed"), "{name} did not run:\n{stdout}");
+}
+
+/// A backup whose primary agreed on rdma, read the ring's announcement and
+/// then never connects over rdma_cm gives up with a clear error instead of
+/// waiting for CONNECT_REQUEST forever.
+#[test]
+fn rdma_backup_gives_up_on_a_primary_that_never_connects() {
+    if lab_unavailable() {
+        return;
+    }
+    run_inside("inside_lab_backup_gives_up_on_a_primary_that_never_connects");
+}
+
+/// The inside half of the test above: runs in the lab only (ignored
+/// elsewhere; `run_inside` starts it with --ignored).
+#[test]
+#[ignore = "runs inside the rdma lab, started by rdma_backup_gives_up_on_a_primary_that_never_connects"]
+fn inside_lab_backup_gives_up_on_a_primary_that_never_connects() {
+    let ip = std::env::var("CASTOR_LAB_RDMA_ADDR").expect("inside the rdma lab");
+    let dir = tempfile::tempdir().unwrap();
+    let b = Backup::start_at(
+        Command::new("castor"),
+        &format!("{ip}:0"),
+        &dir.path().join("replica"),
+        &["--transport", "rdma", "--heartbeat-timeout", "120s"],
+        KEY,
+    );
+    let s = common::fake::session(&b.addr, KEY).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut v = Vec::new();
+    write_record(&mut v, RecordKind::Transport, 0, &[2]); // rdma
+    w.write_all(&v).unwrap();
+    let mut r = RecordReader::new(s);
+    let rec = r.next().unwrap();
+    assert_eq!(
+        rec.kind,
+        RecordKind::Slots,
+        "backup did not announce its ring"
+    );
+    // The TCP session stays open (r and w live); no rdma_connect follows.
+    let t0 = Instant::now();
+    let (st, err) = b.wait();
+    eprintln!("backup ended after {:?}", t0.elapsed());
+    assert!(!st.success(), "{err}");
+    assert!(
+        err.contains("rdma_cm: no CONNECT_REQUEST event within"),
+        "{err}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(100), "{err}");
+    drop((r, w));
 }
