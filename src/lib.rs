@@ -22,6 +22,7 @@ pub mod engine;
 pub mod fuzzing;
 pub mod ha;
 pub mod metrics;
+pub mod ops;
 pub mod outq;
 pub mod report;
 pub mod stats;
