@@ -19,6 +19,7 @@
 //!   [`expected_after`] computes them without threads.
 
 mod control;
+pub mod counter;
 pub mod dirty;
 mod rng;
 mod runner;
@@ -44,6 +45,10 @@ pub struct SimDomain {
     plan: Arc<Plan>,
     /// Declared before `mem` and `tracker`: threads stop before the rest drops.
     workers: Option<Workers>,
+    /// The counter service (`counter=ADDR`), while started.
+    counter: Option<counter::Counter>,
+    /// The counter service bound by `attach_output`, until `start`.
+    prepared: Option<counter::Prepared>,
     tracker: DirtyTracker,
     mem: Arc<GuestMemory>,
     /// Epochs started: 0 before `start`, N while running or paused in epoch N.
@@ -61,6 +66,8 @@ impl SimDomain {
             spec: spec.clone(),
             plan: Arc::new(Plan::new(spec)),
             workers: None,
+            counter: None,
+            prepared: None,
             tracker,
             mem: Arc::new(mem),
             epoch: 0,
@@ -95,6 +102,8 @@ impl SimDomain {
             spec: spec.clone(),
             plan: Arc::new(Plan::new(spec)),
             workers: None,
+            counter: None,
+            prepared: None,
             tracker,
             mem: Arc::new(memory),
             epoch,
@@ -138,6 +147,13 @@ impl Domain for SimDomain {
             det,
             next,
         )?);
+        if let Some(addr) = self.spec.counter {
+            let p = match self.prepared.take() {
+                Some(p) => p,
+                None => counter::Prepared::bind(addr, None)?,
+            };
+            self.counter = Some(p.start(&self.mem)?);
+        }
         self.epoch = next;
         self.running = true;
         Ok(())
@@ -147,6 +163,9 @@ impl Domain for SimDomain {
     fn pause(&mut self) -> Result<(), DomainError> {
         if let (true, Some(w)) = (self.running, &self.workers) {
             w.pause()?;
+            if let Some(c) = &self.counter {
+                c.pause();
+            }
             self.running = false;
         }
         Ok(())
@@ -159,6 +178,9 @@ impl Domain for SimDomain {
             (None, _) => self.start(),
             (Some(_), true) => Ok(()),
             (Some(w), false) => {
+                if let Some(c) = &self.counter {
+                    c.resume();
+                }
                 w.resume()?;
                 self.epoch += 1;
                 self.running = true;
@@ -173,6 +195,14 @@ impl Domain for SimDomain {
 
     fn save_state(&mut self, out: &mut Vec<u8>) -> Result<(), DomainError> {
         encode_state(&self.spec, self.epoch, out);
+        Ok(())
+    }
+
+    /// The counter service's replies go through `q` (output commit).
+    fn attach_output(&mut self, q: &crate::outq::OutputQueue) -> Result<(), DomainError> {
+        if let Some(addr) = self.spec.counter {
+            self.prepared = Some(counter::Prepared::bind(addr, Some(q))?);
+        }
         Ok(())
     }
 }

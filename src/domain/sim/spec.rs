@@ -124,6 +124,8 @@ pub struct SimSpec {
     pub hot: f64,
     /// Bytes per small edit (edits, mixed).
     pub edit: u32,
+    /// The guest's UDP counter service (`counter=ADDR`, see `counter`).
+    pub counter: Option<std::net::SocketAddr>,
 }
 
 impl Default for SimSpec {
@@ -137,11 +139,12 @@ impl Default for SimSpec {
             fill: DEFAULT_FILL,
             hot: DEFAULT_HOT,
             edit: DEFAULT_EDIT,
+            counter: None,
         }
     }
 }
 
-const KEYS: &str = "mem, workload, rate, writes, seed, threads, fill, hot, edit";
+const KEYS: &str = "mem, workload, rate, writes, seed, threads, fill, hot, edit, counter";
 
 impl SimSpec {
     /// Parses `key=value,...`; the empty string gives all defaults.
@@ -202,6 +205,11 @@ impl SimSpec {
                             bad(&format!("bytes per edit, an integer in 1..={PAGE_SIZE}"))
                         })?
                 }
+                "counter" => {
+                    s.counter = Some(value.parse().map_err(|_| {
+                        bad("the UDP address the guest's counter service answers on, like 127.0.0.1:7800")
+                    })?)
+                }
                 _ => {
                     return Err(err(format!(
                         "unknown key {key:?} in {key}={value} (keys: {KEYS})"
@@ -227,6 +235,18 @@ impl SimSpec {
                 "mem={}: expected a multiple of {PAGE_SIZE} bytes, at least {} bytes ({MIN_PAGES} pages)",
                 s.mem,
                 MIN_PAGES * PAGE_SIZE as u64
+            )));
+        }
+        if s.counter.is_some() && s.is_deterministic() {
+            return Err(err(
+                "counter and writes exclude each other: the counter service answers \
+                 clients, so memory is no longer a function of the epoch"
+                    .to_string(),
+            ));
+        }
+        if s.counter.is_some() && s.threads == MAX_THREADS {
+            return Err(err(format!(
+                "counter: the service keeps its state in the last thread slot; use threads < {MAX_THREADS}"
             )));
         }
         if s.mem > isize::MAX as u64 {
@@ -273,7 +293,11 @@ impl fmt::Display for SimSpec {
             f,
             "seed={},threads={},fill={},hot={},edit={}",
             self.seed, self.threads, self.fill, self.hot, self.edit
-        )
+        )?;
+        match self.counter {
+            Some(a) => write!(f, ",counter={a}"),
+            None => Ok(()),
+        }
     }
 }
 
