@@ -20,6 +20,7 @@
 //! (peer, arbiter, failover timeline).
 
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod sdnotify;
 pub mod status;

@@ -9,7 +9,8 @@ use super::telemetry::{FailoverState, Role};
 /// One step of a failover, timed from suspecting the primary.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FailoverStep {
-    /// suspect, arbiter, fence, activating, running, first_reply, refused.
+    /// suspect, arbiter, fence, activating, running, first_output (the
+    /// activated copy's first released output), refused.
     pub step: String,
     /// Milliseconds after the primary was suspected.
     pub at_ms: f64,
@@ -40,6 +41,9 @@ pub struct Status {
     pub lease_left_s: Option<f64>,
     pub failover_state: FailoverState,
     pub last_failover: Vec<FailoverStep>,
+    /// CLOCK_MONOTONIC (ns) when the primary was suspected: other
+    /// processes on this host can time their own events against it.
+    pub failover_started_mono_ns: Option<u64>,
 }
 
 /// A human summary of a `/status` document (`castor status` without `--json`).

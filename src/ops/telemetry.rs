@@ -130,6 +130,8 @@ struct Info {
     domain: Option<String>,
     failover: Vec<FailoverStep>,
     failover_from: Option<Instant>,
+    /// CLOCK_MONOTONIC (ns) at suspicion: comparable across processes.
+    failover_mono_ns: Option<u64>,
 }
 
 /// The metrics of one castor process.
@@ -157,6 +159,9 @@ pub struct Telemetry {
     lease_left: GaugeF,
     failover_state: Family<StateLabel, Gauge>,
     failover_step: Family<StepLabel, GaugeF>,
+    /// Set on entering `Running`: the next released output is the first
+    /// reply of the activated copy (step `first_output`).
+    first_output_pending: std::sync::atomic::AtomicBool,
     info: Mutex<Info>,
 }
 
@@ -191,6 +196,7 @@ impl Telemetry {
             lease_left: GaugeF::default(),
             failover_state: Family::default(),
             failover_step: Family::default(),
+            first_output_pending: std::sync::atomic::AtomicBool::new(false),
             info: Mutex::new(Info::default()),
         };
         t.register();
@@ -367,10 +373,14 @@ impl Telemetry {
         self.output_held.inc_by(n);
     }
 
-    /// Output: `n` held items released.
+    /// Output: `held` held items and `passed` unheld ones released. The
+    /// first release after a failover is its `first_output` step.
     pub fn output_released(&self, held: u64, passed: u64) {
         self.output_held.dec_by(held as i64);
         self.output_released.inc_by(held + passed);
+        if held + passed > 0 && self.first_output_pending.swap(false, Ordering::Relaxed) {
+            self.failover_step("first_output", None);
+        }
     }
 
     /// Output: `n` held items dropped (never released).
@@ -410,10 +420,13 @@ impl Telemetry {
         if s == FailoverState::Suspect {
             i.failover.clear();
             i.failover_from = Some(Instant::now());
+            i.failover_mono_ns = Some(crate::metrics::mono_ns());
             self.failover_step.clear();
         }
         drop(i);
         self.failover_step(s.name(), None);
+        self.first_output_pending
+            .store(s == FailoverState::Running, Ordering::Relaxed);
     }
 
     /// Records step `name` of the current failover, `at` after suspicion
@@ -489,6 +502,7 @@ impl Telemetry {
                 })
                 .unwrap_or(FailoverState::Standby),
             last_failover: i.failover.clone(),
+            failover_started_mono_ns: i.failover_mono_ns,
         }
     }
 }
@@ -579,16 +593,22 @@ mod tests {
         assert!(t.status().last_failover.is_empty());
         t.set_failover_state(FailoverState::Suspect);
         t.set_failover_state(FailoverState::Arbiter);
-        t.failover_step("first_reply", Some(Duration::from_millis(1500)));
+        t.failover_step("fence", Some(Duration::from_millis(1500)));
+        t.output_released(0, 1); // before running: not the activated copy's
         t.set_failover_state(FailoverState::Running);
         t.set_role(Role::Primary);
+        t.output_released(0, 1);
+        t.output_released(0, 1); // only the first counts
         let s = t.status();
         let steps: Vec<&str> = s.last_failover.iter().map(|s| s.step.as_str()).collect();
-        assert_eq!(steps, ["suspect", "arbiter", "first_reply", "running"]);
+        assert_eq!(
+            steps,
+            ["suspect", "arbiter", "fence", "running", "first_output"]
+        );
         assert_eq!(s.failover_state, FailoverState::Running);
         assert_eq!(s.role, Role::Primary);
         assert_eq!(
-            sample(&t, "castor_failover_step_seconds{step=\"first_reply\"}"),
+            sample(&t, "castor_failover_step_seconds{step=\"fence\"}"),
             Some(1.5)
         );
         assert_eq!(

@@ -1,0 +1,226 @@
+//! The service units and the cluster resource agent in tools/: systemd's
+//! own verifier on the units, `ocf-tester` (Debian's resource-agents) on
+//! the OCF agent driving real castor processes on loopback, and the example
+//! configs accepted by the binary.
+
+mod common;
+use common::*;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn installed(tool: &str, package: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+        || Path::new("/usr/sbin").join(tool).is_file();
+    if !found {
+        eprintln!("SKIP: {tool} not installed (Debian package {package})");
+    }
+    found
+}
+
+/// `systemd-analyze verify` on copies of the units whose ExecStart names
+/// this build's binary (verify insists the binary exists; the units name
+/// /usr/bin/castor, where docs/operations.md installs it).
+#[test]
+fn systemd_units_verify_clean() {
+    if !installed("systemd-analyze", "systemd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut units = Vec::new();
+    for e in std::fs::read_dir(repo().join("tools/systemd")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "service") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(text.contains("Type=notify") && text.contains("WatchdogSec="), "{p:?}");
+            let copy = dir.path().join(p.file_name().unwrap());
+            std::fs::write(&copy, text.replace("/usr/bin/castor", env!("CARGO_BIN_EXE_castor")))
+                .unwrap();
+            units.push(copy);
+        }
+    }
+    assert_eq!(units.len(), 2, "castor-backup@ and castor-protect@");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&units)
+        .env("SYSTEMD_LOG_LEVEL", "notice")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "systemd-analyze verify:\n{said}");
+    assert!(said.trim().is_empty(), "systemd-analyze verify findings:\n{said}");
+}
+
+/// A backup that restarts whenever it exits: the test's stand-in for the
+/// peer node's unpromoted instance (a primary's clean stop ends its stream).
+struct PeerBackup {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeerBackup {
+    fn start(addr: &str, dir: &Path) -> PeerBackup {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, addr, dir) = (stop.clone(), addr.to_string(), dir.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let mut c: Child = castor()
+                    .args(["backup", "--listen", &addr, "--state-dir"])
+                    .arg(&dir)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                while !s.load(Ordering::Relaxed) {
+                    if c.try_wait().unwrap().is_some() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        });
+        PeerBackup {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PeerBackup {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A directory `nobody` can traverse (ocf-tester runs meta-data as nobody).
+fn open_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new().prefix("castor-ocf-").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+#[test]
+fn ocf_agent_meta_data_is_valid_resource_agent_xml() {
+    let out = Command::new(repo().join("tools/ocf/castor"))
+        .arg("meta-data")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let xml = String::from_utf8(out.stdout).unwrap();
+    for a in ["start", "stop", "monitor", "promote", "demote", "validate-all", "meta-data"] {
+        assert!(xml.contains(&format!("<action name=\"{a}\"")), "action {a}:\n{xml}");
+    }
+    if !installed("xmllint", "libxml2-utils") {
+        return;
+    }
+    let dtd = Path::new("/usr/share/resource-agents/ra-api-1.dtd");
+    if !dtd.exists() {
+        eprintln!("SKIP part: {dtd:?} missing (Debian package resource-agents)");
+        return;
+    }
+    let mut c = Command::new("xmllint")
+        .args(["--noout", "--valid", "-"])
+        .current_dir(dtd.parent().unwrap())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        c.stdin.take().unwrap().write_all(xml.as_bytes()).unwrap();
+    }
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "meta-data does not conform to ra-api-1.dtd:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ocf_tester_passes() {
+    if sim_unavailable() || !installed("ocf-tester", "resource-agents") || !installed("xmllint", "libxml2-utils") {
+        return;
+    }
+    let d = open_dir();
+    let agent = d.path().join("castor");
+    std::fs::copy(repo().join("tools/ocf/castor"), &agent).unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let peer = format!("127.0.0.1:{}", free_port());
+    let _peer = PeerBackup::start(&peer, &d.path().join("peer"));
+    let (listen, metrics) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let out = Command::new("ocf-tester")
+        .args(["-n", "castor-test"])
+        .arg("-o")
+        .arg(format!("binary={}", env!("CARGO_BIN_EXE_castor")))
+        .args(["-o", "domain=sim:mem=16MiB,workload=edits,rate=5000"])
+        .arg("-o")
+        .arg(format!("listen={listen}"))
+        .arg("-o")
+        .arg(format!("peer={peer}"))
+        .arg("-o")
+        .arg(format!("metrics={metrics}"))
+        .arg("-o")
+        .arg(format!("state_dir={}", d.path().join("state").display()))
+        .arg("-o")
+        .arg(format!("arbiter=local:{}", d.path().join("arbiter.lock").display()))
+        .arg(&agent)
+        .env("CASTOR_PSK", KEY)
+        .env("HA_RSCTMP", d.path().join("run"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let log = std::fs::read_to_string(d.path().join("state/castor.log")).unwrap_or_default();
+    assert!(out.status.success(), "ocf-tester:\n{said}\ncastor.log:\n{log}");
+    assert!(said.contains("passed all tests"), "{said}");
+}
+
+#[test]
+fn example_configs_are_accepted() {
+    // `--config` with each example: the keys are all known to the command
+    // (a parse error names the key); --help stops before anything runs.
+    for (cmd, file) in [
+        ("protect", "protect.toml"),
+        ("backup", "backup.toml"),
+        ("protect", "pair.toml"),
+        ("backup", "pair.toml"),
+    ] {
+        let out = castor()
+            .args([cmd, "--config"])
+            .arg(repo().join("tools/config").join(file))
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "castor {cmd} --config {file}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
