@@ -368,25 +368,16 @@ impl Telemetry {
         self.wire_bytes.inc_by(wire);
     }
 
-    /// Output: `n` items now held.
-    pub fn output_held(&self, n: i64) {
-        self.output_held.inc_by(n);
-    }
-
-    /// Output: `held` held items and `passed` unheld ones released. The
-    /// first release after a failover is its `first_output` step.
-    pub fn output_released(&self, held: u64, passed: u64) {
-        self.output_held.dec_by(held as i64);
-        self.output_released.inc_by(held + passed);
-        if held + passed > 0 && self.first_output_pending.swap(false, Ordering::Relaxed) {
+    /// Output queue news: `held` items held now, `released` and `dropped`
+    /// more items since the last call. The first release after a failover
+    /// is its `first_output` step (the activated copy's first reply).
+    pub fn output(&self, held: u64, released: u64, dropped: u64) {
+        self.output_held.set(held as i64);
+        self.output_released.inc_by(released);
+        self.output_dropped.inc_by(dropped);
+        if released > 0 && self.first_output_pending.swap(false, Ordering::Relaxed) {
             self.failover_step("first_output", None);
         }
-    }
-
-    /// Output: `n` held items dropped (never released).
-    pub fn output_dropped(&self, held: u64, unheld: u64) {
-        self.output_held.dec_by(held as i64);
-        self.output_dropped.inc_by(held + unheld);
     }
 
     /// The arbiter this process uses, and its fencing token once won.
@@ -575,13 +566,13 @@ mod tests {
     }
 
     #[test]
-    fn output_gauge_follows_hold_release_drop() {
+    fn output_gauge_and_counters_follow_the_queue() {
         let t = Telemetry::new(Role::Primary);
-        t.output_held(5);
-        t.output_released(3, 2);
-        t.output_dropped(1, 4);
+        t.output(5, 0, 0);
+        t.output(1, 3, 1);
+        t.output(0, 2, 4);
         let s = t.status();
-        assert_eq!(s.output_held, 1);
+        assert_eq!(s.output_held, 0);
         assert_eq!(s.output_released, 5);
         assert_eq!(s.output_dropped, 5);
     }
@@ -594,11 +585,11 @@ mod tests {
         t.set_failover_state(FailoverState::Suspect);
         t.set_failover_state(FailoverState::Arbiter);
         t.failover_step("fence", Some(Duration::from_millis(1500)));
-        t.output_released(0, 1); // before running: not the activated copy's
+        t.output(0, 1, 0); // before running: not the activated copy's
         t.set_failover_state(FailoverState::Running);
         t.set_role(Role::Primary);
-        t.output_released(0, 1);
-        t.output_released(0, 1); // only the first counts
+        t.output(0, 1, 0);
+        t.output(0, 1, 0); // only the first counts
         let s = t.status();
         let steps: Vec<&str> = s.last_failover.iter().map(|s| s.step.as_str()).collect();
         assert_eq!(
