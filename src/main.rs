@@ -4,11 +4,11 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
-use cli::{backup, bench, bench_transport, demo, digest, keygen, protect};
+use cli::{backup, bench, bench_transport, demo, digest, keygen, protect, status};
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +24,11 @@ Keys: --psk-file FILE or $CASTOR_PSK (at least 16 bytes); without either a built
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Read options from a TOML file whose keys are the long flags
+    /// (`backup = "host:port"`, `activate = true`); flags given on the
+    /// command line override it. See docs/operations.md.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
 }
 
 // The doc comments of the variants are the commands' `--help` texts; the
@@ -54,6 +59,9 @@ enum Cmd {
     Digest(digest::DigestArgs),
     /// Print a new random pre-shared key (hex) for --psk-file.
     Keygen,
+    /// What a running castor says about itself: role, epoch, lag, held
+    /// output, arbiter, peer, last failover (from its --metrics address).
+    Status(status::StatusArgs),
     /// Transports side by side on loopback (tcp and uring, raw and lz4
     /// pages): page bytes per second and CPU seconds per replicated GiB,
     /// with memcpy bandwidth (and iperf3 line rate) from the same run.
@@ -68,6 +76,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode, String> {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Digest(a) => digest::run(a),
         Cmd::Keygen => keygen::run(),
+        Cmd::Status(a) => status::run(a),
         Cmd::BenchTransport(a) => bench_transport::run(a),
     }
 }
@@ -77,7 +86,15 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("CASTOR_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    // `--config FILE`: its keys become flags placed before the typed ones.
+    let args = match castor::ops::config::expand(&Cli::command(), std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("castor: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let cli = Cli::parse_from(args);
     match dispatch(cli.cmd) {
         Ok(c) => c,
         Err(e) => {

@@ -17,7 +17,11 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
     let mut c = TcpStream::connect(addr).ok()?;
     c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     c.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut r = String::new();
     c.read_to_string(&mut r).ok()?;
     let (head, body) = r.split_once("\r\n\r\n")?;
@@ -76,7 +80,10 @@ fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "promtool check metrics failed:\n{said}");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{said}"
+    );
     // promtool prints lint findings (bad names, missing units) and still
     // exits 0 for some of them: none is acceptable.
     assert!(said.trim().is_empty(), "promtool findings:\n{said}");
@@ -113,11 +120,18 @@ fn bench_serves_metrics_while_it_runs() {
         assert!(t0.elapsed() < Duration::from_secs(30), "no epochs:\n{text}");
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert!(b.try_wait().unwrap().is_none(), "scraped while the run goes on");
+    assert!(
+        b.try_wait().unwrap().is_none(),
+        "scraped while the run goes on"
+    );
     let pauses = sample(&text, "castor_pause_seconds_count").unwrap();
     assert!(pauses >= 20.0, "{text}");
     // Every pause lands in some bucket at or below 1 s.
-    assert_eq!(sample(&text, "castor_pause_seconds_bucket{le=\"1.0\"}"), Some(pauses), "{text}");
+    assert_eq!(
+        sample(&text, "castor_pause_seconds_bucket{le=\"1.0\"}"),
+        Some(pauses),
+        "{text}"
+    );
     assert!(sample(&text, "castor_pause_seconds_bucket{le=\"0.0001\"}").is_some());
     assert!(sample(&text, "castor_wire_bytes_total").unwrap() > 0.0);
     assert!(sample(&text, "castor_raw_bytes_total").unwrap() > 0.0);
@@ -125,8 +139,7 @@ fn bench_serves_metrics_while_it_runs() {
     assert_eq!(sample(&text, "castor_throttle_ratio"), Some(0.0));
     assert_eq!(sample(&text, "castor_role{role=\"bench\"}"), Some(1.0));
     promtool_check(&text);
-    let st: serde_json::Value =
-        serde_json::from_str(&http_get(&addr, "/status").unwrap()).unwrap();
+    let st: serde_json::Value = serde_json::from_str(&http_get(&addr, "/status").unwrap()).unwrap();
     assert_eq!(st["role"], "bench");
     assert!(st["acked_epoch"].as_u64().unwrap() > 0, "{st}");
     assert!(b.wait().unwrap().success(), "{}", err.text());
@@ -209,7 +222,10 @@ fn prometheus_scrapes_a_running_pair() {
     let _server = Reaped(
         Command::new("prometheus")
             .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address={prom}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -221,8 +237,11 @@ fn prometheus_scrapes_a_running_pair() {
     let (mut up, mut acked) = (0.0, 0.0);
     while t0.elapsed() < Duration::from_secs(60) {
         up = prom_query(&prom, "sum(up{job=\"castor\"})").unwrap_or(0.0);
-        acked = prom_query(&prom, &format!("castor_acked_epoch{{instance=\"{paddr}\"}}"))
-            .unwrap_or(0.0);
+        acked = prom_query(
+            &prom,
+            &format!("castor_acked_epoch{{instance=\"{paddr}\"}}"),
+        )
+        .unwrap_or(0.0);
         if up == 2.0 && acked > 10.0 {
             break;
         }
@@ -234,13 +253,19 @@ fn prometheus_scrapes_a_running_pair() {
         &prom,
         "histogram_quantile(0.99, sum(rate(castor_pause_seconds_bucket[5s])) by (le))",
     );
-    let committed = prom_query(&prom, &format!("castor_epochs_total{{instance=\"{baddr}\"}}"));
-    assert!(committed.unwrap_or(0.0) > 0.0, "the backup's committed epochs");
-    assert!(p99.is_some_and(|v| v > 0.0 && v <= 1.0), "pause p99 {p99:?}");
-    let st: serde_json::Value = serde_json::from_str(
-        &castor_status(&baddr),
-    )
-    .unwrap();
+    let committed = prom_query(
+        &prom,
+        &format!("castor_epochs_total{{instance=\"{baddr}\"}}"),
+    );
+    assert!(
+        committed.unwrap_or(0.0) > 0.0,
+        "the backup's committed epochs"
+    );
+    assert!(
+        p99.is_some_and(|v| v > 0.0 && v <= 1.0),
+        "pause p99 {p99:?}"
+    );
+    let st: serde_json::Value = serde_json::from_str(&castor_status(&baddr)).unwrap();
     assert_eq!(st["role"], "backup");
     assert_eq!(st["peer_connected"], true, "{st}");
     drop(p);
@@ -253,6 +278,10 @@ fn castor_status(addr: &str) -> String {
         .args(["status", "--metrics", addr, "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }

@@ -42,10 +42,16 @@ fn systemd_units_verify_clean() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "service") {
             let text = std::fs::read_to_string(&p).unwrap();
-            assert!(text.contains("Type=notify") && text.contains("WatchdogSec="), "{p:?}");
+            assert!(
+                text.contains("Type=notify") && text.contains("WatchdogSec="),
+                "{p:?}"
+            );
             let copy = dir.path().join(p.file_name().unwrap());
-            std::fs::write(&copy, text.replace("/usr/bin/castor", env!("CARGO_BIN_EXE_castor")))
-                .unwrap();
+            std::fs::write(
+                &copy,
+                text.replace("/usr/bin/castor", env!("CARGO_BIN_EXE_castor")),
+            )
+            .unwrap();
             units.push(copy);
         }
     }
@@ -56,9 +62,13 @@ fn systemd_units_verify_clean() {
         .env("SYSTEMD_LOG_LEVEL", "notice")
         .output()
         .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "systemd-analyze verify:\n{said}");
-    assert!(said.trim().is_empty(), "systemd-analyze verify findings:\n{said}");
+    assert!(
+        said.trim().is_empty(),
+        "systemd-analyze verify findings:\n{said}"
+    );
 }
 
 /// A backup that restarts whenever it exits: the test's stand-in for the
@@ -117,7 +127,10 @@ fn free_port() -> u16 {
 
 /// A directory `nobody` can traverse (ocf-tester runs meta-data as nobody).
 fn open_dir() -> tempfile::TempDir {
-    let d = tempfile::Builder::new().prefix("castor-ocf-").tempdir_in("/tmp").unwrap();
+    let d = tempfile::Builder::new()
+        .prefix("castor-ocf-")
+        .tempdir_in("/tmp")
+        .unwrap();
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     d
 }
@@ -130,8 +143,19 @@ fn ocf_agent_meta_data_is_valid_resource_agent_xml() {
         .unwrap();
     assert!(out.status.success());
     let xml = String::from_utf8(out.stdout).unwrap();
-    for a in ["start", "stop", "monitor", "promote", "demote", "validate-all", "meta-data"] {
-        assert!(xml.contains(&format!("<action name=\"{a}\"")), "action {a}:\n{xml}");
+    for a in [
+        "start",
+        "stop",
+        "monitor",
+        "promote",
+        "demote",
+        "validate-all",
+        "meta-data",
+    ] {
+        assert!(
+            xml.contains(&format!("<action name=\"{a}\"")),
+            "action {a}:\n{xml}"
+        );
     }
     if !installed("xmllint", "libxml2-utils") {
         return;
@@ -162,7 +186,10 @@ fn ocf_agent_meta_data_is_valid_resource_agent_xml() {
 
 #[test]
 fn ocf_tester_passes() {
-    if sim_unavailable() || !installed("ocf-tester", "resource-agents") || !installed("xmllint", "libxml2-utils") {
+    if sim_unavailable()
+        || !installed("ocf-tester", "resource-agents")
+        || !installed("xmllint", "libxml2-utils")
+    {
         return;
     }
     let d = open_dir();
@@ -189,15 +216,22 @@ fn ocf_tester_passes() {
         .arg("-o")
         .arg(format!("state_dir={}", d.path().join("state").display()))
         .arg("-o")
-        .arg(format!("arbiter=local:{}", d.path().join("arbiter.lock").display()))
+        .arg(format!(
+            "arbiter=local:{}",
+            d.path().join("arbiter.lock").display()
+        ))
         .arg(&agent)
         .env("CASTOR_PSK", KEY)
         .env("HA_RSCTMP", d.path().join("run"))
         .output()
         .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     let log = std::fs::read_to_string(d.path().join("state/castor.log")).unwrap_or_default();
-    assert!(out.status.success(), "ocf-tester:\n{said}\ncastor.log:\n{log}");
+    assert!(
+        out.status.success(),
+        "ocf-tester:\n{said}\ncastor.log:\n{log}"
+    );
     assert!(said.contains("passed all tests"), "{said}");
 }
 

@@ -24,6 +24,7 @@ use castor::units;
 
 use super::arbiter::make_arbiter;
 use super::keys::load_psk;
+use super::ops::{self, MetricsArgs};
 use super::parse::check_heartbeat;
 
 #[derive(Args)]
@@ -109,9 +110,17 @@ pub struct BackupArgs {
     /// backup's --beacon-listen address every --heartbeat-interval.
     #[arg(long, requires = "reprotect")]
     reprotect_beacon: Option<std::net::SocketAddr>,
+    /// Do not listen: activate the replica saved in --state-dir by an
+    /// earlier backup run whose primary is gone (a cluster manager's
+    /// promote; see docs/operations.md, Pacemaker). Needs an explicit
+    /// --arbiter; the failover runs as after a stream loss.
+    #[arg(long, requires_all = ["activate", "arbiter"])]
+    from_saved: bool,
     /// FOR TESTS ONLY: delay every ack by this long (output commit tests).
     #[arg(long, hide = true, value_parser = units::parse_duration)]
     test_ack_delay: Option<Duration>,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 pub fn run(a: BackupArgs) -> Result<ExitCode, String> {
@@ -122,6 +131,10 @@ pub fn run(a: BackupArgs) -> Result<ExitCode, String> {
     )?;
     let psk = load_psk(a.psk_file.as_ref())?;
     a.transport.check_available()?;
+    let _ops = ops::start(&a.metrics, castor::ops::telemetry::Role::Backup, "backup")?;
+    if a.from_saved {
+        return activate_saved(&a, psk);
+    }
     let l = castor::transport::tcp::listen(&a.listen).map_err(|e| e.to_string())?;
     let addr = l.local_addr().map_err(|e| e.to_string())?;
     // Chosen (and checked) now, so a bad spec fails before replication.
@@ -135,6 +148,10 @@ pub fn run(a: BackupArgs) -> Result<ExitCode, String> {
         let mut o = std::io::stdout();
         let _ = writeln!(o, "listening on {addr}");
         let _ = o.flush();
+    }
+    ops::ready(&format!("listening on {addr}"));
+    if let Some(arb) = &arbiter {
+        castor::ops::telemetry::with(|t| t.set_arbiter(&arb.describe(), None, None));
     }
     let cfg = backup_config(&a, &psk)?;
     if let Some(d) = a.test_ack_delay {
@@ -191,6 +208,37 @@ fn backup_config(a: &BackupArgs, psk: &Psk) -> Result<BackupConfig, String> {
         ack_delay: a.test_ack_delay.unwrap_or_default(),
         beacon,
     })
+}
+
+/// `--from-saved`: the failover sequence on the replica an earlier run
+/// saved in --state-dir.
+fn activate_saved(a: &BackupArgs, psk: Psk) -> Result<ExitCode, String> {
+    let (meta, mem, state) =
+        castor::engine::replica::load(&a.state_dir).map_err(|e| format!("--from-saved: {e}"))?;
+    let mut arb = make_arbiter(a.arbiter.as_deref(), 0)?;
+    eprintln!(
+        "castor backup: activating the replica of epoch {} saved in {} ({})",
+        meta.epoch,
+        a.state_dir.display(),
+        meta.domain
+    );
+    ops::ready("activating the saved replica");
+    let mut out = BackupOutcome {
+        peer: "(the primary of the saved replica)".into(),
+        domain: meta.domain.clone(),
+        clean: true,
+        end: "activation of the saved replica asked (--from-saved)".into(),
+        discarded: None,
+        committed: Some(meta.epoch),
+        meta: Some(meta),
+        digest: None,
+        bytes_received: 0,
+        silent: None,
+        ended_at: std::time::Instant::now(),
+        replica: Some((mem, state)),
+    };
+    let code = fail_over(a, psk, arb.as_mut(), &mut out)?;
+    Ok(ExitCode::from(code.unwrap_or(0)))
 }
 
 /// `--activate`: the failover sequence on the committed replica; the exit

@@ -13,6 +13,7 @@ use castor::report;
 use castor::units;
 
 use super::engine_args::EngineArgs;
+use super::ops::{self, MetricsArgs};
 use super::parse::parse_spec;
 
 #[derive(Args)]
@@ -36,6 +37,8 @@ pub struct BenchArgs {
     addr: Option<IpAddr>,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 /// `--addr`, else $CASTOR_BENCH_ADDR, else loopback.
@@ -55,6 +58,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     let spec = parse_spec(&a.domain)?;
     let ip = bench_ip(a.addr)?;
     a.engine.transport.check_available()?;
+    let _ops = ops::start(&a.metrics, castor::ops::telemetry::Role::Bench, "bench")?;
+    castor::ops::telemetry::with(|t| t.set_domain(&spec.to_string()));
     let mut cfg = a.engine.config();
     cfg.duration = Some(a.duration);
     cfg.progress = a.progress;

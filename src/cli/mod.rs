@@ -17,9 +17,11 @@ pub mod demo;
 pub mod digest;
 pub mod keygen;
 pub mod protect;
+pub mod status;
 
 mod arbiter;
 mod engine_args;
 mod keys;
 mod nfqueue;
+mod ops;
 mod parse;

@@ -20,6 +20,7 @@ use super::arbiter::make_arbiter;
 use super::engine_args::EngineArgs;
 use super::keys::load_psk;
 use super::nfqueue::nfqueue_rules;
+use super::ops::{self, MetricsArgs};
 use super::parse::{check_heartbeat, parse_spec};
 
 #[derive(Args)]
@@ -78,6 +79,8 @@ pub struct ProtectArgs {
     per_epoch: bool,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
 }
 
 pub fn run(a: ProtectArgs) -> Result<ExitCode, String> {
@@ -95,6 +98,8 @@ pub fn run(a: ProtectArgs) -> Result<ExitCode, String> {
     };
     let psk = load_psk(a.psk_file.as_ref())?;
     a.engine.transport.check_available()?;
+    let _ops = ops::start(&a.metrics, castor::ops::telemetry::Role::Primary, "protect")?;
+    castor::ops::telemetry::with(|t| t.set_domain(&spec.to_string()));
     // Held until this process exits: while it is held no backup can
     // activate a second copy.
     let Some(arb) = win_arbiter(&a)? else {
@@ -137,6 +142,9 @@ fn win_arbiter(a: &ProtectArgs) -> Result<Option<Box<dyn Arbiter>>, String> {
                 "castor protect: arbiter {} won (fencing token {t}); held while this primary runs",
                 arb.describe()
             );
+            castor::ops::telemetry::with(|tm| {
+                tm.set_arbiter(&arb.describe(), Some(t.0), arb.lease())
+            });
             Ok(Some(arb))
         }
         None => {

@@ -117,6 +117,13 @@ where
     }
     domain.start()?;
     let running_at = Instant::now();
+    crate::ops::telemetry::with(|t| {
+        t.set_failover_state(crate::ops::telemetry::FailoverState::Running);
+        t.failover_step("running", None);
+        t.set_role(crate::ops::telemetry::Role::Primary);
+        t.set_domain(&spec.to_string());
+        t.epoch_started(epoch);
+    });
     let restore_time = running_at - t0;
     eprintln!(
         "castor backup: ACTIVATED {spec} from epoch {epoch}: guest running {:.1} ms after restore began",

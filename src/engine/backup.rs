@@ -136,10 +136,15 @@ pub fn serve_with(
         );
     }
     let mut rx = Receiver::new(hello.pages)?;
+    crate::ops::telemetry::with(|t| {
+        t.session_started(&peer);
+        t.set_domain(&hello.desc);
+    });
     let helpers = Helpers::start(cfg, &writer, &*reader, &hello)?;
     let started = Instant::now();
     let got = receive(&mut *reader, &mut rx, &writer, &helpers, transport, started);
     let ended_at = Instant::now();
+    crate::ops::telemetry::with(|t| t.session_ended());
     let (end, silent, beacons) = helpers.stop(cfg, got.end);
     let discarded = rx.discard_open();
     let bytes_received = reader.bytes_read();
@@ -386,6 +391,8 @@ fn receive(
     let (live, delayed) = (&helpers.live, &helpers.delayed);
     let mut last_rec = started;
     let mut max_gap = Duration::ZERO;
+    // Bytes read at the last commit (the metrics' wire bytes per epoch).
+    let mut wire_seen = 0u64;
     let (clean, end) = loop {
         let rec = reader.next_record();
         let now = Instant::now();
@@ -417,6 +424,11 @@ fn receive(
         match rx.on_record(rec) {
             Ok(Event::None) => {}
             Ok(Event::Committed(e)) => {
+                crate::ops::telemetry::with(|t| {
+                    let wire = reader.bytes_read();
+                    t.epoch_committed(e, rx.last_pages(), wire - wire_seen);
+                    wire_seen = wire;
+                });
                 if let Some((tx, _)) = delayed {
                     let _ = tx.send((e, now));
                 } else if let Err(err) =

@@ -77,6 +77,7 @@ pub fn protect(
         beacon,
         opts.transport,
     )?;
+    crate::ops::sdnotify::notify_or_log(&format!("READY=1\nSTATUS=protected by {addr}"));
     let lcfg = LiveConfig {
         primary: cfg.clone(),
         run_for: cfg.duration,

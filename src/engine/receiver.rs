@@ -89,6 +89,8 @@ pub struct Receiver {
     /// One bit per gfn: seen in the open epoch (duplicates are hostile).
     seen: Vec<u64>,
     scratch: Box<[u8; PAGE_SIZE]>,
+    /// Pages applied by the last commit (for metrics).
+    last_pages: u64,
 }
 
 impl Receiver {
@@ -107,7 +109,13 @@ impl Receiver {
             deltas: Vec::new(),
             seen: vec![0; (pages as usize).div_ceil(64)],
             scratch: Box::new([0; PAGE_SIZE]),
+            last_pages: 0,
         })
+    }
+
+    /// Pages the last committed checkpoint applied.
+    pub fn last_pages(&self) -> u64 {
+        self.last_pages
     }
 
     /// Last committed checkpoint, if any.
@@ -380,6 +388,7 @@ impl Receiver {
             }
             self.state = s;
             self.committed = Some(epoch);
+            self.last_pages = self.staged.len() as u64;
         } else {
             self.seeded = true;
         }

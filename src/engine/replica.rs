@@ -370,6 +370,38 @@ fn read_meta_in(ver: &Path) -> Result<Meta, ReplicaError> {
     Ok(meta)
 }
 
+/// Loads a saved replica for activation (`backup --from-saved`): its
+/// meta.json, the memory image in fresh guest memory, and the saved state;
+/// the digest is checked against meta.json first, so a torn or altered
+/// image is refused, never run.
+pub fn load(dir: &Path) -> Result<(Meta, crate::domain::GuestMemory, Vec<u8>), ReplicaError> {
+    let (meta, _) = verify(dir)?;
+    let mp = dir.join("memory.img");
+    let sp = dir.join("state.bin");
+    let state = fs::read(&sp).map_err(io_err("reading", &sp))?;
+    let bad = |reason: String| ReplicaError::Invalid {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let len = usize::try_from(meta.memory_bytes).map_err(|_| {
+        bad(format!(
+            "{} bytes of memory do not fit here",
+            meta.memory_bytes
+        ))
+    })?;
+    let mem = crate::domain::GuestMemory::new(len).map_err(|e| bad(e.to_string()))?;
+    let f = File::open(&mp).map_err(io_err("opening", &mp))?;
+    let mut page = [0u8; PAGE_SIZE];
+    for gfn in 0..mem.pages() {
+        f.read_exact_at(&mut page, gfn * PAGE_SIZE as u64)
+            .map_err(io_err("reading", &mp))?;
+        if page.iter().any(|&b| b != 0) {
+            mem.write_page(gfn, &page);
+        }
+    }
+    Ok((meta, mem, state))
+}
+
 /// Recomputes the digest of the saved image and checks it against meta.json.
 pub fn verify(dir: &Path) -> Result<(Meta, Digest), ReplicaError> {
     let ver = version_dir(dir)?;

@@ -26,6 +26,7 @@ use super::arbiter::{Arbiter, ArbiterError, FencingToken};
 use super::exit;
 use super::fence::{self, FenceError};
 use super::lease::LeaseWatch;
+use crate::ops::telemetry::{self, FailoverState};
 
 /// How often a backup campaigning for the arbiter tries again.
 const CAMPAIGN_POLL: Duration = Duration::from_millis(20);
@@ -201,6 +202,7 @@ where
     F: FnOnce(Option<LeaseWatch>) -> Result<Activated, String>,
 {
     let mut tl = Timeline::new(plan.stream_lost_at);
+    telemetry::with(|t| t.failover_began(plan.stream_lost_at));
     suspect(plan);
     let mut stage = Stage::Arbitrate;
     let token = loop {
@@ -212,12 +214,19 @@ where
         }
     };
     // Step 4: activate, holding the arbiter (and its lease, if any).
+    telemetry::with(|t| t.set_failover_state(FailoverState::Activating));
     let activated = activate(arb.lease()).map_err(FailoverError::Activate)?;
     tl.running = Some(tl.since_loss(activated.running_at));
     Ok(finish(plan, Outcome::Activated { token, activated }, tl))
 }
 
 fn finish(plan: &Plan, outcome: Outcome, timeline: Timeline) -> Failover {
+    if !matches!(outcome, Outcome::Activated { .. }) {
+        telemetry::with(|t| {
+            t.set_failover_state(FailoverState::Refused);
+            t.failover_step("refused", None);
+        });
+    }
     announce(plan, &outcome, &timeline);
     Failover { outcome, timeline }
 }
@@ -236,6 +245,7 @@ fn arbitrate(
     tl: &mut Timeline,
 ) -> Result<Arbitration, ArbiterError> {
     let wait = plan.heartbeat_timeout + arb.takeover_wait();
+    telemetry::with(|t| t.set_failover_state(FailoverState::Arbiter));
     let Some(token) = arb.acquire_within(wait, CAMPAIGN_POLL)? else {
         return Ok(Arbitration::Held {
             arbiter: arb.describe(),
@@ -244,6 +254,10 @@ fn arbitrate(
     };
     let won = tl.since_loss(Instant::now());
     tl.arbiter_won = Some(won);
+    telemetry::with(|t| {
+        t.set_arbiter(&arb.describe(), Some(token.0), arb.lease());
+        t.failover_step("arbiter", Some(won));
+    });
     eprintln!(
         "castor backup: arbiter {} won (fencing token {token}) {}",
         arb.describe(),
@@ -257,11 +271,13 @@ fn fence(plan: &Plan, token: FencingToken, tl: &mut Timeline) -> Fencing {
     let Some(cmd) = plan.fence_cmd else {
         return Fencing::Skipped;
     };
+    telemetry::with(|t| t.set_failover_state(FailoverState::Fence));
     if let Err(e) = fence::run(cmd, token, plan.peer, plan.fence_timeout) {
         return Fencing::Failed(e);
     }
     let t = tl.since_loss(Instant::now());
     tl.fenced = Some(t);
+    telemetry::with(|tm| tm.failover_step("fence", Some(t)));
     eprintln!("castor backup: fenced {}", ms(t));
     Fencing::Fenced
 }

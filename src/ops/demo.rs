@@ -58,8 +58,8 @@ pub struct FailoverOpts {
     pub after: Duration,
     /// The backup's `--metrics` address (default 127.0.0.1:0).
     pub metrics: Option<String>,
-    /// Extra engine flags for the primary (`--inflight 3`, ...).
-    pub primary_args: Vec<String>,
+    /// Transport of the pair (tcp, uring, rdma).
+    pub transport: String,
 }
 
 /// What the client saw and the backup reported.
@@ -271,6 +271,7 @@ pub fn run_failover(o: &FailoverOpts) -> Result<FailoverReport, DemoError> {
     b.args(["backup", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(dir.path().join("replica"))
         .args(["--activate", "--arbiter", &lock, "--epoch", &epoch])
+        .args(["--transport", &o.transport])
         .args(["--metrics", o.metrics.as_deref().unwrap_or("127.0.0.1:0")])
         .args([
             "--fence-cmd",
@@ -294,7 +295,7 @@ pub fn run_failover(o: &FailoverOpts) -> Result<FailoverReport, DemoError> {
         &format!("{},counter={caddr}", o.domain),
     ])
     .args(["--backup", &addr, "--arbiter", &lock, "--epoch", &epoch])
-    .args(&o.primary_args);
+    .args(["--transport", &o.transport]);
     let (primary, _) = Proc::spawn(p, "primary", ptx)?;
     wait_line(&prx, "arbiter", Duration::from_secs(10))?;
 

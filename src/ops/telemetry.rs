@@ -396,28 +396,30 @@ impl Telemetry {
         self.info().peer = Some(peer.to_string());
     }
 
-    /// Sets the failover state; entering `Suspect` starts a new timeline,
-    /// and every later state is recorded as a step of it.
+    /// Sets the failover state. Entering `Running` makes the next released
+    /// output the `first_output` step.
     pub fn set_failover_state(&self, s: FailoverState) {
         for st in FailoverState::ALL {
             self.failover_state
                 .get_or_create(&StateLabel { state: st.name() })
                 .set(i64::from(st == s));
         }
-        if s == FailoverState::Standby {
-            return;
-        }
-        let mut i = self.info();
-        if s == FailoverState::Suspect {
-            i.failover.clear();
-            i.failover_from = Some(Instant::now());
-            i.failover_mono_ns = Some(crate::metrics::mono_ns());
-            self.failover_step.clear();
-        }
-        drop(i);
-        self.failover_step(s.name(), None);
         self.first_output_pending
             .store(s == FailoverState::Running, Ordering::Relaxed);
+    }
+
+    /// The primary was suspected (its stream lost at `at`): a new failover
+    /// timeline starts there, with its `suspect` step at 0.
+    pub fn failover_began(&self, at: Instant) {
+        let mut i = self.info();
+        i.failover.clear();
+        i.failover_from = Some(at);
+        i.failover_mono_ns =
+            Some(crate::metrics::mono_ns().saturating_sub(at.elapsed().as_nanos() as u64));
+        self.failover_step.clear();
+        drop(i);
+        self.set_failover_state(FailoverState::Suspect);
+        self.failover_step("suspect", Some(Duration::ZERO));
     }
 
     /// Records step `name` of the current failover, `at` after suspicion
@@ -514,6 +516,14 @@ pub fn get() -> Option<&'static Telemetry> {
     GLOBAL.get().map(|t| &**t)
 }
 
+/// Runs `f` on the installed telemetry; nothing without `--metrics`.
+#[inline]
+pub fn with(f: impl FnOnce(&Telemetry)) {
+    if let Some(t) = get() {
+        f(t)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,11 +592,13 @@ mod tests {
         let t = Telemetry::new(Role::Backup);
         t.failover_step("arbiter", None); // outside a failover: ignored
         assert!(t.status().last_failover.is_empty());
-        t.set_failover_state(FailoverState::Suspect);
+        t.failover_began(Instant::now());
         t.set_failover_state(FailoverState::Arbiter);
+        t.failover_step("arbiter", None);
         t.failover_step("fence", Some(Duration::from_millis(1500)));
         t.output(0, 1, 0); // before running: not the activated copy's
         t.set_failover_state(FailoverState::Running);
+        t.failover_step("running", None);
         t.set_role(Role::Primary);
         t.output(0, 1, 0);
         t.output(0, 1, 0); // only the first counts

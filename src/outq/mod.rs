@@ -388,6 +388,8 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
             d.flush();
         }
     };
+    // (released, dropped) last published to the process's telemetry.
+    let mut published = (0u64, 0u64);
     for msg in rx.iter() {
         match msg {
             Msg::Register(id, d) => {
@@ -472,13 +474,24 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
             Msg::Gate(g) => gate = g,
             Msg::Shutdown(reply) => {
                 r.dropped += discard_all(held.drain(..), &mut dests);
+                publish(&r, 0, &mut published);
                 r.committed = committed;
                 r.release_delay_us = Pct::of(&hist);
                 let _ = reply.send(r);
                 return;
             }
         }
+        publish(&r, held.len(), &mut published);
     }
+}
+
+/// Tells the process's telemetry (`--metrics`) what changed since the
+/// last call: items held now, released and dropped since.
+fn publish(r: &OutqReport, held: usize, last: &mut (u64, u64)) {
+    crate::ops::telemetry::with(|t| {
+        t.output(held as u64, r.released - last.0, r.dropped - last.1);
+    });
+    *last = (r.released, r.dropped);
 }
 
 pub mod nfqueue;
