@@ -258,3 +258,178 @@ fn example_configs_are_accepted() {
         );
     }
 }
+
+/// One node's instance of the agent: its parameters as OCF sees them.
+struct Node {
+    name: &'static str,
+    env: Vec<(String, String)>,
+    agent: PathBuf,
+}
+
+impl Node {
+    fn new(
+        name: &'static str,
+        d: &Path,
+        agent: &Path,
+        listen: &str,
+        peer: &str,
+        counter: &str,
+    ) -> Node {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let env = vec![
+            ("OCF_RESOURCE_INSTANCE", format!("web-{name}")),
+            (
+                "HA_RSCTMP",
+                d.join(format!("run-{name}")).display().to_string(),
+            ),
+            (
+                "OCF_RESKEY_binary",
+                env!("CARGO_BIN_EXE_castor").to_string(),
+            ),
+            (
+                "OCF_RESKEY_domain",
+                format!("sim:mem=16MiB,workload=edits,rate=5000,counter={counter}"),
+            ),
+            ("OCF_RESKEY_listen", listen.to_string()),
+            ("OCF_RESKEY_peer", peer.to_string()),
+            ("OCF_RESKEY_metrics", metrics),
+            (
+                "OCF_RESKEY_state_dir",
+                d.join(format!("state-{name}")).display().to_string(),
+            ),
+            (
+                "OCF_RESKEY_arbiter",
+                format!("local:{}", d.join("arbiter.lock").display()),
+            ),
+            ("CASTOR_PSK", KEY.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Node {
+            name,
+            env,
+            agent: agent.to_path_buf(),
+        }
+    }
+
+    /// Runs `action`; its exit status and what it said.
+    fn act(&self, action: &str) -> (i32, String) {
+        let out = Command::new(&self.agent)
+            .arg(action)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.code().unwrap_or(-1), said)
+    }
+
+    fn expect(&self, action: &str, rc: i32) {
+        let (got, said) = self.act(action);
+        let dir = &self
+            .env
+            .iter()
+            .find(|(k, _)| k == "OCF_RESKEY_state_dir")
+            .unwrap()
+            .1;
+        let log = std::fs::read_to_string(Path::new(dir).join("castor.log")).unwrap_or_default();
+        assert_eq!(
+            got, rc,
+            "node {} {action}: {said}\ncastor.log:\n{log}",
+            self.name
+        );
+    }
+
+    /// The pid of the castor process this instance runs.
+    fn pid(&self) -> i32 {
+        let run = &self.env.iter().find(|(k, _)| k == "HA_RSCTMP").unwrap().1;
+        std::fs::read_to_string(
+            Path::new(run)
+                .join("castor-web-".to_string() + self.name)
+                .join("pid"),
+        )
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+    }
+}
+
+/// Two instances of the agent as Pacemaker drives them on two nodes: A
+/// promoted (a fresh primary), B unpromoted (its backup); A's castor is
+/// SIGKILLed (the node dies; Pacemaker would fence it); monitor on B finds
+/// the replica saved; promote on B activates it, and the guest's counter
+/// answers again, continuing where it was.
+#[test]
+fn ocf_promote_after_primary_loss_activates_the_saved_replica() {
+    if sim_unavailable() {
+        return;
+    }
+    let d = open_dir();
+    let agent = d.path().join("castor");
+    std::fs::copy(repo().join("tools/ocf/castor"), &agent).unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (la, lb) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let counter = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let a = Node::new("a", d.path(), &agent, &la, &lb, &counter.to_string());
+    let b = Node::new("b", d.path(), &agent, &lb, &la, &counter.to_string());
+    let cleanup = |n: &Node| {
+        let _ = n.act("stop");
+    };
+    a.expect("start", 0);
+    b.expect("start", 0);
+    a.expect("promote", 0);
+    a.expect("monitor", 8);
+    b.expect("monitor", 0);
+
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(counter).unwrap();
+    let ask = |id: u64| {
+        castor::domain::sim::counter::ask(
+            &client,
+            id,
+            Duration::from_millis(100),
+            Duration::from_secs(20),
+        )
+    };
+    let mut last = 0;
+    for id in 1..=20 {
+        let v = ask(id).expect("the primary's counter answers");
+        assert_eq!(v, last + 1, "counter steps by one");
+        last = v;
+    }
+    // Node A dies.
+    // SAFETY: kill(2) on a process this test started through the agent.
+    unsafe { libc::kill(a.pid(), libc::SIGKILL) };
+    // Pacemaker's monitor on B: still a healthy unpromoted instance, now
+    // with a saved replica; then B is promoted.
+    let t0 = std::time::Instant::now();
+    while b.act("monitor").0 == 0 && !d.path().join("state-b/ocf-replica-ready").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "B never saw its primary's stream end"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    b.expect("promote", 0);
+    b.expect("monitor", 8);
+    a.expect("monitor", 9);
+    for id in 21..=30 {
+        let v = ask(id).expect("the activated copy's counter answers");
+        assert_eq!(
+            v,
+            last + 1,
+            "the counter continues after the failover (request {id})"
+        );
+        last = v;
+    }
+    cleanup(&b);
+    cleanup(&a);
+    b.expect("monitor", 7);
+}

@@ -352,8 +352,7 @@ fn report(seen: &[(u64, u64)], kill_ns: u64, status: &serde_json::Value) -> Fail
     }
     let last_before = seen
         .iter()
-        .filter(|v| v.1 <= kill_ns)
-        .next_back()
+        .rfind(|v| v.1 <= kill_ns)
         .copied()
         .unwrap_or((0, kill_ns));
     let first_after = seen
