@@ -98,7 +98,7 @@ fn bench_serves_metrics_while_it_runs() {
         .args([
             "bench",
             "--domain",
-            "sim:mem=64MiB,workload=edits,rate=50000",
+            "sim:mem=32MiB,workload=edits,rate=20000",
             "--duration",
             "6s",
             "--metrics",
@@ -114,7 +114,7 @@ fn bench_serves_metrics_while_it_runs() {
     let t0 = Instant::now();
     let text = loop {
         let text = http_get(&addr, "/metrics").expect("/metrics answers during the run");
-        if sample(&text, "castor_epochs_total").unwrap_or(0.0) >= 20.0 {
+        if sample(&text, "castor_epochs_total").unwrap_or(0.0) >= 5.0 {
             break text;
         }
         assert!(t0.elapsed() < Duration::from_secs(30), "no epochs:\n{text}");
@@ -125,7 +125,7 @@ fn bench_serves_metrics_while_it_runs() {
         "scraped while the run goes on"
     );
     let pauses = sample(&text, "castor_pause_seconds_count").unwrap();
-    assert!(pauses >= 20.0, "{text}");
+    assert!(pauses >= 5.0, "{text}");
     // Every pause lands in some bucket at or below 1 s.
     assert_eq!(
         sample(&text, "castor_pause_seconds_bucket{le=\"1.0\"}"),

@@ -99,7 +99,10 @@ pub fn run(a: ProtectArgs) -> Result<ExitCode, String> {
     let psk = load_psk(a.psk_file.as_ref())?;
     a.engine.transport.check_available()?;
     let _ops = ops::start(&a.metrics, castor::ops::telemetry::Role::Primary, "protect")?;
-    castor::ops::telemetry::with(|t| t.set_domain(&spec.to_string()));
+    castor::ops::telemetry::with(|t| {
+        t.set_domain(&spec.to_string());
+        t.set_peer(&a.backup);
+    });
     // Held until this process exits: while it is held no backup can
     // activate a second copy.
     let Some(arb) = win_arbiter(&a)? else {

@@ -137,7 +137,8 @@ pub fn serve_with(
     }
     let mut rx = Receiver::new(hello.pages)?;
     crate::ops::telemetry::with(|t| {
-        t.session_started(&peer);
+        t.session_started();
+        t.set_peer(&peer);
         t.set_domain(&hello.desc);
     });
     let helpers = Helpers::start(cfg, &writer, &*reader, &hello)?;

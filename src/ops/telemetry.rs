@@ -341,11 +341,10 @@ impl Telemetry {
 
     /// A protection session began: acknowledgements start again from its
     /// own epochs.
-    pub fn session_started(&self, peer: &str) {
+    pub fn session_started(&self) {
         self.acked_epoch.set(0);
         self.inflight.set(0);
         self.backup_connected.set(1);
-        self.info().peer = Some(peer.to_string());
     }
 
     pub fn session_ended(&self) {
