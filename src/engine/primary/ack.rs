@@ -64,6 +64,7 @@ fn on_ack(shared: &Shared, output: &Committer, epoch: u64) -> Result<(), String>
         ));
     }
     let entry = g.pending.remove(&epoch).expect("checked above");
+    let inflight = g.pending.len();
     // Output commit: the backup holds checkpoint `epoch` whole,
     // so the output it produced may leave. Sent before `acked`
     // is published, so a clean stop (which waits for the final
@@ -79,6 +80,8 @@ fn on_ack(shared: &Shared, output: &Committer, epoch: u64) -> Result<(), String>
         r.latency_us = entry.pause_start.elapsed().as_micros() as u64;
         r.acked_at_ns = acked_at_ns;
         shared.metrics.lock().unwrap().add(&r);
+        crate::ops::telemetry::with(|t| t.epoch_acked(&r));
     }
+    crate::ops::telemetry::with(|t| t.set_inflight(inflight));
     Ok(())
 }

@@ -168,6 +168,7 @@ impl Driver<'_> {
         // `epoch` is exactly what checkpoint `epoch` covers; from the
         // resume on, output belongs to the next epoch.
         self.outq.open_epoch(epoch + 1);
+        crate::ops::telemetry::with(|t| t.epoch_started(epoch + 1));
         // Read after the store: output read from now on is tagged > epoch.
         rec.closed_at_ns = crate::metrics::mono_ns();
         let t_paused = Instant::now();

@@ -68,6 +68,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
         outq.set_gate(shared.lease.clone());
     }
     let start = Instant::now();
+    crate::ops::telemetry::with(|t| t.session_started());
     let (tx_send, tx_recv) = channel::<TxMsg>();
     let (staging_ret_tx, staging_ret_rx) = channel::<PageBuf>();
     let workers_ptrs = (
@@ -125,6 +126,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
     watchers.join_watchdog();
     // The ack thread exits when the connection closes; do not wait for it.
     drop(ack_handle);
+    crate::ops::telemetry::with(|t| t.session_ended());
     match result {
         Ok(v) => finish(domain, outq, &shared, cfg, workers, v),
         Err(e) => {

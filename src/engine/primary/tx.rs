@@ -232,6 +232,7 @@ impl Tx {
                     pause_start: meta.pause_start,
                 },
             );
+            crate::ops::telemetry::with(|t| t.set_inflight(g.pending.len()));
         }
         let t = Instant::now();
         let r = self.sink.send(&bufs);
