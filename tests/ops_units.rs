@@ -433,3 +433,35 @@ fn ocf_promote_after_primary_loss_activates_the_saved_replica() {
     cleanup(&a);
     b.expect("monitor", 7);
 }
+
+/// Type=notify as systemd runs it: `$NOTIFY_SOCKET` gets READY=1 once the
+/// backup listens, then WATCHDOG=1 every half `$WATCHDOG_USEC`.
+#[test]
+fn backup_notifies_ready_and_pings_the_watchdog() {
+    let d = tempfile::tempdir().unwrap();
+    let sock_path = d.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let _b = Reaped(
+        castor()
+            .args(["backup", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(d.path().join("replica"))
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "200000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 256];
+    let mut got = Vec::new();
+    while !(got.iter().any(|m: &String| m.starts_with("READY=1"))
+        && got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2)
+    {
+        let n = sock.recv(&mut buf).expect("a notification within 20 s");
+        got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    let ready = got.iter().find(|m| m.starts_with("READY=1")).unwrap();
+    assert!(ready.contains("STATUS=listening on 127.0.0.1:"), "{ready}");
+}
