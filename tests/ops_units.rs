@@ -28,15 +28,12 @@ fn installed(tool: &str, package: &str) -> bool {
     found
 }
 
-/// `systemd-analyze verify` on copies of the units whose ExecStart names
-/// this build's binary (verify insists the binary exists; the units name
-/// /usr/bin/castor, where docs/operations.md installs it).
+/// `systemd-analyze verify tools/systemd/*.service`, as is: no finding.
 #[test]
 fn systemd_units_verify_clean() {
     if !installed("systemd-analyze", "systemd") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
     let mut units = Vec::new();
     for e in std::fs::read_dir(repo().join("tools/systemd")).unwrap() {
         let p = e.unwrap().path();
@@ -46,13 +43,7 @@ fn systemd_units_verify_clean() {
                 text.contains("Type=notify") && text.contains("WatchdogSec="),
                 "{p:?}"
             );
-            let copy = dir.path().join(p.file_name().unwrap());
-            std::fs::write(
-                &copy,
-                text.replace("/usr/bin/castor", env!("CARGO_BIN_EXE_castor")),
-            )
-            .unwrap();
-            units.push(copy);
+            units.push(p);
         }
     }
     assert_eq!(units.len(), 2, "castor-backup@ and castor-protect@");
