@@ -71,7 +71,12 @@ fn sets() -> Vec<Set> {
 
 /// Encodes the whole set with `workers` threads pinned to distinct cores;
 /// returns the wall time and the encoded bytes.
-fn encode_with(set: &Set, workers: usize, cores: &[core_affinity::CoreId]) -> (Duration, usize) {
+fn encode_with(
+    set: &Set,
+    workers: usize,
+    cores: &[core_affinity::CoreId],
+    comp: Compressor,
+) -> (Duration, usize) {
     let t0 = Instant::now();
     let total = std::thread::scope(|s| {
         let hs: Vec<_> = (0..workers)
@@ -81,7 +86,7 @@ fn encode_with(set: &Set, workers: usize, cores: &[core_affinity::CoreId]) -> (D
                     if let Some(c) = core {
                         core_affinity::set_for_current(c);
                     }
-                    let mut enc = Encoder::new(Compressor::Lz4);
+                    let mut enc = Encoder::new(comp);
                     let mut out = Vec::with_capacity(PAGES / workers * PAGE_SIZE / 4);
                     let mut unit = w;
                     while unit * STRIPE < PAGES {
@@ -101,7 +106,9 @@ fn encode_with(set: &Set, workers: usize, cores: &[core_affinity::CoreId]) -> (D
 }
 
 fn memcpy_time(set: &Set) -> Duration {
-    let mut dst = vec![[0u8; PAGE_SIZE]; PAGES];
+    // Non-zero fill: the destination is faulted in before the clock starts
+    // (a zeroed vec would be mapped lazily and the copy would time page faults).
+    let mut dst = vec![[1u8; PAGE_SIZE]; PAGES];
     let t0 = Instant::now();
     dst.copy_from_slice(&set.cur);
     black_box(&dst);
@@ -138,10 +145,10 @@ fn main() {
         let (mut one, mut two, mut cp) = (Vec::new(), Vec::new(), Vec::new());
         let mut ratio = 0.0;
         // Warm-up: page the sets in, settle frequency.
-        encode_with(&set, 2, &cores);
+        encode_with(&set, 2, &cores, Compressor::Lz4);
         for _ in 0..reps {
-            let (d1, b1) = encode_with(&set, 1, &cores);
-            let (d2, b2) = encode_with(&set, 2, &cores);
+            let (d1, b1) = encode_with(&set, 1, &cores, Compressor::Lz4);
+            let (d2, b2) = encode_with(&set, 2, &cores, Compressor::Lz4);
             assert_eq!(b1, b2, "1 and 2 workers must encode the same bytes");
             ratio = b1 as f64 / (PAGES * PAGE_SIZE) as f64;
             one.push(d1);
@@ -157,6 +164,34 @@ fn main() {
             m1.as_secs_f64() / m2.as_secs_f64(),
             gib_s(mc),
             ratio
+        );
+    }
+    raw_cost(&cores, reps);
+}
+
+/// Per-page encode cost with compression off (the raw path a CPU-bound
+/// epoch takes), one thread, next to a 4 KiB memcpy in the same rounds.
+fn raw_cost(cores: &[core_affinity::CoreId], reps: usize) {
+    println!("raw path (compress none), 1 worker, per page, median of {reps}:");
+    println!(
+        "{:<14} {:>10} {:>12} {:>8}",
+        "set", "encode", "memcpy", "ratio"
+    );
+    for set in sets() {
+        let (mut enc, mut cp) = (Vec::new(), Vec::new());
+        encode_with(&set, 1, cores, Compressor::None);
+        for _ in 0..reps {
+            enc.push(encode_with(&set, 1, cores, Compressor::None).0);
+            cp.push(memcpy_time(&set));
+        }
+        let per_page = |d: Duration| d.as_nanos() as f64 / PAGES as f64;
+        let (e, c) = (median(enc), median(cp));
+        println!(
+            "{:<14} {:>7.0} ns {:>9.0} ns {:>7.1}x",
+            set.name,
+            per_page(e),
+            per_page(c),
+            e.as_secs_f64() / c.as_secs_f64()
         );
     }
 }

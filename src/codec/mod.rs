@@ -48,7 +48,8 @@
 //! # Encoder choice (not wire format; may change freely)
 //!
 //! Zero, then Unchanged, are checked in one pass. Otherwise the zero-run
-//! stream is built. At most one compressor call is made per page: on the
+//! stream is built. Without a compressor, a stream longer than
+//! [`DENSE_DELTA`] is abandoned for the raw page (bounded work per page). At most one compressor call is made per page: on the
 //! stream if it is at least [`DELTA_PACK_MIN`] and at most [`DENSE_DELTA`]
 //! bytes (kept if strictly shorter than the stream), on the page if the
 //! stream is longer than [`DENSE_DELTA`] (then the shortest of the plain
@@ -237,7 +238,10 @@ impl Encoder {
         // is first built only up to DENSE_DELTA bytes: past that the page is
         // compressed, and the stream is finished only if that did not pay.
         if self.compressor == Compressor::None {
-            if zrle::encode(page, prev, dirty, out, PAGE_SIZE - 1) {
+            // Raw is chosen when the CPU is the bottleneck: a stream past
+            // half a page is given up (the page goes Full), so a rewritten
+            // page costs half a failed scan, not a whole one.
+            if zrle::encode(page, prev, dirty, out, DENSE_DELTA) {
                 return PageKind::Delta;
             }
             out.extend_from_slice(page);

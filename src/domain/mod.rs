@@ -77,6 +77,20 @@ pub trait Domain: Send {
         pagemap::present_pages(self.memory(), out)?;
         Ok(true)
     }
+    /// Takes `pct` percent of the guest's run time away from now on (0:
+    /// none), so it dirties memory more slowly; returns false when this
+    /// domain cannot be throttled. Called while running or paused, never
+    /// inside the pause's critical work. Default: cannot.
+    fn throttle(&mut self, pct: u8) -> bool {
+        let _ = pct;
+        false
+    }
+    /// The guest's own progress so far in its own units (sim: page
+    /// writes), for throughput with and without protection; None when the
+    /// domain cannot tell. Default: None.
+    fn progress(&self) -> Option<u64> {
+        None
+    }
     /// Appends the saved non-memory state (vCPUs, devices) to `out`.
     /// Only called while paused.
     fn save_state(&mut self, out: &mut Vec<u8>) -> Result<(), DomainError>;

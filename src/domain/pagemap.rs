@@ -89,7 +89,15 @@ pub fn region_buffer() -> Vec<PageRegion> {
 }
 
 /// Appends to `out` the page indices (relative to `base`) of `[base,
-/// base+len)` matching `q`, ascending. `pagemap` is `/proc/self/pagemap`.
+/// base+len)` matching `q`, ascending and unique. `pagemap` is
+/// `/proc/self/pagemap`.
+///
+/// The kernel's regions are not trusted to be disjoint: while another
+/// thread writes the range, a page-table walk that is retried (a PMD that
+/// changed under it) or resumed after a full region vector can report a
+/// page again that was written again after its first report. Seen here as
+/// an epoch of 263,142 "dirty pages" in a 262,144-page guest under 200,000
+/// rewrites/s; the duplicate is harmless to report once (it is dirty).
 pub fn scan(
     pagemap: &File,
     base: u64,
@@ -100,6 +108,7 @@ pub fn scan(
 ) -> Result<(), DomainError> {
     let end = base + len;
     let mut start = base;
+    let first = out.len();
     while start < end {
         let mut arg = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
@@ -156,7 +165,26 @@ pub fn scan(
         }
         start = arg.walk_end;
     }
+    sort_unique_tail(out, first);
     Ok(())
+}
+
+/// Makes `out[from..]` ascending and duplicate-free; costs one comparison
+/// per element when it already is (the common case).
+pub fn sort_unique_tail(out: &mut Vec<u64>, from: usize) {
+    let tail = &mut out[from..];
+    if tail.windows(2).all(|w| w[0] < w[1]) {
+        return;
+    }
+    tail.sort_unstable();
+    let mut keep = from;
+    for i in from..out.len() {
+        if i == from || out[i] != out[keep - 1] {
+            out[keep] = out[i];
+            keep += 1;
+        }
+    }
+    out.truncate(keep);
 }
 
 /// Pages of `mem` that were ever written (present in memory or swap);
@@ -180,6 +208,20 @@ pub fn present_pages(mem: &GuestMemory, out: &mut Vec<u64>) -> Result<(), Domain
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_reports_become_sorted_and_unique() {
+        // What an overlapping second report looks like after the first.
+        let mut out = vec![7, 1, 2, 3, 9, 10, 2, 3, 4, 10];
+        sort_unique_tail(&mut out, 1);
+        assert_eq!(out, [7, 1, 2, 3, 4, 9, 10]);
+        let mut clean = vec![1, 2, 5];
+        sort_unique_tail(&mut clean, 0);
+        assert_eq!(clean, [1, 2, 5]);
+        let mut empty: Vec<u64> = vec![3];
+        sort_unique_tail(&mut empty, 1);
+        assert_eq!(empty, [3]);
+    }
 
     #[test]
     fn present_pages_are_the_written_ones() {

@@ -193,6 +193,20 @@ impl Domain for SimDomain {
         self.tracker.harvest(out)
     }
 
+    fn throttle(&mut self, pct: u8) -> bool {
+        match &self.workers {
+            Some(w) if !self.spec.is_deterministic() => {
+                w.set_throttle(pct);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn progress(&self) -> Option<u64> {
+        Some(self.workers.as_ref().map_or(0, Workers::progress))
+    }
+
     fn save_state(&mut self, out: &mut Vec<u8>) -> Result<(), DomainError> {
         encode_state(&self.spec, self.epoch, out);
         Ok(())

@@ -22,8 +22,18 @@
 //! made before parking happen-before `pause()` returning (mutex hand-off).
 //! A thread that panics is counted as `failed`, so `pause()` reports an
 //! error instead of waiting forever.
+//!
+//! Throttling (timed mode): the engine may take a share `p` (percent) of
+//! the workload's time, as a hypervisor throttles vCPUs when the guest
+//! dirties memory faster than replication ships it. A paced thread then
+//! writes at `rate * (100 - p) / 100`; an unpaced one works 1 ms slices
+//! and sleeps `p / (100 - p)` of each (QEMU's `cpu-throttle` rule). Sleeps
+//! are waits on the gate, so a pause still parks a throttled thread at once.
+//! Every thread adds its writes to `progress`, the guest's own measure of
+//! how fast it got on (read at any time; flushed at least every 64 writes
+//! and on parking).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,6 +61,10 @@ struct GateState {
 struct Gate {
     /// PAUSE | STOP, mirrored from `state` for a lock-free check per write.
     flags: AtomicU8,
+    /// Percent of the workload's time taken away (0..=MAX_THROTTLE).
+    throttle: AtomicU8,
+    /// Page writes done by all threads (flushed in batches).
+    progress: AtomicU64,
     state: Mutex<GateState>,
     /// Workers wait here (parked or pacing).
     workers: Condvar,
@@ -182,6 +196,26 @@ impl Workers {
     }
 }
 
+impl Workers {
+    /// Takes `pct` percent of the workload's time from now on (clamped to
+    /// [`MAX_THROTTLE`]); 0 lets it run free. Timed mode only: a
+    /// deterministic workload's epochs are fixed quotas.
+    pub fn set_throttle(&self, pct: u8) {
+        self.gate
+            .throttle
+            .store(pct.min(MAX_THROTTLE), Ordering::Relaxed);
+    }
+
+    /// Page writes the workload threads made so far.
+    pub fn progress(&self) -> u64 {
+        self.gate.progress.load(Ordering::Relaxed)
+    }
+}
+
+/// Largest share of the workload's time throttling takes: the guest never
+/// stops entirely (it must still make progress, as its clients see it).
+pub const MAX_THROTTLE: u8 = 95;
+
 impl Drop for Workers {
     fn drop(&mut self) {
         {
@@ -225,8 +259,12 @@ fn run_deterministic(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPla
 fn run_timed(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan) {
     let mut scratch = Scratch::default();
     let mut bucket = Bucket::new(tp.rate);
+    let mut duty = Duty::new();
+    let mut unflushed = 0u64;
     loop {
         if gate.flags.load(Ordering::Acquire) != 0 {
+            gate.progress.fetch_add(unflushed, Ordering::Relaxed);
+            unflushed = 0;
             let st = gate.lock();
             if st.stop {
                 return;
@@ -236,10 +274,19 @@ fn run_timed(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan) {
                     return;
                 }
                 bucket.restart();
+                duty.restart();
             }
             continue;
         }
-        if let Some(wait) = bucket.take() {
+        let throttle = gate.throttle.load(Ordering::Relaxed);
+        if tp.rate > 0 && throttle != bucket.throttle {
+            bucket = Bucket::throttled(tp.rate, throttle);
+        }
+        let wait = match tp.rate {
+            0 => duty.take(throttle),
+            _ => bucket.take(),
+        };
+        if let Some(wait) = wait {
             let st = gate.lock();
             if !st.paused && !st.stop {
                 // Spurious wakeups only shorten the sleep; the bucket re-checks.
@@ -248,6 +295,54 @@ fn run_timed(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan) {
             continue;
         }
         workload::step(mem, plan, tp, &mut scratch);
+        unflushed += 1;
+        if unflushed == 64 {
+            gate.progress.fetch_add(unflushed, Ordering::Relaxed);
+            unflushed = 0;
+        }
+    }
+}
+
+/// Work slice of an unpaced, throttled thread.
+const SLICE: Duration = Duration::from_millis(1);
+
+/// Duty cycle of an unpaced thread: after each [`SLICE`] of work, a sleep of
+/// `pct / (100 - pct)` slices. Reads the clock every 16 writes.
+#[derive(Debug)]
+struct Duty {
+    start: Instant,
+    n: u32,
+}
+
+impl Duty {
+    fn new() -> Duty {
+        Duty {
+            start: Instant::now(),
+            n: 0,
+        }
+    }
+
+    fn restart(&mut self) {
+        *self = Duty::new();
+    }
+
+    /// Nothing while unthrottled or inside the work slice; else the sleep.
+    fn take(&mut self, pct: u8) -> Option<Duration> {
+        if pct == 0 {
+            return None;
+        }
+        self.n = self.n.wrapping_add(1);
+        if self.n % 16 != 0 {
+            return None;
+        }
+        let worked = self.start.elapsed();
+        if worked < SLICE {
+            return None;
+        }
+        let pct = u32::from(pct.min(MAX_THROTTLE));
+        let sleep = worked * pct / (100 - pct);
+        self.start = Instant::now() + sleep;
+        Some(sleep)
     }
 }
 
@@ -261,6 +356,8 @@ const MAX_BURST: u64 = 10;
 #[derive(Debug)]
 struct Bucket {
     rate: u64,
+    /// The throttle (percent) `rate` was reduced by.
+    throttle: u8,
     batch: u64,
     t0: Instant,
     done: u64,
@@ -272,6 +369,7 @@ impl Bucket {
         let batch = (rate / 1000).max(1);
         Bucket {
             rate,
+            throttle: 0,
             batch,
             t0: Instant::now(),
             done: 0,
@@ -279,9 +377,21 @@ impl Bucket {
         }
     }
 
+    /// A bucket for `rate` reduced by `pct` percent (never to 0, which
+    /// would mean unpaced).
+    fn throttled(rate: u64, pct: u8) -> Bucket {
+        let pct = pct.min(MAX_THROTTLE);
+        let mut b = Bucket::new((rate * u64::from(100 - pct) / 100).max(1));
+        b.throttle = pct;
+        b
+    }
+
     /// Restarts the schedule: time spent paused does not become a burst.
     fn restart(&mut self) {
-        *self = Bucket::new(self.rate);
+        *self = Bucket {
+            throttle: self.throttle,
+            ..Bucket::new(self.rate)
+        };
     }
 
     /// Takes a token, or says how long to wait for the next batch of them.
@@ -344,6 +454,33 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         let free = (0..10_000).take_while(|_| b.take().is_none()).count();
         assert!(free <= 120, "{free} writes granted at once after a stall");
+    }
+
+    #[test]
+    fn throttled_bucket_paces_to_the_reduced_rate() {
+        let mut b = Bucket::throttled(20_000, 75);
+        let t0 = Instant::now();
+        let mut n = 0;
+        while t0.elapsed() < Duration::from_millis(200) {
+            match b.take() {
+                None => n += 1,
+                Some(d) => std::thread::sleep(d),
+            }
+        }
+        assert!((600..=1_400).contains(&n), "{n} writes in 200 ms at 5000/s");
+        assert_eq!(Bucket::throttled(10, 99).rate, 1, "never unpaced");
+    }
+
+    #[test]
+    fn duty_cycle_sleeps_the_throttled_share() {
+        let mut d = Duty::new();
+        assert!((0..1000).all(|_| d.take(0).is_none()), "unthrottled");
+        std::thread::sleep(Duration::from_millis(2));
+        let sleep = (0..16)
+            .find_map(|_| d.take(75))
+            .expect("a sleep after the slice");
+        // 75 %: three slices of sleep per slice of work (>= 2 ms worked).
+        assert!(sleep >= Duration::from_millis(6), "{sleep:?}");
     }
 
     #[test]
