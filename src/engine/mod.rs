@@ -12,6 +12,7 @@
 pub mod accept;
 pub mod activate;
 pub mod backup;
+pub mod codec_choice;
 mod copy;
 pub mod dial;
 pub mod live;
@@ -21,6 +22,7 @@ pub mod receiver;
 pub mod replica;
 pub(crate) mod shadow;
 mod signals;
+pub mod throttle;
 
 #[cfg(test)]
 mod outq_tests;
