@@ -46,6 +46,12 @@ pub struct EpochRecord {
     /// CLOCK_MONOTONIC (ns) when the ack arrived and the output queue was
     /// told to commit this epoch.
     pub acked_at_ns: u64,
+    /// Share of guest time taken by throttling while this epoch ran
+    /// (percent; 0: the guest ran free). See `engine::throttle`.
+    pub throttle_pct: u64,
+    /// Compressor the encoders used for this epoch ("none", "lz4",
+    /// "zstd"); chosen per epoch with `--compress auto`.
+    pub compressor: &'static str,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: one clock for every process and network
@@ -74,6 +80,9 @@ pub struct Metrics {
     pub send: Histogram<u64>,
     pub latency: Histogram<u64>,
     pub dirty: Histogram<u64>,
+    pub throttle: Histogram<u64>,
+    /// Epochs per compressor used: none, lz4, zstd.
+    pub compressor_epochs: [u64; 3],
     pub epochs: u64,
     pub acked_epoch: u64,
     pub extended_epochs: u64,
@@ -108,6 +117,8 @@ impl Metrics {
             send: hist(),
             latency: hist(),
             dirty: hist(),
+            throttle: hist(),
+            compressor_epochs: [0; 3],
             epochs: 0,
             acked_epoch: 0,
             extended_epochs: 0,
@@ -137,6 +148,13 @@ impl Metrics {
         rec(&mut self.send, r.send_us);
         rec(&mut self.latency, r.latency_us);
         rec(&mut self.dirty, r.dirty_pages);
+        rec(&mut self.throttle, r.throttle_pct);
+        match r.compressor {
+            "none" => self.compressor_epochs[0] += 1,
+            "lz4" => self.compressor_epochs[1] += 1,
+            "zstd" => self.compressor_epochs[2] += 1,
+            _ => {}
+        }
         self.epochs += 1;
         self.acked_epoch = self.acked_epoch.max(r.epoch);
         if r.extension_us > 0 {
@@ -155,6 +173,14 @@ impl Metrics {
             self.records.push(r.clone());
         }
     }
+}
+
+/// Epochs per compressor.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct CompressorEpochs {
+    pub none: u64,
+    pub lz4: u64,
+    pub zstd: u64,
 }
 
 /// CPU time consumed by each side, seconds.
@@ -196,6 +222,20 @@ pub struct Summary {
     pub checkpoint_latency_us: Pct,
     pub extended_epochs: u64,
     pub extension_us_total: u64,
+    /// Share of guest time taken by throttling, per epoch (percent).
+    pub throttle_pct: Pct,
+    /// Epochs encoded with each compressor (`--compress auto` chooses).
+    pub compressor_epochs: CompressorEpochs,
+    /// The guest's own progress while protected (sim: page writes per
+    /// second), when the domain can tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_rate: Option<f64>,
+    /// The same guest's progress unprotected, measured in the same run
+    /// (bench), and protected / unprotected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_rate_unprotected: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_speed_ratio: Option<f64>,
     pub seed_ms: f64,
     pub seed_wire_bytes: u64,
     /// Plain single-threaded memcpy of recent dirty sets, measured after the
@@ -250,6 +290,12 @@ impl Summary {
             checkpoint_latency_us: Pct::of(&m.latency),
             extended_epochs: m.extended_epochs,
             extension_us_total: m.extension_us,
+            throttle_pct: Pct::of(&m.throttle),
+            compressor_epochs: CompressorEpochs {
+                none: m.compressor_epochs[0],
+                lz4: m.compressor_epochs[1],
+                zstd: m.compressor_epochs[2],
+            },
             per_epoch: m.records.clone(),
             ..Default::default()
         }
