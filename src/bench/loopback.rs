@@ -193,7 +193,36 @@ pub fn loopback(
     s.replica_epoch = meta.epoch;
     s.digest_match = meta.epoch == outcome.final_epoch && replica_digest == outcome.digest;
     s.memcpy_us = memcpy_baseline(&*outcome.domain, &outcome.recent_dirty);
+    let mut domain = outcome.domain;
+    let free = cfg.duration.map_or(UNPROTECTED_MAX, |d| {
+        (d / 3).clamp(Duration::from_secs(1), UNPROTECTED_MAX)
+    });
+    if let (Some(protected), Some(unprotected)) = (s.guest_rate, unprotected_rate(&mut *domain, free))
+    {
+        s.guest_rate_unprotected = Some(unprotected.round());
+        if unprotected > 0.0 {
+            s.guest_speed_ratio = Some((protected / unprotected * 1000.0).round() / 1000.0);
+        }
+    }
     Ok(s)
+}
+
+/// Longest unprotected run after the protected one (bench).
+const UNPROTECTED_MAX: Duration = Duration::from_secs(3);
+
+/// Runs the (paused) guest unprotected for `d` after the session and
+/// returns its own progress per second, the baseline of
+/// `guest_speed_ratio`; None when the domain cannot tell. Leaves it paused.
+fn unprotected_rate(domain: &mut dyn Domain, d: Duration) -> Option<f64> {
+    let p0 = domain.progress()?;
+    domain.throttle(0);
+    domain.resume().ok()?;
+    let t0 = Instant::now();
+    std::thread::sleep(d);
+    let p1 = domain.progress();
+    let secs = t0.elapsed().as_secs_f64();
+    domain.pause().ok()?;
+    Some((p1? - p0) as f64 / secs)
 }
 
 fn round3(v: f64) -> f64 {
