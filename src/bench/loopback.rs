@@ -197,7 +197,8 @@ pub fn loopback(
     let free = cfg.duration.map_or(UNPROTECTED_MAX, |d| {
         (d / 3).clamp(Duration::from_secs(1), UNPROTECTED_MAX)
     });
-    if let (Some(protected), Some(unprotected)) = (s.guest_rate, unprotected_rate(&mut *domain, free))
+    if let (Some(protected), Some(unprotected)) =
+        (s.guest_rate, unprotected_rate(&mut *domain, free))
     {
         s.guest_rate_unprotected = Some(unprotected.round());
         if unprotected > 0.0 {

@@ -4,12 +4,11 @@ use std::time::Duration;
 
 use clap::Args;
 
-use castor::codec::Compressor;
 use castor::engine::primary::PrimaryConfig;
 use castor::transport::TransportKind;
 use castor::units;
 
-use super::parse::{parse_compressor, parse_cores, CoreList};
+use super::parse::{parse_compress, parse_cores, CompressArg, CoreList};
 
 #[derive(Args, Clone)]
 pub struct EngineArgs {
@@ -32,9 +31,16 @@ pub struct EngineArgs {
     /// (worker i on the i-th listed core, wrapping; default: every core).
     #[arg(long, value_parser = parse_cores)]
     pub cores: Option<CoreList>,
-    /// Compressor for pages where it pays: lz4, zstd, zstd:LEVEL or none.
-    #[arg(long, default_value = "lz4", value_parser = parse_compressor)]
-    pub compress: Compressor,
+    /// Compressor for pages where it pays: lz4, zstd, zstd:LEVEL, none, or
+    /// auto (chosen per epoch among lz4, none and zstd from measured encode
+    /// time and link rate: raw when the CPU is the bottleneck).
+    #[arg(long, default_value = "lz4", value_parser = parse_compress)]
+    pub compress: CompressArg,
+    /// Never throttle the guest: when it dirties memory faster than the
+    /// pipeline ships, only extend epochs (checkpoint latency then grows
+    /// without bound).
+    #[arg(long)]
+    pub no_throttle: bool,
     /// UNSAFE, for experiments: let guest output (network frames) out at
     /// once instead of holding it until the backup acknowledged the
     /// checkpoint that produced it. After a failover clients may see the
@@ -66,7 +72,9 @@ impl EngineArgs {
             max_inflight: self.inflight as usize,
             pin: !self.no_pin,
             cores: self.cores.as_ref().map(|c| c.0.clone()),
-            compressor: self.compress,
+            compressor: self.compress.fixed,
+            compress_auto: self.compress.auto,
+            throttle: !self.no_throttle,
             output_commit: !self.no_output_commit,
             backup_silence: self.backup_timeout,
             heartbeat_interval: self.heartbeat_interval,

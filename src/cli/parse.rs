@@ -46,7 +46,28 @@ pub fn parse_cores(s: &str) -> Result<CoreList, String> {
     Ok(CoreList(out))
 }
 
-/// `--compress lz4|zstd|zstd:LEVEL|none`.
+/// `--compress`: a fixed compressor, or `auto` (per epoch).
+#[derive(Debug, Clone, Copy)]
+pub struct CompressArg {
+    /// The compressor (with `auto`: the first candidate, lz4).
+    pub fixed: Compressor,
+    pub auto: bool,
+}
+
+/// `--compress lz4|zstd|zstd:LEVEL|none|auto`.
+pub fn parse_compress(s: &str) -> Result<CompressArg, String> {
+    if s == "auto" {
+        return Ok(CompressArg {
+            fixed: Compressor::Lz4,
+            auto: true,
+        });
+    }
+    parse_compressor(s)
+        .map(|fixed| CompressArg { fixed, auto: false })
+        .map_err(|e| format!("{e}, or auto"))
+}
+
+/// `lz4|zstd|zstd:LEVEL|none`.
 pub fn parse_compressor(s: &str) -> Result<Compressor, String> {
     match s {
         "none" => Ok(Compressor::None),

@@ -180,6 +180,15 @@ impl CodecChoice {
     }
 }
 
+/// The compressor's name as reports spell it.
+pub fn name(c: Compressor) -> &'static str {
+    match c {
+        Compressor::None => "none",
+        Compressor::Lz4 => "lz4",
+        Compressor::Zstd(_) => "zstd",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

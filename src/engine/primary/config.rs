@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use crate::codec::Compressor;
+use crate::engine::codec_choice::CodecChoice;
 use crate::ha::lease::LeaseGate;
 
 /// Tunables of the primary pipeline.
@@ -24,6 +25,13 @@ pub struct PrimaryConfig {
     /// order (worker i gets `cores[i % len]`); `None`: every core.
     pub cores: Option<Vec<usize>>,
     pub compressor: Compressor,
+    /// Choose the compressor per epoch from measured costs
+    /// (`--compress auto`, see [`crate::engine::codec_choice`]); else
+    /// `compressor` always.
+    pub compress_auto: bool,
+    /// Throttle the guest when it dirties faster than the pipeline ships
+    /// (see [`crate::engine::throttle`]); false: epochs are extended only.
+    pub throttle: bool,
     pub duration: Option<Duration>,
     pub max_epochs: Option<u64>,
     /// Print a progress line to stderr every second.
@@ -71,6 +79,8 @@ impl Default for PrimaryConfig {
             pin: true,
             cores: None,
             compressor: Compressor::Lz4,
+            compress_auto: false,
+            throttle: true,
             duration: None,
             max_epochs: None,
             progress: false,
@@ -90,6 +100,15 @@ impl Default for PrimaryConfig {
 }
 
 impl PrimaryConfig {
+    /// The session's compression chooser: fixed, or adaptive.
+    pub fn codec_choice(&self) -> CodecChoice {
+        if self.compress_auto {
+            CodecChoice::auto(self.workers)
+        } else {
+            CodecChoice::new(&[self.compressor], self.workers)
+        }
+    }
+
     /// The gate every lease decision of a session consults (the lease
     /// thread, each pause, the output queue).
     pub fn lease_gate(&self) -> LeaseGate {

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use super::job::{EpochJob, ShardOut, ShardStats, Source, TxMsg};
 use super::shared::Shared;
-use crate::codec::{Compressor, Encoder, PageKind};
+use crate::codec::{Encoder, PageKind};
 use crate::transport::messages::PagesWriter;
 use crate::PAGE_SIZE;
 
@@ -52,7 +52,6 @@ pub(super) struct Worker {
     pub shards: usize,
     pub shadow: ShadowPtr,
     pub mem: MemPtr,
-    pub compressor: Compressor,
     pub shared: Arc<Shared>,
 }
 
@@ -75,7 +74,8 @@ pub(super) fn encoder_thread(
     out: Sender<TxMsg>,
     bufs: Receiver<Vec<u8>>,
 ) {
-    let mut enc = Encoder::new(w.compressor);
+    // One encoder per compressor the jobs asked for (contexts kept).
+    let mut encs: Vec<Encoder> = Vec::new();
     let mut page = Box::new([0u8; PAGE_SIZE]);
     for job in jobs {
         let t0 = Instant::now();
@@ -83,7 +83,14 @@ pub(super) fn encoder_thread(
         buf.clear();
         let mut pw = PagesWriter::new(job.epoch);
         let mut st = ShardStats::default();
-        encode_job(&w, &job, &mut enc, &mut page, &mut buf, &mut pw, &mut st);
+        let enc = match encs.iter().position(|e| e.compressor() == job.compressor) {
+            Some(i) => &mut encs[i],
+            None => {
+                encs.push(Encoder::new(job.compressor));
+                encs.last_mut().expect("just pushed")
+            }
+        };
+        encode_job(&w, &job, enc, &mut page, &mut buf, &mut pw, &mut st);
         pw.close(&mut buf);
         st.encode_us = t0.elapsed().as_micros() as u64;
         let unit = job.unit;

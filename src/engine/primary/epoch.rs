@@ -26,8 +26,10 @@ use super::shared::{PauseGate, Shared};
 use super::staging::StagingPool;
 use super::{PrimaryConfig, PrimaryError};
 use crate::domain::Domain;
+use crate::engine::codec_choice;
 use crate::engine::copy::CopyPool;
 use crate::engine::shadow::PageBuf;
+use crate::engine::throttle::{Lag, Throttle};
 use crate::ha::lease::Verdict;
 use crate::metrics::EpochRecord;
 use crate::outq::OutputQueue;
@@ -48,6 +50,8 @@ pub(super) struct Driver<'a> {
     pub outq: &'a OutputQueue,
     /// The next unit's number (its place in the send order).
     pub unit: u64,
+    /// How much guest time is taken when the pipeline falls behind.
+    pub throttle: Throttle,
 }
 
 /// Per-epoch buffers, reused so that the pause allocates nothing.
@@ -70,8 +74,16 @@ pub(super) fn drive(mut d: Driver) -> DriveResult {
     d.domain.resume()?;
     d.seed()?;
     let _ = d.shared.ckpt_start.set(Instant::now());
-    d.checkpoints()
+    d.shared.progress.lock().unwrap().0 = d.domain.progress();
+    let out = d.checkpoints();
+    // The guest runs free again whoever drives it next.
+    d.domain.throttle(0);
+    out
 }
+
+/// Staging headroom over the pre-harvested dirty set, for pages written
+/// between the pre-harvest and the pause (at least this many slots).
+const STAGING_HEADROOM: usize = 4096;
 
 impl Driver<'_> {
     fn checkpoints(&mut self) -> DriveResult {
@@ -83,14 +95,14 @@ impl Driver<'_> {
         let mut epoch = 0u64;
         loop {
             epoch += 1;
-            let ext = pacer.wait_for_pause(self.shared, epoch, k)?;
+            let (ext, unacked) = pacer.wait_for_pause(self.shared, epoch, k)?;
             let final_epoch = self.is_final(start, epoch, Instant::now());
             let mut rec = EpochRecord {
                 epoch,
-                extension_us: pacing::extension_us(ext),
+                throttle_pct: u64::from(self.throttle.pct()),
                 ..Default::default()
             };
-            self.staging.reclaim();
+            self.pace_guest(ext, unacked, k);
 
             // Pre-harvest while the guest still runs: most of the epoch's
             // dirty set is collected (and re-armed) outside the pause; the
@@ -99,14 +111,22 @@ impl Driver<'_> {
             cap.pre.clear();
             self.domain.harvest_dirty(&mut cap.pre)?;
             rec.preharvest_us = t_pre.elapsed().as_micros() as u64;
+            // Staging for the pre-harvested set plus the last moment's
+            // writes, readied now: the pause never waits for or allocates it.
+            let want = cap.pre.len() + (cap.pre.len() / 4).max(STAGING_HEADROOM);
+            let ready = self.staging.prepare(want, self.shared)?;
+            rec.extension_us = pacing::extension_us(ext + ready);
 
             let (pause_start, staging) = self.pause(epoch, final_epoch, &mut cap, &mut rec)?;
             recent.push(&cap.gfns);
             let dirty = cap.gfns.len() as u64;
+            let compressor = self.shared.codec.lock().unwrap().next();
+            rec.compressor = codec_choice::name(compressor);
             let job = Arc::new(EpochJob {
                 unit: self.unit,
                 epoch,
                 source: Source::Staged(std::mem::take(&mut cap.gfns), staging),
+                compressor,
             });
             self.pipe.dispatch(Meta {
                 unit: self.unit,
@@ -122,6 +142,7 @@ impl Driver<'_> {
             });
             self.unit += 1;
             if final_epoch {
+                self.shared.progress.lock().unwrap().1 = self.domain.progress();
                 self.pipe.finish(epoch);
                 break;
             }
@@ -129,6 +150,25 @@ impl Driver<'_> {
         }
         self.wait_final_ack(epoch)?;
         Ok((epoch, cap.state, recent.into_lists()))
+    }
+
+    /// Throttles the guest for the next epoch from how far behind the
+    /// pipeline was at this deadline (see [`crate::engine::throttle`]).
+    /// Runs before the pause; output stays held whatever it decides.
+    fn pace_guest(&mut self, ext: Duration, unacked: u64, k: u64) {
+        if !self.cfg.throttle {
+            return;
+        }
+        let before = self.throttle.pct();
+        let pct = self.throttle.update(&Lag {
+            epoch: self.cfg.epoch,
+            extension: ext,
+            unacked,
+            max_inflight: k,
+        });
+        if pct != before {
+            self.domain.throttle(pct);
+        }
     }
 
     /// Whether `epoch` is the run's last: a stop signal, the run's duration

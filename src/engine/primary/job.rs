@@ -14,6 +14,7 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::codec::Compressor;
 use crate::engine::shadow::PageBuf;
 use crate::metrics::EpochRecord;
 use crate::transport::messages::EpochClass;
@@ -25,6 +26,8 @@ pub(super) struct EpochJob {
     pub unit: u64,
     pub epoch: u64,
     pub source: Source,
+    /// What the encoders compress with (chosen per unit).
+    pub compressor: Compressor,
 }
 
 /// Where an encoder reads the job's pages.

@@ -43,14 +43,15 @@ impl Pacer {
 
     /// Lets the guest run until the epoch's deadline (woken early by a
     /// failure or a stop), then waits while K checkpoints are unacknowledged
-    /// (`epoch` is the one about to be paused). Returns the extension: how
-    /// long backpressure held the epoch open past its deadline.
+    /// (`epoch` is the one about to be paused). Returns the extension (how
+    /// long backpressure held the epoch open past its deadline) and the
+    /// checkpoints unacknowledged at the deadline: what the throttle reads.
     pub fn wait_for_pause(
         &self,
         shared: &Shared,
         epoch: u64,
         k: u64,
-    ) -> Result<Duration, PrimaryError> {
+    ) -> Result<(Duration, u64), PrimaryError> {
         let mut g = shared.inflight.lock().unwrap();
         loop {
             if let Some(e) = g.error() {
@@ -71,10 +72,11 @@ impl Pacer {
         // Epochs 0..epoch-1 have been handed to the pipeline; those after
         // the last ack are in flight.
         let unacked = |g: &Inflight| g.acked.map_or(epoch, |a| (epoch - 1).saturating_sub(a));
+        let at_deadline = unacked(&g);
         let g = shared.wait_while(g, |g| unacked(g) >= k)?;
         let ext = ext_start.elapsed();
         drop(g);
-        Ok(ext)
+        Ok((ext, at_deadline))
     }
 
     /// The epoch length decision: the next deadline is one length after

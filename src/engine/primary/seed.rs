@@ -14,6 +14,9 @@
 //!   sink: the rounds pace themselves to the link.
 //! - The last round also carries the pages written while the first
 //!   checkpoints' staging was being faulted in.
+//! - A round travels as units of at most [`SEED_UNIT_PAGES`] pages, at most
+//!   [`SEED_AHEAD`] ahead of the sink: a 1 GiB first pass is not encoded
+//!   whole into memory before its first byte is sent.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +25,11 @@ use super::dirty::merge_sorted;
 use super::epoch::Driver;
 use super::job::{EpochJob, Meta, Source};
 use super::{PrimaryConfig, PrimaryError};
+
+/// Pages per seed unit (64 MiB).
+const SEED_UNIT_PAGES: usize = 16384;
+/// Seed units dispatched beyond those the sink has taken.
+const SEED_AHEAD: u64 = 2;
 use crate::metrics::EpochRecord;
 use crate::transport::messages::EpochClass;
 
@@ -32,19 +40,16 @@ impl Driver<'_> {
         let pages = self.domain.layout().pages;
         let mut present = Vec::new();
         let mut source = match self.domain.present_pages(&mut present) {
-            Ok(true) => Source::Live(present),
-            _ => Source::AllLive,
+            Ok(true) => present,
+            _ => (0..pages).collect(),
         };
-        let first_pass = match &source {
-            Source::Live(p) => p.len() as u64,
-            _ => pages,
-        };
+        let first_pass = source.len() as u64;
         let mut round = 0u32;
         let mut last = false;
         let mut prev_dirty = u64::MAX;
         let mut round_start = Instant::now();
         loop {
-            self.dispatch_round(source, round == 0, last, pages);
+            self.send_round(source, round == 0, last, pages)?;
             if last {
                 return Ok(());
             }
@@ -64,6 +69,16 @@ impl Driver<'_> {
             self.domain.harvest_dirty(&mut d)?;
             let n = d.len() as u64;
             last = is_last_round(self.cfg, round, n, prev_dirty);
+            // The guest dirties faster than rounds ship: throttle it so
+            // pre-copy converges (and the first checkpoints are small).
+            let sent = if round == 1 { first_pass } else { prev_dirty };
+            if self.cfg.throttle && !last {
+                let before = self.throttle.pct();
+                let pct = self.throttle.seed_round(sent, n);
+                if pct != before {
+                    self.domain.throttle(pct);
+                }
+            }
             if last {
                 // Staging for the first checkpoints, faulted in now (the guest
                 // still runs) and sized for this round's dirty set, so no pause
@@ -76,15 +91,45 @@ impl Driver<'_> {
                 d = all;
             }
             prev_dirty = d.len() as u64;
-            source = Source::Live(d);
+            source = d;
         }
     }
 
+    /// Dispatches one round as units of at most [`SEED_UNIT_PAGES`] pages,
+    /// each once the sink is at most [`SEED_AHEAD`] units behind: encoding
+    /// overlaps sending, and encoded buffers stay bounded however large
+    /// the guest. The round's first unit may open epoch 0 (`first`), its
+    /// last may close it (`last`).
+    fn send_round(
+        &mut self,
+        gfns: Vec<u64>,
+        first: bool,
+        last: bool,
+        pages: u64,
+    ) -> Result<(), PrimaryError> {
+        let n = gfns.len().div_ceil(SEED_UNIT_PAGES).max(1);
+        for i in 0..n {
+            let unit = self.unit;
+            let g = self.shared.inflight.lock().unwrap();
+            drop(
+                self.shared
+                    .wait_while(g, |g| g.units_sent + SEED_AHEAD < unit)?,
+            );
+            let part = &gfns[(i * SEED_UNIT_PAGES).min(gfns.len())
+                ..((i + 1) * SEED_UNIT_PAGES).min(gfns.len())];
+            let source = Source::Live(part.to_vec());
+            self.dispatch_round(source, first && i == 0, last && i + 1 == n, pages);
+        }
+        Ok(())
+    }
+
     fn dispatch_round(&mut self, source: Source, first: bool, last: bool, pages: u64) {
+        let compressor = self.shared.codec.lock().unwrap().next();
         let job = Arc::new(EpochJob {
             unit: self.unit,
             epoch: 0,
             source,
+            compressor,
         });
         self.pipe.dispatch(Meta {
             unit: self.unit,

@@ -32,6 +32,7 @@ use crate::digest::Digest;
 use crate::domain::Domain;
 use crate::engine::copy::CopyPool;
 use crate::engine::shadow::PageBuf;
+use crate::engine::throttle::Throttle;
 use crate::metrics::Summary;
 use crate::outq::OutputQueue;
 use crate::transport::record::RecordReader;
@@ -76,7 +77,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
         MemPtr(domain.memory().as_ptr()),
     );
     let (job_txs, buf_rets, enc_handles) =
-        spawn_encoders(workers, workers_ptrs, &shared, &tx_send, &cores, cfg);
+        spawn_encoders(workers, workers_ptrs, &shared, &tx_send, &cores);
     let tx_handle = {
         let ends = TxEnds {
             shards: workers,
@@ -162,6 +163,7 @@ fn run_epoch_thread(
                     copy_pool: &copy_pool,
                     outq,
                     unit: 0,
+                    throttle: Throttle::new(),
                 })
             })
             .expect("spawning epoch thread")
@@ -216,7 +218,6 @@ fn spawn_encoders(
     shared: &Arc<Shared>,
     out: &Sender<TxMsg>,
     cores: &[core_affinity::CoreId],
-    cfg: &PrimaryConfig,
 ) -> Encoders {
     let (mut job_txs, mut buf_rets, mut handles) = (Vec::new(), Vec::new(), Vec::new());
     for shard in 0..workers {
@@ -231,7 +232,6 @@ fn spawn_encoders(
             shards: workers,
             shadow,
             mem,
-            compressor: cfg.compressor,
             shared: shared.clone(),
         };
         handles.push(
@@ -307,6 +307,10 @@ fn finish(
     if let Some((d, wire)) = *shared.seed_done.lock().unwrap() {
         summary.seed_ms = (d.as_secs_f64() * 1e4).round() / 10.0;
         summary.seed_wire_bytes = wire;
+    }
+    if let (Some(p0), Some(p1)) = *shared.progress.lock().unwrap() {
+        let secs = elapsed.as_secs_f64();
+        summary.guest_rate = (secs > 0.0).then(|| ((p1 - p0) as f64 / secs).round());
     }
     summary.domain = domain.describe();
     summary.transport = "tcp".into();

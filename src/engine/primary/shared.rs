@@ -17,6 +17,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{PrimaryConfig, PrimaryError};
+use crate::engine::codec_choice::CodecChoice;
 use crate::ha::lease::LeaseGate;
 use crate::metrics::{EpochRecord, Metrics};
 
@@ -75,6 +76,12 @@ pub(super) struct Shared {
     /// The session's one lease gate: the lease watcher, each pause and the
     /// output queue ask it.
     pub lease: LeaseGate,
+    /// The per-epoch compression choice: `castor-tx` feeds it each unit's
+    /// costs, the epoch thread asks it before dispatching a unit.
+    pub codec: Mutex<CodecChoice>,
+    /// The guest's progress counter when checkpointing began and ended
+    /// (domains that can tell), for the guest's rate while protected.
+    pub progress: Mutex<(Option<u64>, Option<u64>)>,
 }
 
 impl Shared {
@@ -92,6 +99,8 @@ impl Shared {
             lease_lost: AtomicBool::new(false),
             heard: Mutex::new(Instant::now()),
             lease: cfg.lease_gate(),
+            codec: Mutex::new(cfg.codec_choice()),
+            progress: Mutex::new((None, None)),
         }
     }
 

@@ -11,11 +11,13 @@
 //!   used; otherwise one more is allocated while at most K+1 exist;
 //!   otherwise the pause waits for one to come back (the pipeline is full)
 //!   and grows it if it is too small. The wait and the growth are the only
-//!   ways a pause can depend on castor's own resources (kept as they were);
-//!   backpressure decided before the pause ([`super::pacing`]) is where
-//!   they can be made unreachable.
+//!   ways a pause can depend on castor's own resources; they are a fallback
+//!   only: before every pause [`StagingPool::prepare`] readies a buffer
+//!   sized for the pre-harvested dirty set plus headroom, waiting or
+//!   allocating while the guest still runs (counted as extension).
 
 use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
 
 use super::shared::Shared;
 use super::PrimaryError;
@@ -57,6 +59,36 @@ impl<'a> StagingPool<'a> {
         while let Ok(b) = self.returned.try_recv() {
             self.spare.push(b);
         }
+    }
+
+    /// Before the pause, while the guest runs: makes sure a spare buffer of
+    /// at least `n` slots is ready, allocating (at most K+1 buffers) or
+    /// growing one, and waiting for one to come back from the pipeline when
+    /// all are in flight. Returns how long that waited or allocated: the
+    /// epoch's extension, spent before the pause instead of inside it.
+    pub fn prepare(&mut self, n: usize, shared: &Shared) -> Result<Duration, PrimaryError> {
+        self.reclaim();
+        if self.spare.iter().any(|b| b.slots() >= n) {
+            return Ok(Duration::ZERO);
+        }
+        let t = Instant::now();
+        let b = if self.count <= self.k {
+            self.count += 1;
+            PageBuf::new_populated(n)?
+        } else {
+            let b = match self.spare.pop() {
+                Some(b) => b,
+                None => self.wait_for_one(shared)?,
+            };
+            if b.slots() >= n {
+                b
+            } else {
+                drop(b);
+                PageBuf::new_populated(n)?
+            }
+        };
+        self.spare.push(b);
+        Ok(t.elapsed())
     }
 
     /// A buffer of at least `n` slots, for use inside the pause.

@@ -21,11 +21,13 @@ use std::time::{Duration, Instant};
 
 use super::job::{EpochJob, Meta, ShardOut, Source, TxMsg};
 use super::shared::{InflightEntry, Shared};
+use crate::engine::codec_choice::Observed;
 use crate::engine::shadow::PageBuf;
 use crate::metrics::EpochRecord;
 use crate::transport::messages::{EpochBegin, EpochClass, EpochEnd};
 use crate::transport::record::{write_record, RecordKind};
 use crate::transport::RecordSink;
+use crate::PAGE_SIZE;
 
 /// Where `castor-tx` returns buffers, and its fixed settings.
 pub(super) struct TxEnds {
@@ -237,6 +239,14 @@ impl Tx {
         let t = Instant::now();
         let r = self.sink.send(&bufs);
         let send_us = t.elapsed().as_micros() as u64;
+        let observed = Observed {
+            compressor: meta.job.compressor,
+            pages: outs.iter().map(|o| o.stats.raw_bytes).sum::<u64>() / PAGE_SIZE as u64,
+            encode_us: outs.iter().map(|o| o.stats.encode_us).sum(),
+            wire_bytes: bufs.iter().map(|b| b.len() as u64).sum(),
+            send_us,
+        };
+        shared.codec.lock().unwrap().observe(&observed);
         self.last_send = Instant::now();
         if let Err(e) = r {
             shared.fail(format!("sending epoch {}: {e}", meta.epoch));
