@@ -19,7 +19,7 @@
 //! epochs the candidate measured least recently runs once, so estimates
 //! follow the workload.
 //!
-//! Invariant: [`CodecChoice::next`] returns one of the candidates given at
+//! Invariant: [`CodecChoice::choose`] returns one of the candidates given at
 //! construction. The choice is not wire format: every page says its kind.
 //! Pure data, no clock: `castor tune` can replay it over recorded epochs.
 
@@ -101,7 +101,7 @@ impl CodecChoice {
     }
 
     /// The compressor for the next epoch.
-    pub fn next(&mut self) -> Compressor {
+    pub fn choose(&mut self) -> Compressor {
         self.epochs += 1;
         let i = self.pick();
         self.last = i;
@@ -145,7 +145,7 @@ impl CodecChoice {
         cpu.max(link)
     }
 
-    /// The compressor the last [`CodecChoice::next`] returned.
+    /// The compressor the last [`CodecChoice::choose`] returned.
     pub fn current(&self) -> Compressor {
         self.cands[self.last]
     }
@@ -214,7 +214,7 @@ mod tests {
     ) -> Vec<Compressor> {
         (0..n)
             .map(|_| {
-                let c = ch.next();
+                let c = ch.choose();
                 ch.observe(&world(c));
                 c
             })
@@ -263,7 +263,7 @@ mod tests {
         let mut ch = CodecChoice::new(&[Compressor::Zstd(3)], 4);
         assert!(!ch.adaptive());
         for _ in 0..100 {
-            assert_eq!(ch.next(), Compressor::Zstd(3));
+            assert_eq!(ch.choose(), Compressor::Zstd(3));
         }
     }
 }

@@ -120,7 +120,7 @@ impl Driver<'_> {
             let (pause_start, staging) = self.pause(epoch, final_epoch, &mut cap, &mut rec)?;
             recent.push(&cap.gfns);
             let dirty = cap.gfns.len() as u64;
-            let compressor = self.shared.codec.lock().unwrap().next();
+            let compressor = self.shared.codec.lock().unwrap().choose();
             rec.compressor = codec_choice::name(compressor);
             let job = Arc::new(EpochJob {
                 unit: self.unit,

@@ -124,7 +124,7 @@ impl Driver<'_> {
     }
 
     fn dispatch_round(&mut self, source: Source, first: bool, last: bool, pages: u64) {
-        let compressor = self.shared.codec.lock().unwrap().next();
+        let compressor = self.shared.codec.lock().unwrap().choose();
         let job = Arc::new(EpochJob {
             unit: self.unit,
             epoch: 0,
