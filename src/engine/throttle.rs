@@ -14,9 +14,13 @@
 //!   deadline had to wait for an in-flight slot. Behind by `b` epochs
 //!   multiplies `free` by `1 - min(MAX_CUT, MIN_CUT + b * GAIN)`: a little
 //!   late takes a little, an epoch late takes half, proportionally.
-//! - No extension and the pipeline idle at the deadline (nothing in
-//!   flight): give back [`RELEASE`] points per epoch.
-//! - Otherwise (the pipeline just kept up): hold.
+//! - No extension (the pipeline kept up): give back [`RELEASE`] point per
+//!   epoch, so the guest probes for capacity as TCP does.
+//!
+//! Releasing only when nothing was in flight at the deadline (tried
+//! second) ratcheted: with checkpoint latency just above one epoch one
+//! checkpoint is always in flight, and the throttle never came down after
+//! a transient (88 % median on the 1/4 workload on a loaded host).
 //!
 //! A controller that jumped to the maximum and crept back (tried first)
 //! swung between 95 % and 55 % every half second on the 200,000
@@ -35,7 +39,7 @@ pub const GAIN: f64 = 0.4;
 /// Smallest and largest cut of the free time after a late epoch.
 pub const MIN_CUT: f64 = 0.1;
 pub const MAX_CUT: f64 = 0.5;
-/// Points released per epoch the pipeline was idle at the deadline.
+/// Points released per epoch the pipeline kept up.
 pub const RELEASE: u8 = 1;
 /// Each seed round should dirty at most this share of what it sent.
 pub const SEED_SHRINK: f64 = 0.5;
@@ -80,7 +84,7 @@ impl Throttle {
             let cut = (MIN_CUT + behind * GAIN).min(MAX_CUT);
             let pct = ((1.0 - free * (1.0 - cut)) * 100.0).ceil() as u8;
             self.pct = pct.max(self.pct + 1).min(MAX_PCT);
-        } else if lag.unacked == 0 {
+        } else if lag.unacked < lag.max_inflight {
             self.pct = self.pct.saturating_sub(RELEASE);
         }
         self.pct
@@ -147,15 +151,16 @@ mod tests {
     }
 
     #[test]
-    fn releases_only_when_the_pipeline_was_idle() {
+    fn releases_while_the_pipeline_keeps_up() {
         let mut t = Throttle::new();
         t.set(50);
-        // Kept up, one checkpoint in flight: hold.
-        assert_eq!(t.update(&lag(0, 1)), 50);
-        // Nothing in flight: release.
-        assert_eq!(t.update(&lag(0, 0)), 50 - RELEASE);
+        // Kept up with one checkpoint in flight, or none: release.
+        assert_eq!(t.update(&lag(0, 1)), 50 - RELEASE);
+        assert_eq!(t.update(&lag(0, 0)), 50 - 2 * RELEASE);
         // A noise-sized extension is not lag.
-        assert_eq!(t.update(&lag(1, 1)), 50 - RELEASE);
+        assert_eq!(t.update(&lag(1, 1)), 50 - 3 * RELEASE);
+        // K in flight at the deadline but no measurable wait: hold.
+        assert_eq!(t.update(&lag(0, 2)), 50 - 3 * RELEASE);
         let mut z = Throttle::new();
         assert_eq!(z.update(&lag(0, 0)), 0, "never below zero");
     }
