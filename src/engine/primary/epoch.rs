@@ -166,8 +166,10 @@ impl Driver<'_> {
             unacked,
             max_inflight: k,
         });
-        if pct != before {
-            self.domain.throttle(pct);
+        // A domain that cannot be throttled runs free, and says so in the
+        // records (0 %), rather than reporting a throttle nobody applied.
+        if pct != before && !self.domain.throttle(pct) {
+            self.throttle.set(0);
         }
     }
 

@@ -75,8 +75,8 @@ impl Driver<'_> {
             if self.cfg.throttle && !last {
                 let before = self.throttle.pct();
                 let pct = self.throttle.seed_round(sent, n);
-                if pct != before {
-                    self.domain.throttle(pct);
+                if pct != before && !self.domain.throttle(pct) {
+                    self.throttle.set(0);
                 }
             }
             if last {
