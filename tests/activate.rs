@@ -15,13 +15,22 @@ fn activated_replica_continues_the_workload() {
     }
     let spec = "sim:mem=16MiB,workload=mixed,writes=300,seed=21,threads=2";
     let dir = tempfile::tempdir().unwrap();
+    let lock = pair_lock(dir.path());
     let b = Backup::start_with(
         &dir.path().join("replica"),
-        &["--activate", "--epoch", "5ms", "--run-epochs", "10"],
+        &[
+            "--activate",
+            "--epoch",
+            "5ms",
+            "--run-epochs",
+            "10",
+            "--arbiter",
+            &lock,
+        ],
         KEY,
     );
     let bdir = b.dir.clone();
-    let p = protect_flowing(spec, &b.addr, "5ms");
+    let p = protect_flowing_with(spec, &b.addr, "5ms", &["--arbiter", &lock]);
     drop(p); // SIGKILL
     let (st, err) = b.wait();
     assert_eq!(st.code(), Some(2), "{err}");
@@ -41,7 +50,11 @@ fn activated_replica_continues_the_workload() {
 #[test]
 fn activation_without_a_checkpoint_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let b = Backup::start_with(&dir.path().join("replica"), &["--activate"], KEY);
+    let b = Backup::start_with(
+        &dir.path().join("replica"),
+        &["--activate", "--arbiter", &pair_lock(dir.path())],
+        KEY,
+    );
     // Connect and hang up before any checkpoint.
     drop(std::net::TcpStream::connect(&b.addr).unwrap());
     let (st, err) = b.wait();

@@ -63,7 +63,7 @@ fn cut_link(beacons: bool) -> (Lines, Lines, Reaped, Backup, tempfile::TempDir) 
     if beacons {
         cmd.args(["--beacon", &beacon_addr]);
     }
-    let mut p = Reaped(cmd.stderr(Stdio::piped()).spawn().unwrap());
+    let mut p = Reaped::spawn(cmd.stderr(Stdio::piped()));
     let p_out = Lines::watch(p.0.stderr.take().unwrap());
     p_out.wait_for("acked", WAIT);
     proxy.cut();

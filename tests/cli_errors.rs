@@ -3,10 +3,10 @@
 
 mod common;
 
-use common::castor;
+use common::{castor, output_within, EXIT_PATIENCE};
 
 fn refused(args: &[&str]) -> String {
-    let out = castor().args(args).output().unwrap();
+    let out = output_within(castor().args(args), EXIT_PATIENCE);
     assert!(!out.status.success(), "{args:?} was accepted");
     String::from_utf8_lossy(&out.stderr).to_string()
 }

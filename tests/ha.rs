@@ -276,18 +276,19 @@ fn failing_fence_command_prevents_activation() {
 
 /// `castor protect` with a local arbiter at `lock` and no backup listening.
 fn protect_with_lock(lock: &std::path::Path) -> std::process::Output {
-    castor()
-        .args([
-            "protect",
-            "--domain",
-            "sim:mem=64KiB,writes=1",
-            "--backup",
-            "127.0.0.1:9",
-            "--arbiter",
-        ])
-        .arg(format!("local:{}", lock.display()))
-        .output()
-        .unwrap()
+    output_within(
+        castor()
+            .args([
+                "protect",
+                "--domain",
+                "sim:mem=64KiB,writes=1",
+                "--backup",
+                "127.0.0.1:9",
+                "--arbiter",
+            ])
+            .arg(format!("local:{}", lock.display())),
+        EXIT_PATIENCE,
+    )
 }
 
 #[test]

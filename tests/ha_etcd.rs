@@ -79,12 +79,9 @@ struct Logged {
 
 impl Logged {
     fn spawn(mut cmd: std::process::Command) -> Logged {
-        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-        let log = Lines::collect(child.stderr.take().unwrap());
-        Logged {
-            p: Reaped(child),
-            log,
-        }
+        let mut p = Reaped::spawn(cmd.stderr(Stdio::piped()));
+        let log = Lines::collect(p.0.stderr.take().unwrap());
+        Logged { p, log }
     }
 
     fn wait_for(&self, pat: &str, patience: Duration) -> Option<String> {
@@ -590,7 +587,9 @@ fn e_activated_backup_cut_off_from_etcd_self_fences() {
     // comes after a last (here: futile) attempt to revoke the lease.
     let fenced = blog.wait_for("SELF-FENCED", TTL * 3);
     let took = cut.elapsed();
-    let code = b.child.wait().unwrap().code();
+    let code = wait_deadline(&mut b.child, EXIT_PATIENCE)
+        .unwrap_or_else(|| panic!("backup did not exit (killed):\n{}", blog.text()))
+        .code();
     let text = blog.text();
     eprintln!(
         "(e) activated backup self-fenced {} ms after the cut, exited {} ms after (exit {code:?})",

@@ -33,6 +33,8 @@ fn scenario(
     bytes.extend(bad(&mut p));
     // Like a real primary, keep reading acks until the backup hangs up.
     let mut rd = s.try_clone().unwrap();
+    // Bounded: a backup that never hangs up fails in b.wait() below.
+    rd.set_read_timeout(Some(EXIT_PATIENCE)).unwrap();
     let drain = std::thread::spawn(move || std::io::copy(&mut rd, &mut std::io::sink()));
     let _ = s.write_all(&bytes);
     let _ = s.shutdown(std::net::Shutdown::Write);

@@ -41,7 +41,7 @@ fn sigkill_of_primary_leaves_last_complete_epoch() {
         // The primary's progress line is the event that tells us epochs are
         // flowing; we then kill after a random extra delay (the random
         // moment is the point of the test, not a synchronisation).
-        let p = protect_flowing(spec, &b.addr, "5ms");
+        let p = protect_flowing_with(spec, &b.addr, "5ms", &["--arbiter", &pair_lock(dir.path())]);
         let extra = next(&mut seed) % 400;
         std::thread::sleep(Duration::from_millis(extra));
         drop(p); // SIGKILL

@@ -74,19 +74,27 @@ fn failover(extra_primary_args: &[&str]) -> Option<(Vec<u64>, Vec<u64>)> {
         ns.ip(&["link", "set", tap, "up"]);
     }
     let dir = tempfile::tempdir().unwrap();
+    let lock = pair_lock(dir.path());
     let mut b = Backup::start_cmd(
         castor_in(&ns.name),
         &dir.path().join("replica"),
-        &["--activate", "--override", "tap=cb0", "--run-for", "20s"],
+        &[
+            "--activate",
+            "--override",
+            "tap=cb0",
+            "--run-for",
+            "20s",
+            "--arbiter",
+            &lock,
+        ],
         KEY,
     );
     let spec = format!("kvm:guest=counter,tap=cp0,ip={GUEST}");
-    let primary = Reaped(
+    let primary = Reaped::spawn(
         castor_in(&ns.name)
             .args(["protect", "--quiet", "--domain", &spec, "--backup", &b.addr])
-            .args(extra_primary_args)
-            .spawn()
-            .unwrap(),
+            .args(["--arbiter", &lock])
+            .args(extra_primary_args),
     );
     let ns_name = ns.name.clone();
     let result = ns.run(|| {

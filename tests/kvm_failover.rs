@@ -54,6 +54,7 @@ fn memtouch_survives_sigkill_of_the_primary() {
         let dir = tempfile::tempdir().unwrap();
         let plog = dir.path().join("primary.log");
         let blog = dir.path().join("backup.log");
+        let lock = pair_lock(dir.path());
         let b = Backup::start_with(
             &dir.path().join("replica"),
             &[
@@ -62,15 +63,16 @@ fn memtouch_survives_sigkill_of_the_primary() {
                 &format!("console={}", blog.display()),
                 "--run-for",
                 "2s",
+                "--arbiter",
+                &lock,
             ],
             KEY,
         );
         let spec = format!("kvm:guest=memtouch,mem=8MiB,console={}", plog.display());
-        let p = Reaped(
+        let p = Reaped::spawn(
             castor()
                 .args(["protect", "--quiet", "--domain", &spec, "--backup", &b.addr])
-                .spawn()
-                .unwrap(),
+                .args(["--arbiter", &lock]),
         );
         // The guest's own output is the event: wait until it has run a while.
         let want = 5 + next(&mut seed) % 40;

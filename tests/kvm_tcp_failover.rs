@@ -117,10 +117,13 @@ impl Rig {
         }
 
         let dir = tempfile::tempdir().unwrap();
+        let lock = pair_lock(dir.path());
         let mut backup = Backup::start_cmd(
             castor_in(&ns.name),
             &dir.path().join("replica"),
             &[
+                "--arbiter",
+                &lock,
                 "--activate",
                 "--override",
                 "tap=tb0",
@@ -133,7 +136,7 @@ impl Rig {
         );
         let (backup_err, reader) = collect(backup.child.stderr.take().unwrap());
         let spec = format!("kvm:guest=tcpcount,tap=tp0,ip={GUEST},console=stderr");
-        let primary = Reaped(
+        let primary = Reaped::spawn(
             castor_in(&ns.name)
                 .args([
                     "protect",
@@ -142,10 +145,10 @@ impl Rig {
                     &spec,
                     "--backup",
                     &backup.addr,
+                    "--arbiter",
+                    &lock,
                 ])
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap(),
+                .stderr(Stdio::inherit()),
         );
         Some(Rig {
             primary: Some(primary),
@@ -435,6 +438,15 @@ fn millis(line: &str) -> Vec<f64> {
         .collect()
 }
 
+/// Sets the flag when dropped (also while unwinding).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// One failover trial: returns the printed summary line.
 fn failover_trial(trial: usize) -> Option<String> {
     let rig = Rig::start("tcf")?;
@@ -449,8 +461,11 @@ fn failover_trial(trial: usize) -> Option<String> {
     let primary_child = &rig.primary;
     let (replies, retrans) = std::thread::scope(|s| {
         s.spawn(|| {
+            // Bounded: the client side always sets `stop` (even when it
+            // panics, see StopOnDrop), and the deadline covers the rest.
+            let t0 = Instant::now();
             while answered.load(Ordering::Acquire) < 40 {
-                if stop.load(Ordering::Acquire) {
+                if stop.load(Ordering::Acquire) || t0.elapsed() > Duration::from_secs(180) {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(5));
@@ -463,6 +478,9 @@ fn failover_trial(trial: usize) -> Option<String> {
             *killed_at.lock().unwrap() = Some(Instant::now());
             assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
         });
+        // Whatever happens on the client side (a panic in connect too),
+        // the kill thread is told to stop, so the scope can end.
+        let _stop = StopOnDrop(&stop);
         let out = rig.client_ns.run(|| {
             let mut c = Client::new(connect(Duration::from_secs(60)));
             let mut replies = Vec::new();

@@ -133,25 +133,36 @@ struct Protect {
 impl Protect {
     /// Starts it; Err(stderr) if it exits before checkpoints flow.
     fn start(ns: &str, args: &[&str]) -> Result<Protect, String> {
-        let mut child = Reaped(
+        let mut child = Reaped::spawn(
             castor_in(ns)
                 .arg("protect")
                 .args(args)
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap(),
+                .stderr(std::process::Stdio::piped()),
         );
         let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-        let mut seen = Vec::new();
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            if line.contains("acked") {
-                let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect());
-                return Ok(Protect { child, rest });
+        // Read on a thread: a primary that neither acks nor ends must fail
+        // the test (after SIGKILL), not hang it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rest = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for line in lines.by_ref().map_while(Result::ok) {
+                if line.contains("acked") {
+                    let _ = tx.send(Ok(()));
+                    return lines.map_while(Result::ok).collect();
+                }
+                seen.push(line);
             }
-            seen.push(line);
+            let _ = tx.send(Err(seen.join("\n")));
+            Vec::new()
+        });
+        match rx.recv_timeout(START_PATIENCE) {
+            Ok(Ok(())) => Ok(Protect { child, rest }),
+            Ok(Err(seen)) => Err(seen),
+            Err(_) => {
+                drop(child);
+                panic!("protect neither acked nor ended within {START_PATIENCE:?}");
+            }
         }
-        Err(seen.join("\n"))
     }
 
     /// SIGTERM (a clean stop: final ack, JSON written); its stderr.
@@ -772,12 +783,13 @@ fn nfqueue_errors_are_clear() {
         "none",
     ];
     // No rule at all.
-    let out = castor_in(&ns.name)
-        .arg("protect")
-        .args(base)
-        .args(["--nfqueue", "9", "--epochs", "5"])
-        .output()
-        .unwrap();
+    let out = output_within(
+        castor_in(&ns.name)
+            .arg("protect")
+            .args(base)
+            .args(["--nfqueue", "9", "--epochs", "5"]),
+        EXIT_PATIENCE,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -786,19 +798,17 @@ fn nfqueue_errors_are_clear() {
         "{err}"
     );
     // A device that does not exist.
-    let out = castor_in(&ns.name)
-        .arg("protect")
-        .args(base)
-        .args([
+    let out = output_within(
+        castor_in(&ns.name).arg("protect").args(base).args([
             "--nfqueue",
             "9",
             "--nfqueue-dev",
             "nosuch0",
             "--epochs",
             "5",
-        ])
-        .output()
-        .unwrap();
+        ]),
+        EXIT_PATIENCE,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no network device named \"nosuch0\""), "{err}");
     // Queue 9 held by a running primary: a second one cannot bind it.
@@ -824,17 +834,18 @@ fn nfqueue_errors_are_clear() {
         &["--quiet"],
         KEY,
     );
-    let out = castor_in(&ns.name)
-        .args([
-            "protect",
-            "--domain",
-            "sim:mem=16MiB,writes=5",
-            "--backup",
-            &b2.addr,
-        ])
-        .args(["--arbiter", "none", "--nfqueue", "9", "--epochs", "5"])
-        .output()
-        .unwrap();
+    let out = output_within(
+        castor_in(&ns.name)
+            .args([
+                "protect",
+                "--domain",
+                "sim:mem=16MiB,writes=5",
+                "--backup",
+                &b2.addr,
+            ])
+            .args(["--arbiter", "none", "--nfqueue", "9", "--epochs", "5"]),
+        EXIT_PATIENCE,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

@@ -7,14 +7,17 @@ use common::*;
 /// Runs `castor protect` against `b`; returns its JSON report.
 fn protect(spec: &str, b: &Backup, args: &[&str]) -> serde_json::Value {
     let json = b.dir.with_extension("run.json");
-    let st = castor()
-        .args([
-            "protect", "--quiet", "--domain", spec, "--backup", &b.addr, "--json",
-        ])
-        .arg(&json)
-        .args(args)
-        .status()
-        .unwrap();
+    let lock = pair_lock(b.dir.parent().unwrap());
+    let st = Reaped::spawn(
+        castor()
+            .args([
+                "protect", "--quiet", "--domain", spec, "--backup", &b.addr, "--json",
+            ])
+            .arg(&json)
+            .args(["--arbiter", &lock])
+            .args(args),
+    )
+    .wait_within(std::time::Duration::from_secs(240));
     assert!(st.success(), "protect failed for {spec}");
     serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
 }
@@ -107,18 +110,19 @@ fn bench_reports_matching_digests() {
     }
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let out = castor()
-        .args([
-            "bench",
-            "--domain",
-            "sim:mem=16MiB,workload=edits,rate=20000",
-            "--duration",
-            "1s",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
+    let out = output_within(
+        castor()
+            .args([
+                "bench",
+                "--domain",
+                "sim:mem=16MiB,workload=edits,rate=20000",
+                "--duration",
+                "1s",
+                "--json",
+            ])
+            .arg(&json),
+        EXIT_PATIENCE,
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -158,24 +162,23 @@ fn many_tiny_epochs_complete() {
     let spec = "sim:mem=1MiB,workload=edits,writes=3,seed=1";
     let b = Backup::start(&dir.path().join("replica"));
     let bdir = b.dir.clone();
-    let mut p = castor()
-        .args([
-            "protect", "--quiet", "--domain", spec, "--backup", &b.addr, "--epoch", "1ms",
-            "--epochs", "400",
-        ])
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    let st = loop {
-        if let Some(st) = p.try_wait().unwrap() {
-            break st;
-        }
-        if t0.elapsed() > std::time::Duration::from_secs(60) {
-            p.kill().unwrap();
-            panic!("primary hung");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let lock = pair_lock(dir.path());
+    let mut p = Reaped::spawn(castor().args([
+        "protect",
+        "--quiet",
+        "--domain",
+        spec,
+        "--backup",
+        &b.addr,
+        "--epoch",
+        "1ms",
+        "--epochs",
+        "400",
+        "--arbiter",
+        &lock,
+    ]));
+    let st = wait_deadline(&mut p.0, std::time::Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("primary hung (killed after 60 s)"));
     assert!(st.success());
     let (bst, err) = b.wait();
     assert!(bst.success(), "{err}");

@@ -21,16 +21,14 @@ fn term(pid: u32) {
 /// `castor protect` of [`SPEC`] against `addr` with the pair's `lock` and
 /// `extra` arguments, once checkpoints are acknowledged; its stderr lines.
 fn protect_watched(addr: &str, lock: &str, extra: &[&str]) -> (Reaped, Lines) {
-    let mut p = Reaped(
+    let mut p = Reaped::spawn(
         castor()
             .args([
                 "protect", "--domain", SPEC, "--backup", addr, "--epoch", "25ms",
             ])
             .args(["--arbiter", lock])
             .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::piped()),
     );
     let out = Lines::watch(p.0.stderr.take().unwrap());
     out.wait_for("acked", WAIT);
@@ -78,7 +76,7 @@ fn primary_runs_unprotected_then_a_fresh_backup_protects_it() {
     out.wait_for("acked", WAIT);
     term(p.0.id());
     let digest = final_digest(&out);
-    let st = p.0.wait().unwrap();
+    let st = p.wait_within(EXIT_PATIENCE);
     assert!(st.success(), "{}", out.text());
     let (bst, err) = b2.wait();
     assert!(bst.success(), "{err}");
@@ -137,9 +135,10 @@ fn activated_backup_is_reprotected_by_a_fresh_backup() {
     // The re-protected guest's checkpoints are acknowledged.
     b1_out.wait_for("acked", WAIT);
     term(b1.child.id());
-    let st = b1.child.wait().unwrap();
+    let st = wait_deadline(&mut b1.child, EXIT_PATIENCE).expect("b1 exits after SIGTERM");
     assert_eq!(st.code(), Some(2), "{}", b1_out.text());
-    let st2 = b2.child.wait().unwrap();
+    let st2 =
+        wait_deadline(&mut b2.child, EXIT_PATIENCE).expect("b2 exits once its primary stopped");
     assert!(st2.success(), "{}", b2_out.text());
     // The re-protecting copy beaconed to the fresh backup.
     let end = b2_out.wait_for("beacons heard", WAIT);
@@ -185,7 +184,7 @@ fn silent_backup_is_declared_lost_and_the_guest_runs_on() {
     // Still running, unprotected, until told to stop; then a clean exit.
     assert!(p.0.try_wait().unwrap().is_none(), "{}", out.text());
     term(p.0.id());
-    let st = p.0.wait().unwrap();
+    let st = p.wait_within(EXIT_PATIENCE);
     assert!(st.success(), "{}", out.text());
     let last = out.wait_for("stopped after", WAIT);
     assert!(last.contains("protection sessions: 1"), "{last}");

@@ -29,20 +29,21 @@ fn uring_bench_replica_matches_primary() {
     }
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("run.json");
-    let out = castor()
-        .args([
-            "bench",
-            "--domain",
-            "sim:mem=64MiB,workload=mixed,rate=50000,threads=2",
-            "--duration",
-            "2s",
-            "--transport",
-            "uring",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
+    let out = output_within(
+        castor()
+            .args([
+                "bench",
+                "--domain",
+                "sim:mem=64MiB,workload=mixed,rate=50000,threads=2",
+                "--duration",
+                "2s",
+                "--transport",
+                "uring",
+                "--json",
+            ])
+            .arg(&json),
+        EXIT_PATIENCE,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && uring_missing(&err) {
         return;
@@ -68,8 +69,8 @@ fn uring_protect_replica_equals_recomputation() {
     let spec = "sim:mem=32MiB,workload=incompressible,writes=500,seed=5,fill=1";
     let b = Backup::start_with(&dir.path().join("replica"), &["--transport", "uring"], KEY);
     let bdir = b.dir.clone();
-    let out = castor()
-        .args([
+    let out = output_within(
+        castor().args([
             "protect",
             "--quiet",
             "--domain",
@@ -84,9 +85,9 @@ fn uring_protect_replica_equals_recomputation() {
             "15",
             "--transport",
             "uring",
-        ])
-        .output()
-        .unwrap();
+        ]),
+        EXIT_PATIENCE,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     let (bst, berr) = b.wait();
     if !out.status.success() && (uring_missing(&err) || uring_missing(&berr)) {
@@ -110,8 +111,8 @@ fn mismatch(backup_transport: &str, primary_transport: &str) {
         &["--transport", backup_transport],
         KEY,
     );
-    let out = castor()
-        .args([
+    let out = output_within(
+        castor().args([
             "protect",
             "--quiet",
             "--domain",
@@ -124,9 +125,9 @@ fn mismatch(backup_transport: &str, primary_transport: &str) {
             "3",
             "--transport",
             primary_transport,
-        ])
-        .output()
-        .unwrap();
+        ]),
+        EXIT_PATIENCE,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     let (bst, berr) = b.wait();
     if uring_missing(&err) || uring_missing(&berr) {
@@ -247,8 +248,8 @@ fn chunk_overrunning_its_slot_is_rejected() {
 /// a device: tests/lab_rdma.rs.
 #[test]
 fn rdma_says_why_it_cannot_run() {
-    let out = castor()
-        .args([
+    let out = output_within(
+        castor().args([
             "protect",
             "--domain",
             "sim:mem=4MiB,writes=1",
@@ -260,9 +261,9 @@ fn rdma_says_why_it_cannot_run() {
             "1",
             "--transport",
             "rdma",
-        ])
-        .output()
-        .unwrap();
+        ]),
+        EXIT_PATIENCE,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),

@@ -55,7 +55,7 @@ impl Etcd {
             .args(["--initial-cluster", &format!("t={peer_url}")])
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
-        let proc = Reaped(cmd.spawn().expect("starting etcd"));
+        let proc = Reaped::spawn(&mut cmd);
         let e = Etcd {
             url,
             port,
