@@ -291,44 +291,49 @@ fn uring_backup_detects_a_stopped_primary() {
     let dir = tempfile::tempdir().unwrap();
     let b = Backup::start_with(&dir.path().join("replica"), &["--transport", "uring"], KEY);
     let bdir = b.dir.clone();
-    let mut p = castor()
-        .args([
-            "protect",
-            "--domain",
-            spec,
-            "--backup",
-            &b.addr,
-            "--epoch",
-            "5ms",
-            "--arbiter",
-            "none",
-            "--transport",
-            "uring",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut p = Reaped::spawn(
+        castor()
+            .args([
+                "protect",
+                "--domain",
+                spec,
+                "--backup",
+                &b.addr,
+                "--epoch",
+                "5ms",
+                "--arbiter",
+                "none",
+                "--transport",
+                "uring",
+            ])
+            .stderr(std::process::Stdio::piped()),
+    );
     // The first progress line is the event that checkpoints flow; a
     // primary that fails first (no io_uring) ends its stderr instead.
-    let mut lines = BufReader::new(p.stderr.take().unwrap()).lines();
-    let p = Reaped(p);
-    let mut seen = String::new();
-    let mut flowing = false;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if line.contains("acked") {
-            flowing = true;
-            break;
+    // Read on a thread (draining to the end) so neither can hang the test.
+    let err = p.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        let mut lines = BufReader::new(err).lines();
+        for line in lines.by_ref().map_while(Result::ok) {
+            if line.contains("acked") {
+                let _ = tx.send((true, seen));
+                lines.for_each(drop);
+                return;
+            }
+            seen.push_str(&line);
+            seen.push('\n');
         }
-        seen.push_str(&line);
-        seen.push('\n');
-    }
+        let _ = tx.send((false, seen));
+    });
+    let (flowing, seen) = rx
+        .recv_timeout(START_PATIENCE)
+        .unwrap_or_else(|_| panic!("protect neither acked nor ended within {START_PATIENCE:?}"));
     if !flowing && uring_missing(&seen) {
         return;
     }
     assert!(flowing, "protect ended without a progress line:\n{seen}");
-    // Keep draining so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(
         unsafe { libc::kill(p.0.id() as libc::pid_t, libc::SIGSTOP) },
