@@ -86,6 +86,10 @@ fn failover(extra_primary_args: &[&str]) -> Option<(Vec<u64>, Vec<u64>)> {
             "20s",
             "--arbiter",
             &lock,
+            // Detection is the stream's end at the SIGKILL; no stall under
+            // load may be suspected before it.
+            "--heartbeat-timeout",
+            "5s",
         ],
         KEY,
     );
@@ -93,7 +97,7 @@ fn failover(extra_primary_args: &[&str]) -> Option<(Vec<u64>, Vec<u64>)> {
     let primary = Reaped::spawn(
         castor_in(&ns.name)
             .args(["protect", "--quiet", "--domain", &spec, "--backup", &b.addr])
-            .args(["--arbiter", &lock])
+            .args(["--arbiter", &lock, "--backup-timeout", "10s"])
             .args(extra_primary_args),
     );
     let ns_name = ns.name.clone();

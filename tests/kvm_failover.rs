@@ -65,6 +65,10 @@ fn memtouch_survives_sigkill_of_the_primary() {
                 "2s",
                 "--arbiter",
                 &lock,
+                // Detection is the stream's end at the SIGKILL; no stall
+                // under load may be suspected before it.
+                "--heartbeat-timeout",
+                "5s",
             ],
             KEY,
         );
@@ -72,7 +76,7 @@ fn memtouch_survives_sigkill_of_the_primary() {
         let p = Reaped::spawn(
             castor()
                 .args(["protect", "--quiet", "--domain", &spec, "--backup", &b.addr])
-                .args(["--arbiter", &lock]),
+                .args(["--arbiter", &lock, "--backup-timeout", "10s"]),
         );
         // The guest's own output is the event: wait until it has run a while.
         let want = 5 + next(&mut seed) % 40;

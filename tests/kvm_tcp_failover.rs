@@ -124,6 +124,11 @@ impl Rig {
             &[
                 "--arbiter",
                 &lock,
+                // Detection here is the stream's end at the SIGKILL; a
+                // generous silence timeout keeps a stall under load from
+                // being suspected as a failure before it.
+                "--heartbeat-timeout",
+                "5s",
                 "--activate",
                 "--override",
                 "tap=tb0",
@@ -147,6 +152,8 @@ impl Rig {
                     &backup.addr,
                     "--arbiter",
                     &lock,
+                    "--backup-timeout",
+                    "10s",
                 ])
                 .stderr(Stdio::inherit()),
         );

@@ -316,7 +316,15 @@ fn nfqueue_run(o: Opts) -> Option<Run> {
     let mut backup = Backup::start_cmd(
         castor_in(&h.name),
         &dir.path().join("replica"),
-        &["--quiet", "--test-ack-delay", &delay],
+        // Generous liveness timeouts: this test is about output commit, and
+        // under load a 500 ms heartbeat timeout lost the backup.
+        &[
+            "--quiet",
+            "--test-ack-delay",
+            &delay,
+            "--heartbeat-timeout",
+            "10s",
+        ],
         KEY,
     );
     let mut args = vec![
@@ -330,6 +338,8 @@ fn nfqueue_run(o: Opts) -> Option<Run> {
         "60s",
         "--arbiter",
         "none",
+        "--backup-timeout",
+        "10s",
         "--nfqueue",
         QUEUE,
         "--nfqueue-dev",
@@ -595,7 +605,15 @@ fn kvm_run(commit: bool) -> Option<(Vec<Sample>, Epochs, String)> {
     let backup = Backup::start_cmd(
         castor_in(&ns.name),
         &dir.path().join("replica"),
-        &["--quiet", "--test-ack-delay", "200ms"],
+        // Generous liveness timeouts: this test is about output commit, and
+        // under load the 500 ms default lost the backup ("no reply").
+        &[
+            "--quiet",
+            "--test-ack-delay",
+            "200ms",
+            "--heartbeat-timeout",
+            "10s",
+        ],
         KEY,
     );
     let mut args = vec![
@@ -609,6 +627,8 @@ fn kvm_run(commit: bool) -> Option<(Vec<Sample>, Epochs, String)> {
         "120s",
         "--arbiter",
         "none",
+        "--backup-timeout",
+        "10s",
         "--per-epoch",
         "--json",
         json.to_str().unwrap(),

@@ -8,18 +8,29 @@ use common::*;
 fn protect(spec: &str, b: &Backup, args: &[&str]) -> serde_json::Value {
     let json = b.dir.with_extension("run.json");
     let lock = pair_lock(b.dir.parent().unwrap());
-    let st = Reaped::spawn(
+    let out = output_within(
         castor()
             .args([
                 "protect", "--quiet", "--domain", spec, "--backup", &b.addr, "--json",
             ])
             .arg(&json)
-            .args(["--arbiter", &lock])
+            .args(["--arbiter", &lock, "--backup-timeout", "10s"])
             .args(args),
-    )
-    .wait_within(std::time::Duration::from_secs(240));
-    assert!(st.success(), "protect failed for {spec}");
+        EXIT_PATIENCE,
+    );
+    assert!(
+        out.status.success(),
+        "protect failed for {spec}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
+/// A backup that suspects its primary only after 10 s of silence: these
+/// tests are about the replica's contents, and under load the 500 ms
+/// default declared a stalled (not dead) primary silent.
+fn patient_backup(dir: &std::path::Path) -> Backup {
+    Backup::start_with(dir, &["--heartbeat-timeout", "10s"], KEY)
 }
 
 fn check_workload(workload: &str) {
@@ -28,7 +39,7 @@ fn check_workload(workload: &str) {
     }
     let dir = tempfile::tempdir().unwrap();
     let spec = format!("sim:mem=8MiB,workload={workload},writes=300,seed=11,threads=2");
-    let b = Backup::start(&dir.path().join("replica"));
+    let b = patient_backup(&dir.path().join("replica"));
     let bdir = b.dir.clone();
     let run = protect(&spec, &b, &["--epoch", "5ms", "--epochs", "12"]);
     let (bst, err) = b.wait();
@@ -87,12 +98,14 @@ fn timed_mode_replica_matches_primary() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let b = Backup::start(&dir.path().join("replica"));
+    let b = patient_backup(&dir.path().join("replica"));
     let bdir = b.dir.clone();
     let run = protect(
         "sim:mem=16MiB,workload=hotcold,rate=50000",
         &b,
-        &["--epoch", "10ms", "--duration", "1s"],
+        // 3 s, not 1: the >= 20 epochs below must hold on a loaded machine
+        // too, where the 16 MiB seed alone took a good part of a second.
+        &["--epoch", "10ms", "--duration", "3s"],
     );
     let (bst, err) = b.wait();
     assert!(bst.success(), "{err}");
@@ -160,7 +173,7 @@ fn many_tiny_epochs_complete() {
     }
     let dir = tempfile::tempdir().unwrap();
     let spec = "sim:mem=1MiB,workload=edits,writes=3,seed=1";
-    let b = Backup::start(&dir.path().join("replica"));
+    let b = patient_backup(&dir.path().join("replica"));
     let bdir = b.dir.clone();
     let lock = pair_lock(dir.path());
     let mut p = Reaped::spawn(castor().args([
@@ -176,6 +189,8 @@ fn many_tiny_epochs_complete() {
         "400",
         "--arbiter",
         &lock,
+        "--backup-timeout",
+        "10s",
     ]));
     let st = wait_deadline(&mut p.0, std::time::Duration::from_secs(60))
         .unwrap_or_else(|| panic!("primary hung (killed after 60 s)"));
