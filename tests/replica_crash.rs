@@ -23,13 +23,18 @@ const SPEC: &str = "sim:mem=32MiB,workload=incompressible,writes=2000,seed=3";
 /// Runs one session of `epochs` epochs into `dir`; returns the backup
 /// (still running, now saving) and its stderr, once "stream ended" is seen.
 fn session(dir: &Path, epochs: u64) -> (Backup, Lines) {
-    let mut b = Backup::start(dir);
+    // Generous liveness timeouts (the test is about saving) and an
+    // arbiter of its own (the default lock is machine-wide).
+    let mut b = Backup::start_with(dir, &["--heartbeat-timeout", "10s"], KEY);
     let lines = Lines::watch(b.child.stderr.take().unwrap());
-    let st = castor()
-        .args(["protect", "--quiet", "--domain", SPEC, "--backup", &b.addr])
-        .args(["--epoch", "5ms", "--epochs", &epochs.to_string()])
-        .status()
-        .unwrap();
+    let lock = pair_lock(dir.parent().unwrap());
+    let st = Reaped::spawn(
+        castor()
+            .args(["protect", "--quiet", "--domain", SPEC, "--backup", &b.addr])
+            .args(["--epoch", "5ms", "--epochs", &epochs.to_string()])
+            .args(["--arbiter", &lock, "--backup-timeout", "10s"]),
+    )
+    .wait_within(EXIT_PATIENCE);
     assert!(st.success(), "protect failed:\n{}", lines.text());
     lines.wait_for("stream ended", Duration::from_secs(30));
     (b, lines)
@@ -66,7 +71,13 @@ fn sigkill_of_backup_while_saving_leaves_old_or_new_replica() {
     let t0 = Instant::now();
     lines.wait_for("replica holds epoch 3", Duration::from_secs(60));
     let window = t0.elapsed();
-    assert!(b.child.wait().unwrap().success(), "{}", lines.text());
+    assert!(
+        wait_deadline(&mut b.child, EXIT_PATIENCE)
+            .unwrap_or_else(|| panic!("backup never exited:\n{}", lines.text()))
+            .success(),
+        "{}",
+        lines.text()
+    );
     let mut prev = meta(&dir).expect("first replica saved").epoch;
     assert_eq!(prev, 3);
     eprintln!("uninterrupted save took {} ms", window.as_millis());
