@@ -10,10 +10,10 @@ fn demo_kills_the_primary_and_the_counter_continues() {
     if sim_unavailable() {
         return;
     }
-    let out = castor()
-        .args(["demo", "--before", "4s", "--after", "2s"])
-        .output()
-        .unwrap();
+    let out = output_within(
+        castor().args(["demo", "--before", "4s", "--after", "2s"]),
+        EXIT_PATIENCE,
+    );
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),

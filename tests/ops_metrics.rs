@@ -94,21 +94,21 @@ fn bench_serves_metrics_while_it_runs() {
     if sim_unavailable() {
         return;
     }
-    let mut b = castor()
-        .args([
-            "bench",
-            "--domain",
-            "sim:mem=32MiB,workload=edits,rate=20000",
-            "--duration",
-            "6s",
-            "--metrics",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = Lines::watch(b.stderr.take().unwrap());
+    let mut b = Reaped::spawn(
+        castor()
+            .args([
+                "bench",
+                "--domain",
+                "sim:mem=32MiB,workload=edits,rate=20000",
+                "--duration",
+                "6s",
+                "--metrics",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let err = Lines::watch(b.0.stderr.take().unwrap());
     let addr = metrics_addr(&err.wait_for("metrics on http://", Duration::from_secs(20)));
     // Scrape until epochs have been acknowledged (the run lasts 6 s).
     let t0 = Instant::now();
@@ -121,7 +121,7 @@ fn bench_serves_metrics_while_it_runs() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(
-        b.try_wait().unwrap().is_none(),
+        b.0.try_wait().unwrap().is_none(),
         "scraped while the run goes on"
     );
     let pauses = sample(&text, "castor_pause_seconds_count").unwrap();
@@ -142,7 +142,7 @@ fn bench_serves_metrics_while_it_runs() {
     let st: serde_json::Value = serde_json::from_str(&http_get(&addr, "/status").unwrap()).unwrap();
     assert_eq!(st["role"], "bench");
     assert!(st["acked_epoch"].as_u64().unwrap() > 0, "{st}");
-    assert!(b.wait().unwrap().success(), "{}", err.text());
+    assert!(b.wait_within(EXIT_PATIENCE).success(), "{}", err.text());
 }
 
 /// Writes a Prometheus config scraping `targets` every 500 ms.
@@ -189,7 +189,7 @@ fn prometheus_scrapes_a_running_pair() {
     let mut backup = backup;
     let berr = Lines::watch(backup.child.stderr.take().unwrap());
     let baddr = metrics_addr(&berr.wait_for("metrics on http://", Duration::from_secs(10)));
-    let mut p = Reaped(
+    let mut p = Reaped::spawn(
         castor()
             .args([
                 "protect",
@@ -204,9 +204,7 @@ fn prometheus_scrapes_a_running_pair() {
                 "--duration",
                 "60s",
             ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::piped()),
     );
     let perr = Lines::watch(p.0.stderr.take().unwrap());
     let paddr = metrics_addr(&perr.wait_for("metrics on http://", Duration::from_secs(10)));
@@ -219,7 +217,7 @@ fn prometheus_scrapes_a_running_pair() {
         .port();
     let prom = format!("127.0.0.1:{port}");
     let cfg = prometheus_config(dir.path(), &[&paddr, &baddr]);
-    let _server = Reaped(
+    let _server = Reaped::spawn(
         Command::new("prometheus")
             .arg(format!("--config.file={}", cfg.display()))
             .arg(format!(
@@ -228,9 +226,7 @@ fn prometheus_scrapes_a_running_pair() {
             ))
             .arg(format!("--web.listen-address={prom}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::null()),
     );
     // Both targets up, the primary's acknowledged epochs growing, and
     // enough samples for a rate of its pause histogram.
@@ -273,10 +269,10 @@ fn prometheus_scrapes_a_running_pair() {
 
 /// `castor status --metrics ADDR --json`.
 fn castor_status(addr: &str) -> String {
-    let out = castor()
-        .args(["status", "--metrics", addr, "--json"])
-        .output()
-        .unwrap();
+    let out = output_within(
+        castor().args(["status", "--metrics", addr, "--json"]),
+        EXIT_PATIENCE,
+    );
     assert!(
         out.status.success(),
         "{}",

@@ -75,13 +75,15 @@ impl PeerBackup {
         let (s, addr, dir) = (stop.clone(), addr.to_string(), dir.to_path_buf());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                let mut c: Child = castor()
-                    .args(["backup", "--listen", &addr, "--state-dir"])
-                    .arg(&dir)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap();
+                // Guarded: dies with the test process even if killed.
+                let mut c: Child = spawn_guarded(
+                    castor()
+                        .args(["backup", "--listen", &addr, "--state-dir"])
+                        .arg(&dir)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null()),
+                )
+                .unwrap();
                 while !s.load(Ordering::Relaxed) {
                     if c.try_wait().unwrap().is_some() {
                         break;
@@ -236,12 +238,13 @@ fn example_configs_are_accepted() {
         ("protect", "pair.toml"),
         ("backup", "pair.toml"),
     ] {
-        let out = castor()
-            .args([cmd, "--config"])
-            .arg(repo().join("tools/config").join(file))
-            .arg("--help")
-            .output()
-            .unwrap();
+        let out = output_within(
+            castor()
+                .args([cmd, "--config"])
+                .arg(repo().join("tools/config").join(file))
+                .arg("--help"),
+            EXIT_PATIENCE,
+        );
         assert!(
             out.status.success(),
             "castor {cmd} --config {file}:\n{}",
@@ -434,16 +437,14 @@ fn backup_notifies_ready_and_pings_the_watchdog() {
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let _b = Reaped(
+    let _b = Reaped::spawn(
         castor()
             .args(["backup", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(d.path().join("replica"))
             .env("NOTIFY_SOCKET", &sock_path)
             .env("WATCHDOG_USEC", "200000")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stderr(Stdio::null()),
     );
     let mut buf = [0u8; 256];
     let mut got = Vec::new();
