@@ -4,6 +4,10 @@
 //! with lengths as u64 little-endian. Memory and saved state are both
 //! covered, so a replica with the right pages but stale vCPU/device state
 //! does not match.
+//!
+//! A domain with disks (`crate::disk`) extends it: after the state, for each
+//! disk in name order, `"disk" ‖ len(name) ‖ name ‖ len(bytes) ‖ bytes`. With
+//! no disks the digest is the one above.
 
 use std::fmt;
 
@@ -14,13 +18,47 @@ pub struct Digest(pub [u8; 32]);
 
 impl Digest {
     pub fn of(memory: &[u8], state: &[u8]) -> Digest {
+        Digest(*Self::hasher(memory, state).finalize().as_bytes())
+    }
+
+    /// The digest of memory, state and disks (`(name, bytes)`, any order).
+    pub fn with_disks(memory: &[u8], state: &[u8], disks: &[(&str, &[u8])]) -> Digest {
+        let mut h = Self::hasher(memory, state);
+        let mut sorted: Vec<_> = disks.to_vec();
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, bytes) in sorted {
+            add_disk(&mut h, name, bytes.len() as u64);
+            h.update(bytes);
+        }
+        Digest(*h.finalize().as_bytes())
+    }
+
+    /// The digest of memory, state and disk image files (`(name, path)`,
+    /// any order), streamed from the files.
+    pub fn with_disk_files(
+        memory: &[u8],
+        state: &[u8],
+        disks: &[(String, std::path::PathBuf)],
+    ) -> std::io::Result<Digest> {
+        let mut h = Self::hasher(memory, state);
+        let mut sorted: Vec<_> = disks.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, path) in sorted {
+            let f = std::fs::File::open(path)?;
+            add_disk(&mut h, name, f.metadata()?.len());
+            std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, f), &mut h)?;
+        }
+        Ok(Digest(*h.finalize().as_bytes()))
+    }
+
+    fn hasher(memory: &[u8], state: &[u8]) -> blake3::Hasher {
         let mut h = blake3::Hasher::new();
         h.update(b"castor-digest-v1");
         h.update(&(memory.len() as u64).to_le_bytes());
         h.update(memory);
         h.update(&(state.len() as u64).to_le_bytes());
         h.update(state);
-        Digest(*h.finalize().as_bytes())
+        h
     }
 
     pub fn to_hex(&self) -> String {
@@ -38,6 +76,13 @@ impl Digest {
         }
         Some(Digest(d))
     }
+}
+
+fn add_disk(h: &mut blake3::Hasher, name: &str, len: u64) {
+    h.update(b"disk");
+    h.update(&(name.len() as u64).to_le_bytes());
+    h.update(name.as_bytes());
+    h.update(&len.to_le_bytes());
 }
 
 impl fmt::Display for Digest {
@@ -60,7 +105,15 @@ pub fn expected(spec: &DomainSpec, epoch: u64) -> Result<Digest, DomainError> {
         DomainSpec::Sim(s) => {
             let (mem, state) = crate::domain::sim::expected_after(s, epoch)?;
             // SAFETY: `mem` is a private image nobody else writes.
-            Ok(Digest::of(unsafe { mem.as_slice() }, &state))
+            let mem = unsafe { mem.as_slice() };
+            Ok(match &s.disk {
+                None => Digest::of(mem, &state),
+                Some(d) => {
+                    use crate::domain::sim::disk::{expected_disk, SIM_DISK};
+                    let disk = expected_disk(s.seed, d.size, d.writes, epoch);
+                    Digest::with_disks(mem, &state, &[(SIM_DISK, &disk)])
+                }
+            })
         }
         DomainSpec::Kvm(_) | DomainSpec::Xen(_) => Err(DomainError::Spec {
             spec: spec.to_string(),
@@ -83,5 +136,25 @@ mod tests {
         // Moving a byte between memory and state changes the digest.
         assert_ne!(Digest::of(&[1, 2], &[3]), Digest::of(&[1], &[2, 3]));
         assert_eq!(Digest::from_hex("zz"), None);
+    }
+
+    #[test]
+    fn disks_are_covered_and_files_hash_like_bytes() {
+        let (m, s) = (&[1u8, 2][..], &b"st"[..]);
+        assert_eq!(Digest::with_disks(m, s, &[]), Digest::of(m, s));
+        let a = Digest::with_disks(m, s, &[("a", &[0, 1]), ("b", &[2])]);
+        assert_eq!(
+            a,
+            Digest::with_disks(m, s, &[("b", &[2]), ("a", &[0, 1])]),
+            "name order"
+        );
+        assert_ne!(a, Digest::with_disks(m, s, &[("a", &[0, 1]), ("b", &[3])]));
+        assert_ne!(a, Digest::with_disks(m, s, &[("a", &[0]), ("b", &[1, 2])]));
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, pb) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&pa, [0, 1]).unwrap();
+        std::fs::write(&pb, [2]).unwrap();
+        let files = [("b".to_string(), pb), ("a".to_string(), pa)];
+        assert_eq!(Digest::with_disk_files(m, s, &files).unwrap(), a);
     }
 }

@@ -310,6 +310,7 @@ fn receiver_stream() -> Vec<u8> {
             page_entries: 1,
             pages_records: 1,
             state_len,
+            disk_records: 0,
         };
         rec(RecordKind::EpochEnd, epoch, &end.encode());
     }

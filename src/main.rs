@@ -8,7 +8,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
-use cli::{backup, bench, bench_transport, demo, digest, keygen, protect, status};
+use cli::{backup, bench, bench_transport, demo, digest, keygen, protect, serve_disk, status};
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +66,9 @@ enum Cmd {
     /// pages): page bytes per second and CPU seconds per replicated GiB,
     /// with memcpy bandwidth (and iperf3 line rate) from the same run.
     BenchTransport(bench_transport::BenchTransportArgs),
+    /// Serve raw images over NBD without replication (baseline for the
+    /// disk benchmark, or a saved replica disk) until SIGINT/SIGTERM.
+    ServeDisk(serve_disk::ServeDiskArgs),
 }
 
 fn dispatch(cmd: Cmd) -> Result<ExitCode, String> {
@@ -78,6 +81,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode, String> {
         Cmd::Keygen => keygen::run(),
         Cmd::Status(a) => status::run(a),
         Cmd::BenchTransport(a) => bench_transport::run(a),
+        Cmd::ServeDisk(a) => serve_disk::run(a),
     }
 }
 

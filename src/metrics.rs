@@ -52,6 +52,12 @@ pub struct EpochRecord {
     /// Compressor the encoders used for this epoch ("none", "lz4",
     /// "zstd"); chosen per epoch with `--compress auto`.
     pub compressor: &'static str,
+    /// Disk operations (writes, zeroes, trims, flushes) the epoch carried.
+    pub disk_ops: u64,
+    /// Guest bytes those disk writes wrote.
+    pub disk_bytes: u64,
+    /// Bytes of the epoch's DiskWrites records on the wire (headers included).
+    pub disk_wire_bytes: u64,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: one clock for every process and network
@@ -95,6 +101,9 @@ pub struct Metrics {
     pub zero_pages: u64,
     pub delta_pages: u64,
     pub full_pages: u64,
+    pub disk_ops: u64,
+    pub disk_bytes: u64,
+    pub disk_wire_bytes: u64,
     /// Keep every record for `--json` consumers that want the raw series.
     pub records: Vec<EpochRecord>,
     pub keep_records: bool,
@@ -131,6 +140,9 @@ impl Metrics {
             zero_pages: 0,
             delta_pages: 0,
             full_pages: 0,
+            disk_ops: 0,
+            disk_bytes: 0,
+            disk_wire_bytes: 0,
             records: Vec::new(),
             keep_records,
         }
@@ -169,6 +181,9 @@ impl Metrics {
         self.zero_pages += r.zero_pages;
         self.delta_pages += r.delta_pages;
         self.full_pages += r.full_pages;
+        self.disk_ops += r.disk_ops;
+        self.disk_bytes += r.disk_bytes;
+        self.disk_wire_bytes += r.disk_wire_bytes;
         if self.keep_records {
             self.records.push(r.clone());
         }
@@ -213,6 +228,11 @@ pub struct Summary {
     pub pages_zero: u64,
     pub pages_delta: u64,
     pub pages_full: u64,
+    /// Disk operations replicated (see `crate::disk`), the bytes they
+    /// wrote, and their records' bytes on the wire.
+    pub disk_ops: u64,
+    pub disk_bytes: u64,
+    pub disk_wire_bytes: u64,
     pub pause_us: Pct,
     pub harvest_us: Pct,
     pub copy_us: Pct,
@@ -281,6 +301,9 @@ impl Summary {
             pages_zero: m.zero_pages,
             pages_delta: m.delta_pages,
             pages_full: m.full_pages,
+            disk_ops: m.disk_ops,
+            disk_bytes: m.disk_bytes,
+            disk_wire_bytes: m.disk_wire_bytes,
             pause_us: Pct::of(&m.pause),
             harvest_us: Pct::of(&m.harvest),
             copy_us: Pct::of(&m.copy),

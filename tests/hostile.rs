@@ -103,8 +103,8 @@ fn truncated_epoch_is_discarded() {
 fn epoch_missing_its_end_is_discarded() {
     let r = scenario(2, |p| {
         let e = p.checkpoint();
-        // Cut at a record boundary: drop only the EpochEnd record (24 + 16 bytes).
-        e[..e.len() - 40].to_vec()
+        // Cut at a record boundary: drop only the EpochEnd record (24 + 20 bytes).
+        e[..e.len() - 44].to_vec()
     });
     assert_rejected(&r, 2, "connection closed without a Close record");
 }

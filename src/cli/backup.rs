@@ -265,8 +265,14 @@ fn fail_over(
         activated_dir: &dir,
     };
     let domain = &out.domain;
+    let disks = out
+        .meta
+        .as_ref()
+        .map(|m| m.disks.clone())
+        .unwrap_or_default();
     let activation = |lease: Option<LeaseWatch>| {
-        let acfg = activate_config(a, lease);
+        let mut acfg = activate_config(a, lease);
+        acfg.disks = disks;
         let dial = reprotect_dial(a, psk);
         let r = activate::activate(domain, mem, &state, plan.from_epoch, &acfg, &dir, dial)
             .map_err(|e| e.to_string())?;
@@ -298,6 +304,8 @@ fn activate_config(a: &BackupArgs, lease: Option<LeaseWatch>) -> ActivateConfig 
             ..Default::default()
         },
         lease,
+        disks: Vec::new(),
+        replica_dir: a.state_dir.clone(),
     }
 }
 

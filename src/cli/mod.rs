@@ -17,6 +17,7 @@ pub mod demo;
 pub mod digest;
 pub mod keygen;
 pub mod protect;
+pub mod serve_disk;
 pub mod status;
 
 mod arbiter;

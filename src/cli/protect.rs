@@ -3,10 +3,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 
+use castor::disk::session::PrimaryDisks;
+use castor::disk::spec::serve_disks;
+use castor::disk::{Fence, ServerConfig};
 use castor::engine::live::LiveEnd;
 use castor::engine::primary::PrimaryConfig;
 use castor::engine::protect::{self, ProtectOpts, Protected};
@@ -77,6 +81,12 @@ pub struct ProtectArgs {
     /// Include every epoch's record (with ack times) in the JSON report.
     #[arg(long)]
     per_epoch: bool,
+    /// Serve the raw image PATH as NBD export NAME at ADDR (`HOST:PORT` or
+    /// `unix:PATH`) and replicate its writes with the checkpoints; the
+    /// backup keeps it as STATE_DIR/disks/NAME.img. Repeatable (disks with
+    /// the same ADDR are exports of one server).
+    #[arg(long = "disk", value_name = "NAME=PATH,nbd=ADDR")]
+    disks: Vec<castor::disk::spec::DiskArg>,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
@@ -105,10 +115,35 @@ pub fn run(a: ProtectArgs) -> Result<ExitCode, String> {
     });
     // Held until this process exits: while it is held no backup can
     // activate a second copy.
-    let Some(arb) = win_arbiter(&a)? else {
+    let Some((arb, token)) = win_arbiter(&a)? else {
         return Ok(ExitCode::from(exit::ARBITER_HELD));
     };
-    let cfg = primary_config(&a, &rules);
+    // The exports complete writes only while this copy holds the arbiter
+    // (and its lease, when it can lapse): fencing enforced where the
+    // writes land.
+    let fence = Arc::new(Fence::holding(token, arb.lease()));
+    let served = serve_disks(&a.disks, fence.clone(), ServerConfig::default())
+        .map_err(|e| format!("protect: {e}"))?;
+    for s in &served.servers {
+        for e in s.exports() {
+            eprintln!(
+                "castor protect: disk {} served at nbd://{}/{}",
+                e.name,
+                s.local_addr(),
+                e.name
+            );
+        }
+    }
+    let mut cfg = primary_config(&a, &rules);
+    let nbd = a
+        .disks
+        .iter()
+        .map(|d| (d.name.clone(), d.nbd.to_string()))
+        .collect();
+    cfg.disks = PrimaryDisks {
+        disks: served.logs.clone(),
+        nbd,
+    };
     castor::engine::install_stop_handler();
     let opts = ProtectOpts {
         continue_unprotected: !a.stop_on_backup_loss,
@@ -117,14 +152,21 @@ pub fn run(a: ProtectArgs) -> Result<ExitCode, String> {
         transport: a.engine.transport,
         lease: arb.lease(),
     };
-    let out = protect::protect(&spec, &a.backup, &psk, &cfg, &opts)
-        .map_err(|e| format!("protect: {e}"))?;
+    let out = protect::protect(&spec, &a.backup, &psk, &cfg, &opts);
+    if !matches!(&out, Ok(o) if matches!(o.live.end, LiveEnd::Stopped)) {
+        // Self-fenced, lost or failed: no later write may complete here.
+        fence.revoke();
+    }
+    let out = out.map_err(|e| format!("protect: {e}"))?;
     report(&out, a.json)
 }
 
 /// The arbiter (`--arbiter`, or the pair's lock named by --backup's port),
 /// won; `None` when another copy holds it (already said why).
-fn win_arbiter(a: &ProtectArgs) -> Result<Option<Box<dyn Arbiter>>, String> {
+/// An arbiter won, and the fencing token it gave.
+type Won = (Box<dyn Arbiter>, u64);
+
+fn win_arbiter(a: &ProtectArgs) -> Result<Option<Won>, String> {
     let port = a
         .backup
         .rsplit_once(':')
@@ -148,7 +190,7 @@ fn win_arbiter(a: &ProtectArgs) -> Result<Option<Box<dyn Arbiter>>, String> {
             castor::ops::telemetry::with(|tm| {
                 tm.set_arbiter(&arb.describe(), Some(t.0), arb.lease())
             });
-            Ok(Some(arb))
+            Ok(Some((arb, t.0)))
         }
         None => {
             eprintln!(

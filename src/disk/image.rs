@@ -167,6 +167,17 @@ impl DiskImage {
         Ok(())
     }
 
+    /// Renames the image file (same file system), keeping it open.
+    pub fn rename_to(&mut self, to: &Path) -> Result<(), ImageError> {
+        std::fs::rename(&self.path, to).map_err(|source| ImageError::Io {
+            op: "renaming",
+            path: self.path.clone(),
+            source,
+        })?;
+        self.path = to.to_path_buf();
+        Ok(())
+    }
+
     /// `fdatasync`: every write before this call is durable when it returns.
     pub fn sync(&self) -> Result<(), ImageError> {
         self.file.sync_data().map_err(self.io("syncing"))

@@ -16,17 +16,23 @@
 //! - [`wire`]: the `DiskWrites` payload, bounds-checked.
 //! - [`stage`]: the backup's staging and commit.
 //! - [`nbd`]: the NBD server that exposes a [`log::WriteLog`] to any client.
+//! - [`session`]: a session's disk set on each side, the `Disks` announcement.
+//! - [`spec`]: `--disk NAME=PATH,nbd=ADDR` and serving such disks.
+//! - [`activate`]: the replica's disks when the backup activates.
 //! - [`addr`]: `HOST:PORT` / `unix:PATH`.
 //!
 //! After failover the backup's disk is the disk after exactly a prefix of
 //! the guest's writes, in order: the writes of every committed epoch and
 //! none of a later one. See `docs/disk.md`.
 
+pub mod activate;
 pub mod addr;
 pub mod fence;
 pub mod image;
 pub mod log;
 pub mod nbd;
+pub mod session;
+pub mod spec;
 pub mod stage;
 pub mod wire;
 

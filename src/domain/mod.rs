@@ -112,6 +112,11 @@ pub trait Domain: Send {
     fn announce(&mut self) -> Result<Vec<String>, DomainError> {
         Ok(Vec::new())
     }
+    /// The domain's own disks (name, write log), replicated automatically
+    /// when it is protected (see `crate::disk`). Default: none.
+    fn disks(&self) -> Vec<(String, std::sync::Arc<crate::disk::WriteLog>)> {
+        Vec::new()
+    }
 }
 
 /// Splits a spec's `key=value,...` list (items trimmed, empty items

@@ -38,6 +38,8 @@ pub enum ActivateError {
     Live(#[from] LiveError),
     #[error("output queue: {0}")]
     Output(#[from] crate::outq::OutqError),
+    #[error("the replica's disks: {0}")]
+    Disks(#[from] crate::disk::activate::ActivateDiskError),
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +59,10 @@ pub struct ActivateConfig {
     pub primary: PrimaryConfig,
     /// The arbiter's lease, when its hold can lapse (self-fence on lapse).
     pub lease: Option<LeaseWatch>,
+    /// The replica's disks (its meta.json) and the directory holding them
+    /// (`disks/NAME.img`); they move to the activated directory.
+    pub disks: Vec<crate::disk::session::DiskSpec>,
+    pub replica_dir: std::path::PathBuf,
 }
 
 #[derive(Debug)]
@@ -95,8 +101,18 @@ where
     D: FnMut(crate::domain::Layout, &str) -> Result<Session<R>, String> + Send + 'static,
 {
     let t0 = Instant::now();
+    // Writes to the replica's disks complete only while this copy holds
+    // the arbiter's lease (when it can lapse).
+    let fence = std::sync::Arc::new(crate::disk::Fence::holding(0, cfg.lease.clone()));
+    let disks = crate::disk::activate::activate_disks(
+        &cfg.replica_dir,
+        out_dir,
+        &cfg.disks,
+        cfg.overrides.as_deref(),
+        fence.clone(),
+    )?;
     let spec = DomainSpec::parse(desc)
-        .and_then(|s| match &cfg.overrides {
+        .and_then(|s| match &disks.overrides {
             Some(o) => s.with_overrides(o),
             None => Ok(s),
         })
@@ -139,6 +155,16 @@ where
         .collect();
     let mut primary = cfg.primary.clone();
     primary.epoch = cfg.epoch;
+    // Re-protection replicates the NBD disks served from the replica too
+    // (the domain's own disks come with the domain).
+    primary.disks = crate::disk::session::PrimaryDisks {
+        disks: disks.logs.clone(),
+        nbd: cfg
+            .disks
+            .iter()
+            .map(|d| (d.name.clone(), d.nbd.clone()))
+            .collect(),
+    };
     let lcfg = LiveConfig {
         primary,
         run_for: cfg.run_for,
@@ -151,16 +177,30 @@ where
         announce_at,
         label: "castor backup".into(),
     };
-    let out = live::run(domain, &mut outq, None, dial, &lcfg).map_err(|(e, _)| e)?;
+    let out = live::run(domain, &mut outq, None, dial, &lcfg).map_err(|(e, _)| {
+        fence.revoke();
+        e
+    })?;
+    if matches!(out.end, LiveEnd::SelfFenced(_)) {
+        fence.revoke();
+    }
     let mut domain = out.domain;
     let ran = out.epochs;
     let mut st = Vec::new();
     domain.save_state(&mut st)?;
     // SAFETY: the domain is paused; nothing writes its memory now.
     let mem = unsafe { domain.memory().as_slice() };
-    let meta = replica::save(out_dir, mem, &st, epoch + ran, &domain.describe())?;
-    debug_assert_eq!(Digest::of(mem, &st).to_hex(), meta.digest);
+    let meta = replica::save_with_disks(
+        out_dir,
+        mem,
+        &st,
+        (epoch + ran, &domain.describe()),
+        &cfg.disks,
+        out_dir,
+    )?;
+    debug_assert!(!cfg.disks.is_empty() || Digest::of(mem, &st).to_hex() == meta.digest);
     drop(outq.shutdown());
+    drop(disks.servers);
     Ok(Activation {
         from_epoch: epoch,
         restore_time,

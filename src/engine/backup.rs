@@ -135,7 +135,7 @@ pub fn serve_with(
             crate::units::fmt_bytes(hello.pages * PAGE_SIZE as u64)
         );
     }
-    let mut rx = Receiver::new(hello.pages)?;
+    let mut rx = Receiver::new(hello.pages)?.with_disk_dir(cfg.state_dir.clone());
     crate::ops::telemetry::with(|t| {
         t.session_started();
         t.set_peer(&peer);
@@ -480,7 +480,15 @@ fn save(
     if let Some(epoch) = rx.committed() {
         // SAFETY: the receiver is the replica's only writer and it is idle.
         let mem = unsafe { rx.memory().as_slice() };
-        let meta = replica::save(&cfg.state_dir, mem, rx.state(), epoch, &out.domain)?;
+        let disks = rx.disks().map(|d| d.specs().to_vec()).unwrap_or_default();
+        let meta = replica::save_with_disks(
+            &cfg.state_dir,
+            mem,
+            rx.state(),
+            (epoch, &out.domain),
+            &disks,
+            &cfg.state_dir,
+        )?;
         out.digest = Digest::from_hex(&meta.digest);
         out.meta = Some(meta);
     }

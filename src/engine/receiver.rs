@@ -14,8 +14,17 @@
 //! Every field from the wire is checked: epochs must follow one another,
 //! gfns must lie inside the layout, a gfn may appear once per epoch, entry
 //! and record counts must match the end record, and payloads must decode.
+//!
+//! Disks (`crate::disk`): a `Disks` record before the seed creates the
+//! replica disks; `DiskWrites` of the seed are written in place, those of a
+//! checkpoint are validated whole and staged, and applied at its commit
+//! before the memory (with `fdatasync` when the epoch carried a flush), so
+//! the ack covers memory and disks alike.
+
+use std::path::PathBuf;
 
 use crate::codec::{Decoder, PageKind};
+use crate::disk::session::{decode_announce, BackupDisks};
 use crate::domain::GuestMemory;
 use crate::transport::messages::{parse_pages, EpochBegin, EpochClass, EpochEnd};
 use crate::transport::record::{PayloadError, Record, RecordKind};
@@ -39,6 +48,12 @@ pub enum StreamError {
     Protocol(String),
     #[error("primary reported an error: {0}")]
     Peer(String),
+    #[error("epoch {epoch}: {source}")]
+    Disk {
+        epoch: u64,
+        #[source]
+        source: crate::disk::session::SessionError,
+    },
 }
 
 /// What a record did to the session.
@@ -68,6 +83,8 @@ struct Open {
     entries: u64,
     records: u32,
     state: Option<Vec<u8>>,
+    /// DiskWrites records received in this epoch.
+    disk_records: u32,
 }
 
 /// The replica and the receiver's state machine.
@@ -91,6 +108,9 @@ pub struct Receiver {
     scratch: Box<[u8; PAGE_SIZE]>,
     /// Pages applied by the last commit (for metrics).
     last_pages: u64,
+    /// Where replica disks live (`STATE_DIR`); None: disks are refused.
+    disk_dir: Option<PathBuf>,
+    disks: Option<BackupDisks>,
 }
 
 impl Receiver {
@@ -110,12 +130,25 @@ impl Receiver {
             seen: vec![0; (pages as usize).div_ceil(64)],
             scratch: Box::new([0; PAGE_SIZE]),
             last_pages: 0,
+            disk_dir: None,
+            disks: None,
         })
     }
 
     /// Pages the last committed checkpoint applied.
     pub fn last_pages(&self) -> u64 {
         self.last_pages
+    }
+
+    /// Accepts a primary's disks, kept under `state_dir/disks/`.
+    pub fn with_disk_dir(mut self, state_dir: PathBuf) -> Receiver {
+        self.disk_dir = Some(state_dir);
+        self
+    }
+
+    /// The replica disks, once the primary announced them.
+    pub fn disks(&self) -> Option<&BackupDisks> {
+        self.disks.as_ref()
     }
 
     /// Last committed checkpoint, if any.
@@ -146,6 +179,9 @@ impl Receiver {
     pub fn discard_open(&mut self) -> Option<u64> {
         let o = self.open.take()?;
         self.clear_staging();
+        if let Some(d) = &mut self.disks {
+            d.discard();
+        }
         Some(o.epoch)
     }
 
@@ -171,6 +207,8 @@ impl Receiver {
             RecordKind::Pages => self.pages(rec),
             RecordKind::State => self.state_rec(rec),
             RecordKind::EpochEnd => self.end(rec),
+            RecordKind::Disks => self.disks_rec(rec),
+            RecordKind::DiskWrites => self.disk_writes(rec),
             RecordKind::Heartbeat => Ok(Event::None),
             RecordKind::Close => {
                 if let Some(o) = &self.open {
@@ -226,7 +264,41 @@ impl Receiver {
             entries: 0,
             records: 0,
             state: None,
+            disk_records: 0,
         });
+        Ok(Event::None)
+    }
+
+    fn disks_rec(&mut self, rec: Record<'_>) -> Result<Event, StreamError> {
+        if self.disks.is_some() {
+            return Err(self.proto("a second Disks record".into()));
+        }
+        if self.open.is_some() || self.next_epoch != 0 {
+            return Err(self.proto("Disks record after the seed began".into()));
+        }
+        let Some(dir) = &self.disk_dir else {
+            return Err(self.proto("the primary has disks but this backup keeps none".into()));
+        };
+        let disk = |source| StreamError::Disk { epoch: 0, source };
+        let specs = decode_announce(rec.payload).map_err(disk)?;
+        self.disks = Some(BackupDisks::create(dir, specs).map_err(disk)?);
+        Ok(Event::None)
+    }
+
+    fn disk_writes(&mut self, rec: Record<'_>) -> Result<Event, StreamError> {
+        let epoch = rec.epoch;
+        let class = self.open_for(&rec)?.class;
+        let Some(disks) = &mut self.disks else {
+            return Err(self.proto(format!(
+                "DiskWrites record in epoch {epoch} without a Disks record"
+            )));
+        };
+        let disk = |source| StreamError::Disk { epoch, source };
+        match class {
+            EpochClass::Seed => disks.apply_seed(rec.payload).map_err(disk)?,
+            EpochClass::Checkpoint => disks.stage(rec.payload).map_err(disk)?,
+        }
+        self.open.as_mut().expect("open checked").disk_records += 1;
         Ok(Event::None)
     }
 
@@ -350,6 +422,12 @@ impl Receiver {
                 end.page_entries, end.pages_records, o.entries, o.records
             )));
         }
+        if end.disk_records != o.disk_records {
+            return Err(StreamError::Protocol(format!(
+                "epoch {epoch} incomplete: end record says {} DiskWrites records, received {}",
+                end.disk_records, o.disk_records
+            )));
+        }
         let state = match (o.class, o.state.take()) {
             (EpochClass::Seed, _) => None,
             (EpochClass::Checkpoint, Some(s)) if s.len() == end.state_len as usize => Some(s),
@@ -366,7 +444,14 @@ impl Receiver {
                 )))
             }
         };
-        // Verified whole: commit. Nothing below can fail.
+        // Verified whole: commit, disks first (the only step that can fail:
+        // an I/O error on the backup's own disk ends the session).
+        if state.is_some() {
+            if let Some(d) = &mut self.disks {
+                d.commit()
+                    .map_err(|source| StreamError::Disk { epoch, source })?;
+            }
+        }
         if let Some(s) = state {
             for &(gfn, how) in &self.staged {
                 match how {
@@ -459,6 +544,7 @@ mod tests {
             page_entries: w.entries,
             pages_records: w.records,
             state_len: if e > 0 { 2 } else { 0 },
+            disk_records: 0,
         };
         write_record(&mut v, RecordKind::EpochEnd, e, &end.encode());
         v
@@ -519,5 +605,112 @@ mod tests {
             "a rejected epoch changed the replica"
         );
         assert_eq!(rx.committed(), Some(1));
+    }
+
+    /// A checkpoint with no pages: `disk` DiskWrites payloads, an end
+    /// record claiming `claim` of them.
+    fn disk_epoch(e: u64, disk: &[Vec<u8>], claim: u32) -> Vec<u8> {
+        let mut v = Vec::new();
+        let class = if e == 0 {
+            EpochClass::Seed
+        } else {
+            EpochClass::Checkpoint
+        };
+        let begin = EpochBegin { class, dirty: 0 };
+        write_record(&mut v, RecordKind::EpochBegin, e, &begin.encode());
+        for p in disk {
+            write_record(&mut v, RecordKind::DiskWrites, e, p);
+        }
+        if e > 0 {
+            write_record(&mut v, RecordKind::State, e, b"st");
+        }
+        let end = EpochEnd {
+            state_len: if e > 0 { 2 } else { 0 },
+            disk_records: claim,
+            ..Default::default()
+        };
+        write_record(&mut v, RecordKind::EpochEnd, e, &end.encode());
+        v
+    }
+
+    fn ops(o: &[crate::disk::wire::DiskOp]) -> Vec<u8> {
+        let mut p = Vec::new();
+        crate::disk::wire::encode(&mut p, 0, o);
+        p
+    }
+
+    #[test]
+    fn disk_writes_reach_the_replica_disk_only_at_commit() {
+        use crate::disk::session::{encode_announce, replica_disk_path, DiskSpec};
+        use crate::disk::wire::DiskOp;
+        let dir = tempfile::tempdir().unwrap();
+        let mut rx = Receiver::new(PAGES)
+            .unwrap()
+            .with_disk_dir(dir.path().to_path_buf());
+        let mut v = Vec::new();
+        let spec = DiskSpec {
+            name: "d".into(),
+            size: 8192,
+            nbd: String::new(),
+        };
+        write_record(&mut v, RecordKind::Disks, 0, &encode_announce(&[spec]));
+        let w = |off, b| DiskOp::Write {
+            offset: off,
+            data: vec![b; 4096],
+        };
+        v.extend(disk_epoch(0, &[ops(&[w(0, 1)])], 1));
+        v.extend(disk_epoch(1, &[ops(&[w(4096, 2)])], 1));
+        feed(&mut rx, &v).unwrap();
+        let path = replica_disk_path(dir.path(), "d");
+        let disk = std::fs::read(&path).unwrap();
+        assert!(disk[..4096].iter().all(|&b| b == 1) && disk[4096..].iter().all(|&b| b == 2));
+        // Epoch 2 claims two records but carries one: rejected, and its
+        // write never reaches the disk.
+        let e = feed(&mut rx, &disk_epoch(2, &[ops(&[w(0, 3)])], 2)).unwrap_err();
+        assert!(e.to_string().contains("DiskWrites"), "{e}");
+        rx.discard_open();
+        assert_eq!(std::fs::read(&path).unwrap(), disk);
+        // A torn epoch (no end record) leaves nothing either.
+        let torn = disk_epoch(2, &[ops(&[w(0, 4)])], 1);
+        let mut r = RecordReader::new(&torn[..]);
+        for _ in 0..2 {
+            rx.on_record(r.next().unwrap()).unwrap();
+        }
+        rx.discard_open();
+        assert_eq!(std::fs::read(&path).unwrap(), disk);
+        assert_eq!(rx.committed(), Some(1));
+    }
+
+    #[test]
+    fn disk_records_out_of_place_are_refused() {
+        use crate::disk::session::{encode_announce, DiskSpec};
+        let spec = || {
+            encode_announce(&[DiskSpec {
+                name: "d".into(),
+                size: 8192,
+                nbd: String::new(),
+            }])
+        };
+        let mut rx = Receiver::new(PAGES).unwrap();
+        let mut v = Vec::new();
+        write_record(&mut v, RecordKind::Disks, 0, &spec());
+        let e = feed(&mut rx, &v).unwrap_err();
+        assert!(e.to_string().contains("keeps none"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut rx = Receiver::new(PAGES)
+            .unwrap()
+            .with_disk_dir(dir.path().to_path_buf());
+        let e = feed(&mut rx, &disk_epoch(0, &[ops(&[])], 1)).unwrap_err();
+        assert!(e.to_string().contains("without a Disks record"), "{e}");
+
+        let mut rx = Receiver::new(PAGES)
+            .unwrap()
+            .with_disk_dir(dir.path().to_path_buf());
+        let mut v = Vec::new();
+        write_record(&mut v, RecordKind::Disks, 0, &spec());
+        write_record(&mut v, RecordKind::Disks, 0, &spec());
+        let e = feed(&mut rx, &v).unwrap_err();
+        assert!(e.to_string().contains("second Disks"), "{e}");
     }
 }

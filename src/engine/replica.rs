@@ -9,7 +9,12 @@
 //!     meta.json    {"format":"castor-replica-v1","epoch":E,"pages":P,"page_size":4096,
 //!                   "domain":"sim:...","digest":"<hex>","memory_bytes":…,"state_bytes":…}
 //!     disks/       disk images of the epoch, when the domain has disks
+//!   disks/NAME.img  the backup's working disks (`crate::disk`): written at
+//!                   each commit, copied into the version when it is saved
 //! ```
+//!
+//! meta.json lists the disks (`"disks":[{"name":…,"size":…,"nbd":…}]`) and
+//! its digest covers them (see [`crate::digest`]).
 //!
 //! A save never touches the replica `current` names. It writes a whole new
 //! version under a temporary name (`.tmp-v…`), syncs every file and the
@@ -66,6 +71,9 @@ pub struct Meta {
     pub digest: String,
     pub memory_bytes: u64,
     pub state_bytes: u64,
+    /// The replica's disks (`disks/NAME.img` in the version), if any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::disk::session::DiskSpec>,
 }
 
 /// One step of a save, in order; [`save_with`]'s hook runs before each, so
@@ -144,9 +152,6 @@ pub fn save_with(
     disks: Option<DiskWriter<'_>>,
     hook: StepHook<'_>,
 ) -> Result<Meta, ReplicaError> {
-    fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
-    let name = version_name(epoch);
-    let tmp = dir.join(format!("{TMP_PREFIX}{name}"));
     let meta = Meta {
         format: FORMAT.into(),
         epoch,
@@ -156,7 +161,69 @@ pub fn save_with(
         digest: Digest::of(memory, state).to_hex(),
         memory_bytes: memory.len() as u64,
         state_bytes: state.len() as u64,
+        disks: Vec::new(),
     };
+    save_version(dir, memory, state, meta, disks, hook)
+}
+
+/// Where the working disk `name` of the replica in `dir` lives.
+pub fn disk_path(dir: &Path, name: &str) -> PathBuf {
+    crate::disk::session::replica_disk_path(dir, name)
+}
+
+/// [`save`] of a replica with disks: the images at [`disk_path`]`(from, …)`
+/// (at the same epoch as `memory`) are copied into the new version, and
+/// the digest covers them.
+pub fn save_with_disks(
+    dir: &Path,
+    memory: &[u8],
+    state: &[u8],
+    (epoch, domain): (u64, &str),
+    disks: &[crate::disk::session::DiskSpec],
+    from: &Path,
+) -> Result<Meta, ReplicaError> {
+    if disks.is_empty() {
+        return save(dir, memory, state, epoch, domain);
+    }
+    let files: Vec<(String, PathBuf)> = disks
+        .iter()
+        .map(|d| (d.name.clone(), disk_path(from, &d.name)))
+        .collect();
+    let digest = Digest::with_disk_files(memory, state, &files)
+        .map_err(io_err("reading the disks for the digest in", from))?;
+    let meta = Meta {
+        format: FORMAT.into(),
+        epoch,
+        pages: (memory.len() / PAGE_SIZE) as u64,
+        page_size: PAGE_SIZE as u32,
+        domain: domain.into(),
+        digest: digest.to_hex(),
+        memory_bytes: memory.len() as u64,
+        state_bytes: state.len() as u64,
+        disks: disks.to_vec(),
+    };
+    let mut copy = |to: &Path| {
+        for (name, src) in &files {
+            fs::copy(src, to.join(format!("{name}.img")))?;
+        }
+        Ok(())
+    };
+    save_version(dir, memory, state, meta, Some(&mut copy), &mut |_| Ok(()))
+}
+
+/// Writes `meta`'s version and makes it current (the steps of [`save_with`]).
+fn save_version(
+    dir: &Path,
+    memory: &[u8],
+    state: &[u8],
+    meta: Meta,
+    disks: Option<DiskWriter<'_>>,
+    hook: StepHook<'_>,
+) -> Result<Meta, ReplicaError> {
+    fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
+    let epoch = meta.epoch;
+    let name = version_name(epoch);
+    let tmp = dir.join(format!("{TMP_PREFIX}{name}"));
     write_version(&tmp, memory, state, &meta, disks, hook)?;
     let ver = dir.join(&name);
     run(hook, Step::RenameVersion, &ver)?;
@@ -422,7 +489,18 @@ pub fn verify(dir: &Path) -> Result<(Meta, Digest), ReplicaError> {
             ),
         });
     }
-    let d = Digest::of(&memory, &state);
+    let files: Vec<(String, PathBuf)> = meta
+        .disks
+        .iter()
+        .map(|d| {
+            (
+                d.name.clone(),
+                ver.join(DISKS).join(format!("{}.img", d.name)),
+            )
+        })
+        .collect();
+    let d = Digest::with_disk_files(&memory, &state, &files)
+        .map_err(io_err("reading the disks of", &ver))?;
     if d.to_hex() != meta.digest {
         return Err(ReplicaError::Invalid {
             path: ver,

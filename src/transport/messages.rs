@@ -103,14 +103,17 @@ pub struct EpochEnd {
     pub page_entries: u64,
     pub pages_records: u32,
     pub state_len: u32,
+    /// DiskWrites records in the epoch (so a torn epoch loses them whole).
+    pub disk_records: u32,
 }
 
 impl EpochEnd {
-    pub fn encode(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
+    pub fn encode(&self) -> [u8; 20] {
+        let mut b = [0u8; 20];
         b[0..8].copy_from_slice(&self.page_entries.to_le_bytes());
         b[8..12].copy_from_slice(&self.pages_records.to_le_bytes());
         b[12..16].copy_from_slice(&self.state_len.to_le_bytes());
+        b[16..20].copy_from_slice(&self.disk_records.to_le_bytes());
         b
     }
 
@@ -120,6 +123,7 @@ impl EpochEnd {
             page_entries: c.u64()?,
             pages_records: c.u32()?,
             state_len: c.u32()?,
+            disk_records: c.u32()?,
         };
         c.finish()?;
         Ok(e)

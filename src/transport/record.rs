@@ -47,6 +47,12 @@ pub enum RecordKind {
     Slots = 25,
     /// Backup → primary: slots handed back (`transport::slots::Credit`).
     Credit = 26,
+    /// Primary → backup, once before the seed: the session's disks
+    /// (`disk::session::encode_announce`).
+    Disks = 27,
+    /// Primary → backup inside an epoch: guest disk writes of that epoch
+    /// (`disk::wire`), counted in its EpochEnd.
+    DiskWrites = 28,
 }
 
 impl RecordKind {
@@ -68,6 +74,8 @@ impl RecordKind {
             24 => Transport,
             25 => Slots,
             26 => Credit,
+            27 => Disks,
+            28 => DiskWrites,
             _ => return None,
         })
     }

@@ -8,7 +8,7 @@
 //! slot errors).
 
 /// Wire format version. Bumped on any incompatible change of a header or payload layout.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 pub const MAGIC: u32 = u32::from_le_bytes(*b"CSTR");
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a reader accepts. Pages records are kept far below it.

@@ -98,6 +98,7 @@ impl Primary {
             } else {
                 0
             },
+            disk_records: 0,
         };
         write_record(&mut out, RecordKind::EpochEnd, e, &end.encode());
         out

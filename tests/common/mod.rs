@@ -6,6 +6,7 @@ pub mod etcd;
 pub mod fake;
 pub mod lab;
 pub mod lines;
+pub mod nbd;
 pub mod packet;
 pub mod proxy;
 

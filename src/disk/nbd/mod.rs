@@ -246,6 +246,15 @@ impl NbdServer {
     }
 }
 
+impl std::fmt::Debug for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdServer")
+            .field("addr", &self.addr)
+            .field("exports", &self.shared.exports.len())
+            .finish()
+    }
+}
+
 impl Drop for NbdServer {
     fn drop(&mut self) {
         self.shutdown();

@@ -108,12 +108,8 @@ pub enum KvmError {
     },
     #[error(transparent)]
     Tap(#[from] super::tap::TapError),
-    #[error("opening disk image {path:?} (read-write) failed: {source}")]
-    Disk {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    DiskImage(#[from] crate::disk::image::ImageError),
     #[error(transparent)]
     Domain(#[from] DomainError),
 }

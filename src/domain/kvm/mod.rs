@@ -165,24 +165,26 @@ fn attach_devices(spec: &KvmSpec, p: &Parts, mut devices: Devices) -> Result<Dev
         None => devices.net.attach(ram.clone(), None, None),
     }
     let disk = match &spec.disk {
-        Some(path) => {
-            let io = |source| KvmError::Disk {
-                path: path.clone(),
-                source,
-            };
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(io)?;
-            let len = f.metadata().map_err(io)?.len();
-            Some((f, len))
-        }
+        Some(path) => Some(open_disk(path)?),
         None => None,
     };
     devices.block.attach(ram, disk);
     Ok(devices)
 }
+
+/// Opens the block device's image behind a write log (see `crate::disk`).
+fn open_disk(path: &str) -> Result<Arc<crate::disk::WriteLog>> {
+    let img = crate::disk::DiskImage::open(std::path::Path::new(path))?;
+    Ok(Arc::new(crate::disk::WriteLog::new(
+        img,
+        Arc::new(crate::disk::Fence::open()),
+        crate::disk::LogConfig::default(),
+    )))
+}
+
+/// Name of the block device's disk in a protection session (the backup
+/// keeps it as `STATE_DIR/disks/block.img`).
+pub const BLOCK_DISK: &str = "block";
 
 impl KvmDomain {
     /// Creates the guest paused at its first instruction, with the boot
@@ -347,6 +349,14 @@ pub fn describe_state(state: &[u8]) -> std::result::Result<String, KvmError> {
 impl Domain for KvmDomain {
     fn layout(&self) -> Layout {
         self.spec.layout()
+    }
+
+    fn disks(&self) -> Vec<(String, Arc<crate::disk::WriteLog>)> {
+        let d = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        d.block
+            .disk()
+            .map(|l| vec![(BLOCK_DISK.to_string(), l.clone())])
+            .unwrap_or_default()
     }
 
     fn memory(&self) -> &GuestMemory {

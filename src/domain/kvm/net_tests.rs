@@ -309,7 +309,15 @@ fn blkcheck_guest_reads_back_and_is_bounds_checked() {
         .collect();
     assert_eq!(&image[512..512 + 4096], want.as_slice());
     assert!(image[..512].iter().all(|&b| b == 0));
-    assert!(image[512 + 4096..].iter().all(|&b| b == 0));
+    // Sectors 9..16 stay zero; the checked sequence writes from 16 on.
+    assert!(image[512 + 4096..16 * 512].iter().all(|&b| b == 0));
+    let text = d
+        .console()
+        .wait_for(WAIT, |t| {
+            t.contains("blk seq 256") || t.contains("blk FAIL")
+        })
+        .unwrap_or_else(|| panic!("no blk seq line:\n{}", d.console().text()));
+    assert!(!text.contains("FAIL"), "{text}");
 }
 
 /// A disk image that cannot be opened is an error naming the path.

@@ -21,6 +21,7 @@
 mod control;
 pub mod counter;
 pub mod dirty;
+pub mod disk;
 mod rng;
 mod runner;
 pub mod spec;
@@ -51,6 +52,8 @@ pub struct SimDomain {
     prepared: Option<counter::Prepared>,
     tracker: DirtyTracker,
     mem: Arc<GuestMemory>,
+    /// The disk the workload writes, if the spec has one.
+    disk: Option<Arc<crate::disk::WriteLog>>,
     /// Epochs started: 0 before `start`, N while running or paused in epoch N.
     epoch: u64,
     running: bool,
@@ -70,6 +73,7 @@ impl SimDomain {
             prepared: None,
             tracker,
             mem: Arc::new(mem),
+            disk: open_disk(spec, true)?,
             epoch: 0,
             running: false,
         })
@@ -80,7 +84,11 @@ impl SimDomain {
     /// paused at the checkpoint's epoch; `start` continues with the next
     /// one. Workload threads resume from their state in guest memory.
     pub fn restore(spec: &SimSpec, memory: GuestMemory, state: &[u8]) -> Result<Self, DomainError> {
-        let (epoch, saved) = decode_state(state)?;
+        let (epoch, mut saved) = decode_state(state)?;
+        // The disk may live elsewhere on the restoring host (`--override`).
+        if let (Some(s), Some(d)) = (saved.disk.as_mut(), spec.disk.as_ref()) {
+            s.path.clone_from(&d.path);
+        }
         if saved != *spec {
             return Err(DomainError::Spec {
                 spec: spec.to_string(),
@@ -106,6 +114,7 @@ impl SimDomain {
             prepared: None,
             tracker,
             mem: Arc::new(memory),
+            disk: open_disk(spec, false)?,
             epoch,
             running: false,
         })
@@ -141,11 +150,20 @@ impl Domain for SimDomain {
         }
         let det = self.spec.is_deterministic();
         let next = self.epoch + 1;
+        let disk = match (&self.disk, &self.spec.disk) {
+            (Some(log), Some(d)) => Some(runner::DiskWork {
+                log: log.clone(),
+                seed: self.spec.seed,
+                writes: d.writes,
+            }),
+            _ => None,
+        };
         self.workers = Some(Workers::start(
             self.mem.clone(),
             self.plan.clone(),
             det,
             next,
+            disk,
         )?);
         if let Some(addr) = self.spec.counter {
             let p = match self.prepared.take() {
@@ -207,6 +225,13 @@ impl Domain for SimDomain {
         Some(self.workers.as_ref().map_or(0, Workers::progress))
     }
 
+    fn disks(&self) -> Vec<(String, Arc<crate::disk::WriteLog>)> {
+        self.disk
+            .iter()
+            .map(|l| (disk::SIM_DISK.to_string(), l.clone()))
+            .collect()
+    }
+
     fn save_state(&mut self, out: &mut Vec<u8>) -> Result<(), DomainError> {
         encode_state(&self.spec, self.epoch, out);
         Ok(())
@@ -248,6 +273,41 @@ pub fn decode_state(bytes: &[u8]) -> Result<(u64, SimSpec), DomainError> {
         .and_then(|t| std::str::from_utf8(t).ok())
         .ok_or_else(|| bad("spec length or encoding does not match the record"))?;
     Ok((epoch, SimSpec::parse(text)?))
+}
+
+/// The spec's disk: created all-zero for a new domain, opened as it is
+/// (the replica's disk) for a restored one.
+fn open_disk(
+    spec: &SimSpec,
+    fresh: bool,
+) -> Result<Option<Arc<crate::disk::WriteLog>>, DomainError> {
+    let Some(d) = &spec.disk else {
+        return Ok(None);
+    };
+    let path = std::path::Path::new(&d.path);
+    let bad = |reason: String| DomainError::Spec {
+        spec: spec.to_string(),
+        reason,
+    };
+    let img = if fresh {
+        crate::disk::DiskImage::create(path, d.size)
+    } else {
+        crate::disk::DiskImage::open(path)
+    }
+    .map_err(|e| bad(e.to_string()))?;
+    if img.size() != d.size {
+        return Err(bad(format!(
+            "disk {} has {} bytes, the spec says disk_size={}",
+            d.path,
+            img.size(),
+            d.size
+        )));
+    }
+    Ok(Some(Arc::new(crate::disk::WriteLog::new(
+        img,
+        Arc::new(crate::disk::Fence::open()),
+        crate::disk::LogConfig::default(),
+    ))))
 }
 
 fn initial_memory(spec: &SimSpec) -> Result<GuestMemory, DomainError> {

@@ -125,6 +125,7 @@ impl Workers {
         plan: Arc<Plan>,
         deterministic: bool,
         first_epoch: u64,
+        disk: Option<DiskWork>,
     ) -> Result<Self, DomainError> {
         let gate = Arc::new(Gate::default());
         gate.lock().epoch = first_epoch;
@@ -151,6 +152,21 @@ impl Workers {
                     source,
                 })?;
             // On error above, dropping `workers` stops the threads already started.
+            workers.handles.push(handle);
+        }
+        if let Some(d) = disk {
+            let gate = workers.gate.clone();
+            let handle = std::thread::Builder::new()
+                .name("castor-sim-disk".into())
+                .spawn(move || {
+                    let name = "castor-sim-disk".to_string();
+                    let _guard = FailGuard { gate: &gate, name };
+                    run_disk(&gate, &d, first_epoch)
+                })
+                .map_err(|source| DomainError::Sys {
+                    op: "spawn disk workload thread",
+                    source,
+                })?;
             workers.handles.push(handle);
         }
         Ok(workers)
@@ -253,6 +269,36 @@ fn run_deterministic(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPla
         } else if !gate.park(st) {
             return;
         }
+    }
+}
+
+/// What the disk workload thread writes with.
+pub struct DiskWork {
+    pub log: Arc<crate::disk::WriteLog>,
+    pub seed: u64,
+    pub writes: u64,
+}
+
+/// Writes each epoch's disk blocks, then parks until the next resume. A
+/// failed write (a fenced disk) fails the domain at its next pause.
+fn run_disk(gate: &Gate, d: &DiskWork, first_epoch: u64) {
+    let mut epoch = first_epoch;
+    loop {
+        if gate.flags.load(Ordering::Relaxed) & STOP != 0 {
+            return;
+        }
+        if let Err(e) = super::disk::run_epoch(&d.log, d.seed, d.writes, epoch) {
+            let mut st = gate.lock();
+            st.failed
+                .push(format!("castor-sim-disk: epoch {epoch}: {e}"));
+            gate.controller.notify_all();
+            return;
+        }
+        let st = gate.lock();
+        if st.stop || !gate.park(st) {
+            return;
+        }
+        epoch += 1;
     }
 }
 

@@ -126,7 +126,21 @@ pub struct SimSpec {
     pub edit: u32,
     /// The guest's UDP counter service (`counter=ADDR`, see `counter`).
     pub counter: Option<std::net::SocketAddr>,
+    /// Optional disk workload (see `super::disk`).
+    pub disk: Option<SimDisk>,
 }
+
+/// `disk=PATH,disk_size=S,disk_writes=N`: an image at PATH of S bytes,
+/// written with N 4 KiB blocks per epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimDisk {
+    pub path: String,
+    pub size: u64,
+    pub writes: u64,
+}
+
+pub const DEFAULT_DISK_SIZE: u64 = 16 << 20;
+pub const DEFAULT_DISK_WRITES: u64 = 16;
 
 impl Default for SimSpec {
     fn default() -> Self {
@@ -140,11 +154,14 @@ impl Default for SimSpec {
             hot: DEFAULT_HOT,
             edit: DEFAULT_EDIT,
             counter: None,
+            disk: None,
         }
     }
 }
 
-const KEYS: &str = "mem, workload, rate, writes, seed, threads, fill, hot, edit, counter";
+const KEYS: &str =
+    "mem, workload, rate, writes, seed, threads, fill, hot, edit, counter, disk, disk_size, \
+                    disk_writes";
 
 impl SimSpec {
     /// Parses `key=value,...`; the empty string gives all defaults.
@@ -156,6 +173,7 @@ impl SimSpec {
         let mut s = SimSpec::default();
         let mut rate = None;
         let mut writes = None;
+        let (mut disk, mut disk_size, mut disk_writes) = (None, None, None);
         for (key, value) in crate::domain::spec_pairs(kv, KEYS).map_err(err)? {
             let bad = |form: &str| err(format!("{key}={value}: expected {form}"));
             match key {
@@ -210,6 +228,21 @@ impl SimSpec {
                         bad("the UDP address the guest's counter service answers on, like 127.0.0.1:7800")
                     })?)
                 }
+                "disk" if !value.is_empty() => disk = Some(value.to_string()),
+                "disk" => return Err(bad("the path of a disk image")),
+                "disk_size" => {
+                    disk_size = Some(
+                        parse_size(value)
+                            .filter(|&v| v >= PAGE_SIZE as u64 && v % PAGE_SIZE as u64 == 0)
+                            .ok_or_else(|| bad("a size, a multiple of 4096 bytes, like 16MiB"))?,
+                    )
+                }
+                "disk_writes" => {
+                    disk_writes = Some(
+                        parse_u64(value)
+                            .ok_or_else(|| bad("4 KiB disk writes per epoch, an integer"))?,
+                    )
+                }
                 _ => {
                     return Err(err(format!(
                         "unknown key {key:?} in {key}={value} (keys: {KEYS})"
@@ -229,6 +262,17 @@ impl SimSpec {
             (rate, None) => Pace::Timed {
                 rate: rate.unwrap_or(DEFAULT_RATE),
             },
+        };
+        s.disk = match (disk, disk_size, disk_writes) {
+            (Some(path), size, writes) => Some(SimDisk {
+                path,
+                size: size.unwrap_or(DEFAULT_DISK_SIZE),
+                writes: writes.unwrap_or(DEFAULT_DISK_WRITES),
+            }),
+            (None, None, None) => None,
+            (None, _, _) => {
+                return Err(err("disk_size and disk_writes need disk=PATH".to_string()))
+            }
         };
         if s.mem % PAGE_SIZE as u64 != 0 || s.mem < MIN_PAGES * PAGE_SIZE as u64 {
             return Err(err(format!(
@@ -294,10 +338,19 @@ impl fmt::Display for SimSpec {
             "seed={},threads={},fill={},hot={},edit={}",
             self.seed, self.threads, self.fill, self.hot, self.edit
         )?;
-        match self.counter {
-            Some(a) => write!(f, ",counter={a}"),
-            None => Ok(()),
+        if let Some(a) = self.counter {
+            write!(f, ",counter={a}")?;
         }
+        if let Some(d) = &self.disk {
+            write!(
+                f,
+                ",disk={},disk_size={},disk_writes={}",
+                d.path,
+                FmtSize(d.size),
+                d.writes
+            )?;
+        }
+        Ok(())
     }
 }
 

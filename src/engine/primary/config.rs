@@ -66,6 +66,9 @@ pub struct PrimaryConfig {
     pub heartbeat_interval: Duration,
     /// Also hold host-device output queued to this NFQUEUE (`--nfqueue`).
     pub nfqueue: Option<crate::outq::nfqueue::NfqSpec>,
+    /// Disks replicated besides the domain's own (`--disk`, served over
+    /// NBD): their writes travel in the epoch they ran in (`crate::disk`).
+    pub disks: crate::disk::session::PrimaryDisks,
 }
 
 impl Default for PrimaryConfig {
@@ -95,6 +98,7 @@ impl Default for PrimaryConfig {
             backup_silence: Duration::from_secs(2),
             heartbeat_interval: Duration::from_millis(100),
             nfqueue: None,
+            disks: Default::default(),
         }
     }
 }

@@ -52,6 +52,8 @@ pub(super) struct Driver<'a> {
     pub unit: u64,
     /// How much guest time is taken when the pipeline falls behind.
     pub throttle: Throttle,
+    /// The session's disks, cut in each pause.
+    pub disks: &'a crate::disk::session::PrimaryDisks,
 }
 
 /// Per-epoch buffers, reused so that the pause allocates nothing.
@@ -65,6 +67,8 @@ struct Capture {
     gfns: Vec<u64>,
     /// The saved vCPU and device state.
     state: Vec<u8>,
+    /// The disk writes of the epoch (cut in the pause).
+    disk: crate::disk::session::EpochDisks,
 }
 
 /// Seeds the backup, then checkpoints until the run ends.
@@ -139,6 +143,7 @@ impl Driver<'_> {
                 record: rec,
                 pause_start,
                 job,
+                disk: std::mem::take(&mut cap.disk),
             });
             self.unit += 1;
             if final_epoch {
@@ -211,6 +216,9 @@ impl Driver<'_> {
         // resume on, output belongs to the next epoch.
         self.outq.open_epoch(epoch + 1);
         crate::ops::telemetry::with(|t| t.epoch_started(epoch + 1));
+        // Disk writes completed so far belong to this epoch; later ones to
+        // the next (a swap of the log's queue: no I/O in the pause).
+        cap.disk = self.disks.cut(epoch);
         // Read after the store: output read from now on is tagged > epoch.
         rec.closed_at_ns = crate::metrics::mono_ns();
         let t_paused = Instant::now();

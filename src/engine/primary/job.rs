@@ -74,6 +74,8 @@ pub(super) struct Meta {
     pub record: EpochRecord,
     pub pause_start: Instant,
     pub job: Arc<EpochJob>,
+    /// Checkpoints: the disk writes cut in this epoch's pause.
+    pub disk: crate::disk::session::EpochDisks,
 }
 
 /// Messages to `castor-tx`.

@@ -142,6 +142,7 @@ impl Driver<'_> {
             record: EpochRecord::default(),
             pause_start: Instant::now(),
             job,
+            disk: Vec::new(),
         });
         self.unit += 1;
     }

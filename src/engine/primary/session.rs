@@ -29,6 +29,7 @@ use super::tx::{tx_thread, TxEnds};
 use super::watch::Watchers;
 use super::{PrimaryConfig, PrimaryError, PrimaryOutcome};
 use crate::digest::Digest;
+use crate::disk::session::PrimaryDisks;
 use crate::domain::Domain;
 use crate::engine::copy::CopyPool;
 use crate::engine::shadow::PageBuf;
@@ -58,6 +59,10 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
     if let Err(e) = enter(&mut *domain, outq, cfg) {
         return Err((e, Some(domain)));
     }
+    // Disk writes from here on travel in checkpoint 1 or later; the seed
+    // reads the disks after this (see `PrimaryDisks::seed_payloads`).
+    let disks = session_disks(&*domain, cfg);
+    disks.start(1);
     let cores = pick_cores(cfg);
     let shadow = match PageBuf::new(pages as usize) {
         Ok(s) => s,
@@ -86,6 +91,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
             staging_return: staging_ret_tx,
             seed_start: start,
             hb_every: cfg.heartbeat_interval,
+            disks: disks.clone(),
         };
         std::thread::Builder::new()
             .name("castor-tx".into())
@@ -113,6 +119,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
         staging_ret_rx,
         &cores,
         outq,
+        &disks,
     );
     // Tear down: encoders first (no more jobs), then wait for tx to finish.
     drop(job_txs);
@@ -122,6 +129,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
     }
     drop(tx_send);
     let _ = tx_handle.join();
+    disks.stop();
     watchers.stop();
     let result = self_fenced(result, &shared, &mut *domain);
     watchers.join_watchdog();
@@ -129,7 +137,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
     drop(ack_handle);
     crate::ops::telemetry::with(|t| t.session_ended());
     match result {
-        Ok(v) => finish(domain, outq, &shared, cfg, workers, v),
+        Ok(v) => finish(domain, outq, &shared, cfg, (workers, &disks), v),
         Err(e) => {
             abandon(&mut *domain, outq);
             Err((e, Some(domain)))
@@ -139,6 +147,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
 
 /// Runs `castor-epoch` (raised priority, its copy helpers) until the run
 /// ends; a panic of the thread is an error, not a crash.
+#[allow(clippy::too_many_arguments)]
 fn run_epoch_thread(
     domain: &mut dyn Domain,
     cfg: &PrimaryConfig,
@@ -147,6 +156,7 @@ fn run_epoch_thread(
     staging_ret: Receiver<PageBuf>,
     cores: &[core_affinity::CoreId],
     outq: &OutputQueue,
+    disks: &PrimaryDisks,
 ) -> DriveResult {
     std::thread::scope(|scope| {
         std::thread::Builder::new()
@@ -164,12 +174,20 @@ fn run_epoch_thread(
                     outq,
                     unit: 0,
                     throttle: Throttle::new(),
+                    disks,
                 })
             })
             .expect("spawning epoch thread")
             .join()
             .unwrap_or_else(|_| Err(PrimaryError::Protocol("epoch thread panicked".into())))
     })
+}
+
+/// The session's disks: `--disk`'s and the domain's own.
+fn session_disks(domain: &dyn Domain, cfg: &PrimaryConfig) -> PrimaryDisks {
+    let mut d = cfg.disks.clone();
+    d.disks.extend(domain.disks());
+    d
 }
 
 /// Switches the output queue to the session's mode with the guest paused
@@ -292,7 +310,7 @@ fn finish(
     outq: &mut OutputQueue,
     shared: &Shared,
     cfg: &PrimaryConfig,
-    workers: usize,
+    (workers, disks): (usize, &PrimaryDisks),
     (final_epoch, state, recent_dirty): (u64, Vec<u8>, Vec<Vec<u64>>),
 ) -> SessionResult {
     let output = outq
@@ -320,7 +338,13 @@ fn finish(
     summary.output = Some(output.clone());
     // SAFETY: the domain is paused after the final epoch and no castor
     // thread touches guest memory any more (encoders joined).
-    let digest = Digest::of(unsafe { domain.memory().as_slice() }, &state);
+    let mem = unsafe { domain.memory().as_slice() };
+    let digest = Digest::with_disk_files(mem, &state, &disks.files()).map_err(|e| {
+        (
+            PrimaryError::Protocol(format!("reading the disks: {e}")),
+            None,
+        )
+    })?;
     summary.primary_digest = digest.to_hex();
     Ok(PrimaryOutcome {
         summary,

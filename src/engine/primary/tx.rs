@@ -13,6 +13,11 @@
 //! - Staging goes back to the epoch thread only once no encoder holds the
 //!   unit's job any more; shard buffers go back to their encoder.
 //! - With nothing to send for `hb_every`, a heartbeat goes out.
+//! - Disks: the `Disks` record goes out before anything else; a
+//!   checkpoint's `DiskWrites` records sit between its shards and its
+//!   State, counted in its End; the seed's closing unit streams every
+//!   non-zero region of each disk before the seed's End (one record per
+//!   region, so a large disk never sits in memory whole).
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -21,13 +26,44 @@ use std::time::{Duration, Instant};
 
 use super::job::{EpochJob, Meta, ShardOut, Source, TxMsg};
 use super::shared::{InflightEntry, Shared};
+use crate::disk::session::{encode_announce, EpochDisks, PrimaryDisks};
+use crate::disk::wire;
 use crate::engine::codec_choice::Observed;
 use crate::engine::shadow::PageBuf;
 use crate::metrics::EpochRecord;
 use crate::transport::messages::{EpochBegin, EpochClass, EpochEnd};
-use crate::transport::record::{write_record, RecordKind};
+use crate::transport::record::{begin_record, finish_record, write_record, RecordKind};
 use crate::transport::RecordSink;
 use crate::PAGE_SIZE;
+
+/// Bytes of disk per seed record.
+const SEED_CHUNK: usize = 1 << 20;
+
+/// Frames a checkpoint's disk writes as DiskWrites records into `out`;
+/// returns how many, and counts them into `rec`.
+fn disk_records(out: &mut Vec<u8>, epoch: u64, disks: &EpochDisks, rec: &mut EpochRecord) -> u32 {
+    let start = out.len();
+    let mut n = 0;
+    for (disk, e) in disks {
+        for batch in wire::batches(&e.ops, SEED_CHUNK + 4096) {
+            let at = begin_record(out, RecordKind::DiskWrites, epoch);
+            wire::encode(out, *disk, batch);
+            finish_record(out, at);
+            n += 1;
+        }
+        rec.disk_ops += e.ops.len() as u64;
+        rec.disk_bytes += e
+            .ops
+            .iter()
+            .map(|o| match o {
+                wire::DiskOp::Write { data, .. } => data.len() as u64,
+                _ => 0,
+            })
+            .sum::<u64>();
+    }
+    rec.disk_wire_bytes += (out.len() - start) as u64;
+    n
+}
 
 /// Where `castor-tx` returns buffers, and its fixed settings.
 pub(super) struct TxEnds {
@@ -39,6 +75,8 @@ pub(super) struct TxEnds {
     pub staging_return: Sender<PageBuf>,
     pub seed_start: Instant,
     pub hb_every: Duration,
+    /// The session's disks (announced first; their seed and writes).
+    pub disks: PrimaryDisks,
 }
 
 /// A unit being put together from its parts.
@@ -53,6 +91,8 @@ struct Framed {
     head: Vec<u8>,
     tail: Vec<u8>,
     record: EpochRecord,
+    /// The seed's End, held back until the disks' seed records are out.
+    seed_end: Option<EpochEnd>,
 }
 
 struct Tx {
@@ -89,6 +129,15 @@ pub(super) fn tx_thread(sink: Box<dyn RecordSink>, rx: Receiver<TxMsg>, ends: Tx
         seed_rec: EpochRecord::default(),
         orphans: Vec::new(),
     };
+    if !tx.ends.disks.is_empty() {
+        let mut v = Vec::new();
+        let p = encode_announce(&tx.ends.disks.specs());
+        write_record(&mut v, RecordKind::Disks, 0, &p);
+        if let Err(e) = tx.sink.send(&[&v]) {
+            tx.ends.shared.fail(format!("sending the disks: {e}"));
+            return;
+        }
+    }
     loop {
         match rx.recv_timeout(hb_every) {
             Ok(msg) => tx.take(msg),
@@ -190,10 +239,14 @@ impl Tx {
         }
         let mut tail = Vec::with_capacity(meta.state.len() + 64);
         if !seed {
+            end.disk_records = disk_records(&mut tail, meta.epoch, &meta.disk, &mut rec);
+        }
+        if !seed {
             write_record(&mut tail, RecordKind::State, meta.epoch, &meta.state);
             end.state_len = meta.state.len() as u32;
         }
-        if closes {
+        let seed_disks = seed && closes && !self.ends.disks.is_empty();
+        if closes && !seed_disks {
             write_record(&mut tail, RecordKind::EpochEnd, meta.epoch, &end.encode());
         }
         let shard_bytes: u64 = outs.iter().map(|o| o.buf.len() as u64).sum();
@@ -207,7 +260,31 @@ impl Tx {
             head,
             tail,
             record: rec,
+            seed_end: seed_disks.then_some(end),
         }
+    }
+
+    /// Streams the disks' seed (every non-zero region) and then the seed's
+    /// End counting those records.
+    fn send_seed_disks(&mut self, mut end: EpochEnd) -> Result<(), Failed> {
+        let mut v = Vec::new();
+        let (sink, disks) = (&mut self.sink, &self.ends.disks);
+        let r = disks.seed_payloads(SEED_CHUNK, |p| {
+            v.clear();
+            write_record(&mut v, RecordKind::DiskWrites, 0, p);
+            end.disk_records += 1;
+            sink.send(&[&v]).map_err(|e| e.to_string())
+        });
+        v.clear();
+        write_record(&mut v, RecordKind::EpochEnd, 0, &end.encode());
+        let r = r.and_then(|_| self.sink.send(&[&v]).map_err(|e| e.to_string()));
+        if let Err(e) = r {
+            self.ends
+                .shared
+                .fail(format!("sending the disks' seed: {e}"));
+            return Err(Failed);
+        }
+        Ok(())
     }
 
     /// Frames and sends one complete unit, then hands its buffers back.
@@ -220,8 +297,13 @@ impl Tx {
             .collect();
         let seed = meta.class == EpochClass::Seed;
         let closes = !seed || meta.last_round;
-        let Framed { head, tail, record } = self.frame(&mut meta, &outs);
-        let shared = &*self.ends.shared;
+        let Framed {
+            head,
+            tail,
+            record,
+            seed_end,
+        } = self.frame(&mut meta, &outs);
+        let shared = self.ends.shared.clone();
         let mut bufs: Vec<&[u8]> = vec![&head];
         bufs.extend(outs.iter().map(|o| &o.buf[..]));
         bufs.push(&tail);
@@ -251,6 +333,9 @@ impl Tx {
         if let Err(e) = r {
             shared.fail(format!("sending epoch {}: {e}", meta.epoch));
             return Err(Failed);
+        }
+        if let Some(end) = seed_end {
+            self.send_seed_disks(end)?;
         }
         {
             let mut g = shared.inflight.lock().unwrap();

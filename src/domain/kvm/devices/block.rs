@@ -22,11 +22,15 @@
 //!   sets a status and changes nothing.
 //! - Reads write guest memory only on the vCPU thread, inside the guest's
 //!   OUT to CMD, and mark the pages VMM-dirty.
-//! - Disk writes are NOT yet replicated: they go straight to the image and
-//!   no per-epoch log exists for the backup (see [`Block::write_sectors`]).
+//! - Writes go through the disk's [`WriteLog`]: applied to the image at
+//!   once, tagged with the running epoch and, while the domain is
+//!   protected, carried to the backup in that epoch's checkpoint
+//!   (`crate::disk`). A fenced copy's writes fail with [`ST_IO_ERROR`] and
+//!   change nothing.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use crate::disk::WriteLog;
 
 use crate::domain::kvm::error::Result;
 use crate::domain::kvm::guest_ram::GuestRam;
@@ -72,7 +76,7 @@ pub struct BlockRegs {
 pub struct Block {
     regs: BlockRegs,
     ram: Option<GuestRam>,
-    disk: Option<File>,
+    disk: Option<Arc<WriteLog>>,
     /// Image size in sectors (a trailing partial sector is not usable).
     sectors: u64,
     scratch: Vec<u8>,
@@ -91,14 +95,18 @@ impl Block {
         }
     }
 
-    /// Gives the device guest memory and optionally an image of `len`
-    /// bytes.
-    pub fn attach(&mut self, ram: GuestRam, disk: Option<(File, u64)>) {
+    /// Gives the device guest memory and optionally a disk.
+    pub fn attach(&mut self, ram: GuestRam, disk: Option<Arc<WriteLog>>) {
         self.ram = Some(ram);
-        if let Some((f, len)) = disk {
-            self.sectors = len / SECTOR;
-            self.disk = Some(f);
+        if let Some(log) = disk {
+            self.sectors = log.size() / SECTOR;
+            self.disk = Some(log);
         }
+    }
+
+    /// The attached disk's write log, if any.
+    pub fn disk(&self) -> Option<&Arc<WriteLog>> {
+        self.disk.as_ref()
     }
 
     pub fn regs(&self) -> BlockRegs {
@@ -136,7 +144,7 @@ impl Block {
             return ST_NO_DISK;
         };
         if cmd == CMD_FLUSH {
-            return match disk.sync_data() {
+            return match disk.flush() {
                 Ok(()) => ST_OK,
                 Err(_) => ST_IO_ERROR,
             };
@@ -159,27 +167,17 @@ impl Block {
         self.scratch.resize(bytes as usize, 0);
         let offset = r.sector * SECTOR;
         let ok = if cmd == CMD_READ {
-            disk.read_exact_at(&mut self.scratch, offset).is_ok()
+            disk.read(&mut self.scratch, offset).is_ok()
                 && ram.write(r.buf as u64, &self.scratch).is_ok()
         } else {
             ram.read(r.buf as u64, &mut self.scratch).is_ok()
-                && Self::write_sectors(disk, &self.scratch, offset)
+                && disk.write(offset, &self.scratch, false).is_ok()
         };
         if ok {
             ST_OK
         } else {
             ST_IO_ERROR
         }
-    }
-
-    /// Writes the guest's data to the image.
-    ///
-    /// NOT yet logged for replication: the backup never sees these blocks,
-    /// so after failover the backup's disk lacks writes made since the
-    /// image was copied. Replicating them per epoch (and holding the
-    /// completion until the backup has them) is future work.
-    fn write_sectors(disk: &File, data: &[u8], offset: u64) -> bool {
-        disk.write_all_at(data, offset).is_ok()
     }
 
     /// Record `BLKD` v1: sector u64, count buf status u32. The image is
@@ -234,21 +232,39 @@ mod tests {
     fn read_write_and_bounds() {
         let mem = GuestMemory::new(PAGES as usize * 4096).unwrap();
         let dirty = VmmDirty::new(PAGES);
-        let img = tempfile::NamedTempFile::new().unwrap();
-        img.as_file().set_len(64 * 512).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let img = crate::disk::DiskImage::create(&dir.path().join("b.img"), 64 * 512).unwrap();
+        let log = Arc::new(WriteLog::new(
+            img,
+            Arc::new(crate::disk::Fence::open()),
+            crate::disk::LogConfig::default(),
+        ));
+        let img = log.image().path().to_path_buf();
         let mut b = Block::new();
         // SAFETY: `mem` outlives `b`.
         let ram = unsafe { GuestRam::new(&mem, dirty.clone()) };
-        b.attach(ram.clone(), Some((img.reopen().unwrap(), 64 * 512)));
+        log.start_recording(1);
+        b.attach(ram.clone(), Some(log.clone()));
         assert_eq!(b.read(REG_CAP_LO), 64);
         assert_eq!(b.read(REG_CAP_HI), 0);
 
         let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7) as u8).collect();
         ram.write(4096, &pattern).unwrap();
         assert_eq!(cmd(&mut b, CMD_WRITE, 3, 2, 4096), ST_OK);
-        let on_disk = std::fs::read(img.path()).unwrap();
+        let on_disk = std::fs::read(&img).unwrap();
         assert_eq!(&on_disk[3 * 512..5 * 512], pattern.as_slice());
         assert_eq!(cmd(&mut b, CMD_FLUSH, 0, 0, 0), ST_OK);
+        assert_eq!(
+            log.cut(2).ops,
+            vec![
+                crate::disk::wire::DiskOp::Write {
+                    offset: 3 * 512,
+                    data: pattern.clone()
+                },
+                crate::disk::wire::DiskOp::Flush
+            ],
+            "the write and the flush are logged for the backup"
+        );
 
         let fresh = VmmDirty::new(PAGES);
         // SAFETY: as above.
@@ -284,10 +300,18 @@ mod tests {
             }
         }
         assert_eq!(
-            std::fs::read(img.path()).unwrap(),
+            std::fs::read(&img).unwrap(),
             on_disk,
             "refused writes changed the image"
         );
+        assert!(log.cut(3).ops.is_empty(), "refused writes were not logged");
+        log.fence().revoke();
+        assert_eq!(
+            cmd(&mut b, CMD_WRITE, 0, 1, 4096),
+            ST_IO_ERROR,
+            "a fenced copy writes nothing"
+        );
+        assert_eq!(std::fs::read(&img).unwrap(), on_disk);
 
         let mut none = Block::new();
         assert_eq!(cmd(&mut none, CMD_READ, 0, 1, 0), ST_NO_DISK);

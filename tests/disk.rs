@@ -1,0 +1,584 @@
+//! Disk replication end to end, with real NBD clients (qemu-io, nbdinfo)
+//! and an in-test client for the SIGKILL trials: the backup's disk is the
+//! primary's after a clean stop, and after a SIGKILL the disk after
+//! exactly a prefix of the client's writes.
+
+mod common;
+use common::nbd::Nbd;
+use common::*;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const SIM: &str = "sim:mem=4MiB,workload=uniform,rate=20000,seed=3";
+
+/// Backup flags for a shared, loaded machine: a primary stalled by the
+/// scheduler for half a second is not lost (a SIGKILL closes the
+/// connection at once anyway).
+pub const SLACK: &[&str] = &["--heartbeat-timeout", "2s"];
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIP: {tool} is not installed (apt-get install qemu-utils libnbd-bin)");
+    }
+    ok
+}
+
+/// A loopback port free right now (the export binds it a moment later).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn image(path: &Path, size: usize, fill: impl Fn(usize) -> u8) {
+    let b: Vec<u8> = (0..size).map(fill).collect();
+    std::fs::write(path, b).unwrap();
+}
+
+fn sigint(p: &mut Reaped) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGINT) };
+    p.0.wait().unwrap()
+}
+
+fn qemu_io(url: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    let out = c.arg(url).output().unwrap();
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !so.contains("failed") && !so.contains("error"),
+        "qemu-io {cmds:?} {url}:\n{so}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn qemu_io_writes_reach_the_backups_disk_byte_for_byte() {
+    if sim_unavailable() || !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.img");
+    // Non-zero content before protection: the seed must carry it.
+    image(&path, 4 << 20, |i| {
+        if (i / 4096) % 3 == 0 {
+            (i % 251) as u8
+        } else {
+            0
+        }
+    });
+    let b = Backup::start_with(&dir.path().join("replica"), SLACK, KEY);
+    let port = free_port();
+    let disk = format!("data={},nbd=127.0.0.1:{port}", path.display());
+    let mut p = protect_flowing_with(SIM, &b.addr, "25ms", &["--disk", &disk]);
+    let url = format!("nbd://127.0.0.1:{port}/data");
+    qemu_io(
+        &url,
+        &[
+            "write -P 0x5a 0 1M",
+            "write -z 1536k 64k",
+            "flush",
+            "write -P 0xa5 2M 12k",
+        ],
+    );
+    // The only export also answers to the default (empty) name.
+    qemu_io(
+        &format!("nbd://127.0.0.1:{port}"),
+        &["read -P 0x5a 4096 4096", "write -P 0x11 3M 512"],
+    );
+    let info = Command::new("nbdinfo")
+        .arg("--size")
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&info.stdout).trim(),
+        (4 << 20).to_string()
+    );
+    let st = sigint(&mut p);
+    assert!(st.success(), "protect exit {st:?}");
+    let (st, err) = b.wait();
+    assert!(st.success(), "backup:\n{err}");
+    let primary = std::fs::read(&path).unwrap();
+    let replica = std::fs::read(dir.path().join("replica/disks/data.img")).unwrap();
+    assert_eq!(primary.len(), replica.len());
+    assert!(
+        primary == replica,
+        "the backup's disk differs from the primary's"
+    );
+    assert!(primary[..1 << 20].iter().all(|&x| x == 0x5a));
+    let m = meta(&dir.path().join("replica")).unwrap();
+    assert_eq!(
+        m.digest,
+        replica_digest(&dir.path().join("replica")),
+        "digest covers the disk"
+    );
+}
+
+const BLOCKS: u64 = 64;
+
+/// Write `i` of the trial client: block slot and content.
+fn nth_write(i: u64) -> (u64, Vec<u8>) {
+    let slot = (i * 13 + i / BLOCKS) % BLOCKS;
+    let mut d = vec![0u8; 4096];
+    for (j, c) in d.chunks_mut(8).enumerate() {
+        c.copy_from_slice(&(i << 16 | j as u64).to_le_bytes());
+    }
+    (slot * 4096, d)
+}
+
+/// The disk after the first `k` writes.
+fn after(k: u64) -> Vec<u8> {
+    let mut disk = vec![0u8; (BLOCKS * 4096) as usize];
+    for i in 0..k {
+        let (off, d) = nth_write(i);
+        disk[off as usize..off as usize + 4096].copy_from_slice(&d);
+    }
+    disk
+}
+
+fn next(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+#[test]
+fn sigkill_while_a_client_writes_leaves_a_prefix_of_its_writes() {
+    if sim_unavailable() {
+        return;
+    }
+    let mut seed = (std::process::id() as u64 * 2654435761) | 1;
+    eprintln!("disk kill trials seed {seed}");
+    for trial in 0..4 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.img");
+        image(&path, (BLOCKS * 4096) as usize, |_| 0);
+        let b = Backup::start_with(&dir.path().join("replica"), SLACK, KEY);
+        let bdir = b.dir.clone();
+        let port = free_port();
+        let disk = format!("data={},nbd=127.0.0.1:{port}", path.display());
+        let p = protect_flowing_with(SIM, &b.addr, "25ms", &["--disk", &disk]);
+        let done = Arc::new(AtomicU64::new(0));
+        let client = {
+            let done = done.clone();
+            let addr = format!("127.0.0.1:{port}");
+            std::thread::spawn(move || {
+                let mut c = Nbd::connect(&addr, "data").unwrap();
+                for i in 0.. {
+                    let (off, d) = nth_write(i);
+                    match c.write(off, &d) {
+                        Ok(0) => done.store(i + 1, Ordering::SeqCst),
+                        _ => return,
+                    }
+                }
+            })
+        };
+        // The random moment is the point of the trial, not a synchronisation.
+        let extra = 100 + next(&mut seed) % 500;
+        std::thread::sleep(Duration::from_millis(extra));
+        drop(p); // SIGKILL
+        client.join().unwrap();
+        let completed = done.load(Ordering::SeqCst);
+        let (st, err) = b.wait();
+        assert_eq!(
+            st.code(),
+            Some(2),
+            "backup should report a broken stream:\n{err}"
+        );
+        let m = meta(&bdir).unwrap_or_else(|| panic!("trial {trial}: nothing saved:\n{err}"));
+        let got = std::fs::read(bdir.join("disks/data.img")).unwrap();
+        // A write applied and logged whose reply the client never read may
+        // be in the last epoch: up to completed + 1.
+        let k = (0..=completed + 1).rev().find(|&k| after(k) == got);
+        eprintln!(
+            "trial {trial}: killed {extra} ms in; client completed {completed} writes; \
+             replica epoch {}, disk = first {k:?} writes",
+            m.epoch
+        );
+        assert!(
+            k.is_some(),
+            "trial {trial}: the backup's disk is no prefix of the client's writes"
+        );
+        assert_eq!(
+            m.digest,
+            replica_digest(&bdir),
+            "trial {trial}: files disagree with meta"
+        );
+    }
+}
+
+#[test]
+fn the_sim_disk_workload_is_covered_by_the_digest_at_each_epoch() {
+    if sim_unavailable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!(
+        "sim:mem=4MiB,writes=300,seed=3,disk={},disk_size=1MiB,disk_writes=20",
+        dir.path().join("sim.img").display()
+    );
+    let b = Backup::start_with(&dir.path().join("replica"), SLACK, KEY);
+    let out = castor()
+        .args([
+            "protect", "--domain", &spec, "--backup", &b.addr, "--epoch", "10ms", "--epochs", "8",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (st, err) = b.wait();
+    assert!(st.success(), "backup:\n{err}");
+    let rdir = dir.path().join("replica");
+    let m = meta(&rdir).unwrap();
+    assert_eq!(m.epoch, 8);
+    assert_eq!(m.digest, replica_digest(&rdir));
+    assert_eq!(
+        m.digest,
+        expected_digest(&spec, 8),
+        "memory, state and disk after epoch 8"
+    );
+    assert_ne!(m.digest, expected_digest(&spec, 7));
+    assert!(
+        std::fs::read(rdir.join("disks/sim.img")).unwrap()
+            == std::fs::read(dir.path().join("sim.img")).unwrap()
+    );
+}
+
+mod hostile {
+    //! Hostile disk records on the wire, sent by a fake primary: each is
+    //! rejected whole, the session ends, and the replica (memory and disk)
+    //! stays at the last committed epoch.
+    use super::common::fake::*;
+    use super::common::*;
+    use super::SLACK;
+    use castor::disk::session::{encode_announce, DiskSpec};
+    use castor::disk::wire::{encode, DiskOp};
+    use castor::transport::messages::{EpochBegin, EpochClass, EpochEnd};
+    use castor::transport::record::{write_record, RecordKind};
+    use std::io::Write;
+
+    const DISK: u64 = 64 << 10;
+
+    fn announce(name: &str, size: u64) -> Vec<u8> {
+        let mut v = Vec::new();
+        let p = encode_announce(&[DiskSpec {
+            name: name.into(),
+            size,
+            nbd: String::new(),
+        }]);
+        write_record(&mut v, RecordKind::Disks, 0, &p);
+        v
+    }
+
+    fn writes(epoch: u64, ops: &[DiskOp]) -> Vec<u8> {
+        let mut p = Vec::new();
+        encode(&mut p, 0, ops);
+        let mut v = Vec::new();
+        write_record(&mut v, RecordKind::DiskWrites, epoch, &p);
+        v
+    }
+
+    /// A checkpoint with no pages, `disk` records and an end claiming `claim`.
+    fn epoch(p: &mut Primary, disk: &[Vec<u8>], claim: u32) -> Vec<u8> {
+        p.epoch += 1;
+        let e = p.epoch;
+        let mut v = Vec::new();
+        let begin = EpochBegin {
+            class: EpochClass::Checkpoint,
+            dirty: 0,
+        };
+        write_record(&mut v, RecordKind::EpochBegin, e, &begin.encode());
+        for r in disk {
+            v.extend_from_slice(r);
+        }
+        let state = p.state();
+        write_record(&mut v, RecordKind::State, e, &state);
+        let end = EpochEnd {
+            state_len: state.len() as u32,
+            disk_records: claim,
+            ..Default::default()
+        };
+        write_record(&mut v, RecordKind::EpochEnd, e, &end.encode());
+        v
+    }
+
+    fn w(offset: u64, b: u8) -> DiskOp {
+        DiskOp::Write {
+            offset,
+            data: vec![b; 4096],
+        }
+    }
+
+    /// Announce, seed, epoch 1 writing 0x11 at 0, then `bad`; returns the
+    /// backup's exit code, stderr, saved epoch and saved disk.
+    fn run(
+        bad: impl FnOnce(&mut Primary) -> Vec<u8>,
+        name: &str,
+    ) -> (Option<i32>, String, Option<u64>, Option<Vec<u8>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Backup::start_with(&dir.path().join("replica"), SLACK, KEY);
+        let bdir = b.dir.clone();
+        let mut s = session(&b.addr, KEY).unwrap();
+        let mut p = Primary::new();
+        let mut bytes = announce(name, DISK);
+        bytes.extend(p.seed());
+        let e1 = p.epoch + 1;
+        bytes.extend(epoch(&mut p, &[writes(e1, &[w(0, 0x11)])], 1));
+        bytes.extend(bad(&mut p));
+        let mut rd = s.try_clone().unwrap();
+        let drain = std::thread::spawn(move || std::io::copy(&mut rd, &mut std::io::sink()));
+        let _ = s.write_all(&bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let _ = drain.join();
+        let (st, err) = b.wait();
+        let m = meta(&bdir);
+        let disk = std::fs::read(bdir.join(format!("disks/{name}.img"))).ok();
+        (st.code(), err, m.map(|m| m.epoch), disk)
+    }
+
+    fn assert_rejected(r: (Option<i32>, String, Option<u64>, Option<Vec<u8>>), needle: &str) {
+        let (code, err, epoch, disk) = r;
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains(needle), "expected {needle:?} in:\n{err}");
+        assert_eq!(epoch, Some(1), "{err}");
+        let disk = disk.expect("the replica disk of epoch 1");
+        assert!(
+            disk[..4096].iter().all(|&b| b == 0x11),
+            "epoch 1's write is there"
+        );
+        assert!(
+            disk[4096..].iter().all(|&b| b == 0),
+            "nothing of the rejected epoch is"
+        );
+    }
+
+    #[test]
+    fn a_clean_stream_with_disk_writes_commits_them() {
+        let (code, err, epoch, disk) = run(
+            |p| {
+                let e = p.epoch + 1;
+                let mut v = epoch(p, &[writes(e, &[w(4096, 0x22), DiskOp::Flush])], 1);
+                write_record(&mut v, RecordKind::Close, e, &[]);
+                v
+            },
+            "d",
+        );
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(epoch, Some(2));
+        let disk = disk.unwrap();
+        assert!(disk[4096..8192].iter().all(|&b| b == 0x22));
+    }
+
+    #[test]
+    fn a_write_past_the_disk_is_rejected_whole() {
+        // The first op is fine, the second runs past the end: neither lands.
+        let r = run(
+            |p| {
+                let e = p.epoch + 1;
+                epoch(p, &[writes(e, &[w(4096, 0x33), w(DISK - 100, 0x33)])], 1)
+            },
+            "d",
+        );
+        assert_rejected(r, "runs past the disk");
+    }
+
+    #[test]
+    fn an_epoch_torn_after_its_disk_records_loses_them() {
+        let r = run(
+            |p| {
+                p.epoch += 1;
+                let e = p.epoch;
+                let mut v = Vec::new();
+                let begin = EpochBegin {
+                    class: EpochClass::Checkpoint,
+                    dirty: 0,
+                };
+                write_record(&mut v, RecordKind::EpochBegin, e, &begin.encode());
+                v.extend(writes(e, &[w(4096, 0x44)]));
+                v
+            },
+            "d",
+        );
+        assert_rejected(r, "connection closed");
+    }
+
+    #[test]
+    fn a_disk_record_count_mismatch_is_rejected() {
+        let r = run(
+            |p| {
+                let e = p.epoch + 1;
+                epoch(p, &[writes(e, &[w(4096, 0x55)])], 2)
+            },
+            "disk",
+        );
+        assert_rejected(r, "DiskWrites");
+    }
+
+    #[test]
+    fn unknown_kind_and_flags_in_an_op_are_rejected() {
+        let r = run(
+            |p| {
+                let e = p.epoch + 1;
+                let mut rec = writes(e, &[w(4096, 0x66)]);
+                // Op kind byte: record header 24, payload header 6.
+                rec[24 + 6] = 9;
+                // Fix the record's CRC so only the payload is hostile.
+                let payload = rec[24..].to_vec();
+                let mut fixed = Vec::new();
+                write_record(&mut fixed, RecordKind::DiskWrites, e, &payload);
+                epoch(p, &[fixed], 1)
+            },
+            "d",
+        );
+        assert_rejected(r, "unknown kind 9");
+    }
+
+    #[test]
+    fn a_disk_name_that_escapes_the_state_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Backup::start_with(&dir.path().join("replica"), SLACK, KEY);
+        let mut s = session(&b.addr, KEY).unwrap();
+        let mut bytes = announce("../escape", DISK);
+        bytes.extend(Primary::new().seed());
+        let _ = s.write_all(&bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let (st, err) = b.wait();
+        assert_eq!(st.code(), Some(2), "{err}");
+        assert!(err.contains("disk name"), "{err}");
+        assert!(!dir.path().join("escape.img").exists());
+    }
+}
+
+mod kvm {
+    //! The kvm block device replicated: the blkcheck guest writes a checked
+    //! sequence (the disk must hold exactly writes 0..n-1 where its memory
+    //! says n); after a SIGKILL of the primary the activated guest goes on
+    //! checking on the replica disk, so disk and memory come from one epoch.
+    use super::common::*;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    fn kvm_unavailable() -> bool {
+        if std::fs::File::open("/dev/kvm").is_err() {
+            eprintln!("SKIP: /dev/kvm is not available");
+            return true;
+        }
+        false
+    }
+
+    /// The `blk seq N` numbers of a console log, and whether a line failed.
+    fn seqs(path: &Path) -> (Vec<u64>, bool) {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let fail = text.contains("FAIL");
+        let v = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("blk seq ")?.trim().parse().ok())
+            .collect();
+        (v, fail)
+    }
+
+    fn wait_seq(log: &Path, want: u64) {
+        let t0 = Instant::now();
+        while seqs(log).0.last().map_or(true, |&s| s < want) {
+            assert!(
+                !seqs(log).1,
+                "guest self-check failed:\n{}",
+                std::fs::read_to_string(log).unwrap()
+            );
+            assert!(
+                t0.elapsed() < Duration::from_secs(90),
+                "guest never reached blk seq {want}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn blkcheck_disk_is_replicated_and_checked_after_failover() {
+        if kvm_unavailable() {
+            return;
+        }
+        let mut seed = (std::process::id() as u64 * 0x9e37_79b9) | 1;
+        for trial in 0..2 {
+            let dir = tempfile::tempdir().unwrap();
+            let (plog, blog) = (dir.path().join("p.log"), dir.path().join("b.log"));
+            let img = dir.path().join("blk.img");
+            std::fs::write(&img, vec![0u8; 64 * 512]).unwrap();
+            let b = Backup::start_with(
+                &dir.path().join("replica"),
+                &[
+                    "--activate",
+                    "--override",
+                    &format!("console={}", blog.display()),
+                    "--run-for",
+                    "4s",
+                    "--heartbeat-timeout",
+                    "2s",
+                ],
+                KEY,
+            );
+            let spec = format!(
+                "kvm:guest=blkcheck,mem=8MiB,disk={},console={}",
+                img.display(),
+                plog.display()
+            );
+            let p = Reaped(
+                castor()
+                    .args(["protect", "--quiet", "--domain", &spec, "--backup", &b.addr])
+                    .spawn()
+                    .unwrap(),
+            );
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            wait_seq(&plog, 64 * (1 + seed % 8));
+            drop(p); // SIGKILL
+            let (st, err) = b.wait();
+            assert_eq!(st.code(), Some(2), "{err}");
+            assert!(err.contains("ACTIVATED"), "{err}");
+            let (pseq, pfail) = seqs(&plog);
+            let (bseq, bfail) = seqs(&blog);
+            assert!(!pfail, "primary guest failed its check");
+            assert!(
+                !bfail,
+                "the activated guest found its disk and memory from different epochs:\n{}",
+                std::fs::read_to_string(&blog).unwrap()
+            );
+            eprintln!(
+                "kvm trial {trial}: primary reached blk seq {:?}, activated guest went on to {:?}",
+                pseq.last(),
+                bseq.last()
+            );
+            assert!(
+                !bseq.is_empty(),
+                "the activated guest wrote nothing:\n{err}"
+            );
+            assert!(
+                dir.path()
+                    .join("replica/activated/disks/block.img")
+                    .exists(),
+                "the activated guest runs on the replica disk"
+            );
+        }
+    }
+}

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Disk replication benchmark: fio (ioengine=nbd) through a castor NBD export,
+# replicated (`castor protect --disk`, 25 ms epochs, loopback backup) vs the
+# same export unprotected (`castor serve-disk`), side by side in one run.
+# Sequential 1 MiB writes and 4 KiB random writes; throughput ratio, write
+# latency p50/p99, and wire bytes per disk write (DiskWrites record bytes
+# from protect's JSON report over fio's write count).
+#
+# Usage: tools/bench-disk/run.sh [SIZE_MiB (default 256)] [RUNTIME_s (default 10)]
+set -euo pipefail
+SIZE=${1:-256}
+RUNTIME=${2:-10}
+BIN=${CASTOR:-target/release/castor}
+W=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
+export CASTOR_PSK=bench-disk-key-0123456789abcdef
+SIM="sim:mem=64MiB,workload=uniform,rate=2000,seed=1"
+port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+
+# fio job: $1 name, $2 rw, $3 bs, $4 uri, $5 extra fio args -> JSON in $W/$1.json
+run_fio() {
+  # shellcheck disable=SC2086
+  fio --name="$1" --ioengine=nbd --uri="$4" --rw="$2" --bs="$3" --size="${SIZE}M" \
+      --time_based --runtime="$RUNTIME" --iodepth=1 $5 --output-format=json >"$W/$1.json"
+}
+
+unprotected() { # $1 job $2 rw $3 bs $4 extra
+  local p; p=$(port)
+  truncate -s "${SIZE}M" "$W/u.img"
+  "$BIN" serve-disk --disk "data=$W/u.img,nbd=127.0.0.1:$p" 2>"$W/serve.log" &
+  local pid=$!
+  until grep -q "served at" "$W/serve.log"; do sleep 0.05; done
+  run_fio "$1" "$2" "$3" "nbd://127.0.0.1:$p/data" "$4"
+  kill -INT $pid; wait $pid
+  rm -f "$W/u.img"
+}
+
+replicated() { # $1 job $2 rw $3 bs $4 extra
+  local p; p=$(port)
+  truncate -s "${SIZE}M" "$W/r.img"
+  rm -rf "$W/replica"
+  "$BIN" backup --listen 127.0.0.1:0 --state-dir "$W/replica" >"$W/backup.out" 2>"$W/$1.backup.log" &
+  local bpid=$!
+  until grep -q "listening on" "$W/backup.out"; do sleep 0.05; done
+  local addr; addr=$(sed -n 's/^listening on //p' "$W/backup.out")
+  "$BIN" protect --domain "$SIM" --backup "$addr" --epoch 25ms --arbiter none \
+      --json "$W/$1.protect.json" --disk "data=$W/r.img,nbd=127.0.0.1:$p" 2>"$W/$1.protect.log" &
+  local ppid=$!
+  until grep -q "acked" "$W/$1.protect.log"; do sleep 0.05; done
+  run_fio "$1" "$2" "$3" "nbd://127.0.0.1:$p/data" "$4"
+  kill -INT $ppid; wait $ppid || true; wait $bpid || true
+  cmp -s "$W/r.img" "$W/replica/disks/data.img" && echo "  $1: backup disk == primary disk" \
+    || echo "  $1: BACKUP DISK DIFFERS"
+  rm -f "$W/r.img"
+}
+
+summary() { # $1 job -> "MiB/s writes p50us p99us"
+  python3 - "$W/$1.json" <<'PY'
+import json,sys
+j=json.load(open(sys.argv[1]))["jobs"][0]["write"]
+p=j["clat_ns"]["percentile"]
+print(f'{j["bw_bytes"]/2**20:.1f} {j["total_ios"]} {p["50.000000"]/1000:.0f} {p["99.000000"]/1000:.0f}')
+PY
+}
+
+wire() { # $1 job -> bytes of DiskWrites records on the wire (protect's JSON report)
+  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["disk_wire_bytes"])' "$W/$1.protect.json"
+}
+
+echo "castor disk benchmark: ${SIZE} MiB image, ${RUNTIME} s per run, fio iodepth 1, 25 ms epochs"
+for case in "seq write 1M" "rand randwrite 4k" "sync randwrite 4k --fsync=1"; do
+  # shellcheck disable=SC2086
+  set -- $case
+  unprotected "$1-u" "$2" "$3" "${4:-}"
+  replicated "$1-r" "$2" "$3" "${4:-}"
+  read -r ubw uios up50 up99 <<<"$(summary "$1-u")"
+  read -r rbw rios rp50 rp99 <<<"$(summary "$1-r")"
+  ratio=$(python3 -c "print(f'{$rbw/$ubw*100:.0f}')")
+  wr=$(wire "$1-r")
+  per=$(python3 -c "print(f'{$wr/max($rios,1):.0f}')")
+  echo "$2 bs=$3 ${4:-}: unprotected ${ubw} MiB/s p50 ${up50} us p99 ${up99} us | replicated ${rbw} MiB/s p50 ${rp50} us p99 ${rp99} us | ratio ${ratio}% | wire bytes per write ~${per} (${rios} writes)"
+done
