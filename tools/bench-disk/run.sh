@@ -21,7 +21,7 @@ port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));pri
 run_fio() {
   # shellcheck disable=SC2086
   fio --name="$1" --ioengine=nbd --uri="$4" --rw="$2" --bs="$3" --size="${SIZE}M" \
-      --time_based --runtime="$RUNTIME" --iodepth=1 $5 --output-format=json >"$W/$1.json"
+      --time_based --runtime="$RUNTIME" --iodepth=1 $5 --output-format=json --output="$W/$1.json" >/dev/null
 }
 
 unprotected() { # $1 job $2 rw $3 bs $4 extra
