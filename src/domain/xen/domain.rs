@@ -102,24 +102,28 @@ fn uuid(h: &[u8; 16]) -> String {
     )
 }
 
-/// The guest's xl config: the file the spec names, else the copy libxl
-/// keeps as the domain's "xl" userdata.
+/// The guest's config: the xl file the spec names, else what libxl keeps
+/// as the domain's userdata: the "xl" text when the toolstack stored it,
+/// else the "libxl-json" domain config (what xl 4.17 stores).
 fn config_text(spec: &XenSpec, info: &DomInfo) -> std::result::Result<String, DomainError> {
-    let path = match &spec.config {
-        Some(p) => p.clone(),
-        None => format!(
-            "/var/lib/xen/userdata-d.{}.{}.xl",
-            info.domid,
-            uuid(&info.handle)
-        )
-        .into(),
+    let base = format!("/var/lib/xen/userdata-d.{}.{}", info.domid, uuid(&info.handle));
+    let paths: Vec<std::path::PathBuf> = match &spec.config {
+        Some(p) => vec![p.clone()],
+        None => vec![format!("{base}.xl").into(), format!("{base}.libxl-json").into()],
     };
-    std::fs::read_to_string(&path).map_err(|e| DomainError::Spec {
+    let mut tried = Vec::new();
+    for p in &paths {
+        match std::fs::read_to_string(p) {
+            Ok(t) => return Ok(t),
+            Err(e) => tried.push(format!("{}: {e}", p.display())),
+        }
+    }
+    Err(DomainError::Spec {
         spec: format!("xen:{spec}"),
         reason: format!(
-            "reading the guest's xl config {}: {e} (the backup needs it to build the \
-             replica; give config=PATH)",
-            path.display()
+            "no config for the guest ({}); the backup needs it to build the replica: \
+             give config=PATH",
+            tried.join("; ")
         ),
     })
 }

@@ -212,19 +212,25 @@ impl Xc {
 
     /// Turns on log-dirty mode. If shadow mode is already on (log-dirty for
     /// VRAM tracking, say), turns it off and retries, as Xen's save does.
+    /// A failure reports all three steps' errors, like Xen's own message.
     pub fn enable_logdirty(&self, domid: u32) -> Result<()> {
         const ON: u32 = ffi::XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY;
         let first = match self.shadow_op(domid, ON, "xc_shadow_control(ENABLE_LOGDIRTY)") {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        tracing::debug!("domain {domid}: {first}; turning shadow mode off and retrying");
-        self.shadow_op(
+        let off = self.shadow_op(domid, ffi::XEN_DOMCTL_SHADOW_OP_OFF, "xc_shadow_control(OFF)");
+        let second = match off {
+            Ok(()) => match self.shadow_op(domid, ON, "xc_shadow_control(ENABLE_LOGDIRTY)") {
+                Ok(()) => return Ok(()),
+                Err(e) => e.to_string(),
+            },
+            Err(e) => format!("not retried: {e}"),
+        };
+        Err(XenError::State {
             domid,
-            ffi::XEN_DOMCTL_SHADOW_OP_OFF,
-            "xc_shadow_control(OFF)",
-        )?;
-        self.shadow_op(domid, ON, "xc_shadow_control(ENABLE_LOGDIRTY) after OFF")
+            reason: format!("log-dirty could not be enabled: {first}; after shadow OFF: {second}"),
+        })
     }
 
     pub fn disable_logdirty(&self, domid: u32) -> Result<()> {
