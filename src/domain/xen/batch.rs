@@ -63,6 +63,23 @@ pub fn failed_runs(errs: &[i32]) -> Vec<Range<usize>> {
     out
 }
 
+/// The ranges of `0..len` not covered by `runs` (sorted, disjoint, as
+/// [`failed_runs`] makes them): the frames a batch did map.
+pub fn complement(runs: &[Range<usize>], len: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for r in runs {
+        if r.start > at {
+            out.push(at..r.start);
+        }
+        at = at.max(r.end);
+    }
+    if at < len {
+        out.push(at..len);
+    }
+    out
+}
+
 /// Errors reading a PV guest's p2m.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum P2mError {
@@ -192,6 +209,23 @@ mod tests {
             vec![1..3, 5..6, 7..8]
         );
         assert!(failed_runs(&[0, 0]).is_empty());
+    }
+
+    #[test]
+    fn complement_is_what_the_batch_mapped() {
+        let errs = [0, -14, -14, 0, 0, -2, 0, -1];
+        let f = failed_runs(&errs);
+        assert_eq!(complement(&f, errs.len()), vec![0..1, 3..5, 6..7]);
+        assert_eq!(complement(&[], 3), vec![0..3]);
+        assert!(complement(std::slice::from_ref(&(0..3)), 3).is_empty());
+        // Every index is in exactly one of the two.
+        let c = complement(&f, errs.len());
+        for (i, e) in errs.iter().enumerate() {
+            let in_f = f.iter().any(|r| r.contains(&i));
+            let in_c = c.iter().any(|r| r.contains(&i));
+            assert!(in_f ^ in_c, "index {i}");
+            assert_eq!(in_f, *e != 0);
+        }
     }
 
     #[test]

@@ -106,10 +106,17 @@ fn uuid(h: &[u8; 16]) -> String {
 /// as the domain's userdata: the "xl" text when the toolstack stored it,
 /// else the "libxl-json" domain config (what xl 4.17 stores).
 fn config_text(spec: &XenSpec, info: &DomInfo) -> std::result::Result<String, DomainError> {
-    let base = format!("/var/lib/xen/userdata-d.{}.{}", info.domid, uuid(&info.handle));
+    let base = format!(
+        "/var/lib/xen/userdata-d.{}.{}",
+        info.domid,
+        uuid(&info.handle)
+    );
     let paths: Vec<std::path::PathBuf> = match &spec.config {
         Some(p) => vec![p.clone()],
-        None => vec![format!("{base}.xl").into(), format!("{base}.libxl-json").into()],
+        None => vec![
+            format!("{base}.xl").into(),
+            format!("{base}.libxl-json").into(),
+        ],
     };
     let mut tried = Vec::new();
     for p in &paths {
@@ -199,6 +206,13 @@ impl XenDomain {
             (frames, table_frames, Some(sh))
         };
         let (mem, holes) = map::map_frames(&fm, domid, &frames, u64::MAX, libc::PROT_READ)?;
+        // Holes read as zeros; marking them keeps them out of the initial
+        // copy (an HVM physmap reaches up to its special pages below 4 GiB).
+        let mut frames = frames;
+        for h in &holes {
+            frames[h.clone()].fill(u64::MAX);
+        }
+        let holes: usize = holes.iter().map(|h| h.len()).sum();
         let p2m_pfns = table
             .iter()
             .filter_map(|m| frames.iter().position(|f| f == m).map(|p| p as u64))

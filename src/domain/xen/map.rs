@@ -70,7 +70,7 @@ unsafe fn zero_fill(domid: u32, at: *mut u8, pages: usize) -> Result<()> {
 }
 
 /// Maps the runs of `plan` over `base` (a reservation of `frames.len()`
-/// pages). Returns how many pages ended up as holes.
+/// pages). Appends the ranges of pages that ended up as holes to `holes`.
 ///
 /// # Safety
 /// `base` is a reservation of at least `frames.len()` pages we own, with
@@ -82,8 +82,8 @@ unsafe fn map_runs(
     frames: &[u64],
     runs: &[Run],
     prot: i32,
-) -> Result<u64> {
-    let mut holes = 0u64;
+    holes: &mut Vec<std::ops::Range<usize>>,
+) -> Result<()> {
     let mut errs = vec![0i32; MAX_BATCH];
     for r in runs {
         // SAFETY: r.frames lies within the reservation (plan covers
@@ -92,47 +92,91 @@ unsafe fn map_runs(
         if r.hole {
             // SAFETY: as above; a hole may overwrite an old mapping (remap).
             unsafe { zero_fill(domid, at, r.frames.len())? };
-            holes += r.frames.len() as u64;
+            holes.push(r.frames.clone());
             continue;
         }
-        let list: Vec<ffi::xen_pfn_t> = frames[r.frames.clone()]
-            .iter()
-            .map(|&f| f as ffi::xen_pfn_t)
-            .collect();
-        let errs = &mut errs[..list.len()];
+        // SAFETY: as above.
+        let made = unsafe { map_batch(fm, domid, at, &frames[r.frames.clone()], prot, &mut errs)? };
+        holes.extend(
+            made.into_iter()
+                .map(|h| h.start + r.frames.start..h.end + r.frames.start),
+        );
+    }
+    Ok(())
+}
+
+/// Maps one batch of real frames at `at`. Frames the hypervisor refuses
+/// become zero pages. A privcmd mapping cannot be partly replaced (the
+/// kernel refuses to split it: EINVAL), so a batch with refused frames is
+/// dropped whole and its good sub-runs are mapped again on their own; a
+/// sub-run refused again becomes zeros whole. Returns the holes made
+/// (relative to `at`).
+///
+/// # Safety
+/// `at .. at + frames.len()` pages lie in a reservation we own.
+unsafe fn map_batch(
+    fm: &Foreign,
+    domid: u32,
+    at: *mut u8,
+    frames: &[u64],
+    prot: i32,
+    errs: &mut [i32],
+) -> Result<Vec<std::ops::Range<usize>>> {
+    let list: Vec<ffi::xen_pfn_t> = frames.iter().map(|&f| f as ffi::xen_pfn_t).collect();
+    let errs = &mut errs[..list.len()];
+    errs.fill(0);
+    // SAFETY: the caller owns the target range.
+    if let Err(e) = unsafe { fm.map_fixed(domid, at, prot, &list, errs) } {
+        // The failed call may have unmapped the range: restore it.
+        // SAFETY: as above.
+        unsafe { zero_fill(domid, at, list.len())? };
+        tracing::debug!("domain {domid}: a batch of {} frames: {e}", list.len());
+        return Ok(std::iter::once(0..list.len()).collect());
+    }
+    let failed = batch::failed_runs(errs);
+    if failed.is_empty() {
+        return Ok(Vec::new());
+    }
+    // SAFETY: replaces exactly the batch's own mapping (no split).
+    unsafe { zero_fill(domid, at, list.len())? };
+    let mut holes = failed.clone();
+    for good in batch::complement(&failed, list.len()) {
+        let sub = &list[good.clone()];
+        // SAFETY: a sub-range of the caller's range.
+        let at = unsafe { at.add(good.start * PAGE_SIZE) };
+        let errs = &mut errs[..sub.len()];
         errs.fill(0);
-        // SAFETY: the target range is ours (see above).
-        if let Err(e) = unsafe { fm.map_fixed(domid, at, prot, &list, errs) } {
-            // The failed call may have unmapped the range: restore it.
-            // SAFETY: as above.
-            unsafe { zero_fill(domid, at, r.frames.len())? };
-            return Err(e);
-        }
-        for f in batch::failed_runs(errs) {
-            // SAFETY: within this run's part of the reservation.
-            unsafe { zero_fill(domid, at.add(f.start * PAGE_SIZE), f.len())? };
-            holes += f.len() as u64;
+        // SAFETY: as above.
+        let ok = unsafe { fm.map_fixed(domid, at, prot, sub, errs) }.is_ok()
+            && errs.iter().all(|&e| e == 0);
+        if !ok {
+            // SAFETY: as above; replaces exactly the sub-run's mapping.
+            unsafe { zero_fill(domid, at, sub.len())? };
+            holes.push(good);
         }
     }
+    holes.sort_by_key(|h| h.start);
     Ok(holes)
 }
 
 /// Maps `frames` (frame per guest pfn; `invalid` for none) of `domid`
-/// read-only into one range. Returns the memory and the count of holes.
+/// read-only into one range. Returns the memory and the ranges of pages
+/// left as holes (zeros).
 pub fn map_frames(
     fm: &Foreign,
     domid: u32,
     frames: &[u64],
     invalid: u64,
     prot: i32,
-) -> Result<(GuestMemory, u64)> {
+) -> Result<(GuestMemory, Vec<std::ops::Range<usize>>)> {
     let base = reserve(domid, frames.len())?;
     // SAFETY: `base` is ours from here until GuestMemory owns it below.
     let mem = unsafe { GuestMemory::from_raw_mapping(base, frames.len().max(1) * PAGE_SIZE) };
     let runs = batch::plan(frames, invalid, MAX_BATCH);
+    let mut holes = Vec::new();
     // SAFETY: the reservation covers frames.len() pages; `mem` hands out
     // only raw pointers, none used yet.
-    let holes = unsafe { map_runs(fm, domid, base.as_ptr(), frames, &runs, prot)? };
+    unsafe { map_runs(fm, domid, base.as_ptr(), frames, &runs, prot, &mut holes)? };
     Ok((mem, holes))
 }
 
@@ -164,10 +208,21 @@ pub fn remap(
                 hole: r.hole,
             })
             .collect();
+        let mut holes = Vec::new();
         // SAFETY: `mem` is the reservation made by map_frames for these
         // frames; the guest is paused and castor holds no reference into
         // the changed pages.
-        unsafe { map_runs(fm, domid, mem.as_ptr(), new, &runs, libc::PROT_READ)? };
+        unsafe {
+            map_runs(
+                fm,
+                domid,
+                mem.as_ptr(),
+                new,
+                &runs,
+                libc::PROT_READ,
+                &mut holes,
+            )?
+        };
         changed += i - start;
     }
     Ok(changed)
@@ -200,9 +255,10 @@ pub fn read_pv_p2m(fm: &Foreign, domid: u32, shinfo: &[u8]) -> Result<PvP2m> {
         batch::p2m_shape(pfns, 8).map_err(|e| bad(format!("p2m of max_pfn {pfns}: {e}")))?;
     let read = |frames: &[u64], n: u64, what: &'static str| -> Result<Vec<u64>> {
         let (m, holes) = map_frames(fm, domid, frames, u64::MAX, libc::PROT_READ)?;
-        if holes != 0 {
+        if !holes.is_empty() {
             return Err(bad(format!(
-                "{holes} of the {what} pages could not be mapped"
+                "{} of the {what} pages could not be mapped",
+                holes.iter().map(|h| h.len()).sum::<usize>()
             )));
         }
         // SAFETY: a private read-only mapping of p2m metadata; the guest is

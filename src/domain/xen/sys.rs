@@ -219,7 +219,11 @@ impl Xc {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        let off = self.shadow_op(domid, ffi::XEN_DOMCTL_SHADOW_OP_OFF, "xc_shadow_control(OFF)");
+        let off = self.shadow_op(
+            domid,
+            ffi::XEN_DOMCTL_SHADOW_OP_OFF,
+            "xc_shadow_control(OFF)",
+        );
         let second = match off {
             Ok(()) => match self.shadow_op(domid, ON, "xc_shadow_control(ENABLE_LOGDIRTY)") {
                 Ok(()) => return Ok(()),
