@@ -80,6 +80,20 @@ pub fn complement(runs: &[Range<usize>], len: usize) -> Vec<Range<usize>> {
     out
 }
 
+/// Where the replicated layout ends: after the last page before the first
+/// run of at least `gap` hole pages that reaches the end of the physmap
+/// or is followed only by a few pages (an HVM/PVH physmap places its
+/// special pages, xenstore and console rings, just below 4 GiB, far above
+/// RAM). `holes` are sorted, disjoint ranges of `0..len`. Returns `len`
+/// when no such gap exists.
+pub fn layout_end(holes: &[Range<usize>], len: usize, gap: usize) -> usize {
+    holes
+        .iter()
+        .find(|h| h.len() >= gap)
+        .map(|h| h.start.max(1))
+        .unwrap_or(len)
+}
+
 /// Errors reading a PV guest's p2m.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum P2mError {
@@ -209,6 +223,17 @@ mod tests {
             vec![1..3, 5..6, 7..8]
         );
         assert!(failed_runs(&[0, 0]).is_empty());
+    }
+
+    #[test]
+    fn layout_ends_before_the_first_big_gap() {
+        // RAM 0..32768, a small hole inside RAM, special pages near the top.
+        let holes = [100..110, 32768..1_044_000, 1_044_010..1_044_480];
+        assert_eq!(layout_end(&holes, 1_044_480, 16384), 32768);
+        // No big gap: the whole physmap.
+        assert_eq!(layout_end(&holes[..1], 40000, 16384), 40000);
+        // Never an empty layout.
+        assert_eq!(layout_end(std::slice::from_ref(&(0..50000)), 50000, 16384), 1);
     }
 
     #[test]

@@ -21,6 +21,7 @@
 
 use std::sync::Arc;
 
+use super::batch;
 use super::config;
 use super::ffi;
 use super::map::{self, PvP2m};
@@ -135,6 +136,46 @@ fn config_text(spec: &XenSpec, info: &DomInfo) -> std::result::Result<String, Do
     })
 }
 
+/// HVM/PVH physmaps put special pages just below 4 GiB, far above RAM: the
+/// replicated layout stops at a gap of this many hole pages (64 MiB).
+const SPECIAL_GAP: usize = 16384;
+
+/// Maps the guest; holes are marked invalid in the returned frames so the
+/// initial copy skips them. For HVM, the layout ends before the big gap
+/// below the special pages (mapped twice: once to find the holes, once
+/// for the layout kept; privcmd mappings cannot be cut afterwards).
+fn map_guest(
+    fm: &Foreign,
+    domid: u32,
+    mut frames: Vec<u64>,
+    hvm: bool,
+) -> Result<(GuestMemory, Vec<u64>, usize)> {
+    let (mut mem, mut holes) = map::map_frames(fm, domid, &frames, u64::MAX, libc::PROT_READ)?;
+    if hvm {
+        let end = batch::layout_end(&holes, frames.len(), SPECIAL_GAP);
+        if end < frames.len() {
+            let dropped = frames.len()
+                - end
+                - holes
+                    .iter()
+                    .map(|h| h.end.min(frames.len()).saturating_sub(h.start.max(end)))
+                    .sum::<usize>();
+            eprintln!(
+                "castor: xen domain {domid}: replicating gfns 0..{end}; {dropped} special pages \
+                 above (xenstore/console rings) are not replicated"
+            );
+            drop(mem);
+            frames.truncate(end);
+            (mem, holes) = map::map_frames(fm, domid, &frames, u64::MAX, libc::PROT_READ)?;
+        }
+    }
+    for h in &holes {
+        frames[h.clone()].fill(u64::MAX);
+    }
+    let n = holes.iter().map(|h| h.len()).sum();
+    Ok((mem, frames, n))
+}
+
 impl XenDomain {
     pub fn open(spec: &XenSpec) -> std::result::Result<XenDomain, DomainError> {
         let xc = Xc::open()?;
@@ -205,14 +246,7 @@ impl XenDomain {
             } = map::read_pv_p2m(&fm, domid, unsafe { sh.as_slice() })?;
             (frames, table_frames, Some(sh))
         };
-        let (mem, holes) = map::map_frames(&fm, domid, &frames, u64::MAX, libc::PROT_READ)?;
-        // Holes read as zeros; marking them keeps them out of the initial
-        // copy (an HVM physmap reaches up to its special pages below 4 GiB).
-        let mut frames = frames;
-        for h in &holes {
-            frames[h.clone()].fill(u64::MAX);
-        }
-        let holes: usize = holes.iter().map(|h| h.len()).sum();
+        let (mem, frames, holes) = map_guest(&fm, domid, frames, info.hvm())?;
         let p2m_pfns = table
             .iter()
             .filter_map(|m| frames.iter().position(|f| f == m).map(|p| p as u64))
