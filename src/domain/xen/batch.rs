@@ -87,7 +87,15 @@ pub fn complement(runs: &[Range<usize>], len: usize) -> Vec<Range<usize>> {
 /// RAM). `holes` are sorted, disjoint ranges of `0..len`. Returns `len`
 /// when no such gap exists.
 pub fn layout_end(holes: &[Range<usize>], len: usize, gap: usize) -> usize {
-    holes
+    // Holes come per mapping batch: merge touching ranges first.
+    let mut merged: Vec<Range<usize>> = Vec::new();
+    for h in holes {
+        match merged.last_mut() {
+            Some(m) if m.end == h.start => m.end = h.end,
+            _ => merged.push(h.clone()),
+        }
+    }
+    merged
         .iter()
         .find(|h| h.len() >= gap)
         .map(|h| h.start.max(1))
@@ -230,6 +238,9 @@ mod tests {
         // RAM 0..32768, a small hole inside RAM, special pages near the top.
         let holes = [100..110, 32768..1_044_000, 1_044_010..1_044_480];
         assert_eq!(layout_end(&holes, 1_044_480, 16384), 32768);
+        // The same gap reported in batch-sized pieces.
+        let pieces: Vec<Range<usize>> = (32..1019).map(|b| b * 1024..(b + 1) * 1024).collect();
+        assert_eq!(layout_end(&pieces, 1_044_480, 16384), 32768);
         // No big gap: the whole physmap.
         assert_eq!(layout_end(&holes[..1], 40000, 16384), 40000);
         // Never an empty layout.
