@@ -443,11 +443,14 @@ fn read_meta_in(ver: &Path) -> Result<Meta, ReplicaError> {
 /// image is refused, never run.
 pub fn load(dir: &Path) -> Result<(Meta, crate::domain::GuestMemory, Vec<u8>), ReplicaError> {
     let (meta, _) = verify(dir)?;
-    let mp = dir.join("memory.img");
-    let sp = dir.join("state.bin");
+    // The files of the version `current` names (verify followed it too; no
+    // save runs while a stopped backup's replica is being activated).
+    let ver = version_dir(dir)?;
+    let mp = ver.join("memory.img");
+    let sp = ver.join("state.bin");
     let state = fs::read(&sp).map_err(io_err("reading", &sp))?;
     let bad = |reason: String| ReplicaError::Invalid {
-        path: dir.to_path_buf(),
+        path: ver.clone(),
         reason,
     };
     let len = usize::try_from(meta.memory_bytes).map_err(|_| {
