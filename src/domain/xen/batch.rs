@@ -244,7 +244,10 @@ mod tests {
         // No big gap: the whole physmap.
         assert_eq!(layout_end(&holes[..1], 40000, 16384), 40000);
         // Never an empty layout.
-        assert_eq!(layout_end(std::slice::from_ref(&(0..50000)), 50000, 16384), 1);
+        assert_eq!(
+            layout_end(std::slice::from_ref(&(0..50000)), 50000, 16384),
+            1
+        );
     }
 
     #[test]
