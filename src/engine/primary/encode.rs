@@ -34,7 +34,8 @@ unsafe impl Send for ShadowPtr {}
 pub(super) struct MemPtr(pub *const u8);
 // SAFETY: guest memory outlives the encoders (joined before the domain is
 // returned); seed reads race with guest writes by design, and every page
-// written during the seed is dirty and re-sent in epoch 1.
+// written during the seed is dirty and re-sent in epoch 1 (the seed's last
+// round is read before epoch 1 ends: see `seed`).
 unsafe impl Send for MemPtr {}
 
 /// Pages are dealt to encoders in stripes of 2^STRIPE_SHIFT pages (256 KiB),

@@ -17,6 +17,11 @@
 //! - A round travels as units of at most [`SEED_UNIT_PAGES`] pages, at most
 //!   [`SEED_AHEAD`] ahead of the sink: a 1 GiB first pass is not encoded
 //!   whole into memory before its first byte is sent.
+//! - Every round, the last included, is read out of live memory (encoded
+//!   and handed to the sink) before the seed returns, hence before epoch 1
+//!   ends: a page read after epoch 1's resume could carry epoch 2's writes,
+//!   and checkpoint 1 (epoch 1's dirty pages only) would not correct it, so
+//!   the backup's epoch 1 would not be the guest's.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,8 +39,8 @@ use crate::metrics::EpochRecord;
 use crate::transport::messages::EpochClass;
 
 impl Driver<'_> {
-    /// Sends the seed's rounds; returns once the last one is dispatched
-    /// (not yet acknowledged), with the first checkpoints' staging ready.
+    /// Sends the seed's rounds; returns once the last one is handed to the
+    /// sink (not yet acknowledged), with the first checkpoints' staging ready.
     pub(super) fn seed(&mut self) -> Result<(), PrimaryError> {
         let pages = self.domain.layout().pages;
         let mut present = Vec::new();
@@ -50,12 +55,14 @@ impl Driver<'_> {
         let mut round_start = Instant::now();
         loop {
             self.send_round(source, round == 0, last, pages)?;
-            if last {
-                return Ok(());
-            }
+            // The round's pages are read live by the encoders: wait until
+            // they are (see the module invariants), then harvest.
             let unit = self.unit;
             let g = self.shared.inflight.lock().unwrap();
             drop(self.shared.wait_while(g, |g| g.units_sent < unit)?);
+            if last {
+                return Ok(());
+            }
             if self.cfg.progress {
                 eprintln!(
                     "castor: initial copy round {round}: {} pages sent in {:.0} ms",
