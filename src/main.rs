@@ -8,7 +8,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
-use cli::{backup, bench, bench_transport, demo, digest, keygen, protect, serve_disk, status};
+use cli::{
+    backup, bench, bench_transport, demo, digest, keygen, protect, serve_disk, status, tune,
+};
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +71,10 @@ enum Cmd {
     /// Serve raw images over NBD without replication (baseline for the
     /// disk benchmark, or a saved replica disk) until SIGINT/SIGTERM.
     ServeDisk(serve_disk::ServeDiskArgs),
+    /// Sweep epoch lengths (fixed and `auto`), in-flight limits, compressors
+    /// and transports on loopback, rounds interleaved: DIR/tune.csv,
+    /// tune.json, hlog/*.hlog (HdrHistogram interval logs) and PNG plots.
+    Tune(tune::TuneArgs),
 }
 
 fn dispatch(cmd: Cmd) -> Result<ExitCode, String> {
@@ -82,6 +88,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode, String> {
         Cmd::Status(a) => status::run(a),
         Cmd::BenchTransport(a) => bench_transport::run(a),
         Cmd::ServeDisk(a) => serve_disk::run(a),
+        Cmd::Tune(a) => tune::run(a),
     }
 }
 

@@ -89,6 +89,13 @@ pub struct Metrics {
     pub throttle: Histogram<u64>,
     /// Epochs per compressor used: none, lz4, zstd.
     pub compressor_epochs: [u64; 3],
+    /// Epoch length as run: pause start to the next pause start, µs (the
+    /// `closed_at_ns` of consecutive checkpoints).
+    pub epoch_len: Histogram<u64>,
+    /// `closed_at_ns` of the last record added (0: none yet).
+    last_closed_ns: u64,
+    /// Checkpoint latency of the last record added, µs.
+    last_latency_us: u64,
     pub epochs: u64,
     pub acked_epoch: u64,
     pub extended_epochs: u64,
@@ -128,6 +135,9 @@ impl Metrics {
             dirty: hist(),
             throttle: hist(),
             compressor_epochs: [0; 3],
+            epoch_len: hist(),
+            last_closed_ns: 0,
+            last_latency_us: 0,
             epochs: 0,
             acked_epoch: 0,
             extended_epochs: 0,
@@ -146,6 +156,11 @@ impl Metrics {
             records: Vec::new(),
             keep_records,
         }
+    }
+
+    /// The latest checkpoint latency (pause start to ack), if any.
+    pub fn last_latency(&self) -> Option<Duration> {
+        (self.epochs > 0).then(|| Duration::from_micros(self.last_latency_us))
     }
 
     pub fn add(&mut self, r: &EpochRecord) {
@@ -167,6 +182,14 @@ impl Metrics {
             "zstd" => self.compressor_epochs[2] += 1,
             _ => {}
         }
+        if self.last_closed_ns > 0 && r.closed_at_ns > self.last_closed_ns {
+            rec(
+                &mut self.epoch_len,
+                (r.closed_at_ns - self.last_closed_ns) / 1000,
+            );
+        }
+        self.last_closed_ns = r.closed_at_ns;
+        self.last_latency_us = r.latency_us;
         self.epochs += 1;
         self.acked_epoch = self.acked_epoch.max(r.epoch);
         if r.extension_us > 0 {
@@ -210,7 +233,10 @@ pub struct Cpu {
 pub struct Summary {
     pub domain: String,
     pub transport: String,
+    /// Fixed: the epoch length; auto: the first epoch's (see `epoch_len_us`).
     pub epoch_ms: f64,
+    /// `--epoch` as given, canonical: `25ms` or `auto:target=...`.
+    pub epoch_policy: String,
     pub max_inflight: usize,
     pub workers: usize,
     pub duration_s: f64,
@@ -240,6 +266,8 @@ pub struct Summary {
     pub encode_us: Pct,
     pub send_us: Pct,
     pub checkpoint_latency_us: Pct,
+    /// Epoch lengths as run (what `--epoch auto` chose, plus any extension).
+    pub epoch_len_us: Pct,
     pub extended_epochs: u64,
     pub extension_us_total: u64,
     /// Share of guest time taken by throttling, per epoch (percent).
@@ -311,6 +339,7 @@ impl Summary {
             encode_us: Pct::of(&m.encode),
             send_us: Pct::of(&m.send),
             checkpoint_latency_us: Pct::of(&m.latency),
+            epoch_len_us: Pct::of(&m.epoch_len),
             extended_epochs: m.extended_epochs,
             extension_us_total: m.extension_us,
             throttle_pct: Pct::of(&m.throttle),
@@ -380,6 +409,7 @@ mod tests {
                 pause_us: i * 10,
                 raw_bytes: 40960,
                 wire_bytes: 4096,
+                closed_at_ns: i * 20_000_000,
                 ..Default::default()
             });
         }
@@ -391,5 +421,9 @@ mod tests {
         assert!(s.pause_us.p99 >= 980 && s.pause_us.max >= 1000);
         assert!((s.wire_ratio - 0.1).abs() < 1e-9);
         assert_eq!(s.per_epoch.len(), 100);
+        // 20 ms between consecutive pauses, to the histogram's 3 digits.
+        for v in [s.epoch_len_us.p50, s.epoch_len_us.max] {
+            assert!((19_980..=20_020).contains(&v), "{:?}", s.epoch_len_us);
+        }
     }
 }

@@ -30,8 +30,8 @@ pub fn print_table(s: &Summary) {
     let pct = |p: &Pct| format!("{:>8} {:>8} {:>8}", p.p50, p.p99, p.max);
     println!("domain            {}", s.domain);
     println!(
-        "transport         {}, epoch {} ms, max in flight {}, {} encode workers",
-        s.transport, s.epoch_ms, s.max_inflight, s.workers
+        "transport         {}, epoch {}, max in flight {}, {} encode workers",
+        s.transport, s.epoch_policy, s.max_inflight, s.workers
     );
     println!(
         "run               {:.1} s, {} epochs, {:.1} epochs/s, {} extended ({} ms waiting for acks)",
@@ -47,6 +47,7 @@ pub fn print_table(s: &Summary) {
         crate::units::fmt_bytes(s.seed_wire_bytes)
     );
     println!("                       p50      p99      max");
+    println!("epoch length µs   {}", pct(&s.epoch_len_us));
     println!("dirty pages/epoch {}", pct(&s.dirty_pages_per_epoch));
     println!("pause µs          {}", pct(&s.pause_us));
     println!("  harvest µs      {}", pct(&s.harvest_us));

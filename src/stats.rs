@@ -51,4 +51,7 @@ pub struct OutqReport {
     pub sessions: u64,
     /// Output release delay (emit → release), µs.
     pub release_delay_us: Pct,
+    /// The same for output of epochs after the first (whose output waits
+    /// for the whole initial copy): the steady-state figure `tune` reports.
+    pub release_delay_steady_us: Pct,
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use castor::bench::hlog;
 use castor::bench::loopback::{self, LoopbackOpts};
 use castor::report;
 use castor::units;
@@ -27,6 +28,10 @@ pub struct BenchArgs {
     /// Include every epoch's record in the JSON report.
     #[arg(long)]
     per_epoch: bool,
+    /// Write pause and checkpoint latency as an HdrHistogram interval log
+    /// (`.hlog`, one interval per second) to FILE.
+    #[arg(long)]
+    hlog: Option<PathBuf>,
     /// Print a progress line every second.
     #[arg(long)]
     progress: bool,
@@ -42,7 +47,7 @@ pub struct BenchArgs {
 }
 
 /// `--addr`, else $CASTOR_BENCH_ADDR, else loopback.
-fn bench_ip(flag: Option<IpAddr>) -> Result<IpAddr, String> {
+pub fn bench_ip(flag: Option<IpAddr>) -> Result<IpAddr, String> {
     if let Some(ip) = flag {
         return Ok(ip);
     }
@@ -63,7 +68,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     let mut cfg = a.engine.config();
     cfg.duration = Some(a.duration);
     cfg.progress = a.progress;
-    cfg.keep_records = a.per_epoch;
+    cfg.keep_records = a.per_epoch || a.hlog.is_some();
     cfg.keep_dirty_lists = 20;
     castor::engine::install_stop_handler();
     let s = loopback::loopback(
@@ -79,6 +84,20 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     )
     .map_err(|e| e.to_string())?;
     report::print_table(&s);
+    let mut s = s;
+    if let Some(p) = &a.hlog {
+        let base = s.per_epoch.first().map_or(0, |r| r.closed_at_ns);
+        hlog::write(
+            p,
+            &s.per_epoch,
+            base,
+            &format!("castor bench on {}", s.domain),
+        )
+        .map_err(|e| e.to_string())?;
+        if !a.per_epoch {
+            s.per_epoch.clear();
+        }
+    }
     if let Some(p) = a.json {
         report::write_json(&p, &s).map_err(|e| e.to_string())?;
     }

@@ -62,9 +62,9 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
     cfg.keep_dirty_lists = 20;
     castor::engine::install_stop_handler();
     eprintln!(
-        "castor demo: protecting {spec} for {} with {} ms epochs; backup on loopback (Ctrl-C stops cleanly)",
+        "castor demo: protecting {spec} for {} with epochs of {}; backup on loopback (Ctrl-C stops cleanly)",
         humantime::format_duration(a.duration),
-        a.engine.epoch.as_millis()
+        a.engine.epoch
     );
     let s = loopback::loopback(
         &spec,
@@ -94,14 +94,15 @@ fn failover(a: &DemoArgs, spec: &castor::domain::DomainSpec) -> Result<ExitCode,
         ));
     };
     eprintln!(
-        "castor demo: protecting {spec} with {} ms epochs, a backup on loopback, and a client; \
+        "castor demo: protecting {spec} with epochs of {}, a backup on loopback, and a client; \
          the primary is killed after {} (--no-failover: replication only)",
-        a.engine.epoch.as_millis(),
+        a.engine.epoch,
         humantime::format_duration(a.before)
     );
     let o = FailoverOpts {
         domain: spec.to_string(),
-        epoch: a.engine.epoch,
+        // The failover demo's processes run fixed epochs (auto: its first).
+        epoch: a.engine.epoch.initial(),
         before: a.before,
         after: a.after,
         metrics: a.metrics.metrics.clone(),

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use castor::engine::epoch_control::EpochPolicy;
 use castor::engine::primary::PrimaryConfig;
 use castor::transport::TransportKind;
 use castor::units;
@@ -12,9 +13,13 @@ use super::parse::{parse_compress, parse_cores, CompressArg, CoreList};
 
 #[derive(Args, Clone)]
 pub struct EngineArgs {
-    /// Epoch length: how long the guest runs between checkpoints.
-    #[arg(long, default_value = "25ms", value_parser = units::parse_duration)]
-    pub epoch: Duration,
+    /// Epoch length: how long the guest runs between checkpoints, or `auto`
+    /// to choose each epoch from the measured pause, checkpoint latency and
+    /// guest output: auto[:target=20ms,min=5ms,max=100ms,overhead=0.05]
+    /// (target: output release delay to aim at; overhead: largest share of
+    /// time in pauses). See docs/tuning.md.
+    #[arg(long, default_value = "25ms", value_parser = parse_epoch)]
+    pub epoch: EpochPolicy,
     /// Checkpoints allowed in flight before the next epoch is extended.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub inflight: u64,
@@ -63,12 +68,16 @@ pub struct EngineArgs {
     pub transport: TransportKind,
 }
 
+/// `--epoch 25ms` or `--epoch auto[:...]`.
+pub fn parse_epoch(s: &str) -> Result<EpochPolicy, String> {
+    EpochPolicy::parse(s).map_err(|e| e.to_string())
+}
+
 impl EngineArgs {
     /// The primary's configuration from these flags (warns about
     /// `--no-output-commit`).
     pub fn config(&self) -> PrimaryConfig {
         let mut c = PrimaryConfig {
-            epoch: self.epoch,
             max_inflight: self.inflight as usize,
             pin: !self.no_pin,
             cores: self.cores.as_ref().map(|c| c.0.clone()),
@@ -87,6 +96,7 @@ impl EngineArgs {
                  backup never made (a step back in time). Use it only for experiments."
             );
         }
+        c.set_epoch_policy(self.epoch);
         if let Some(w) = self.workers {
             c.workers = w as usize;
         }

@@ -19,9 +19,10 @@ pub mod keygen;
 pub mod protect;
 pub mod serve_disk;
 pub mod status;
+pub mod tune;
 
 mod arbiter;
-mod engine_args;
+pub mod engine_args;
 mod keys;
 mod nfqueue;
 mod ops;

@@ -15,6 +15,7 @@ pub mod backup;
 pub mod codec_choice;
 mod copy;
 pub mod dial;
+pub mod epoch_control;
 pub mod live;
 pub mod primary;
 pub mod protect;

@@ -149,6 +149,9 @@ struct Tags {
     /// Items emitted after the thread ended.
     late: AtomicU64,
     next_dest: AtomicU64,
+    /// Items handed to the queue so far (for the adaptive epoch: did the
+    /// guest produce output during the epoch just ended?).
+    emitted: AtomicU64,
 }
 
 /// A producer's end: cloneable, cheap, bound to one destination.
@@ -173,6 +176,7 @@ impl OutputHandle {
             at: Instant::now(),
             frame: frame.to_vec(),
         };
+        self.tags.emitted.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(Msg::Item(item)).is_err() {
             // The queue is gone: the item is dropped, never released.
             self.tags.late.fetch_add(1, Ordering::Relaxed);
@@ -204,6 +208,7 @@ impl OutputQueue {
             session: AtomicU64::new(u64::from(mode == Mode::Commit)),
             late: AtomicU64::new(0),
             next_dest: AtomicU64::new(0),
+            emitted: AtomicU64::new(0),
         });
         let thread = std::thread::Builder::new()
             .name("castor-outq".into())
@@ -237,6 +242,11 @@ impl OutputQueue {
     /// The epoch now running.
     pub fn epoch(&self) -> u64 {
         self.tags.current.load(Ordering::Acquire)
+    }
+
+    /// Items emitted by every producer so far.
+    pub fn emitted(&self) -> u64 {
+        self.tags.emitted.load(Ordering::Relaxed)
     }
 
     /// Starts epoch `n`: items produced from now on are tagged `n`.
@@ -355,6 +365,38 @@ impl Committer {
     }
 }
 
+/// Release delays, µs: of every item, and of items tagged after the first
+/// epoch (the first one also holds what the guest said during the seed,
+/// which waits for the whole initial copy).
+struct Delays {
+    all: Histogram<u64>,
+    steady: Histogram<u64>,
+}
+
+impl Default for Delays {
+    fn default() -> Self {
+        let h = || Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        Delays {
+            all: h(),
+            steady: h(),
+        }
+    }
+}
+
+impl Delays {
+    fn record(&mut self, epoch: u64, us: u64) {
+        let _ = self.all.record(us);
+        if epoch >= 2 {
+            let _ = self.steady.record(us);
+        }
+    }
+
+    fn report(&self, r: &mut OutqReport) {
+        r.release_delay_us = Pct::of(&self.all);
+        r.release_delay_steady_us = Pct::of(&self.steady);
+    }
+}
+
 fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
     let mut dests: Vec<Option<Box<dyn Egress>>> = Vec::new();
     let mut held: VecDeque<Item> = VecDeque::new();
@@ -367,21 +409,21 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
         sessions: session,
         ..OutqReport::default()
     };
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    let mut hist = Delays::default();
     let release = |it: Item,
                    dests: &mut Vec<Option<Box<dyn Egress>>>,
                    r: &mut OutqReport,
-                   hist: &mut Histogram<u64>| {
+                   hist: &mut Delays| {
         if let Some(Some(d)) = dests.get_mut(it.dest) {
             d.release(&it.frame);
         }
         r.released += 1;
-        let _ = hist.record((it.at.elapsed().as_micros() as u64).max(1));
+        hist.record(it.epoch, (it.at.elapsed().as_micros() as u64).max(1));
     };
     let release_now = |it: Item,
                        dests: &mut Vec<Option<Box<dyn Egress>>>,
                        r: &mut OutqReport,
-                       hist: &mut Histogram<u64>| {
+                       hist: &mut Delays| {
         let dest = it.dest;
         release(it, dests, r, hist);
         if let Some(Some(d)) = dests.get_mut(dest) {
@@ -449,7 +491,7 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
                 } else {
                     session = 0;
                 }
-                r.release_delay_us = Pct::of(&hist);
+                hist.report(&mut r);
                 let _ = reply.send(r.clone());
             }
             Msg::Commit(s, n) => {
@@ -476,7 +518,7 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
                 r.dropped += discard_all(held.drain(..), &mut dests);
                 publish(&r, 0, &mut published);
                 r.committed = committed;
-                r.release_delay_us = Pct::of(&hist);
+                hist.report(&mut r);
                 let _ = reply.send(r);
                 return;
             }

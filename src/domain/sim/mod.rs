@@ -57,6 +57,8 @@ pub struct SimDomain {
     /// Epochs started: 0 before `start`, N while running or paused in epoch N.
     epoch: u64,
     running: bool,
+    /// The synthetic output source's queue handle (`out=`, `phase=`).
+    output: Option<crate::outq::OutputHandle>,
 }
 
 impl SimDomain {
@@ -76,6 +78,7 @@ impl SimDomain {
             disk: open_disk(spec, true)?,
             epoch: 0,
             running: false,
+            output: None,
         })
     }
 
@@ -117,6 +120,7 @@ impl SimDomain {
             disk: open_disk(spec, false)?,
             epoch,
             running: false,
+            output: None,
         })
     }
 
@@ -164,6 +168,7 @@ impl Domain for SimDomain {
             det,
             next,
             disk,
+            self.output.clone(),
         )?);
         if let Some(addr) = self.spec.counter {
             let p = match self.prepared.take() {
@@ -232,18 +237,34 @@ impl Domain for SimDomain {
             .collect()
     }
 
-    fn save_state(&mut self, out: &mut Vec<u8>) -> Result<(), DomainError> {
-        encode_state(&self.spec, self.epoch, out);
-        Ok(())
-    }
-
-    /// The counter service's replies go through `q` (output commit).
+    /// The synthetic output source (`out=N`: a 64-byte frame per N page
+    /// writes of each thread; `phase=`: per phase) emits into `q`, to a
+    /// destination that drops released frames: what is measured is the
+    /// queue's release delay. Workload threads emit only while running and
+    /// are parked during a pause, so the queue's epoch tags them exactly.
+    /// (Threads started before this call keep emitting nothing.)
     fn attach_output(&mut self, q: &crate::outq::OutputQueue) -> Result<(), DomainError> {
+        if self.spec.out > 0 || self.spec.phase_ms > 0 {
+            self.output = Some(q.handle(Box::new(NullEgress)));
+        }
+        // The counter service's replies go through `q` too.
         if let Some(addr) = self.spec.counter {
             self.prepared = Some(counter::Prepared::bind(addr, Some(q))?);
         }
         Ok(())
     }
+
+    fn save_state(&mut self, out: &mut Vec<u8>) -> Result<(), DomainError> {
+        encode_state(&self.spec, self.epoch, out);
+        Ok(())
+    }
+}
+
+/// Where the synthetic output goes once released: nowhere.
+struct NullEgress;
+
+impl crate::outq::Egress for NullEgress {
+    fn release(&mut self, _frame: &[u8]) {}
 }
 
 /// The saved-state record: magic `SIMST001`, epoch (u64 LE), canonical

@@ -39,6 +39,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::domain::{DomainError, GuestMemory};
+use crate::outq::OutputHandle;
 
 use super::workload::{self, Plan, Scratch, ThreadPlan};
 
@@ -126,7 +127,9 @@ impl Workers {
         deterministic: bool,
         first_epoch: u64,
         disk: Option<DiskWork>,
+        output: Option<OutputHandle>,
     ) -> Result<Self, DomainError> {
+        let t0 = Instant::now();
         let gate = Arc::new(Gate::default());
         gate.lock().epoch = first_epoch;
         let mut workers = Workers {
@@ -136,6 +139,12 @@ impl Workers {
         };
         for tp in plan.threads.iter().copied() {
             let (mem, plan, gate) = (mem.clone(), plan.clone(), workers.gate.clone());
+            let out = Output {
+                handle: output.clone(),
+                every: plan.out,
+                phase: plan.phase,
+                t0,
+            };
             let name = format!("castor-sim-{}", tp.index);
             let handle = std::thread::Builder::new()
                 .name(name.clone())
@@ -144,7 +153,7 @@ impl Workers {
                     if deterministic {
                         run_deterministic(&gate, &mem, &plan, &tp)
                     } else {
-                        run_timed(&gate, &mem, &plan, &tp)
+                        run_timed(&gate, &mem, &plan, &tp, out)
                     }
                 })
                 .map_err(|source| DomainError::Sys {
@@ -302,12 +311,67 @@ fn run_disk(gate: &Gate, d: &DiskWork, first_epoch: u64) {
     }
 }
 
-fn run_timed(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan) {
+/// The phases of a phased workload (`phase=`), in the order they cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// 1/20 of the rate, a frame per `out` writes: an idle server.
+    Quiet,
+    /// The full rate, no output: a batch computation.
+    WriteHeavy,
+    /// 1/10 of the rate, a frame per write: a chatty server.
+    OutputHeavy,
+}
+
+impl Phase {
+    /// The phase running `elapsed` after the start, phases `len` long.
+    pub fn at(elapsed: Duration, len: Duration) -> Phase {
+        let n = elapsed.as_nanos() / len.as_nanos().max(1);
+        [Phase::Quiet, Phase::WriteHeavy, Phase::OutputHeavy][(n % 3) as usize]
+    }
+
+    /// (page writes per second, page writes per output frame; 0: none).
+    /// An unpaced workload (rate 0) stays unpaced.
+    fn pace(self, rate: u64, out: u64) -> (u64, u64) {
+        let part = |d: u64| if rate == 0 { 0 } else { (rate / d).max(1) };
+        match self {
+            Phase::Quiet => (part(20), out.max(1)),
+            Phase::WriteHeavy => (rate, 0),
+            Phase::OutputHeavy => (part(10), 1),
+        }
+    }
+}
+
+/// A timed thread's synthetic output source and phase clock.
+struct Output {
+    handle: Option<OutputHandle>,
+    /// Page writes per frame outside phases (0: none).
+    every: u64,
+    phase: Option<Duration>,
+    /// When the workload started (phases count from here).
+    t0: Instant,
+}
+
+fn run_timed(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan, out: Output) {
     let mut scratch = Scratch::default();
     let mut bucket = Bucket::new(tp.rate);
     let mut duty = Duty::new();
     let mut unflushed = 0u64;
+    let mut every = out.every;
+    let mut phase = None;
+    // The rate the bucket paces to before throttling: the phase's, if any.
+    let mut base_rate = tp.rate;
+    let (mut writes, mut frames) = (0u64, 0u64);
     loop {
+        if let Some(len) = out.phase {
+            let now = Phase::at(out.t0.elapsed(), len);
+            if phase != Some(now) {
+                let (rate, per_frame) = now.pace(tp.rate, out.every);
+                base_rate = rate;
+                bucket = Bucket::throttled(rate, bucket.throttle);
+                every = per_frame;
+                phase = Some(now);
+            }
+        }
         if gate.flags.load(Ordering::Acquire) != 0 {
             gate.progress.fetch_add(unflushed, Ordering::Relaxed);
             unflushed = 0;
@@ -325,10 +389,10 @@ fn run_timed(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan) {
             continue;
         }
         let throttle = gate.throttle.load(Ordering::Relaxed);
-        if tp.rate > 0 && throttle != bucket.throttle {
-            bucket = Bucket::throttled(tp.rate, throttle);
+        if base_rate > 0 && throttle != bucket.throttle {
+            bucket = Bucket::throttled(base_rate, throttle);
         }
-        let wait = match tp.rate {
+        let wait = match base_rate {
             0 => duty.take(throttle),
             _ => bucket.take(),
         };
@@ -345,6 +409,19 @@ fn run_timed(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan) {
         if unflushed == 64 {
             gate.progress.fetch_add(unflushed, Ordering::Relaxed);
             unflushed = 0;
+        }
+        writes += 1;
+        if let Some(h) = out
+            .handle
+            .as_ref()
+            .filter(|_| every > 0 && writes % every == 0)
+        {
+            frames += 1;
+            let mut frame = [0u8; 64];
+            frame[..8].copy_from_slice(&(tp.index as u64).to_le_bytes());
+            frame[8..16].copy_from_slice(&frames.to_le_bytes());
+            // Parked during a pause, so the running epoch tags it exactly.
+            h.emit_now(&frame);
         }
     }
 }
@@ -527,6 +604,25 @@ mod tests {
             .expect("a sleep after the slice");
         // 75 %: three slices of sleep per slice of work (>= 2 ms worked).
         assert!(sleep >= Duration::from_millis(6), "{sleep:?}");
+    }
+
+    #[test]
+    fn phases_cycle_quiet_write_heavy_output_heavy() {
+        let len = Duration::from_millis(100);
+        let at = |ms| Phase::at(Duration::from_millis(ms), len);
+        assert_eq!(
+            [at(0), at(150), at(250), at(300), at(499)],
+            [
+                Phase::Quiet,
+                Phase::WriteHeavy,
+                Phase::OutputHeavy,
+                Phase::Quiet,
+                Phase::WriteHeavy
+            ]
+        );
+        assert_eq!(Phase::WriteHeavy.pace(50_000, 10), (50_000, 0));
+        assert_eq!(Phase::Quiet.pace(50_000, 10), (2_500, 10));
+        assert_eq!(Phase::OutputHeavy.pace(50_000, 10), (5_000, 1));
     }
 
     #[test]

@@ -128,6 +128,13 @@ pub struct SimSpec {
     pub counter: Option<std::net::SocketAddr>,
     /// Optional disk workload (see `super::disk`).
     pub disk: Option<SimDisk>,
+    /// Synthetic output: one frame per this many page writes of a thread,
+    /// through the output queue (0: no output; timed mode only).
+    pub out: u64,
+    /// Phased pacing (timed mode): the workload cycles through quiet,
+    /// write-heavy and output-heavy phases of this many ms each (0: off).
+    /// See `runner::Phase`.
+    pub phase_ms: u64,
 }
 
 /// `disk=PATH,disk_size=S,disk_writes=N`: an image at PATH of S bytes,
@@ -155,13 +162,15 @@ impl Default for SimSpec {
             edit: DEFAULT_EDIT,
             counter: None,
             disk: None,
+            out: 0,
+            phase_ms: 0,
         }
     }
 }
 
 const KEYS: &str =
     "mem, workload, rate, writes, seed, threads, fill, hot, edit, counter, disk, disk_size, \
-                    disk_writes";
+                    disk_writes, out, phase";
 
 impl SimSpec {
     /// Parses `key=value,...`; the empty string gives all defaults.
@@ -243,6 +252,17 @@ impl SimSpec {
                             .ok_or_else(|| bad("4 KiB disk writes per epoch, an integer"))?,
                     )
                 }
+                "out" => {
+                    s.out = parse_u64(value)
+                        .ok_or_else(|| bad("page writes per output frame, an integer (0 = none)"))?
+                }
+                "phase" => {
+                    s.phase_ms = humantime::parse_duration(value)
+                        .ok()
+                        .map(|d| d.as_millis() as u64)
+                        .filter(|ms| *ms > 0)
+                        .ok_or_else(|| bad("a phase length like 1s or 500ms"))?
+                }
                 _ => {
                     return Err(err(format!(
                         "unknown key {key:?} in {key}={value} (keys: {KEYS})"
@@ -256,6 +276,11 @@ impl SimSpec {
                     "rate and writes exclude each other: rate paces the timed \
                                 mode, writes selects the deterministic mode"
                         .to_string(),
+                ))
+            }
+            (_, Some(_)) if s.out > 0 || s.phase_ms > 0 => {
+                return Err(err(
+                    "out and phase need the timed mode (rate=), not writes=".to_string(),
                 ))
             }
             (_, Some(writes)) => Pace::Deterministic { writes },
@@ -349,6 +374,12 @@ impl fmt::Display for SimSpec {
                 FmtSize(d.size),
                 d.writes
             )?;
+        }
+        if self.out > 0 {
+            write!(f, ",out={}", self.out)?;
+        }
+        if self.phase_ms > 0 {
+            write!(f, ",phase={}ms", self.phase_ms)?;
         }
         Ok(())
     }
@@ -458,6 +489,7 @@ mod tests {
             "mem=4096k,workload=mixed,rate=0,threads=3,fill=0.3333333333333333",
             "mem=20480,workload=zero,writes=7,seed=18446744073709551615,hot=1,edit=4096",
             "workload=incompressible,fill=0,hot=1e-3",
+            "workload=edits,rate=50000,out=10,phase=1500ms",
         ] {
             let s = SimSpec::parse(kv).unwrap();
             let text = s.to_string();
@@ -484,6 +516,9 @@ mod tests {
             ("edit=0", "edit=0"),
             ("edit=4097", "edit=4097"),
             ("rate=fast", "rate=fast"),
+            ("out=x", "out=x"),
+            ("phase=0s", "phase=0s"),
+            ("writes=5,out=3", "timed mode"),
             ("seed=-1", "seed=-1"),
             ("colour=red", "unknown key \"colour\""),
             ("mem", "not key=value"),

@@ -31,6 +31,10 @@ pub struct Plan {
     pub kind: WorkloadKind,
     pub edit: usize,
     pub threads: Vec<ThreadPlan>,
+    /// Page writes per output frame of a thread (0: no output).
+    pub out: u64,
+    /// Phase length of a phased workload.
+    pub phase: Option<std::time::Duration>,
 }
 
 /// One thread's share of the work.
@@ -78,6 +82,8 @@ impl Plan {
             kind: spec.workload,
             edit: spec.edit as usize,
             threads,
+            out: spec.out,
+            phase: (spec.phase_ms > 0).then(|| std::time::Duration::from_millis(spec.phase_ms)),
         }
     }
 }

@@ -14,6 +14,10 @@ use crate::ha::lease::LeaseGate;
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
     pub epoch: Duration,
+    /// `--epoch auto`: each epoch's length is chosen by an
+    /// `EpochController` with these parameters (`epoch` is then unused);
+    /// `None`: every epoch is `epoch` long.
+    pub epoch_auto: Option<crate::engine::epoch_control::AutoParams>,
     /// K: checkpoints allowed in flight (sent, not acknowledged).
     pub max_inflight: usize,
     /// Encode workers, each owning a shard of the page range.
@@ -76,6 +80,7 @@ impl Default for PrimaryConfig {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         PrimaryConfig {
             epoch: Duration::from_millis(25),
+            epoch_auto: None,
             max_inflight: 2,
             workers: cores.clamp(1, 8),
             copy_threads: cores.clamp(1, 4),
@@ -111,6 +116,24 @@ impl PrimaryConfig {
         } else {
             CodecChoice::new(&[self.compressor], self.workers)
         }
+    }
+
+    /// How each epoch's length is chosen.
+    pub fn epoch_policy(&self) -> crate::engine::epoch_control::EpochPolicy {
+        use crate::engine::epoch_control::EpochPolicy;
+        self.epoch_auto
+            .map_or(EpochPolicy::Fixed(self.epoch), EpochPolicy::Auto)
+    }
+
+    /// Sets the epoch policy: a fixed length, or `auto` (its first length
+    /// goes in `epoch`).
+    pub fn set_epoch_policy(&mut self, p: crate::engine::epoch_control::EpochPolicy) {
+        use crate::engine::epoch_control::EpochPolicy;
+        self.epoch = p.initial();
+        self.epoch_auto = match p {
+            EpochPolicy::Fixed(_) => None,
+            EpochPolicy::Auto(a) => Some(a),
+        };
     }
 
     /// The gate every lease decision of a session consults (the lease

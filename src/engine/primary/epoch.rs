@@ -28,6 +28,7 @@ use super::{PrimaryConfig, PrimaryError};
 use crate::domain::Domain;
 use crate::engine::codec_choice;
 use crate::engine::copy::CopyPool;
+use crate::engine::epoch_control::Observation;
 use crate::engine::shadow::PageBuf;
 use crate::engine::throttle::{Lag, Throttle};
 use crate::ha::lease::Verdict;
@@ -95,7 +96,8 @@ impl Driver<'_> {
         let start = Instant::now();
         let mut cap = Capture::default();
         let mut recent = RecentDirty::new(self.cfg.keep_dirty_lists);
-        let mut pacer = Pacer::start(self.cfg.epoch);
+        let mut pacer = Pacer::start(self.cfg.epoch_policy());
+        let mut emitted = self.outq.emitted();
         let mut epoch = 0u64;
         loop {
             epoch += 1;
@@ -122,6 +124,15 @@ impl Driver<'_> {
             rec.extension_us = pacing::extension_us(ext + ready);
 
             let (pause_start, staging) = self.pause(epoch, final_epoch, &mut cap, &mut rec)?;
+            // What the epoch controller sees: this pause, the output the
+            // guest produced in the epoch it ended, the latest latency.
+            let now_emitted = self.outq.emitted();
+            let seen = Observation {
+                pause: Duration::from_micros(rec.pause_us),
+                output_frames: now_emitted - emitted,
+                latency: self.shared.metrics.lock().unwrap().last_latency(),
+            };
+            emitted = now_emitted;
             recent.push(&cap.gfns);
             let dirty = cap.gfns.len() as u64;
             let compressor = self.shared.codec.lock().unwrap().choose();
@@ -151,7 +162,7 @@ impl Driver<'_> {
                 self.pipe.finish(epoch);
                 break;
             }
-            pacer.next_epoch();
+            pacer.next_epoch(&seen);
         }
         self.wait_final_ack(epoch)?;
         Ok((epoch, cap.state, recent.into_lists()))

@@ -7,8 +7,10 @@
 //! in-flight slot (at most K checkpoints unacknowledged at pause time),
 //! recorded as the epoch's extension. Wave 2 lands here: throttling the
 //! guest when it dirties faster than the pipeline ships (a verdict of
-//! [`Pacer::wait_for_pause`]), and an adaptive epoch length
-//! ([`Pacer::next_epoch`] is the one place the length is decided).
+//! [`Pacer::wait_for_pause`]), and the epoch length: [`Pacer::next_epoch`]
+//! is the one place it is decided, by an
+//! [`EpochController`](crate::engine::epoch_control::EpochController)
+//! (fixed `--epoch`, or `--epoch auto`).
 //!
 //! Invariants:
 //! - A pause starts only once the epoch's deadline passed (or a stop was
@@ -22,22 +24,24 @@ use std::time::{Duration, Instant};
 
 use super::shared::{Inflight, Shared};
 use super::PrimaryError;
+use crate::engine::epoch_control::{EpochController, EpochPolicy, Observation};
 
 /// Extensions shorter than this are scheduling noise, recorded as none.
 const EXTENSION_NOISE: Duration = Duration::from_micros(200);
 
 /// The epoch clock of one session's checkpoints.
 pub(super) struct Pacer {
-    len: Duration,
+    control: EpochController,
     deadline: Instant,
 }
 
 impl Pacer {
     /// Starts the first epoch now.
-    pub fn start(len: Duration) -> Self {
+    pub fn start(policy: EpochPolicy) -> Self {
+        let control = EpochController::new(policy);
         Pacer {
-            len,
-            deadline: Instant::now() + len,
+            deadline: Instant::now() + control.current(),
+            control,
         }
     }
 
@@ -79,10 +83,11 @@ impl Pacer {
         Ok((ext, at_deadline))
     }
 
-    /// The epoch length decision: the next deadline is one length after
-    /// this one, or now if that has passed.
-    pub fn next_epoch(&mut self) {
-        self.deadline += self.len;
+    /// The epoch length decision, from what the checkpoint just taken
+    /// measured: the next deadline is one length after this one, or now if
+    /// that has passed.
+    pub fn next_epoch(&mut self, seen: &Observation) {
+        self.deadline += self.control.next(seen);
         let now = Instant::now();
         if self.deadline < now {
             self.deadline = now;

@@ -333,6 +333,7 @@ fn finish(
     summary.domain = domain.describe();
     summary.transport = "tcp".into();
     summary.epoch_ms = cfg.epoch.as_secs_f64() * 1000.0;
+    summary.epoch_policy = cfg.epoch_policy().to_string();
     summary.max_inflight = cfg.max_inflight;
     summary.workers = workers;
     summary.output = Some(output.clone());
