@@ -72,6 +72,11 @@ pub struct BackupArgs {
     /// shorter than the primary's --backup-timeout).
     #[arg(long, default_value = "100ms", value_parser = units::parse_duration)]
     heartbeat_interval: Duration,
+    /// A connecting primary must complete the handshake within this;
+    /// strangers (port scans, health checks, wrong keys) are logged and
+    /// dropped while the backup keeps listening.
+    #[arg(long, default_value = "5s", value_parser = units::parse_duration)]
+    handshake_timeout: Duration,
     /// Second heartbeat path: also take authenticated UDP beacons from
     /// the primary (`protect --beacon`) on this address, ideally on
     /// another network than --listen. The primary is suspected only
@@ -206,6 +211,7 @@ fn backup_config(a: &BackupArgs, psk: &Psk) -> Result<BackupConfig, String> {
         heartbeat_timeout: a.heartbeat_timeout,
         heartbeat_interval: a.heartbeat_interval,
         ack_delay: a.test_ack_delay.unwrap_or_default(),
+        handshake_timeout: a.handshake_timeout,
         beacon,
     })
 }

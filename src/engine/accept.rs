@@ -38,7 +38,7 @@ use crate::transport::record::{write_record, RecordError, RecordKind, RecordRead
 use crate::PAGE_SIZE;
 
 /// Handshakes in progress at once; more connections are closed at once.
-pub const MAX_PENDING: usize = 16;
+pub const MAX_PENDING: usize = 64;
 /// Largest record a peer may send before it authenticated.
 pub const HANDSHAKE_MAX: usize = 4096;
 /// At most one log line per this long about dropped connections.

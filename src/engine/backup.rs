@@ -10,12 +10,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::digest::Digest;
+use crate::engine::accept::{Authenticated, Door, DoorConfig};
 use crate::engine::receiver::{Event, Receiver};
 use crate::engine::replica::{self, Meta, ReplicaError};
 use crate::ha::detector::{Liveness, Watchdog};
-use crate::transport::handshake::{self, HandshakeError, Psk};
+use crate::transport::handshake::{HandshakeError, Psk};
 use crate::transport::messages::Hello;
-use crate::transport::record::{send_record, RecordError, RecordKind, RecordReader};
+use crate::transport::record::{send_record, RecordError, RecordKind};
 use crate::transport::{select, RecordSource, TransportKind};
 use crate::PAGE_SIZE;
 
@@ -35,6 +36,8 @@ pub enum BackupError {
         #[source]
         source: crate::transport::select::SetupError,
     },
+    #[error("accepting a primary: {0}")]
+    Door(#[from] crate::engine::accept::AcceptError),
     #[error("allocating the replica: {0}")]
     Alloc(#[from] crate::domain::DomainError),
     #[error("saving the replica: {0}")]
@@ -57,6 +60,8 @@ pub struct BackupConfig {
     /// long after the epoch was committed, so a test can tell "output
     /// produced" from "ack sent" by a visible margin. Zero in real use.
     pub ack_delay: Duration,
+    /// A connecting primary must complete the handshake within this.
+    pub handshake_timeout: Duration,
     /// The second heartbeat path: beacons of the session's primary also
     /// count as signs of life (see [`crate::ha::beacon`]).
     pub beacon: Option<std::sync::Arc<crate::ha::beacon::Receiver>>,
@@ -75,6 +80,7 @@ impl BackupConfig {
             heartbeat_timeout: crate::ha::detector::DEFAULT_TIMEOUT,
             heartbeat_interval: Duration::from_millis(100),
             ack_delay: Duration::ZERO,
+            handshake_timeout: Duration::from_secs(5),
             beacon: None,
         }
     }
@@ -121,12 +127,15 @@ pub fn serve_with(
     cfg: &BackupConfig,
     transport: TransportKind,
 ) -> Result<BackupOutcome, BackupError> {
-    let Accepted {
-        peer,
-        hello,
-        writer,
-        mut reader,
-    } = accept(listener, cfg, transport)?;
+    let (
+        Accepted {
+            peer,
+            hello,
+            writer,
+            mut reader,
+        },
+        _door,
+    ) = accept(listener, cfg, transport)?;
     if !cfg.quiet {
         eprintln!(
             "castor backup: replicating {} ({} pages, {}) from {peer}",
@@ -196,44 +205,35 @@ struct Accepted {
     reader: Box<dyn RecordSource>,
 }
 
-/// Accepts one connection, runs the handshake (refusing a page size or a
-/// memory size this backup cannot hold) and sets up `transport` on it.
-/// Every read of the handshake has a 10 s deadline.
+/// Waits for a primary to authenticate through the backup's front door
+/// ([`crate::engine::accept::Door`]: strangers are logged and dropped, each
+/// handshake has a deadline) and sets up `transport` on its connection.
+/// The door stays open, refusing everyone else, while the session runs.
 fn accept(
     listener: &TcpListener,
     cfg: &BackupConfig,
     transport: TransportKind,
-) -> Result<Accepted, BackupError> {
-    let (stream, addr) = listener.accept().map_err(BackupError::Accept)?;
-    let peer = addr.to_string();
-    stream.set_nodelay(true).ok();
-    let mut writer = stream.try_clone().map_err(BackupError::Accept)?;
-    let mut reader = RecordReader::new(stream);
-    // Refuse to stall forever on a silent peer during the handshake.
-    reader
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok();
-    let max_mem = cfg.max_mem;
-    let hello = handshake::server(&mut reader, &mut writer, &cfg.psk, |h| {
-        if h.page_size as usize != PAGE_SIZE {
-            return Err(format!(
-                "page size {} unsupported (castor uses {PAGE_SIZE})",
-                h.page_size
-            ));
-        }
-        match h.pages.checked_mul(PAGE_SIZE as u64) {
-            Some(b) if h.pages > 0 && b <= max_mem => Ok(()),
-            _ => Err(format!(
-                "domain of {} pages exceeds this backup's --max-mem of {} bytes",
-                h.pages, max_mem
-            )),
-        }
-    })
-    .map_err(|source| BackupError::Handshake {
-        peer: peer.clone(),
-        source,
-    })?;
+) -> Result<(Accepted, Door), BackupError> {
+    let door = Door::open(
+        listener,
+        DoorConfig {
+            psk: cfg.psk.clone(),
+            max_mem: cfg.max_mem,
+            handshake_timeout: cfg.handshake_timeout,
+            quiet: cfg.quiet,
+        },
+    )?;
+    let Authenticated {
+        peer,
+        reader,
+        writer,
+        hello,
+    } = door.primary()?;
+    // A write that cannot go out for a heartbeat timeout means the primary
+    // is gone; the watchdog's shutdown also wakes a blocked write.
+    writer
+        .set_write_timeout(Some(cfg.heartbeat_timeout))
+        .map_err(BackupError::Accept)?;
     // Heartbeats, acks and credits share the writer.
     let writer = Arc::new(Mutex::new(writer));
     let reader: Box<dyn RecordSource> = match transport {
@@ -245,13 +245,15 @@ fn accept(
             }
         })?,
     };
-    reader.stream().set_read_timeout(None).ok();
-    Ok(Accepted {
-        peer,
-        hello,
-        writer,
-        reader,
-    })
+    Ok((
+        Accepted {
+            peer,
+            hello,
+            writer,
+            reader,
+        },
+        door,
+    ))
 }
 
 /// Acks sent `ack_delay` after their commit, in order (tests only).
@@ -422,7 +424,9 @@ fn receive(
             );
             break (false, msg);
         }
-        match rx.on_record(rec) {
+        // Processing (decoding, committing, acknowledging) is not silence.
+        let r = live.processing(|| rx.on_record(rec));
+        match r {
             Ok(Event::None) => {}
             Ok(Event::Committed(e)) => {
                 crate::ops::telemetry::with(|t| {
