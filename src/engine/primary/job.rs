@@ -80,7 +80,7 @@ pub(super) struct Meta {
 
 /// Messages to `castor-tx`.
 pub(super) enum TxMsg {
-    Meta(Meta),
+    Meta(Box<Meta>),
     Shard(ShardOut),
     /// No epoch after this one; send Close once it is out.
     Finish(u64),
@@ -98,7 +98,7 @@ impl Pipe<'_> {
     /// every encoder dropped its clone.
     pub fn dispatch(&self, meta: Meta) {
         let job = meta.job.clone();
-        let _ = self.tx.send(TxMsg::Meta(meta));
+        let _ = self.tx.send(TxMsg::Meta(Box::new(meta)));
         // The last encoder gets our own clone: once every encoder has reported,
         // the tx thread's is the only one left and it can reclaim the staging.
         if let Some((last, rest)) = self.jobs.split_last() {

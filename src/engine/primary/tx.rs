@@ -177,7 +177,7 @@ impl Tx {
         match msg {
             TxMsg::Meta(m) => {
                 let u = m.unit;
-                self.assembly(u).meta = Some(m);
+                self.assembly(u).meta = Some(*m);
             }
             TxMsg::Shard(s) => {
                 let e = self.assembly(s.unit);
