@@ -35,10 +35,11 @@ finish_backup() {
     echo $? >"$1/backup.rc"
     set -e
     exec 3<&-
-    [ -f /tmp/replica/meta.json ] || return 0
-    cp /tmp/replica/meta.json "$1/meta.json"
+    # The replica is a versioned directory behind the `current` symlink.
+    [ -f /tmp/replica/current/meta.json ] || return 0
+    cp /tmp/replica/current/meta.json "$1/meta.json"
     castor digest --replica /tmp/replica >"$1/replica.digest"
-    e=$(sed -n 's/.*"epoch": *\([0-9]*\).*/\1/p' /tmp/replica/meta.json)
+    e=$(sed -n 's/.*"epoch": *\([0-9]*\).*/\1/p' /tmp/replica/current/meta.json)
     castor digest --domain "$spec" --at-epoch "$e" >"$1/expected.digest"
 }
 

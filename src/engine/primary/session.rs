@@ -98,12 +98,17 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
             .spawn(move || tx_thread(sink, tx_recv, ends))
             .expect("spawning tx thread")
     };
+    // `ack_done` disconnects when the ack thread ends.
+    let (ack_alive, ack_done) = channel::<()>();
     let ack_handle = {
         let shared = shared.clone();
         let committer = outq.committer();
         std::thread::Builder::new()
             .name("castor-ack".into())
-            .spawn(move || ack_thread(reader, shared, committer))
+            .spawn(move || {
+                let _alive = ack_alive;
+                ack_thread(reader, shared, committer)
+            })
             .expect("spawning ack thread")
     };
     let mut watchers = Watchers::spawn(&shared, cfg, start);
@@ -132,6 +137,7 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
     disks.stop();
     watchers.stop();
     let result = self_fenced(result, &shared, &mut *domain);
+    let result = refused_after_all(result, &shared, &ack_done);
     watchers.join_watchdog();
     // The ack thread exits when the connection closes; do not wait for it.
     drop(ack_handle);
@@ -283,6 +289,28 @@ fn self_fenced(result: DriveResult, shared: &Shared, domain: &mut dyn Domain) ->
     }
 }
 
+/// How long a lost session waits for the backup's last words.
+const LAST_WORDS: Duration = Duration::from_millis(250);
+
+/// A backup that refuses (a transport mismatch, a stream it found corrupt)
+/// sends an Error record and closes; the primary's next write then fails
+/// with a reset that may win the race against the ack thread reading the
+/// refusal. A lost session therefore waits (at most [`LAST_WORDS`]: a
+/// partitioned link never ends the ack thread) for the ack thread to read
+/// what the backup sent before it hung up, and reports a refusal as one.
+fn refused_after_all(result: DriveResult, shared: &Shared, ack_done: &Receiver<()>) -> DriveResult {
+    match result {
+        Err(PrimaryError::BackupLost { .. }) => {
+            let _ = ack_done.recv_timeout(LAST_WORDS);
+            match shared.inflight.lock().unwrap().error() {
+                Some(e @ PrimaryError::Refused { .. }) => Err(e),
+                _ => result,
+            }
+        }
+        r => r,
+    }
+}
+
 /// Backup lost (or any failure): output not yet committed is dropped,
 /// never released. The guest stays paused until the caller decides (run
 /// unprotected, or self-fence).
@@ -356,4 +384,59 @@ fn finish(
         recent_dirty,
         output,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lost(shared: &Shared) -> DriveResult {
+        shared.fail("sending epoch 0: Connection reset by peer".into());
+        Err(shared.inflight.lock().unwrap().error().unwrap())
+    }
+
+    #[test]
+    fn a_refusal_read_after_the_reset_is_reported_as_the_refusal() {
+        let shared = Arc::new(Shared::new(&PrimaryConfig::default()));
+        let result = lost(&shared);
+        let (alive, done) = channel::<()>();
+        let ack = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let _alive = alive;
+                shared.refuse("backup reported: this backup runs --transport rdma".into());
+            })
+        };
+        match refused_after_all(result, &shared, &done) {
+            Err(PrimaryError::Refused { reason }) => {
+                assert!(reason.contains("--transport rdma"), "{reason}")
+            }
+            other => panic!("want the refusal, got {other:?}"),
+        }
+        ack.join().unwrap();
+    }
+
+    #[test]
+    fn a_plain_loss_stays_a_loss() {
+        let shared = Shared::new(&PrimaryConfig::default());
+        let result = lost(&shared);
+        let (alive, done) = channel::<()>();
+        drop(alive);
+        match refused_after_all(result, &shared, &done) {
+            Err(PrimaryError::BackupLost { reason, .. }) => assert!(reason.contains("reset")),
+            other => panic!("want the loss, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_later_plain_failure_does_not_hide_a_refusal() {
+        let shared = Shared::new(&PrimaryConfig::default());
+        shared.refuse("backup reported: corrupt record".into());
+        shared.fail("backup closed the connection".into());
+        let e = shared.inflight.lock().unwrap().error();
+        assert!(
+            matches!(e, Some(PrimaryError::Refused { ref reason }) if reason.contains("corrupt")),
+            "{e:?}"
+        );
+    }
 }

@@ -150,10 +150,13 @@ impl Shared {
         self.cv.notify_all();
     }
 
-    /// The backup reported an error: the session fails as refused.
+    /// The backup reported an error: the session fails as refused. The
+    /// backup's own reason wins over an earlier plain failure: a backup
+    /// that refuses and hangs up makes the primary's next write fail with
+    /// a reset, which may be seen before the refusal is read.
     pub fn refuse(&self, reason: String) {
         let mut g = self.inflight.lock().unwrap();
-        if g.broken.is_none() {
+        if !g.refused {
             g.broken = Some(reason);
             g.refused = true;
         }
