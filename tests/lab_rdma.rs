@@ -135,13 +135,12 @@ fn rdma_sigkill_of_primary_leaves_last_complete_epoch() {
         .collect();
     let out = tempfile::tempdir().unwrap();
     let spec = "sim:mem=32MiB,workload=incompressible,writes=3000,seed=5";
-    // Kill only once epoch 2 is acknowledged: a kill while the backup holds
-    // epoch 1 (right after the seed) leaves a replica that differs from the
-    // recomputed epoch 1 over tcp too, on the host as well (a bug outside
-    // the transport, reported; the lab's slow seed makes that window wide).
+    // Kill from the first acknowledged checkpoint on: the window right
+    // after the seed (the backup holds epoch 1) is the widest here, as the
+    // lab's seed is slow.
     let mut cmd = vec![
         "env",
-        "KILL_AFTER_ACKED=2",
+        "KILL_AFTER_ACKED=1",
         "tests/lab/rdma-pair.sh",
         "rdma",
         "rdma",
@@ -175,7 +174,7 @@ fn rdma_sigkill_of_primary_leaves_last_complete_epoch() {
         eprintln!(
             "trial {n}: killed {ms} ms after the first progress line; replica at epoch {epoch}"
         );
-        assert!(epoch >= 2, "trial {n}");
+        assert!(epoch >= 1, "trial {n}");
     }
 }
 
