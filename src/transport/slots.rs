@@ -83,6 +83,8 @@ pub enum SlotError {
     },
     #[error("empty credit")]
     EmptyCredit,
+    #[error("credit returns {chunks} chunks, but only {outstanding} are outstanding")]
+    ChunkCreditOverflow { chunks: u32, outstanding: u32 },
     #[error("chunk header carries sequence {got}, expected {want} (stream out of sync)")]
     ChunkSequence { got: u32, want: u32 },
     #[error(transparent)]
@@ -189,20 +191,25 @@ impl ChunkTag {
     }
 }
 
-/// Slots handed back by the backup: sequence numbers `first..first+count`.
+/// Slots handed back by the backup: sequence numbers `first..first+count`;
+/// and `chunks`, the chunks it took since its last credit (rdma: their
+/// RECVs are posted again; see [`ChunkBudget`]). A credit may carry chunks
+/// and no slots, never neither.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Credit {
     pub first: u64,
     pub count: u32,
+    pub chunks: u32,
 }
 
 impl Credit {
-    pub const LEN: usize = 12;
+    pub const LEN: usize = 16;
 
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
         b[0..8].copy_from_slice(&self.first.to_le_bytes());
         b[8..12].copy_from_slice(&self.count.to_le_bytes());
+        b[12..16].copy_from_slice(&self.chunks.to_le_bytes());
         b
     }
 
@@ -211,6 +218,7 @@ impl Credit {
         let v = Credit {
             first: c.u64()?,
             count: c.u32()?,
+            chunks: c.u32()?,
         };
         c.finish()?;
         Ok(v)
@@ -284,9 +292,14 @@ impl CreditWindow {
         self.pos += p.len as u64;
     }
 
+    /// The slot sequence the next placed byte lands in.
+    pub fn next_seq(&self) -> u64 {
+        self.pos / self.slot_size as u64
+    }
+
     /// Applies a credit from the wire.
     pub fn on_credit(&mut self, c: Credit) -> Result<(), SlotError> {
-        if c.count == 0 {
+        if c.count == 0 && c.chunks == 0 {
             return Err(SlotError::EmptyCredit);
         }
         if c.first < self.released {
@@ -316,6 +329,70 @@ impl CreditWindow {
     }
 }
 
+/// RECVs the backup keeps posted for chunks landing in a ring of `slots`
+/// slots (rdma: one RECV is consumed per chunk).
+pub fn recvs_for(slots: u32) -> u32 {
+    slots.saturating_mul(2)
+}
+
+/// The primary's count of chunks written and not yet returned by a
+/// credit, bounded by the RECVs the backup keeps posted (rdma consumes one
+/// RECV per chunk).
+///
+/// Why the bound suffices: the backup keeps [`recvs_for`]`(slots)` RECVs
+/// posted, reposts each as it takes its completion, and only then counts
+/// the chunk into its next credit ([`RingState::on_chunk_taken`]). So the
+/// chunks in flight, or landed and not yet taken, are at most the
+/// outstanding ones, and a primary that keeps those within the limit
+/// always finds a RECV posted: no RNR NAK, no reliance on RNR retries.
+/// The backup returns chunks without waiting for a slot to fill
+/// ([`RingState::take_credit`]), so many small chunks cannot deadlock a
+/// slot.
+#[derive(Debug, Clone)]
+pub struct ChunkBudget {
+    limit: u32,
+    outstanding: u32,
+}
+
+impl ChunkBudget {
+    pub fn new(limit: u32) -> Self {
+        ChunkBudget {
+            limit: limit.max(1),
+            outstanding: 0,
+        }
+    }
+
+    /// Another chunk may be written now.
+    pub fn has_room(&self) -> bool {
+        self.outstanding < self.limit
+    }
+
+    /// Chunks written and not yet returned.
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding
+    }
+
+    /// A chunk was written.
+    pub fn on_chunk(&mut self) {
+        self.outstanding += 1;
+    }
+
+    /// A credit from the wire returns `c.chunks` chunks; more than are
+    /// outstanding is a peer that broke the protocol.
+    pub fn on_credit(&mut self, c: Credit) -> Result<(), SlotError> {
+        match self.outstanding.checked_sub(c.chunks) {
+            Some(left) => {
+                self.outstanding = left;
+                Ok(())
+            }
+            None => Err(SlotError::ChunkCreditOverflow {
+                chunks: c.chunks,
+                outstanding: self.outstanding,
+            }),
+        }
+    }
+}
+
 /// The backup's side: what has landed in the ring, what the parser has
 /// consumed, what has been credited back.
 ///
@@ -329,6 +406,10 @@ pub struct RingState {
     write: u64,
     read: u64,
     credited: u64,
+    /// Chunks taken (their RECVs reposted) since the last credit.
+    chunks_taken: u32,
+    /// A credit goes back once this many chunks were taken.
+    chunk_credit_at: u32,
 }
 
 impl RingState {
@@ -339,6 +420,8 @@ impl RingState {
             write: 0,
             read: 0,
             credited: 0,
+            chunks_taken: 0,
+            chunk_credit_at: (recvs_for(a.slots) / 4).max(1),
         }
     }
 
@@ -431,17 +514,27 @@ impl RingState {
         self.read / self.slot_size as u64 - self.credited
     }
 
-    /// Slots now fully consumed and not yet credited back, as one credit.
+    /// A chunk's completion was taken and its RECV posted again (rdma).
+    pub fn on_chunk_taken(&mut self) {
+        self.chunks_taken += 1;
+    }
+
+    /// Slots now fully consumed and not yet credited back, with the chunks
+    /// taken since the last credit, as one credit: when a slot is done, or
+    /// when a quarter of the posted RECVs' worth of chunks were taken
+    /// (small chunks return before their slot fills).
     pub fn take_credit(&mut self) -> Option<Credit> {
         let done = self.read / self.slot_size as u64;
-        if done <= self.credited {
+        if done <= self.credited && self.chunks_taken < self.chunk_credit_at {
             return None;
         }
         let c = Credit {
             first: self.credited,
             count: (done - self.credited) as u32,
+            chunks: self.chunks_taken,
         };
         self.credited = done;
+        self.chunks_taken = 0;
         Some(c)
     }
 
@@ -456,6 +549,81 @@ impl RingState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn chunk_budget_counts_chunks_until_a_credit_returns_them() {
+        let mut b = ChunkBudget::new(4);
+        for _ in 0..4 {
+            assert!(b.has_room());
+            b.on_chunk();
+        }
+        assert!(!b.has_room(), "4 chunks outstanding with 4 RECVs posted");
+        let c = |chunks| Credit {
+            first: 0,
+            count: 0,
+            chunks,
+        };
+        b.on_credit(c(3)).unwrap();
+        assert_eq!(b.outstanding(), 1);
+        assert_eq!(
+            b.on_credit(c(2)),
+            Err(SlotError::ChunkCreditOverflow {
+                chunks: 2,
+                outstanding: 1
+            })
+        );
+        b.on_credit(c(1)).unwrap();
+        assert!(b.has_room());
+    }
+
+    /// A stream of tiny records (many chunks per slot) between a primary
+    /// that keeps its chunk budget and a backup that takes each chunk
+    /// (reposting its RECV), parses at its own pace and credits as
+    /// [`RingState::take_credit`] says: a RECV is always posted when a
+    /// chunk arrives, and nothing deadlocks inside a slot.
+    #[test]
+    fn small_chunks_never_outrun_the_posted_recvs() {
+        let ann = Announce::new(8, 1 << 20).unwrap();
+        let (mut w, mut r) = (CreditWindow::new(&ann), RingState::new(&ann));
+        let mut budget = ChunkBudget::new(recvs_for(ann.slots));
+        let mut posted = recvs_for(ann.slots);
+        let mut in_flight = std::collections::VecDeque::new();
+        let (mut sent, mut stalls) = (0u64, 0);
+        while sent < 8 << 20 {
+            let room = budget.has_room().then(|| w.place(100)).flatten();
+            if let Some(p) = room {
+                assert!(posted > 0, "chunk {sent} arrives with no RECV posted");
+                posted -= 1;
+                in_flight.push_back(p);
+                budget.on_chunk();
+                w.advance(&p);
+                sent += p.len as u64;
+                continue;
+            }
+            // The primary waits; the backup takes what arrived, parses it
+            // and credits.
+            stalls += 1;
+            assert!(
+                !in_flight.is_empty(),
+                "deadlock: nothing in flight, no room"
+            );
+            while let Some(p) = in_flight.pop_front() {
+                assert_eq!(r.on_chunk(p.tag.encode()).unwrap(), p);
+                r.on_landed(p.len);
+                posted += 1;
+                r.on_chunk_taken();
+            }
+            r.consume(r.available() as usize);
+            if let Some(c) = r.take_credit() {
+                w.on_credit(c).unwrap();
+                budget.on_credit(c).unwrap();
+            }
+        }
+        assert!(
+            stalls > 0,
+            "the budget never bound: the test proves nothing"
+        );
+    }
+
     use super::*;
     use proptest::prelude::*;
 
@@ -528,7 +696,14 @@ mod tests {
         assert!(w.place(1).is_none(), "33rd slot without a credit");
         r.consume(s + 10);
         let c = r.take_credit().unwrap();
-        assert_eq!(c, Credit { first: 0, count: 1 });
+        assert_eq!(
+            c,
+            Credit {
+                first: 0,
+                count: 1,
+                chunks: 0
+            }
+        );
         assert!(r.take_credit().is_none());
         w.on_credit(c).unwrap();
         let p = w.place(100).unwrap();
@@ -587,7 +762,11 @@ mod tests {
         let p = w.place(10).unwrap();
         w.advance(&p); // slots 0 and 1 complete, 2 partly written
         assert_eq!(
-            w.on_credit(Credit { first: 0, count: 3 }),
+            w.on_credit(Credit {
+                first: 0,
+                count: 3,
+                chunks: 0
+            }),
             Err(SlotError::CreditOverflow {
                 first: 0,
                 count: 3,
@@ -595,27 +774,45 @@ mod tests {
             })
         );
         assert_eq!(
-            w.on_credit(Credit { first: 0, count: 0 }),
+            w.on_credit(Credit {
+                first: 0,
+                count: 0,
+                chunks: 0
+            }),
             Err(SlotError::EmptyCredit)
         );
         assert_eq!(
-            w.on_credit(Credit { first: 1, count: 1 }),
+            w.on_credit(Credit {
+                first: 1,
+                count: 1,
+                chunks: 0
+            }),
             Err(SlotError::CreditGap { first: 1, want: 0 })
         );
-        w.on_credit(Credit { first: 0, count: 1 }).unwrap();
+        w.on_credit(Credit {
+            first: 0,
+            count: 1,
+            chunks: 0,
+        })
+        .unwrap();
         assert_eq!(
-            w.on_credit(Credit { first: 0, count: 1 }),
+            w.on_credit(Credit {
+                first: 0,
+                count: 1,
+                chunks: 0
+            }),
             Err(SlotError::DuplicateCredit { first: 0, want: 1 })
         );
         assert!(matches!(
             w.on_credit(Credit {
+                chunks: 0,
                 first: 1,
                 count: u32::MAX
             }),
             Err(SlotError::CreditOverflow { .. })
         ));
         assert!(matches!(
-            Credit::decode(&[0; 11]),
+            Credit::decode(&[0; 15]),
             Err(SlotError::Payload(_))
         ));
     }
@@ -693,7 +890,7 @@ mod tests {
             w.advance(&p);
             for (first, count) in credits {
                 let before = w.outstanding();
-                if w.on_credit(Credit { first, count }).is_ok() {
+                if w.on_credit(Credit { first, count, chunks: 0 }).is_ok() {
                     prop_assert!(w.outstanding() < before);
                 }
             }

@@ -295,12 +295,17 @@ const LAST_WORDS: Duration = Duration::from_millis(250);
 /// A backup that refuses (a transport mismatch, a stream it found corrupt)
 /// sends an Error record and closes; the primary's next write then fails
 /// with a reset that may win the race against the ack thread reading the
-/// refusal. A lost session therefore waits (at most [`LAST_WORDS`]: a
-/// partitioned link never ends the ack thread) for the ack thread to read
-/// what the backup sent before it hung up, and reports a refusal as one.
+/// refusal. A session lost to a link error therefore waits (at most
+/// [`LAST_WORDS`]: a link that fails without a hang-up does not end the
+/// ack thread) for the ack thread to read what the backup sent before it
+/// hung up, and reports a refusal as one. A backup that went silent said
+/// nothing: no wait.
 fn refused_after_all(result: DriveResult, shared: &Shared, ack_done: &Receiver<()>) -> DriveResult {
     match result {
         Err(PrimaryError::BackupLost { .. }) => {
+            if shared.inflight.lock().unwrap().silent {
+                return result;
+            }
             let _ = ack_done.recv_timeout(LAST_WORDS);
             match shared.inflight.lock().unwrap().error() {
                 Some(e @ PrimaryError::Refused { .. }) => Err(e),

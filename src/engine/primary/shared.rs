@@ -37,6 +37,9 @@ pub(super) struct Inflight {
     /// The backup itself reported an error and refused to go on (a
     /// mismatched configuration, a stream it found corrupt).
     pub refused: bool,
+    /// The session failed because the backup went silent (nothing read
+    /// for the backup timeout), not because the link reported an error.
+    pub silent: bool,
     /// Units (seed rounds and checkpoints) fully handed to the sink.
     pub units_sent: u64,
 }
@@ -146,6 +149,16 @@ impl Shared {
         let mut g = self.inflight.lock().unwrap();
         if g.broken.is_none() {
             g.broken = Some(reason);
+        }
+        self.cv.notify_all();
+    }
+
+    /// The backup was silent for the backup timeout: the session fails.
+    pub fn fail_silent(&self, reason: String) {
+        let mut g = self.inflight.lock().unwrap();
+        if g.broken.is_none() {
+            g.broken = Some(reason);
+            g.silent = true;
         }
         self.cv.notify_all();
     }

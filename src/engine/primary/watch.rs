@@ -100,7 +100,7 @@ fn silence_watchdog(shared: Arc<Shared>, done: Arc<AtomicBool>, silence: Duratio
         std::thread::sleep(Duration::from_millis(50));
         let quiet = shared.heard.lock().unwrap().elapsed();
         if quiet > silence {
-            return shared.fail(format!(
+            return shared.fail_silent(format!(
                 "backup silent for {} ms (timeout {} ms)",
                 quiet.as_millis(),
                 silence.as_millis()

@@ -25,12 +25,15 @@
 //! deadlines and the control connection are checked): an idle connection
 //! costs no CPU. Every rdma_cm event has a deadline ([`CM_EVENT_TIMEOUT`]).
 //!
-//! RECVs: the backup keeps `2 × slots` RECVs posted and reposts each as
-//! its completion is taken, before the chunk is parsed. Credits bound
-//! bytes, not chunks, so many small chunks can outrun the posted RECVs;
-//! the QP then answers RNR NAK and the primary's HCA retries the write
-//! (`rnr_retry_count = 7`: retry without limit, per the IB spec): a pause,
-//! never a lost or reordered chunk.
+//! RECVs: the backup keeps `recvs_for(slots)` (2 × slots) RECVs posted
+//! and reposts each as it takes its completion, before the chunk is
+//! parsed. Credits bound bytes, and chunks too: each credit also returns
+//! the chunks taken since the last one (sent as soon as a quarter of the
+//! RECVs' worth were taken, without waiting for a slot to fill), and the
+//! primary never has more chunks outstanding than RECVs posted
+//! ([`ChunkBudget`](crate::transport::slots::ChunkBudget)). So no chunk
+//! meets an RNR NAK; the QP's RNR retry is bounded (3), and one means a
+//! peer that broke the protocol.
 //!
 //! What the peer can write: the ring is registered REMOTE_WRITE as a
 //! whole, on a PD that holds only this connection's QP, so only the

@@ -15,7 +15,7 @@ use super::{
 use crate::transport::link::RecordSink;
 use crate::transport::record::RecordReader;
 use crate::transport::ring::{Chunker, CreditFilter, ReturnPath};
-use crate::transport::slots::{Announce, Credit, CreditWindow};
+use crate::transport::slots::{recvs_for, Announce, ChunkBudget, Credit, CreditWindow};
 
 /// Staging buffers of the primary (each one slot).
 const STAGE_BUFS: usize = 16;
@@ -102,6 +102,7 @@ pub fn primary(
     c.connected = true;
     let sink = RdmaSink {
         window: CreditWindow::new(ann),
+        recvs: ChunkBudget::new(recvs_for(ann.slots)),
         remote: ann.addr,
         rkey: ann.rkey,
         stage,
@@ -123,6 +124,8 @@ pub struct RdmaSink {
     /// the buffers they name.
     conn: Conn,
     window: CreditWindow,
+    /// Chunks written whose RECV the backup has not yet posted again.
+    recvs: ChunkBudget,
     remote: u64,
     rkey: u32,
     stage: Buf,
@@ -159,6 +162,7 @@ impl RdmaSink {
                     let at = i * Credit::LEN;
                     let c = Credit::decode(&self.credit_bufs.0[at..at + Credit::LEN])?;
                     self.window.on_credit(c)?;
+                    self.recvs.on_credit(c)?;
                     let addr = self.credit_bufs.ptr() as u64 + at as u64;
                     self.conn
                         .post_recv(i as u64, addr, Credit::LEN as u32, self.credit_lkey)?;
@@ -199,6 +203,11 @@ impl RdmaSink {
         let mut wrs: Vec<ibv_send_wr> = Vec::new();
         while chunks.left() > 0 {
             self.reap()?;
+            if !self.recvs.has_room() {
+                self.post(&mut wrs, &mut sges)?;
+                self.reap_until(|s| s.recvs.has_room())?;
+                continue;
+            }
             let p = match self.window.place(chunks.left()) {
                 Some(p) => p,
                 None => {
@@ -233,6 +242,7 @@ impl RdmaSink {
             wr.wr.rdma.rkey = self.rkey;
             wrs.push(wr);
             self.busy[b] = true;
+            self.recvs.on_chunk();
             self.window.advance(&p);
         }
         self.post(&mut wrs, &mut sges)

@@ -17,7 +17,7 @@ use super::{
 use crate::transport::link::RecordSource;
 use crate::transport::record::RecordError;
 use crate::transport::ring::{MirrorRing, RingLink, RingReader};
-use crate::transport::slots::{Announce, Credit, RingState};
+use crate::transport::slots::{recvs_for, Announce, Credit, RingState};
 use crate::transport::wire::HEADER_LEN;
 
 /// Backup side after the agreement: listens, registers the ring, announces
@@ -93,10 +93,9 @@ pub fn backup<E: std::fmt::Display>(
         "CONNECT_REQUEST",
         CM_EVENT_TIMEOUT,
     )?;
-    // One RECV per chunk landing. Credits bound bytes, not chunks: when
-    // small chunks outrun these, the QP answers RNR NAK and the primary's
-    // HCA retries without limit (module doc), so this sizes the common case.
-    let recvs = ann.slots * 2;
+    // One RECV per chunk landing; the primary writes no more chunks than
+    // this before credits return them (`ChunkBudget`).
+    let recvs = recvs_for(ann.slots);
     c.make_qp(8, recvs)?;
     for i in 0..recvs {
         c.post_recv(i as u64, 0, 0, 0)?;
@@ -232,6 +231,9 @@ impl RingLink for RdmaLink {
                         self.conn
                             .post_recv(wc.wr_id, 0, 0, 0)
                             .map_err(to_record_err)?;
+                        // Only once its RECV is posted again may the
+                        // chunk be returned to the primary's budget.
+                        state.on_chunk_taken();
                         landed = true;
                     }
                     op => {

@@ -259,7 +259,10 @@ impl Conn {
         p.initiator_depth = 1;
         p.responder_resources = 1;
         p.retry_count = 7;
-        p.rnr_retry_count = 7;
+        // Bounded (7 would retry forever): the chunk budget keeps a RECV
+        // posted for every chunk, so an RNR NAK means a peer that broke
+        // the protocol, and the write then fails instead of hanging.
+        p.rnr_retry_count = 3;
         p
     }
 

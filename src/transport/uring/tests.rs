@@ -142,7 +142,12 @@ fn duplicate_credit_fails_the_sink() {
             &mut v,
             RecordKind::Credit,
             0,
-            &Credit { first: 0, count: 1 }.encode(),
+            &Credit {
+                first: 0,
+                count: 1,
+                chunks: 0,
+            }
+            .encode(),
         );
     }
     s.write_all(&v).unwrap();
