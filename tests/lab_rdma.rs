@@ -6,7 +6,7 @@
 //! made here. Skips only when qemu-system-x86_64 is missing.
 
 mod common;
-use common::lab::{lab_run, lab_unavailable, out_file, rdma_castor};
+use common::lab::{lab_run, lab_unavailable, out_file, rdma_castor, rdma_unit_tests};
 use common::{Backup, Meta, KEY};
 
 use std::io::Write;
@@ -255,6 +255,42 @@ fn run_inside(name: &str) {
     );
     let stdout = String::from_utf8_lossy(&res.stdout);
     assert!(stdout.contains("1 passed"), "{name} did not run:\n{stdout}");
+}
+
+/// A faulty peer on each side of a real rdma connection, over Soft-RoCE:
+/// a chunk whose immediate names another slot, a chunk shorter than its
+/// tag, and credits that skip slots, release a slot not yet sent or return
+/// chunks never written each end the session with the error that names
+/// them (src/transport/rdma/tests.rs; they need the crate's internals, so
+/// they are the library's unit tests built with `rdma`, run in the lab).
+#[test]
+fn rdma_hostile_chunks_and_credits_are_refused() {
+    if lab_unavailable() {
+        return;
+    }
+    let castor = rdma_castor().to_str().unwrap().to_string();
+    let unit = rdma_unit_tests().to_str().unwrap().to_string();
+    let out = tempfile::tempdir().unwrap();
+    let res = lab_run(
+        &["--rdma", "--castor", &castor, "--timeout", "600"],
+        out.path(),
+        &[
+            &unit,
+            "--ignored",
+            "--test-threads=1",
+            "transport::rdma::tests::inside_lab_",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(
+        res.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(
+        stdout.contains("3 passed"),
+        "the faulty peers did not all run:\n{stdout}"
+    );
 }
 
 /// A backup whose primary agreed on rdma, read the ring's announcement and

@@ -42,6 +42,23 @@ pub fn rdma_castor() -> &'static Path {
     })
 }
 
+/// castor's library unit tests built with the `rdma` feature
+/// (tools/lab/build-castor-rdma-unit), built once per test binary.
+pub fn rdma_unit_tests() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = Command::new(repo().join("tools/lab/build-castor-rdma-unit"))
+            .output()
+            .expect("running tools/lab/build-castor-rdma-unit");
+        assert!(
+            out.status.success(),
+            "building castor's unit tests with --features rdma failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
 /// Runs `tools/lab/run ARGS -- CMD` with `out` shared as $LAB_OUT; returns
 /// its output after checking nothing in the lab itself failed (exit 124:
 /// timeout, 125: the guest never reported the command's status).

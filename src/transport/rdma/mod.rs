@@ -58,6 +58,8 @@
 
 mod sink;
 mod source;
+#[cfg(test)]
+mod tests;
 mod verbs;
 
 use std::io;

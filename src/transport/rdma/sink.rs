@@ -29,6 +29,16 @@ pub fn primary(
     writer: TcpStream,
     ann: &Announce,
 ) -> Result<(Box<dyn RecordSink>, ReturnPath), RdmaError> {
+    let (sink, back) = primary_sink(reader, writer, ann)?;
+    Ok((Box::new(sink), back))
+}
+
+/// [`primary`], returning the sink itself.
+pub(super) fn primary_sink(
+    reader: RecordReader<TcpStream>,
+    writer: TcpStream,
+    ann: &Announce,
+) -> Result<(RdmaSink, ReturnPath), RdmaError> {
     probe()?;
     let peer = writer.peer_addr().map_err(|source| RdmaError::Call {
         call: "getpeername",
@@ -115,7 +125,7 @@ pub fn primary(
         conn: c,
     };
     let back: Box<dyn Read + Send> = Box::new(CreditFilter::passthrough(reader));
-    Ok((Box::new(sink), RecordReader::new(back)))
+    Ok((sink, RecordReader::new(back)))
 }
 
 /// The primary's sending half over RDMA.
@@ -279,6 +289,33 @@ impl RdmaSink {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+impl RdmaSink {
+    /// Writes `bytes` at ring offset `at` with immediate `imm`, outside the
+    /// credit protocol, as a faulty primary would; waits for the write's
+    /// completion (the backup judges it in software afterwards).
+    pub(super) fn write_raw(&mut self, imm: u32, at: u64, bytes: &[u8]) -> Result<(), RdmaError> {
+        self.reap_until(|s| !s.busy[0])?;
+        self.stage.0[..bytes.len()].copy_from_slice(bytes);
+        let mut sges = vec![ibv_sge {
+            addr: self.stage.ptr() as u64,
+            length: bytes.len() as u32,
+            lkey: self.stage_lkey,
+        }];
+        // SAFETY: plain data; the fields used are set below.
+        let mut wr: ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+        wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+        wr.num_sge = 1;
+        wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+        wr.wr.rdma.remote_addr = self.remote + at;
+        wr.wr.rdma.rkey = self.rkey;
+        self.busy[0] = true;
+        self.post(&mut vec![wr], &mut sges)?;
+        self.reap_until(|s| !s.busy[0])
     }
 }
 

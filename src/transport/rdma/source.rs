@@ -28,6 +28,16 @@ pub fn backup<E: std::fmt::Display>(
     writer: Arc<Mutex<TcpStream>>,
     announce: impl Fn(&Announce) -> Result<(), E>,
 ) -> Result<Box<dyn RecordSource>, RdmaError> {
+    Ok(Box::new(backup_source(sock, ann, writer, announce)?))
+}
+
+/// [`backup`], returning the source itself.
+pub(super) fn backup_source<E: std::fmt::Display>(
+    sock: TcpStream,
+    ann: Announce,
+    writer: Arc<Mutex<TcpStream>>,
+    announce: impl Fn(&Announce) -> Result<(), E>,
+) -> Result<RdmaSource, RdmaError> {
     let _ = writer; // credits travel by SEND; acks stay on the TCP writer
     probe()?;
     let local = sock.local_addr().map_err(|source| RdmaError::Call {
@@ -119,7 +129,7 @@ pub fn backup<E: std::fmt::Display>(
         credit_in_flight: false,
         sock,
     };
-    Ok(Box::new(RingReader::over(link, ring, &full)))
+    Ok(RingReader::over(link, ring, &full))
 }
 
 /// The backup's receiving half over RDMA.
@@ -161,9 +171,31 @@ impl RdmaLink {
         if self.credit_in_flight {
             return Ok(()); // sent once the previous one completes
         }
-        let Some(c) = state.take_credit() else {
-            return Ok(());
-        };
+        match state.take_credit() {
+            Some(c) => self.send_credit_now(c),
+            None => Ok(()),
+        }
+    }
+
+    /// A credit as a faulty backup would send it, outside the protocol
+    /// (tests): waits for the previous credit's SEND first.
+    #[cfg(test)]
+    pub(super) fn send_raw_credit(&mut self, c: Credit) -> Result<(), RdmaError> {
+        let start = Instant::now();
+        let mut wcs: [ibv_wc; 1] = [empty_wc()];
+        while self.credit_in_flight {
+            if self.conn.poll(&mut wcs)? > 0 && wcs[0].wr_id == WR_CREDIT_SEND {
+                self.credit_in_flight = false;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(RdmaError::Stalled(Duration::from_secs(10)));
+            }
+        }
+        self.send_credit_now(c)
+    }
+
+    /// Posts `c` by SEND from the credit buffer (no credit in flight).
+    fn send_credit_now(&mut self, c: Credit) -> Result<(), RdmaError> {
         self.credit_buf.0.copy_from_slice(&c.encode());
         let mut sge = ibv_sge {
             addr: self.credit_buf.ptr() as u64,

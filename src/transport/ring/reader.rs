@@ -56,6 +56,12 @@ pub struct RingReader<L> {
 }
 
 impl<L: RingLink> RingReader<L> {
+    /// The link, to act as a faulty peer would (tests).
+    #[cfg(test)]
+    pub fn link_mut(&mut self) -> &mut L {
+        &mut self.link
+    }
+
     /// Reads the ring `ring` (of the announced geometry `ann`) filled by `link`.
     pub fn over(link: L, ring: MirrorRing, ann: &Announce) -> Self {
         RingReader {
