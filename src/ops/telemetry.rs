@@ -12,8 +12,8 @@
 //!   few hundred µs and a checkpoint latency of a second land in different
 //!   buckets.
 //! - `castor_throttle_ratio` is the fraction of guest run time taken away
-//!   by throttling. Nothing throttles the guest yet (issue 6/8 feeds it):
-//!   it stays 0.
+//!   by throttling during the last acknowledged checkpoint's epoch (0 to
+//!   1; 0 with `--no-throttle` or a guest the link keeps up with).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -275,7 +275,7 @@ impl Telemetry {
         );
         r.register(
             "throttle_ratio",
-            "Fraction of guest run time removed by throttling (no throttle yet: always 0)",
+            "Fraction of guest run time removed by throttling in the last acknowledged epoch",
             self.throttle.clone(),
         );
         r.register(
@@ -332,6 +332,7 @@ impl Telemetry {
         self.dirty_pages.inc_by(r.dirty_pages);
         self.raw_bytes.inc_by(r.raw_bytes);
         self.wire_bytes.inc_by(r.wire_bytes);
+        self.throttle.set(r.throttle_pct.min(100) as f64 / 100.0);
     }
 
     /// Epoch `n` started running (primary).
@@ -570,6 +571,12 @@ mod tests {
             Some(3.0)
         );
         assert_eq!(sample(&t, "castor_throttle_ratio"), Some(0.0));
+        t.epoch_acked(&EpochRecord {
+            epoch: 4,
+            throttle_pct: 35,
+            ..Default::default()
+        });
+        assert_eq!(sample(&t, "castor_throttle_ratio"), Some(0.35));
         assert_eq!(sample(&t, "castor_arbiter_lease_seconds_left"), Some(-1.0));
         assert_eq!(sample(&t, "castor_role{role=\"primary\"}"), Some(1.0));
     }
