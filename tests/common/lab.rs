@@ -29,34 +29,27 @@ pub fn lab_unavailable() -> bool {
 /// own target directory, incremental), built once per test binary.
 pub fn rdma_castor() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = Command::new(repo().join("tools/lab/build-castor-rdma"))
-            .output()
-            .expect("running tools/lab/build-castor-rdma");
-        assert!(
-            out.status.success(),
-            "building castor with --features rdma failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
+    BIN.get_or_init(|| built_by("build-castor-rdma"))
 }
 
 /// castor's library unit tests built with the `rdma` feature
 /// (tools/lab/build-castor-rdma-unit), built once per test binary.
 pub fn rdma_unit_tests() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = Command::new(repo().join("tools/lab/build-castor-rdma-unit"))
-            .output()
-            .expect("running tools/lab/build-castor-rdma-unit");
-        assert!(
-            out.status.success(),
-            "building castor's unit tests with --features rdma failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
+    BIN.get_or_init(|| built_by("build-castor-rdma-unit"))
+}
+
+/// Runs tools/lab/SCRIPT, which builds something and prints its path.
+fn built_by(script: &str) -> PathBuf {
+    let out = Command::new(repo().join("tools/lab").join(script))
+        .output()
+        .unwrap_or_else(|e| panic!("running tools/lab/{script}: {e}"));
+    assert!(
+        out.status.success(),
+        "tools/lab/{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 /// Runs `tools/lab/run ARGS -- CMD` with `out` shared as $LAB_OUT; returns
