@@ -157,6 +157,12 @@ impl RecordSink for BeaconSink {
     fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
         self.inner.send(bufs)
     }
+    fn connection(&self) -> Option<std::net::TcpStream> {
+        self.inner.connection()
+    }
+    fn kernel_kept_buffers(&self) -> bool {
+        self.inner.kernel_kept_buffers()
+    }
 }
 
 /// The backup's end: a socket whose beacons of the current session stamp

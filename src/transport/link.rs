@@ -8,9 +8,26 @@ use std::net::TcpStream;
 use crate::transport::record::{Record, RecordError, RecordReader};
 
 /// The sending half of a replication link: moves complete records to the
-/// backup in order. Buffers are borrowed only for the call.
+/// backup in order. Buffers are borrowed only for the call, unless
+/// [`RecordSink::kernel_kept_buffers`] says otherwise after a failure.
 pub trait RecordSink: Send {
     fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()>;
+
+    /// A clone of the session's TCP connection, through which the
+    /// session's backup-loss decision shuts the link down so that every
+    /// blocked write and read of the session returns at once. None: the
+    /// transport has no such socket.
+    fn connection(&self) -> Option<TcpStream> {
+        None
+    }
+
+    /// After a failed `send`: true when the kernel may still read the
+    /// caller's buffers of that call (a zero-copy send whose notification
+    /// never came, even after the socket was torn down). The caller must
+    /// then never free or reuse them: it leaks them.
+    fn kernel_kept_buffers(&self) -> bool {
+        false
+    }
 }
 
 /// The backup's receiving half: verified records, in order. A record stays

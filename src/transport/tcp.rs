@@ -35,7 +35,9 @@ pub fn listen(addr: &str) -> io::Result<TcpListener> {
         .map_err(|e| io::Error::new(e.kind(), format!("listening on {addr}: {e}")))
 }
 
-/// Sending half of a TCP link.
+/// Sending half of a TCP link. Its deadline is the socket's write timeout
+/// (SO_SNDTIMEO; a protection session sets it to `--backup-timeout`): a
+/// write that moves no byte for that long fails the send.
 pub struct TcpSink(pub TcpStream);
 
 impl RecordSink for TcpSink {
@@ -51,9 +53,37 @@ impl RecordSink for TcpSink {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => IoSlice::advance_slices(&mut s, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => return Err(self.stalled(e)),
                 Err(e) => return Err(e),
             }
         }
         Ok(())
     }
+
+    fn connection(&self) -> Option<TcpStream> {
+        self.0.try_clone().ok()
+    }
+}
+
+impl TcpSink {
+    /// The error of a write that hit the socket's write timeout.
+    fn stalled(&self, e: io::Error) -> io::Error {
+        let after = self.0.write_timeout().ok().flatten().unwrap_or_default();
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "no byte went out for {} ms (the write deadline, --backup-timeout): \
+                 the link is partitioned or the backup stopped reading ({e})",
+                after.as_millis()
+            ),
+        )
+    }
+}
+
+/// SO_SNDTIMEO/SO_RCVTIMEO expiry: Linux reports EAGAIN (WouldBlock).
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }

@@ -73,6 +73,7 @@ fn on_ack(shared: &Shared, output: &Committer, epoch: u64) -> Result<(), String>
     let acked_at_ns = crate::metrics::mono_ns();
     output.commit(epoch);
     g.acked = Some(epoch);
+    g.last_ack_at = Some(Instant::now());
     shared.cv.notify_all();
     drop(g);
     if epoch > 0 {

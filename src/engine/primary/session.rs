@@ -69,6 +69,10 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
         Err(e) => return Err((e.into(), Some(domain))),
     };
     let shared = Arc::new(Shared::new(cfg));
+    if let Some(conn) = sink.connection() {
+        arm_deadlines(&conn, cfg.backup_silence);
+        shared.set_link(conn);
+    }
     if shared.lease.can_lapse() {
         // Queued before any commit can be (one FIFO channel).
         outq.set_gate(shared.lease.clone());
@@ -126,6 +130,11 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
         outq,
         &disks,
     );
+    // Any failure (a domain error too) cuts the link first, so a write
+    // blocked on the network cannot hold the joins below.
+    if let Err(e) = &result {
+        shared.fail(e.to_string());
+    }
     // Tear down: encoders first (no more jobs), then wait for tx to finish.
     drop(job_txs);
     shared.stop_encoders.store(true, Ordering::Relaxed);
@@ -148,6 +157,26 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
             abandon(&mut *domain, outq);
             Err((e, Some(domain)))
         }
+    }
+}
+
+/// A read on the connection may wait this much longer than the silence
+/// watchdog, which therefore speaks first and names the silence.
+const READ_SLACK: Duration = Duration::from_millis(500);
+
+/// Every blocking call on the session's connection gets a deadline tied to
+/// `--backup-timeout`: a write that moves nothing for `silence` fails (the
+/// tcp sink; the uring sink reads the same value for its own waits), and so
+/// does a read that gets nothing for `silence` + [`READ_SLACK`].
+fn arm_deadlines(conn: &std::net::TcpStream, silence: Duration) {
+    if silence.is_zero() {
+        return;
+    }
+    let r = conn
+        .set_write_timeout(Some(silence))
+        .and_then(|_| conn.set_read_timeout(Some(silence + READ_SLACK)));
+    if let Err(e) = r {
+        tracing::warn!("setting the connection's deadlines: {e}");
     }
 }
 

@@ -10,8 +10,14 @@
 //!   every 50 ms.
 //! - While `pausing` is set encoders do not start another page; it is
 //!   cleared on every path out of a pause ([`PauseGate`] reopens on drop).
+//! - The first failure also shuts the session's connection down (both
+//!   ways, [`Shared::fail`]): a write blocked on a partitioned link, a read
+//!   waiting for an ack and a zero-copy send all return at once, so the
+//!   teardown that joins them is never held by the network. Bytes the
+//!   backup sent before (its Error record) stay readable.
 
 use std::collections::BTreeMap;
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -24,6 +30,8 @@ use crate::metrics::{EpochRecord, Metrics};
 pub(super) struct InflightEntry {
     pub record: EpochRecord,
     pub pause_start: Instant,
+    /// When its last byte was handed to the sink; None while sending.
+    pub sent_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -42,6 +50,8 @@ pub(super) struct Inflight {
     pub silent: bool,
     /// Units (seed rounds and checkpoints) fully handed to the sink.
     pub units_sent: u64,
+    /// When the last ack arrived.
+    pub last_ack_at: Option<Instant>,
 }
 
 impl Inflight {
@@ -85,6 +95,8 @@ pub(super) struct Shared {
     /// The guest's progress counter when checkpointing began and ended
     /// (domains that can tell), for the guest's rate while protected.
     pub progress: Mutex<(Option<u64>, Option<u64>)>,
+    /// The session's connection, shut down by the first failure.
+    link: Mutex<Option<TcpStream>>,
 }
 
 impl Shared {
@@ -104,6 +116,28 @@ impl Shared {
             lease: cfg.lease_gate(),
             codec: Mutex::new(cfg.codec_choice()),
             progress: Mutex::new((None, None)),
+            link: Mutex::new(None),
+        }
+    }
+
+    /// Registers the session's connection (a clone) for [`Shared::fail`]
+    /// to shut down; shut down at once if the session already failed.
+    pub fn set_link(&self, conn: TcpStream) {
+        let mut link = self.link.lock().unwrap();
+        // Checked after taking `link`: a failure either sees the link
+        // stored or is seen here.
+        if self.inflight.lock().unwrap().broken.is_some() {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+        *link = Some(conn);
+    }
+
+    /// Shuts the session's connection down both ways: every thread blocked
+    /// on it (a write into a full send buffer, a read waiting for the
+    /// backup) returns now. Idempotent.
+    pub fn cut_link(&self) {
+        if let Some(c) = self.link.lock().unwrap().as_ref() {
+            let _ = c.shutdown(Shutdown::Both);
         }
     }
 
@@ -145,12 +179,16 @@ impl Shared {
         Ok(g)
     }
 
+    /// Fails the session (the first reason wins) and cuts the link, so no
+    /// thread of the session stays blocked on the network.
     pub fn fail(&self, reason: String) {
         let mut g = self.inflight.lock().unwrap();
         if g.broken.is_none() {
             g.broken = Some(reason);
         }
         self.cv.notify_all();
+        drop(g);
+        self.cut_link();
     }
 
     /// The backup was silent for the backup timeout: the session fails.
@@ -174,6 +212,8 @@ impl Shared {
             g.refused = true;
         }
         self.cv.notify_all();
+        drop(g);
+        self.cut_link();
     }
 
     /// The arbiter's lease lapsed: the session fails, and its end is

@@ -135,6 +135,7 @@ pub(super) fn tx_thread(sink: Box<dyn RecordSink>, rx: Receiver<TxMsg>, ends: Tx
         write_record(&mut v, RecordKind::Disks, 0, &p);
         if let Err(e) = tx.sink.send(&[&v]) {
             tx.ends.shared.fail(format!("sending the disks: {e}"));
+            tx.keep_if_kernel_reads(v);
             return;
         }
     }
@@ -282,6 +283,7 @@ impl Tx {
             self.ends
                 .shared
                 .fail(format!("sending the disks' seed: {e}"));
+            self.keep_if_kernel_reads(v);
             return Err(Failed);
         }
         Ok(())
@@ -314,6 +316,7 @@ impl Tx {
                 InflightEntry {
                     record: record.clone(),
                     pause_start: meta.pause_start,
+                    sent_at: None,
                 },
             );
             crate::ops::telemetry::with(|t| t.set_inflight(g.pending.len()));
@@ -332,6 +335,8 @@ impl Tx {
         self.last_send = Instant::now();
         if let Err(e) = r {
             shared.fail(format!("sending epoch {}: {e}", meta.epoch));
+            drop(bufs);
+            self.keep_if_kernel_reads((head, tail, outs));
             return Err(Failed);
         }
         if let Some(end) = seed_end {
@@ -341,6 +346,7 @@ impl Tx {
             let mut g = shared.inflight.lock().unwrap();
             if let Some(p) = g.pending.get_mut(&meta.epoch) {
                 p.record.send_us += send_us;
+                p.sent_at = Some(Instant::now());
             }
             g.units_sent = self.next + 1;
             shared.cv.notify_all();
@@ -359,6 +365,17 @@ impl Tx {
         self.orphans.push(meta.job);
         self.next += 1;
         Ok(())
+    }
+
+    /// After a failed send: buffers of that send the kernel may still read
+    /// from (a zero-copy send whose notification never came, see
+    /// [`RecordSink::kernel_kept_buffers`]) are leaked, never freed: freed
+    /// memory would be reused and its new contents sent.
+    fn keep_if_kernel_reads<T>(&self, bufs: T) {
+        if self.sink.kernel_kept_buffers() {
+            tracing::warn!("leaking the failed send's buffers: the kernel may still read them");
+            std::mem::forget(bufs);
+        }
     }
 
     /// Returns staging buffers whose job nobody else holds any more.
@@ -387,6 +404,7 @@ impl Tx {
         write_record(&mut c, RecordKind::Close, f, &[]);
         if let Err(e) = self.sink.send(&[&c]) {
             self.ends.shared.fail(format!("sending close: {e}"));
+            self.keep_if_kernel_reads(c);
         }
         true
     }
@@ -399,6 +417,8 @@ impl Tx {
         write_record(&mut self.hb, RecordKind::Heartbeat, 0, &now.to_le_bytes());
         if let Err(e) = self.sink.send(&[&self.hb]) {
             self.ends.shared.fail(format!("sending heartbeat: {e}"));
+            let hb = std::mem::take(&mut self.hb);
+            self.keep_if_kernel_reads(hb);
             return Err(Failed);
         }
         self.last_send = Instant::now();

@@ -11,6 +11,13 @@
 //! - A backup silent (no ack, no heartbeat) for longer than
 //!   `backup_silence` fails the session, checked every 50 ms: a hung backup
 //!   whose TCP connection stays open must not hold the guest's output forever.
+//! - So does a backup that keeps talking but acknowledges nothing: a
+//!   checkpoint (not the seed, whose commit writes the whole image) fully
+//!   sent for longer than `backup_silence`, with no ack since, fails the
+//!   session. That is a one-way partition (primary to backup dropped): the
+//!   backup's heartbeats still arrive, the checkpoints no longer do.
+//! - A failure cuts the session's connection ([`Shared::fail`]), so a
+//!   thread blocked on the network returns and the teardown goes on.
 //! - Every watcher ends within one of its periods once `done` is set.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +25,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::shared::Shared;
+use super::shared::{Inflight, Shared};
 use super::PrimaryConfig;
 use crate::ha::lease::Verdict;
 use crate::metrics::Summary;
@@ -106,7 +113,31 @@ fn silence_watchdog(shared: Arc<Shared>, done: Arc<AtomicBool>, silence: Duratio
                 silence.as_millis()
             ));
         }
+        let overdue = ack_overdue(&shared.inflight.lock().unwrap(), silence, Instant::now());
+        if let Some(why) = overdue {
+            return shared.fail(why);
+        }
     }
+}
+
+/// Why the oldest checkpoint in flight is overdue: fully sent, and no ack
+/// since, for longer than `limit`. The seed (epoch 0) is exempt.
+fn ack_overdue(g: &Inflight, limit: Duration, now: Instant) -> Option<String> {
+    let (&epoch, entry) = g.pending.iter().next()?;
+    if epoch == 0 {
+        return None;
+    }
+    let sent = entry.sent_at?;
+    let since = g.last_ack_at.map_or(sent, |a| a.max(sent));
+    let waited = now.saturating_duration_since(since);
+    (waited > limit).then(|| {
+        format!(
+            "backup acknowledged nothing for {} ms after checkpoint {epoch} went out, \
+             though it still sends (timeout {} ms): the link to it is cut one way",
+            waited.as_millis(),
+            limit.as_millis()
+        )
+    })
 }
 
 fn progress_thread(shared: Arc<Shared>, start: Instant, done: Arc<AtomicBool>) {
@@ -139,6 +170,65 @@ fn progress_thread(shared: Arc<Shared>, start: Instant, done: Arc<AtomicBool>) {
             s.wire_ratio * 100.0,
             crate::units::fmt_bytes(wire_rate as u64),
             if s.extended_epochs > 0 { format!(" | {} extended", s.extended_epochs) } else { String::new() },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::shared::InflightEntry;
+    use super::*;
+
+    fn sent(g: &mut Inflight, epoch: u64, at: Option<Instant>) {
+        g.pending.insert(
+            epoch,
+            InflightEntry {
+                record: Default::default(),
+                pause_start: Instant::now(),
+                sent_at: at,
+            },
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_sent_and_unacknowledged_past_the_limit_is_overdue() {
+        let limit = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let mut g = Inflight::default();
+        sent(&mut g, 3, Some(t0));
+        assert_eq!(ack_overdue(&g, limit, t0 + limit), None, "at the limit");
+        let why = ack_overdue(&g, limit, t0 + limit * 2).expect("overdue");
+        assert!(
+            why.contains("checkpoint 3") && why.contains("200 ms"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn an_ack_after_the_send_restarts_the_clock() {
+        let limit = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let mut g = Inflight::default();
+        sent(&mut g, 4, Some(t0));
+        g.last_ack_at = Some(t0 + limit);
+        assert_eq!(ack_overdue(&g, limit, t0 + limit * 2), None);
+        assert!(ack_overdue(&g, limit, t0 + limit * 3).is_some());
+    }
+
+    #[test]
+    fn the_seed_and_a_unit_still_being_sent_are_never_overdue() {
+        let limit = Duration::from_millis(100);
+        let t0 = Instant::now();
+        let mut g = Inflight::default();
+        sent(&mut g, 0, Some(t0));
+        sent(&mut g, 1, Some(t0));
+        assert_eq!(ack_overdue(&g, limit, t0 + limit * 10), None, "seed first");
+        let mut g = Inflight::default();
+        sent(&mut g, 5, None);
+        assert_eq!(
+            ack_overdue(&g, limit, t0 + limit * 10),
+            None,
+            "still sending"
         );
     }
 }

@@ -2,6 +2,22 @@
 //! [`crate::transport::uring`]): chunks placed by the credit window, sent
 //! with SENDMSG_ZC straight from the caller's buffers or from registered
 //! staging buffers.
+//!
+//! Deadlines: every wait (a send's completion, a notification freeing a
+//! buffer, a credit) is a bounded `io_uring_enter` of at most
+//! [`WAIT_SLICE`], and fails once the kernel reported nothing for the
+//! sink's deadline: the socket's write timeout (SO_SNDTIMEO, which a
+//! protection session sets to `--backup-timeout`), else
+//! [`DEFAULT_DEADLINE`]. A session's failure shuts the socket down, which
+//! completes every pending send at once.
+//!
+//! Buffer lifetime: the kernel may read a zero-copy send's memory until its
+//! notification. On any failure the sink tears the connection down for
+//! good ([`UringSink::purge`]: the kernel drops what it still queues, and
+//! the notifications come), then waits for them, bounded by
+//! [`PURGE_WAIT`]. Heap memory the kernel still holds after that (the
+//! caller's buffers, the chunk headers) is leaked with a warning, never
+//! freed: freed heap is reused, and the kernel would send its new contents.
 
 use std::io;
 use std::net::TcpStream;
@@ -25,11 +41,14 @@ pub(super) const DIRECT_OPS: usize = RING_ENTRIES as usize / 2;
 /// iovecs of one SENDMSG_ZC (header + body pieces); a chunk is cut short
 /// rather than span more pieces (well under the kernel's UIO_MAXIOV).
 pub(super) const MAX_IOV: usize = 64;
-/// How long `send` waits for the kernel to finish with the caller's buffers
-/// before it shuts the socket down and fails.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// The sink gives up when no credit arrives for this long.
-const CREDIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The sink's deadline when its socket has no write timeout: it fails
+/// when the kernel completes nothing (and no credit arrives) for this long.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+/// The longest single wait in `io_uring_enter`.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+/// How long a torn-down sink waits for the notifications of what the kernel
+/// dropped before it gives up on them (and leaks the memory they name).
+const PURGE_WAIT: Duration = Duration::from_secs(2);
 
 /// How [`UringSink`] puts chunks on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +127,14 @@ pub struct UringSink {
     pub(super) seq: u32,
     /// First fatal error; later calls repeat it.
     failed: Option<String>,
+    /// When the kernel last took a submission or reported a completion:
+    /// the deadline counts from here.
+    progress: Instant,
+    /// The connection was torn down for good ([`Self::purge`]).
+    purged: bool,
+    /// Sends whose memory the kernel may still read outlived the purge:
+    /// their memory is never freed.
+    kept: bool,
     mode: SendMode,
     /// Notifications reporting the kernel copied instead of sending from
     /// our pages (always the case on loopback).
@@ -156,6 +183,9 @@ impl UringSink {
             credits,
             seq: 0,
             failed: None,
+            progress: Instant::now(),
+            purged: false,
+            kept: false,
             mode: SendMode::Direct,
             zc_copied: 0,
             zc_notifs: 0,
@@ -214,18 +244,50 @@ impl UringSink {
         Ok(())
     }
 
-    /// Blocks until at least one credit is queued.
+    /// The sink's deadline: the socket's write timeout, else
+    /// [`DEFAULT_DEADLINE`].
+    fn deadline(&self) -> Duration {
+        self._sock
+            .write_timeout()
+            .ok()
+            .flatten()
+            .unwrap_or(DEFAULT_DEADLINE)
+    }
+
+    /// Blocks until at least one credit is queued, at most the deadline.
     fn wait_credit(&mut self) -> io::Result<()> {
-        match self.credits.wait(Instant::now() + CREDIT_TIMEOUT) {
+        let limit = self.deadline();
+        match self.credits.wait(Instant::now() + limit) {
             Ok(()) => self.absorb_credits(),
             Err(CreditWait::Closed(why)) => {
                 Err(self.fail(format!("waiting for receive-slot credits: {why}")))
             }
             Err(CreditWait::TimedOut) => Err(self.fail(format!(
-                "no receive-slot credit from the backup for {} s ({} slots outstanding)",
-                CREDIT_TIMEOUT.as_secs(),
+                "no receive-slot credit from the backup for {} ms ({} slots outstanding; \
+                 the deadline is --backup-timeout)",
+                limit.as_millis(),
                 self.window.outstanding()
             ))),
+        }
+    }
+
+    /// Waits at most [`WAIT_SLICE`] for a completion; fails once the kernel
+    /// has reported nothing for the deadline (`what`: what is awaited).
+    fn wait_cqe(&mut self, what: &str) -> io::Result<()> {
+        let limit = self.deadline();
+        if self.progress.elapsed() >= limit {
+            return Err(self.fail(format!(
+                "no {what} for {} ms (the deadline, --backup-timeout): \
+                 the link is partitioned or the backup stopped reading",
+                limit.as_millis()
+            )));
+        }
+        let ts = types::Timespec::from(WAIT_SLICE);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME)) => Ok(()),
+            Err(e) => Err(self.fail(format!("io_uring_enter: {e}"))),
         }
     }
 
@@ -234,6 +296,9 @@ impl UringSink {
     /// failure among them.
     fn reap(&mut self) -> io::Result<()> {
         let cqes: Vec<cqueue::Entry> = self.ring.completion().collect();
+        if !cqes.is_empty() {
+            self.progress = Instant::now();
+        }
         let mut first = None;
         for c in cqes {
             if let Err(e) = self.reap_one(c) {
@@ -343,16 +408,13 @@ impl UringSink {
             }
         }
         self.batch.clear();
+        self.progress = Instant::now();
         loop {
             self.reap()?;
             if !self.stages.iter().any(|s| s.result_due) {
                 return Ok(());
             }
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => return Err(self.fail(format!("io_uring_enter: {e}"))),
-            }
+            self.wait_cqe("send completion")?;
         }
     }
 
@@ -367,12 +429,79 @@ impl UringSink {
             if let Some(b) = self.free.pop() {
                 return Ok(b);
             }
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => return Err(self.fail(format!("io_uring_enter: {e}"))),
-            }
+            self.wait_cqe("zero-copy notification freeing a send buffer")?;
         }
+    }
+
+    /// Sends with a completion or notification still due.
+    fn due(&self) -> usize {
+        self.stages
+            .iter()
+            .filter(|s| s.result_due || s.notif_due)
+            .count()
+    }
+
+    /// Tears the connection down for good, so the kernel stops reading our
+    /// memory: shut down both ways (pending sends complete with an error),
+    /// then `connect(AF_UNSPEC)`, the kernel's `tcp_disconnect`: it purges
+    /// the socket's write queue (and resets the peer), and each freed
+    /// packet delivers its zero-copy notification. Only for a failed sink.
+    fn purge(&mut self) {
+        if self.purged {
+            return;
+        }
+        self.purged = true;
+        let _ = self._sock.shutdown(std::net::Shutdown::Both);
+        // SAFETY: sockaddr is plain data; all-zero with AF_UNSPEC is the
+        // "dissolve the association" address connect(2) documents.
+        let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+        sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        // EBUSY (Linux >= 6.6): another thread still sits in a blocking call
+        // on the socket; the shutdown has woken it and it is leaving.
+        for _ in 0..100 {
+            // SAFETY: a valid socket fd and a sockaddr of the given length.
+            let rc = unsafe {
+                libc::connect(
+                    self._sock.as_raw_fd(),
+                    &sa,
+                    std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+                )
+            };
+            let e = io::Error::last_os_error();
+            if rc == 0 || e.raw_os_error() != Some(libc::EBUSY) {
+                if rc != 0 {
+                    tracing::debug!("disconnecting the failed uring sink's socket: {e}");
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::warn!("the failed uring sink's socket stayed busy; not disconnected");
+    }
+
+    /// After a failure: tears the connection down and waits (at most
+    /// [`PURGE_WAIT`]) until the kernel is done with every send. Returns
+    /// whether it is; when not, [`Self::kept`] is set.
+    fn settle(&mut self) -> bool {
+        self.purge();
+        let until = Instant::now() + PURGE_WAIT;
+        while self.due() > 0 && Instant::now() < until {
+            let _ = self.reap();
+            let ts = types::Timespec::from(Duration::from_millis(20));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+        }
+        let _ = self.reap();
+        let left = self.due();
+        if left > 0 {
+            self.kept = true;
+            tracing::warn!(
+                "{left} zero-copy sends still unfinished {} ms after the connection was torn down; \
+                 their memory is leaked, never reused",
+                PURGE_WAIT.as_millis()
+            );
+        }
+        left == 0
     }
 }
 
@@ -435,43 +564,32 @@ impl UringSink {
     }
 
     /// Waits until no submitted send has a completion or notification due,
-    /// i.e. the kernel no longer reads any memory a send pointed at. If that
-    /// takes over [`DRAIN_TIMEOUT`], shuts the socket down (so nothing more
-    /// of the caller's buffers goes out) and fails the sink.
+    /// i.e. the kernel no longer reads any memory a send pointed at, at most
+    /// the deadline without progress. On a failure (the send's, or this
+    /// wait's) the connection is torn down and the notifications awaited
+    /// ([`Self::settle`]); what the kernel still holds after that is
+    /// reported by [`RecordSink::kernel_kept_buffers`].
     fn drain(&mut self) -> io::Result<()> {
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
         let mut first = None;
         loop {
             if let Err(e) = self.reap() {
                 first.get_or_insert(e);
             }
-            let due = self
-                .stages
-                .iter()
-                .filter(|s| s.result_due || s.notif_due)
-                .count();
-            if due == 0 {
+            if self.due() == 0 {
                 return first.map_or(Ok(()), Err);
             }
-            let waited = if Instant::now() >= deadline {
-                Err(format!(
-                    "{due} zero-copy sends still unfinished after {} s",
-                    DRAIN_TIMEOUT.as_secs()
-                ))
-            } else {
-                let ts = types::Timespec::from(Duration::from_millis(100));
-                let args = types::SubmitArgs::new().timespec(&ts);
-                match self.ring.submitter().submit_with_args(1, &args) {
-                    Ok(_) => Ok(()),
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME)) => Ok(()),
-                    Err(e) => Err(format!("io_uring_enter: {e}")),
-                }
-            };
-            if let Err(msg) = waited {
-                let _ = self._sock.shutdown(std::net::Shutdown::Both);
-                return Err(self.fail(format!("waiting for the kernel to finish sending: {msg}")));
+            if first.is_some() || self.failed.is_some() {
+                break;
+            }
+            if let Err(e) = self.wait_cqe("zero-copy notification") {
+                first = Some(e);
+                break;
             }
         }
+        self.settle();
+        Err(first.unwrap_or_else(|| {
+            io::Error::other(self.failed.clone().unwrap_or_else(|| "send failed".into()))
+        }))
     }
 }
 
@@ -485,6 +603,14 @@ impl RecordSink for UringSink {
         } else {
             self.send_staged(bufs)
         }
+    }
+
+    fn connection(&self) -> Option<TcpStream> {
+        self._sock.try_clone().ok()
+    }
+
+    fn kernel_kept_buffers(&self) -> bool {
+        self.kept && self.mode == SendMode::Direct
     }
 }
 
@@ -532,18 +658,31 @@ impl UringSink {
 }
 
 impl Drop for UringSink {
+    /// Collects outstanding notifications before the memory goes. A healthy
+    /// sink's last sends (the Close) are acknowledged by the backup within
+    /// [`PURGE_WAIT`]; a failed one is torn down first. Whatever the kernel
+    /// still holds then: the staging region is an mapping of its own whose
+    /// pinned pages the kernel keeps and nobody else gets, so it is
+    /// unmapped; the op slots (chunk headers sent from the heap) are leaked.
     fn drop(&mut self) {
-        // Best effort: collect outstanding notifications so the kernel is
-        // done with the staging pages before the ring goes (the pages stay
-        // pinned by the kernel either way).
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while self.stages.iter().any(|s| s.notif_due || s.result_due) && Instant::now() < deadline {
-            if self.reap().is_err() {
-                break;
+        if self.failed.is_some() {
+            self.settle();
+        } else {
+            let until = Instant::now() + PURGE_WAIT;
+            while self.due() > 0 && Instant::now() < until {
+                if self.reap().is_err() {
+                    break;
+                }
+                let ts = types::Timespec::from(Duration::from_millis(20));
+                let args = types::SubmitArgs::new().timespec(&ts);
+                let _ = self.ring.submitter().submit_with_args(1, &args);
             }
-            let ts = types::Timespec::from(Duration::from_millis(50));
-            let args = types::SubmitArgs::new().timespec(&ts);
-            let _ = self.ring.submitter().submit_with_args(1, &args);
+            if self.due() > 0 {
+                self.settle();
+            }
+        }
+        if self.kept {
+            std::mem::forget(std::mem::take(&mut self.direct));
         }
     }
 }
