@@ -163,6 +163,9 @@ impl RecordSink for BeaconSink {
     fn kernel_kept_buffers(&self) -> bool {
         self.inner.kernel_kept_buffers()
     }
+    fn on_failure(&mut self, report: crate::transport::link::FailureReport) {
+        self.inner.on_failure(report)
+    }
 }
 
 /// The backup's end: a socket whose beacons of the current session stamp

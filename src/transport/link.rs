@@ -28,7 +28,17 @@ pub trait RecordSink: Send {
     fn kernel_kept_buffers(&self) -> bool {
         false
     }
+
+    /// Has the sink report its first fatal error through `report` the
+    /// moment it happens, before it tears the connection down (which the
+    /// session's reader would otherwise report first, as a broken pipe).
+    fn on_failure(&mut self, report: FailureReport) {
+        let _ = report;
+    }
 }
+
+/// Where a sink reports its first fatal error ([`RecordSink::on_failure`]).
+pub type FailureReport = Box<dyn Fn(&str) + Send>;
 
 /// The backup's receiving half: verified records, in order. A record stays
 /// valid until the next call (transports with a receive ring credit its

@@ -53,6 +53,20 @@ impl Lines {
         }
     }
 
+    /// The next line containing `pat` within `within`; None when none
+    /// comes (or the stream ends) in that time.
+    pub fn next_within(&self, pat: &str, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) if l.contains(pat) => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// Everything seen so far.
     pub fn text(&self) -> String {
         self.all.lock().unwrap().join("\n")

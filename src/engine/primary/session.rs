@@ -50,7 +50,7 @@ type SessionResult = Result<PrimaryOutcome, (PrimaryError, Option<Box<dyn Domain
 pub fn run_session<R: std::io::Read + Send + 'static>(
     mut domain: Box<dyn Domain>,
     outq: &mut OutputQueue,
-    sink: Box<dyn RecordSink>,
+    mut sink: Box<dyn RecordSink>,
     reader: RecordReader<R>,
     cfg: &PrimaryConfig,
 ) -> SessionResult {
@@ -73,6 +73,10 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
         arm_deadlines(&conn, cfg.backup_silence);
         shared.set_link(conn);
     }
+    let s = shared.clone();
+    sink.on_failure(Box::new(move |why| {
+        s.fail(format!("sending to the backup: {why}"))
+    }));
     if shared.lease.can_lapse() {
         // Queued before any commit can be (one FIFO channel).
         outq.set_gate(shared.lease.clone());

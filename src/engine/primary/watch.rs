@@ -76,6 +76,7 @@ impl Watchers {
     pub fn stop(&mut self) {
         self.done.store(true, Ordering::Relaxed);
         if let Some(h) = self.progress.take() {
+            h.thread().unpark();
             let _ = h.join();
         }
         if let Some(h) = self.lease.take() {
@@ -84,6 +85,7 @@ impl Watchers {
     }
 
     pub fn join_watchdog(self) {
+        self.watchdog.thread().unpark();
         let _ = self.watchdog.join();
     }
 }
@@ -104,7 +106,10 @@ fn lease_watch(shared: Arc<Shared>, done: Arc<AtomicBool>) {
 /// connection stays open would otherwise hold the guest's output forever.
 fn silence_watchdog(shared: Arc<Shared>, done: Arc<AtomicBool>, silence: Duration) {
     while !done.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::park_timeout(Duration::from_millis(50));
+        if done.load(Ordering::Relaxed) {
+            return;
+        }
         let quiet = shared.heard.lock().unwrap().elapsed();
         if quiet > silence {
             return shared.fail_silent(format!(
@@ -145,7 +150,11 @@ fn progress_thread(shared: Arc<Shared>, start: Instant, done: Arc<AtomicBool>) {
     let mut last_wire = 0u64;
     let mut last_t = Instant::now();
     while !done.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(200));
+        // Unparked by `Watchers::stop`: the teardown does not wait a tick.
+        std::thread::park_timeout(Duration::from_millis(200));
+        if done.load(Ordering::Relaxed) {
+            return;
+        }
         if last_t.elapsed() < Duration::from_secs(1) {
             continue;
         }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use super::{kernel, new_ring, Region, UringError, CHUNK_HEADER, RING_ENTRIES};
-use crate::transport::link::RecordSink;
+use crate::transport::link::{FailureReport, RecordSink};
 use crate::transport::ring::{Chunker, CreditShared, CreditWait};
 use crate::transport::slots::{Announce, CreditWindow, Placement};
 
@@ -135,6 +135,8 @@ pub struct UringSink {
     /// Sends whose memory the kernel may still read outlived the purge:
     /// their memory is never freed.
     kept: bool,
+    /// Told the first fatal error, before the teardown.
+    report: Option<FailureReport>,
     mode: SendMode,
     /// Notifications reporting the kernel copied instead of sending from
     /// our pages (always the case on loopback).
@@ -186,6 +188,7 @@ impl UringSink {
             progress: Instant::now(),
             purged: false,
             kept: false,
+            report: None,
             mode: SendMode::Direct,
             zc_copied: 0,
             zc_notifs: 0,
@@ -230,6 +233,11 @@ impl UringSink {
     }
 
     fn fail(&mut self, msg: String) -> io::Error {
+        if self.failed.is_none() {
+            if let Some(r) = &self.report {
+                r(&msg);
+            }
+        }
         self.failed.get_or_insert(msg.clone());
         io::Error::other(msg)
     }
@@ -611,6 +619,10 @@ impl RecordSink for UringSink {
 
     fn kernel_kept_buffers(&self) -> bool {
         self.kept && self.mode == SendMode::Direct
+    }
+
+    fn on_failure(&mut self, report: FailureReport) {
+        self.report = Some(report);
     }
 }
 
