@@ -199,6 +199,8 @@ impl Shared {
             g.silent = true;
         }
         self.cv.notify_all();
+        drop(g);
+        self.cut_link();
     }
 
     /// The backup reported an error: the session fails as refused. The

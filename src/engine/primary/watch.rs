@@ -120,7 +120,7 @@ fn silence_watchdog(shared: Arc<Shared>, done: Arc<AtomicBool>, silence: Duratio
         }
         let overdue = ack_overdue(&shared.inflight.lock().unwrap(), silence, Instant::now());
         if let Some(why) = overdue {
-            return shared.fail(why);
+            return shared.fail_silent(why);
         }
     }
 }
