@@ -501,8 +501,8 @@ impl UringSink {
         }
         let _ = self.reap();
         let left = self.due();
+        self.kept = left > 0;
         if left > 0 {
-            self.kept = true;
             tracing::warn!(
                 "{left} zero-copy sends still unfinished {} ms after the connection was torn down; \
                  their memory is leaked, never reused",

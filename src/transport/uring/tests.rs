@@ -158,3 +158,71 @@ fn duplicate_credit_fails_the_sink() {
     let e = sink.send(&[b"x"]).unwrap_err().to_string();
     assert!(e.contains("repeats slots already credited"), "{e}");
 }
+
+/// A backup that stops reading: the sink fails at its deadline (the
+/// socket's SO_SNDTIMEO) instead of blocking for ever, reports that first,
+/// and tears the connection down so that the kernel drops the bytes still
+/// queued from the caller's pages: by the time `send` returns, every
+/// notification came (nothing is due, no buffer is kept), so the caller
+/// may free its buffers. Without the teardown the peer's closed window
+/// keeps them queued, and their notifications due, for as long as the
+/// connection lives.
+#[test]
+fn a_peer_that_stops_reading_fails_the_sink_at_its_deadline() {
+    if !available() {
+        return;
+    }
+    let (c, s) = pair();
+    let deadline = std::time::Duration::from_millis(300);
+    c.set_write_timeout(Some(deadline)).unwrap();
+    let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).unwrap();
+    let credits = Arc::new(CreditShared::default());
+    let mut sink = UringSink::new(c.try_clone().unwrap(), &ann, credits).unwrap();
+    if sink.mode() != SendMode::Direct {
+        eprintln!("SKIP: kernel {} lacks SENDMSG_ZC", kernel());
+        return;
+    }
+    let reported = Arc::new(Mutex::new(Vec::<String>::new()));
+    let r = reported.clone();
+    sink.on_failure(Box::new(move |why| r.lock().unwrap().push(why.to_string())));
+    // Half the ring: no credit is needed, far more than the socket buffers
+    // of a peer that reads nothing.
+    let big = vec![7u8; ann.ring_len() / 2];
+    let t0 = std::time::Instant::now();
+    let err = sink.send(&[&big]).expect_err("nobody reads");
+    let took = t0.elapsed();
+    let msg = err.to_string();
+    eprintln!("failed after {} ms: {msg}", took.as_millis());
+    assert!(msg.contains("--backup-timeout"), "{msg}");
+    assert!(took >= deadline, "failed before the deadline: {took:?}");
+    assert!(
+        took < deadline + std::time::Duration::from_secs(2),
+        "failed after {took:?}"
+    );
+    assert_eq!(
+        reported.lock().unwrap().as_slice(),
+        [msg.clone()],
+        "reported once, first"
+    );
+    assert!(
+        sink.stages.iter().all(|s| !s.result_due && !s.notif_due),
+        "the kernel still reads the caller's pages"
+    );
+    assert!(!sink.kernel_kept_buffers());
+    drop(big);
+    // The connection is gone for good: the peer reads the reset.
+    drop(sink);
+    let mut s = s;
+    let mut buf = vec![0u8; 1 << 16];
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(
+        end.is_err(),
+        "the sink reset the connection (tcp_disconnect)"
+    );
+}
