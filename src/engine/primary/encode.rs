@@ -13,6 +13,7 @@
 //! - An encoder drops its clone of the job before reporting its shard, so
 //!   `castor-tx` can reclaim the staging buffer once every shard is in.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
@@ -91,7 +92,10 @@ pub(super) fn encoder_thread(
                 encs.last_mut().expect("just pushed")
             }
         };
-        encode_job(&w, &job, enc, &mut page, &mut buf, &mut pw, &mut st);
+        if !encode_job(&w, &job, enc, &mut page, &mut buf, &mut pw, &mut st) {
+            // The session failed: nobody sends this shard.
+            return;
+        }
         pw.close(&mut buf);
         st.encode_us = t0.elapsed().as_micros() as u64;
         let unit = job.unit;
@@ -110,7 +114,9 @@ pub(super) fn encoder_thread(
     }
 }
 
-/// Encodes this worker's pages of `job` into `buf`.
+/// Encodes this worker's pages of `job` into `buf`. False: the session's
+/// teardown stopped the encoders midway (checked every 32 pages, so a
+/// failed session's teardown never waits for a whole unit to be encoded).
 fn encode_job(
     w: &Worker,
     job: &EpochJob,
@@ -119,14 +125,22 @@ fn encode_job(
     buf: &mut Vec<u8>,
     pw: &mut PagesWriter,
     st: &mut ShardStats,
-) {
+) -> bool {
     let (shard, shards, shadow, mem, shared) = (w.shard, w.shards, w.shadow, w.mem, &*w.shared);
     let pages = shadow.1;
     let mut n = 0u32;
+    let mut stopped = false;
     let mut one = |gfn: u64, src: &[u8; PAGE_SIZE], buf: &mut Vec<u8>, pw: &mut PagesWriter| {
+        if stopped {
+            return;
+        }
         n = n.wrapping_add(1);
         if n % 32 == 0 {
             shared.yield_to_pause();
+            if shared.stop_encoders.load(Ordering::Relaxed) {
+                stopped = true;
+                return;
+            }
         }
         // SAFETY: gfn < pages and owner(gfn) == shard: this encoder
         // alone touches this shadow page.
@@ -178,4 +192,5 @@ fn encode_job(
             }
         }
     }
+    !stopped
 }
