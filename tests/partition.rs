@@ -5,6 +5,9 @@
 //! the replication port's packets in the primary's namespace: both ways,
 //! or one way each direction.
 //!
+//! Two cuts of an idle link (a quiet guest) as well: nothing blocks
+//! there, the silence or the missing acks decide.
+//!
 //! What must happen: the primary declares the backup lost within
 //! `--backup-timeout` + 1 s of the cut, whatever it was blocked on, and
 //! (arbiter held: `--arbiter local:PATH`) keeps its guest running
@@ -33,7 +36,9 @@ const PORT: &str = "7010";
 const P_ADDR: &str = "10.210.0.1";
 const B_ADDR: &str = "10.210.0.2";
 /// A busy guest: whole pages of random bytes, as fast as one thread goes.
-const GUEST: &str = "sim:mem=64MiB,workload=incompressible,threads=1,seed=13";
+const BUSY: &str = "sim:mem=64MiB,workload=incompressible,threads=1,seed=13";
+/// A quiet guest: 50 page writes a second.
+const IDLE: &str = "sim:mem=16MiB,workload=uniform,rate=50,seed=5";
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -114,12 +119,12 @@ fn backup(b: &Netns, dir: &std::path::Path, transport: &str) -> Backup {
     )
 }
 
-/// `castor protect` of the busy guest in `p`, its stderr watched.
-fn primary(p: &Netns, transport: &str, arbiter: &str) -> (Reaped, Lines) {
+/// `castor protect` of `guest` in `p`, its stderr watched.
+fn primary(p: &Netns, guest: &str, transport: &str, arbiter: &str) -> (Reaped, Lines) {
     let timeout = format!("{}ms", BACKUP_TIMEOUT.as_millis());
     let mut c = Reaped::spawn(
         castor_in(&p.name)
-            .args(["protect", "--domain", GUEST])
+            .args(["protect", "--domain", guest])
             .args(["--backup", &format!("{B_ADDR}:{PORT}")])
             .args(["--epoch", "20ms", "--transport", transport])
             .args(["--backup-timeout", &timeout, "--arbiter", arbiter])
@@ -161,9 +166,10 @@ fn none_within(lines: &Lines, pat: &str, window: Duration) {
     }
 }
 
-/// One partition of a busy link with the arbiter held: returns how long
-/// the primary took to declare the backup lost.
-fn held_arbiter_run(transport: &str, how: Cut) -> Option<Duration> {
+/// One partition with the arbiter held, the link busy (`guest` is
+/// [`BUSY`]) or idle: returns how long the primary took to declare the
+/// backup lost.
+fn held_arbiter_run(transport: &str, how: Cut, guest: &str) -> Option<Duration> {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if sim_unavailable() {
         return None;
@@ -171,14 +177,15 @@ fn held_arbiter_run(transport: &str, how: Cut) -> Option<Duration> {
     let (p, b) = pair(&format!("pt{}", transport.chars().next().unwrap()))?;
     let dir = tempfile::tempdir().unwrap();
     let _backup = backup(&b, dir.path(), transport);
-    let (mut prim, lines) = primary(&p, transport, &pair_lock(dir.path()));
+    let (mut prim, lines) = primary(&p, guest, transport, &pair_lock(dir.path()));
     wait_flowing(&lines);
     cut(&p, how);
     let at = Instant::now();
     let lost = lines.wait_for("continues UNPROTECTED", BACKUP_TIMEOUT + SLACK * 10);
     let took = at.elapsed();
+    let link = if guest == BUSY { "busy" } else { "idle" };
     eprintln!(
-        "{transport} {how:?}: backup declared lost {} ms after the cut: {lost}",
+        "{transport} {link} {how:?}: backup declared lost {} ms after the cut: {lost}",
         took.as_millis()
     );
     assert!(
@@ -210,32 +217,42 @@ fn held_arbiter_run(transport: &str, how: Cut) -> Option<Duration> {
 
 #[test]
 fn tcp_busy_link_cut_both_ways_is_detected_and_the_guest_runs_on() {
-    held_arbiter_run("tcp", Cut::Both);
+    held_arbiter_run("tcp", Cut::Both, BUSY);
 }
 
 #[test]
 fn tcp_busy_link_cut_toward_the_backup_is_detected() {
-    held_arbiter_run("tcp", Cut::ToBackup);
+    held_arbiter_run("tcp", Cut::ToBackup, BUSY);
 }
 
 #[test]
 fn tcp_busy_link_cut_from_the_backup_is_detected() {
-    held_arbiter_run("tcp", Cut::FromBackup);
+    held_arbiter_run("tcp", Cut::FromBackup, BUSY);
 }
 
 #[test]
 fn uring_busy_link_cut_both_ways_is_detected_and_the_guest_runs_on() {
-    held_arbiter_run("uring", Cut::Both);
+    held_arbiter_run("uring", Cut::Both, BUSY);
 }
 
 #[test]
 fn uring_busy_link_cut_toward_the_backup_is_detected() {
-    held_arbiter_run("uring", Cut::ToBackup);
+    held_arbiter_run("uring", Cut::ToBackup, BUSY);
 }
 
 #[test]
 fn uring_busy_link_cut_from_the_backup_is_detected() {
-    held_arbiter_run("uring", Cut::FromBackup);
+    held_arbiter_run("uring", Cut::FromBackup, BUSY);
+}
+
+#[test]
+fn tcp_idle_link_cut_toward_the_backup_is_detected() {
+    held_arbiter_run("tcp", Cut::ToBackup, IDLE);
+}
+
+#[test]
+fn uring_idle_link_cut_both_ways_is_detected() {
+    held_arbiter_run("uring", Cut::Both, IDLE);
 }
 
 /// The partition also cuts the primary off its etcd arbiter (etcd in the
@@ -256,7 +273,7 @@ fn lost_arbiter_run(transport: &str) {
     let dir = tempfile::tempdir().unwrap();
     let _backup = backup(&b, dir.path(), transport);
     let arb = format!("etcd:{}/castor/partition", etcd.url);
-    let (mut prim, lines) = primary(&p, transport, &arb);
+    let (mut prim, lines) = primary(&p, BUSY, transport, &arb);
     lines.wait_for("fencing token", START_PATIENCE);
     wait_flowing(&lines);
     let etcd_port = etcd.port.to_string();
