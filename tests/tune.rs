@@ -148,6 +148,41 @@ fn bench_epoch_auto_reports_the_lengths_it_chose() {
     assert!(h.contains("Tag=pause,"), "{h}");
 }
 
+/// The cut: with a target of 200 ms the nominal epoch of a talking guest
+/// is ~200 ms, but held output ends each epoch `delay` after its first
+/// frame (never before `min`), so the epochs run and the output waits far
+/// less than the nominal length. Without the held-output wake-up both
+/// would be ~200 ms.
+#[test]
+fn auto_cuts_an_epoch_short_when_its_output_is_held() {
+    if sim_unavailable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    stdout_of(&[
+        "bench",
+        "--domain",
+        "sim:mem=64MiB,workload=edits,rate=2000,out=1",
+        "--duration",
+        "3s",
+        "--epoch",
+        "auto:target=200ms,min=5ms,max=200ms,delay=1ms",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["digest_match"], true);
+    let len_p50 = r["epoch_len_us"]["p50"].as_u64().unwrap();
+    assert!(len_p50 < 50_000, "epoch p50 {len_p50} µs: epochs not cut");
+    let out = &r["output"]["release_delay_steady_us"];
+    let delay_p50 = out["p50"].as_u64().unwrap();
+    assert!(
+        delay_p50 < 60_000,
+        "release delay p50 {delay_p50} µs: {out}"
+    );
+}
+
 #[test]
 fn bad_epoch_values_are_refused_naming_them() {
     for (v, needle) in [

@@ -1,27 +1,35 @@
-//! The adaptive epoch (`--epoch auto[:target=..,min=..,max=..,overhead=..]`):
-//! a pure controller that chooses the next epoch's length from what the
-//! last epochs measured. No clocks, no threads: the primary's epoch loop
-//! feeds it one [`Observation`] per checkpoint and sleeps for what
-//! [`EpochController::next`] returns.
+//! The adaptive epoch (`--epoch auto[:target=..,min=..,max=..,overhead=..,delay=..,rate=..]`):
+//! a pure controller that chooses each epoch's length from what the last
+//! epochs measured. No clocks, no threads: the primary's pacer feeds it one
+//! [`Observation`] per checkpoint and asks [`EpochController::next`] for the
+//! next epoch's nominal length, and, while an epoch runs and the output
+//! queue holds something of it, [`EpochController::cut_after`] for how long
+//! after the first held frame the epoch may still run.
 //!
 //! Where the rules come from:
 //! - Adaptive Remus (shorter epochs while the guest is network-bound,
-//!   longer while it is CPU-bound): with no guest output in the last epoch
-//!   and none held, nobody waits on a checkpoint, so the epoch grows to
-//!   `max` and the guest pays for fewer pauses.
+//!   longer while it is CPU-bound): with no guest output in the last epoch,
+//!   nobody waits on a checkpoint, so the epoch grows to `max` and the
+//!   guest pays for fewer pauses.
 //! - Stratus, US9652338 (the checkpoint delay follows the buffered output:
-//!   delay = buffered output / target rate, plus a minimum): while output
-//!   is waiting, a frame's release delay is at most the epoch plus the
-//!   checkpoint latency, so the epoch is `target - latency` (never below
-//!   `min`), which puts the held output's p99 at the target.
-//! - An overhead guard the two rules lack: the epoch never drops below
-//!   `pause / overhead` (default 5%: a 1 ms pause allows 20 ms epochs), so
-//!   a write-heavy phase that also talks does not lose more than that share
-//!   of the guest's time to pauses. Guest speed wins over latency there.
+//!   delay = buffered output bits / target rate, plus a minimum): once the
+//!   running epoch holds output, the epoch ends `delay + bits / rate` after
+//!   the first held frame, and never later than `target - latency` after
+//!   it (so the frame's release delay, epoch rest + checkpoint latency,
+//!   stays near `target`). This is what makes the controller react within
+//!   the epoch rather than one epoch late: a long epoch grown while the
+//!   guest computed is cut short as soon as it talks.
+//! - An overhead guard the two rules lack: no epoch, cut or not, is shorter
+//!   than `pause / overhead` (default 5%: a 1 ms pause allows 20 ms
+//!   epochs), so a phase that writes hard *and* talks does not lose more
+//!   than that share of the guest's time to pauses. `pause` is the median
+//!   of the last three: one pause stretched by a descheduled host does not
+//!   hold the epoch long.
 //!
-//! Invariants: every length returned is within `[min, max]`; growth is at
-//! most ×1.5 per epoch (one noisy sample does not jump to `max`), shrinking
-//! is immediate (output that appears is served within one epoch).
+//! Invariants: every nominal length returned is within `[min, max]`, and
+//! [`EpochController::floor`] is within `[min, max]`; nominal growth is at
+//! most x1.5 per epoch (one noisy sample does not jump to `max`), shrinking
+//! is immediate.
 
 use std::fmt;
 use std::time::Duration;
@@ -37,6 +45,11 @@ pub struct AutoParams {
     pub max: Duration,
     /// Largest share of the guest's time the pauses may take, in (0, 1).
     pub overhead: f64,
+    /// Stratus's minimum: how long after the first held frame an epoch
+    /// runs at least (more output lengthens it by `bits / rate`).
+    pub delay: Duration,
+    /// Stratus's target output rate, bits per second.
+    pub rate_bps: f64,
 }
 
 impl Default for AutoParams {
@@ -46,6 +59,8 @@ impl Default for AutoParams {
             min: Duration::from_millis(5),
             max: Duration::from_millis(100),
             overhead: 0.05,
+            delay: Duration::from_millis(2),
+            rate_bps: 100e6,
         }
     }
 }
@@ -66,7 +81,7 @@ impl Default for EpochPolicy {
 /// A `--epoch` value that could not be parsed.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EpochPolicyError {
-    #[error("--epoch {0:?}: expected a duration like 25ms, or auto[:target=20ms,min=5ms,max=100ms,overhead=0.05]")]
+    #[error("--epoch {0:?}: expected a duration like 25ms, or auto[:target=20ms,min=5ms,max=100ms,overhead=0.05,delay=2ms,rate=100] (rate in Mbit/s)")]
     Syntax(String),
     #[error("--epoch {value:?}: {key}={raw} is not {what}")]
     BadValue {
@@ -75,7 +90,7 @@ pub enum EpochPolicyError {
         raw: String,
         what: &'static str,
     },
-    #[error("--epoch {0:?}: unknown key (keys: target, min, max, overhead)")]
+    #[error("--epoch {0:?}: unknown key (keys: target, min, max, overhead, delay, rate)")]
     UnknownKey(String),
     #[error("--epoch {0:?}: needs 0 < min <= target and min <= max")]
     Inconsistent(String),
@@ -113,6 +128,15 @@ impl EpochPolicy {
                 "target" => p.target = dur("target")?,
                 "min" => p.min = dur("min")?,
                 "max" => p.max = dur("max")?,
+                "delay" => p.delay = dur("delay")?,
+                "rate" => {
+                    p.rate_bps = v
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|r| r.is_finite() && *r > 0.0)
+                        .ok_or_else(|| bad("rate", "a positive rate in Mbit/s"))?
+                        * 1e6
+                }
                 "overhead" => {
                     p.overhead = v
                         .parse::<f64>()
@@ -145,11 +169,13 @@ impl fmt::Display for EpochPolicy {
             EpochPolicy::Fixed(d) => write!(f, "{}ms", ms(d)),
             EpochPolicy::Auto(p) => write!(
                 f,
-                "auto:target={}ms,min={}ms,max={}ms,overhead={}",
+                "auto:target={}ms,min={}ms,max={}ms,overhead={},delay={}ms,rate={}",
                 ms(&p.target),
                 ms(&p.min),
                 ms(&p.max),
-                p.overhead
+                p.overhead,
+                ms(&p.delay),
+                p.rate_bps / 1e6
             ),
         }
     }
@@ -171,9 +197,26 @@ pub struct Observation {
 pub struct EpochController {
     policy: EpochPolicy,
     current: Duration,
-    /// Smoothed pause and checkpoint latency (EWMA, 1/4 weight per sample).
-    pause: Option<f64>,
-    latency: Option<f64>,
+    /// The last three pauses, seconds (newest last).
+    pauses: Vec<f64>,
+    /// The last three checkpoint latencies, seconds (newest last).
+    latencies: Vec<f64>,
+}
+
+/// How many recent samples the medians take.
+const RECENT: usize = 3;
+
+fn push_recent(v: &mut Vec<f64>, x: f64) {
+    if v.len() == RECENT {
+        v.remove(0);
+    }
+    v.push(x);
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied()
 }
 
 impl EpochController {
@@ -181,8 +224,8 @@ impl EpochController {
         EpochController {
             policy,
             current: policy.initial(),
-            pause: None,
-            latency: None,
+            pauses: Vec::with_capacity(RECENT),
+            latencies: Vec::with_capacity(RECENT),
         }
     }
 
@@ -191,35 +234,62 @@ impl EpochController {
         self.current
     }
 
-    /// Folds in one checkpoint's measurements; returns the next epoch's length.
+    /// The shortest an epoch may run, cut or not: `min`, or the overhead
+    /// guard's `pause / overhead` if longer (at most `max`). A fixed
+    /// epoch's own length.
+    pub fn floor(&self) -> Duration {
+        match self.policy {
+            EpochPolicy::Fixed(d) => d,
+            EpochPolicy::Auto(p) => {
+                let guard = median(&self.pauses).unwrap_or(0.0) / p.overhead;
+                let (min, max) = (p.min.as_secs_f64(), p.max.as_secs_f64());
+                Duration::from_secs_f64(guard.clamp(min, max))
+            }
+        }
+    }
+
+    /// Stratus's rule: with `held_bytes` of the running epoch's output
+    /// held, how long after its first frame the epoch should end:
+    /// `delay + bits / rate`, at most `target - latency` (zero if the
+    /// latency alone exceeds the target). None for a fixed epoch, which is
+    /// never cut. The caller still runs the epoch at least [`Self::floor`].
+    pub fn cut_after(&self, held_bytes: u64) -> Option<Duration> {
+        let EpochPolicy::Auto(p) = self.policy else {
+            return None;
+        };
+        let stratus = p.delay.as_secs_f64() + held_bytes as f64 * 8.0 / p.rate_bps;
+        let budget = p.target.as_secs_f64() - median(&self.latencies).unwrap_or(0.0);
+        Some(Duration::from_secs_f64(stratus.min(budget).max(0.0)))
+    }
+
+    /// Folds in one checkpoint's measurements; returns the next epoch's
+    /// nominal length (an epoch that holds output may be cut shorter).
     pub fn next(&mut self, o: &Observation) -> Duration {
         let p = match self.policy {
             EpochPolicy::Fixed(d) => return d,
             EpochPolicy::Auto(p) => p,
         };
-        let ewma = |old: Option<f64>, v: f64| Some(old.map_or(v, |o| o * 0.75 + v * 0.25));
-        self.pause = ewma(self.pause, o.pause.as_secs_f64());
+        push_recent(&mut self.pauses, o.pause.as_secs_f64());
         if let Some(l) = o.latency {
-            self.latency = ewma(self.latency, l.as_secs_f64());
+            push_recent(&mut self.latencies, l.as_secs_f64());
         }
-        let (min, max) = (p.min.as_secs_f64(), p.max.as_secs_f64());
+        let latency = median(&self.latencies).unwrap_or(0.0);
         let want = if o.output_frames > 0 {
-            // Stratus: release the held output within the target.
-            (p.target.as_secs_f64() - self.latency.unwrap_or(0.0)).max(min)
+            // Network-bound: release the held output within the target.
+            p.target.as_secs_f64() - latency
         } else {
             // Adaptive Remus: CPU-bound, nobody waits: few pauses.
-            max
+            p.max.as_secs_f64()
         };
-        // Overhead guard: pauses take at most `overhead` of the guest's time.
-        let floor = self.pause.unwrap_or(0.0) / p.overhead;
-        let want = want.max(floor).clamp(min, max);
+        let want = want.max(self.floor().as_secs_f64());
         let cur = self.current.as_secs_f64();
         let next = if want > cur {
             want.min(cur * 1.5)
         } else {
             want
         };
-        self.current = Duration::from_secs_f64(next.clamp(min, max));
+        self.current =
+            Duration::from_secs_f64(next.clamp(p.min.as_secs_f64(), p.max.as_secs_f64()));
         self.current
     }
 }
@@ -253,6 +323,10 @@ mod tests {
             panic!("not auto")
         };
         assert_eq!((p.target, p.max, p.min), (30 * MS, 200 * MS, 5 * MS));
+        let EpochPolicy::Auto(q) = EpochPolicy::parse("auto:delay=1ms,rate=10").unwrap() else {
+            panic!("not auto")
+        };
+        assert_eq!((q.delay, q.rate_bps), (MS, 10e6));
         let back = EpochPolicy::parse(&EpochPolicy::Auto(p).to_string()).unwrap();
         assert_eq!(back, EpochPolicy::Auto(p));
     }
@@ -265,6 +339,8 @@ mod tests {
             ("auto:target=x", "target=x"),
             ("auto:overhead=1.5", "overhead=1.5"),
             ("auto:speed=1", "unknown key"),
+            ("auto:rate=-3", "rate=-3"),
+            ("auto:delay=soon", "delay=soon"),
             ("auto:min=30ms,target=20ms", "min <= target"),
             ("autox", "expected a duration"),
         ] {
@@ -329,5 +405,47 @@ mod tests {
             let n = c.next(&obs((i * 7919) % 20_000, i % 3, (i * 31) % 90));
             assert!((5 * MS..=100 * MS).contains(&n), "{n:?}");
         }
+    }
+
+    #[test]
+    fn fixed_epochs_are_never_cut() {
+        let c = EpochController::new(EpochPolicy::Fixed(25 * MS));
+        assert_eq!(c.cut_after(1 << 20), None);
+        assert_eq!(c.floor(), 25 * MS);
+    }
+
+    #[test]
+    fn held_output_cuts_after_delay_plus_bits_over_rate() {
+        // delay 2 ms, 100 Mbit/s: 64 B add 5 µs; 125 kB add 10 ms.
+        let mut c = auto();
+        let small = c.cut_after(64).unwrap().as_secs_f64();
+        assert!((small - 0.002_005).abs() < 1e-6, "{small}");
+        let big = c.cut_after(125_000).unwrap().as_secs_f64();
+        assert!((big - 0.012).abs() < 1e-6, "{big}");
+        // Never later than target - latency: 20 - 15 = 5 ms.
+        for _ in 0..3 {
+            c.next(&obs(100, 1, 15));
+        }
+        let capped = c.cut_after(125_000).unwrap().as_secs_f64();
+        assert!((capped - 0.005).abs() < 1e-6, "{capped}");
+        // Latency beyond the target: cut at once (the floor still holds).
+        for _ in 0..3 {
+            c.next(&obs(100, 1, 50));
+        }
+        assert_eq!(c.cut_after(64), Some(Duration::ZERO));
+        assert_eq!(c.floor(), 5 * MS);
+    }
+
+    #[test]
+    fn one_stalled_pause_does_not_raise_the_floor() {
+        let mut c = auto();
+        c.next(&obs(100, 1, 4));
+        c.next(&obs(100, 1, 4));
+        // A 40 ms pause (the host descheduled us) between short ones.
+        c.next(&obs(40_000, 1, 4));
+        assert_eq!(c.floor(), 5 * MS, "median of the last three pauses");
+        // Two long pauses in a row are the guest's: the guard holds.
+        c.next(&obs(3_000, 1, 4));
+        assert_eq!(c.floor(), 60 * MS);
     }
 }

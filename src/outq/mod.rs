@@ -152,6 +152,9 @@ struct Tags {
     /// Items handed to the queue so far (for the adaptive epoch: did the
     /// guest produce output during the epoch just ended?).
     emitted: AtomicU64,
+    /// Raised by the queue thread when it starts holding a new epoch's
+    /// output (the adaptive epoch's wake-up).
+    held: Arc<HeldSignal>,
 }
 
 /// A producer's end: cloneable, cheap, bound to one destination.
@@ -209,10 +212,12 @@ impl OutputQueue {
             late: AtomicU64::new(0),
             next_dest: AtomicU64::new(0),
             emitted: AtomicU64::new(0),
+            held: Arc::default(),
         });
+        let held = tags.held.clone();
         let thread = std::thread::Builder::new()
             .name("castor-outq".into())
-            .spawn(move || queue_thread(rx, mode))
+            .spawn(move || queue_thread(rx, mode, &held))
             .map_err(OutqError::Spawn)?;
         Ok(OutputQueue {
             tx,
@@ -247,6 +252,12 @@ impl OutputQueue {
     /// Items emitted by every producer so far.
     pub fn emitted(&self) -> u64 {
         self.tags.emitted.load(Ordering::Relaxed)
+    }
+
+    /// The event raised when the queue starts holding an epoch's output:
+    /// what the epoch clock waits on to end an epoch early.
+    pub fn held_signal(&self) -> Arc<HeldSignal> {
+        self.tags.held.clone()
     }
 
     /// Starts epoch `n`: items produced from now on are tagged `n`.
@@ -397,7 +408,7 @@ impl Delays {
     }
 }
 
-fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
+fn queue_thread(rx: Receiver<Msg>, mut mode: Mode, signal: &HeldSignal) {
     let mut dests: Vec<Option<Box<dyn Egress>>> = Vec::new();
     let mut held: VecDeque<Item> = VecDeque::new();
     let mut committed = 0u64;
@@ -460,6 +471,7 @@ fn queue_thread(rx: Receiver<Msg>, mut mode: Mode) {
                     }
                     Mode::Commit => {
                         r.held += 1;
+                        signal.held(it.epoch, it.at, it.frame.len());
                         held.push_back(it);
                     }
                 }
@@ -537,6 +549,8 @@ fn publish(r: &OutqReport, held: usize, last: &mut (u64, u64)) {
 }
 
 pub mod nfqueue;
+mod signal;
+pub use signal::{HeldOutput, HeldSignal};
 
 #[cfg(test)]
 mod tests;

@@ -96,7 +96,7 @@ impl Driver<'_> {
         let start = Instant::now();
         let mut cap = Capture::default();
         let mut recent = RecentDirty::new(self.cfg.keep_dirty_lists);
-        let mut pacer = Pacer::start(self.cfg.epoch_policy());
+        let mut pacer = Pacer::start(self.cfg.epoch_policy(), Some(self.outq.held_signal()));
         let mut emitted = self.outq.emitted();
         let mut epoch = 0u64;
         loop {

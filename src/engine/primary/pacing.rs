@@ -18,59 +18,73 @@
 //! - Deadlines advance by the epoch length from the previous deadline, not
 //!   from the pause, so epochs keep their cadence; a deadline already in the
 //!   past is moved to now (no burst of back-to-back epochs after a stall).
-//! - A failure of the session ends any wait at once (within 50 ms).
+//! - With `--epoch auto`, an epoch whose output the queue holds ends early:
+//!   `castor-outq` raises [`HeldSignal`] when it holds the epoch's first
+//!   frame (no polling), and the pause starts
+//!   [`EpochController::cut_after`] that frame, though never before
+//!   [`EpochController::floor`] into the epoch. A cut epoch's pause is the
+//!   base of the next deadline.
+//! - A failure of the session ends any wait (within 50 ms).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::shared::{Inflight, Shared};
 use super::PrimaryError;
 use crate::engine::epoch_control::{EpochController, EpochPolicy, Observation};
+use crate::outq::HeldSignal;
 
 /// Extensions shorter than this are scheduling noise, recorded as none.
 const EXTENSION_NOISE: Duration = Duration::from_micros(200);
 
+/// Longest single wait: how soon a failure or a stop is noticed.
+const WAKE: Duration = Duration::from_millis(50);
+
 /// The epoch clock of one session's checkpoints.
 pub(super) struct Pacer {
     control: EpochController,
+    /// The running epoch's nominal end.
     deadline: Instant,
+    /// When the running epoch began (the previous pause, roughly).
+    started: Instant,
+    /// The output queue's held-output event (None: never cut).
+    held: Option<Arc<HeldSignal>>,
 }
 
 impl Pacer {
-    /// Starts the first epoch now.
-    pub fn start(policy: EpochPolicy) -> Self {
+    /// Starts the first epoch now. `held` lets an adaptive epoch end early
+    /// when the guest's output is held.
+    pub fn start(policy: EpochPolicy, held: Option<Arc<HeldSignal>>) -> Self {
         let control = EpochController::new(policy);
+        let now = Instant::now();
         Pacer {
-            deadline: Instant::now() + control.current(),
+            deadline: now + control.current(),
+            started: now,
+            held,
             control,
         }
     }
 
     /// Lets the guest run until the epoch's deadline (woken early by a
-    /// failure or a stop), then waits while K checkpoints are unacknowledged
-    /// (`epoch` is the one about to be paused). Returns the extension (how
-    /// long backpressure held the epoch open past its deadline) and the
-    /// checkpoints unacknowledged at the deadline: what the throttle reads.
+    /// failure or a stop; with `--epoch auto`, ended early once its output
+    /// is held: see the module doc), then waits while K checkpoints are
+    /// unacknowledged (`epoch` is the one about to be paused). Returns the
+    /// extension (how long backpressure held the epoch open past its
+    /// deadline) and the checkpoints unacknowledged at the deadline: what
+    /// the throttle reads.
     pub fn wait_for_pause(
-        &self,
+        &mut self,
         shared: &Shared,
         epoch: u64,
         k: u64,
     ) -> Result<(Duration, u64), PrimaryError> {
-        let mut g = shared.inflight.lock().unwrap();
-        loop {
-            if let Some(e) = g.error() {
-                return Err(e);
+        match self.held.clone() {
+            Some(sig) if self.control.cut_after(0).is_some() => {
+                self.run_or_cut(shared, &sig, epoch)?
             }
-            let now = Instant::now();
-            if now >= self.deadline || crate::engine::stop_requested() {
-                break;
-            }
-            g = shared
-                .cv
-                .wait_timeout(g, (self.deadline - now).min(Duration::from_millis(50)))
-                .unwrap()
-                .0;
+            _ => self.run_to_deadline(shared)?,
         }
+        let g = shared.inflight.lock().unwrap();
         // Backpressure: at most K checkpoints unacknowledged at pause time.
         let ext_start = Instant::now();
         // Epochs 0..epoch-1 have been handed to the pipeline; those after
@@ -83,6 +97,62 @@ impl Pacer {
         Ok((ext, at_deadline))
     }
 
+    /// The fixed clock: sleeps on the in-flight table's condvar (a failure
+    /// wakes it at once) until the deadline or a stop.
+    fn run_to_deadline(&self, shared: &Shared) -> Result<(), PrimaryError> {
+        let mut g = shared.inflight.lock().unwrap();
+        loop {
+            if let Some(e) = g.error() {
+                return Err(e);
+            }
+            let now = Instant::now();
+            if now >= self.deadline || crate::engine::stop_requested() {
+                return Ok(());
+            }
+            g = shared
+                .cv
+                .wait_timeout(g, (self.deadline - now).min(WAKE))
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// The adaptive clock: until output of `epoch` is held, sleeps on the
+    /// held-output event; then until the cut (`cut_after` the first frame,
+    /// not before the floor) or the nominal deadline, whichever is first.
+    /// A cut moves the deadline to now (the next epoch counts from it).
+    fn run_or_cut(
+        &mut self,
+        shared: &Shared,
+        sig: &HeldSignal,
+        epoch: u64,
+    ) -> Result<(), PrimaryError> {
+        let earliest = self.started + self.control.floor();
+        loop {
+            let g = shared.inflight.lock().unwrap();
+            if let Some(e) = g.error() {
+                return Err(e);
+            }
+            let held = sig.of(epoch);
+            let end = held.map_or(self.deadline, |h| {
+                let cut = h.first_at + self.control.cut_after(h.bytes).unwrap_or_default();
+                self.deadline.min(cut.max(earliest))
+            });
+            let now = Instant::now();
+            if now >= end || crate::engine::stop_requested() {
+                self.deadline = self.deadline.min(now);
+                return Ok(());
+            }
+            let slice = (end - now).min(WAKE);
+            if held.is_none() {
+                drop(g);
+                sig.wait(epoch, slice);
+            } else {
+                drop(shared.cv.wait_timeout(g, slice).unwrap());
+            }
+        }
+    }
+
     /// The epoch length decision, from what the checkpoint just taken
     /// measured: the next deadline is one length after this one, or now if
     /// that has passed.
@@ -92,6 +162,7 @@ impl Pacer {
         if self.deadline < now {
             self.deadline = now;
         }
+        self.started = now;
     }
 }
 
