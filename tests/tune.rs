@@ -89,6 +89,15 @@ fn tune_sweeps_epochs_into_csv_json_hlog_and_plots() {
     ] {
         assert!(is_png(&out.join(png)), "{png} missing or not a PNG");
     }
+    let run: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("runs/e10ms-k2-lz4-tcp-r1.json")).expect("each run's report"),
+    )
+    .unwrap();
+    assert_eq!(run["digest_match"], true);
+    assert!(
+        run.get("per_epoch").is_none(),
+        "epoch records stay in hlog/"
+    );
     let hlog = std::fs::read_to_string(out.join("hlog/e10ms-k2-lz4-tcp.hlog")).unwrap();
     assert!(hlog.contains("#[StartTime: "), "{hlog}");
     assert!(hlog.contains("Tag=pause,") && hlog.contains("Tag=checkpoint_latency,"));

@@ -181,6 +181,8 @@ pub fn run(opts: &TuneOpts) -> Result<Vec<Row>, TuneError> {
     };
     let hdir = opts.out.join("hlog");
     std::fs::create_dir_all(&hdir).map_err(write_err(&hdir))?;
+    let rdir = opts.out.join("runs");
+    std::fs::create_dir_all(&rdir).map_err(write_err(&rdir))?;
     let n = opts.configs.len();
     let mut runs: Vec<Vec<Summary>> = vec![Vec::new(); n];
     let total = n as u32 * opts.rounds;
@@ -208,7 +210,20 @@ pub fn run(opts: &TuneOpts) -> Result<Vec<Row>, TuneError> {
                 ip: opts.ip,
                 backup_silence: cfg.backup_silence,
             };
-            runs[i].push(run_one(opts, c, round + 1, &cfg, &lo)?);
+            let s = run_one(opts, c, round + 1, &cfg, &lo)?;
+            // Each run's own report (without its epoch records), so that
+            // one round's outlier can be told from a trend.
+            let path = rdir.join(format!("{}-r{}.json", c.label(), round + 1));
+            let mut report = serde_json::to_value(&s).expect("serialises");
+            if let Some(o) = report.as_object_mut() {
+                o.remove("per_epoch");
+            }
+            std::fs::write(
+                &path,
+                serde_json::to_vec_pretty(&report).expect("serialises"),
+            )
+            .map_err(write_err(&path))?;
+            runs[i].push(s);
         }
     }
     eprintln!("\rcastor tune: {total} runs done{:40}", "");

@@ -10,7 +10,11 @@
 //! - Adaptive Remus (shorter epochs while the guest is network-bound,
 //!   longer while it is CPU-bound): with no guest output in the last epoch,
 //!   nobody waits on a checkpoint, so the epoch grows to `max` and the
-//!   guest pays for fewer pauses.
+//!   guest pays for fewer pauses; but only while checkpoints are acked
+//!   within half the target. The output the guest sends next waits behind
+//!   the checkpoints in flight, so a silent epoch whose checkpoints take
+//!   longer than the target is halved (AIMD on the checkpoint latency),
+//!   and held between half the target and the target.
 //! - Stratus, US9652338 (the checkpoint delay follows the buffered output:
 //!   delay = buffered output bits / target rate, plus a minimum): once the
 //!   running epoch holds output, the epoch ends `delay + bits / rate` after
@@ -274,15 +278,22 @@ impl EpochController {
             push_recent(&mut self.latencies, l.as_secs_f64());
         }
         let latency = median(&self.latencies).unwrap_or(0.0);
+        let target = p.target.as_secs_f64();
+        let cur = self.current.as_secs_f64();
         let want = if o.output_frames > 0 {
             // Network-bound: release the held output within the target.
-            p.target.as_secs_f64() - latency
+            target - latency
+        } else if latency > target {
+            // Nobody waits now, but whoever speaks next waits behind the
+            // checkpoints in flight: halve them while they take too long.
+            cur / 2.0
+        } else if latency > target / 2.0 {
+            cur
         } else {
             // Adaptive Remus: CPU-bound, nobody waits: few pauses.
             p.max.as_secs_f64()
         };
         let want = want.max(self.floor().as_secs_f64());
-        let cur = self.current.as_secs_f64();
         let next = if want > cur {
             want.min(cur * 1.5)
         } else {
@@ -447,5 +458,24 @@ mod tests {
         // Two long pauses in a row are the guest's: the guard holds.
         c.next(&obs(3_000, 1, 4));
         assert_eq!(c.floor(), 60 * MS);
+    }
+
+    #[test]
+    fn silent_epochs_shrink_while_checkpoints_take_longer_than_target() {
+        let mut c = auto();
+        for _ in 0..10 {
+            c.next(&obs(100, 0, 2));
+        }
+        assert_eq!(c.current(), 100 * MS);
+        // Big silent checkpoints acked in 40 ms (> 20 ms target): halve.
+        let lens: Vec<Duration> = (0..3).map(|_| c.next(&obs(100, 0, 40))).collect();
+        assert_eq!(lens[1], 50 * MS, "{lens:?}");
+        assert_eq!(lens[2], 25 * MS, "{lens:?}");
+        // Between half the target and the target: hold.
+        for _ in 0..3 {
+            c.next(&obs(100, 0, 15));
+        }
+        let held = c.current();
+        assert_eq!(c.next(&obs(100, 0, 15)), held);
     }
 }
