@@ -4,13 +4,16 @@
 //! once and completed to the guest; it is tagged with the epoch running and
 //! queued for that epoch's checkpoint, which carries it to the backup. The
 //! epoch driver cuts the log inside the pause ([`WriteLog::cut`]), so a
-//! write belongs to exactly one epoch.
+//! write belongs to exactly one epoch. An epoch's writes are kept
+//! coalesced ([`WriteSet`]): a range rewritten within an epoch travels
+//! once, with its last bytes.
 //!
 //! Invariants:
-//! - Applying a write to the image and appending it to the log happen under
-//!   one lock, so the log's order is the image's order (two overlapping
-//!   writes land on the backup in the order they landed here) and a cut
-//!   never splits a write.
+//! - Applying a write to the image and recording it in the epoch's set
+//!   happen under one lock, so the set holds, for each byte the epoch
+//!   touched, what the image holds at the cut (the last of two overlapping
+//!   writes wins on the backup as it did here) and a cut never splits a
+//!   write.
 //! - The fencing gate is checked under that same lock: once the gate closes
 //!   no write, queued or new, reaches the image or the log.
 //! - The queue is bounded ([`LogConfig::max_queued`]); a writer that finds
@@ -20,6 +23,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use super::coalesce::WriteSet;
 use super::fence::Fence;
 use super::image::{DiskImage, ImageError};
 use super::wire::{DiskOp, MAX_OP_DATA};
@@ -40,8 +44,8 @@ pub enum LogError {
 
 #[derive(Debug, Clone, Copy)]
 pub struct LogConfig {
-    /// Bytes of queued writes (data plus op headers) above which writers
-    /// wait for the next cut.
+    /// Bytes of queued writes (data plus op headers, after coalescing)
+    /// above which writers wait for the next cut.
     pub max_queued: usize,
     /// Longest a writer waits for room before its write fails.
     pub max_wait: Duration,
@@ -56,7 +60,9 @@ impl Default for LogConfig {
     }
 }
 
-/// The writes of one epoch, in the order they reached the image.
+/// The writes of one epoch, coalesced: disjoint ranges in offset order
+/// holding their bytes at the epoch's end, then a `Flush` if the epoch
+/// carried one.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct EpochOps {
     pub epoch: u64,
@@ -69,8 +75,7 @@ pub struct EpochOps {
 struct Inner {
     recording: bool,
     epoch: u64,
-    ops: Vec<DiskOp>,
-    bytes: usize,
+    set: WriteSet,
 }
 
 /// An image plus the log of its writes per epoch. Shared by every NBD
@@ -119,8 +124,7 @@ impl WriteLog {
         let mut g = self.lock();
         g.recording = true;
         g.epoch = epoch;
-        g.ops.clear();
-        g.bytes = 0;
+        g.set = WriteSet::default();
     }
 
     /// Stops queueing; returns what was queued and not yet cut.
@@ -154,17 +158,10 @@ impl WriteLog {
         self.image.write_at(data, offset)?;
         if g.recording {
             for (i, chunk) in data.chunks(MAX_OP_DATA).enumerate() {
-                let at = offset + (i * MAX_OP_DATA) as u64;
-                push(
-                    &mut g,
-                    DiskOp::Write {
-                        offset: at,
-                        data: chunk.to_vec(),
-                    },
-                );
+                g.set.write(offset + (i * MAX_OP_DATA) as u64, chunk);
             }
             if fua {
-                push(&mut g, DiskOp::Flush);
+                g.set.flush();
             }
         }
         drop(g);
@@ -180,14 +177,9 @@ impl WriteLog {
         let mut g = self.admit(0)?;
         self.image.zero(offset, len as u64)?;
         if g.recording {
-            let op = if trim {
-                DiskOp::Trim { offset, len }
-            } else {
-                DiskOp::Zero { offset, len }
-            };
-            push(&mut g, op);
+            g.set.zero(offset, len, trim);
             if fua {
-                push(&mut g, DiskOp::Flush);
+                g.set.flush();
             }
         }
         drop(g);
@@ -202,7 +194,7 @@ impl WriteLog {
     pub fn flush(&self) -> Result<(), LogError> {
         let mut g = self.admit(0)?;
         if g.recording {
-            push(&mut g, DiskOp::Flush);
+            g.set.flush();
         }
         drop(g);
         Ok(self.image.sync()?)
@@ -219,14 +211,15 @@ impl WriteLog {
                     path: self.image.path().display().to_string(),
                 });
             }
-            if !g.recording || g.bytes == 0 || g.bytes + len <= self.cfg.max_queued {
+            let queued = g.set.bytes();
+            if !g.recording || queued == 0 || queued + len <= self.cfg.max_queued {
                 return Ok(g);
             }
             let waited = start.elapsed();
             if waited >= self.cfg.max_wait {
                 return Err(LogError::Backlog {
                     path: self.image.path().display().to_string(),
-                    queued: g.bytes,
+                    queued,
                     waited,
                 });
             }
@@ -240,17 +233,12 @@ impl WriteLog {
     }
 }
 
-fn push(g: &mut Inner, op: DiskOp) {
-    g.bytes += op.wire_len();
-    g.ops.push(op);
-}
-
 fn take(g: &mut Inner) -> EpochOps {
-    let bytes = std::mem::take(&mut g.bytes);
+    let set = std::mem::take(&mut g.set);
     EpochOps {
         epoch: g.epoch,
-        ops: std::mem::take(&mut g.ops),
-        bytes,
+        bytes: set.bytes(),
+        ops: set.into_ops(),
     }
 }
 
@@ -271,6 +259,7 @@ mod tests {
         l.write(0, &[1; 512], false).unwrap();
         assert!(l.cut(1).ops.is_empty(), "nothing queued before recording");
         l.start_recording(3);
+        l.write(4096, &[7; 512], false).unwrap();
         l.write(512, &[2; 512], true).unwrap();
         l.zero(4096, 100, true, false).unwrap();
         let mut b = [0u8; 512];
@@ -278,6 +267,8 @@ mod tests {
         assert_eq!(b, [2; 512], "applied before the epoch ends");
         let e3 = l.cut(4);
         assert_eq!(e3.epoch, 3);
+        // Coalesced: in offset order, the trim over the head of the first
+        // write wins there, the flush comes last.
         assert_eq!(
             e3.ops,
             vec![
@@ -285,14 +276,18 @@ mod tests {
                     offset: 512,
                     data: vec![2; 512]
                 },
-                DiskOp::Flush,
                 DiskOp::Trim {
                     offset: 4096,
                     len: 100
-                }
+                },
+                DiskOp::Write {
+                    offset: 4196,
+                    data: vec![7; 412]
+                },
+                DiskOp::Flush,
             ]
         );
-        assert_eq!(e3.bytes, 3 * OP_HEADER + 512);
+        assert_eq!(e3.bytes, 4 * OP_HEADER + 512 + 412);
         l.flush().unwrap();
         let e4 = l.stop_recording();
         assert_eq!((e4.epoch, e4.ops), (4, vec![DiskOp::Flush]));

@@ -12,6 +12,7 @@
 //!
 //! - [`image`]: a raw image with checked positional I/O.
 //! - [`log`]: the primary's per-epoch write log and its fencing gate.
+//! - [`coalesce`]: one epoch's writes, coalesced to their net effect.
 //! - [`fence`]: the gate itself (revocation, arbiter lease).
 //! - [`wire`]: the `DiskWrites` payload, bounds-checked.
 //! - [`stage`]: the backup's staging and commit.
@@ -27,6 +28,7 @@
 
 pub mod activate;
 pub mod addr;
+pub mod coalesce;
 pub mod fence;
 pub mod image;
 pub mod log;

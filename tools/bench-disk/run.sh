@@ -15,6 +15,16 @@ W=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
 export CASTOR_PSK=bench-disk-key-0123456789abcdef
 SIM="sim:mem=64MiB,workload=uniform,rate=2000,seed=1"
+# Waits until file $2 contains $3 while process $1 lives (at most 60 s).
+await() {
+  local i
+  for i in $(seq 1200); do
+    grep -q "$3" "$2" 2>/dev/null && return 0
+    kill -0 "$1" 2>/dev/null || { echo "process $1 exited before '$3' appeared in $2:" >&2; cat "$2" >&2; return 1; }
+    sleep 0.05
+  done
+  echo "no '$3' in $2 after 60 s" >&2; return 1
+}
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 # fio job: $1 name, $2 rw, $3 bs, $4 uri, $5 extra fio args -> JSON in $W/$1.json
@@ -27,9 +37,9 @@ run_fio() {
 unprotected() { # $1 job $2 rw $3 bs $4 extra
   local p; p=$(port)
   truncate -s "${SIZE}M" "$W/u.img"
-  "$BIN" serve-disk --disk "data=$W/u.img,nbd=127.0.0.1:$p" 2>"$W/serve.log" &
+  "$BIN" serve-disk --disk "data=$W/u.img,nbd=127.0.0.1:$p" 2>"$W/$1.serve.log" &
   local pid=$!
-  until grep -q "served at" "$W/serve.log"; do sleep 0.05; done
+  await $pid "$W/$1.serve.log" "served at"
   run_fio "$1" "$2" "$3" "nbd://127.0.0.1:$p/data" "$4"
   kill -INT $pid; wait $pid
   rm -f "$W/u.img"
@@ -39,14 +49,16 @@ replicated() { # $1 job $2 rw $3 bs $4 extra
   local p; p=$(port)
   truncate -s "${SIZE}M" "$W/r.img"
   rm -rf "$W/replica"
-  "$BIN" backup --listen 127.0.0.1:0 --state-dir "$W/replica" >"$W/backup.out" 2>"$W/$1.backup.log" &
+  # A file per job: a reused one could still hold the last job's address
+  # when the new backup has not truncated it yet.
+  "$BIN" backup --listen 127.0.0.1:0 --state-dir "$W/replica" >"$W/$1.backup.out" 2>"$W/$1.backup.log" &
   local bpid=$!
-  until grep -q "listening on" "$W/backup.out"; do sleep 0.05; done
-  local addr; addr=$(sed -n 's/^listening on //p' "$W/backup.out")
+  await $bpid "$W/$1.backup.out" "listening on"
+  local addr; addr=$(sed -n 's/^listening on //p' "$W/$1.backup.out")
   "$BIN" protect --domain "$SIM" --backup "$addr" --epoch 25ms --arbiter none \
       --json "$W/$1.protect.json" --disk "data=$W/r.img,nbd=127.0.0.1:$p" 2>"$W/$1.protect.log" &
   local ppid=$!
-  until grep -q "acked" "$W/$1.protect.log"; do sleep 0.05; done
+  await $ppid "$W/$1.protect.log" "acked *[1-9]"
   run_fio "$1" "$2" "$3" "nbd://127.0.0.1:$p/data" "$4"
   kill -INT $ppid; wait $ppid || true; wait $bpid || true
   cmp -s "$W/r.img" "$W/replica/disks/data.img" && echo "  $1: backup disk == primary disk" \
