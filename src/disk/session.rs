@@ -23,6 +23,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::image::{DiskImage, ImageError};
 use super::log::{EpochOps, WriteLog};
@@ -33,6 +34,8 @@ use crate::transport::record::{Cursor, PayloadError};
 pub const MAX_DISKS: usize = 16;
 /// Largest disk a backup accepts (16 TiB).
 pub const MAX_DISK_SIZE: u64 = 16 << 40;
+/// Longest the seed's disk scan goes without emitting a payload.
+pub const SEED_KEEPALIVE: Duration = Duration::from_millis(100);
 /// Disk bytes staged in memory per epoch before the backup spills to a file.
 pub const STAGE_MEMORY: usize = 64 << 20;
 
@@ -194,6 +197,11 @@ impl PrimaryDisks {
     /// region of every disk, read now. Writes logged since [`Self::start`]
     /// are sent again in the first checkpoint, so a region read before a
     /// concurrent write ends up right.
+    ///
+    /// Holes are skipped without reading (`SEEK_DATA`). A scan that finds
+    /// nothing to send for [`SEED_KEEPALIVE`] (a large disk of written
+    /// zeros) emits an empty payload, so the stream never falls silent
+    /// long enough for the backup to declare the primary dead.
     pub fn seed_payloads(
         &self,
         chunk: usize,
@@ -202,10 +210,21 @@ impl PrimaryDisks {
         let mut buf = vec![0u8; chunk];
         let mut payload = Vec::with_capacity(chunk + 64);
         let mut bytes = 0;
+        let mut last_emit = Instant::now();
         for (i, (_, log)) in self.disks.iter().enumerate() {
             let size = log.size();
             let mut at = 0u64;
             while at < size {
+                if last_emit.elapsed() >= SEED_KEEPALIVE {
+                    payload.clear();
+                    wire::encode(&mut payload, i as u16, &[]);
+                    emit(&payload)?;
+                    last_emit = Instant::now();
+                }
+                let Some(data) = log.image().next_data(at).map_err(|e| e.to_string())? else {
+                    break;
+                };
+                at = data - data % chunk as u64;
                 let n = (size - at).min(chunk as u64) as usize;
                 log.read(&mut buf[..n], at).map_err(|e| e.to_string())?;
                 if buf[..n].iter().any(|&b| b != 0) {
@@ -216,6 +235,7 @@ impl PrimaryDisks {
                     };
                     wire::encode(&mut payload, i as u16, std::slice::from_ref(&op));
                     emit(&payload)?;
+                    last_emit = Instant::now();
                     bytes += n as u64;
                 }
                 at += n as u64;
