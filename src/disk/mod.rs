@@ -15,6 +15,7 @@
 //! - [`coalesce`]: one epoch's writes, coalesced to their net effect.
 //! - [`fence`]: the gate itself (revocation, arbiter lease).
 //! - [`wire`]: the `DiskWrites` payload, bounds-checked.
+//! - [`frame`]: a checkpoint's `DiskWrites` records as pieces for a vectored send.
 //! - [`stage`]: the backup's staging and commit.
 //! - [`nbd`]: the NBD server that exposes a [`log::WriteLog`] to any client.
 //! - [`session`]: a session's disk set on each side, the `Disks` announcement.
@@ -30,6 +31,7 @@ pub mod activate;
 pub mod addr;
 pub mod coalesce;
 pub mod fence;
+pub mod frame;
 pub mod image;
 pub mod log;
 pub mod nbd;

@@ -36,8 +36,10 @@ pub const MAX_DISKS: usize = 16;
 pub const MAX_DISK_SIZE: u64 = 16 << 40;
 /// Longest the seed's disk scan goes without emitting a payload.
 pub const SEED_KEEPALIVE: Duration = Duration::from_millis(100);
-/// Disk bytes staged in memory per epoch before the backup spills to a file.
-pub const STAGE_MEMORY: usize = 64 << 20;
+/// Disk bytes staged in memory per epoch before the backup spills to a
+/// file: the primary's default log bound (`LogConfig::max_queued`), so an
+/// epoch the primary let through never costs the backup a spill.
+pub const STAGE_MEMORY: usize = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {

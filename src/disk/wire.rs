@@ -76,18 +76,25 @@ pub fn encode(out: &mut Vec<u8>, disk: u16, ops: &[DiskOp]) {
     out.extend_from_slice(&disk.to_le_bytes());
     out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
     for op in ops {
-        let (kind, offset, len, data): (u8, u64, u32, &[u8]) = match op {
-            DiskOp::Write { offset, data } => (KIND_WRITE, *offset, data.len() as u32, data),
-            DiskOp::Zero { offset, len } => (KIND_ZERO, *offset, *len, &[]),
-            DiskOp::Trim { offset, len } => (KIND_TRIM, *offset, *len, &[]),
-            DiskOp::Flush => (KIND_FLUSH, 0, 0, &[]),
-        };
-        out.push(kind);
-        out.push(0);
-        out.extend_from_slice(&offset.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(data);
+        encode_op_header(out, op);
+        if let DiskOp::Write { data, .. } = op {
+            out.extend_from_slice(data);
+        }
     }
+}
+
+/// Appends the [`OP_HEADER`] bytes of `op` (a write's data follows them).
+pub fn encode_op_header(out: &mut Vec<u8>, op: &DiskOp) {
+    let (kind, offset, len) = match op {
+        DiskOp::Write { offset, data } => (KIND_WRITE, *offset, data.len() as u32),
+        DiskOp::Zero { offset, len } => (KIND_ZERO, *offset, *len),
+        DiskOp::Trim { offset, len } => (KIND_TRIM, *offset, *len),
+        DiskOp::Flush => (KIND_FLUSH, 0, 0),
+    };
+    out.push(kind);
+    out.push(0);
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
 }
 
 /// Splits `ops` into runs whose payloads fit in `max_payload` bytes (an op

@@ -27,30 +27,23 @@ use std::time::{Duration, Instant};
 use super::job::{EpochJob, Meta, ShardOut, Source, TxMsg};
 use super::shared::{InflightEntry, Shared};
 use crate::disk::session::{encode_announce, EpochDisks, PrimaryDisks};
-use crate::disk::wire;
+use crate::disk::{self, wire};
 use crate::engine::codec_choice::Observed;
 use crate::engine::shadow::PageBuf;
 use crate::metrics::EpochRecord;
 use crate::transport::messages::{EpochBegin, EpochClass, EpochEnd};
-use crate::transport::record::{begin_record, finish_record, write_record, RecordKind};
+use crate::transport::record::{write_record, RecordKind};
 use crate::transport::RecordSink;
 use crate::PAGE_SIZE;
 
 /// Bytes of disk per seed record.
 const SEED_CHUNK: usize = 1 << 20;
 
-/// Frames a checkpoint's disk writes as DiskWrites records into `out`;
-/// returns how many, and counts them into `rec`.
-fn disk_records(out: &mut Vec<u8>, epoch: u64, disks: &EpochDisks, rec: &mut EpochRecord) -> u32 {
-    let start = out.len();
-    let mut n = 0;
-    for (disk, e) in disks {
-        for batch in wire::batches(&e.ops, SEED_CHUNK + 4096) {
-            let at = begin_record(out, RecordKind::DiskWrites, epoch);
-            wire::encode(out, *disk, batch);
-            finish_record(out, at);
-            n += 1;
-        }
+/// Frames a checkpoint's disk writes as DiskWrites records (their data
+/// is sent from the log, not copied) and counts them into `rec`.
+fn disk_records(epoch: u64, disks: &EpochDisks, rec: &mut EpochRecord) -> disk::frame::Framed {
+    let framed = disk::frame::frame(disks, epoch);
+    for (_, e) in disks {
         rec.disk_ops += e.ops.len() as u64;
         rec.disk_bytes += e
             .ops
@@ -61,8 +54,8 @@ fn disk_records(out: &mut Vec<u8>, epoch: u64, disks: &EpochDisks, rec: &mut Epo
             })
             .sum::<u64>();
     }
-    rec.disk_wire_bytes += (out.len() - start) as u64;
-    n
+    rec.disk_wire_bytes += framed.wire_bytes;
+    framed
 }
 
 /// Where `castor-tx` returns buffers, and its fixed settings.
@@ -89,6 +82,8 @@ struct Assembly {
 /// A unit framed for the wire: the records around the shards.
 struct Framed {
     head: Vec<u8>,
+    /// The checkpoint's DiskWrites records, between the shards and `tail`.
+    disk: disk::frame::Framed,
     tail: Vec<u8>,
     record: EpochRecord,
     /// The seed's End, held back until the disks' seed records are out.
@@ -239,8 +234,10 @@ impl Tx {
             end.pages_records += o.records;
         }
         let mut tail = Vec::with_capacity(meta.state.len() + 64);
+        let mut disk = disk::frame::Framed::default();
         if !seed {
-            end.disk_records = disk_records(&mut tail, meta.epoch, &meta.disk, &mut rec);
+            disk = disk_records(meta.epoch, &meta.disk, &mut rec);
+            end.disk_records = disk.records;
         }
         if !seed {
             write_record(&mut tail, RecordKind::State, meta.epoch, &meta.state);
@@ -251,7 +248,7 @@ impl Tx {
             write_record(&mut tail, RecordKind::EpochEnd, meta.epoch, &end.encode());
         }
         let shard_bytes: u64 = outs.iter().map(|o| o.buf.len() as u64).sum();
-        rec.wire_bytes += head.len() as u64 + shard_bytes + tail.len() as u64;
+        rec.wire_bytes += head.len() as u64 + shard_bytes + disk.wire_bytes + tail.len() as u64;
         rec.state_bytes = meta.state.len() as u64;
         if seed && !closes {
             self.seed_end = end;
@@ -259,6 +256,7 @@ impl Tx {
         }
         Framed {
             head,
+            disk,
             tail,
             record: rec,
             seed_end: seed_disks.then_some(end),
@@ -301,6 +299,7 @@ impl Tx {
         let closes = !seed || meta.last_round;
         let Framed {
             head,
+            disk,
             tail,
             record,
             seed_end,
@@ -308,6 +307,7 @@ impl Tx {
         let shared = self.ends.shared.clone();
         let mut bufs: Vec<&[u8]> = vec![&head];
         bufs.extend(outs.iter().map(|o| &o.buf[..]));
+        bufs.extend(disk.slices(&meta.disk));
         bufs.push(&tail);
         if closes {
             let mut g = shared.inflight.lock().unwrap();
