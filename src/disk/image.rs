@@ -167,6 +167,34 @@ impl DiskImage {
         Ok(())
     }
 
+    /// Allocates the blocks of `offset..offset+len` (size unchanged), so a
+    /// write there cannot then fail for lack of space. Where the file
+    /// system cannot preallocate, does nothing.
+    pub fn reserve(&self, offset: u64, len: u64) -> Result<(), ImageError> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: fallocate on an fd we own with a range checked above; it
+        // touches no memory of ours.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+            _ => Err(self.io("reserving space in")(e)),
+        }
+    }
+
     /// The first offset at or after `offset` that may hold data (`None`:
     /// only a hole remains). Where the file system cannot tell
     /// (`SEEK_DATA` unsupported) every offset may hold data.

@@ -124,29 +124,18 @@ impl Staging {
 
     /// Applies the open epoch's writes to `images` (indexed by disk), in
     /// order, syncing them if the epoch carried a flush; then forgets them.
+    ///
+    /// All or nothing against a full disk: a first pass reserves the
+    /// blocks of every write ([`DiskImage::reserve`]), so a backup short
+    /// of space fails before any byte of the epoch reaches an image and
+    /// the replica stays at the last committed epoch. (An I/O error of the
+    /// device itself during the second pass can still leave the epoch
+    /// partly applied; the session then ends with that error.)
     pub fn commit(&mut self, images: &[&DiskImage]) -> Result<Applied, StageError> {
         let sizes: Vec<u64> = images.iter().map(|i| i.size()).collect();
+        self.each_payload(|p| reserve(p, &sizes, images))?;
         let mut applied = Applied::default();
-        let mem = std::mem::take(&mut self.mem);
-        let mut at = 0;
-        while at < mem.len() {
-            let len = u32::from_le_bytes(mem[at..at + 4].try_into().expect("4 bytes")) as usize;
-            apply(&mem[at + 4..at + 4 + len], &sizes, images, &mut applied)?;
-            at += 4 + len;
-        }
-        self.mem = mem;
-        let mut pos = 0;
-        while pos < self.spilled {
-            let mut len = [0u8; 4];
-            let f = self.spill.as_ref().expect("spilled bytes live in the file");
-            f.read_exact_at(&mut len, pos)
-                .map_err(self.spill_err("reading"))?;
-            self.scratch.resize(u32::from_le_bytes(len) as usize, 0);
-            f.read_exact_at(&mut self.scratch, pos + 4)
-                .map_err(self.spill_err("reading"))?;
-            apply(&self.scratch, &sizes, images, &mut applied)?;
-            pos += 4 + self.scratch.len() as u64;
-        }
+        self.each_payload(|p| apply(p, &sizes, images, &mut applied))?;
         if self.flush {
             for img in images {
                 img.sync()?;
@@ -155,6 +144,36 @@ impl Staging {
         }
         self.discard();
         Ok(applied)
+    }
+
+    /// Calls `f` with every staged payload, in staging order.
+    fn each_payload(
+        &mut self,
+        mut f: impl FnMut(&[u8]) -> Result<(), StageError>,
+    ) -> Result<(), StageError> {
+        let mem = std::mem::take(&mut self.mem);
+        let mut at = 0;
+        let mut r = Ok(());
+        while at < mem.len() && r.is_ok() {
+            let len = u32::from_le_bytes(mem[at..at + 4].try_into().expect("4 bytes")) as usize;
+            r = f(&mem[at + 4..at + 4 + len]);
+            at += 4 + len;
+        }
+        self.mem = mem;
+        r?;
+        let mut pos = 0;
+        while pos < self.spilled {
+            let mut len = [0u8; 4];
+            let f_ = self.spill.as_ref().expect("spilled bytes live in the file");
+            f_.read_exact_at(&mut len, pos)
+                .map_err(self.spill_err("reading"))?;
+            self.scratch.resize(u32::from_le_bytes(len) as usize, 0);
+            f_.read_exact_at(&mut self.scratch, pos + 4)
+                .map_err(self.spill_err("reading"))?;
+            f(&self.scratch)?;
+            pos += 4 + self.scratch.len() as u64;
+        }
+        Ok(())
     }
 
     /// Forgets the open epoch's writes (torn epoch, or after commit).
@@ -171,6 +190,21 @@ impl Staging {
         self.records = 0;
         self.flush = false;
     }
+}
+
+/// Reserves the blocks every write of `payload` will fill.
+fn reserve(payload: &[u8], sizes: &[u64], images: &[&DiskImage]) -> Result<(), StageError> {
+    let (disk, ops) = parse(payload, sizes)?;
+    let img = images.get(disk as usize).ok_or(StageError::NoImage {
+        disk,
+        disks: images.len(),
+    })?;
+    for op in ops {
+        if let OpRef::Write { offset, data } = op {
+            img.reserve(offset, data.len() as u64)?;
+        }
+    }
+    Ok(())
 }
 
 fn apply(
@@ -220,6 +254,58 @@ mod tests {
         let mut b = vec![0; img.size() as usize];
         img.read_at(&mut b, 0).unwrap();
         b
+    }
+
+    /// A tmpfs of `bytes` mounted on a fresh directory, unmounted on drop.
+    struct SmallFs(tempfile::TempDir);
+
+    impl SmallFs {
+        fn mount(bytes: u64) -> Result<SmallFs, String> {
+            let d = tempfile::tempdir().unwrap();
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                .arg(d.path())
+                .output()
+                .map_err(|e| format!("running mount: {e}"))?;
+            if !out.status.success() {
+                return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+            }
+            Ok(SmallFs(d))
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_backup_out_of_space_applies_no_byte_of_the_epoch() {
+        let fs = match SmallFs::mount(1 << 20) {
+            Ok(fs) => fs,
+            Err(e) => {
+                eprintln!("skipped: needs root to mount a 1 MiB tmpfs ({e})");
+                return;
+            }
+        };
+        let img = DiskImage::create(&fs.0.path().join("d.img"), 4 << 20).unwrap();
+        let spill = tempfile::tempdir().unwrap();
+        let mut st = Staging::new(64 << 20, spill.path());
+        let sizes = [img.size()];
+        // The first write fits in the file system, the second does not.
+        st.stage(&payload(0, &[w(0, 1, 512 << 10)]), &sizes)
+            .unwrap();
+        st.stage(&payload(0, &[w(2 << 20, 2, 1 << 20)]), &sizes)
+            .unwrap();
+        let e = st.commit(&[&img]).unwrap_err().to_string();
+        assert!(e.contains("reserving space") && e.contains("d.img"), "{e}");
+        assert!(
+            read(&img).iter().all(|&b| b == 0),
+            "no byte of the epoch reached the image"
+        );
     }
 
     #[test]

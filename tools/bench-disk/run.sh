@@ -25,6 +25,14 @@ await() {
   done
   echo "no '$3' in $2 after 60 s" >&2; return 1
 }
+# CPU time (ms, user + system, all threads) the processes $@ used so far.
+cpu_ms() {
+  local hz t=0 pid; hz=$(getconf CLK_TCK)
+  for pid in "$@"; do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+  done
+  echo $((t * 1000 / hz))
+}
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 # fio job: $1 name, $2 rw, $3 bs, $4 uri, $5 extra fio args -> JSON in $W/$1.json
@@ -40,7 +48,9 @@ unprotected() { # $1 job $2 rw $3 bs $4 extra
   "$BIN" serve-disk --disk "data=$W/u.img,nbd=127.0.0.1:$p" 2>"$W/$1.serve.log" &
   local pid=$!
   await $pid "$W/$1.serve.log" "served at"
+  local c0; c0=$(cpu_ms $pid)
   run_fio "$1" "$2" "$3" "nbd://127.0.0.1:$p/data" "$4"
+  echo $(($(cpu_ms $pid) - c0)) >"$W/$1.cpu"
   kill -INT $pid; wait $pid
   rm -f "$W/u.img"
 }
@@ -59,19 +69,22 @@ replicated() { # $1 job $2 rw $3 bs $4 extra
       --json "$W/$1.protect.json" --disk "data=$W/r.img,nbd=127.0.0.1:$p" 2>"$W/$1.protect.log" &
   local ppid=$!
   await $ppid "$W/$1.protect.log" "acked *[1-9]"
+  local c0; c0=$(cpu_ms $ppid $bpid)
   run_fio "$1" "$2" "$3" "nbd://127.0.0.1:$p/data" "$4"
+  echo $(($(cpu_ms $ppid $bpid) - c0)) >"$W/$1.cpu"
   kill -INT $ppid; wait $ppid || true; wait $bpid || true
   cmp -s "$W/r.img" "$W/replica/disks/data.img" && echo "  $1: backup disk == primary disk" \
     || echo "  $1: BACKUP DISK DIFFERS"
   rm -f "$W/r.img"
 }
 
-summary() { # $1 job -> "MiB/s writes p50us p99us"
-  python3 - "$W/$1.json" <<'PY'
+summary() { # $1 job -> "MiB/s writes p50us p99us castor-CPU-ms-per-MiB-written"
+  python3 - "$W/$1.json" "$(cat "$W/$1.cpu")" <<'PY'
 import json,sys
 j=json.load(open(sys.argv[1]))["jobs"][0]["write"]
 p=j["clat_ns"]["percentile"]
-print(f'{j["bw_bytes"]/2**20:.1f} {j["total_ios"]} {p["50.000000"]/1000:.0f} {p["99.000000"]/1000:.0f}')
+mib=max(j["io_bytes"]/2**20, 1e-9)
+print(f'{j["bw_bytes"]/2**20:.1f} {j["total_ios"]} {p["50.000000"]/1000:.0f} {p["99.000000"]/1000:.0f} {int(sys.argv[2])/mib:.2f}')
 PY
 }
 
@@ -79,16 +92,16 @@ wire() { # $1 job -> bytes of DiskWrites records on the wire (protect's JSON rep
   python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["disk_wire_bytes"])' "$W/$1.protect.json"
 }
 
-echo "castor disk benchmark: ${SIZE} MiB image, ${RUNTIME} s per run, fio iodepth 1, 25 ms epochs"
+echo "castor disk benchmark: ${SIZE} MiB image, ${RUNTIME} s per run, fio iodepth 1, 25 ms epochs; $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 for case in "seq write 1M" "rand randwrite 4k" "sync randwrite 4k --fsync=1"; do
   # shellcheck disable=SC2086
   set -- $case
   unprotected "$1-u" "$2" "$3" "${4:-}"
   replicated "$1-r" "$2" "$3" "${4:-}"
-  read -r ubw uios up50 up99 <<<"$(summary "$1-u")"
-  read -r rbw rios rp50 rp99 <<<"$(summary "$1-r")"
+  read -r ubw uios up50 up99 ucpu <<<"$(summary "$1-u")"
+  read -r rbw rios rp50 rp99 rcpu <<<"$(summary "$1-r")"
   ratio=$(python3 -c "print(f'{$rbw/$ubw*100:.0f}')")
   wr=$(wire "$1-r")
   per=$(python3 -c "print(f'{$wr/max($rios,1):.0f}')")
-  echo "$2 bs=$3 ${4:-}: unprotected ${ubw} MiB/s p50 ${up50} us p99 ${up99} us | replicated ${rbw} MiB/s p50 ${rp50} us p99 ${rp99} us | ratio ${ratio}% | wire bytes per write ~${per} (${rios} writes)"
+  echo "$2 bs=$3 ${4:-}: unprotected ${ubw} MiB/s p50 ${up50} us p99 ${up99} us | replicated ${rbw} MiB/s p50 ${rp50} us p99 ${rp99} us | ratio ${ratio}% | wire bytes per write ~${per} (${rios} writes) | castor CPU ms per MiB written: unprotected ${ucpu}, replicated ${rcpu} (primary + backup)"
 done
