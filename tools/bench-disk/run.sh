@@ -29,6 +29,7 @@ await() {
 cpu_ms() {
   local hz t=0 pid; hz=$(getconf CLK_TCK)
   for pid in "$@"; do
+    [ -r "/proc/$pid/stat" ] || { echo "process $pid is gone" >&2; continue; }
     t=$((t + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
   done
   echo $((t * 1000 / hz))
