@@ -582,3 +582,102 @@ mod kvm {
         }
     }
 }
+
+/// Hostile NBD clients against the real `castor serve-disk`: bad magic in
+/// the handshake and in a request, ranges past the end, an oversize WRITE,
+/// a client that vanishes mid-payload. Each gets a protocol error or a
+/// closed connection; the server keeps serving a well-behaved client and
+/// not one byte outside that client's write changes (the image keeps its
+/// size and its pattern).
+#[test]
+fn hostile_nbd_clients_get_errors_and_the_server_serves_others() {
+    use std::io::{BufRead, Read, Write};
+    const SIZE: usize = 1 << 20;
+    const EINVAL: u32 = 22;
+    const ENOSPC: u32 = 28;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    let pattern = |i: usize| (i % 251) as u8;
+    image(&img, SIZE, pattern);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut srv = Reaped::spawn(
+        castor()
+            .args(["serve-disk", "--disk"])
+            .arg(format!("data={},nbd={addr}", img.display()))
+            .stderr(std::process::Stdio::piped()),
+    );
+    let mut err = std::io::BufReader::new(srv.0.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(line.contains("served at"), "{line}");
+    let closed = |s: &mut std::net::TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b = [0u8; 64];
+        // EOF, or a reset: either way the server dropped the connection.
+        matches!(s.read(&mut b), Ok(0) | Err(_))
+    };
+
+    // Handshake: client flags without FIXED_NEWSTYLE.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    s.write_all(&0u32.to_be_bytes()).unwrap();
+    assert!(closed(&mut s), "old-style client flags end the handshake");
+
+    // Handshake: an option with a bad magic.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.read_exact(&mut hello).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s.write_all(&[0xEE; 16]).unwrap();
+    assert!(closed(&mut s), "a bad option magic ends the handshake");
+
+    // Ranges past the end and an oversize WRITE.
+    let mut c = Nbd::connect(&addr, "data").unwrap();
+    assert_eq!(c.size, SIZE as u64);
+    assert_eq!(c.write(SIZE as u64 - 2, &[1; 4]).unwrap(), ENOSPC);
+    assert_eq!(c.write(u64::MAX - 1, &[1; 4]).unwrap(), ENOSPC);
+    assert_eq!(c.request(0, 0, SIZE as u64, 1, &[]).unwrap(), EINVAL);
+    assert_eq!(c.request(4, 0, SIZE as u64 - 1, 2, &[]).unwrap(), EINVAL);
+    assert_eq!(
+        c.request(1, 0, 0, u32::MAX, &[]).unwrap(),
+        EINVAL,
+        "a 4 GiB WRITE is refused before its payload is read"
+    );
+    assert!(closed(c.stream()), "and the connection closes");
+
+    // A request with a bad magic.
+    let mut c = Nbd::connect(&addr, "data").unwrap();
+    c.stream().write_all(&[0x55; 28]).unwrap();
+    assert!(
+        closed(c.stream()),
+        "a bad request magic closes the connection"
+    );
+
+    // A client that vanishes after half of a WRITE's payload.
+    let mut c = Nbd::connect(&addr, "data").unwrap();
+    let mut h = 0x2560_9513u32.to_be_bytes().to_vec();
+    h.extend_from_slice(&0u16.to_be_bytes());
+    h.extend_from_slice(&1u16.to_be_bytes());
+    h.extend_from_slice(&7u64.to_be_bytes());
+    h.extend_from_slice(&4096u64.to_be_bytes());
+    h.extend_from_slice(&4096u32.to_be_bytes());
+    h.extend_from_slice(&[0xFF; 2048]);
+    c.stream().write_all(&h).unwrap();
+    drop(c);
+
+    // The server still serves, and only the good write changed the image.
+    let mut good = Nbd::connect(&addr, "data").unwrap();
+    assert_eq!(good.write(10, &[0xC3; 5]).unwrap(), 0);
+    assert_eq!(good.flush().unwrap(), 0);
+    assert_eq!(good.read(8, 9).unwrap()[2..7], [0xC3; 5]);
+    assert!(
+        srv.0.try_wait().unwrap().is_none(),
+        "the server is still up"
+    );
+    let mut want: Vec<u8> = (0..SIZE).map(pattern).collect();
+    want[10..15].fill(0xC3);
+    let got = std::fs::read(&img).unwrap();
+    assert_eq!(got.len(), SIZE, "the image kept its size");
+    assert!(got == want, "no byte outside the good write changed");
+}

@@ -59,7 +59,9 @@ impl Nbd {
         Ok(Nbd { s, size, cookie: 0 })
     }
 
-    fn request(
+    /// Sends one request (`data` follows the header) and returns the
+    /// error of its simple reply.
+    pub fn request(
         &mut self,
         kind: u16,
         flags: u16,
@@ -88,6 +90,11 @@ impl Nbd {
             self.cookie
         );
         Ok(u32::from_be_bytes(h[4..8].try_into().unwrap()))
+    }
+
+    /// The connection, for tests that send malformed bytes.
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.s
     }
 
     /// WRITE; returns the NBD error (0 = completed).
