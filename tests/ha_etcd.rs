@@ -490,7 +490,7 @@ fn kvm_trial(fault: Fault, trial: u32, output_commit: bool) -> Option<String> {
     // The client's view: counters only grow, and the guest answers again.
     assert!(
         !output_commit || got.windows(2).all(|w| w[1].1 > w[0].1),
-        "counter stepped back: {:?}",
+        "counter stepped back: {:?}\n--- primary:\n{ptext}\n--- backup:\n{btext}",
         got.iter().map(|g| g.1).collect::<Vec<_>>()
     );
     // Replies after the backup said it activated: the primary had
