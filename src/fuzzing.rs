@@ -69,6 +69,7 @@ pub fn handshake(data: &[u8]) {
             page_size: PAGE_SIZE as u32,
             pages: 16,
             nonce: [7; NONCE_LEN],
+            protection: Default::default(),
             desc: "sim:fuzz".into(),
         };
         let res = handshake::client(&mut r, &mut w, &psk, &hello);
@@ -241,6 +242,7 @@ fn handshake_seeds() -> Vec<Vec<u8>> {
         page_size: PAGE_SIZE as u32,
         pages: 16,
         nonce: [1; NONCE_LEN],
+        protection: Default::default(),
         desc: "sim:mem=64KiB".into(),
     };
     let mut server = vec![0];

@@ -233,6 +233,9 @@ pub struct Cpu {
 pub struct Summary {
     pub domain: String,
     pub transport: String,
+    /// How records were protected: `mac` (BLAKE3 tag) or `aes-gcm`
+    /// (`--encrypt`); empty where not recorded.
+    pub records: String,
     /// Fixed: the epoch length; auto: the first epoch's (see `epoch_len_us`).
     pub epoch_ms: f64,
     /// `--epoch` as given, canonical: `25ms` or `auto:target=...`.

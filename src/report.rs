@@ -30,8 +30,16 @@ pub fn print_table(s: &Summary) {
     let pct = |p: &Pct| format!("{:>8} {:>8} {:>8}", p.p50, p.p99, p.max);
     println!("domain            {}", s.domain);
     println!(
-        "transport         {}, epoch {}, max in flight {}, {} encode workers",
-        s.transport, s.epoch_policy, s.max_inflight, s.workers
+        "transport         {}{}, epoch {}, max in flight {}, {} encode workers",
+        s.transport,
+        if s.records.is_empty() {
+            String::new()
+        } else {
+            format!(" (records: {})", s.records)
+        },
+        s.epoch_policy,
+        s.max_inflight,
+        s.workers
     );
     println!(
         "run               {:.1} s, {} epochs, {:.1} epochs/s, {} extended ({} ms waiting for acks)",

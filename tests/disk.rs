@@ -275,7 +275,6 @@ mod hostile {
     use castor::disk::wire::{encode, DiskOp};
     use castor::transport::messages::{EpochBegin, EpochClass, EpochEnd};
     use castor::transport::record::{write_record, RecordKind};
-    use std::io::Write;
 
     const DISK: u64 = 64 << 10;
 

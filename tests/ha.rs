@@ -9,7 +9,6 @@ mod common;
 use common::fake::*;
 use common::*;
 
-use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use castor::ha::arbiter::{Arbiter, FencingToken, LocalLock};
 /// silent with the connection open (a hung or partitioned primary). Returns
 /// the open connection, when the last byte was sent, and the digest of the
 /// last complete epoch.
-fn go_silent(addr: &str, good: u64) -> (std::net::TcpStream, Instant, String) {
+fn go_silent(addr: &str, good: u64) -> (Session, Instant, String) {
     let mut s = session(addr, KEY).unwrap();
     let mut p = Primary::new();
     let mut bytes = p.seed();

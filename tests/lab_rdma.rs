@@ -9,12 +9,11 @@ mod common;
 use common::lab::{lab_run, lab_unavailable, out_file, rdma_castor, rdma_unit_tests};
 use common::{Backup, Meta, KEY};
 
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use castor::transport::record::{write_record, RecordKind, RecordReader};
+use castor::transport::record::{write_record, RecordKind};
 
 /// One trial's results: (primary exit, backup exit, backup stderr).
 fn trial(dir: &Path) -> (String, String, String) {
@@ -318,12 +317,12 @@ fn inside_lab_backup_gives_up_on_a_primary_that_never_connects() {
         &["--transport", "rdma", "--heartbeat-timeout", "120s"],
         KEY,
     );
-    let s = common::fake::session(&b.addr, KEY).unwrap();
-    let mut w = s.try_clone().unwrap();
+    let mut s = common::fake::session(&b.addr, KEY).unwrap();
+    let w = s.try_clone().unwrap();
     let mut v = Vec::new();
     write_record(&mut v, RecordKind::Transport, 0, &[2]); // rdma
-    w.write_all(&v).unwrap();
-    let mut r = RecordReader::new(s);
+    s.write_all(&v).unwrap();
+    let mut r = s.reader();
     let rec = r.next().unwrap();
     assert_eq!(
         rec.kind,

@@ -155,7 +155,7 @@ fn connections_during_a_session_get_a_clear_error() {
     bytes.extend(p.checkpoint());
     s.write_all(&bytes).unwrap();
     // The session is established once the backup acknowledged the seed.
-    let mut acks = RecordReader::new(s.try_clone().unwrap());
+    let mut acks = s.reader();
     loop {
         let r = acks.next().expect("the backup acknowledges");
         if r.kind == RecordKind::Ack {

@@ -8,7 +8,7 @@ use common::*;
 
 use std::io::{BufRead, BufReader, Write};
 
-use castor::transport::record::{write_record, RecordKind, RecordReader};
+use castor::transport::record::{write_record, RecordKind};
 use castor::transport::slots::{Announce, ChunkTag};
 
 /// True (reason printed) when castor reported that this kernel has no
@@ -173,12 +173,12 @@ fn chunk_header(slot: u32, len: u32, seq: u32) -> Vec<u8> {
 fn hostile_chunks(chunks: impl FnOnce(&Announce) -> Vec<u8>) -> Option<String> {
     let dir = tempfile::tempdir().unwrap();
     let b = Backup::start_with(&dir.path().join("replica"), &["--transport", "uring"], KEY);
-    let s = common::fake::session(&b.addr, KEY).unwrap();
+    let mut s = common::fake::session(&b.addr, KEY).unwrap();
     let mut w = s.try_clone().unwrap();
     let mut v = Vec::new();
     write_record(&mut v, RecordKind::Transport, 0, &[1]);
-    w.write_all(&v).unwrap();
-    let mut r = RecordReader::new(s);
+    s.write_all(&v).unwrap();
+    let mut r = s.reader();
     let rec = r.next().unwrap();
     if rec.kind == RecordKind::Error {
         let msg = String::from_utf8_lossy(rec.payload).into_owned();

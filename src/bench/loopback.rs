@@ -10,13 +10,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::domain::{Domain, DomainError, DomainSpec};
-use crate::engine::dial::{open_session, DialError};
+use crate::engine::dial::{open_session, select_transport, DialError};
 use crate::engine::primary::{self, PrimaryConfig, PrimaryError, PrimaryOutcome};
 use crate::engine::replica::{self, ReplicaError};
 use crate::engine::shadow::PageBuf;
 use crate::metrics::{self, Pct, Summary};
+use crate::transport::auth::Protection;
 use crate::transport::handshake::{random_nonce, Psk};
-use crate::transport::{select, TransportKind};
+use crate::transport::TransportKind;
 use crate::PAGE_SIZE;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,20 +42,15 @@ fn run_session(
     cfg: &PrimaryConfig,
     transport: TransportKind,
 ) -> Result<PrimaryOutcome, LoopbackError> {
-    let (sink, reader) = open_session(addr, psk, &*domain, Duration::from_secs(10))?;
-    let mut out = match transport {
-        TransportKind::Tcp => primary::run(domain, Box::new(sink), reader, cfg),
-        kind => {
-            let (sink, reader) =
-                select::primary(kind, reader, sink.0).map_err(|source| DialError::Transport {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            primary::run(domain, sink, reader, cfg)
-        }
-    }
-    .map_err(|(e, _)| LoopbackError::from(e))?;
+    let opened = open_session(addr, psk, &*domain, Duration::from_secs(10))?;
+    let (sink, reader) = select_transport(addr, opened, transport)?;
+    let mut out =
+        primary::run(domain, sink, reader, cfg).map_err(|(e, _)| LoopbackError::from(e))?;
     out.summary.transport = transport.name().into();
+    out.summary.records = match psk.protection {
+        Protection::Mac => "mac".into(),
+        Protection::Encrypt => "aes-gcm".into(),
+    };
     Ok(out)
 }
 
@@ -100,6 +96,10 @@ fn spawn_backup(
         .arg(state_dir)
         .args(["--transport", transport.name()])
         .args(["--heartbeat-timeout", &silence])
+        .args(match opts.protection {
+            Protection::Encrypt => &["--encrypt"][..],
+            Protection::Mac => &[],
+        })
         .env("CASTOR_PSK", psk_hex)
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
@@ -136,6 +136,8 @@ pub struct LoopbackOpts {
     /// The backup child's --heartbeat-timeout (the primary's backup
     /// silence).
     pub backup_silence: Duration,
+    /// How records are protected (`--encrypt` on both ends for Encrypt).
+    pub protection: Protection,
 }
 
 /// The default address of a bench or demo run.
@@ -160,7 +162,7 @@ pub fn loopback(
         }
     };
     let key: String = random_nonce().iter().map(|b| format!("{b:02x}")).collect();
-    let psk = Psk::from_bytes(key.as_bytes());
+    let psk = Psk::from_bytes(key.as_bytes()).with_protection(opts.protection);
     let backup = spawn_backup(&state_dir, &key, opts)?;
     let cpu0 = metrics::self_cpu();
     let domain = spec.open()?;

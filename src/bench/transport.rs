@@ -25,7 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::metrics;
+use crate::transport::auth::{Protection, Role, SessionKeys};
 use crate::transport::record::{write_record, RecordKind, RecordReader};
+use crate::transport::seal::{SealSink, SealedWriter};
 use crate::transport::slots::{Announce, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE};
 use crate::transport::tcp::TcpSink;
 use crate::transport::uring::{CreditFilter, CreditShared, UringSink, UringSource};
@@ -48,6 +50,7 @@ pub struct CaseResult {
     pub link: String,
     pub transport: String,
     pub payload: String,
+    pub sealing: String,
     pub seconds: f64,
     pub page_bytes: u64,
     pub wire_bytes: u64,
@@ -217,6 +220,18 @@ fn pair(link: Link) -> std::io::Result<(TcpStream, TcpStream)> {
     Ok((c, s))
 }
 
+/// How a case protects its records: `None` plain (no tag, as before
+/// the handshake), else as a session would after it.
+pub type Sealing = Option<Protection>;
+
+fn sealing_name(s: Sealing) -> &'static str {
+    match s {
+        None => "plain",
+        Some(Protection::Mac) => "mac",
+        Some(Protection::Encrypt) => "aes-gcm",
+    }
+}
+
 /// One case: streams records for `dur`, returns the measured figures.
 /// `zero_copy` false: uring with plain SEND (to show SEND_ZC's cost on loopback).
 pub fn run_case(
@@ -225,17 +240,40 @@ pub fn run_case(
     dur: Duration,
     zero_copy: bool,
     link: Link,
+    sealing: Sealing,
 ) -> Result<CaseResult, String> {
+    let keys = sealing.map(|s| SessionKeys::derive(b"bench-transport key", &[1; 32], &[2; 32], s));
+    let (mut p_seal, mut p_open, mut b_seal, mut b_open) = (None, None, None, None);
+    if let Some(k) = &keys {
+        let (s, o) = k.split(Role::Primary);
+        (p_seal, p_open) = (Some(s), Some(o));
+        let (s, o) = k.split(Role::Backup);
+        (b_seal, b_open) = (Some(s), Some(o));
+    }
     let pages = make_pages(p);
     let records = make_records(p, &pages);
     drop(pages);
     let (c, s) = pair(link).map_err(|e| format!("connecting over {}: {e}", link.name()))?;
     let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).map_err(|e| e.to_string())?;
     let mut source: Box<dyn RecordSource + Send> = match t {
-        TransportKind::Tcp => Box::new(RecordReader::new(s)),
+        TransportKind::Tcp => {
+            let mut r = RecordReader::new(s);
+            if let Some(o) = b_open.take() {
+                r.authenticate(o);
+            }
+            Box::new(r)
+        }
         TransportKind::Uring => {
-            let w = Arc::new(Mutex::new(s.try_clone().map_err(|e| e.to_string())?));
-            Box::new(UringSource::new(s, &ann, w).map_err(|e| e.to_string())?)
+            let mut w = SealedWriter::new(s.try_clone().map_err(|e| e.to_string())?);
+            if let Some(s) = b_seal.take() {
+                w.authenticate(s);
+            }
+            let w = Arc::new(Mutex::new(w));
+            Box::new(
+                UringSource::new(s, &ann, w)
+                    .map_err(|e| e.to_string())?
+                    .authenticate(b_open.take()),
+            )
         }
         TransportKind::Rdma => return Err("rdma cannot be benchmarked without a device".into()),
     };
@@ -244,10 +282,11 @@ pub fn run_case(
         TransportKind::Tcp => Box::new(TcpSink(c.try_clone().map_err(|e| e.to_string())?)),
         _ => {
             let credits = Arc::new(CreditShared::default());
-            let back = CreditFilter::new(
-                RecordReader::new(c.try_clone().map_err(|e| e.to_string())?),
-                credits.clone(),
-            );
+            let mut r = RecordReader::new(c.try_clone().map_err(|e| e.to_string())?);
+            if let Some(o) = p_open.take() {
+                r.authenticate(o);
+            }
+            let back = CreditFilter::new(r, credits.clone());
             back_reader = Some(std::thread::spawn(move || {
                 let mut b = back;
                 let mut sink = [0u8; 4096];
@@ -262,6 +301,9 @@ pub fn run_case(
             })
         }
     };
+    if let Some(s) = p_seal.take() {
+        sink = Box::new(SealSink::new(sink, s));
+    }
     let receiver = std::thread::spawn(move || -> Result<(u64, u64), String> {
         let mut dest = vec![0u8; PAGES * PAGE_SIZE];
         let (mut page_bytes, mut wire) = (0u64, 0u64);
@@ -305,6 +347,7 @@ pub fn run_case(
         } else {
             format!("{t}-copy")
         },
+        sealing: sealing_name(sealing).into(),
         payload: match p {
             Payload::Raw => "raw".into(),
             Payload::Lz4 => "lz4".into(),
@@ -316,6 +359,75 @@ pub fn run_case(
         wire_gib_per_s: wire as f64 / (1u64 << 30) as f64 / secs,
         cpu_s_per_gib: cpu / gib,
     })
+}
+
+/// Protections a transport case runs with, plain first.
+const SEALINGS: [Sealing; 3] = [None, Some(Protection::Mac), Some(Protection::Encrypt)];
+
+/// One protection's cost on one core.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SealRate {
+    pub sealing: String,
+    pub seal_gib_s: f64,
+    pub open_gib_s: f64,
+}
+
+/// Seals, then opens, Pages-sized (256 KiB) records on this thread for
+/// `dur` each: GiB/s of payload per core for the MAC and the cipher (the
+/// sender's and the receiver's side of the per-byte cost).
+pub fn seal_gib_s(dur: Duration) -> Vec<SealRate> {
+    let mut rec = Vec::new();
+    write_record(
+        &mut rec,
+        RecordKind::Pages,
+        1,
+        &make_pages(Payload::Raw)[..256 << 10],
+    );
+    [Protection::Mac, Protection::Encrypt]
+        .into_iter()
+        .map(|p| {
+            let keys = SessionKeys::derive(b"bench-transport key", &[1; 32], &[2; 32], p);
+            let (mut seal, _) = keys.split(Role::Primary);
+            let (_, mut open) = keys.split(Role::Backup);
+            let mut sealed = Vec::new();
+            let t0 = Instant::now();
+            let mut n = 0u64;
+            while t0.elapsed() < dur {
+                let bufs = [&rec[..]];
+                let out = seal.seal(&bufs).expect("a well-formed record");
+                std::hint::black_box(&out);
+                if n == 0 {
+                    sealed = out.concat();
+                }
+                n += 1;
+            }
+            let seal_rate =
+                n as f64 * (256 << 10) as f64 / (1u64 << 30) as f64 / t0.elapsed().as_secs_f64();
+            // Opening needs each record under its own sequence number:
+            // time one open per sealed record, resealing outside the clock.
+            let (mut seal, _) = keys.split(Role::Primary);
+            let (mut spent, mut m) = (Duration::ZERO, 0u64);
+            while spent < dur {
+                sealed.clear();
+                sealed.extend(
+                    seal.seal(&[&rec[..]])
+                        .expect("a well-formed record")
+                        .concat(),
+                );
+                let t = Instant::now();
+                open.open(&mut sealed).expect("the sealer's own record");
+                spent += t.elapsed();
+                m += 1;
+            }
+            SealRate {
+                sealing: sealing_name(Some(p)).into(),
+                seal_gib_s: seal_rate,
+                open_gib_s: m as f64 * (256 << 10) as f64
+                    / (1u64 << 30) as f64
+                    / spent.as_secs_f64(),
+            }
+        })
+        .collect()
 }
 
 /// Single-thread memcpy bandwidth, GiB/s, over 64 MiB buffers for `dur`.
@@ -433,6 +545,8 @@ impl Drop for Veth {
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
     pub memcpy_gib_s: f64,
+    /// Sealing and opening alone, one core each.
+    pub seal: Vec<SealRate>,
     pub iperf3_loopback_gib_s: Option<f64>,
     pub iperf3_veth_gib_s: Option<f64>,
     pub cases: Vec<CaseResult>,
@@ -444,6 +558,13 @@ pub struct Report {
 pub fn run(dur: Duration, rounds: usize, iperf: bool, veth: bool) -> Result<Report, String> {
     let memcpy = memcpy_gib_s(Duration::from_secs(1));
     println!("memcpy (1 thread)      {memcpy:>7.2} GiB/s");
+    let seal = seal_gib_s(Duration::from_secs(1));
+    for s in &seal {
+        println!(
+            "{:<8} (1 core)       seal {:>6.2} GiB/s   open {:>6.2} GiB/s   (256 KiB records)",
+            s.sealing, s.seal_gib_s, s.open_gib_s
+        );
+    }
     let secs = dur.as_secs().max(1) as u32;
     let lo = if iperf {
         iperf3(&[], &[], "127.0.0.1", secs)
@@ -484,38 +605,47 @@ pub fn run(dur: Duration, rounds: usize, iperf: bool, veth: bool) -> Result<Repo
     let mut plan = Vec::new();
     for &link in &links {
         for p in [Payload::Raw, Payload::Lz4] {
-            for (t, zc) in [
-                (TransportKind::Tcp, true),
-                (TransportKind::Uring, true),
-                (TransportKind::Uring, false),
+            for (t, zc, sealings) in [
+                (TransportKind::Tcp, true, &SEALINGS[..]),
+                (TransportKind::Uring, true, &SEALINGS[..]),
+                (TransportKind::Uring, false, &SEALINGS[..1]),
             ] {
-                plan.push((t, p, zc, link));
+                for &s in sealings {
+                    plan.push((t, p, zc, link, s));
+                }
             }
         }
     }
     let mut all: Vec<Vec<CaseResult>> = vec![Vec::new(); plan.len()];
     for round in 0..rounds.max(1) {
         eprintln!("round {} of {}", round + 1, rounds.max(1));
-        for (i, &(t, p, zc, link)) in plan.iter().enumerate() {
-            all[i].push(run_case(t, p, dur, zc, link)?);
+        for (i, &(t, p, zc, link, s)) in plan.iter().enumerate() {
+            all[i].push(run_case(t, p, dur, zc, link, s)?);
         }
     }
     drop(pair);
-    println!("link      transport   payload   page GiB/s   wire GiB/s   cpu s / replicated GiB   (median of {} rounds)", rounds.max(1));
+    println!("link      transport   payload sealing   page GiB/s   wire GiB/s   cpu s / replicated GiB   (median of {} rounds)", rounds.max(1));
     let mut cases = Vec::new();
     for mut rs in all {
         rs.sort_by(|a, b| a.gib_per_s.total_cmp(&b.gib_per_s));
         let r = rs.swap_remove(rs.len() / 2);
         {
             println!(
-                "{:<9} {:<11} {:<7} {:>12.2} {:>12.2} {:>12.3}",
-                r.link, r.transport, r.payload, r.gib_per_s, r.wire_gib_per_s, r.cpu_s_per_gib
+                "{:<9} {:<11} {:<7} {:<8} {:>12.2} {:>12.2} {:>12.3}",
+                r.link,
+                r.transport,
+                r.payload,
+                r.sealing,
+                r.gib_per_s,
+                r.wire_gib_per_s,
+                r.cpu_s_per_gib
             );
             cases.push(r);
         }
     }
     Ok(Report {
         memcpy_gib_s: memcpy,
+        seal,
         iperf3_loopback_gib_s: lo,
         iperf3_veth_gib_s: ve,
         cases,

@@ -209,6 +209,7 @@ pub fn run(opts: &TuneOpts) -> Result<Vec<Row>, TuneError> {
                 transport: c.transport,
                 ip: opts.ip,
                 backup_silence: cfg.backup_silence,
+                protection: crate::transport::auth::Protection::Mac,
             };
             let s = run_one(opts, c, round + 1, &cfg, &lo)?;
             // Each run's own report (without its epoch records), so that

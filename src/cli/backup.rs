@@ -23,7 +23,7 @@ use castor::transport::TransportKind;
 use castor::units;
 
 use super::arbiter::make_arbiter;
-use super::keys::load_psk;
+use super::keys::{check_dev_key, load_psk};
 use super::ops::{self, MetricsArgs};
 use super::parse::check_heartbeat;
 
@@ -41,6 +41,10 @@ pub struct BackupArgs {
     transport: TransportKind,
     #[arg(long)]
     psk_file: Option<PathBuf>,
+    /// Require records to be encrypted (AES-256-GCM), not only
+    /// authenticated; the primary must run with --encrypt too.
+    #[arg(long)]
+    encrypt: bool,
     /// Largest guest memory a primary may ask this backup to hold (default: physical RAM).
     #[arg(long, value_parser = units::parse_size)]
     max_mem: Option<u64>,
@@ -134,7 +138,8 @@ pub fn run(a: BackupArgs) -> Result<ExitCode, String> {
         a.heartbeat_timeout,
         "--heartbeat-interval vs --heartbeat-timeout",
     )?;
-    let psk = load_psk(a.psk_file.as_ref())?;
+    let psk = load_psk(a.psk_file.as_ref(), a.encrypt)?;
+    check_dev_key(&psk, "--listen", &a.listen)?;
     a.transport.check_available()?;
     let _ops = ops::start(&a.metrics, castor::ops::telemetry::Role::Backup, "backup")?;
     if a.from_saved {

@@ -80,6 +80,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             transport: a.engine.transport,
             backup_silence: cfg.backup_silence,
             ip,
+            protection: a.engine.protection(),
         },
     )
     .map_err(|e| e.to_string())?;

@@ -75,6 +75,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
             transport: a.engine.transport,
             backup_silence: cfg.backup_silence,
             ip: loopback::LOOPBACK,
+            protection: a.engine.protection(),
         },
     )
     .map_err(|e| e.to_string())?;

@@ -67,6 +67,11 @@ pub struct EngineArgs {
     /// feature and an RDMA device). The backup must use the same one.
     #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
     pub transport: TransportKind,
+    /// Encrypt every record after the handshake (AES-256-GCM under
+    /// per-session keys), not only authenticate it: for links others can
+    /// read. The backup must run with --encrypt too.
+    #[arg(long)]
+    pub encrypt: bool,
 }
 
 /// `--epoch 25ms` or `--epoch auto[:...]`.
@@ -77,6 +82,16 @@ pub fn parse_epoch(s: &str) -> Result<EpochPolicy, String> {
 impl EngineArgs {
     /// The primary's configuration from these flags (warns about
     /// `--no-output-commit`).
+    /// `--encrypt` as the records' protection.
+    pub fn protection(&self) -> castor::transport::auth::Protection {
+        use castor::transport::auth::Protection;
+        if self.encrypt {
+            Protection::Encrypt
+        } else {
+            Protection::Mac
+        }
+    }
+
     pub fn config(&self) -> PrimaryConfig {
         let mut c = PrimaryConfig {
             max_inflight: self.inflight as usize,

@@ -22,7 +22,7 @@ use castor::units;
 
 use super::arbiter::make_arbiter;
 use super::engine_args::EngineArgs;
-use super::keys::load_psk;
+use super::keys::{check_dev_key, load_psk};
 use super::nfqueue::nfqueue_rules;
 use super::ops::{self, MetricsArgs};
 use super::parse::{check_heartbeat, parse_spec};
@@ -106,7 +106,8 @@ pub fn run(a: ProtectArgs) -> Result<ExitCode, String> {
         Some(q) => nfqueue_rules(q, &a.nfqueue_dev)?,
         None => Vec::new(),
     };
-    let psk = load_psk(a.psk_file.as_ref())?;
+    let psk = load_psk(a.psk_file.as_ref(), a.engine.encrypt)?;
+    check_dev_key(&psk, "--backup", &a.backup)?;
     a.engine.transport.check_available()?;
     let _ops = ops::start(&a.metrics, castor::ops::telemetry::Role::Primary, "protect")?;
     castor::ops::telemetry::with(|t| {

@@ -23,7 +23,7 @@
 //! - Failed handshakes are logged at most once per [`LOG_EVERY`]; the rest
 //!   are counted and summarised in the next line.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -32,9 +32,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::transport::auth::Role;
 use crate::transport::handshake::{self, HandshakeError, Psk};
 use crate::transport::messages::Hello;
-use crate::transport::record::{write_record, RecordError, RecordKind, RecordReader};
+use crate::transport::record::{send_record, RecordError, RecordKind, RecordReader};
+use crate::transport::seal::SealedWriter;
 use crate::PAGE_SIZE;
 
 /// Handshakes in progress at once; more connections are closed at once.
@@ -66,11 +68,12 @@ pub struct DoorConfig {
     pub quiet: bool,
 }
 
-/// A primary that completed the handshake.
+/// A primary that completed the handshake: its reader opens and its
+/// writer seals every record with the session's keys.
 pub struct Authenticated {
     pub peer: String,
     pub reader: RecordReader<TcpStream>,
-    pub writer: TcpStream,
+    pub writer: SealedWriter<TcpStream>,
     pub hello: Hello,
 }
 
@@ -204,7 +207,7 @@ fn accept_loop(l: &TcpListener, s: &Arc<Shared>, found: &Sender<Authenticated>) 
             continue;
         }
         if let Some(p) = s.serving.lock().unwrap().clone() {
-            refuse(stream, &busy_message(&p));
+            refuse(SealedWriter::new(stream), &busy_message(&p));
             s.log.lock().unwrap().dropped(&peer, "a session is running");
             continue;
         }
@@ -258,12 +261,10 @@ fn busy_message(peer: &str) -> String {
 }
 
 /// Sends one Error record (bounded by a write timeout) and closes.
-fn refuse(mut s: TcpStream, msg: &str) {
-    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-    let mut v = Vec::new();
-    write_record(&mut v, RecordKind::Error, 0, msg.as_bytes());
-    let _ = s.write_all(&v);
-    let _ = s.shutdown(std::net::Shutdown::Both);
+fn refuse(mut s: SealedWriter<TcpStream>, msg: &str) {
+    let _ = s.get_ref().set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = send_record(&mut s, RecordKind::Error, 0, msg.as_bytes());
+    let _ = s.get_ref().shutdown(std::net::Shutdown::Both);
 }
 
 /// The stream under one deadline for every read of the handshake.
@@ -291,6 +292,13 @@ impl Read for Deadline {
 fn handshake(stream: TcpStream, peer: &str, cfg: &DoorConfig) -> Result<Authenticated, String> {
     let _ = stream.set_nodelay(true);
     let io_err = |e: io::Error| format!("socket: {e}");
+    let (local, far) = (stream.local_addr(), stream.peer_addr());
+    let (local, far) = (local.map_err(io_err)?, far.map_err(io_err)?);
+    if let Err(e) = cfg.psk.check_link(local.ip(), far.ip()) {
+        let mut w = stream;
+        handshake::send_error(&mut w, &e.to_string());
+        return Err(e.to_string());
+    }
     stream
         .set_write_timeout(Some(cfg.handshake_timeout))
         .map_err(io_err)?;
@@ -298,7 +306,7 @@ fn handshake(stream: TcpStream, peer: &str, cfg: &DoorConfig) -> Result<Authenti
     let until = Instant::now() + cfg.handshake_timeout;
     let mut reader = RecordReader::with_limit(Deadline { s: stream, until }, HANDSHAKE_MAX);
     let max_mem = cfg.max_mem;
-    let hello = handshake::server(&mut reader, &mut writer, &cfg.psk, |h| {
+    let (hello, keys) = handshake::server(&mut reader, &mut writer, &cfg.psk, |h| {
         if h.page_size as usize != PAGE_SIZE {
             return Err(format!(
                 "page size {} unsupported (castor uses {PAGE_SIZE})",
@@ -314,9 +322,13 @@ fn handshake(stream: TcpStream, peer: &str, cfg: &DoorConfig) -> Result<Authenti
         }
     })
     .map_err(|e| describe(&e, cfg.handshake_timeout))?;
-    let reader = reader.map_inner(|d| d.s).unlimited();
+    let mut reader = reader.map_inner(|d| d.s).unlimited();
     reader.get_ref().set_read_timeout(None).map_err(io_err)?;
     writer.set_write_timeout(None).map_err(io_err)?;
+    let (sealer, opener) = keys.split(Role::Backup);
+    reader.authenticate(opener);
+    let mut writer = SealedWriter::new(writer);
+    writer.authenticate(sealer);
     Ok(Authenticated {
         peer: peer.to_string(),
         reader,

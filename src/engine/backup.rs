@@ -17,6 +17,7 @@ use crate::ha::detector::{Liveness, Watchdog};
 use crate::transport::handshake::{HandshakeError, Psk};
 use crate::transport::messages::Hello;
 use crate::transport::record::{send_record, RecordError, RecordKind};
+use crate::transport::seal::{ControlWriter, SealedWriter};
 use crate::transport::{select, RecordSource, TransportKind};
 use crate::PAGE_SIZE;
 
@@ -201,7 +202,7 @@ struct Accepted {
     peer: String,
     hello: Hello,
     /// Heartbeats, acks and credits share the writer.
-    writer: Arc<Mutex<TcpStream>>,
+    writer: ControlWriter,
     reader: Box<dyn RecordSource>,
 }
 
@@ -232,6 +233,7 @@ fn accept(
     // A write that cannot go out for a heartbeat timeout means the primary
     // is gone; the watchdog's shutdown also wakes a blocked write.
     writer
+        .get_ref()
         .set_write_timeout(Some(cfg.heartbeat_timeout))
         .map_err(BackupError::Accept)?;
     // Heartbeats, acks and credits share the writer.
@@ -277,7 +279,7 @@ struct Helpers {
 impl Helpers {
     fn start(
         cfg: &BackupConfig,
-        writer: &Arc<Mutex<TcpStream>>,
+        writer: &ControlWriter,
         reader: &dyn RecordSource,
         hello: &Hello,
     ) -> Result<Helpers, BackupError> {
@@ -386,7 +388,7 @@ struct Received {
 fn receive(
     reader: &mut dyn RecordSource,
     rx: &mut Receiver,
-    writer: &Mutex<TcpStream>,
+    writer: &Mutex<SealedWriter<TcpStream>>,
     helpers: &Helpers,
     transport: TransportKind,
     started: Instant,

@@ -9,11 +9,17 @@ use std::time::Duration;
 use crate::domain::{Domain, Layout};
 use crate::engine::live::Session;
 use crate::ha::beacon;
+use crate::transport::auth::Role;
 use crate::transport::handshake::{self, random_nonce, HandshakeError, Psk};
 use crate::transport::messages::{Hello, NONCE_LEN};
 use crate::transport::record::RecordReader;
+use crate::transport::seal::{SealSink, SealedWriter};
 use crate::transport::tcp::{self, TcpSink};
 use crate::transport::{select, RecordSink, TransportKind};
+
+/// An authenticated tcp session before its transport is chosen: a writer
+/// sealing every record and a reader opening every record.
+pub type Opened = (SealedWriter<TcpStream>, RecordReader<TcpStream>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
@@ -43,7 +49,7 @@ pub fn open_session(
     psk: &Psk,
     domain: &dyn Domain,
     patience: Duration,
-) -> Result<(TcpSink, RecordReader<TcpStream>), DialError> {
+) -> Result<Opened, DialError> {
     open_session_for(addr, psk, domain.layout(), &domain.describe(), patience)
 }
 
@@ -55,22 +61,30 @@ pub fn open_session_for(
     layout: Layout,
     desc: &str,
     patience: Duration,
-) -> Result<(TcpSink, RecordReader<TcpStream>), DialError> {
+) -> Result<Opened, DialError> {
     open_session_nonce(addr, psk, layout, desc, patience, random_nonce())
 }
 
-/// Switches an authenticated tcp session to `transport`.
-fn select_transport(
+/// Switches an authenticated tcp session to `transport`; the sink seals
+/// every record it sends.
+pub fn select_transport(
     addr: &str,
-    (sink, reader): (TcpSink, RecordReader<TcpStream>),
+    (writer, reader): Opened,
     transport: TransportKind,
 ) -> Result<Session<Box<dyn std::io::Read + Send>>, DialError> {
     Ok(match transport {
-        TransportKind::Tcp => (
-            Box::new(sink),
-            reader.map_inner(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ),
-        kind => select::primary(kind, reader, sink.0).map_err(|source| DialError::Transport {
+        TransportKind::Tcp => {
+            let (s, sealer) = writer.into_parts();
+            let sink: Box<dyn RecordSink> = match sealer {
+                Some(sealer) => Box::new(SealSink::new(Box::new(TcpSink(s)), sealer)),
+                None => Box::new(TcpSink(s)),
+            };
+            (
+                sink,
+                reader.map_inner(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            )
+        }
+        kind => select::primary(kind, reader, writer).map_err(|source| DialError::Transport {
             addr: addr.to_string(),
             source,
         })?,
@@ -114,23 +128,32 @@ fn open_session_nonce(
     desc: &str,
     patience: Duration,
     nonce: [u8; NONCE_LEN],
-) -> Result<(TcpSink, RecordReader<TcpStream>), DialError> {
+) -> Result<Opened, DialError> {
     let conn_err = |source| DialError::Connect {
         addr: addr.to_string(),
         source,
     };
     let s = tcp::connect(addr, patience).map_err(conn_err)?;
+    let hs_err = |source| DialError::Handshake {
+        addr: addr.to_string(),
+        source,
+    };
+    let (local, far) = (s.local_addr(), s.peer_addr());
+    let (local, far) = (local.map_err(conn_err)?, far.map_err(conn_err)?);
+    psk.check_link(local.ip(), far.ip()).map_err(hs_err)?;
     let mut w = s.try_clone().map_err(conn_err)?;
     let mut r = RecordReader::new(s);
     let hello = Hello {
         page_size: layout.page_size,
         pages: layout.pages,
         nonce,
+        protection: psk.protection,
         desc: desc.to_string(),
     };
-    handshake::client(&mut r, &mut w, psk, &hello).map_err(|source| DialError::Handshake {
-        addr: addr.to_string(),
-        source,
-    })?;
-    Ok((TcpSink(w), r))
+    let keys = handshake::client(&mut r, &mut w, psk, &hello).map_err(hs_err)?;
+    let (sealer, opener) = keys.split(Role::Primary);
+    r.authenticate(opener);
+    let mut w = SealedWriter::new(w);
+    w.authenticate(sealer);
+    Ok((w, r))
 }

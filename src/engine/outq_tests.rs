@@ -264,6 +264,7 @@ fn run_guest(
         page_size: PAGE_SIZE as u32,
         pages: domain.layout().pages,
         nonce: random_nonce(),
+        protection: Default::default(),
         desc: domain.describe(),
     };
     handshake::client(&mut r, &mut w, &Psk::from_bytes(KEY), &hello).unwrap();

@@ -13,16 +13,24 @@
 //!
 //! Each side proves knowledge of the key over both nonces, so neither a
 //! replayed Hello nor a replayed Auth is accepted. The backup applies no
-//! page before it has verified `mac_p`. The key authenticates the peer; it
-//! does not encrypt or MAC later records (CRC-32C guards those against
-//! corruption, not against an active attacker on the path).
+//! page before it has verified `mac_p`. Both sides then derive the
+//! session's record keys from the key and both nonces
+//! ([`SessionKeys::derive`]): every record after AuthOk carries a tag
+//! (and, with `--encrypt`, an encrypted payload), see
+//! [`crate::transport::auth`]. The Hello names the protection, so it is
+//! covered by both proofs: a man in the middle cannot downgrade it.
+//!
+//! The built-in development key is public: [`Psk::check_link`] refuses it
+//! unless both ends of the connection are on loopback.
 
 use std::io::{self, Write};
+use std::net::IpAddr;
 use std::path::Path;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::transport::auth::{Protection, SessionKeys};
 use crate::transport::messages::{Hello, MAC_LEN, NONCE_LEN};
 use crate::transport::record::{send_record, PayloadError, RecordError, RecordKind, RecordReader};
 
@@ -45,6 +53,10 @@ pub enum HandshakeError {
     Auth(&'static str),
     #[error("peer refused the session: {0}")]
     Refused(String),
+    #[error("the built-in development key is public and only allowed when both ends are on loopback, but this connection runs {local} <-> {peer}: make a key with `castor keygen > castor.key`, copy it to both hosts and pass --psk-file castor.key (or set $CASTOR_PSK) on both")]
+    DevKeyOffLoopback { local: IpAddr, peer: IpAddr },
+    #[error("{0}")]
+    Protection(String),
     #[error("expected {want:?} during handshake, got {got:?}")]
     Unexpected { want: RecordKind, got: RecordKind },
     #[error("incompatible layout: {0}")]
@@ -62,6 +74,9 @@ pub enum HandshakeError {
 pub struct Psk {
     key: Vec<u8>,
     pub is_default: bool,
+    /// How this end protects records after the handshake (`--encrypt`);
+    /// both ends must agree.
+    pub protection: Protection,
 }
 
 impl std::fmt::Debug for Psk {
@@ -80,7 +95,23 @@ impl Psk {
         Psk {
             key: key.to_vec(),
             is_default: false,
+            protection: Protection::Mac,
         }
+    }
+
+    /// The same key, protecting records as `p`.
+    pub fn with_protection(mut self, p: Protection) -> Psk {
+        self.protection = p;
+        self
+    }
+
+    /// Refuses the built-in development key on a connection that leaves
+    /// the host: anyone can use that key, so it protects nothing there.
+    pub fn check_link(&self, local: IpAddr, peer: IpAddr) -> Result<(), HandshakeError> {
+        if self.is_default && !(local.is_loopback() && peer.is_loopback()) {
+            return Err(HandshakeError::DevKeyOffLoopback { local, peer });
+        }
+        Ok(())
     }
 
     /// The key from `path` (surrounding whitespace trimmed), else from the
@@ -98,6 +129,7 @@ impl Psk {
             return Ok(Psk {
                 key: DEV_KEY.to_vec(),
                 is_default: true,
+                protection: Protection::Mac,
             });
         };
         let trimmed = k_trim(&key);
@@ -145,6 +177,11 @@ impl Psk {
         m.update(nonce_b);
         m.verify_slice(tag).is_ok()
     }
+
+    /// The record keys of the session opened by `hello` and `nonce_b`.
+    fn session_keys(&self, hello: &Hello, nonce_b: &[u8]) -> SessionKeys {
+        SessionKeys::derive(&self.key, &hello.nonce, nonce_b, hello.protection)
+    }
 }
 
 fn k_trim(k: &[u8]) -> &[u8] {
@@ -189,13 +226,15 @@ fn expect<R: io::Read>(r: &mut RecordReader<R>, want: RecordKind) -> Result<&[u8
     Ok(rec.payload)
 }
 
-/// Primary side. Returns once the backup has accepted the session.
+/// Primary side. Returns once the backup has accepted the session, with
+/// the keys every later record is sealed and opened with
+/// ([`SessionKeys::split`] as [`crate::transport::auth::Role::Primary`]).
 pub fn client<R: io::Read, W: Write>(
     r: &mut RecordReader<R>,
     w: &mut W,
     psk: &Psk,
     hello: &Hello,
-) -> Result<(), HandshakeError> {
+) -> Result<SessionKeys, HandshakeError> {
     let hp = hello.encode();
     send_record(w, RecordKind::Hello, 0, &hp)?;
     let ack = expect(r, RecordKind::HelloAck)?;
@@ -211,18 +250,20 @@ pub fn client<R: io::Read, W: Write>(
     }
     let mac_p = psk.mac(LABEL_P, &hp, nonce_b);
     send_record(w, RecordKind::Auth, 0, &mac_p)?;
+    let keys = psk.session_keys(hello, nonce_b);
     expect(r, RecordKind::AuthOk)?;
-    Ok(())
+    Ok(keys)
 }
 
 /// Backup side. `accept` checks the offered layout and may refuse it with a
-/// reason. Returns the authenticated Hello.
+/// reason; a Hello asking for another protection than `psk`'s is refused
+/// here. Returns the authenticated Hello and the session's record keys.
 pub fn server<R: io::Read, W: Write>(
     r: &mut RecordReader<R>,
     w: &mut W,
     psk: &Psk,
     accept: impl FnOnce(&Hello) -> Result<(), String>,
-) -> Result<Hello, HandshakeError> {
+) -> Result<(Hello, SessionKeys), HandshakeError> {
     let hp = expect(r, RecordKind::Hello)?.to_vec();
     let hello = match Hello::decode(&hp) {
         Ok(h) => h,
@@ -231,6 +272,15 @@ pub fn server<R: io::Read, W: Write>(
             return Err(e.into());
         }
     };
+    if hello.protection != psk.protection {
+        let reason = format!(
+            "the primary runs with {} but this backup with {}; start both with --encrypt or both without",
+            hello.protection.flag(),
+            psk.protection.flag()
+        );
+        send_error(w, &reason);
+        return Err(HandshakeError::Protection(reason));
+    }
     if let Err(reason) = accept(&hello) {
         send_error(w, &reason);
         return Err(HandshakeError::Layout(reason));
@@ -247,7 +297,8 @@ pub fn server<R: io::Read, W: Write>(
         ));
     }
     send_record(w, RecordKind::AuthOk, 0, &[])?;
-    Ok(hello)
+    let keys = psk.session_keys(&hello, &nonce_b);
+    Ok((hello, keys))
 }
 
 #[cfg(test)]
@@ -255,33 +306,99 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
-    fn run(pk: &[u8], bk: &[u8]) -> (Result<(), HandshakeError>, Result<Hello, HandshakeError>) {
+    type Sides = (
+        Result<SessionKeys, HandshakeError>,
+        Result<(Hello, SessionKeys), HandshakeError>,
+    );
+
+    fn run_with(pk: &Psk, bk: &Psk) -> Sides {
         let (a, b) = UnixStream::pair().unwrap();
         let hello = Hello {
             page_size: 4096,
             pages: 16,
             nonce: random_nonce(),
+            protection: pk.protection,
             desc: "sim:".into(),
         };
-        let bk = bk.to_vec();
+        let bk = bk.clone();
         let t = std::thread::spawn(move || {
             let mut r = RecordReader::new(b.try_clone().unwrap());
             let mut w = b;
-            server(&mut r, &mut w, &Psk::from_bytes(&bk), |_| Ok(()))
+            server(&mut r, &mut w, &bk, |_| Ok(()))
         });
         let mut r = RecordReader::new(a.try_clone().unwrap());
         let mut w = a;
-        let c = client(&mut r, &mut w, &Psk::from_bytes(pk), &hello);
+        let c = client(&mut r, &mut w, pk, &hello);
         drop(w);
         drop(r);
         (c, t.join().unwrap())
+    }
+
+    fn run(pk: &[u8], bk: &[u8]) -> Sides {
+        run_with(&Psk::from_bytes(pk), &Psk::from_bytes(bk))
     }
 
     #[test]
     fn same_key_accepts() {
         let (c, s) = run(b"0123456789abcdef", b"0123456789abcdef");
         c.unwrap();
-        assert_eq!(s.unwrap().pages, 16);
+        assert_eq!(s.unwrap().0.pages, 16);
+    }
+
+    /// Both ends derive the same keys: what one seals the other opens.
+    #[test]
+    fn both_ends_derive_the_same_record_keys() {
+        use crate::transport::auth::Role;
+        use crate::transport::record::write_record;
+        for p in [Protection::Mac, Protection::Encrypt] {
+            let psk = Psk::from_bytes(b"0123456789abcdef").with_protection(p);
+            let (c, s) = run_with(&psk, &psk);
+            let (ck, (_, sk)) = (c.unwrap(), s.unwrap());
+            assert_eq!((ck.protection(), sk.protection()), (p, p));
+            let (mut p_seal, mut p_open) = ck.split(Role::Primary);
+            let (mut b_seal, mut b_open) = sk.split(Role::Backup);
+            for (seal, open) in [(&mut p_seal, &mut b_open), (&mut b_seal, &mut p_open)] {
+                let mut rec = Vec::new();
+                write_record(&mut rec, RecordKind::Ack, 9, b"x");
+                let mut sealed = seal.seal(&[&rec[..]]).unwrap().concat();
+                open.open(&mut sealed).unwrap();
+                assert_eq!(&sealed[24..25], b"x");
+            }
+        }
+    }
+
+    #[test]
+    fn protection_mismatch_is_refused_naming_both() {
+        let k = Psk::from_bytes(b"0123456789abcdef");
+        let (c, s) = run_with(&k.clone().with_protection(Protection::Encrypt), &k);
+        let e = c.unwrap_err().to_string();
+        assert!(e.contains("--encrypt") && e.contains("both"), "{e}");
+        assert!(matches!(s, Err(HandshakeError::Protection(_))), "{s:?}");
+    }
+
+    #[test]
+    fn the_development_key_is_refused_off_loopback() {
+        let dev = Psk::load(None);
+        // $CASTOR_PSK may be set by the environment running the tests.
+        let Ok(dev) = dev.map(|p| Psk {
+            is_default: true,
+            ..p
+        }) else {
+            panic!("loading the built-in key");
+        };
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let lo6: IpAddr = "::1".parse().unwrap();
+        let far: IpAddr = "192.0.2.7".parse().unwrap();
+        dev.check_link(lo, lo6).unwrap();
+        let e = dev.check_link(far, lo).unwrap_err().to_string();
+        assert!(
+            e.contains("castor keygen") && e.contains("192.0.2.7"),
+            "{e}"
+        );
+        assert!(dev.check_link(lo, far).is_err());
+        Psk::from_bytes(b"0123456789abcdef")
+            .check_link(far, far)
+            .unwrap();
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Encoders append to a send buffer; decoders take untrusted payloads through
 //! [`Cursor`] and return [`PayloadError`] naming the field that was wrong.
 
+use crate::transport::auth::Protection;
 use crate::transport::record::{begin_record, finish_record, RecordKind};
 use crate::transport::wire::{Cursor, PayloadError};
 
@@ -22,6 +23,9 @@ pub struct Hello {
     pub page_size: u32,
     pub pages: u64,
     pub nonce: [u8; NONCE_LEN],
+    /// How records are protected after the handshake; the backup refuses
+    /// a session whose protection differs from its own.
+    pub protection: Protection,
     pub desc: String,
 }
 
@@ -31,6 +35,7 @@ impl Hello {
         v.extend_from_slice(&self.page_size.to_le_bytes());
         v.extend_from_slice(&self.pages.to_le_bytes());
         v.extend_from_slice(&self.nonce);
+        v.push(self.protection as u8);
         v.extend_from_slice(&(self.desc.len() as u16).to_le_bytes());
         v.extend_from_slice(self.desc.as_bytes());
         v
@@ -41,6 +46,9 @@ impl Hello {
         let page_size = c.u32()?;
         let pages = c.u64()?;
         let nonce = c.array()?;
+        let p = c.u8()?;
+        let protection =
+            Protection::from_u8(p).ok_or_else(|| c.err(format!("unknown protection {p}")))?;
         let n = c.u16()? as usize;
         if n > MAX_DESC {
             return Err(c.err(format!("description of {n} bytes exceeds {MAX_DESC}")));
@@ -53,6 +61,7 @@ impl Hello {
             page_size,
             pages,
             nonce,
+            protection,
             desc,
         })
     }
@@ -265,6 +274,7 @@ mod tests {
             page_size: 4096,
             pages: 1 << 18,
             nonce: [5; 32],
+            protection: Default::default(),
             desc: "sim:mem=1GiB".into(),
         };
         assert_eq!(Hello::decode(&h.encode()).unwrap(), h);

@@ -14,11 +14,19 @@
 //!  20    4 crc      CRC-32C of header bytes 0..20 followed by the payload
 //! ```
 //!
+//! After the handshake a record also carries a 16-byte tag after its
+//! payload ([`crate::transport::auth`]): a reader given an [`Opener`]
+//! ([`RecordReader::authenticate`]) checks it instead of the CRC.
+//!
 //! Invariant: [`RecordReader`] hands out a record only after magic, version,
-//! kind, flags, length bound and checksum have all been verified; the payload
-//! is still untrusted in content and its parser must bounds-check it.
+//! kind, flags, length bound and checksum (or, authenticated, its tag under
+//! the session key and the record's sequence number) have all been
+//! verified; the payload is still untrusted in content and its parser must
+//! bounds-check it.
 
 use std::io::{self, Read, Write};
+
+use crate::transport::auth::{AuthError, Opener, Protection, TAG_LEN};
 
 pub use crate::transport::wire::{
     Cursor, PayloadError, HEADER_LEN, MAGIC, MAX_PAYLOAD, WIRE_VERSION,
@@ -114,6 +122,8 @@ pub enum RecordError {
         want: u32,
         got: u32,
     },
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("receive ring: {0}")]
     Slot(#[from] crate::transport::slots::SlotError),
     #[error("i/o error: {0}")]
@@ -216,6 +226,51 @@ pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<Header, RecordError> {
     })
 }
 
+/// Bytes on the wire of a record with `len` payload bytes: with a tag
+/// once the stream is authenticated.
+pub fn wire_len(len: usize, open: Option<&Opener>) -> usize {
+    HEADER_LEN + len + if open.is_some() { TAG_LEN } else { 0 }
+}
+
+/// Parses a header; on an authenticated stream any damage is reported as
+/// the record failing authentication (an attacker's bit flip in the header
+/// is no different from one in the payload).
+pub fn parse_header_of(h: &[u8; HEADER_LEN], open: Option<&Opener>) -> Result<Header, RecordError> {
+    parse_header(h).map_err(|e| match open {
+        Some(o) => o.forged().into(),
+        None => e,
+    })
+}
+
+/// Verifies a whole record `rec` ([`wire_len`] bytes: header, payload and,
+/// authenticated, tag) whose header `h` was parsed: its tag with `open`
+/// (decrypting the payload in place if the session encrypts) and its CRC
+/// (except encrypted, where the sender zeroes it: the AEAD tag replaces
+/// it). Returns the record.
+pub fn check<'a>(
+    h: &Header,
+    rec: &'a mut [u8],
+    open: Option<&mut Opener>,
+) -> Result<Record<'a>, RecordError> {
+    match open {
+        Some(o) => {
+            debug_assert_eq!(rec.len(), HEADER_LEN + h.len + TAG_LEN);
+            o.open(rec)?;
+            let rec = &rec[..HEADER_LEN + h.len];
+            if o.protection() == Protection::Mac {
+                // The sender's own framing, checked as without a MAC.
+                return verify(h, rec);
+            }
+            Ok(Record {
+                kind: h.kind,
+                epoch: h.epoch,
+                payload: &rec[HEADER_LEN..],
+            })
+        }
+        None => verify(h, rec),
+    }
+}
+
 /// Checks the CRC of a whole record (`rec` = header bytes + payload) whose
 /// header `h` was parsed, and returns the record.
 pub fn verify<'a>(h: &Header, rec: &'a [u8]) -> Result<Record<'a>, RecordError> {
@@ -253,6 +308,9 @@ pub struct RecordReader<R> {
     /// Largest payload accepted, below MAX_PAYLOAD before authentication
     /// (see [`RecordReader::with_limit`]).
     limit: Option<usize>,
+    /// Set once the session's keys are known: every later record must
+    /// carry a valid tag.
+    open: Option<Opener>,
 }
 
 /// Reads ask the kernel for at least this much room.
@@ -267,6 +325,7 @@ impl<R: Read> RecordReader<R> {
             end: 0,
             bytes_read: 0,
             limit: None,
+            open: None,
         }
     }
 
@@ -281,7 +340,20 @@ impl<R: Read> RecordReader<R> {
             end: 0,
             bytes_read: 0,
             limit: Some(limit),
+            open: None,
         }
+    }
+
+    /// From the next record on, requires every record to carry a tag that
+    /// `open` verifies (call right after the handshake's last record).
+    pub fn authenticate(&mut self, open: Opener) {
+        self.open = Some(open);
+    }
+
+    /// Takes the opener back, to go on reading the same stream elsewhere
+    /// (a receive ring); the reader stops authenticating.
+    pub fn take_opener(&mut self) -> Option<Opener> {
+        self.open.take()
     }
 
     /// Lifts [`RecordReader::with_limit`]'s limit (the peer authenticated).
@@ -314,6 +386,7 @@ impl<R: Read> RecordReader<R> {
             end: self.end,
             bytes_read: self.bytes_read,
             limit: self.limit,
+            open: self.open,
         }
     }
 
@@ -354,7 +427,7 @@ impl<R: Read> RecordReader<R> {
         let h: [u8; HEADER_LEN] = self.buf[self.start..self.start + HEADER_LEN]
             .try_into()
             .expect("header length");
-        let hd = parse_header(&h)?;
+        let hd = parse_header_of(&h, self.open.as_ref())?;
         let len = hd.len;
         if let Some(limit) = self.limit.filter(|&l| len > l) {
             return Err(RecordError::Unauthenticated {
@@ -363,26 +436,22 @@ impl<R: Read> RecordReader<R> {
                 limit,
             });
         }
-        if let Err(e) = self.fill(HEADER_LEN + len, "record payload", false) {
+        let total = wire_len(len, self.open.as_ref());
+        if let Err(e) = self.fill(total, "record payload", false) {
             return Err(match e {
                 RecordError::Truncated { got, .. } => RecordError::Truncated {
                     what: "record payload",
                     got: got.saturating_sub(HEADER_LEN),
-                    want: len,
+                    want: total - HEADER_LEN,
                 },
                 e => e,
             });
         }
         let at = self.start;
-        let end = at + HEADER_LEN + len;
-        verify(&hd, &self.buf[at..end])?;
+        let end = at + total;
         self.start = end;
-        self.bytes_read += (HEADER_LEN + len) as u64;
-        Ok(Record {
-            kind: hd.kind,
-            epoch: hd.epoch,
-            payload: &self.buf[at + HEADER_LEN..end],
-        })
+        self.bytes_read += total as u64;
+        check(&hd, &mut self.buf[at..end], self.open.as_mut())
     }
 }
 

@@ -14,12 +14,13 @@
 
 use std::io::{self, Read};
 use std::net::TcpStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::transport::kind::TransportKind;
 use crate::transport::link::{RecordSink, RecordSource};
 use crate::transport::record::{send_record, RecordError, RecordKind, RecordReader};
 use crate::transport::ring::{CreditFilter, CreditShared, ReturnPath};
+use crate::transport::seal::{ControlWriter, SealSink, SealedWriter};
 use crate::transport::slots::{Announce, SlotError, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE};
 use crate::transport::uring::{UringError, UringSink, UringSource};
 
@@ -50,14 +51,22 @@ pub enum SetupError {
     Io(#[from] io::Error),
 }
 
-/// Primary side, after the handshake, for a non-tcp transport.
+/// Primary side, after the handshake, for a non-tcp transport. The sink
+/// returned seals with `writer`'s sealer, which sealed the Transport record.
 pub fn primary(
     kind: TransportKind,
     mut reader: RecordReader<TcpStream>,
-    mut writer: TcpStream,
+    mut writer: SealedWriter<TcpStream>,
 ) -> Result<(Box<dyn RecordSink>, ReturnPath), SetupError> {
     debug_assert_ne!(kind, TransportKind::Tcp);
     send_record(&mut writer, RecordKind::Transport, 0, &[kind.to_u8()])?;
+    let (writer, sealer) = writer.into_parts();
+    let seal = |sink: Box<dyn RecordSink>| -> Box<dyn RecordSink> {
+        match sealer {
+            Some(s) => Box::new(SealSink::new(sink, s)),
+            None => sink,
+        }
+    };
     let rec = reader.next()?;
     let ann = match rec.kind {
         RecordKind::Slots => Announce::decode(rec.payload)?,
@@ -78,13 +87,13 @@ pub fn primary(
             let credits = Arc::new(CreditShared::default());
             let sink = UringSink::new(writer, &ann, credits.clone())?;
             let back: Box<dyn Read + Send> = Box::new(CreditFilter::new(reader, credits));
-            Ok((Box::new(sink), RecordReader::new(back)))
+            Ok((seal(Box::new(sink)), RecordReader::new(back)))
         }
         #[cfg(feature = "rdma")]
         TransportKind::Rdma => {
             let (sink, back) = crate::transport::rdma::primary(reader, writer, &ann)
                 .map_err(|e| SetupError::Unavailable(e.to_string()))?;
-            Ok((sink, back))
+            Ok((seal(sink), back))
         }
         other => Err(SetupError::Unavailable(format!(
             "transport {other} is not available in this build"
@@ -97,7 +106,7 @@ pub fn primary(
 pub fn backup(
     kind: TransportKind,
     mut reader: RecordReader<TcpStream>,
-    writer: Arc<Mutex<TcpStream>>,
+    writer: ControlWriter,
 ) -> Result<Box<dyn RecordSource>, SetupError> {
     debug_assert_ne!(kind, TransportKind::Tcp);
     let refuse = |msg: String| {
@@ -138,6 +147,7 @@ pub fn backup(
     if reader.buffered() != 0 {
         return Err(SetupError::EarlyData(reader.buffered()));
     }
+    let open = reader.take_opener();
     let sock = reader.into_inner();
     let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE)?;
     let announce = |a: &Announce| -> Result<(), SetupError> {
@@ -152,7 +162,7 @@ pub fn backup(
     match kind {
         TransportKind::Uring => {
             let src = match UringSource::new(sock, &ann, writer.clone()) {
-                Ok(s) => s,
+                Ok(s) => s.authenticate(open),
                 Err(e) => {
                     refuse(format!("the backup cannot run uring: {e}"));
                     return Err(e.into());
@@ -162,7 +172,7 @@ pub fn backup(
             Ok(Box::new(src))
         }
         #[cfg(feature = "rdma")]
-        TransportKind::Rdma => crate::transport::rdma::backup(sock, ann, writer.clone(), announce)
+        TransportKind::Rdma => crate::transport::rdma::backup(sock, ann, open, announce)
             .map_err(|e| SetupError::Unavailable(refuse(format!("rdma setup failed: {e}")))),
         other => Err(SetupError::Unavailable(refuse(format!(
             "transport {other} is not available in this backup's build"

@@ -30,10 +30,10 @@
 //! credit starts at the sender's first outstanding slot, is non-empty and
 //! releases only slots the sender has completely written.
 
-use crate::transport::wire::{Cursor, PayloadError, HEADER_LEN, MAX_PAYLOAD};
+use crate::transport::wire::{Cursor, PayloadError, HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
 
-/// Largest record on the wire (header + largest payload).
-pub const MAX_RECORD: u64 = (HEADER_LEN + MAX_PAYLOAD) as u64;
+/// Largest record on the wire (header + largest payload + tag).
+pub const MAX_RECORD: u64 = (HEADER_LEN + MAX_PAYLOAD + TAG_LEN) as u64;
 /// Bits of a [`ChunkTag`] holding `len - 1`; the rest hold the slot index.
 pub const LEN_BITS: u32 = 20;
 /// Largest slot: a chunk length must fit in [`LEN_BITS`].

@@ -8,11 +8,14 @@
 //! slot errors).
 
 /// Wire format version. Bumped on any incompatible change of a header or payload layout.
-pub const WIRE_VERSION: u16 = 3;
+pub const WIRE_VERSION: u16 = 4;
 pub const MAGIC: u32 = u32::from_le_bytes(*b"CSTR");
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a reader accepts. Pages records are kept far below it.
 pub const MAX_PAYLOAD: usize = 4 << 20;
+/// Bytes of the tag after the payload of every record sent after the
+/// handshake (`transport::auth`).
+pub const TAG_LEN: usize = 16;
 
 /// Bounds-checked little-endian reader over an untrusted payload.
 pub struct Cursor<'a> {

@@ -1,10 +1,12 @@
 //! A fake primary speaking the real wire protocol through the library:
 //! lets tests send exactly the epochs (and breakage, or silence) they want.
 
+use std::io::Write;
 use std::net::TcpStream;
 
 use castor::codec::{Compressor, Encoder, PageKind};
 use castor::digest::Digest;
+use castor::transport::auth::{Opener, Role, Sealer};
 use castor::transport::handshake::{self, random_nonce, Psk};
 use castor::transport::messages::{EpochBegin, EpochClass, EpochEnd, Hello, PagesWriter};
 use castor::transport::record::{write_record, RecordKind, RecordReader};
@@ -105,8 +107,60 @@ impl Primary {
     }
 }
 
+/// An authenticated connection to a backup: what the test writes is
+/// sealed with the session's keys, record by record, like a real primary's
+/// stream (a torn last record goes out as it is, without its tag).
+pub struct Session {
+    stream: TcpStream,
+    sealer: Sealer,
+    opener: Option<Opener>,
+}
+
+impl Session {
+    /// Seals the whole records at the front of `bytes` and sends them,
+    /// then any torn rest unsealed.
+    pub fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut whole = 0;
+        while bytes.len() - whole >= 24 {
+            let len = u32::from_le_bytes(bytes[whole + 16..whole + 20].try_into().unwrap());
+            if bytes.len() - whole < 24 + len as usize {
+                break;
+            }
+            whole += 24 + len as usize;
+        }
+        let sealed = self
+            .sealer
+            .seal(&[&bytes[..whole]])
+            .map_err(std::io::Error::other)?
+            .concat();
+        self.stream.write_all(&sealed)?;
+        self.stream.write_all(&bytes[whole..])
+    }
+
+    /// A reader of the backup's records (acks, errors), opening them with
+    /// the session's key. Once per session.
+    pub fn reader(&mut self) -> RecordReader<TcpStream> {
+        let mut r = RecordReader::new(self.stream.try_clone().unwrap());
+        r.authenticate(self.opener.take().expect("one reader per session"));
+        r
+    }
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Session({:?})", self.stream.peer_addr())
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
 /// Connects and authenticates with `key`.
-pub fn session(addr: &str, key: &str) -> Result<TcpStream, String> {
+pub fn session(addr: &str, key: &str) -> Result<Session, String> {
     let s = TcpStream::connect(addr).unwrap();
     let mut w = s.try_clone().unwrap();
     let mut r = RecordReader::new(s.try_clone().unwrap());
@@ -114,9 +168,15 @@ pub fn session(addr: &str, key: &str) -> Result<TcpStream, String> {
         page_size: PAGE_SIZE as u32,
         pages: PAGES,
         nonce: random_nonce(),
+        protection: Default::default(),
         desc: "test:hostile".into(),
     };
-    handshake::client(&mut r, &mut w, &Psk::from_bytes(key.as_bytes()), &hello)
+    let keys = handshake::client(&mut r, &mut w, &Psk::from_bytes(key.as_bytes()), &hello)
         .map_err(|e| e.to_string())?;
-    Ok(s)
+    let (sealer, opener) = keys.split(Role::Primary);
+    Ok(Session {
+        stream: s,
+        sealer,
+        opener: Some(opener),
+    })
 }

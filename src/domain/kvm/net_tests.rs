@@ -369,6 +369,7 @@ fn protected_rtts(
         page_size: 4096,
         pages: d.layout().pages,
         nonce: random_nonce(),
+        protection: Default::default(),
         desc: d.describe(),
     };
     handshake::client(&mut r, &mut w, &Psk::from_bytes(KEY), &hello).unwrap();

@@ -5,7 +5,6 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdma_sys::*;
@@ -14,6 +13,7 @@ use super::verbs::{empty_wc, expect_event, sockaddr_of, Buf, Conn, Mr};
 use super::{
     call_err, probe, to_record_err, RdmaError, CM_EVENT_TIMEOUT, IDLE_SLICE, WR_CREDIT_SEND,
 };
+use crate::transport::auth::Opener;
 use crate::transport::link::RecordSource;
 use crate::transport::record::RecordError;
 use crate::transport::ring::{MirrorRing, RingLink, RingReader};
@@ -25,20 +25,19 @@ use crate::transport::wire::HEADER_LEN;
 pub fn backup<E: std::fmt::Display>(
     sock: TcpStream,
     ann: Announce,
-    writer: Arc<Mutex<TcpStream>>,
+    open: Option<Opener>,
     announce: impl Fn(&Announce) -> Result<(), E>,
 ) -> Result<Box<dyn RecordSource>, RdmaError> {
-    Ok(Box::new(backup_source(sock, ann, writer, announce)?))
+    Ok(Box::new(backup_source(sock, ann, open, announce)?))
 }
 
 /// [`backup`], returning the source itself.
 pub(super) fn backup_source<E: std::fmt::Display>(
     sock: TcpStream,
     ann: Announce,
-    writer: Arc<Mutex<TcpStream>>,
+    open: Option<Opener>,
     announce: impl Fn(&Announce) -> Result<(), E>,
 ) -> Result<RdmaSource, RdmaError> {
-    let _ = writer; // credits travel by SEND; acks stay on the TCP writer
     probe()?;
     let local = sock.local_addr().map_err(|source| RdmaError::Call {
         call: "getsockname",
@@ -129,7 +128,7 @@ pub(super) fn backup_source<E: std::fmt::Display>(
         credit_in_flight: false,
         sock,
     };
-    Ok(RingReader::over(link, ring, &full))
+    Ok(RingReader::over(link, ring, &full).authenticate(open))
 }
 
 /// The backup's receiving half over RDMA.

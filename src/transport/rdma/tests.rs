@@ -6,7 +6,6 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::sink::{primary_sink, RdmaSink};
@@ -26,9 +25,8 @@ fn pair() -> (RdmaSink, RdmaSource, TcpStream) {
     let (server, _) = l.accept().unwrap();
     let (tx, rx) = mpsc::channel();
     let backup = std::thread::spawn(move || {
-        let writer = Arc::new(Mutex::new(server.try_clone().unwrap()));
         let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).unwrap();
-        backup_source(server, ann, writer, |a: &Announce| tx.send(*a))
+        backup_source(server, ann, None, |a: &Announce| tx.send(*a))
     });
     let full = rx
         .recv_timeout(Duration::from_secs(60))

@@ -100,6 +100,16 @@ impl MirrorRing {
         // placement overwrites before the next credit (slots protocol).
         unsafe { std::slice::from_raw_parts(self.base.add(off), n) }
     }
+
+    /// [`MirrorRing::slice`], writable: for decrypting a landed record in
+    /// place. Panics unless `off < len` and `n <= len`.
+    pub fn slice_mut(&mut self, off: usize, n: usize) -> &mut [u8] {
+        assert!(off < self.len && n <= self.len, "ring slice out of range");
+        // SAFETY: as in `slice`; `&mut self` makes this the only slice of
+        // the ring handed out, and the bytes have landed, so neither the
+        // kernel nor the NIC writes them until they are credited back.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(off), n) }
+    }
 }
 
 impl Drop for MirrorRing {

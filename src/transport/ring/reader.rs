@@ -10,8 +10,9 @@
 
 use std::net::TcpStream;
 
+use crate::transport::auth::Opener;
 use crate::transport::link::RecordSource;
-use crate::transport::record::{parse_header, verify, Header, Record, RecordError};
+use crate::transport::record::{check, parse_header_of, wire_len, Header, Record, RecordError};
 use crate::transport::ring::mirror::MirrorRing;
 use crate::transport::slots::{Announce, RingState};
 use crate::transport::wire::HEADER_LEN;
@@ -53,6 +54,8 @@ pub struct RingReader<L> {
     bytes_read: u64,
     /// Credit once this many slots are consumed (always before blocking).
     credit_batch: u64,
+    /// The session's opener: every record carries a tag it checks.
+    open: Option<Opener>,
 }
 
 impl<L: RingLink> RingReader<L> {
@@ -71,16 +74,25 @@ impl<L: RingLink> RingReader<L> {
             pending_consume: 0,
             bytes_read: 0,
             credit_batch: (ann.slots as u64 / 4).max(1),
+            open: None,
         }
+    }
+
+    /// Requires every record to carry a tag `open` verifies (the opener of
+    /// the stream's TCP reader, which read the records before the ring).
+    pub fn authenticate(mut self, open: Option<Opener>) -> Self {
+        self.open = open;
+        self
     }
 }
 
 /// The next whole record waiting in the ring, if one has fully arrived:
 /// its offset, verified header and total length (the caller checks the CRC
-/// with [`verify`] and consumes it).
+/// or tag with [`check`] and consumes it).
 fn ready_record(
     state: &RingState,
     ring: &MirrorRing,
+    open: Option<&Opener>,
 ) -> Result<Option<(usize, Header, usize)>, RecordError> {
     let avail = state.available();
     if avail < HEADER_LEN as u64 {
@@ -91,8 +103,8 @@ fn ready_record(
         .slice(off, HEADER_LEN)
         .try_into()
         .expect("slice of HEADER_LEN bytes");
-    let hd = parse_header(&h)?;
-    let need = HEADER_LEN + hd.len;
+    let hd = parse_header_of(&h, open)?;
+    let need = wire_len(hd.len, open);
     // Guaranteed by a validated announcement (len <= MAX_PAYLOAD).
     assert!(state.fits(need as u64));
     Ok((avail >= need as u64).then_some((off, hd, need)))
@@ -108,10 +120,12 @@ impl<L: RingLink> RecordSource for RingReader<L> {
             }
         }
         loop {
-            if let Some((off, hd, need)) = ready_record(&self.state, &self.ring)? {
+            if let Some((off, hd, need)) =
+                ready_record(&self.state, &self.ring, self.open.as_ref())?
+            {
                 self.pending_consume = need;
                 self.bytes_read += need as u64;
-                return verify(&hd, self.ring.slice(off, need));
+                return check(&hd, self.ring.slice_mut(off, need), self.open.as_mut());
             }
             let empty = self.state.available() == 0;
             self.link.send_credit(&mut self.state)?;

@@ -7,13 +7,13 @@
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
 
 use io_uring::{opcode, types, IoUring};
 
 use super::{new_ring, Region, UringError, CHUNK_HEADER};
 use crate::transport::record::{send_record, RecordError, RecordKind};
 use crate::transport::ring::{MirrorRing, RingLink, RingReader};
+use crate::transport::seal::ControlWriter;
 use crate::transport::slots::{Announce, ChunkTag, Placement, RingState, SlotError};
 
 /// The backup's receiving half over io_uring (see the module doc).
@@ -29,7 +29,7 @@ pub struct UringLink {
     sock: TcpStream,
     /// Chunk headers land here (fixed buffer 1).
     hdr: Region,
-    writer: Arc<Mutex<TcpStream>>,
+    writer: ControlWriter,
     /// The chunk whose body is arriving: placement and bytes landed.
     in_chunk: Option<(Placement, usize)>,
     seq: u32,
@@ -37,11 +37,7 @@ pub struct UringLink {
 
 impl UringSource {
     /// Sets up the ring for `ann` on `sock`; credits go out on `writer`.
-    pub fn new(
-        sock: TcpStream,
-        ann: &Announce,
-        writer: Arc<Mutex<TcpStream>>,
-    ) -> Result<Self, UringError> {
+    pub fn new(sock: TcpStream, ann: &Announce, writer: ControlWriter) -> Result<Self, UringError> {
         let ring = new_ring()?;
         let mem = MirrorRing::new(ann.ring_len())?;
         let hdr = Region::new(4096, "the chunk header buffer")?;

@@ -9,6 +9,7 @@ use super::sink::{DIRECT_OPS, MAX_IOV};
 use super::*;
 use crate::transport::link::{RecordSink, RecordSource};
 use crate::transport::record::{write_record, RecordError, RecordKind, RecordReader};
+use crate::transport::seal::SealedWriter;
 use crate::transport::slots::{Announce, Credit, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE};
 
 fn pair() -> (TcpStream, TcpStream) {
@@ -58,7 +59,7 @@ fn cross_the_ring(mode: SendMode) {
     let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).unwrap();
     let n = 60;
     let backup = std::thread::spawn(move || {
-        let w = Arc::new(Mutex::new(s.try_clone().unwrap()));
+        let w = Arc::new(Mutex::new(SealedWriter::new(s.try_clone().unwrap())));
         let mut src = UringSource::new(s, &ann, w).unwrap();
         for i in 0..n {
             let r = src.next_record().unwrap();

@@ -1,0 +1,116 @@
+//! Sealing the records an end sends, whatever carries them: the
+//! primary's data path ([`SealSink`], over any [`RecordSink`]) and the
+//! small control records written on a stream ([`SealedWriter`]: acks,
+//! heartbeats, credits, errors, the transport agreement).
+//!
+//! Each end has exactly one [`Sealer`] per session, so one counter numbers
+//! everything it sends after the handshake, on whichever path. Handing the
+//! sealer from a [`SealedWriter`] to a [`SealSink`]
+//! ([`SealedWriter::into_parts`]) keeps the count.
+
+use std::io::{self, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+
+use crate::transport::auth::Sealer;
+use crate::transport::link::RecordSink;
+use crate::transport::wire::HEADER_LEN;
+
+/// The backup's writer of control records (heartbeats, acks, credits,
+/// errors), shared by the threads that send them.
+pub type ControlWriter = Arc<Mutex<SealedWriter<TcpStream>>>;
+
+fn to_io(e: crate::transport::auth::AuthError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e)
+}
+
+/// A [`RecordSink`] that seals every record before `inner` carries it
+/// (tcp, uring and rdma alike: the tag travels inside the byte stream).
+pub struct SealSink {
+    inner: Box<dyn RecordSink>,
+    sealer: Sealer,
+}
+
+impl SealSink {
+    pub fn new(inner: Box<dyn RecordSink>, sealer: Sealer) -> Self {
+        SealSink { inner, sealer }
+    }
+}
+
+impl RecordSink for SealSink {
+    /// `bufs` must hold whole records (as every caller sends them).
+    fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        let pieces = self.sealer.seal(bufs).map_err(to_io)?;
+        self.inner.send(&pieces)
+    }
+}
+
+/// A writer of records that seals them once the session is authenticated
+/// ([`SealedWriter::authenticate`]) and passes bytes through before.
+///
+/// Callers write whole records (`send_record` does, in one `write_all`);
+/// bytes are collected until a record is complete, then it is sealed and
+/// written to `inner` in one `write_all`.
+pub struct SealedWriter<W> {
+    inner: W,
+    sealer: Option<Sealer>,
+    /// Bytes of a record not yet complete.
+    partial: Vec<u8>,
+}
+
+impl<W: Write> SealedWriter<W> {
+    pub fn new(inner: W) -> Self {
+        SealedWriter {
+            inner,
+            sealer: None,
+            partial: Vec::new(),
+        }
+    }
+
+    /// Seals every record written from now on with `sealer`.
+    pub fn authenticate(&mut self, sealer: Sealer) {
+        self.sealer = Some(sealer);
+    }
+
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    /// The stream and the sealer (to go on sealing elsewhere).
+    pub fn into_parts(self) -> (W, Option<Sealer>) {
+        debug_assert!(self.partial.is_empty(), "record half written");
+        (self.inner, self.sealer)
+    }
+
+    /// Seals and writes every complete record in `partial`.
+    fn flush_records(&mut self, sealer: &mut Sealer) -> io::Result<()> {
+        while self.partial.len() >= HEADER_LEN {
+            let len = u32::from_le_bytes(self.partial[16..20].try_into().unwrap()) as usize;
+            let whole = HEADER_LEN + len;
+            if self.partial.len() < whole {
+                break;
+            }
+            let one = [&self.partial[..whole]];
+            let out = sealer.seal(&one).map_err(to_io)?.concat();
+            self.inner.write_all(&out)?;
+            self.partial.drain(..whole);
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for SealedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(mut sealer) = self.sealer.take() else {
+            return self.inner.write(buf);
+        };
+        self.partial.extend_from_slice(buf);
+        let r = self.flush_records(&mut sealer);
+        self.sealer = Some(sealer);
+        r.map(|()| buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
