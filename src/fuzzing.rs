@@ -11,6 +11,7 @@ use crate::digest::Digest;
 use crate::engine::receiver::{Event, Receiver};
 use crate::ha::beacon;
 use crate::outq::nfqueue::msg;
+use crate::transport::auth::{Protection, Role, SessionKeys};
 use crate::transport::handshake::{self, Psk};
 use crate::transport::messages::{Hello, NONCE_LEN};
 use crate::transport::record::{Record, RecordKind, RecordReader, MAX_PAYLOAD};
@@ -34,15 +35,39 @@ pub const TARGETS: [(&str, Body); 8] = [
     ("nbd", nbd),
 ];
 
-/// The record parser: a byte stream split into verified records.
+/// The session keys the `record` target opens with (an input cannot know
+/// a tag under them, but a seed sealed with them reaches past the check).
+fn record_keys(p: Protection) -> SessionKeys {
+    SessionKeys::derive(KEY, &[1; NONCE_LEN], &[2; NONCE_LEN], p)
+}
+
+/// The record parser: a byte stream split into verified records. `data[0]`
+/// picks the stream: 0 before the handshake (CRC only), 1 authenticated
+/// (tags), 2 encrypted (decrypted in place).
 pub fn record(data: &[u8]) {
+    record_run(data);
+}
+
+/// [`record`]'s body; the number of records accepted.
+pub fn record_run(data: &[u8]) -> usize {
+    let Some((&mode, data)) = data.split_first() else {
+        return 0;
+    };
+    let mut n = 0;
     let mut r = RecordReader::new(data);
+    match mode {
+        0 => {}
+        1 => r.authenticate(record_keys(Protection::Mac).split(Role::Backup).1),
+        _ => r.authenticate(record_keys(Protection::Encrypt).split(Role::Backup).1),
+    }
     for _ in 0..4096 {
         match r.next() {
             Ok(rec) => assert!(rec.payload.len() <= MAX_PAYLOAD),
             Err(_) => break,
         }
+        n += 1;
     }
+    n
 }
 
 /// Both sides of the handshake against a peer that sends `data[1..]`
@@ -202,7 +227,7 @@ pub fn beacon(data: &[u8]) {
 /// written by `tests/fuzz_corpus.rs`'s ignored `write_seed_corpus`).
 pub fn seeds(target: &str) -> Vec<Vec<u8>> {
     match target {
-        "record" => vec![record_stream()],
+        "record" => record_seeds(),
         "handshake" => handshake_seeds(),
         "page" => page_seeds(),
         "receiver" => vec![receiver_stream()],
@@ -214,7 +239,24 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
     }
 }
 
-fn record_stream() -> Vec<u8> {
+/// The same records plain, sealed with a MAC and encrypted (as the
+/// primary's sealer would after the handshake), each after its mode byte.
+fn record_seeds() -> Vec<Vec<u8>> {
+    let plain = record_stream();
+    let mut out = vec![[&[0u8][..], &plain].concat()];
+    for (mode, p) in [(1u8, Protection::Mac), (2, Protection::Encrypt)] {
+        let (mut seal, _) = record_keys(p).split(Role::Primary);
+        let sealed = seal
+            .seal(&[&plain[..]])
+            .expect("well-formed records")
+            .concat();
+        out.push([&[mode][..], &sealed].concat());
+    }
+    out
+}
+
+/// A stream of well-formed records (epoch 1's, an ack, a heartbeat, a close).
+pub fn record_stream() -> Vec<u8> {
     use crate::transport::messages::{EpochBegin, EpochClass, EpochEnd};
     use crate::transport::record::write_record;
     let mut v = Vec::new();
