@@ -21,8 +21,9 @@ use crate::engine::primary::{self, PrimaryConfig, PrimaryError};
 use crate::outq::{Egress, OutputHandle, OutputQueue};
 use crate::transport::handshake::{self, random_nonce, Psk};
 use crate::transport::messages::Hello;
-use crate::transport::record::{RecordKind, RecordReader, HEADER_LEN};
-use crate::transport::tcp::{self, TcpSink};
+use crate::transport::record::{parse_header, RecordKind, RecordReader, HEADER_LEN};
+use crate::transport::tcp;
+use crate::transport::wire::TAG_LEN;
 use crate::PAGE_SIZE;
 
 #[derive(Default)]
@@ -182,12 +183,22 @@ impl Read for TimedRead {
 
 impl ReadLog {
     /// epoch → the time the primary had read that epoch's whole Ack record.
+    /// (The primary's reader checked the records; this only walks their
+    /// headers: the two handshake records, then records with tags.)
     fn ack_times(&self) -> BTreeMap<u64, Instant> {
-        let mut r = RecordReader::new(&self.bytes[..]);
         let mut end = 0usize;
         let mut out = BTreeMap::new();
-        while let Ok(rec) = r.next() {
-            end += HEADER_LEN + rec.payload.len();
+        for i in 0.. {
+            let Some(h) = self.bytes.get(end..end + HEADER_LEN) else {
+                break;
+            };
+            let Ok(rec) = parse_header(h.try_into().unwrap()) else {
+                break;
+            };
+            end += HEADER_LEN + rec.len + if i >= 2 { TAG_LEN } else { 0 };
+            if end > self.bytes.len() {
+                break;
+            }
             if rec.kind == RecordKind::Ack {
                 let t = self.reads.iter().find(|(n, _)| *n >= end).unwrap().1;
                 out.insert(rec.epoch, t);
@@ -267,9 +278,10 @@ fn run_guest(
         protection: Default::default(),
         desc: domain.describe(),
     };
-    handshake::client(&mut r, &mut w, &Psk::from_bytes(KEY), &hello).unwrap();
+    let keys = handshake::client(&mut r, &mut w, &Psk::from_bytes(KEY), &hello).unwrap();
+    let sink = crate::transport::seal::tcp_primary(&keys, w, &mut r);
     let side = std::thread::spawn(during);
-    let res = primary::run(domain, Box::new(TcpSink(w)), r, cfg).map_err(|(e, _)| e);
+    let res = primary::run(domain, sink, r, cfg).map_err(|(e, _)| e);
     let _ = side.join();
     let truth = truth.lock().unwrap().clone();
     let wire = wire.lock().unwrap().clone();

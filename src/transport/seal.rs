@@ -12,8 +12,10 @@ use std::io::{self, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 
-use crate::transport::auth::Sealer;
+use crate::transport::auth::{Role, Sealer, SessionKeys};
 use crate::transport::link::RecordSink;
+use crate::transport::record::RecordReader;
+use crate::transport::tcp::TcpSink;
 use crate::transport::wire::HEADER_LEN;
 
 /// The backup's writer of control records (heartbeats, acks, credits,
@@ -90,10 +92,11 @@ impl<W: Write> SealedWriter<W> {
             if self.partial.len() < whole {
                 break;
             }
-            let one = [&self.partial[..whole]];
-            let out = sealer.seal(&one).map_err(to_io)?.concat();
+            // Taken out first: a failed write must not leave the record to
+            // be sealed again (under the next number) by a later call.
+            let rec: Vec<u8> = self.partial.drain(..whole).collect();
+            let out = sealer.seal(&[&rec[..]]).map_err(to_io)?.concat();
             self.inner.write_all(&out)?;
-            self.partial.drain(..whole);
         }
         Ok(())
     }
@@ -113,4 +116,17 @@ impl<W: Write> Write for SealedWriter<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
+}
+
+/// A tcp primary's halves after [`crate::transport::handshake::client`]
+/// returned `keys`: the sink seals everything it sends to `stream` and
+/// `reader` opens everything from now on.
+pub fn tcp_primary<R: io::Read>(
+    keys: &SessionKeys,
+    stream: TcpStream,
+    reader: &mut RecordReader<R>,
+) -> Box<dyn RecordSink> {
+    let (sealer, opener) = keys.split(Role::Primary);
+    reader.authenticate(opener);
+    Box::new(SealSink::new(Box::new(TcpSink(stream)), sealer))
 }

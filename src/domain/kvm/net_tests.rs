@@ -349,7 +349,7 @@ fn protected_rtts(
     use crate::transport::handshake::{self, random_nonce, Psk};
     use crate::transport::messages::Hello;
     use crate::transport::record::RecordReader;
-    use crate::transport::tcp::{self, TcpSink};
+    use crate::transport::tcp;
     const KEY: &[u8] = b"outq-latency-test-key-0123456789";
     /// How long each protected run lasts (after its initial copy).
     const RUN: Duration = Duration::from_secs(10);
@@ -372,7 +372,8 @@ fn protected_rtts(
         protection: Default::default(),
         desc: d.describe(),
     };
-    handshake::client(&mut r, &mut w, &Psk::from_bytes(KEY), &hello).unwrap();
+    let keys = handshake::client(&mut r, &mut w, &Psk::from_bytes(KEY), &hello).unwrap();
+    let sink = crate::transport::seal::tcp_primary(&keys, w, &mut r);
     let cfg = PrimaryConfig {
         epoch,
         workers: 1,
@@ -383,9 +384,8 @@ fn protected_rtts(
         ..PrimaryConfig::default()
     };
     let t0 = Instant::now();
-    let p = std::thread::spawn(move || {
-        primary::run(Box::new(d), Box::new(TcpSink(w)), r, &cfg).map_err(|(e, _)| e)
-    });
+    let p =
+        std::thread::spawn(move || primary::run(Box::new(d), sink, r, &cfg).map_err(|(e, _)| e));
     console
         .wait_for(WAIT, |t| t.contains("link=1"))
         .unwrap_or_else(|| panic!("no boot line:\n{}", console.text()));
