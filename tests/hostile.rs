@@ -132,7 +132,9 @@ fn random_bytes_after_handshake_are_rejected() {
             })
             .collect()
     });
-    assert_rejected(&r, 2, "bad magic");
+    // Under authentication any damage after the handshake, header
+    // included, is a record failing its tag.
+    assert_rejected(&r, 2, "from the primary failed authentication");
 }
 
 /// Opens checkpoint epoch `p.epoch + 1` announcing `dirty` pages and adds
