@@ -210,6 +210,14 @@ impl Sealer {
         }
     }
 
+    /// Gives up the output buffers of the last [`Sealer::seal`] for good
+    /// (never freed nor reused): for a transport whose kernel may still
+    /// read them after a failed send ([`crate::transport::RecordSink::kernel_kept_buffers`]).
+    pub fn leak_buffers(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.scratch));
+        std::mem::forget(std::mem::take(&mut self.tags));
+    }
+
     /// Records sealed so far.
     pub fn sealed(&self) -> u64 {
         self.dir.seq

@@ -13,7 +13,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 
 use crate::transport::auth::{Role, Sealer, SessionKeys};
-use crate::transport::link::RecordSink;
+use crate::transport::link::{FailureReport, RecordSink};
 use crate::transport::record::RecordReader;
 use crate::transport::tcp::TcpSink;
 use crate::transport::wire::HEADER_LEN;
@@ -43,7 +43,25 @@ impl RecordSink for SealSink {
     /// `bufs` must hold whole records (as every caller sends them).
     fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
         let pieces = self.sealer.seal(bufs).map_err(to_io)?;
-        self.inner.send(&pieces)
+        let r = self.inner.send(&pieces);
+        if r.is_err() && self.inner.kernel_kept_buffers() {
+            // The kernel may still read the tags (or ciphertext) this call
+            // handed it: they must outlive this sink.
+            self.sealer.leak_buffers();
+        }
+        r
+    }
+
+    fn connection(&self) -> Option<TcpStream> {
+        self.inner.connection()
+    }
+
+    fn kernel_kept_buffers(&self) -> bool {
+        self.inner.kernel_kept_buffers()
+    }
+
+    fn on_failure(&mut self, report: FailureReport) {
+        self.inner.on_failure(report)
     }
 }
 

@@ -408,8 +408,10 @@ fn protected_rtts(
         last = c;
         rtts.push(rtt);
     }
-    let out = p.join().unwrap().expect("protected run");
-    b.join().unwrap().expect("backup");
+    let out = p.join().unwrap();
+    let backup = b.join().unwrap();
+    let out = out.unwrap_or_else(|e| panic!("protected run: {e:?}; backup: {backup:?}"));
+    backup.expect("backup");
     rtts.sort();
     Some((rtts, out.output))
 }
