@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Drive one QEMU live migration over QMP and print what it cost, as JSON.
 
-    qmp_migrate.py SRC_SOCK DST_SOCK URI MODE [TIMEOUT_S]
+    qmp_migrate.py SRC_SOCK DST_SOCK URI MODE [TIMEOUT_S] [MAX_BANDWIDTH]
 
 MODE is `xbzrle` (XBZRLE delta pages, 64 MiB cache) or `multifd-zstd`
 (2 multifd channels, zstd level 1): QEMU cannot combine them. The target
@@ -10,6 +10,11 @@ and parameters, then the target listens on URI and the source migrates to
 it. query-migrate is polled every 50 ms; the counters at the end of the
 first pass over RAM (dirty-sync-count 1 -> 2) are kept, so the dirty-page
 rounds that follow can be costed apart from the bulk copy.
+
+MAX_BANDWIDTH (bytes/s, default 32 MiB/s) is the same link budget for both
+modes: low enough that the first pass takes seconds, so that dirty-page
+rounds happen at all (on loopback, unlimited, a small guest is gone in one
+pass and there is nothing to cost).
 
 Every socket operation has a deadline; a migration that has not completed
 within TIMEOUT_S (default 300) is cancelled and reported as failed.
@@ -50,7 +55,7 @@ class Qmp:
         return rep.get("return")
 
 
-def setup(q, mode):
+def setup(q, mode, bandwidth):
     if mode == "xbzrle":
         q.cmd("migrate-set-capabilities",
               capabilities=[{"capability": "xbzrle", "state": True}])
@@ -65,8 +70,7 @@ def setup(q, mode):
         })
     else:
         raise SystemExit(f"unknown mode {mode!r} (xbzrle, multifd-zstd)")
-    # The same link budget for both: 1 GiB/s (QEMU's default is 128 MiB/s).
-    q.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 30})
+    q.cmd("migrate-set-parameters", **{"max-bandwidth": bandwidth})
 
 
 def counters(info):
@@ -85,9 +89,10 @@ def counters(info):
 def main():
     src_path, dst_path, uri, mode = sys.argv[1:5]
     timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 300.0
+    bandwidth = int(sys.argv[6]) if len(sys.argv) > 6 else 32 << 20
     src, dst = Qmp(src_path), Qmp(dst_path)
-    setup(dst, mode)
-    setup(src, mode)
+    setup(dst, mode, bandwidth)
+    setup(src, mode, bandwidth)
     dst.cmd("migrate-incoming", uri=uri)
     src.cmd("migrate", uri=uri)
     start = time.monotonic()
@@ -106,6 +111,14 @@ def main():
             info["status"] = "timeout"
             break
         time.sleep(0.05)
+    # The target runs the guest on its own once the migration completed
+    # (autostart); wait for that, at most 10 s.
+    target_status = None
+    for _ in range(200):
+        target_status = dst.cmd("query-status").get("status")
+        if target_status == "running" or info.get("status") != "completed":
+            break
+        time.sleep(0.05)
     end = counters(info)
     first_pass = first_pass or end
     rounds = {k: end[k] - first_pass[k] for k in end}
@@ -114,7 +127,9 @@ def main():
     ram = info.get("ram", {})
     out = {
         "mode": mode,
+        "max_bandwidth": bandwidth,
         "status": info.get("status"),
+        "target_status": target_status,
         "total_time_ms": info.get("total-time"),
         "downtime_ms": info.get("downtime"),
         "setup_time_ms": info.get("setup-time"),
