@@ -17,7 +17,7 @@ use crate::bench::loopback::{self, LoopbackError, LoopbackOpts};
 use crate::bench::{hlog, plot};
 use crate::codec::Compressor;
 use crate::domain::DomainSpec;
-use crate::engine::epoch_control::EpochPolicy;
+use crate::engine::epoch_control::{AutoParams, EpochPolicy};
 use crate::engine::primary::PrimaryConfig;
 use crate::metrics::{EpochRecord, Pct, Summary};
 use crate::transport::TransportKind;
@@ -53,11 +53,19 @@ pub struct TuneConfig {
 }
 
 impl TuneConfig {
-    /// A file-name-safe label, e.g. `e25ms-k2-lz4-tcp` or `eauto-k2-lz4-tcp`.
+    /// A file-name-safe label, e.g. `e25ms-k2-lz4-tcp`, `eauto-k2-lz4-tcp`
+    /// (default auto) or `eauto-t20-m10-x100-k2-lz4-tcp` (target, min, max).
     pub fn label(&self) -> String {
         let e = match self.epoch {
             EpochPolicy::Fixed(d) => format!("{}ms", d.as_secs_f64() * 1000.0),
-            EpochPolicy::Auto(_) => "auto".into(),
+            EpochPolicy::Auto(p) if p == AutoParams::default() => "auto".into(),
+            // Two auto variants in one sweep must not share files.
+            EpochPolicy::Auto(p) => format!(
+                "auto-t{}-m{}-x{}",
+                p.target.as_millis(),
+                p.min.as_millis(),
+                p.max.as_millis()
+            ),
         };
         format!(
             "e{e}-k{}-{}-{}",
@@ -487,5 +495,17 @@ mod tests {
             "{line}"
         );
         assert_eq!(csv_field("25ms"), "25ms");
+    }
+
+    #[test]
+    fn two_auto_variants_get_distinct_labels() {
+        let c = |e: &str| TuneConfig {
+            epoch: EpochPolicy::parse(e).unwrap(),
+            inflight: 2,
+            compress: Compressor::Lz4,
+            transport: TransportKind::Tcp,
+        };
+        assert_eq!(c("auto").label(), "eauto-k2-lz4-tcp");
+        assert_eq!(c("auto:min=10ms").label(), "eauto-t20-m10-x100-k2-lz4-tcp");
     }
 }
