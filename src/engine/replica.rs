@@ -204,7 +204,7 @@ pub fn save_with_disks(
     };
     let mut copy = |to: &Path| {
         for (name, src) in &files {
-            fs::copy(src, to.join(format!("{name}.img")))?;
+            crate::disk::image::copy_sparse(src, &to.join(format!("{name}.img")))?;
         }
         Ok(())
     };
