@@ -136,7 +136,10 @@ fn bench_serves_metrics_while_it_runs() {
     assert!(sample(&text, "castor_wire_bytes_total").unwrap() > 0.0);
     assert!(sample(&text, "castor_raw_bytes_total").unwrap() > 0.0);
     assert_eq!(sample(&text, "castor_backup_connected"), Some(1.0));
-    assert_eq!(sample(&text, "castor_throttle_ratio"), Some(0.0));
+    // Fed by the throttle (0 unless the pipeline fell behind, which a
+    // loaded machine can make happen): a fraction either way.
+    let throttle = sample(&text, "castor_throttle_ratio").unwrap();
+    assert!((0.0..=1.0).contains(&throttle), "{text}");
     assert_eq!(sample(&text, "castor_role{role=\"bench\"}"), Some(1.0));
     promtool_check(&text);
     let st: serde_json::Value = serde_json::from_str(&http_get(&addr, "/status").unwrap()).unwrap();
