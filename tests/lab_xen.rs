@@ -1,11 +1,22 @@
-//! The Xen lab boots (Xen 4.17 under QEMU, Debian's kernel as PV dom0 with
-//! xenstored and xenconsoled running), `xl info` answers, and a PV domU
-//! (the same kernel with a busybox initramfs) is created with `xl create`,
-//! prints its line on its console and is destroyed (tools/lab/guest/
-//! xen-domu-smoke). Skips only when qemu-system-x86_64 is missing.
+//! The Xen lab (Xen 4.17 under QEMU, Debian's kernel as PV dom0 with
+//! xenstored and xenconsoled running; docs/lab.md):
+//! - it boots, `xl info` answers, and a PV domU (the same kernel with a
+//!   busybox initramfs) is created with `xl create`, prints its line on its
+//!   console and is destroyed (tools/lab/guest/xen-domu-smoke);
+//! - `castor bench --domain xen:name=...` replicates a PVH domU whose init
+//!   keeps rewriting memory (tools/lab/xen-castor-bench): log-dirty through
+//!   HAP, foreign mapping, pause/harvest/copy/state each epoch, and the
+//!   replica's digest equals the primary's.
+//!
+//! Both skip only when qemu-system-x86_64 is missing. Plus, without the
+//! `xen` feature: what castor says about a `xen:` domain.
 
 mod common;
-use common::lab::{lab_run, lab_unavailable};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::lab::{lab_run, lab_unavailable, repo};
 
 #[test]
 fn xen_lab_boots_and_runs_a_pv_domu() {
@@ -32,4 +43,82 @@ fn xen_lab_boots_and_runs_a_pv_domu() {
         "the domU's console line is missing:\n{stdout}"
     );
     assert!(stdout.contains("domU destroyed"), "{stdout}");
+}
+
+/// castor built with the `xen` feature (tools/lab/build-castor-xen: its own
+/// target directory, or $CASTOR_LAB_XEN_BIN as CI builds it), once.
+fn xen_castor() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = Command::new(repo().join("tools/lab/build-castor-xen"))
+            .output()
+            .expect("running tools/lab/build-castor-xen");
+        assert!(
+            out.status.success(),
+            "building castor with --features xen failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+#[test]
+fn castor_bench_replicates_a_pvh_domu() {
+    if lab_unavailable() {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let castor = xen_castor().to_str().unwrap().to_string();
+    let res = lab_run(
+        &["--xen", "--timeout", "900", "--castor", &castor],
+        out.path(),
+        &["sh", "tools/lab/xen-castor-bench", "pvh", "pause"],
+    );
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(res.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("hap"), "no HAP in virt_caps:\n{stdout}");
+    let report = std::fs::read_to_string(out.path().join("bench-pvh-pause.json"))
+        .unwrap_or_else(|e| panic!("no bench report ({e}):\n{stdout}"));
+    let v: serde_json::Value = serde_json::from_str(&report).expect("bench JSON");
+    let ctx = || format!("report:\n{report}\nstdout:\n{stdout}");
+    assert!(v["epochs"].as_u64().unwrap() >= 2, "{}", ctx());
+    // The guest's writer rewrites 256 pages five times a second: log-dirty
+    // must have reported them.
+    assert!(v["dirty_pages"].as_u64().unwrap() >= 64, "{}", ctx());
+    let (p, r) = (&v["primary_digest"], &v["replica_digest"]);
+    assert!(p.as_str().is_some_and(|s| s.len() == 64), "{}", ctx());
+    assert_eq!(p, r, "replica differs from the primary: {}", ctx());
+    assert_eq!(v["replica_epoch"], v["acked_epoch"], "{}", ctx());
+    assert_eq!(v["digest_match"], true, "{}", ctx());
+    assert!(
+        stdout.contains("after castor: lab-pvh") && !stdout.contains("left paused"),
+        "the guest must run on after castor: {stdout}"
+    );
+}
+
+/// A build without the feature names it when asked for a Xen guest, and
+/// the help lists the `xen:` spec beside sim and kvm.
+#[test]
+#[cfg(not(feature = "xen"))]
+fn without_the_feature_xen_domains_are_refused_by_name() {
+    let castor = env!("CARGO_BIN_EXE_castor");
+    let o = Command::new(castor)
+        .args(["bench", "--domain", "xen:name=lab-pvh", "--duration", "1s"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("xen:name=lab-pvh") && err.contains("built without the `xen` feature"),
+        "{err}"
+    );
+    let help = Command::new(castor)
+        .args(["protect", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for kind in ["sim:mem=", "kvm:guest=", "xen:name=NAME|domid=N"] {
+        assert!(help.contains(kind), "{kind} missing from:\n{help}");
+    }
 }

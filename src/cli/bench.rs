@@ -19,7 +19,18 @@ use super::parse::parse_spec;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    #[arg(long, default_value = "sim:mem=1GiB,workload=edits,rate=200000")]
+    /// The guest, one of:
+    ///   sim:mem=SIZE[,workload=edits|uniform|hotcold|sequential|zero|incompressible|mixed,rate=N,...]
+    ///       castor's own simulated guest (any machine)
+    ///   kvm:guest=memtouch,mem=SIZE[,regions=N,touch=N,pattern=...,seed=N]
+    ///       a guest castor runs itself under /dev/kvm
+    ///   xen:name=NAME|domid=N[,suspend=auto|evtchn|shutdown|xenstore|pause,suspend_timeout=10s,config=PATH,scanners=2]
+    ///       a running Xen guest, from dom0 (needs a castor built with --features xen; docs/xen.md)
+    #[arg(
+        long,
+        default_value = "sim:mem=1GiB,workload=edits,rate=200000",
+        verbatim_doc_comment
+    )]
     domain: String,
     #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
     duration: Duration,

@@ -29,7 +29,14 @@ use super::parse::{check_heartbeat, parse_spec};
 
 #[derive(Args)]
 pub struct ProtectArgs {
-    #[arg(long)]
+    /// The guest, one of:
+    ///   sim:mem=SIZE[,workload=edits|uniform|hotcold|sequential|zero|incompressible|mixed,rate=N,...]
+    ///       castor's own simulated guest (any machine)
+    ///   kvm:guest=memtouch,mem=SIZE[,regions=N,touch=N,pattern=...,seed=N]
+    ///       a guest castor runs itself under /dev/kvm
+    ///   xen:name=NAME|domid=N[,suspend=auto|evtchn|shutdown|xenstore|pause,suspend_timeout=10s,config=PATH,scanners=2]
+    ///       a running Xen guest, from dom0 (needs a castor built with --features xen; docs/xen.md)
+    #[arg(long, verbatim_doc_comment)]
     domain: String,
     /// Backup address, host:port.
     #[arg(long)]

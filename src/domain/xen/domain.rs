@@ -20,6 +20,7 @@
 //! - Dropping the domain leaves the guest running, with log-dirty off.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::batch;
 use super::config;
@@ -30,6 +31,7 @@ use super::spec::{Target, XenSpec};
 use super::state::XenState;
 use super::suspend::Suspender;
 use super::sys::{Bitmap, DomInfo, Foreign, Result, Store, Xc, XenError};
+use super::unlogged::Unlogged;
 use crate::domain::{Domain, DomainError, GuestMemory, Layout};
 use crate::PAGE_SIZE;
 
@@ -54,6 +56,63 @@ const HVM_PARAMS: &[u32] = &[
     ffi::HVM_PARAM_MCA_CAP,
 ];
 
+/// Who stopped the guest, so that `pause` and `resume` are idempotent as
+/// the engine expects (it pauses an already paused domain when a session
+/// begins). Xen's own pause is counted: two `xc_domain_pause` need two
+/// unpauses, so castor must never stack them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Run {
+    /// Paused by `open` (one `xc_domain_pause`), never let run yet.
+    Opened,
+    /// Stopped by the suspender at the end of an epoch.
+    Stopped,
+    Running,
+}
+
+/// The guest-facing parts of each pause the engine cannot see apart: the
+/// engine's pause time includes them, plus harvest, copy and state.
+#[derive(Default)]
+struct PauseTimes {
+    suspend: Samples,
+    resume: Samples,
+}
+
+/// Durations in µs, at most [`Samples::MAX`] kept (the first ones).
+#[derive(Default)]
+struct Samples(Vec<u64>);
+
+impl Samples {
+    const MAX: usize = 1 << 16;
+
+    fn push(&mut self, d: Duration) {
+        if self.0.len() < Self::MAX {
+            self.0.push(d.as_micros() as u64);
+        }
+    }
+
+    /// "p50 A p99 B max C µs (n=N)", or None without samples.
+    fn describe(&self) -> Option<String> {
+        let mut v = self.0.clone();
+        v.sort_unstable();
+        let at = |q: usize| v[(v.len() - 1) * q / 100];
+        let max = *v.last()?;
+        Some(format!(
+            "p50 {} p99 {} max {max} µs (n={})",
+            at(50),
+            at(99),
+            v.len()
+        ))
+    }
+}
+
+impl PauseTimes {
+    fn summary(&self) -> Option<String> {
+        let s = self.suspend.describe()?;
+        let r = self.resume.describe().unwrap_or_else(|| "none".into());
+        Some(format!("suspend {s}; resume {r}"))
+    }
+}
+
 pub struct XenDomain {
     spec: XenSpec,
     xc: Arc<Xc>,
@@ -69,8 +128,11 @@ pub struct XenDomain {
     /// The same pfns sorted, for membership tests in harvest.
     p2m_sorted: Vec<u64>,
     shinfo: Option<GuestMemory>,
-    started: bool,
-    stopped: bool,
+    run: Run,
+    /// How long each suspend and resume took (reported when dropped).
+    times: PauseTimes,
+    /// `CASTOR_XEN_CHECK_UNLOGGED=1`: log-dirty checked against a copy.
+    unlogged: Option<Unlogged>,
     /// Declared last: unmapped after everything that may read it.
     mem: GuestMemory,
 }
@@ -261,11 +323,14 @@ impl XenDomain {
         })?;
         let suspender = Suspender::new(&xc, &info, spec.suspend, spec.suspend_timeout)?;
         spec.pages = Some(frames.len() as u64);
+        let unlogged = Unlogged::from_env(&mem);
         eprintln!(
-            "castor: xen domain {domid} ({}, {} pages, {holes} holes, {} vCPUs), suspend via {}",
+            "castor: xen domain {domid} ({}, {} pages, {holes} holes, {} vCPUs, shared info at {:#x}), \
+             suspend via {}",
             if info.hvm() { "HVM" } else { "PV" },
             frames.len(),
             info.max_vcpu_id + 1,
+            info.shared_info_frame,
             suspender.name()
         );
         Ok(XenDomain {
@@ -281,8 +346,9 @@ impl XenDomain {
             p2m_pfns,
             p2m_sorted,
             shinfo,
-            started: false,
-            stopped: true,
+            run: Run::Opened,
+            times: PauseTimes::default(),
+            unlogged,
             mem,
         })
     }
@@ -318,6 +384,21 @@ impl XenDomain {
             tracing::info!("domain {domid}: p2m changed, remapped {n} pages");
         }
         self.frames = new;
+        Ok(())
+    }
+
+    /// HVM/PVH: the hypervisor writes the shared-info page (event and time
+    /// fields) through its own mapping, which log-dirty never sees, and the
+    /// guest maps that page over one of its RAM gfns (Linux: a low one).
+    /// The domain info names that gfn; it joins every harvest inside the
+    /// pause (kept sorted and unique from `from` on).
+    fn add_shared_info(&self, out: &mut Vec<u64>, from: usize) -> Result<()> {
+        let gfn = self.xc.info(self.info.domid)?.shared_info_frame;
+        if gfn < self.frames.len() as u64 {
+            if let Err(at) = out[from..].binary_search(&gfn) {
+                out.insert(from + at, gfn);
+            }
+        }
         Ok(())
     }
 
@@ -369,29 +450,53 @@ impl Domain for XenDomain {
     }
 
     fn start(&mut self) -> std::result::Result<(), DomainError> {
-        self.xc.unpause(self.info.domid)?;
-        self.started = true;
-        self.stopped = false;
-        Ok(())
+        self.resume()
     }
 
+    /// Stops the guest unless it is stopped already.
     fn pause(&mut self) -> std::result::Result<(), DomainError> {
-        self.suspender.suspend()?;
-        self.stopped = true;
+        if self.run == Run::Running {
+            let t = Instant::now();
+            self.suspender.suspend()?;
+            self.times.suspend.push(t.elapsed());
+            self.run = Run::Stopped;
+        }
         Ok(())
     }
 
+    /// Lets the guest run: the first time by undoing `open`'s pause, later
+    /// through the suspender; a running guest is left alone.
     fn resume(&mut self) -> std::result::Result<(), DomainError> {
-        self.suspender.resume()?;
-        self.stopped = false;
+        match self.run {
+            Run::Opened => self.xc.unpause(self.info.domid)?,
+            Run::Stopped => {
+                let t = Instant::now();
+                self.suspender.resume()?;
+                self.times.resume.push(t.elapsed());
+            }
+            Run::Running => return Ok(()),
+        }
+        self.run = Run::Running;
         Ok(())
     }
 
     fn harvest_dirty(&mut self, out: &mut Vec<u64>) -> std::result::Result<(), DomainError> {
         let domid = self.info.domid;
-        self.xc.logdirty_clean(domid, &mut self.bitmap, true)?;
+        // FINAL (the hypervisor also marks the frames it keeps mapped for
+        // writing) only with the guest stopped, as Xen's save does.
+        let stopped = self.run != Run::Running;
+        self.xc.logdirty_clean(domid, &mut self.bitmap, stopped)?;
         let from = out.len();
         self.pool.scan(self.bitmap.words(), self.bitmap.bits(), out);
+        if stopped && self.info.hvm() {
+            self.add_shared_info(out, from)?;
+        }
+        if let Some(u) = &mut self.unlogged {
+            u.reported(&out[from..]);
+            if stopped {
+                u.check(&self.mem);
+            }
+        }
         let p2m_touched = !self.p2m_sorted.is_empty()
             && out[from..]
                 .iter()
@@ -416,15 +521,19 @@ impl Domain for XenDomain {
 impl Drop for XenDomain {
     fn drop(&mut self) {
         let domid = self.info.domid;
+        if let Some(line) = self.times.summary() {
+            eprintln!(
+                "castor: xen domain {domid} via {}: {line}",
+                self.suspender.name()
+            );
+        }
         if let Err(e) = self.xc.disable_logdirty(domid) {
             tracing::warn!("domain {domid}: {e}");
         }
-        let r = if !self.started {
-            self.xc.unpause(domid)
-        } else if self.stopped {
-            self.suspender.recover()
-        } else {
-            Ok(())
+        let r = match self.run {
+            Run::Opened => self.xc.unpause(domid),
+            Run::Stopped => self.suspender.recover(),
+            Run::Running => Ok(()),
         };
         if let Err(e) = r {
             tracing::error!("domain {domid} may be left stopped: {e}");

@@ -31,6 +31,8 @@ mod restore;
 mod suspend;
 #[cfg(feature = "xen")]
 pub mod sys;
+#[cfg(feature = "xen")]
+mod unlogged;
 
 pub use spec::XenSpec;
 
