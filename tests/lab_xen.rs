@@ -3,10 +3,13 @@
 //! - it boots, `xl info` answers, and a PV domU (the same kernel with a
 //!   busybox initramfs) is created with `xl create`, prints its line on its
 //!   console and is destroyed (tools/lab/guest/xen-domu-smoke);
-//! - `castor bench --domain xen:name=...` replicates a PVH domU whose init
-//!   keeps rewriting memory (tools/lab/xen-castor-bench): log-dirty through
-//!   HAP, foreign mapping, pause/harvest/copy/state each epoch, and the
-//!   replica's digest equals the primary's.
+//! - `castor bench --domain xen:name=...,suspend=xenstore` replicates a PVH
+//!   domU whose init keeps rewriting memory (tools/lab/xen-castor-bench):
+//!   log-dirty through HAP, foreign mapping, each epoch the guest's own
+//!   suspend (xenstore control/shutdown), harvest, copy, state and fast
+//!   resume, and the replica's digest equals the primary's (it did not
+//!   before the shared-info page, which Xen writes behind log-dirty,
+//!   joined every harvest).
 //!
 //! Both skip only when qemu-system-x86_64 is missing. Plus, without the
 //! `xen` feature: what castor says about a `xen:` domain.
@@ -72,13 +75,13 @@ fn castor_bench_replicates_a_pvh_domu() {
     let res = lab_run(
         &["--xen", "--timeout", "900", "--castor", &castor],
         out.path(),
-        &["sh", "tools/lab/xen-castor-bench", "pvh", "pause"],
+        &["sh", "tools/lab/xen-castor-bench", "pvh", "xenstore"],
     );
     let stdout = String::from_utf8_lossy(&res.stdout);
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("hap"), "no HAP in virt_caps:\n{stdout}");
-    let report = std::fs::read_to_string(out.path().join("bench-pvh-pause.json"))
+    let report = std::fs::read_to_string(out.path().join("bench-pvh-xenstore.json"))
         .unwrap_or_else(|e| panic!("no bench report ({e}):\n{stdout}"));
     let v: serde_json::Value = serde_json::from_str(&report).expect("bench JSON");
     let ctx = || format!("report:\n{report}\nstdout:\n{stdout}");
