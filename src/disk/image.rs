@@ -141,17 +141,12 @@ impl DiskImage {
         if len == 0 {
             return Ok(());
         }
-        // SAFETY: fallocate on an fd we own with a range checked above; it
-        // touches no memory of ours.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc == 0 {
+        let punched = self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        );
+        if punched.is_ok() {
             return Ok(());
         }
         let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
@@ -175,23 +170,31 @@ impl DiskImage {
         if len == 0 {
             return Ok(());
         }
-        // SAFETY: fallocate on an fd we own with a range checked above; it
-        // touches no memory of ours.
+        match self.fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+                _ => Err(self.io("reserving space in")(e)),
+            },
+        }
+    }
+
+    /// `fallocate(2)` with `mode` on a range the caller has checked.
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate on an fd we own with a range the caller checked;
+        // it touches no memory of ours.
         let rc = unsafe {
             libc::fallocate(
                 self.file.as_raw_fd(),
-                libc::FALLOC_FL_KEEP_SIZE,
+                mode,
                 offset as libc::off_t,
                 len as libc::off_t,
             )
         };
         if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
-            _ => Err(self.io("reserving space in")(e)),
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
         }
     }
 

@@ -192,13 +192,23 @@ impl Staging {
     }
 }
 
-/// Reserves the blocks every write of `payload` will fill.
-fn reserve(payload: &[u8], sizes: &[u64], images: &[&DiskImage]) -> Result<(), StageError> {
+/// The image a DiskWrites `payload` names, and its operations.
+fn target<'a, 'i>(
+    payload: &'a [u8],
+    sizes: &[u64],
+    images: &[&'i DiskImage],
+) -> Result<(&'i DiskImage, Vec<OpRef<'a>>), StageError> {
     let (disk, ops) = parse(payload, sizes)?;
     let img = images.get(disk as usize).ok_or(StageError::NoImage {
         disk,
         disks: images.len(),
     })?;
+    Ok((img, ops))
+}
+
+/// Reserves the blocks every write of `payload` will fill.
+fn reserve(payload: &[u8], sizes: &[u64], images: &[&DiskImage]) -> Result<(), StageError> {
+    let (img, ops) = target(payload, sizes, images)?;
     for op in ops {
         if let OpRef::Write { offset, data } = op {
             img.reserve(offset, data.len() as u64)?;
@@ -213,11 +223,7 @@ fn apply(
     images: &[&DiskImage],
     applied: &mut Applied,
 ) -> Result<(), StageError> {
-    let (disk, ops) = parse(payload, sizes)?;
-    let img = images.get(disk as usize).ok_or(StageError::NoImage {
-        disk,
-        disks: images.len(),
-    })?;
+    let (img, ops) = target(payload, sizes, images)?;
     for op in ops {
         match op {
             OpRef::Write { offset, data } => {
