@@ -193,7 +193,8 @@ fn rdma_mismatch_refused_and_missing_device_explained() {
         "LAB_OUT=$LAB_OUT/a tests/lab/rdma-pair.sh tcp rdma {spec} 3 && \
          LAB_OUT=$LAB_OUT/b tests/lab/rdma-pair.sh rdma tcp {spec} 3 && \
          rdma link delete rxe0 && \
-         {{ castor protect --domain {spec} --backup 10.9.0.1:1 --arbiter none --epochs 1 \
+         {{ CASTOR_PSK=lab-integration-key-0123456789 castor protect --domain {spec} \
+            --backup 10.9.0.1:1 --arbiter none --epochs 1 \
             --transport rdma 2>$LAB_OUT/nodev.err; echo $? >$LAB_OUT/nodev.rc; }}"
     );
     let res = lab_run(
