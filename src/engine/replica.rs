@@ -152,18 +152,38 @@ pub fn save_with(
     disks: Option<DiskWriter<'_>>,
     hook: StepHook<'_>,
 ) -> Result<Meta, ReplicaError> {
-    let meta = Meta {
-        format: FORMAT.into(),
-        epoch,
-        pages: (memory.len() / PAGE_SIZE) as u64,
-        page_size: PAGE_SIZE as u32,
-        domain: domain.into(),
-        digest: Digest::of(memory, state).to_hex(),
-        memory_bytes: memory.len() as u64,
-        state_bytes: state.len() as u64,
-        disks: Vec::new(),
-    };
+    let meta = Meta::describe(
+        memory,
+        state,
+        (epoch, domain),
+        Digest::of(memory, state),
+        &[],
+    );
     save_version(dir, memory, state, meta, disks, hook)
+}
+
+impl Meta {
+    /// The metadata of a replica of `memory`, `state` and `disks` at
+    /// `epoch`, whose digest (over all of them) is `digest`.
+    fn describe(
+        memory: &[u8],
+        state: &[u8],
+        (epoch, domain): (u64, &str),
+        digest: Digest,
+        disks: &[crate::disk::session::DiskSpec],
+    ) -> Meta {
+        Meta {
+            format: FORMAT.into(),
+            epoch,
+            pages: (memory.len() / PAGE_SIZE) as u64,
+            page_size: PAGE_SIZE as u32,
+            domain: domain.into(),
+            digest: digest.to_hex(),
+            memory_bytes: memory.len() as u64,
+            state_bytes: state.len() as u64,
+            disks: disks.to_vec(),
+        }
+    }
 }
 
 /// Where the working disk `name` of the replica in `dir` lives.
@@ -191,17 +211,7 @@ pub fn save_with_disks(
         .collect();
     let digest = Digest::with_disk_files(memory, state, &files)
         .map_err(io_err("reading the disks for the digest in", from))?;
-    let meta = Meta {
-        format: FORMAT.into(),
-        epoch,
-        pages: (memory.len() / PAGE_SIZE) as u64,
-        page_size: PAGE_SIZE as u32,
-        domain: domain.into(),
-        digest: digest.to_hex(),
-        memory_bytes: memory.len() as u64,
-        state_bytes: state.len() as u64,
-        disks: disks.to_vec(),
-    };
+    let meta = Meta::describe(memory, state, (epoch, domain), digest, disks);
     let mut copy = |to: &Path| {
         for (name, src) in &files {
             crate::disk::image::copy_sparse(src, &to.join(format!("{name}.img")))?;
