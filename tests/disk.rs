@@ -5,6 +5,7 @@
 
 mod common;
 use common::nbd::Nbd;
+use common::trials::Trials;
 use common::*;
 
 use std::path::Path;
@@ -151,20 +152,12 @@ fn after(k: u64) -> Vec<u8> {
     disk
 }
 
-fn next(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
-}
-
 #[test]
 fn sigkill_while_a_client_writes_leaves_a_prefix_of_its_writes() {
     if sim_unavailable() {
         return;
     }
-    let mut seed = (std::process::id() as u64 * 2654435761) | 1;
-    eprintln!("disk kill trials seed {seed}");
+    let mut trials = Trials::seeded("disk kill trials");
     for trial in 0..4 {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data.img");
@@ -190,7 +183,7 @@ fn sigkill_while_a_client_writes_leaves_a_prefix_of_its_writes() {
             })
         };
         // The random moment is the point of the trial, not a synchronisation.
-        let extra = 100 + next(&mut seed) % 500;
+        let extra = 100 + trials.below(500);
         std::thread::sleep(Duration::from_millis(extra));
         drop(p); // SIGKILL
         client.join().unwrap();
@@ -473,6 +466,7 @@ mod kvm {
     //! sequence (the disk must hold exactly writes 0..n-1 where its memory
     //! says n); after a SIGKILL of the primary the activated guest goes on
     //! checking on the replica disk, so disk and memory come from one epoch.
+    use super::common::trials::Trials;
     use super::common::*;
     use std::path::Path;
     use std::time::{Duration, Instant};
@@ -517,7 +511,7 @@ mod kvm {
         if kvm_unavailable() {
             return;
         }
-        let mut seed = (std::process::id() as u64 * 0x9e37_79b9) | 1;
+        let mut trials = Trials::seeded("blkcheck kill trials");
         for trial in 0..2 {
             let dir = tempfile::tempdir().unwrap();
             let (plog, blog) = (dir.path().join("p.log"), dir.path().join("b.log"));
@@ -547,10 +541,7 @@ mod kvm {
                     .spawn()
                     .unwrap(),
             );
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            wait_seq(&plog, 64 * (1 + seed % 8));
+            wait_seq(&plog, 64 * (1 + trials.below(8)));
             drop(p); // SIGKILL
             let (st, err) = b.wait();
             assert_eq!(st.code(), Some(2), "{err}");

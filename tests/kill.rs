@@ -4,28 +4,17 @@
 //! replica is checked against an independent recomputation.
 
 mod common;
+use common::trials::Trials;
 use common::*;
 
 use std::time::Duration;
-
-/// Small xorshift so trials are reproducible from the printed seed.
-fn next(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
-}
 
 #[test]
 fn sigkill_of_primary_leaves_last_complete_epoch() {
     if sim_unavailable() {
         return;
     }
-    let mut seed = std::env::var("CASTOR_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| (std::process::id() as u64 * 2654435761) | 1);
-    eprintln!("kill trials seed {seed} (set CASTOR_KILL_SEED to replay)");
+    let mut trials = Trials::seeded("kill trials");
     // Large epochs (many incompressible pages) make "during sending" likely;
     // small ones make "between epochs" likely. Alternate.
     let specs = [
@@ -42,7 +31,7 @@ fn sigkill_of_primary_leaves_last_complete_epoch() {
         // flowing; we then kill after a random extra delay (the random
         // moment is the point of the test, not a synchronisation).
         let p = protect_flowing_with(spec, &b.addr, "5ms", &["--arbiter", &pair_lock(dir.path())]);
-        let extra = next(&mut seed) % 400;
+        let extra = trials.below(400);
         std::thread::sleep(Duration::from_millis(extra));
         drop(p); // SIGKILL
         let (st, err) = b.wait();

@@ -6,6 +6,7 @@
 //! uncommitted tail the primary printed after the last checkpoint repeats).
 
 mod common;
+use common::trials::Trials;
 use common::*;
 
 use std::path::Path;
@@ -36,20 +37,12 @@ fn seqs(path: &Path) -> (Vec<u64>, bool) {
     (v, fail)
 }
 
-fn next(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
-}
-
 #[test]
 fn memtouch_survives_sigkill_of_the_primary() {
     if kvm_unavailable() {
         return;
     }
-    let mut seed = (std::process::id() as u64 * 0x9e37_79b9) | 1;
-    eprintln!("kvm failover trials seed {seed}");
+    let mut trials = Trials::seeded("kvm failover trials");
     for trial in 0..4 {
         let dir = tempfile::tempdir().unwrap();
         let plog = dir.path().join("primary.log");
@@ -79,7 +72,7 @@ fn memtouch_survives_sigkill_of_the_primary() {
                 .args(["--arbiter", &lock, "--backup-timeout", "10s"]),
         );
         // The guest's own output is the event: wait until it has run a while.
-        let want = 5 + next(&mut seed) % 40;
+        let want = 5 + trials.below(40);
         let t0 = Instant::now();
         while seqs(&plog).0.last().is_none_or(|&s| s < want) {
             assert!(
@@ -88,7 +81,7 @@ fn memtouch_survives_sigkill_of_the_primary() {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(next(&mut seed) % 50));
+        std::thread::sleep(Duration::from_millis(trials.below(50)));
         drop(p); // SIGKILL
         let (st, err) = b.wait();
         assert_eq!(st.code(), Some(2), "{err}");

@@ -7,6 +7,7 @@
 
 mod common;
 use common::lab::{lab_run, lab_unavailable, out_file, rdma_castor, rdma_unit_tests};
+use common::trials::Trials;
 use common::{Backup, Meta, KEY};
 
 use std::path::Path;
@@ -119,19 +120,8 @@ fn rdma_sigkill_of_primary_leaves_last_complete_epoch() {
         return;
     }
     let castor = rdma_castor().to_str().unwrap().to_string();
-    let mut seed = std::env::var("CASTOR_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| (std::process::id() as u64 * 2654435761) | 1);
-    eprintln!("kill trials seed {seed} (set CASTOR_KILL_SEED to replay)");
-    let delays: Vec<String> = (0..3)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % 400).to_string()
-        })
-        .collect();
+    let mut trials = Trials::seeded("kill trials");
+    let delays: Vec<String> = (0..3).map(|_| trials.below(400).to_string()).collect();
     let out = tempfile::tempdir().unwrap();
     let spec = "sim:mem=32MiB,workload=incompressible,writes=3000,seed=5";
     // Kill from the first acknowledged checkpoint on: the window right

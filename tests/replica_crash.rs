@@ -6,17 +6,11 @@
 
 mod common;
 use common::lines::Lines;
+use common::trials::Trials;
 use common::*;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn next(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
-}
 
 const SPEC: &str = "sim:mem=32MiB,workload=incompressible,writes=2000,seed=3";
 
@@ -58,11 +52,7 @@ fn sigkill_of_backup_while_saving_leaves_old_or_new_replica() {
     if sim_unavailable() {
         return;
     }
-    let mut seed = std::env::var("CASTOR_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| (std::process::id() as u64 * 2654435761) | 1);
-    eprintln!("backup kill trials seed {seed} (set CASTOR_KILL_SEED to replay)");
+    let mut rng = Trials::seeded("backup kill trials");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("replica");
 
@@ -87,7 +77,7 @@ fn sigkill_of_backup_while_saving_leaves_old_or_new_replica() {
         let epochs = 3 + trial;
         let before = leftovers(&dir);
         let (mut b, lines) = session(&dir, epochs);
-        let wait = Duration::from_micros(next(&mut seed) % window.as_micros().max(1) as u64);
+        let wait = Duration::from_micros(rng.below(window.as_micros().max(1) as u64));
         std::thread::sleep(wait); // the random moment is the point of the test
         b.child.kill().unwrap();
         b.child.wait().unwrap();

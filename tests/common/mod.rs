@@ -9,6 +9,7 @@ pub mod lines;
 pub mod nbd;
 pub mod packet;
 pub mod proxy;
+pub mod trials;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
