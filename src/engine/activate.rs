@@ -145,38 +145,7 @@ where
         "castor backup: ACTIVATED {spec} from epoch {epoch}: guest running {:.1} ms after restore began",
         restore_time.as_secs_f64() * 1000.0
     );
-    // Repeat the announcement: a frame sent the instant a TAP comes up can
-    // be dropped while the bridge still sees the port as down (the kernel
-    // reports carrier-up asynchronously), and RFC 5227 announces more than
-    // once anyway. Re-protection dials only after the last one.
-    let announce_at: Vec<Duration> = [100u64, 500, 1500]
-        .into_iter()
-        .map(Duration::from_millis)
-        .collect();
-    let mut primary = cfg.primary.clone();
-    primary.epoch = cfg.epoch;
-    // Re-protection replicates the NBD disks served from the replica too
-    // (the domain's own disks come with the domain).
-    primary.disks = crate::disk::session::PrimaryDisks {
-        disks: disks.logs.clone(),
-        nbd: cfg
-            .disks
-            .iter()
-            .map(|d| (d.name.clone(), d.nbd.clone()))
-            .collect(),
-    };
-    let lcfg = LiveConfig {
-        primary,
-        run_for: cfg.run_for,
-        run_epochs: cfg.run_epochs,
-        continue_unprotected: true,
-        redial_every: cfg.reprotect_every,
-        dial_after: Duration::ZERO,
-        lease: cfg.lease.clone(),
-        lease_margin: Duration::from_millis(100),
-        announce_at,
-        label: "castor backup".into(),
-    };
+    let lcfg = live_config(cfg, &disks.logs);
     let out = live::run(domain, &mut outq, None, dial, &lcfg).map_err(|(e, _)| {
         fence.revoke();
         e
@@ -210,4 +179,46 @@ where
         sessions: out.sessions,
         end: out.end,
     })
+}
+
+/// How the activated copy lives on: unprotected until a backup answers
+/// (`--reprotect`), announcing its addresses again after it started, its
+/// re-protection replicating the NBD disks served from the replica
+/// (`logs`) as well as the domain's own.
+fn live_config(
+    cfg: &ActivateConfig,
+    logs: &[(String, std::sync::Arc<crate::disk::WriteLog>)],
+) -> LiveConfig {
+    // Repeat the announcement: a frame sent the instant a TAP comes up can
+    // be dropped while the bridge still sees the port as down (the kernel
+    // reports carrier-up asynchronously), and RFC 5227 announces more than
+    // once anyway. Re-protection dials only after the last one.
+    let announce_at: Vec<Duration> = [100u64, 500, 1500]
+        .into_iter()
+        .map(Duration::from_millis)
+        .collect();
+    let mut primary = cfg.primary.clone();
+    primary.epoch = cfg.epoch;
+    // Re-protection replicates the NBD disks served from the replica too
+    // (the domain's own disks come with the domain).
+    primary.disks = crate::disk::session::PrimaryDisks {
+        disks: logs.to_vec(),
+        nbd: cfg
+            .disks
+            .iter()
+            .map(|d| (d.name.clone(), d.nbd.clone()))
+            .collect(),
+    };
+    LiveConfig {
+        primary,
+        run_for: cfg.run_for,
+        run_epochs: cfg.run_epochs,
+        continue_unprotected: true,
+        redial_every: cfg.reprotect_every,
+        dial_after: Duration::ZERO,
+        lease: cfg.lease.clone(),
+        lease_margin: Duration::from_millis(100),
+        announce_at,
+        label: "castor backup".into(),
+    }
 }
