@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::metrics;
-use crate::transport::auth::{Protection, Role, SessionKeys};
+use crate::transport::auth::{Opener, Protection, Role, Sealer, SessionKeys};
 use crate::transport::record::{write_record, RecordKind, RecordReader};
 use crate::transport::seal::{SealSink, SealedWriter};
 use crate::transport::slots::{Announce, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE};
@@ -255,55 +255,8 @@ pub fn run_case(
     drop(pages);
     let (c, s) = pair(link).map_err(|e| format!("connecting over {}: {e}", link.name()))?;
     let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).map_err(|e| e.to_string())?;
-    let mut source: Box<dyn RecordSource + Send> = match t {
-        TransportKind::Tcp => {
-            let mut r = RecordReader::new(s);
-            if let Some(o) = b_open.take() {
-                r.authenticate(o);
-            }
-            Box::new(r)
-        }
-        TransportKind::Uring => {
-            let mut w = SealedWriter::new(s.try_clone().map_err(|e| e.to_string())?);
-            if let Some(s) = b_seal.take() {
-                w.authenticate(s);
-            }
-            let w = Arc::new(Mutex::new(w));
-            Box::new(
-                UringSource::new(s, &ann, w)
-                    .map_err(|e| e.to_string())?
-                    .authenticate(b_open.take()),
-            )
-        }
-        TransportKind::Rdma => return Err("rdma cannot be benchmarked without a device".into()),
-    };
-    let mut back_reader = None;
-    let mut sink: Box<dyn RecordSink> = match t {
-        TransportKind::Tcp => Box::new(TcpSink(c.try_clone().map_err(|e| e.to_string())?)),
-        _ => {
-            let credits = Arc::new(CreditShared::default());
-            let mut r = RecordReader::new(c.try_clone().map_err(|e| e.to_string())?);
-            if let Some(o) = p_open.take() {
-                r.authenticate(o);
-            }
-            let back = CreditFilter::new(r, credits.clone());
-            back_reader = Some(std::thread::spawn(move || {
-                let mut b = back;
-                let mut sink = [0u8; 4096];
-                while matches!(b.read(&mut sink), Ok(n) if n > 0) {}
-            }));
-            let sink = UringSink::new(c.try_clone().map_err(|e| e.to_string())?, &ann, credits)
-                .map_err(|e| e.to_string())?;
-            Box::new(if zero_copy {
-                sink
-            } else {
-                sink.without_zero_copy()
-            })
-        }
-    };
-    if let Some(s) = p_seal.take() {
-        sink = Box::new(SealSink::new(sink, s));
-    }
+    let mut source = case_source(t, s, &ann, b_seal, b_open)?;
+    let (mut sink, back_reader) = case_sink(t, &c, &ann, zero_copy, p_open, p_seal)?;
     let receiver = std::thread::spawn(move || -> Result<(u64, u64), String> {
         let mut dest = vec![0u8; PAGES * PAGE_SIZE];
         let (mut page_bytes, mut wire) = (0u64, 0u64);
@@ -359,6 +312,83 @@ pub fn run_case(
         wire_gib_per_s: wire as f64 / (1u64 << 30) as f64 / secs,
         cpu_s_per_gib: cpu / gib,
     })
+}
+
+/// The backup's half of one case: `t` over `s`, opening with `open` (and
+/// acknowledging sealed with `seal`) when the case is sealed.
+fn case_source(
+    t: TransportKind,
+    s: TcpStream,
+    ann: &Announce,
+    mut b_seal: Option<Sealer>,
+    mut b_open: Option<Opener>,
+) -> Result<Box<dyn RecordSource + Send>, String> {
+    Ok(match t {
+        TransportKind::Tcp => {
+            let mut r = RecordReader::new(s);
+            if let Some(o) = b_open.take() {
+                r.authenticate(o);
+            }
+            Box::new(r)
+        }
+        TransportKind::Uring => {
+            let mut w = SealedWriter::new(s.try_clone().map_err(|e| e.to_string())?);
+            if let Some(s) = b_seal.take() {
+                w.authenticate(s);
+            }
+            let w = Arc::new(Mutex::new(w));
+            Box::new(
+                UringSource::new(s, ann, w)
+                    .map_err(|e| e.to_string())?
+                    .authenticate(b_open.take()),
+            )
+        }
+        TransportKind::Rdma => return Err("rdma cannot be benchmarked without a device".into()),
+    })
+}
+
+/// A case's sink and the thread draining its return path (rings only).
+type CaseSink = (Box<dyn RecordSink>, Option<std::thread::JoinHandle<()>>);
+
+/// The primary's half of one case: `t` over `c` (and, for a ring, the
+/// thread draining its return path), sealing with `seal` when the case is
+/// sealed.
+fn case_sink(
+    t: TransportKind,
+    c: &TcpStream,
+    ann: &Announce,
+    zero_copy: bool,
+    mut p_open: Option<Opener>,
+    mut p_seal: Option<Sealer>,
+) -> Result<CaseSink, String> {
+    let mut back_reader = None;
+    let mut sink: Box<dyn RecordSink> = match t {
+        TransportKind::Tcp => Box::new(TcpSink(c.try_clone().map_err(|e| e.to_string())?)),
+        _ => {
+            let credits = Arc::new(CreditShared::default());
+            let mut r = RecordReader::new(c.try_clone().map_err(|e| e.to_string())?);
+            if let Some(o) = p_open.take() {
+                r.authenticate(o);
+            }
+            let back = CreditFilter::new(r, credits.clone());
+            back_reader = Some(std::thread::spawn(move || {
+                let mut b = back;
+                let mut sink = [0u8; 4096];
+                while matches!(b.read(&mut sink), Ok(n) if n > 0) {}
+            }));
+            let sink = UringSink::new(c.try_clone().map_err(|e| e.to_string())?, ann, credits)
+                .map_err(|e| e.to_string())?;
+            Box::new(if zero_copy {
+                sink
+            } else {
+                sink.without_zero_copy()
+            })
+        }
+    };
+    if let Some(s) = p_seal.take() {
+        sink = Box::new(SealSink::new(sink, s));
+    }
+    Ok((sink, back_reader))
 }
 
 /// Protections a transport case runs with, plain first.
