@@ -11,7 +11,9 @@
 //!   the TTL, then the backup wins and activates;
 //! - (d) the primary is SIGSTOPped past the timeout, the backup activates
 //!   after the lease expired, the primary is SIGCONTed: it must release
-//!   nothing more and self-fence.
+//!   nothing more and self-fence;
+//! - (f) the link is cut, the primary runs on unprotected and then dies:
+//!   the backup wins the arbiter but must not activate its stale replica.
 //!
 //! (c) and (d) run the UDP counter guest (kvm) behind TAPs on one bridge in
 //! a network namespace; "which copy releases output" is observed as the
@@ -599,4 +601,55 @@ fn e_activated_backup_cut_off_from_etcd_self_fences() {
     assert!(fenced.is_some(), "{text}");
     assert_eq!(code, Some(5), "{text}");
     assert!(took <= TTL, "self-fenced only after the TTL: {took:?}");
+}
+
+/// (f) The link is cut; the primary declares its backup lost and runs on
+/// unprotected, which it first records in etcd (heir: nobody); then it
+/// dies. The backup wins the arbiter once the dead primary's lease
+/// expired, but its replica is older than output the world has seen: it
+/// must not activate (exit 6), and says why.
+#[test]
+fn f_backup_of_a_primary_that_ran_on_unprotected_does_not_activate() {
+    if sim_unavailable() {
+        return;
+    }
+    let Some(e) = Etcd::start(None) else { return };
+    let arb = format!("etcd:{}/castor/test-f", e.url);
+    let dir = tempfile::tempdir().unwrap();
+    // Suspects the primary only after 4 s of silence, then campaigns for
+    // 4 s + TTL: the primary declares it lost (1 s), runs on unprotected
+    // and dies within that window.
+    let b = Backup::start_cmd(
+        castor(),
+        &dir.path().join("replica"),
+        &["--activate", "--heartbeat-timeout", "4s", "--arbiter", &arb],
+        KEY,
+    );
+    let bdir = b.dir.clone();
+    let link = Proxy::start(&b.addr);
+    let mut cmd = protect_cmd(
+        castor(),
+        "sim:mem=16MiB,workload=edits,rate=2000,seed=8",
+        &link.addr,
+        &arb,
+    );
+    cmd.args(["--backup-timeout", "1s"]);
+    let mut p = Logged::spawn(cmd);
+    p.wait_for("acked", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("{}", p.text()));
+    link.cut();
+    p.wait_for("UNPROTECTED", Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("the primary never ran on unprotected:\n{}", p.text()));
+    p.signal(libc::SIGKILL);
+    let (st, err) = b.wait_within(Duration::from_secs(60));
+    eprintln!("(f) backup:\n{err}");
+    assert_eq!(st.code(), Some(6), "primary:\n{}\nbackup:\n{err}", p.text());
+    assert!(err.contains("NOT ACTIVATING"), "{err}");
+    assert!(
+        err.contains("UNPROTECTED after losing this backup"),
+        "{err}"
+    );
+    assert!(!err.contains("ACTIVATED"), "{err}");
+    assert!(!bdir.join("activated").exists());
+    let _ = p.exit_code(Duration::from_secs(5));
 }

@@ -17,6 +17,7 @@ use castor::ha::arbiter::Arbiter;
 use castor::ha::beacon;
 use castor::ha::exit;
 use castor::ha::failover::{self, Activated, Plan};
+use castor::ha::heir::HeirBook;
 use castor::ha::lease::LeaseWatch;
 use castor::transport::handshake::Psk;
 use castor::transport::TransportKind;
@@ -234,6 +235,7 @@ fn activate_saved(a: &BackupArgs, psk: Psk) -> Result<ExitCode, String> {
         meta.domain
     );
     ops::ready("activating the saved replica");
+    let session = meta.session.clone();
     let mut out = BackupOutcome {
         peer: "(the primary of the saved replica)".into(),
         domain: meta.domain.clone(),
@@ -247,6 +249,7 @@ fn activate_saved(a: &BackupArgs, psk: Psk) -> Result<ExitCode, String> {
         silent: None,
         ended_at: std::time::Instant::now(),
         replica: Some((mem, state)),
+        session,
     };
     let code = fail_over(a, psk, arb.as_mut(), &mut out)?;
     Ok(ExitCode::from(code.unwrap_or(0)))
@@ -268,6 +271,7 @@ fn fail_over(
         peer: &out.peer,
         why: &out.end,
         from_epoch: out.committed.unwrap_or(0),
+        session: out.session.as_deref(),
         stream_lost_at: out.ended_at,
         heartbeat_timeout: a.heartbeat_timeout,
         fence_cmd: a.fence_cmd.as_deref(),
@@ -281,8 +285,8 @@ fn fail_over(
         .as_ref()
         .map(|m| m.disks.clone())
         .unwrap_or_default();
-    let activation = |lease: Option<LeaseWatch>| {
-        let mut acfg = activate_config(a, lease);
+    let activation = |lease: Option<LeaseWatch>, heirs| {
+        let mut acfg = activate_config(a, lease, heirs);
         acfg.disks = disks;
         let dial = reprotect_dial(a, psk);
         let r = activate::activate(domain, mem, &state, plan.from_epoch, &acfg, &dir, dial)
@@ -303,7 +307,7 @@ fn fail_over(
     Ok(f.outcome.exit_status())
 }
 
-fn activate_config(a: &BackupArgs, lease: Option<LeaseWatch>) -> ActivateConfig {
+fn activate_config(a: &BackupArgs, lease: Option<LeaseWatch>, heirs: HeirBook) -> ActivateConfig {
     ActivateConfig {
         epoch: a.epoch,
         overrides: a.overrides.clone(),
@@ -315,6 +319,7 @@ fn activate_config(a: &BackupArgs, lease: Option<LeaseWatch>) -> ActivateConfig 
             ..Default::default()
         },
         lease,
+        heirs,
         disks: Vec::new(),
         replica_dir: a.state_dir.clone(),
     }

@@ -159,6 +159,7 @@ pub fn run(a: ProtectArgs) -> Result<ExitCode, String> {
         beacon: a.beacon,
         transport: a.engine.transport,
         lease: arb.lease(),
+        heirs: arb.heir_book(),
     };
     let out = protect::protect(&spec, &a.backup, &psk, &cfg, &opts);
     if !matches!(&out, Ok(o) if matches!(o.live.end, LiveEnd::Stopped)) {

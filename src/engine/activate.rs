@@ -59,6 +59,8 @@ pub struct ActivateConfig {
     pub primary: PrimaryConfig,
     /// The arbiter's lease, when its hold can lapse (self-fence on lapse).
     pub lease: Option<LeaseWatch>,
+    /// Where the arbiter keeps the heir record.
+    pub heirs: crate::ha::heir::HeirBook,
     /// The replica's disks (its meta.json) and the directory holding them
     /// (`disks/NAME.img`); they move to the activated directory.
     pub disks: Vec<crate::disk::session::DiskSpec>,
@@ -163,7 +165,7 @@ where
         out_dir,
         mem,
         &st,
-        (epoch + ran, &domain.describe()),
+        (epoch + ran, &domain.describe(), None),
         &cfg.disks,
         out_dir,
     )?;
@@ -217,6 +219,7 @@ fn live_config(
         redial_every: cfg.reprotect_every,
         dial_after: Duration::ZERO,
         lease: cfg.lease.clone(),
+        heirs: cfg.heirs.clone(),
         lease_margin: Duration::from_millis(100),
         announce_at,
         label: "castor backup".into(),

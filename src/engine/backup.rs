@@ -109,6 +109,9 @@ pub struct BackupOutcome {
     pub ended_at: std::time::Instant,
     /// The committed replica (memory, saved state), for activation.
     pub replica: Option<(crate::domain::GuestMemory, Vec<u8>)>,
+    /// The session's name in the arbiter's heir record (the primary's
+    /// handshake nonce, hex; [`crate::ha::heir`]).
+    pub session: Option<String>,
 }
 
 /// Serves one primary from `listener` over tcp and returns once its stream ended.
@@ -193,6 +196,7 @@ pub fn serve_with(
             silent,
             ended_at,
             replica: None,
+            session: Some(crate::ha::heir::hex(&hello.nonce)),
         },
     )
 }
@@ -491,7 +495,7 @@ fn save(
             &cfg.state_dir,
             mem,
             rx.state(),
-            (epoch, &out.domain),
+            (epoch, &out.domain, out.session.as_deref()),
             &disks,
             &cfg.state_dir,
         )?;

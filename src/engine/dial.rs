@@ -7,8 +7,9 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use crate::domain::{Domain, Layout};
-use crate::engine::live::Session;
+use crate::engine::live::{Link, Session};
 use crate::ha::beacon;
+use crate::ha::heir::Heir;
 use crate::transport::auth::Role;
 use crate::transport::handshake::{self, random_nonce, HandshakeError, Psk};
 use crate::transport::messages::{Hello, NONCE_LEN};
@@ -71,7 +72,7 @@ pub fn select_transport(
     addr: &str,
     (writer, reader): Opened,
     transport: TransportKind,
-) -> Result<Session<Box<dyn std::io::Read + Send>>, DialError> {
+) -> Result<Link<Box<dyn std::io::Read + Send>>, DialError> {
     Ok(match transport {
         TransportKind::Tcp => {
             let (s, sealer) = writer.into_parts();
@@ -118,7 +119,11 @@ pub fn open_protection(
         }
         None => sink,
     };
-    Ok((sink, reader))
+    Ok(Session {
+        sink,
+        reader,
+        heir: Heir::session(&nonce),
+    })
 }
 
 fn open_session_nonce(

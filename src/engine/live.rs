@@ -11,11 +11,17 @@
 //! ```
 //!
 //! Invariants:
-//! - The guest runs unprotected (output released at once) only while this
-//!   copy holds the arbiter: with a lease ([`LeaseWatch`]) its gate
+//! - The guest runs unprotected (output released at once) only after the
+//!   arbiter's heir record says [`Heir::Nobody`] (no backup's replica may
+//!   take over: every one is older than the output now leaving), and only
+//!   while this copy holds the arbiter: with a lease ([`LeaseWatch`]) its gate
 //!   ([`LiveConfig::lease_gate`]) is asked every [`POLL`] and before every
 //!   epoch boundary; without one (a local lock) the hold lasts as long as
 //!   the process.
+//! - Each protection session names its backup the heir before it starts
+//!   ([`crate::ha::heir`]); a copy that cannot write the record (it lost
+//!   the arbiter, or the arbiter stayed unreachable until its lease ran
+//!   out) self-fences instead of running on.
 //! - Output held by a protection session that ends without its acks is
 //!   dropped ([`OutputQueue::unprotect`]), never released: the copy that
 //!   resumes unprotected has already produced that output's state, and the
@@ -33,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use crate::domain::{Domain, DomainError, Layout};
 use crate::engine::primary::{self, PrimaryConfig, PrimaryError};
+use crate::ha::heir::{self, Heir, HeirBook};
 use crate::ha::lease::{LeaseGate, LeaseWatch, Verdict};
 use crate::metrics::Summary;
 use crate::outq::{OutputQueue, OutqReport};
@@ -43,8 +50,16 @@ use crate::transport::RecordSink;
 /// stop flag.
 pub const POLL: Duration = Duration::from_millis(20);
 
+/// An authenticated link to a backup: its two halves.
+pub type Link<R> = (Box<dyn RecordSink>, RecordReader<R>);
+
 /// An authenticated link to a backup, ready for a protection session.
-pub type Session<R> = (Box<dyn RecordSink>, RecordReader<R>);
+pub struct Session<R> {
+    pub sink: Box<dyn RecordSink>,
+    pub reader: RecordReader<R>,
+    /// The backup's name in the arbiter's heir record.
+    pub heir: Heir,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LiveError {
@@ -77,6 +92,8 @@ pub struct LiveConfig {
     pub dial_after: Duration,
     /// The arbiter's lease, when its hold can lapse.
     pub lease: Option<LeaseWatch>,
+    /// Where the arbiter keeps the heir record.
+    pub heirs: HeirBook,
     /// Self-fence when less than this is left on the lease.
     pub lease_margin: Duration,
     /// Repeat `Domain::announce` at these times after the live loop starts.
@@ -201,19 +218,30 @@ fn lease_ok(cfg: &LiveConfig) -> bool {
     cfg.lease_gate().may_proceed(Instant::now()) == Verdict::Proceed
 }
 
+/// Self-fences because the lease lapsed.
 fn fence(
     domain: &mut dyn Domain,
     outq: &mut OutputQueue,
     cfg: &LiveConfig,
 ) -> Result<LiveEnd, LiveError> {
-    domain.pause()?;
-    let r = outq.fence()?;
     let gate = cfg.lease_gate();
     let why = format!(
         "the arbiter's lease lapsed ({} ms left, margin {} ms)",
         gate.remaining_at(Instant::now()).as_millis(),
         gate.margin().as_millis()
     );
+    fence_for(domain, outq, cfg, why)
+}
+
+/// Pauses the guest and drops its held output for good, because of `why`.
+fn fence_for(
+    domain: &mut dyn Domain,
+    outq: &mut OutputQueue,
+    cfg: &LiveConfig,
+    why: String,
+) -> Result<LiveEnd, LiveError> {
+    domain.pause()?;
+    let r = outq.fence()?;
     eprintln!(
         "{}: SELF-FENCED: {why}; guest paused, {} held output items dropped, nothing more will be released",
         cfg.label, r.dropped
@@ -326,11 +354,22 @@ type Protected = Result<(Box<dyn Domain>, Option<LiveEnd>), (LiveError, Option<B
 fn protected<R: std::io::Read + Send + 'static>(
     domain: Box<dyn Domain>,
     outq: &mut OutputQueue,
-    (sink, reader): Session<R>,
+    session: Session<R>,
     cfg: &LiveConfig,
     started: Instant,
     out: &mut Outcome,
 ) -> Protected {
+    // Named before the session holds any output: if this copy dies, only
+    // this backup's replica may take over. Not named: run on without it
+    // (the unprotected loop fences if the arbiter cannot be told that).
+    if let Err(e) = heir::name_while_held(&cfg.heirs, &session.heir, &cfg.lease_gate()) {
+        eprintln!(
+            "{}: not protecting with this backup: naming it the heir failed: {e}",
+            cfg.label
+        );
+        return Ok((domain, None));
+    }
+    let Session { sink, reader, .. } = session;
     let mut pcfg = cfg.primary.clone();
     // The session self-fences on its own (primary.rs) when the lease lapses.
     pcfg.lease = cfg.lease.clone();
@@ -401,6 +440,11 @@ fn unprotected<R: std::io::Read + Send + 'static>(
 ) -> Result<Phase<R>, LiveError> {
     if !lease_ok(cfg) {
         return fence(domain, outq, cfg).map(Phase::End);
+    }
+    // Before the first byte leaves unprotected: no replica may take over.
+    if let Err(e) = heir::name_while_held(&cfg.heirs, &Heir::Nobody, &cfg.lease_gate()) {
+        let why = format!("the arbiter could not be told that no backup may take over ({e})");
+        return fence_for(domain, outq, cfg, why).map(Phase::End);
     }
     outq.unprotect()?;
     domain.resume()?;
@@ -504,6 +548,7 @@ mod tests {
             redial_every: Some(Duration::from_millis(50)),
             dial_after: Duration::ZERO,
             lease: Some(lease.clone()),
+            heirs: HeirBook::Nowhere,
             lease_margin: Duration::from_millis(100),
             announce_at: Vec::new(),
             label: "test".into(),
@@ -541,5 +586,98 @@ mod tests {
         let got: Vec<Vec<u8>> = rx.try_iter().collect();
         assert_eq!(got, [b"before".to_vec()], "output left a fenced copy");
         assert_eq!(r.dropped, 1);
+    }
+
+    /// Egress that reads the heir record at each release.
+    struct Checked(Sender<(Vec<u8>, Option<Heir>)>, HeirBook);
+    impl Egress for Checked {
+        fn release(&mut self, frame: &[u8]) {
+            let _ = self.0.send((frame.to_vec(), self.1.read().unwrap()));
+        }
+    }
+
+    fn heir_cfg(heirs: HeirBook) -> LiveConfig {
+        LiveConfig {
+            primary: PrimaryConfig {
+                epoch: Duration::from_millis(10),
+                ..PrimaryConfig::default()
+            },
+            run_for: None,
+            run_epochs: Some(5),
+            continue_unprotected: true,
+            redial_every: None,
+            dial_after: Duration::ZERO,
+            lease: None,
+            heirs,
+            lease_margin: Duration::from_millis(100),
+            announce_at: Vec::new(),
+            label: "test".into(),
+        }
+    }
+
+    fn open_sim() -> Option<Box<dyn Domain>> {
+        let spec = DomainSpec::parse("sim:mem=1MiB,workload=edits,rate=1000").unwrap();
+        match spec.open() {
+            Ok(d) => Some(d),
+            Err(DomainError::DirtyTracking(why)) => {
+                eprintln!("skipping: kernel dirty tracking unavailable here: {why}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    type NoDial = fn(Layout, &str) -> Result<Session<TcpStream>, String>;
+
+    /// Output held from before the copy went live leaves only once the
+    /// heir record says no backup may take over.
+    #[test]
+    fn unprotected_output_leaves_only_after_the_record_says_nobody() {
+        let Some(mut domain) = open_sim() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let book = HeirBook::File(dir.path().join("pair.lock.heir"));
+        book.name(&Heir::Session("0a".into())).unwrap();
+        let mut outq = OutputQueue::start(Mode::Hold).unwrap();
+        domain.attach_output(&outq).unwrap();
+        let (tx, rx) = channel();
+        let h = outq.handle(Box::new(Checked(tx, book.clone())));
+        h.emit_now(b"held");
+        let dial: NoDial = |_, _| Err("no backup".into());
+        let out = run(domain, &mut outq, None, dial, &heir_cfg(book.clone()))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert_eq!(out.end, LiveEnd::Stopped);
+        drop(outq.shutdown());
+        let got: Vec<_> = rx.try_iter().collect();
+        assert_eq!(got, [(b"held".to_vec(), Some(Heir::Nobody))]);
+    }
+
+    /// A copy that cannot write the record self-fences: nothing leaves.
+    #[test]
+    fn a_copy_that_cannot_record_nobody_self_fences() {
+        let Some(mut domain) = open_sim() else { return };
+        let book = HeirBook::File("/proc/castor-no-such-dir/pair.lock.heir".into());
+        let mut outq = OutputQueue::start(Mode::Hold).unwrap();
+        domain.attach_output(&outq).unwrap();
+        let (tx, rx) = channel();
+        let h = outq.handle(Box::new(Wire(tx)));
+        h.emit_now(b"held");
+        let dial: NoDial = |_, _| Err("no backup".into());
+        let out = run(domain, &mut outq, None, dial, &heir_cfg(book))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert!(
+            matches!(&out.end, LiveEnd::SelfFenced(why) if why.contains("no backup may take over")),
+            "{:?}",
+            out.end
+        );
+        assert_eq!(out.unprotected_epochs, 0);
+        h.emit_now(b"after");
+        drop(outq.shutdown());
+        assert_eq!(
+            rx.try_iter().count(),
+            0,
+            "output left a copy that could not record"
+        );
     }
 }

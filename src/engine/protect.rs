@@ -38,6 +38,8 @@ pub struct ProtectOpts {
     pub transport: TransportKind,
     /// The arbiter's lease, when its hold can lapse.
     pub lease: Option<crate::ha::lease::LeaseWatch>,
+    /// Where the arbiter keeps the heir record.
+    pub heirs: crate::ha::heir::HeirBook,
 }
 
 /// What `protect` ends with.
@@ -86,6 +88,7 @@ pub fn protect(
         redial_every: opts.redial_every,
         dial_after: Duration::ZERO,
         lease: opts.lease.clone(),
+        heirs: opts.heirs.clone(),
         lease_margin: Duration::from_millis(100),
         announce_at: Vec::new(),
         label: "castor protect".into(),

@@ -74,6 +74,11 @@ pub struct Meta {
     /// The replica's disks (`disks/NAME.img` in the version), if any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<crate::disk::session::DiskSpec>,
+    /// The protection session that produced the replica (the primary's
+    /// handshake nonce, hex): the name the arbiter's heir record must carry
+    /// for the replica to be activated ([`crate::ha::heir`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
 }
 
 /// One step of a save, in order; [`save_with`]'s hook runs before each, so
@@ -182,6 +187,7 @@ impl Meta {
             memory_bytes: memory.len() as u64,
             state_bytes: state.len() as u64,
             disks: disks.to_vec(),
+            session: None,
         }
     }
 }
@@ -193,17 +199,26 @@ pub fn disk_path(dir: &Path, name: &str) -> PathBuf {
 
 /// [`save`] of a replica with disks: the images at [`disk_path`]`(from, …)`
 /// (at the same epoch as `memory`) are copied into the new version, and
-/// the digest covers them.
+/// the digest covers them. `session` names the protection session the
+/// replica came from, if any.
 pub fn save_with_disks(
     dir: &Path,
     memory: &[u8],
     state: &[u8],
-    (epoch, domain): (u64, &str),
+    (epoch, domain, session): (u64, &str, Option<&str>),
     disks: &[crate::disk::session::DiskSpec],
     from: &Path,
 ) -> Result<Meta, ReplicaError> {
     if disks.is_empty() {
-        return save(dir, memory, state, epoch, domain);
+        let mut meta = Meta::describe(
+            memory,
+            state,
+            (epoch, domain),
+            Digest::of(memory, state),
+            &[],
+        );
+        meta.session = session.map(String::from);
+        return save_version(dir, memory, state, meta, None, &mut |_| Ok(()));
     }
     let files: Vec<(String, PathBuf)> = disks
         .iter()
@@ -211,7 +226,8 @@ pub fn save_with_disks(
         .collect();
     let digest = Digest::with_disk_files(memory, state, &files)
         .map_err(io_err("reading the disks for the digest in", from))?;
-    let meta = Meta::describe(memory, state, (epoch, domain), digest, disks);
+    let mut meta = Meta::describe(memory, state, (epoch, domain), digest, disks);
+    meta.session = session.map(String::from);
     let mut copy = |to: &Path| {
         for (name, src) in &files {
             crate::disk::image::copy_sparse(src, &to.join(format!("{name}.img")))?;

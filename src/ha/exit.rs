@@ -12,3 +12,7 @@ pub const FENCE_FAILED: u8 = 4;
 /// The arbiter's lease lapsed; this copy paused its guest and dropped its
 /// held output (another copy may be live now).
 pub const SELF_FENCED: u8 = 5;
+/// The backup won the arbiter, but the arbiter's heir record says its
+/// replica is stale (the primary ran on unprotected after losing it, or a
+/// later backup replaced it): it did not activate.
+pub const REPLICA_STALE: u8 = 6;

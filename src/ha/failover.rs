@@ -8,6 +8,10 @@
 //!
 //! - no activation unless the arbiter was won (held by another copy: the
 //!   replica stays saved, exit status [`exit::ARBITER_HELD`]);
+//! - no activation when the arbiter's heir record says the replica is
+//!   stale: the primary ran on unprotected after losing this backup, or a
+//!   later backup replaced it ([`crate::ha::heir`]; exit status
+//!   [`exit::REPLICA_STALE`]);
 //! - no activation when the fence command failed (exit status
 //!   [`exit::FENCE_FAILED`]);
 //! - an activated copy whose lease lapsed self-fenced (exit status
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 use super::arbiter::{Arbiter, ArbiterError, FencingToken};
 use super::exit;
 use super::fence::{self, FenceError};
+use super::heir::{self, HeirBook, HeirError, Stale};
 use super::lease::LeaseWatch;
 use crate::ops::telemetry::{self, FailoverState};
 
@@ -35,6 +40,10 @@ const CAMPAIGN_POLL: Duration = Duration::from_millis(20);
 pub enum FailoverError {
     #[error("arbiter: {0}")]
     Arbiter(#[from] ArbiterError),
+    /// The heir record could not be read after winning: whether the
+    /// replica is stale is unknown, so it is not activated.
+    #[error("not activating: {0}")]
+    Heir(#[from] HeirError),
     /// The activation closure's error, as it said it.
     #[error("{0}")]
     Activate(String),
@@ -49,6 +58,10 @@ pub struct Plan<'a> {
     pub why: &'a str,
     /// The last committed checkpoint: the one activated.
     pub from_epoch: u64,
+    /// The protection session the replica belongs to (the primary's
+    /// handshake nonce, hex), matched against the arbiter's heir record;
+    /// `None` for a replica saved without one.
+    pub session: Option<&'a str>,
     /// When the stream ended or broke.
     pub stream_lost_at: Instant,
     /// The backup's heartbeat timeout: a dying primary's lock is released
@@ -119,6 +132,11 @@ pub enum Arbitration {
         arbiter: String,
         waited: Duration,
     },
+    /// Won, but the heir record names another replica than ours.
+    Stale {
+        arbiter: String,
+        why: Stale,
+    },
 }
 
 /// Result of the fence step.
@@ -135,6 +153,8 @@ pub enum Fencing {
 pub enum Outcome {
     /// Not activated: another copy holds the arbiter.
     ArbiterHeld { arbiter: String, waited: Duration },
+    /// Not activated: the heir record says this replica is stale.
+    ReplicaStale { arbiter: String, why: Stale },
     /// Not activated: the fence command failed.
     FenceFailed(FenceError),
     /// Activated (and since stopped).
@@ -150,6 +170,7 @@ impl Outcome {
     pub fn exit_status(&self) -> Option<u8> {
         match self {
             Outcome::ArbiterHeld { .. } => Some(exit::ARBITER_HELD),
+            Outcome::ReplicaStale { .. } => Some(exit::REPLICA_STALE),
             Outcome::FenceFailed(_) => Some(exit::FENCE_FAILED),
             Outcome::Activated { activated, .. } => {
                 activated.self_fenced.as_ref().map(|_| exit::SELF_FENCED)
@@ -175,6 +196,7 @@ pub fn after_arbiter(a: Arbitration) -> Stage {
         Arbitration::Held { arbiter, waited } => {
             Stage::Done(Outcome::ArbiterHeld { arbiter, waited })
         }
+        Arbitration::Stale { arbiter, why } => Stage::Done(Outcome::ReplicaStale { arbiter, why }),
     }
 }
 
@@ -195,11 +217,12 @@ pub struct Failover {
 }
 
 /// Runs the failover. `activate` is called at most once, only after the
-/// arbiter was won and the fence (if any) succeeded, with the arbiter's
-/// lease (when its hold can lapse).
+/// arbiter was won, its heir record names this replica (or nothing), and
+/// the fence (if any) succeeded, with the arbiter's lease (when its hold
+/// can lapse) and where the activated copy records its own heirs.
 pub fn run<F>(plan: &Plan, arb: &mut dyn Arbiter, activate: F) -> Result<Failover, FailoverError>
 where
-    F: FnOnce(Option<LeaseWatch>) -> Result<Activated, String>,
+    F: FnOnce(Option<LeaseWatch>, HeirBook) -> Result<Activated, String>,
 {
     let mut tl = Timeline::new(plan.stream_lost_at);
     telemetry::with(|t| t.failover_began(plan.stream_lost_at));
@@ -215,7 +238,7 @@ where
     };
     // Step 4: activate, holding the arbiter (and its lease, if any).
     telemetry::with(|t| t.set_failover_state(FailoverState::Activating));
-    let activated = activate(arb.lease()).map_err(FailoverError::Activate)?;
+    let activated = activate(arb.lease(), arb.heir_book()).map_err(FailoverError::Activate)?;
     tl.running = Some(tl.since_loss(activated.running_at));
     Ok(finish(plan, Outcome::Activated { token, activated }, tl))
 }
@@ -238,12 +261,13 @@ fn suspect(plan: &Plan) {
 
 /// Step 2: campaign for the arbiter. A dying primary's lock is released
 /// only when its process has exited: give it up to one heartbeat timeout,
-/// plus the time a dead holder's lease takes to expire.
+/// plus the time a dead holder's lease takes to expire. Once won, no
+/// earlier holder can change the heir record: read it.
 fn arbitrate(
     plan: &Plan,
     arb: &mut dyn Arbiter,
     tl: &mut Timeline,
-) -> Result<Arbitration, ArbiterError> {
+) -> Result<Arbitration, FailoverError> {
     let wait = plan.heartbeat_timeout + arb.takeover_wait();
     telemetry::with(|t| t.set_failover_state(FailoverState::Arbiter));
     let Some(token) = arb.acquire_within(wait, CAMPAIGN_POLL)? else {
@@ -263,6 +287,13 @@ fn arbitrate(
         arb.describe(),
         ms(won)
     );
+    let recorded = arb.heir_book().read()?;
+    if let Err(why) = heir::may_activate(plan.session, recorded.as_ref()) {
+        return Ok(Arbitration::Stale {
+            arbiter: arb.describe(),
+            why,
+        });
+    }
     Ok(Arbitration::Won(token))
 }
 
@@ -291,6 +322,12 @@ fn announce(plan: &Plan, outcome: &Outcome, tl: &Timeline) {
              (the primary is alive: a network partition, or it closed the connection but runs on). \
              Activating now would run two copies. The replica of epoch {from} stays saved in {}.",
             waited.as_millis(),
+            plan.state_dir.display()
+        ),
+        Outcome::ReplicaStale { arbiter, why } => eprintln!(
+            "castor backup: NOT ACTIVATING: the arbiter {arbiter}'s heir record says this replica (epoch \
+             {from}) is stale: {why}. Activating it would step the service's state backwards. The \
+             replica stays saved in {}.",
             plan.state_dir.display()
         ),
         Outcome::FenceFailed(e) => eprintln!(
@@ -333,6 +370,7 @@ mod tests {
             peer: "192.0.2.1:7700",
             why: "stream broken",
             from_epoch: 7,
+            session: Some("0a0b"),
             stream_lost_at: Instant::now(),
             heartbeat_timeout: Duration::from_millis(50),
             fence_cmd,
@@ -408,7 +446,7 @@ mod tests {
         let mut holder = LocalLock::new(&lock);
         holder.try_acquire().unwrap().expect("holder wins");
         let mut arb = LocalLock::new(&lock);
-        let f = run(&plan(d.path(), None), &mut arb, |_| {
+        let f = run(&plan(d.path(), None), &mut arb, |_, _| {
             panic!("activated while another copy holds the arbiter")
         })
         .unwrap();
@@ -417,10 +455,54 @@ mod tests {
         assert_eq!(f.timeline.running, None);
     }
 
+    /// A backup that wins the lock activates only when the heir record
+    /// left by the lock's last holder names its own session (or nothing).
+    #[test]
+    fn a_stale_replica_never_activates_exit_6() {
+        use crate::ha::heir::Heir;
+        let d = tempfile::tempdir().unwrap();
+        let lock = d.path().join("pair.lock");
+        let cases = [
+            (None, true),
+            (Some(Heir::Session("0a0b".into())), true),
+            (Some(Heir::Nobody), false),
+            (Some(Heir::Session("0c0d".into())), false),
+        ];
+        for (record, activates) in cases {
+            {
+                let mut primary = LocalLock::new(&lock);
+                primary.try_acquire().unwrap().expect("primary wins");
+                let book = primary.heir_book();
+                let _ = std::fs::remove_file(crate::ha::arbiter::heir_path(&lock));
+                if let Some(h) = &record {
+                    book.name(h).unwrap();
+                }
+            } // the primary dies: its lock is released
+            let mut arb = LocalLock::new(&lock);
+            let mut called = false;
+            let f = run(&plan(d.path(), None), &mut arb, |_, heirs| {
+                called = true;
+                assert!(heirs.records(), "the activated copy must record its heirs");
+                Ok(activated(None))
+            })
+            .unwrap();
+            assert_eq!(called, activates, "record {record:?}");
+            if !activates {
+                assert!(
+                    matches!(f.outcome, Outcome::ReplicaStale { .. }),
+                    "{:?}",
+                    f.outcome
+                );
+                assert_eq!(f.outcome.exit_status(), Some(exit::REPLICA_STALE));
+                assert_eq!(f.timeline.running, None);
+            }
+        }
+    }
+
     #[test]
     fn failing_fence_command_never_activates() {
         let d = tempfile::tempdir().unwrap();
-        let f = run(&plan(d.path(), Some("exit 7")), &mut NoArbiter, |_| {
+        let f = run(&plan(d.path(), Some("exit 7")), &mut NoArbiter, |_, _| {
             panic!("activated although the fence command failed")
         })
         .unwrap();
@@ -438,7 +520,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = plan(d.path(), Some("true"));
         let mut calls = 0;
-        let f = run(&p, &mut NoArbiter, |lease| {
+        let f = run(&p, &mut NoArbiter, |lease, _| {
             calls += 1;
             assert!(lease.is_none(), "a none arbiter has no lease");
             Ok(activated(Some("lease lapsed")))
@@ -458,7 +540,7 @@ mod tests {
     #[test]
     fn activation_error_is_passed_on() {
         let d = tempfile::tempdir().unwrap();
-        let e = run(&plan(d.path(), None), &mut NoArbiter, |_| {
+        let e = run(&plan(d.path(), None), &mut NoArbiter, |_, _| {
             Err("restoring the domain: boom".into())
         })
         .unwrap_err();

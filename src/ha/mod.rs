@@ -16,6 +16,7 @@ pub mod detector;
 pub mod exit;
 pub mod failover;
 pub mod fence;
+pub mod heir;
 pub mod lease;
 
 /// `castor::ha::etcd`, where the etcd arbiter always lived.

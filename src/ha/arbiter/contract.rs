@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::ha::heir::HeirBook;
 use crate::ha::lease::LeaseWatch;
 
 /// Proof of having won the arbiter: larger than every earlier winner's.
@@ -67,6 +68,13 @@ pub trait Arbiter: Send {
     /// ends with the holder's process (a lock); a lease's TTL otherwise.
     fn takeover_wait(&self) -> Duration {
         Duration::ZERO
+    }
+
+    /// Where this arbiter keeps the heir record ([`crate::ha::heir`]),
+    /// valid once won. [`HeirBook::Nowhere`] for an arbiter that records
+    /// nothing (`none`) or before a win.
+    fn heir_book(&self) -> HeirBook {
+        HeirBook::Nowhere
     }
 
     /// Tries until won or `wait` has passed, polling every `every`.

@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::contract::{Arbiter, ArbiterError, FencingToken};
+use crate::ha::heir::HeirBook;
 
 /// Default local lock of a replication pair, named by the backup's port:
 /// the primary knows it from `--backup HOST:PORT`, the backup from its
@@ -106,6 +107,20 @@ impl Arbiter for LocalLock {
     fn describe(&self) -> String {
         format!("local:{}", self.path.display())
     }
+
+    fn heir_book(&self) -> HeirBook {
+        match &self.held {
+            Some(_) => HeirBook::File(heir_path(&self.path)),
+            None => HeirBook::Nowhere,
+        }
+    }
+}
+
+/// The heir record beside the lock file `lock`: `LOCK.heir`.
+pub fn heir_path(lock: &Path) -> PathBuf {
+    let mut s = lock.as_os_str().to_owned();
+    s.push(".heir");
+    PathBuf::from(s)
 }
 
 /// `none`: always wins. Xen Remus's behaviour; unsafe under partitions.

@@ -22,7 +22,7 @@ pub mod etcd;
 mod local;
 
 pub use contract::{Arbiter, ArbiterError, FencingToken};
-pub use local::{default_local_path, LocalLock, NoArbiter, NONE_WARNING};
+pub use local::{default_local_path, heir_path, LocalLock, NoArbiter, NONE_WARNING};
 
 /// Parses `local:PATH`, `etcd:...` (with an explicit /KEY) or `none`.
 pub fn from_spec(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {

@@ -1,6 +1,7 @@
 //! The etcd v3 JSON gateway (`/v3/...`) as the etcd arbiter uses it: a
 //! small synchronous client failing over between endpoints, and the five
-//! calls (lease grant, revoke, keepalive; range; the campaign transaction).
+//! calls (lease grant, revoke, keepalive; range; the campaign transaction;
+//! the heir record's conditional put and read).
 //! Every request has a timeout; every field read from an answer is checked,
 //! and a missing or malformed one is an error naming the call and value.
 
@@ -358,6 +359,65 @@ pub(super) fn campaign(
             })?;
         Ok(Err(holder(CALL, r)?))
     }
+}
+
+/// Puts `key = value` if `leader` still has create revision `created`
+/// (this copy still holds the arbiter). Ok(false): it does not.
+pub(super) fn put_if_leader(
+    c: &Client,
+    leader: &str,
+    created: i64,
+    key: &str,
+    value: &str,
+) -> Result<bool, EtcdError> {
+    const CALL: &str = "kv/txn (heir)";
+    let l = B64.encode(leader);
+    let body = json!({
+        "compare": [{ "key": l, "result": "EQUAL", "target": "CREATE", "create_revision": created.to_string() }],
+        "success": [{ "request_put": { "key": B64.encode(key), "value": B64.encode(value) } }],
+    });
+    let v = c.call(CALL, "/v3/kv/txn", &body)?;
+    header_revision(CALL, &v)?;
+    match v.get("succeeded") {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(EtcdError::Field {
+            call: CALL,
+            field: "succeeded",
+            value: other.to_string(),
+            expected: "a boolean",
+        }),
+    }
+}
+
+/// The value of `key` as UTF-8 text, if the key exists.
+pub(super) fn get_text(c: &Client, key: &str) -> Result<Option<String>, EtcdError> {
+    const CALL: &str = "kv/range (heir)";
+    let v = c.call(CALL, "/v3/kv/range", &json!({ "key": B64.encode(key) }))?;
+    header_revision(CALL, &v)?;
+    let Some(kv) = v
+        .get("kvs")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+    else {
+        return Ok(None);
+    };
+    let field = |value: String| EtcdError::Field {
+        call: CALL,
+        field: "kvs[0].value",
+        value,
+        expected: "base64 of UTF-8 text",
+    };
+    // An empty value is omitted from the JSON answer.
+    let b64 = match kv.get("value") {
+        None => return Ok(Some(String::new())),
+        Some(Value::String(s)) => s,
+        Some(other) => return Err(field(other.to_string())),
+    };
+    let bytes = B64.decode(b64).map_err(|_| field(b64.clone()))?;
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| field(b64.clone()))
 }
 
 #[cfg(test)]

@@ -45,8 +45,9 @@ mod gateway;
 
 pub use super::contract::EtcdError;
 use super::contract::{Arbiter, ArbiterError, FencingToken};
+use crate::ha::heir::HeirBook;
 use crate::ha::lease::LeaseWatch;
-use gateway::{campaign, grant, keepalive, range, revoke, Client, Holder};
+use gateway::{campaign, get_text, grant, keepalive, put_if_leader, range, revoke, Client, Holder};
 
 /// Default lease TTL. etcd's minimum TTL with its default election timeout
 /// (1 s) is 1.5 s, rounded up to whole seconds: 2 s. The backup suspects a
@@ -307,6 +308,54 @@ impl Arbiter for EtcdArbiter {
 
     fn takeover_wait(&self) -> Duration {
         self.spec.ttl + drift_margin(self.spec.ttl)
+    }
+
+    fn heir_book(&self) -> HeirBook {
+        match &self.held {
+            Some(h) => HeirBook::Etcd(HeirKey {
+                client: self.client.clone(),
+                leader: self.spec.key.clone(),
+                created: h.token.0 as i64,
+                key: format!("{}/heir", self.spec.key),
+            }),
+            None => HeirBook::Nowhere,
+        }
+    }
+}
+
+/// The heir record of a won etcd arbiter: `KEY/heir`, written only while
+/// KEY still has the create revision of our win (see [`crate::ha::heir`]).
+#[derive(Clone)]
+pub struct HeirKey {
+    client: Client,
+    leader: String,
+    created: i64,
+    key: String,
+}
+
+impl HeirKey {
+    /// Puts the record; Ok(false) when KEY is no longer ours.
+    pub fn put(&self, text: &str) -> Result<bool, EtcdError> {
+        put_if_leader(&self.client, &self.leader, self.created, &self.key, text)
+    }
+
+    /// The record, if any.
+    pub fn get(&self) -> Result<Option<String>, EtcdError> {
+        get_text(&self.client, &self.key)
+    }
+
+    pub fn describe(&self) -> String {
+        format!("etcd key {:?}", self.key)
+    }
+}
+
+impl std::fmt::Debug for HeirKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HeirKey({:?} while {:?} was created at {})",
+            self.key, self.leader, self.created
+        )
     }
 }
 
