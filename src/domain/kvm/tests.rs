@@ -80,6 +80,23 @@ fn memtouch_boots_and_counts() {
     assert_eq!(s[0], 1);
 }
 
+/// memtouch's progress is its loop count: one per `seq N ok` line (its
+/// banner is the one line that is not a loop).
+#[test]
+fn memtouch_progress_counts_its_loops() {
+    let Some(mut d) = open(&spec("")) else { return };
+    assert_eq!(d.progress(), Some(0));
+    d.start().unwrap();
+    wait_seq_above(d.console(), 10);
+    d.pause().unwrap();
+    let loops = last_seq(d.console());
+    assert_eq!(d.progress(), Some(loops + 1), "{}", d.console().text());
+    let counter = KvmSpec::parse("guest=counter,mem=16MiB").unwrap();
+    if let Some(c) = open(&counter) {
+        assert_eq!(c.progress(), None, "the counter guest has no loop count");
+    }
+}
+
 #[test]
 fn domain_spec_parses_kvm() {
     let text =

@@ -20,6 +20,8 @@ pub const CONSOLE_CAP: usize = 256 << 10;
 struct Inner {
     buf: VecDeque<u8>,
     total: u64,
+    /// Newlines ever written.
+    lines: u64,
     sink: Option<Box<dyn Write + Send>>,
 }
 
@@ -50,6 +52,7 @@ impl Console {
                 Mutex::new(Inner {
                     buf: VecDeque::new(),
                     total: 0,
+                    lines: 0,
                     sink,
                 }),
                 Condvar::new(),
@@ -75,6 +78,7 @@ impl Console {
             }
         }
         if byte == b'\n' {
+            g.lines += 1;
             cv.notify_all();
         }
     }
@@ -92,6 +96,11 @@ impl Console {
     /// Bytes the guest has written in total.
     pub fn total(&self) -> u64 {
         self.inner.0.lock().unwrap_or_else(|e| e.into_inner()).total
+    }
+
+    /// Lines (newlines) the guest has written in total.
+    pub fn lines(&self) -> u64 {
+        self.inner.0.lock().unwrap_or_else(|e| e.into_inner()).lines
     }
 
     /// Waits until `pred(text)` holds or `timeout` passes; returns the text
