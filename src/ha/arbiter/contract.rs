@@ -77,22 +77,64 @@ pub trait Arbiter: Send {
         HeirBook::Nowhere
     }
 
-    /// Tries until won or `wait` has passed, polling every `every`.
+    /// Tries until won, or until the arbiter has answered "held" for
+    /// `wait`, polling every `every`. An arbiter that cannot be reached
+    /// has not answered: that time does not count, because no holder can
+    /// renew its hold through an outage either, so the outage's end is
+    /// exactly when a dead holder's successor must be there to win. Gives
+    /// up (returning the last such error) only after [`UNREACHABLE_CAP`]
+    /// times `wait` in all.
     fn acquire_within(
         &mut self,
         wait: Duration,
         every: Duration,
     ) -> Result<Option<FencingToken>, ArbiterError> {
-        let deadline = Instant::now() + wait;
+        let started = Instant::now();
+        let cap = wait * UNREACHABLE_CAP;
+        // Time spent on attempts that found the arbiter unreachable, and
+        // on the sleeps after them.
+        let mut lost = Duration::ZERO;
+        let mut said = Instant::now();
         loop {
-            if let Some(t) = self.try_acquire()? {
-                return Ok(Some(t));
-            }
-            let now = Instant::now();
-            if now >= deadline {
+            let t0 = Instant::now();
+            let down = match self.try_acquire() {
+                Ok(Some(t)) => return Ok(Some(t)),
+                Ok(None) => false,
+                Err(e) if e.is_unreachable() && started.elapsed() < cap => {
+                    if said.elapsed() >= Duration::from_secs(1) {
+                        eprintln!(
+                            "castor: arbiter {}: {e}; still campaigning",
+                            self.describe()
+                        );
+                        said = Instant::now();
+                    }
+                    true
+                }
+                Err(e) => return Err(e),
+            };
+            if !down && started.elapsed().saturating_sub(lost) >= wait {
                 return Ok(None);
             }
-            std::thread::sleep(every.min(deadline - now));
+            std::thread::sleep(every);
+            if down {
+                lost += t0.elapsed();
+            }
+        }
+    }
+}
+
+/// How many times its answered wait a campaign goes on against an
+/// unreachable arbiter before it reports the outage as an error.
+pub const UNREACHABLE_CAP: u32 = 20;
+
+impl ArbiterError {
+    /// The arbiter could not be reached or could not serve now (no etcd
+    /// endpoint answered; a member without a leader): worth retrying.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            ArbiterError::Etcd(EtcdError::Unreachable { .. }) => true,
+            ArbiterError::Etcd(EtcdError::Status { code, .. }) => code.starts_with("HTTP 5"),
+            _ => false,
         }
     }
 }
@@ -126,4 +168,81 @@ pub enum EtcdError {
     },
     #[error("spawning the castor-etcd keepalive thread: {0}")]
     Spawn(#[source] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Unreachable for `down` attempts, then answers `then` (won or held).
+    struct Flaky {
+        down: u32,
+        then: Option<FencingToken>,
+        tries: u32,
+    }
+
+    impl Arbiter for Flaky {
+        fn try_acquire(&mut self) -> Result<Option<FencingToken>, ArbiterError> {
+            self.tries += 1;
+            if self.tries <= self.down {
+                return Err(EtcdError::Unreachable {
+                    call: "lease/grant",
+                    tried: "http://192.0.2.1:2379: timed out".into(),
+                }
+                .into());
+            }
+            Ok(self.then)
+        }
+
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    const WAIT: Duration = Duration::from_millis(40);
+    const EVERY: Duration = Duration::from_millis(5);
+
+    /// An outage longer than the whole wait does not end the campaign:
+    /// the arbiter wins as soon as it answers again.
+    #[test]
+    fn an_unreachable_arbiter_is_not_the_end_of_a_campaign() {
+        let mut a = Flaky {
+            down: 30, // 30 × 5 ms, well past the 40 ms wait
+            then: Some(FencingToken(9)),
+            tries: 0,
+        };
+        assert_eq!(
+            a.acquire_within(WAIT, EVERY).unwrap(),
+            Some(FencingToken(9))
+        );
+        assert_eq!(a.tries, 31);
+    }
+
+    /// Only answered "held" time counts towards the wait.
+    #[test]
+    fn held_answers_after_an_outage_still_get_the_whole_wait() {
+        let mut a = Flaky {
+            down: 30,
+            then: None,
+            tries: 0,
+        };
+        let t0 = Instant::now();
+        assert_eq!(a.acquire_within(WAIT, EVERY).unwrap(), None);
+        assert!(t0.elapsed() >= WAIT + EVERY * 30, "{:?}", t0.elapsed());
+        assert!(a.tries > 31, "gave up after {} tries", a.tries);
+    }
+
+    /// An arbiter that never answers is reported after the cap.
+    #[test]
+    fn an_arbiter_that_never_answers_is_an_error_after_the_cap() {
+        let mut a = Flaky {
+            down: u32::MAX,
+            then: None,
+            tries: 0,
+        };
+        let t0 = Instant::now();
+        let e = a.acquire_within(WAIT, EVERY).unwrap_err();
+        assert!(e.is_unreachable(), "{e}");
+        assert!(t0.elapsed() >= WAIT * UNREACHABLE_CAP, "{:?}", t0.elapsed());
+    }
 }
