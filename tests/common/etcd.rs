@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use super::{Netns, Reaped};
 
 pub struct Etcd {
-    /// `http://127.0.0.1:PORT`, the client URL.
+    /// `http://IP:PORT`, the client URL (IP is 127.0.0.1 unless started
+    /// with [`Etcd::start_on`]).
     pub url: String,
     pub port: u16,
-    _proc: Reaped,
+    proc: Reaped,
     _dir: tempfile::TempDir,
 }
 
@@ -26,6 +27,12 @@ impl Etcd {
     /// Starts etcd (in `ns` when given) and waits until it serves; None
     /// (reason printed) when /usr/bin/etcd is missing.
     pub fn start(ns: Option<&Netns>) -> Option<Etcd> {
+        Self::start_on(ns, "127.0.0.1")
+    }
+
+    /// [`Etcd::start`] serving clients on `ip` (an address of `ns`), so
+    /// that other namespaces can reach it.
+    pub fn start_on(ns: Option<&Netns>, ip: &str) -> Option<Etcd> {
         const BIN: &str = "/usr/bin/etcd";
         if !std::path::Path::new(BIN).exists() {
             eprintln!("SKIP: {BIN} is missing (apt-get install etcd-server)");
@@ -35,7 +42,7 @@ impl Etcd {
         // Ports picked on the host's loopback; a fresh namespace has all of
         // them free anyway.
         let (port, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{port}");
+        let url = format!("http://{ip}:{port}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let mut cmd = match ns {
             Some(ns) => {
@@ -59,7 +66,7 @@ impl Etcd {
         let e = Etcd {
             url,
             port,
-            _proc: proc,
+            proc,
             _dir: dir,
         };
         let ready = || {
@@ -87,5 +94,15 @@ impl Etcd {
             std::fs::read_to_string(e._dir.path().join("etcd.log")).unwrap_or_default()
         );
         Some(e)
+    }
+}
+
+impl Etcd {
+    /// Sends `sig` to the etcd process (SIGSTOP / SIGCONT: an arbiter
+    /// that stops answering, then comes back with its state intact).
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own unreaped child: the pid is still ours.
+        let rc = unsafe { libc::kill(self.proc.0.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill etcd: {}", std::io::Error::last_os_error());
     }
 }
