@@ -903,23 +903,11 @@ impl Chaos {
     /// Injects the fault; for faults that end in a failover by design,
     /// waits for the activation and returns [`Outcome::Failover`].
     fn inject(&mut self, fault: Fault, marks: (usize, usize)) -> Option<Outcome> {
-        let standby_log = self.rig.standby.as_ref().map(|c| c.log.clone());
-        let activated = |rig: &Rig| {
-            standby_log
-                .as_ref()
-                .and_then(|l| l.wait(marks.1, "ACTIVATED", EVENT))
-                .unwrap_or_else(|| {
-                    panic!(
-                        "the backup did not activate within {EVENT:?}:\n{}",
-                        rig.logs()
-                    )
-                })
-        };
         let live_side = self.rig.live.as_ref().unwrap().side;
         match fault {
             Fault::KillLive => {
                 self.rig.live().signal(libc::SIGKILL);
-                activated(&self.rig);
+                self.wait_activated(marks);
                 Some(Outcome::Failover)
             }
             Fault::StopLive { long: false } => {
@@ -930,7 +918,7 @@ impl Chaos {
             }
             Fault::StopLive { long: true } => {
                 self.rig.live().signal(libc::SIGSTOP);
-                activated(&self.rig);
+                self.wait_activated(marks);
                 // The resumed copy must release nothing more and fence.
                 self.rig.live().signal(libc::SIGCONT);
                 Some(Outcome::Failover)
@@ -970,10 +958,19 @@ impl Chaos {
                     ]
                 };
                 self.rig.iptables(live_side, &rule("-I"));
-                activated(&self.rig);
+                self.wait_activated(marks);
                 self.rig.iptables(live_side, &rule("-D"));
                 Some(Outcome::Failover)
             }
+        }
+    }
+
+    /// Waits for the backup to say it activated (a fault that must end in
+    /// a failover).
+    fn wait_activated(&self, marks: (usize, usize)) {
+        let sb = self.rig.standby.as_ref().expect("a backup");
+        if sb.log.wait(marks.1, "ACTIVATED", EVENT).is_none() {
+            self.fail(&format!("the backup did not activate within {EVENT:?}"));
         }
     }
 
@@ -1350,4 +1347,61 @@ fn a_backup_given_up_does_not_activate_when_the_live_copy_lapses() {
         "the backup activated from a replica older than output the client saw (client: {broken:?}):\n{text}"
     );
     drop(client);
+}
+
+/// Total arbiter loss longer than the lease's TTL: etcd is SIGSTOPped
+/// until the live copy self-fenced and its backup noticed the end of the
+/// stream, and one second more (the backup campaigns against a silent
+/// etcd), then SIGCONTed. The live copy held no output its backup lacks
+/// (it was protected all along), so once etcd answers again the backup can
+/// win and activate: the service must resume, on exactly one copy.
+///
+/// Ignored: on the landed code the backup's campaign ends at its first
+/// arbiter error ("castor: error: arbiter: etcd lease/grant: no endpoint
+/// answered", exit 1) instead of polling on until its deadline, so no copy
+/// runs although etcd is back a second later (src/ha/failover.rs
+/// `arbitrate` → `Arbiter::acquire_within` propagates the error).
+#[test]
+#[ignore = "a backup's campaign ends at the first unreachable-etcd error (reported to the lead)"]
+fn etcd_outage_longer_than_the_ttl_then_the_backup_takes_over() {
+    let Some(mut rig) = Rig::start(HEARTBEAT_TIMEOUT) else {
+        return;
+    };
+    let mut client = Client::start(&rig.hub.name);
+    let marks = (
+        rig.live.as_ref().unwrap().log.len(),
+        rig.standby.as_ref().unwrap().log.len(),
+    );
+    let at = Instant::now();
+    rig.etcd.signal(libc::SIGSTOP);
+    let live_log = rig.live.as_ref().unwrap().log.clone();
+    let sb_log = rig.standby.as_ref().unwrap().log.clone();
+    let fenced = live_log.wait(marks.0, "SELF-FENCED", EVENT);
+    let suspect = sb_log.wait(marks.1, "suspect primary", EVENT);
+    std::thread::sleep(Duration::from_secs(1));
+    rig.etcd.signal(libc::SIGCONT);
+    let back = Instant::now();
+    let activated = sb_log.wait(marks.1, "ACTIVATED", EVENT);
+    let sb_exit = rig.standby.as_mut().unwrap().exited();
+    let resumed = client.wait_replies(back, 5, RESUME);
+    let ms_since = |t: &Option<(Instant, String)>| t.as_ref().map(|(t, _)| (*t - at).as_millis());
+    eprintln!(
+        "etcd outage {} ms: live self-fenced at {:?} ms, backup suspected at {:?} ms, activated at {:?} ms (backup exit {sb_exit:?}); client: {resumed:?}",
+        (back - at).as_millis(),
+        ms_since(&fenced),
+        ms_since(&suspect),
+        ms_since(&activated),
+    );
+    assert!(
+        fenced.is_some(),
+        "the live copy did not self-fence:\n{}",
+        rig.logs()
+    );
+    assert!(
+        activated.is_some(),
+        "etcd came back but no copy runs the guest:\n{}",
+        rig.logs()
+    );
+    assert!(resumed.is_ok(), "{resumed:?}:\n{}", rig.logs());
+    assert_eq!(client.finish(), None);
 }
