@@ -817,6 +817,8 @@ struct Step {
     reprotected: Option<Duration>,
     /// How the old copy ended (exit code), after a failover.
     old_exit: Option<String>,
+    /// What the copies said about it (reasons, exit codes).
+    why: Vec<String>,
 }
 
 impl std::fmt::Display for Step {
@@ -837,7 +839,11 @@ impl std::fmt::Display for Step {
             self.old_exit
                 .as_ref()
                 .map_or(String::new(), |e| format!(", old copy {e}"))
-        )
+        )?;
+        for w in &self.why {
+            write!(f, "\n      {w}")?;
+        }
+        Ok(())
     }
 }
 
@@ -885,6 +891,7 @@ impl Chaos {
             pause: Duration::ZERO,
             reprotected: None,
             old_exit: None,
+            why: Vec::new(),
         };
         step.outcome = outcome.unwrap_or_else(|| self.settle(marks));
         self.converge(&mut step, marks, at);
@@ -1023,7 +1030,11 @@ impl Chaos {
     fn converge(&mut self, step: &mut Step, marks: (usize, usize), at: Instant) {
         let since = |t: Option<(Instant, String)>| t.map(|(t, _)| t.saturating_duration_since(at));
         if let Some(sb) = &self.rig.standby {
-            step.suspect = since(sb.log.find(marks.1, "suspect primary"));
+            let suspect = sb.log.find(marks.1, "suspect primary");
+            if let Some((_, l)) = &suspect {
+                step.why.push(format!("backup: {l}"));
+            }
+            step.suspect = since(suspect);
         }
         step.unprotected = since(
             self.rig
@@ -1123,6 +1134,10 @@ impl Chaos {
         let Some(st) = sb.wait_exit(EVENT) else {
             self.fail("the lost backup still runs");
         };
+        step.why.push(format!("lost backup ended: {st}"));
+        if let Some((_, l)) = sb.log.find(marks.1, "stream broken") {
+            step.why.push(format!("backup: {l}"));
+        }
         if st.code() != Some(3) {
             eprintln!(
                 "note: the lost backup ended with {st:?} (not 3, NOT ACTIVATING):\n{}",
@@ -1141,10 +1156,11 @@ impl Chaos {
         if live.exited().is_some() {
             self.fail("the live copy ended after losing its backup");
         }
-        step.unprotected = live
-            .log
-            .find(marks.0, "UNPROTECTED")
-            .map(|(t, _)| t.saturating_duration_since(at));
+        let lost = live.log.find(marks.0, "UNPROTECTED");
+        if let Some((_, l)) = &lost {
+            step.why.push(format!("live: {l}"));
+        }
+        step.unprotected = lost.map(|(t, _)| t.saturating_duration_since(at));
         let from = live.log.len();
         self.rig.standby = None;
         let fresh = self.rig.start_backup(side);
@@ -1273,11 +1289,11 @@ fn chaos_long_schedule() {
 /// TTL): a window in which the unprotected output reaches the client and
 /// the lease lapses.
 ///
-/// Ignored: this is the known design gap (issue 13): the live copy does
-/// not yet tell the arbiter that a lost backup's replica is stale.
-/// Un-ignore it when that lands.
+/// The heir record (src/ha/heir.rs) decides: the backup wins the arbiter,
+/// reads that the live copy ran on without it, refuses (exit 6). Without
+/// the record (before 24d639b) this test saw the backup activate from
+/// epoch 60 after the client had 1577 replies newer than that.
 #[test]
-#[ignore = "known design gap: a lost backup's stale replica is not yet marked in the arbiter (issue 13)"]
 fn a_backup_given_up_does_not_activate_when_the_live_copy_lapses() {
     let heartbeat = Duration::from_secs(4);
     let Some(mut rig) = Rig::start(heartbeat) else {
@@ -1320,8 +1336,18 @@ fn a_backup_given_up_does_not_activate_when_the_live_copy_lapses() {
     // (and slack): by an activation, or by its exit.
     let sb = rig.standby.as_mut().unwrap();
     let window = heartbeat + TTL * 3 + Duration::from_secs(5);
-    let activated = sb.log.wait(marks.1, "ACTIVATED", window);
-    let code = sb.exited();
+    let t0 = Instant::now();
+    let code = loop {
+        if let Some(st) = sb.exited() {
+            break Some(st);
+        }
+        if sb.log.find(marks.1, "ACTIVATED").is_some() || t0.elapsed() > window {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let activated = sb.log.find(marks.1, "ACTIVATED");
+    let refused = sb.log.find(marks.1, "is stale");
     // What the client sees after an activation: a few seconds of it.
     if activated.is_some() {
         let _ = client.wait_replies(Instant::now(), 20, Duration::from_secs(10));
@@ -1346,6 +1372,12 @@ fn a_backup_given_up_does_not_activate_when_the_live_copy_lapses() {
         activated.is_none(),
         "the backup activated from a replica older than output the client saw (client: {broken:?}):\n{text}"
     );
+    assert!(
+        refused.is_some(),
+        "no refusal naming the stale replica:\n{text}"
+    );
+    assert_eq!(code.and_then(|c| c.code()), Some(6), "{text}");
+    assert_eq!(broken, None);
     drop(client);
 }
 
