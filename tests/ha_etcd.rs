@@ -442,7 +442,13 @@ fn kvm_trial(fault: Fault, trial: u32, output_commit: bool) -> Option<String> {
         (
             got,
             fault_at.expect("the fault was injected"),
-            activated_at.expect("the backup activated in time"),
+            activated_at.unwrap_or_else(|| {
+                panic!(
+                    "the backup did not activate in time; backup:\n{}\nprimary:\n{}",
+                    blog.text(),
+                    p.text()
+                )
+            }),
         )
     });
     let (got, fault_at, activated_at) = replies;

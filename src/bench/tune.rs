@@ -130,8 +130,12 @@ pub struct Row {
     pub pause_max_us: u64,
     pub checkpoint_latency_p50_us: u64,
     pub checkpoint_latency_p99_us: u64,
+    /// Output latency: each round's percentile, the median over rounds
+    /// (one round stalled by a loaded host does not decide the row).
     pub output_latency_p50_us: u64,
     pub output_latency_p99_us: u64,
+    /// The worst round's output latency p99, next to the median.
+    pub output_latency_p99_worst_us: u64,
     pub output_frames: u64,
     pub epoch_len_p50_us: u64,
     pub epoch_len_p99_us: u64,
@@ -146,12 +150,13 @@ pub const CSV_HEADER: &str =
     "label,epoch,epoch_ms,inflight,compress,transport,rounds,epochs_per_s,\
 guest_speed_ratio,pause_p50_us,pause_p99_us,pause_max_us,checkpoint_latency_p50_us,\
 checkpoint_latency_p99_us,output_latency_p50_us,output_latency_p99_us,output_frames,\
-epoch_len_p50_us,epoch_len_p99_us,wire_bytes_per_s,cpu_primary_per_s,cpu_backup_per_s,digest_match";
+epoch_len_p50_us,epoch_len_p99_us,wire_bytes_per_s,cpu_primary_per_s,cpu_backup_per_s,digest_match,\
+output_latency_p99_worst_us";
 
 impl Row {
     fn csv(&self) -> String {
         format!(
-            "{},{},{:.3},{},{},{},{},{:.2},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.3},{:.3},{}",
+            "{},{},{:.3},{},{},{},{},{:.2},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.3},{:.3},{},{}",
             self.label,
             csv_field(&self.epoch),
             self.epoch_ms,
@@ -175,7 +180,8 @@ impl Row {
             self.wire_bytes_per_s,
             self.cpu_primary_per_s,
             self.cpu_backup_per_s,
-            self.digest_match
+            self.digest_match,
+            self.output_latency_p99_worst_us
         )
     }
 }
@@ -341,14 +347,16 @@ fn row(c: &TuneConfig, runs: &[Summary]) -> Row {
     let lens = Pct::of(&lens);
     let pause = merged(&|r| r.pause_us);
     let lat = merged(&|r| r.latency_us);
-    let out = |f: &dyn Fn(&Pct) -> u64| {
-        mean(&|s| {
-            s.output
-                .as_ref()
-                .map_or(0.0, |o| f(&o.release_delay_steady_us) as f64)
-        })
-        .round() as u64
+    let per_round = |f: &dyn Fn(&Pct) -> u64| -> Vec<u64> {
+        runs.iter()
+            .map(|s| {
+                s.output
+                    .as_ref()
+                    .map_or(0, |o| f(&o.release_delay_steady_us))
+            })
+            .collect()
     };
+    let out = |f: &dyn Fn(&Pct) -> u64| median(per_round(f));
     let speed: Vec<f64> = runs.iter().filter_map(guest_speed_ratio).collect();
     Row {
         label: c.label(),
@@ -371,6 +379,7 @@ fn row(c: &TuneConfig, runs: &[Summary]) -> Row {
         checkpoint_latency_p99_us: lat.p99,
         output_latency_p50_us: out(&|p| p.p50),
         output_latency_p99_us: out(&|p| p.p99),
+        output_latency_p99_worst_us: per_round(&|p| p.p99).into_iter().max().unwrap_or(0),
         output_frames: mean(&|s| s.output.as_ref().map_or(0.0, |o| o.released as f64)) as u64,
         epoch_len_p50_us: lens.p50,
         epoch_len_p99_us: lens.p99,
@@ -379,6 +388,12 @@ fn row(c: &TuneConfig, runs: &[Summary]) -> Row {
         cpu_backup_per_s: mean(&|s| s.cpu.backup_s / s.duration_s.max(1e-9)),
         digest_match: runs.iter().all(|s| s.digest_match),
     }
+}
+
+/// The median of `v` (the upper one of an even count); 0 when empty.
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
 /// `guest_speed_ratio` of a run's report, where the engine measures it
@@ -495,6 +510,33 @@ mod tests {
             "{line}"
         );
         assert_eq!(csv_field("25ms"), "25ms");
+    }
+
+    /// One stalled round does not decide a row's output latency: the
+    /// median of the rounds' p99 does, with the worst one beside it.
+    #[test]
+    fn output_latency_is_the_median_round_with_the_worst_beside_it() {
+        let round = |p99_ms: u64| Summary {
+            output: Some(crate::stats::OutqReport {
+                release_delay_steady_us: Pct {
+                    p50: p99_ms * 500,
+                    p99: p99_ms * 1000,
+                    ..Pct::default()
+                },
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = TuneConfig {
+            epoch: EpochPolicy::parse("10ms").unwrap(),
+            inflight: 2,
+            compress: Compressor::Lz4,
+            transport: TransportKind::Tcp,
+        };
+        let r = row(&c, &[round(12), round(5000), round(20)]);
+        assert_eq!(r.output_latency_p99_us, 20_000);
+        assert_eq!(r.output_latency_p50_us, 10_000);
+        assert_eq!(r.output_latency_p99_worst_us, 5_000_000);
     }
 
     #[test]

@@ -287,7 +287,8 @@ fn arbitrate(
         arb.describe(),
         ms(won)
     );
-    let recorded = arb.heir_book().read()?;
+    let gate = super::lease::LeaseGate::new(arb.lease(), Duration::ZERO);
+    let recorded = heir::read_while_held(&arb.heir_book(), &gate)?;
     if let Err(why) = heir::may_activate(plan.session, recorded.as_ref()) {
         return Ok(Arbitration::Stale {
             arbiter: arb.describe(),

@@ -187,6 +187,26 @@ impl HeirBook {
     }
 }
 
+/// Reads the record, retrying while the arbiter cannot be reached and
+/// `gate` says this copy still holds it (a winner reads right after its
+/// win, when a loaded etcd may answer slowly). An error means the record
+/// is unknown: the caller must not act on a replica it may not own.
+pub fn read_while_held(book: &HeirBook, gate: &LeaseGate) -> Result<Option<Heir>, HeirError> {
+    loop {
+        match book.read() {
+            Err(HeirError::Etcd(e))
+                if e.is_unreachable()
+                    && gate.can_lapse()
+                    && gate.may_proceed(Instant::now() + RETRY) == Verdict::Proceed =>
+            {
+                tracing::warn!("heir record: {e}; retrying while the lease holds");
+                std::thread::sleep(RETRY);
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Names `heir`, retrying while `gate` says the arbiter is still held
 /// (etcd briefly unreachable). An error means the record may not stand,
 /// and the caller must not release output that depends on it: it

@@ -131,9 +131,17 @@ impl ArbiterError {
     /// The arbiter could not be reached or could not serve now (no etcd
     /// endpoint answered; a member without a leader): worth retrying.
     pub fn is_unreachable(&self) -> bool {
+        matches!(self, ArbiterError::Etcd(e) if e.is_unreachable())
+    }
+}
+
+impl EtcdError {
+    /// No endpoint answered, or the one that did cannot serve now (HTTP
+    /// 5xx): worth retrying.
+    pub fn is_unreachable(&self) -> bool {
         match self {
-            ArbiterError::Etcd(EtcdError::Unreachable { .. }) => true,
-            ArbiterError::Etcd(EtcdError::Status { code, .. }) => code.starts_with("HTTP 5"),
+            EtcdError::Unreachable { .. } => true,
+            EtcdError::Status { code, .. } => code.starts_with("HTTP 5"),
             _ => false,
         }
     }
