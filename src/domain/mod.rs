@@ -70,6 +70,14 @@ pub trait Domain: Send {
     /// Appends the gfns written since the previous harvest (sorted, unique)
     /// to `out` and re-arms tracking for them. Only called while paused.
     fn harvest_dirty(&mut self, out: &mut Vec<u64>) -> Result<(), DomainError>;
+    /// The harvest split into stripes that several threads scan at once,
+    /// when this backend's dirty log allows it: the stripes' outputs,
+    /// concatenated in order, are exactly what `harvest_dirty` would have
+    /// appended (and scanning them re-arms tracking alike). Same calling
+    /// rules as `harvest_dirty`. Default: None (harvest on one thread).
+    fn stripe_scan(&self) -> Option<pagemap::StripeScan> {
+        None
+    }
     /// Appends the pages that may be non-zero (ever written) to `out`,
     /// sorted, and returns true; or returns false if the backend cannot
     /// tell, and the initial copy reads every page. Called while running.

@@ -13,7 +13,7 @@ pub mod accept;
 pub mod activate;
 pub mod backup;
 pub mod codec_choice;
-mod copy;
+pub mod copy;
 pub mod dial;
 pub mod epoch_control;
 pub mod live;

@@ -28,6 +28,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 
 use crate::domain::pagemap::{self, PageRegion, ScanQuery};
 use crate::domain::{DomainError, GuestMemory};
@@ -103,7 +104,7 @@ const ADVICE: &str = "needs Linux >= 6.7 with userfaultfd (UFFD_FEATURE_WP_ASYNC
 /// Written-page tracker over one guest memory mapping.
 pub struct DirtyTracker {
     uffd: OwnedFd,
-    pagemap: File,
+    pagemap: Arc<File>,
     base: u64,
     len: u64,
     regions: Vec<PageRegion>,
@@ -193,7 +194,7 @@ impl DirtyTracker {
             File::open("/proc/self/pagemap").map_err(|e| sys("open /proc/self/pagemap", e))?;
         let tracker = DirtyTracker {
             uffd,
-            pagemap,
+            pagemap: Arc::new(pagemap),
             base,
             len,
             regions: pagemap::region_buffer(),
@@ -218,6 +219,21 @@ impl DirtyTracker {
             DomainError::DirtyTracking(m) => DomainError::DirtyTracking(format!("{m}; {ADVICE}")),
             e => e,
         })
+    }
+}
+
+impl DirtyTracker {
+    /// The same harvest, split into stripes scanned by several threads at
+    /// once (see [`pagemap::StripeScan`]): the stripes' outputs in order
+    /// equal one [`DirtyTracker::harvest`]. Valid while the tracker lives.
+    pub fn stripe_scan(&self) -> pagemap::StripeScan {
+        let pages = self.len / crate::PAGE_SIZE as u64;
+        pagemap::StripeScan::new(
+            self.pagemap.clone(),
+            self.base,
+            pages,
+            ScanQuery::WRITTEN_AND_REPROTECT,
+        )
     }
 }
 

@@ -216,6 +216,10 @@ impl Domain for SimDomain {
         self.tracker.harvest(out)
     }
 
+    fn stripe_scan(&self) -> Option<crate::domain::pagemap::StripeScan> {
+        Some(self.tracker.stripe_scan())
+    }
+
     fn throttle(&mut self, pct: u8) -> bool {
         match &self.workers {
             Some(w) if !self.spec.is_deterministic() => {

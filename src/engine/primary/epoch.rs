@@ -3,6 +3,9 @@
 //! resume, dispatch.
 //!
 //! Invariants:
+//! - Harvests ([`Driver::harvest`]) are split by stripes over the pause's
+//!   pinned workers (`castor-copy-N`) when the domain allows it; the list
+//!   is the same as one thread's.
 //! - The guest's pause ([`Driver::pause`]) holds only: the lease check,
 //!   opening the next output epoch, the harvest of the last moment's dirty
 //!   pages, taking a staging buffer, the copy, the state save and the
@@ -115,7 +118,7 @@ impl Driver<'_> {
             // harvest inside the pause only picks up the last moment's writes.
             let t_pre = Instant::now();
             cap.pre.clear();
-            self.domain.harvest_dirty(&mut cap.pre)?;
+            self.harvest(&mut cap.pre)?;
             rec.preharvest_us = t_pre.elapsed().as_micros() as u64;
             // Staging for the pre-harvested set plus the last moment's
             // writes, readied now: the pause never waits for or allocates it.
@@ -166,6 +169,18 @@ impl Driver<'_> {
         }
         self.wait_final_ack(epoch)?;
         Ok((epoch, cap.state, recent.into_lists()))
+    }
+
+    /// Appends the dirty pages since the last harvest to `out` (sorted,
+    /// unique): scanned by the pause's pinned workers, one stripe each,
+    /// when the domain's dirty log can be split; else by the domain on this
+    /// thread. Either way the same list.
+    pub(super) fn harvest(&mut self, out: &mut Vec<u64>) -> Result<(), PrimaryError> {
+        match self.domain.stripe_scan() {
+            Some(scan) if self.copy_pool.threads() > 1 => self.copy_pool.harvest(&scan, out)?,
+            _ => self.domain.harvest_dirty(out)?,
+        }
+        Ok(())
     }
 
     /// Throttles the guest for the next epoch from how far behind the
@@ -234,7 +249,7 @@ impl Driver<'_> {
         rec.closed_at_ns = crate::metrics::mono_ns();
         let t_paused = Instant::now();
         cap.late.clear();
-        self.domain.harvest_dirty(&mut cap.late)?;
+        self.harvest(&mut cap.late)?;
         merge_sorted(&cap.pre, &cap.late, &mut cap.gfns);
         let t_harvest = Instant::now();
         let staging = self.staging.take(cap.gfns.len(), self.shared)?;

@@ -73,7 +73,7 @@ impl Driver<'_> {
             round += 1;
             round_start = Instant::now();
             let mut d = Vec::new();
-            self.domain.harvest_dirty(&mut d)?;
+            self.harvest(&mut d)?;
             let n = d.len() as u64;
             last = is_last_round(self.cfg, round, n, prev_dirty);
             // The guest dirties faster than rounds ship: throttle it so
@@ -92,7 +92,7 @@ impl Driver<'_> {
                 // allocates. Pages written meanwhile join this last round.
                 self.staging.prefault(pages, n)?;
                 let mut more = Vec::new();
-                self.domain.harvest_dirty(&mut more)?;
+                self.harvest(&mut more)?;
                 let mut all = Vec::new();
                 merge_sorted(&d, &more, &mut all);
                 d = all;
