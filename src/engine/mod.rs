@@ -14,6 +14,7 @@ pub mod activate;
 pub mod backup;
 pub mod codec_choice;
 pub mod copy;
+pub mod decode;
 pub mod dial;
 pub mod epoch_control;
 pub mod live;

@@ -4,8 +4,10 @@
 //! States: `Idle` (between epochs) and `Open(epoch)`. Pages of an open
 //! checkpoint are decoded into a staging area (plain deltas are validated
 //! and kept as deltas, to be XORed in place), never into the replica; only
-//! the epoch's end record, after its totals are checked, copies them into the
-//! replica and replaces the saved state. Any error discards the open epoch
+//! the epoch's end record, after its totals are checked and every page is
+//! decoded, copies them into the replica and replaces the saved state.
+//! Decoding runs on the lanes of `engine::decode` (by stripe of pages, in
+//! parallel when there are several); this thread checks every entry first. Any error discards the open epoch
 //! whole: the replica stays at the last committed epoch. The seed (epoch 0,
 //! a live pre-copy) is applied in place because the replica holds no
 //! committed checkpoint before epoch 1 commits; its pre-copy rounds may
@@ -23,9 +25,9 @@
 
 use std::path::PathBuf;
 
-use crate::codec::{Decoder, PageKind};
 use crate::disk::session::{decode_announce, BackupDisks};
 use crate::domain::GuestMemory;
+use crate::engine::decode::{Decoders, Entry, PageFault};
 use crate::transport::messages::{parse_pages, EpochBegin, EpochClass, EpochEnd};
 use crate::transport::record::{PayloadError, Record, RecordKind};
 use crate::PAGE_SIZE;
@@ -56,6 +58,24 @@ pub enum StreamError {
     },
 }
 
+/// Lanes a receiver of `pages` pages decodes on by default: one per core
+/// (at most 4) for guests of 64 MiB or more, else the receiving thread alone
+/// (a small guest's epochs are not worth a hand-over).
+pub fn default_lanes(pages: u64) -> usize {
+    if pages < 16384 {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+fn fault(epoch: u64, f: PageFault) -> StreamError {
+    StreamError::Page {
+        epoch,
+        gfn: f.gfn,
+        reason: f.reason,
+    }
+}
+
 /// What a record did to the session.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -64,16 +84,6 @@ pub enum Event {
     Committed(u64),
     /// Clean end of stream after epoch `.0`.
     Closed(u64),
-}
-
-/// How a staged page of an open checkpoint reaches the replica at commit.
-#[derive(Clone, Copy)]
-enum Staged {
-    /// Decoded page at this offset of `staging`: copied over the replica page.
-    Page(usize),
-    /// Validated `Delta` payload at `deltas[at..at + len]`: XORed into the
-    /// replica page in place, touching only the changed bytes.
-    Delta { at: usize, len: usize },
 }
 
 struct Open {
@@ -89,6 +99,8 @@ struct Open {
 
 /// The replica and the receiver's state machine.
 pub struct Receiver {
+    /// Declared before `mem`: its lanes stop before the replica unmaps.
+    decoders: Decoders,
     mem: GuestMemory,
     pages: u64,
     state: Vec<u8>,
@@ -96,16 +108,12 @@ pub struct Receiver {
     seeded: bool,
     next_epoch: u64,
     open: Option<Open>,
-    decoder: Decoder,
-    /// Staged entries of the open checkpoint, in arrival order.
-    staged: Vec<(u64, Staged)>,
-    /// Decoded pages, one slot each ([`Staged::Page`]).
-    staging: Vec<u8>,
-    /// Validated delta payloads ([`Staged::Delta`]).
-    deltas: Vec<u8>,
+    /// Pages of the open checkpoint, in arrival order (their `seen` bits).
+    gfns: Vec<u64>,
+    /// The checked entries of the record being decoded.
+    entries: Vec<Entry>,
     /// One bit per gfn: seen in the open epoch (duplicates are hostile).
     seen: Vec<u64>,
-    scratch: Box<[u8; PAGE_SIZE]>,
     /// Pages applied by the last commit (for metrics).
     last_pages: u64,
     /// Where replica disks live (`STATE_DIR`); None: disks are refused.
@@ -114,25 +122,37 @@ pub struct Receiver {
 }
 
 impl Receiver {
+    /// A receiver for `pages` pages, decoding on [`default_lanes`] lanes.
     pub fn new(pages: u64) -> Result<Receiver, crate::domain::DomainError> {
+        let mem = GuestMemory::new(pages as usize * PAGE_SIZE)?;
         Ok(Receiver {
-            mem: GuestMemory::new(pages as usize * PAGE_SIZE)?,
+            decoders: Decoders::new(&mem, default_lanes(pages), &[]),
+            mem,
             pages,
             state: Vec::new(),
             committed: None,
             seeded: false,
             next_epoch: 0,
             open: None,
-            decoder: Decoder::new(),
-            staged: Vec::new(),
-            staging: Vec::new(),
-            deltas: Vec::new(),
+            gfns: Vec::new(),
+            entries: Vec::new(),
             seen: vec![0; (pages as usize).div_ceil(64)],
-            scratch: Box::new([0; PAGE_SIZE]),
             last_pages: 0,
             disk_dir: None,
             disks: None,
         })
+    }
+
+    /// Decodes on `lanes` lanes (1: on the receiving thread), pinned to
+    /// `cores` round-robin when given. Call before the first record.
+    pub fn with_decoders(mut self, lanes: usize, cores: &[core_affinity::CoreId]) -> Receiver {
+        self.decoders = Decoders::new(&self.mem, lanes, cores);
+        self
+    }
+
+    /// Lanes decoding pages.
+    pub fn decode_lanes(&self) -> usize {
+        self.decoders.lanes()
     }
 
     /// Pages the last committed checkpoint applied.
@@ -167,7 +187,14 @@ impl Receiver {
 
     /// The replica's memory and saved state, consuming the receiver.
     pub fn into_replica(self) -> (GuestMemory, Vec<u8>) {
-        (self.mem, self.state)
+        let Receiver {
+            decoders,
+            mem,
+            state,
+            ..
+        } = self;
+        drop(decoders); // joins the lanes before the memory changes hands
+        (mem, state)
     }
 
     pub fn state(&self) -> &[u8] {
@@ -185,14 +212,18 @@ impl Receiver {
         Some(o.epoch)
     }
 
-    /// Forgets the open epoch's staged pages (and their `seen` bits).
+    /// Forgets the open epoch's staged pages (and their `seen` bits);
+    /// returns once no decode lane runs.
     fn clear_staging(&mut self) {
-        for &(g, _) in &self.staged {
+        self.forget_gfns();
+        self.decoders.discard();
+    }
+
+    fn forget_gfns(&mut self) {
+        for &g in &self.gfns {
             self.seen[(g / 64) as usize] &= !(1 << (g % 64));
         }
-        self.staged.clear();
-        self.staging.clear();
-        self.deltas.clear();
+        self.gfns.clear();
     }
 
     fn proto(&self, msg: String) -> StreamError {
@@ -327,6 +358,7 @@ impl Receiver {
         let (_, iter) =
             parse_pages(rec.payload).map_err(|source| StreamError::Payload { epoch, source })?;
         let mut n = entries;
+        self.entries.clear();
         for e in iter {
             let e = e.map_err(|source| StreamError::Payload { epoch, source })?;
             let gfn = e.gfn;
@@ -349,48 +381,23 @@ impl Receiver {
                         "more page entries than the {dirty} dirty pages announced"
                     )));
                 }
+                self.seen[w] |= bit;
+                self.gfns.push(gfn);
             }
             n += 1;
-            if class == EpochClass::Checkpoint && e.kind == PageKind::Delta as u8 {
-                // The common case: keep the (small) delta, proven valid now,
-                // and patch the replica page in place at commit.
-                Decoder::check_delta(e.payload).map_err(|c| page_err(c.to_string()))?;
-                let at = self.deltas.len();
-                self.deltas.extend_from_slice(e.payload);
-                self.staged.push((
-                    gfn,
-                    Staged::Delta {
-                        at,
-                        len: e.payload.len(),
-                    },
-                ));
-                self.seen[w] |= bit;
-                continue;
-            }
-            // SAFETY: gfn < pages (checked above); the receiver is the
-            // replica's only writer and does not write it while `base` lives.
-            let base = unsafe { &*(self.mem.page_ptr(gfn) as *const [u8; PAGE_SIZE]) };
-            let at = self.staging.len();
-            let slot = if class == EpochClass::Seed {
-                &mut *self.scratch
-            } else {
-                // Decode straight into the next staging slot.
-                self.staging.resize(at + PAGE_SIZE, 0);
-                <&mut [u8; PAGE_SIZE]>::try_from(&mut self.staging[at..]).expect("one page")
-            };
-            if let Err(c) = self.decoder.decode(e.kind, e.payload, base, slot) {
-                self.staging.truncate(at);
-                return Err(page_err(c.to_string()));
-            }
-            if class == EpochClass::Seed {
-                // Not a checkpoint: write through (see module docs).
-                self.mem.write_page(gfn, &self.scratch);
-            } else {
-                self.staged.push((gfn, Staged::Page(at)));
-                self.seen[w] |= bit;
-            }
+            // The payload lies inside the record's (a sub-slice of it).
+            let at = e.payload.as_ptr() as usize - rec.payload.as_ptr() as usize;
+            self.entries.push(Entry {
+                gfn,
+                kind: e.kind,
+                at,
+                len: e.payload.len(),
+            });
         }
         self.open.as_mut().expect("open checked").entries = n;
+        self.decoders
+            .decode(class, &self.entries, rec.payload)
+            .map_err(|f| fault(epoch, f))?;
         Ok(Event::None)
     }
 
@@ -444,6 +451,9 @@ impl Receiver {
                 )))
             }
         };
+        // Every page decoded (seed pages written through) before anything
+        // is committed or acknowledged; a fault rejects the epoch whole.
+        self.decoders.finish().map_err(|f| fault(epoch, f))?;
         // Verified whole: commit, disks first (the only step that can fail:
         // an I/O error on the backup's own disk ends the session).
         if state.is_some() {
@@ -453,31 +463,15 @@ impl Receiver {
             }
         }
         if let Some(s) = state {
-            for &(gfn, how) in &self.staged {
-                match how {
-                    Staged::Page(at) => {
-                        let page: &[u8; PAGE_SIZE] = self.staging[at..at + PAGE_SIZE]
-                            .try_into()
-                            .expect("slot is one page");
-                        self.mem.write_page(gfn, page);
-                    }
-                    Staged::Delta { at, len } => {
-                        // SAFETY: gfn < pages (checked on receipt) and the
-                        // receiver is the replica's only writer.
-                        let page =
-                            unsafe { &mut *(self.mem.page_ptr(gfn) as *mut [u8; PAGE_SIZE]) };
-                        let r = Decoder::apply_delta(&self.deltas[at..at + len], page);
-                        debug_assert!(r.is_ok(), "delta validated on receipt failed at commit");
-                    }
-                }
-            }
+            self.decoders.commit();
             self.state = s;
             self.committed = Some(epoch);
-            self.last_pages = self.staged.len() as u64;
+            self.last_pages = self.gfns.len() as u64;
         } else {
             self.seeded = true;
         }
-        self.clear_staging();
+        // The lanes hold nothing now (committed, or the seed written through).
+        self.forget_gfns();
         self.open = None;
         self.next_epoch = epoch + 1;
         Ok(Event::Committed(epoch))
@@ -487,7 +481,7 @@ impl Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{Compressor, Encoder};
+    use crate::codec::{Compressor, Encoder, PageKind};
     use crate::transport::messages::PagesWriter;
     use crate::transport::record::{write_record, RecordReader};
 
@@ -605,6 +599,143 @@ mod tests {
             "a rejected epoch changed the replica"
         );
         assert_eq!(rx.committed(), Some(1));
+    }
+
+    /// Epoch `e` whose entries each carry their own base (what the primary's
+    /// shadow held): `(gfn, new, old)`, in order; `bad` is appended as in
+    /// [`epoch`] but placed first, so the other lanes keep decoding after it.
+    fn epoch_from(e: u64, entries: &[(u64, Page, Page)], bad: Option<(u64, u8, &[u8])>) -> Vec<u8> {
+        let mut v = Vec::new();
+        let class = if e == 0 {
+            EpochClass::Seed
+        } else {
+            EpochClass::Checkpoint
+        };
+        // The seed's pre-copy may send more entries than pages.
+        let dirty = if e == 0 {
+            0
+        } else {
+            entries.len() as u64 + bad.is_some() as u64
+        };
+        write_record(
+            &mut v,
+            RecordKind::EpochBegin,
+            e,
+            &EpochBegin { class, dirty }.encode(),
+        );
+        let mut w = PagesWriter::new(e);
+        if let Some((g, k, payload)) = bad {
+            w.push(&mut v, g, |o| {
+                o.extend_from_slice(payload);
+                Some(k)
+            });
+        }
+        let mut enc = Encoder::new(Compressor::Lz4);
+        for (g, new, old) in entries {
+            w.push(&mut v, *g, |o| Some(enc.encode(new, Some(old), o) as u8));
+        }
+        w.close(&mut v);
+        if e > 0 {
+            write_record(&mut v, RecordKind::State, e, b"st");
+        }
+        let end = EpochEnd {
+            page_entries: w.entries,
+            pages_records: w.records,
+            state_len: if e > 0 { 2 } else { 0 },
+            disk_records: 0,
+        };
+        write_record(&mut v, RecordKind::EpochEnd, e, &end.encode());
+        v
+    }
+
+    type Page = [u8; PAGE_SIZE];
+
+    /// The next epoch's changes to `cur`: small edits, whole random pages
+    /// and zeroed pages over every stripe; returns the entries (new, old).
+    fn churn(cur: &mut [Page], rng: &mut u64, n: usize) -> Vec<(u64, Page, Page)> {
+        let mut next = || {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            *rng
+        };
+        let mut gfns: Vec<u64> = (0..n).map(|_| next() % cur.len() as u64).collect();
+        gfns.sort_unstable();
+        gfns.dedup();
+        gfns.into_iter()
+            .map(|g| {
+                let old = cur[g as usize];
+                let p = &mut cur[g as usize];
+                match next() % 3 {
+                    0 => p[(next() % 4000) as usize..][..16].fill(next() as u8),
+                    1 => p.iter_mut().for_each(|b| *b = next() as u8),
+                    _ => p.fill(0),
+                }
+                (g, *p, old)
+            })
+            .collect()
+    }
+
+    /// Inline and pooled receivers reach the same replica, epoch after
+    /// epoch (a seed resending pages, then checkpoints of deltas, whole and
+    /// zero pages on every lane); a corrupt entry rejects its epoch whole on
+    /// every lane, and the next epoch commits exactly its own pages.
+    #[test]
+    fn decode_lanes_agree_and_a_fault_rejects_the_epoch_whole() {
+        const N: u64 = 700;
+        for lanes in [1, 2, 3] {
+            let mut rx = Receiver::new(N).unwrap().with_decoders(lanes, &[]);
+            assert_eq!(rx.decode_lanes(), lanes);
+            let mut rng = 0x1234_5678_9abc_def1u64;
+            let mut cur = vec![[0u8; PAGE_SIZE]; N as usize];
+            // Seed: every page, then a second round resending some of them.
+            let mut seed: Vec<_> = (0..N)
+                .map(|g| (g, [g as u8; PAGE_SIZE], [0; PAGE_SIZE]))
+                .collect();
+            cur.iter_mut()
+                .enumerate()
+                .for_each(|(g, p)| *p = [g as u8; PAGE_SIZE]);
+            seed.extend(churn(&mut cur, &mut rng, 300));
+            let ev = feed(&mut rx, &epoch_from(0, &seed, None)).unwrap();
+            assert_eq!(ev.last(), Some(&Event::Committed(0)));
+            assert!(image(&rx) == cur.concat(), "{lanes} lanes: seed");
+            for e in 1..=4 {
+                let entries = churn(&mut cur, &mut rng, 250);
+                let ev = feed(&mut rx, &epoch_from(e, &entries, None)).unwrap();
+                assert_eq!(ev.last(), Some(&Event::Committed(e)));
+                assert!(image(&rx) == cur.concat(), "{lanes} lanes: epoch {e}");
+                assert_eq!(rx.last_pages(), entries.len() as u64);
+            }
+            // Epoch 5: many valid pages on every lane, one bad delta first.
+            let before = image(&rx);
+            let mut scratch = cur.clone();
+            let entries: Vec<_> = churn(&mut scratch, &mut rng, 250)
+                .into_iter()
+                .filter(|(g, ..)| *g != 130)
+                .collect();
+            let bad: &[u8] = &[0x80, 0x20, 0x10, 1];
+            let err = feed(
+                &mut rx,
+                &epoch_from(5, &entries, Some((130, PageKind::Delta as u8, bad))),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("page 130"), "{lanes} lanes: {err}");
+            assert_eq!(rx.discard_open(), Some(5));
+            assert!(
+                image(&rx) == before,
+                "{lanes} lanes: a rejected epoch changed the replica"
+            );
+            assert_eq!(rx.committed(), Some(4));
+            // Epoch 5 again, valid: nothing of the rejected one leaks in.
+            let entries = churn(&mut cur, &mut rng, 40);
+            let ev = feed(&mut rx, &epoch_from(5, &entries, None)).unwrap();
+            assert_eq!(ev.last(), Some(&Event::Committed(5)));
+            assert!(
+                image(&rx) == cur.concat(),
+                "{lanes} lanes: epoch 5 after the rejected one"
+            );
+            assert_eq!(rx.last_pages(), entries.len() as u64);
+        }
     }
 
     /// A checkpoint with no pages: `disk` DiskWrites payloads, an end
