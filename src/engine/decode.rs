@@ -77,8 +77,9 @@ unsafe impl Send for Replica {}
 
 impl Replica {
     /// # Safety
-    /// `gfn < pages` and no one else accesses the page meanwhile.
-    unsafe fn page(&self, gfn: u64) -> &mut [u8; PAGE_SIZE] {
+    /// `gfn < pages`, no one else accesses the page while the reference
+    /// lives, and it does not outlive the mapping.
+    unsafe fn page<'a>(self, gfn: u64) -> &'a mut [u8; PAGE_SIZE] {
         debug_assert!(gfn < self.pages);
         // SAFETY: the caller's contract; pages are PAGE_SIZE apart.
         unsafe { &mut *(self.base.add(gfn as usize * PAGE_SIZE) as *mut [u8; PAGE_SIZE]) }
@@ -244,7 +245,7 @@ impl Decoders {
     /// pinned to `cores` round-robin when given.
     pub fn new(mem: &GuestMemory, lanes: usize, cores: &[core_affinity::CoreId]) -> Decoders {
         let mem = Replica {
-            base: mem.as_ptr() as *mut u8,
+            base: mem.as_ptr(),
             pages: mem.pages(),
         };
         if lanes <= 1 {
