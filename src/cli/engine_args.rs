@@ -27,7 +27,8 @@ pub struct EngineArgs {
     /// Encode workers (default: one per core).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub workers: Option<u64>,
-    /// Threads copying dirty pages during the pause (default: one per core).
+    /// Threads harvesting (one stripe of the dirty log each) and copying
+    /// dirty pages during the pause (default: one per core, at most 4).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub copy_threads: Option<u64>,
     /// Do not pin workers to cores.

@@ -2,12 +2,15 @@
 //! receiver.
 //!
 //! Primary threads, each owning its data: `castor-epoch` (timer, pause,
-//! harvest, copy to staging, state save, resume), `castor-copy-N` (help copy
-//! dirty pages during the pause), `castor-enc-N` (encode one shard of the
-//! page range against the shadow copy after resume), `castor-tx` (owns the
+//! harvest, copy to staging, state save, resume), `castor-copy-N` (pinned;
+//! scan their stripe of the dirty log and copy dirty pages during the
+//! pause), `castor-enc-N` (encode one shard of the page range against the
+//! shadow copy after resume), `castor-tx` (owns the
 //! connection's sending half), `castor-ack` (owns the receiving half and the
-//! in-flight table). Backup: one receiver that stages each epoch and applies
-//! it whole at the epoch's end record, plus a heartbeat thread.
+//! in-flight table). Backup: one receiver that checks each record and stages
+//! each epoch, `castor-dec-N` lanes decoding its pages by stripe
+//! (`decode.rs`), the epoch applied whole at its end record; plus a
+//! heartbeat thread.
 
 pub mod accept;
 pub mod activate;

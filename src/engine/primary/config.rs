@@ -22,7 +22,8 @@ pub struct PrimaryConfig {
     pub max_inflight: usize,
     /// Encode workers, each owning a shard of the page range.
     pub workers: usize,
-    /// Threads copying dirty pages during the pause (including the epoch thread).
+    /// Threads harvesting and copying dirty pages during the pause
+    /// (including the epoch thread; see `engine::copy`).
     pub copy_threads: usize,
     pub pin: bool,
     /// With `pin`: the cores workers and copy threads are pinned to, in
