@@ -224,6 +224,10 @@ impl Copy {
 
 // ---- the rig ----
 
+/// One rig at a time: each is a kvm pair, etcd and a client; on a 2-core
+/// machine three at once starve etcd (slow syncs past the lease's TTL).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 struct Rig {
     // Dropped in this order: samplers, processes, etcd, then namespaces.
     taps: [Tap; 2],
@@ -238,6 +242,7 @@ struct Rig {
     backups_started: usize,
     /// The backups' `--heartbeat-timeout`.
     heartbeat: Duration,
+    _one: std::sync::MutexGuard<'static, ()>,
 }
 
 fn repl_ip(side: usize) -> String {
@@ -258,6 +263,7 @@ fn have(tool: &str) -> bool {
 impl Rig {
     /// None (reason printed) when this machine lacks what the test needs.
     fn start(heartbeat: Duration) -> Option<Rig> {
+        let one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         if std::fs::File::open("/dev/kvm").is_err() {
             eprintln!("SKIP: /dev/kvm is not available");
             return None;
@@ -330,6 +336,7 @@ impl Rig {
             backups_started: 0,
             taps,
             heartbeat,
+            _one: one,
         };
         let standby = rig.start_backup(1);
         rig.standby = Some(standby);
@@ -406,9 +413,13 @@ impl Rig {
         self.live.as_mut().expect("a live copy")
     }
 
-    /// Both copies' recent output, for a failure message.
+    /// Both copies' recent output and etcd's complaints, for a failure
+    /// message.
     fn logs(&self) -> String {
-        let mut s = String::new();
+        let mut s = format!(
+            "--- etcd's warnings (last 20):\n{}\n",
+            self.etcd.complaints()
+        );
         for (what, c) in [("live", &self.live), ("standby", &self.standby)] {
             if let Some(c) = c {
                 s.push_str(&format!("--- {what}: {}:\n{}\n", c.name, c.log.tail(80)));
@@ -1190,6 +1201,20 @@ impl Chaos {
         step.reprotected = self.wait_reprotected(from, at, step);
     }
 
+    /// Fails when the live copy has ended (no copy runs the guest).
+    fn check_live_runs(&mut self) {
+        let live = self.rig.live.as_mut().unwrap();
+        if let Some(st) = live.exited() {
+            let why = live
+                .log
+                .find(0, "SELF-FENCED")
+                .map_or(String::new(), |(_, l)| format!(": {l}"));
+            self.fail(&format!(
+                "the live copy ended ({st}){why}: no copy runs the guest"
+            ));
+        }
+    }
+
     /// Waits for the live copy to say it re-protects and then for an
     /// acknowledged checkpoint; returns the time since `at`. A fresh backup
     /// that ends while it is seeded (nothing committed: it has nothing to
@@ -1198,8 +1223,17 @@ impl Chaos {
     fn wait_reprotected(&mut self, from: usize, at: Instant, step: &mut Step) -> Option<Duration> {
         let reprotecting = |l: &str| l.contains("re-protecting");
         let live_log = self.rig.live.as_ref().unwrap().log.clone();
-        let Some((i, _, _)) = live_log.wait_where(from, reprotecting, EVENT) else {
-            self.fail("the live copy did not re-protect with the fresh backup");
+        let t0 = Instant::now();
+        let i = loop {
+            if let Some((i, _, _)) =
+                live_log.wait_where(from, reprotecting, Duration::from_millis(20))
+            {
+                break i;
+            }
+            self.check_live_runs();
+            if t0.elapsed() > EVENT {
+                self.fail("the live copy did not re-protect with the fresh backup");
+            }
         };
         let mut attempts = 1;
         let t0 = Instant::now();
@@ -1207,6 +1241,7 @@ impl Chaos {
             if let Some(t) = live_log.wait_acked(i, Duration::from_millis(20)) {
                 return Some(t.saturating_duration_since(at));
             }
+            self.check_live_runs();
             let sb = self.rig.standby.as_mut().expect("a fresh backup");
             if let Some(st) = sb.exited() {
                 let last = sb.log.tail(3).replace('\n', " / ");

@@ -76,7 +76,15 @@ impl Etcd {
                     .timeout(Duration::from_millis(500))
                     .call();
                 if let Ok(r) = r {
-                    if r.into_string().unwrap_or_default().contains("true") {
+                    // Healthy, and a first write went through: a fresh
+                    // etcd's first disk syncs are slow on a loaded machine,
+                    // longer than a client's per-request deadline.
+                    if r.into_string().unwrap_or_default().contains("true")
+                        && ureq::post(&format!("{}/v3/kv/put", e.url))
+                            .timeout(Duration::from_secs(5))
+                            .send_string(r#"{"key":"d2FybXVw","value":"MQ=="}"#)
+                            .is_ok()
+                    {
                         return true;
                     }
                 }
@@ -98,6 +106,21 @@ impl Etcd {
 }
 
 impl Etcd {
+    /// etcd's own complaints so far (slow disk syncs, slow requests,
+    /// elections, warnings and errors): what a failing test should show.
+    pub fn complaints(&self) -> String {
+        let log = std::fs::read_to_string(self._dir.path().join("etcd.log")).unwrap_or_default();
+        let bad: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                ["\"warn\"", "\"error\"", "took too long", "slow", "election"]
+                    .iter()
+                    .any(|p| l.contains(p))
+            })
+            .collect();
+        bad[bad.len().saturating_sub(20)..].join("\n")
+    }
+
     /// Sends `sig` to the etcd process (SIGSTOP / SIGCONT: an arbiter
     /// that stops answering, then comes back with its state intact).
     pub fn signal(&self, sig: libc::c_int) {
