@@ -137,7 +137,7 @@ pub struct XenDomain {
     mem: GuestMemory,
 }
 
-fn domid_of(xc: &Xc, target: &Target) -> Result<u32> {
+pub(super) fn domid_of(xc: &Xc, target: &Target) -> Result<u32> {
     let name = match target {
         Target::Domid(d) => return Ok(*d),
         Target::Name(n) => n,

@@ -4,7 +4,9 @@
 //! Pieces, one file each: [`spec`] (`xen:domid=N` / `xen:name=NAME`),
 //! [`config`] (the xl config carried to the backup), [`state`] (saved
 //! vCPU/platform state records), [`scan`] (striped dirty-bitmap scan),
-//! [`batch`] (foreign-map planning and the PV p2m), and with the `xen`
+//! [`batch`] (foreign-map planning and the PV p2m), [`replica`] (what the
+//! backup's replica domain is built from), [`xl`] (the toolstack command,
+//! bounded), and with the `xen`
 //! feature: `ffi` (bindgen output), [`sys`] (the checked safe layer),
 //! `map` (guest memory as one foreign mapping), `suspend` (stopping and
 //! resuming the guest), `domain` (the [`Domain`](crate::domain::Domain)
@@ -15,9 +17,11 @@
 
 pub mod batch;
 pub mod config;
+pub mod replica;
 pub mod scan;
 pub mod spec;
 pub mod state;
+pub mod xl;
 
 #[cfg(feature = "xen")]
 mod domain;
