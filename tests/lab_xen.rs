@@ -9,9 +9,12 @@
 //!   suspend (xenstore control/shutdown), harvest, copy, state and fast
 //!   resume, and the replica's digest equals the primary's (it did not
 //!   before the shared-info page, which Xen writes behind log-dirty,
-//!   joined every harvest).
+//!   joined every harvest);
+//! - failover (tools/lab/xen-failover): the backup builds the replica
+//!   domain of a PVH guest at activation after the primary castor is
+//!   SIGKILLed, and the guest's own memory self-check passes there.
 //!
-//! Both skip only when qemu-system-x86_64 is missing. Plus, without the
+//! All skip only when qemu-system-x86_64 is missing. Plus, without the
 //! `xen` feature: what castor says about a `xen:` domain.
 
 mod common;
@@ -97,6 +100,59 @@ fn castor_bench_replicates_a_pvh_domu() {
     assert!(
         stdout.contains("after castor: lab-pvh") && !stdout.contains("left paused"),
         "the guest must run on after castor: {stdout}"
+    );
+}
+
+/// Failover of a real Xen guest (tools/lab/xen-failover): a PVH domU whose
+/// init keeps rewriting memory and checking it against a record in its own
+/// memory, protected by `castor protect` (suspend=xenstore) against
+/// `castor backup --activate` on the same Xen host; the primary castor is
+/// SIGKILLed, the backup fences (destroys the primary domain), builds the
+/// replica domain from the carried config and the last checkpoint, and the
+/// guest runs on there with its self-check passing.
+#[test]
+fn xen_failover_of_a_pvh_domu() {
+    if lab_unavailable() {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let castor = xen_castor().to_str().unwrap().to_string();
+    let res = Command::new(repo().join("tools/lab/xen-failover"))
+        .args(["--castor", &castor, "--timeout", "1500", "--out"])
+        .arg(out.path())
+        .env("FO_EPOCHS", "2")
+        .env("FO_ROUNDS", "3")
+        .current_dir(repo())
+        .output()
+        .expect("running tools/lab/xen-failover");
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    let ctx = || format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(res.status.success(), "{}", ctx());
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.starts_with("xen failover: ok"), "{}", ctx());
+    // "rounds A..B (primary at R)": the activated guest resumed at or
+    // before the primary's last round (the checkpoint is never ahead of
+    // the primary) and ran on for several rounds, each one checked.
+    let nums = |after: &str| -> Vec<u64> {
+        let rest = &last[last.find(after).unwrap_or_else(|| panic!("{after}: {}", ctx())) + after.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .take(3)
+            .map(|s| s.parse().unwrap())
+            .collect()
+    };
+    let r = nums("rounds ");
+    let (first, lastr, primary) = (r[0], r[1], r[2]);
+    assert!(first >= 1 && first <= primary + 1, "{}", ctx());
+    assert!(lastr >= first + 2, "{}", ctx());
+    assert!(last.contains("self-check passed"), "{}", ctx());
+    let console = std::fs::read_to_string(out.path().join("console-activated.log")).unwrap();
+    assert!(!console.contains("FAIL"), "{console}");
+    assert!(
+        stdout.contains("castor: xen replica \"lab-fo\" is domain"),
+        "the backup did not build the replica domain: {}",
+        ctx()
     );
 }
 

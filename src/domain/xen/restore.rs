@@ -100,6 +100,7 @@ pub fn restore(
         return Err(e.into());
     }
     let loaded = t1.elapsed();
+    let pages = memory.pages();
     drop(memory);
     let live = XenSpec {
         target: Target::Domid(domid),
@@ -109,7 +110,7 @@ pub fn restore(
         cfg: None,
         ..spec.clone()
     };
-    let domain = match XenDomain::open(&live) {
+    let domain = match XenDomain::open_sized(&live, Some(pages)) {
         // open's own pause holds the guest; drop the one `xl create -p` left.
         Ok(d) => xc.unpause(domid).map(|()| d),
         Err(e) => {

@@ -50,7 +50,7 @@ pub enum StateError {
     Version(u16),
     #[error("xen state: unknown flags {0:#x}")]
     Flags(u16),
-    #[error("xen state: guest width {0} is not 4 or 8")]
+    #[error("xen state: guest width {0} is not 4 or 8 (or 0 for HVM)")]
     Width(u32),
     #[error("xen state: unknown record tag {tag} at byte {at}")]
     Tag { tag: u16, at: usize },
@@ -129,7 +129,9 @@ impl XenState {
             return Err(StateError::Flags(flags));
         }
         let guest_width = r.u32("guest width")?;
-        if guest_width != 4 && guest_width != 8 {
+        // HVM/PVH: Xen reports 0 (the guest's mode is in the HVM context).
+        let hvm_zero = flags & FLAG_HVM != 0 && guest_width == 0;
+        if guest_width != 4 && guest_width != 8 && !hvm_zero {
             return Err(StateError::Width(guest_width));
         }
         let mut st = XenState {
@@ -314,9 +316,19 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for s in [pv(), hvm()] {
+        // Xen reports a guest width of 0 for a PVH guest (seen in the lab).
+        let pvh = XenState {
+            guest_width: 0,
+            ..hvm()
+        };
+        for s in [pv(), hvm(), pvh] {
             assert_eq!(XenState::decode(&enc(&s)).unwrap(), s);
         }
+        let pv0 = XenState {
+            guest_width: 0,
+            ..pv()
+        };
+        assert_eq!(XenState::decode(&enc(&pv0)), Err(StateError::Width(0)));
     }
 
     #[test]
