@@ -135,7 +135,10 @@ fn xen_failover_of_a_pvh_domu() {
     // before the primary's last round (the checkpoint is never ahead of
     // the primary) and ran on for several rounds, each one checked.
     let nums = |after: &str| -> Vec<u64> {
-        let rest = &last[last.find(after).unwrap_or_else(|| panic!("{after}: {}", ctx())) + after.len()..];
+        let rest = &last[last
+            .find(after)
+            .unwrap_or_else(|| panic!("{after}: {}", ctx()))
+            + after.len()..];
         rest.split(|c: char| !c.is_ascii_digit())
             .filter(|s| !s.is_empty())
             .take(3)
