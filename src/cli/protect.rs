@@ -190,7 +190,7 @@ fn win_arbiter(a: &ProtectArgs) -> Result<Option<Won>, String> {
             ))
         }
     };
-    match arb.try_acquire().map_err(|e| format!("arbiter: {e}"))? {
+    match first_answer(arb.as_mut()).map_err(|e| format!("arbiter: {e}"))? {
         Some(t) => {
             eprintln!(
                 "castor protect: arbiter {} won (fencing token {t}); held while this primary runs",
@@ -209,6 +209,30 @@ fn win_arbiter(a: &ProtectArgs) -> Result<Option<Won>, String> {
                 arb.describe()
             );
             Ok(None)
+        }
+    }
+}
+
+/// How long a starting primary retries an arbiter it cannot reach (a
+/// freshly started or briefly overloaded etcd) before it gives up.
+const START_PATIENCE: Duration = Duration::from_secs(10);
+
+/// One campaign attempt that counts: an unreachable arbiter is asked
+/// again for up to [`START_PATIENCE`]; "held" is an answer at once.
+fn first_answer(
+    arb: &mut dyn Arbiter,
+) -> Result<Option<castor::ha::arbiter::FencingToken>, castor::ha::arbiter::ArbiterError> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match arb.try_acquire() {
+            Err(e) if e.is_unreachable() && t0.elapsed() < START_PATIENCE => {
+                eprintln!(
+                    "castor protect: arbiter {}: {e}; asking again",
+                    arb.describe()
+                );
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            r => return r,
         }
     }
 }
