@@ -58,14 +58,19 @@ pub enum StreamError {
     },
 }
 
-/// Lanes a receiver of `pages` pages decodes on by default: one per core
-/// (at most 4) for guests of 64 MiB or more, else the receiving thread alone
-/// (a small guest's epochs are not worth a hand-over).
+/// Lanes a receiver of `pages` pages decodes on by default: half the cores
+/// (at most 4) on hosts of 4 cores or more, for guests of 64 MiB or more;
+/// else the receiving thread alone. A lane pool costs more CPU in all
+/// (payload copies, hand-offs: about +20 % per epoch in `cargo bench
+/// --bench decode`) for a shorter critical path, which pays only when the
+/// lanes have cores of their own; on 2 cores shared with the receiving
+/// thread (and in `castor bench`, with the primary) it does not.
 pub fn default_lanes(pages: u64) -> usize {
-    if pages < 16384 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if pages < 16384 || cores < 4 {
         return 1;
     }
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    (cores / 2).min(4)
 }
 
 fn fault(epoch: u64, f: PageFault) -> StreamError {
