@@ -143,6 +143,10 @@ pub fn run(a: BackupArgs) -> Result<ExitCode, String> {
     check_dev_key(&psk, "--listen", &a.listen)?;
     a.transport.check_available()?;
     let _ops = ops::start(&a.metrics, castor::ops::telemetry::Role::Backup, "backup")?;
+    // A backup killed while applying an epoch to its disks left them half
+    // way: put them back to the epoch before, before anything reads them.
+    castor::disk::session::recover_disks(&a.state_dir.join("disks"))
+        .map_err(|e| format!("--state-dir {}: {e}", a.state_dir.display()))?;
     if a.from_saved {
         return activate_saved(&a, psk);
     }

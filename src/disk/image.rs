@@ -99,6 +99,11 @@ impl DiskImage {
         &self.path
     }
 
+    /// The open file (for in-kernel copies of ranges this image checked).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     fn io(&self, op: &'static str) -> impl FnOnce(io::Error) -> ImageError + '_ {
         move |source| ImageError::Io {
             op,

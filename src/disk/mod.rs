@@ -17,6 +17,8 @@
 //! - [`wire`]: the `DiskWrites` payload, bounds-checked.
 //! - [`frame`]: a checkpoint's `DiskWrites` records as pieces for a vectored send.
 //! - [`stage`]: the backup's staging and commit.
+//! - [`undo`]: the backup's undo journal (an epoch's apply is all or nothing).
+//! - [`fault`]: FOR TESTS ONLY, a device fault injected into the apply.
 //! - [`nbd`]: the NBD server that exposes a [`log::WriteLog`] to any client.
 //! - [`session`]: a session's disk set on each side, the `Disks` announcement.
 //! - [`spec`]: `--disk NAME=PATH,nbd=ADDR` and serving such disks.
@@ -30,6 +32,7 @@
 pub mod activate;
 pub mod addr;
 pub mod coalesce;
+pub mod fault;
 pub mod fence;
 pub mod frame;
 pub mod image;
@@ -38,6 +41,7 @@ pub mod nbd;
 pub mod session;
 pub mod spec;
 pub mod stage;
+pub mod undo;
 pub mod wire;
 
 pub use addr::NbdAddr;

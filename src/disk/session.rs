@@ -25,9 +25,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::fault::Fault;
 use super::image::{DiskImage, ImageError};
 use super::log::{EpochOps, WriteLog};
 use super::stage::{Applied, StageError, Staging};
+use super::undo::{recover, Recovered, Undo, UndoError};
 use super::wire::{self, OpRef};
 use crate::transport::record::{Cursor, PayloadError};
 
@@ -53,6 +55,36 @@ pub enum SessionError {
     Stage(#[from] StageError),
     #[error(transparent)]
     Wire(#[from] wire::DiskWireError),
+    #[error("rolling back the replica disks' last, half-applied epoch: {0}")]
+    Undo(#[from] UndoError),
+}
+
+/// Rolls back an apply a stopped backup left half done in `dir` (the
+/// replica's `disks/`), saying so; see [`super::undo`].
+pub fn recover_disks(dir: &Path) -> Result<Recovered, SessionError> {
+    let r = recover(dir)?;
+    report_recovery(dir, r.clone());
+    Ok(r)
+}
+
+fn report_recovery(dir: &Path, r: Recovered) {
+    match r {
+        Recovered::Nothing => {}
+        Recovered::RolledBack {
+            epoch,
+            ranges,
+            bytes,
+        } => eprintln!(
+            "castor backup: the disks in {} were half way through epoch {epoch}: rolled back ({ranges} ranges, {bytes} bytes of old data); they are at epoch {} again",
+            dir.display(),
+            epoch - 1
+        ),
+        Recovered::Untrusted { epoch } => eprintln!(
+            "castor backup: WARNING: the disks in {} were half way through epoch {epoch} (an epoch without a flush) when this host restarted; its undo journal was not synced, so they may mix epochs {} and {epoch}",
+            dir.display(),
+            epoch - 1
+        ),
+    }
 }
 
 /// A disk as announced: name and size.
@@ -271,12 +303,27 @@ pub struct BackupDisks {
     images: Vec<DiskImage>,
     sizes: Vec<u64>,
     staging: Staging,
+    /// The undo journal of commits after the first ([`super::undo`]).
+    undo: Undo,
     promoted: bool,
 }
 
 impl BackupDisks {
-    /// Creates fresh, all-zero images for `specs` (the seed fills them).
+    /// Creates fresh, all-zero images for `specs` (the seed fills them),
+    /// first rolling back an apply a stopped backup left half done.
     pub fn create(state_dir: &Path, specs: Vec<DiskSpec>) -> Result<BackupDisks, SessionError> {
+        let dir = state_dir.join("disks");
+        std::fs::create_dir_all(&dir).map_err(|source| {
+            SessionError::Image(ImageError::Io {
+                op: "creating the directory of",
+                path: dir.clone(),
+                source,
+            })
+        })?;
+        recover_disks(&dir)?;
+        let fault = Fault::from_env().map_err(SessionError::Invalid)?;
+        let names = specs.iter().map(|s| format!("{}.img", s.name)).collect();
+        let undo = Undo::create(&dir, names)?;
         let mut images = Vec::with_capacity(specs.len());
         for s in &specs {
             images.push(DiskImage::create(
@@ -284,13 +331,13 @@ impl BackupDisks {
                 s.size,
             )?);
         }
-        let dir = state_dir.join("disks");
         Ok(BackupDisks {
             state_dir: state_dir.to_path_buf(),
             sizes: specs.iter().map(|s| s.size).collect(),
             specs,
             images,
-            staging: Staging::new(STAGE_MEMORY, &dir),
+            staging: Staging::new(STAGE_MEMORY, &dir).with_fault(fault),
+            undo,
             promoted: false,
         })
     }
@@ -336,11 +383,14 @@ impl BackupDisks {
         self.staging.records()
     }
 
-    /// Applies the open epoch's writes (at its commit, before the ack);
-    /// the first commit also moves the images to their final names.
-    pub fn commit(&mut self) -> Result<Applied, SessionError> {
+    /// Applies the open epoch `epoch`'s writes (at its commit, before the
+    /// ack), all or nothing; the first commit also moves the images to
+    /// their final names (until then they replace nothing, so they need
+    /// no undo journal).
+    pub fn commit(&mut self, epoch: u64) -> Result<Applied, SessionError> {
         let imgs: Vec<&DiskImage> = self.images.iter().collect();
-        let applied = self.staging.commit(&imgs)?;
+        let undo = self.promoted.then_some(&mut self.undo);
+        let applied = self.staging.commit(&imgs, undo, epoch)?;
         if !self.promoted {
             for (img, s) in self.images.iter_mut().zip(&self.specs) {
                 img.sync()?;
@@ -466,7 +516,7 @@ mod tests {
         );
         let before = std::fs::read(seeding_path(state.path(), "data")).unwrap();
         assert_eq!(&before[12_000..12_010], &[1; 10], "staged, not yet applied");
-        let a = back.commit().unwrap();
+        let a = back.commit(1).unwrap();
         assert!(a.synced, "the FUA write asks for a flush");
         let p = std::fs::read(dir.path().join("p.img")).unwrap();
         let b = std::fs::read(replica_disk_path(state.path(), "data")).unwrap();

@@ -18,7 +18,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::fault::Fault;
 use super::image::{DiskImage, ImageError};
+use super::undo::{Undo, UndoError};
 use super::wire::{parse, DiskWireError, OpRef};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,20 @@ pub enum StageError {
     Apply(#[from] ImageError),
     #[error("staged disk write names disk {disk}, but {disks} image(s) are open")]
     NoImage { disk: u16, disks: usize },
+    #[error("saving the old disk contents before epoch {0}")]
+    Undo(#[from] UndoError),
+    #[error("applying epoch {epoch}'s disk writes failed and they were rolled back (the replica disks stay at the epoch before): {source}")]
+    RolledBack {
+        epoch: u64,
+        #[source]
+        source: Box<StageError>,
+    },
+    #[error("applying epoch {epoch}'s disk writes failed ({apply}) and rolling them back failed too: {rollback}; the undo journal stays sealed, the next start of the backup rolls it back")]
+    NotRolledBack {
+        epoch: u64,
+        apply: Box<StageError>,
+        rollback: UndoError,
+    },
 }
 
 /// What one commit applied.
@@ -57,8 +73,8 @@ pub struct Staging {
     spilled: u64,
     records: u32,
     flush: bool,
-    /// Reused to read spilled payloads back.
-    scratch: Vec<u8>,
+    /// FOR TESTS ONLY: an injected device fault ([`super::fault`]).
+    fault: Fault,
 }
 
 impl Staging {
@@ -72,8 +88,14 @@ impl Staging {
             spilled: 0,
             records: 0,
             flush: false,
-            scratch: Vec::new(),
+            fault: Fault::default(),
         }
+    }
+
+    /// Injects `fault` into later commits (tests only).
+    pub fn with_fault(mut self, fault: Fault) -> Staging {
+        self.fault = fault;
+        self
     }
 
     /// `DiskWrites` records staged in the open epoch.
@@ -122,56 +144,105 @@ impl Staging {
         Ok(())
     }
 
-    /// Applies the open epoch's writes to `images` (indexed by disk), in
-    /// order, syncing them if the epoch carried a flush; then forgets them.
+    /// Applies the open epoch (`epoch`)'s writes to `images` (indexed by
+    /// disk), in order, syncing them if the epoch carried a flush; then
+    /// forgets them.
     ///
-    /// All or nothing against a full disk: a first pass reserves the
-    /// blocks of every write ([`DiskImage::reserve`]), so a backup short
-    /// of space fails before any byte of the epoch reaches an image and
-    /// the replica stays at the last committed epoch. (An I/O error of the
-    /// device itself during the second pass can still leave the epoch
-    /// partly applied; the session then ends with that error.)
-    pub fn commit(&mut self, images: &[&DiskImage]) -> Result<Applied, StageError> {
+    /// All or nothing: with an `undo` journal the old contents of every
+    /// range are saved and sealed first, and an error while applying puts
+    /// them back ([`StageError::RolledBack`]). Without one (the seeding
+    /// images before their first commit, which replace nothing until it
+    /// succeeds) only the space is reserved first ([`DiskImage::reserve`]),
+    /// so a full disk fails before any byte of the epoch lands.
+    pub fn commit(
+        &mut self,
+        images: &[&DiskImage],
+        undo: Option<&mut Undo>,
+        epoch: u64,
+    ) -> Result<Applied, StageError> {
         let sizes: Vec<u64> = images.iter().map(|i| i.size()).collect();
-        self.each_payload(|p| reserve(p, &sizes, images))?;
+        let mut undo = undo;
+        if let Some(u) = undo.as_deref_mut() {
+            let mut ops = 0;
+            let flush = self.flush;
+            let saved = self
+                .each_payload(|p| save_old(p, &sizes, images, u, &mut ops))
+                .and_then(|()| Ok(u.seal(epoch, flush)?));
+            if let Err(e) = saved {
+                let _ = u.clear();
+                return Err(e);
+            }
+            self.fault.arm(epoch, ops, images);
+        }
         let mut applied = Applied::default();
-        self.each_payload(|p| apply(p, &sizes, images, &mut applied))?;
+        let mut fault = std::mem::take(&mut self.fault);
+        let r = self
+            .each_payload(|p| reserve(p, &sizes, images))
+            .and_then(|()| {
+                self.each_payload(|p| apply(p, &sizes, images, &mut applied, &mut fault))
+            })
+            .and_then(|()| self.sync_if_flushed(images, &mut applied));
+        self.fault = fault;
+        match (r, undo) {
+            (Ok(()), Some(u)) => u.clear()?,
+            (Ok(()), None) => {}
+            (Err(e), None) => return Err(e),
+            (Err(e), Some(u)) => {
+                return Err(match u.roll_back(images) {
+                    Ok(()) => StageError::RolledBack {
+                        epoch,
+                        source: Box::new(e),
+                    },
+                    Err(rollback) => StageError::NotRolledBack {
+                        epoch,
+                        apply: Box::new(e),
+                        rollback,
+                    },
+                })
+            }
+        }
+        self.discard();
+        Ok(applied)
+    }
+
+    fn sync_if_flushed(
+        &self,
+        images: &[&DiskImage],
+        applied: &mut Applied,
+    ) -> Result<(), StageError> {
         if self.flush {
             for img in images {
                 img.sync()?;
             }
             applied.synced = true;
         }
-        self.discard();
-        Ok(applied)
+        Ok(())
     }
 
     /// Calls `f` with every staged payload, in staging order.
     fn each_payload(
-        &mut self,
+        &self,
         mut f: impl FnMut(&[u8]) -> Result<(), StageError>,
     ) -> Result<(), StageError> {
-        let mem = std::mem::take(&mut self.mem);
         let mut at = 0;
-        let mut r = Ok(());
-        while at < mem.len() && r.is_ok() {
-            let len = u32::from_le_bytes(mem[at..at + 4].try_into().expect("4 bytes")) as usize;
-            r = f(&mem[at + 4..at + 4 + len]);
+        while at < self.mem.len() {
+            let len =
+                u32::from_le_bytes(self.mem[at..at + 4].try_into().expect("4 bytes")) as usize;
+            f(&self.mem[at + 4..at + 4 + len])?;
             at += 4 + len;
         }
-        self.mem = mem;
-        r?;
         let mut pos = 0;
+        let mut scratch = Vec::new();
         while pos < self.spilled {
             let mut len = [0u8; 4];
             let f_ = self.spill.as_ref().expect("spilled bytes live in the file");
             f_.read_exact_at(&mut len, pos)
                 .map_err(self.spill_err("reading"))?;
-            self.scratch.resize(u32::from_le_bytes(len) as usize, 0);
-            f_.read_exact_at(&mut self.scratch, pos + 4)
+            scratch.resize(u32::from_le_bytes(len) as usize, 0);
+            f_.read_exact_at(&mut scratch, pos + 4)
                 .map_err(self.spill_err("reading"))?;
-            f(&self.scratch)?;
-            pos += 4 + self.scratch.len() as u64;
+            f(&scratch)?;
+            pos += 4 + scratch.len() as u64;
         }
         Ok(())
     }
@@ -197,22 +268,42 @@ fn target<'a, 'i>(
     payload: &'a [u8],
     sizes: &[u64],
     images: &[&'i DiskImage],
-) -> Result<(&'i DiskImage, Vec<OpRef<'a>>), StageError> {
+) -> Result<(u16, &'i DiskImage, Vec<OpRef<'a>>), StageError> {
     let (disk, ops) = parse(payload, sizes)?;
     let img = images.get(disk as usize).ok_or(StageError::NoImage {
         disk,
         disks: images.len(),
     })?;
-    Ok((img, ops))
+    Ok((disk, img, ops))
 }
 
 /// Reserves the blocks every write of `payload` will fill.
 fn reserve(payload: &[u8], sizes: &[u64], images: &[&DiskImage]) -> Result<(), StageError> {
-    let (img, ops) = target(payload, sizes, images)?;
+    let (_, img, ops) = target(payload, sizes, images)?;
     for op in ops {
         if let OpRef::Write { offset, data } = op {
             img.reserve(offset, data.len() as u64)?;
         }
+    }
+    Ok(())
+}
+
+/// Saves the old contents of every range `payload` changes into `undo`.
+fn save_old(
+    payload: &[u8],
+    sizes: &[u64],
+    images: &[&DiskImage],
+    undo: &mut Undo,
+    ops: &mut u64,
+) -> Result<(), StageError> {
+    let (disk, img, list) = target(payload, sizes, images)?;
+    for op in list {
+        match op {
+            OpRef::Write { offset, data } => undo.save(disk, img, offset, data.len() as u64)?,
+            OpRef::Zero { offset, len } => undo.save(disk, img, offset, len)?,
+            OpRef::Flush => {}
+        }
+        *ops += 1;
     }
     Ok(())
 }
@@ -222,9 +313,11 @@ fn apply(
     sizes: &[u64],
     images: &[&DiskImage],
     applied: &mut Applied,
+    fault: &mut Fault,
 ) -> Result<(), StageError> {
-    let (img, ops) = target(payload, sizes, images)?;
+    let (_, img, ops) = target(payload, sizes, images)?;
     for op in ops {
+        fault.before_op(applied.ops, img)?;
         match op {
             OpRef::Write { offset, data } => {
                 img.write_at(data, offset)?;
@@ -306,12 +399,64 @@ mod tests {
             .unwrap();
         st.stage(&payload(0, &[w(2 << 20, 2, 1 << 20)]), &sizes)
             .unwrap();
-        let e = st.commit(&[&img]).unwrap_err().to_string();
+        let e = st.commit(&[&img], None, 1).unwrap_err().to_string();
         assert!(e.contains("reserving space") && e.contains("d.img"), "{e}");
         assert!(
             read(&img).iter().all(|&b| b == 0),
             "no byte of the epoch reached the image"
         );
+    }
+
+    /// Two disks with data, holes and an epoch that writes over data,
+    /// into a hole, zeroes and trims, across both.
+    fn busy_epoch(st: &mut Staging, sizes: &[u64]) {
+        st.stage(&payload(0, &[w(4096, 7, 8192), w(60 << 10, 8, 100)]), sizes)
+            .unwrap();
+        let zero = DiskOp::Zero {
+            offset: 0,
+            len: 300,
+        };
+        let trim = DiskOp::Trim {
+            offset: 16384,
+            len: 8192,
+        };
+        st.stage(&payload(1, &[zero, w(5000, 9, 10_000), trim]), sizes)
+            .unwrap();
+        st.stage(&payload(0, &[w(4000, 6, 200)]), sizes).unwrap();
+    }
+
+    #[test]
+    fn an_io_error_mid_apply_rolls_the_epoch_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskImage::create(&dir.path().join("a.img"), 64 << 10).unwrap();
+        let b = DiskImage::create(&dir.path().join("b.img"), 32 << 10).unwrap();
+        a.write_at(&[1; 20_000], 0).unwrap();
+        b.write_at(&[2; 32 << 10], 0).unwrap();
+        let before = (read(&a), read(&b));
+        let sizes = [a.size(), b.size()];
+        let mut undo = Undo::create(dir.path(), vec!["a.img".into(), "b.img".into()]).unwrap();
+        let mut st = Staging::new(64 << 20, dir.path()).with_fault(Fault::eio_at(1));
+        busy_epoch(&mut st, &sizes);
+        let e = st.commit(&[&a, &b], Some(&mut undo), 7).unwrap_err();
+        assert!(matches!(e, StageError::RolledBack { epoch: 7, .. }), "{e}");
+        assert!(e.to_string().contains("injected"), "{e}");
+        assert!(
+            (read(&a), read(&b)) == before,
+            "the disks are exactly as before epoch 7"
+        );
+        assert_eq!(
+            crate::disk::undo::recover(dir.path()).unwrap(),
+            crate::disk::undo::Recovered::Nothing,
+            "the journal is cleared after the roll back"
+        );
+        // The fault fired once: the same epoch, received again, applies.
+        st.discard();
+        busy_epoch(&mut st, &sizes);
+        let got = st.commit(&[&a, &b], Some(&mut undo), 7).unwrap();
+        assert_eq!(got.ops, 6);
+        let ra = read(&a);
+        assert!(ra[4000..4200].iter().all(|&x| x == 6) && ra[4200..12288].iter().all(|&x| x == 7));
+        assert!(read(&b)[..300].iter().all(|&x| x == 0));
     }
 
     #[test]
@@ -329,7 +474,7 @@ mod tests {
         assert!(s.spilled() > 0, "the bound forced a spill");
         assert_eq!(s.records(), 3);
         assert!(read(&a).iter().all(|&x| x == 0), "staged, not applied");
-        let got = s.commit(&[&a, &b]).unwrap();
+        let got = s.commit(&[&a, &b], None, 1).unwrap();
         assert_eq!(
             got,
             Applied {
@@ -356,7 +501,7 @@ mod tests {
         assert_eq!(s.records(), 0);
         s.stage(&payload(0, &[w(0, 7, 10)]), &[a.size()]).unwrap();
         s.discard();
-        let got = s.commit(&[&a]).unwrap();
+        let got = s.commit(&[&a], None, 1).unwrap();
         assert_eq!(got, Applied::default());
         assert!(read(&a).iter().all(|&x| x == 0));
     }
@@ -378,7 +523,7 @@ mod tests {
             ],
         );
         s.stage(&p, &[8192]).unwrap();
-        let got = s.commit(&[&a]).unwrap();
+        let got = s.commit(&[&a], None, 1).unwrap();
         assert!(!got.synced, "no flush in the epoch");
         let r = read(&a);
         assert!(r[..10].iter().all(|&x| x == 0));

@@ -43,6 +43,8 @@ pub enum BackupError {
     Alloc(#[from] crate::domain::DomainError),
     #[error("saving the replica: {0}")]
     Save(#[from] ReplicaError),
+    #[error("the replica disks are not at a committed epoch, nothing saved: {0}")]
+    Disks(#[from] crate::disk::session::SessionError),
 }
 
 #[derive(Debug, Clone)]
@@ -491,6 +493,11 @@ fn save(
         // SAFETY: the receiver is the replica's only writer and it is idle.
         let mem = unsafe { rx.memory().as_slice() };
         let disks = rx.disks().map(|d| d.specs().to_vec()).unwrap_or_default();
+        if !disks.is_empty() {
+            // An apply whose roll back failed left its journal sealed: the
+            // disks are put back (or the save refused) before they are copied.
+            crate::disk::session::recover_disks(&cfg.state_dir.join("disks"))?;
+        }
         let meta = replica::save_with_disks(
             &cfg.state_dir,
             mem,

@@ -463,7 +463,7 @@ impl Receiver {
         // an I/O error on the backup's own disk ends the session).
         if state.is_some() {
             if let Some(d) = &mut self.disks {
-                d.commit()
+                d.commit(epoch)
                     .map_err(|source| StreamError::Disk { epoch, source })?;
             }
         }
