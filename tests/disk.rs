@@ -216,6 +216,161 @@ fn sigkill_while_a_client_writes_leaves_a_prefix_of_its_writes() {
     }
 }
 
+/// A protected disk whose backup runs with `CASTOR_TEST_DISK_FAULT=fault`
+/// and a client writing the trial pattern; returns once the backup's
+/// apply has reached the fault: the faulted epoch and BLAKE3 of the disk
+/// before it (from the backup's `TEST FAULT` line).
+struct Faulted {
+    dir: tempfile::TempDir,
+    backup: Backup,
+    err: common::lines::Lines,
+    primary: Reaped,
+    stop: Arc<AtomicU64>,
+    client: std::thread::JoinHandle<()>,
+    epoch: u64,
+    before: String,
+}
+
+impl Faulted {
+    fn start(fault: &str) -> Faulted {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.img");
+        image(&path, (BLOCKS * 4096) as usize, |_| 0);
+        let mut cmd = castor();
+        cmd.env("CASTOR_TEST_DISK_FAULT", fault);
+        let mut backup = Backup::start_cmd(cmd, &dir.path().join("replica"), SLACK, KEY);
+        let err = common::lines::Lines::watch(backup.child.stderr.take().unwrap());
+        let port = free_port();
+        let disk = format!("data={},nbd=127.0.0.1:{port}", path.display());
+        let primary = protect_flowing_with(SIM, &backup.addr, "25ms", &["--disk", &disk]);
+        let stop = Arc::new(AtomicU64::new(0));
+        let client = {
+            let (stop, addr) = (stop.clone(), format!("127.0.0.1:{port}"));
+            std::thread::spawn(move || {
+                let mut c = Nbd::connect(&addr, "data").unwrap();
+                for i in 0.. {
+                    let (off, d) = nth_write(i);
+                    if stop.load(Ordering::SeqCst) != 0 || !matches!(c.write(off, &d), Ok(0)) {
+                        return;
+                    }
+                }
+            })
+        };
+        let line = err.wait_for("TEST FAULT", Duration::from_secs(120));
+        let epoch = line
+            .split("applying epoch ")
+            .nth(1)
+            .and_then(|r| r.split(';').next())
+            .and_then(|e| e.parse().ok())
+            .unwrap_or_else(|| panic!("no epoch in {line:?}"));
+        let before = line.rsplit(' ').next().unwrap().to_string();
+        Faulted {
+            dir,
+            backup,
+            err,
+            primary,
+            stop,
+            client,
+            epoch,
+            before,
+        }
+    }
+
+    fn replica(&self) -> std::path::PathBuf {
+        self.dir.path().join("replica")
+    }
+
+    /// Stops the client and kills the primary.
+    fn stop_writing(self) -> (tempfile::TempDir, Backup, common::lines::Lines, u64, String) {
+        self.stop.store(1, Ordering::SeqCst);
+        drop(self.primary); // SIGKILL: the client's next request fails
+        self.client.join().unwrap();
+        (self.dir, self.backup, self.err, self.epoch, self.before)
+    }
+}
+
+fn blake3_of(p: &Path) -> String {
+    blake3::hash(&std::fs::read(p).unwrap())
+        .to_hex()
+        .to_string()
+}
+
+/// Whether `disk` is the disk after some prefix of the trial client's writes.
+fn is_prefix(disk: &[u8]) -> bool {
+    (0..100_000).any(|k| after(k) == disk)
+}
+
+#[test]
+fn an_io_error_mid_apply_leaves_the_backups_disk_at_the_epoch_before() {
+    if sim_unavailable() {
+        return;
+    }
+    let f = Faulted::start("eio@3");
+    f.err.wait_for("rolled back", Duration::from_secs(60));
+    let replica = f.replica();
+    let (_dir, mut b, err, epoch, before) = f.stop_writing();
+    let st = wait_deadline(&mut b.child, EXIT_PATIENCE).expect("backup exits");
+    let text = err.text();
+    assert_eq!(
+        st.code(),
+        Some(2),
+        "the session ends with the error:\n{text}"
+    );
+    let m = meta(&replica).unwrap_or_else(|| panic!("nothing saved:\n{text}"));
+    assert_eq!(
+        m.epoch,
+        epoch - 1,
+        "the replica stays at the epoch before:\n{text}"
+    );
+    for d in [
+        replica.join("disks/data.img"),
+        replica.join("current/disks/data.img"),
+    ] {
+        assert_eq!(
+            blake3_of(&d),
+            before,
+            "{} is not the disk before epoch {epoch}",
+            d.display()
+        );
+    }
+    assert!(is_prefix(
+        &std::fs::read(replica.join("disks/data.img")).unwrap()
+    ));
+    assert_eq!(
+        m.digest,
+        replica_digest(&replica),
+        "files disagree with meta"
+    );
+}
+
+#[test]
+fn a_backup_killed_mid_apply_rolls_its_disk_back_at_restart() {
+    if sim_unavailable() {
+        return;
+    }
+    let f = Faulted::start("stall@3");
+    f.err.wait_for("stalled mid-apply", Duration::from_secs(60));
+    let replica = f.replica();
+    let disk = replica.join("disks/data.img");
+    assert_ne!(
+        blake3_of(&disk),
+        f.before,
+        "the apply stopped half way: its first write landed"
+    );
+    let (_dir, b, _err, epoch, before) = f.stop_writing();
+    drop(b); // SIGKILL, mid-apply
+    let mut b = Backup::start_with(&replica, SLACK, KEY);
+    assert_eq!(blake3_of(&disk), before, "rolled back before listening");
+    assert!(is_prefix(&std::fs::read(&disk).unwrap()));
+    let err = drain(b.child.stderr.take().unwrap());
+    drop(b); // SIGKILL
+    let text = err.take();
+    assert!(
+        text.contains(&format!("half way through epoch {epoch}: rolled back")),
+        "{text}"
+    );
+}
+
 #[test]
 fn the_sim_disk_workload_is_covered_by_the_digest_at_each_epoch() {
     if sim_unavailable() {

@@ -6,7 +6,8 @@
 //! replica disks are created: the `N`-th commit (`N >= 1`, counting those
 //! after the first checkpoint) whose epoch carries at least two disk
 //! operations fails its second operation's write with `EIO` (once), or
-//! stops before it for good (a test then kills the backup). Either first
+//! stops before it for good, saying `stalled` (a test then kills the
+//! backup). Either first
 //! prints `TEST FAULT: … epoch E … disks before it: HEX`, HEX being BLAKE3
 //! over the replica images' bytes before the apply, so a test can check
 //! that what is left is exactly the disks before the epoch.
@@ -87,9 +88,12 @@ impl Fault {
         }
         self.armed = false;
         match self.plan.map(|p| p.0) {
-            Some(Mode::Stall) => loop {
-                std::thread::park();
-            },
+            Some(Mode::Stall) => {
+                eprintln!("castor backup: TEST FAULT: stalled mid-apply (operation 1 applied)");
+                loop {
+                    std::thread::park();
+                }
+            }
             _ => Err(ImageError::Io {
                 op: "writing (injected test fault)",
                 path: img.path().to_path_buf(),

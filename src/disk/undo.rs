@@ -151,7 +151,7 @@ impl Undo {
         len: u64,
     ) -> Result<(), UndoError> {
         img.check(offset, len)?;
-        let hole = img.next_data(offset)?.is_none_or(|d| d >= offset + len);
+        let hole = !img.next_data(offset)?.is_some_and(|d| d < offset + len);
         let data_at = if hole {
             None
         } else {
