@@ -3,8 +3,8 @@
 //!
 //! Before a commit overwrites a byte of a replica disk, the old contents of
 //! every range the epoch writes, zeroes or trims are copied into
-//! `STATE_DIR/disks/.undo` (in the kernel: `copy_file_range`; a range that
-//! is a hole is recorded as one, without data), and the journal is sealed
+//! `STATE_DIR/disks/.undo` (in the kernel: `copy_file_range`; a range of
+//! 256 KiB or more that is a hole is recorded as one, without data), and the journal is sealed
 //! by its header. Then the writes are applied; then the header is cleared.
 //! An error while applying rolls the copied ranges back (newest first) and
 //! the disks are at the last committed epoch again; a backup that died
@@ -49,6 +49,8 @@ const HEADER: u64 = 4096;
 const ENTRY: usize = 27;
 const FLAG_DURABLE: u32 = 1;
 const BOOT_ID: usize = 36;
+/// Ranges this long or longer are checked for holes before being saved.
+const HOLE_CHECK: u64 = 256 << 10;
 /// Largest copy per `copy_file_range` call.
 const COPY_CHUNK: u64 = 1 << 30;
 
@@ -151,7 +153,8 @@ impl Undo {
         len: u64,
     ) -> Result<(), UndoError> {
         img.check(offset, len)?;
-        let hole = !img.next_data(offset)?.is_some_and(|d| d < offset + len);
+        // Below HOLE_CHECK the lseek costs more than copying zeros would.
+        let hole = len >= HOLE_CHECK && !img.next_data(offset)?.is_some_and(|d| d < offset + len);
         let data_at = if hole {
             None
         } else {
@@ -565,7 +568,7 @@ mod tests {
         let before = read(img.path());
         let mut u = Undo::create(dir, vec!["d.img".into()]).unwrap();
         u.save(0, &img, 0, 12288).unwrap();
-        u.save(0, &img, 512 << 10, 4096).unwrap(); // a hole
+        u.save(0, &img, 512 << 10, 256 << 10).unwrap(); // a hole
         u.seal(9, durable).unwrap();
         img.write_at(&[4; 12288], 0).unwrap();
         img.write_at(&[5; 100], 512 << 10).unwrap();
