@@ -115,16 +115,39 @@ fn xen_failover_of_a_pvh_domu() {
     if lab_unavailable() {
         return;
     }
-    let out = tempfile::tempdir().unwrap();
     let castor = xen_castor().to_str().unwrap().to_string();
-    let res = Command::new(repo().join("tools/lab/xen-failover"))
-        .args(["--castor", &castor, "--timeout", "1500", "--out"])
-        .arg(out.path())
-        .env("FO_EPOCHS", "2")
-        .env("FO_ROUNDS", "3")
-        .current_dir(repo())
-        .output()
-        .expect("running tools/lab/xen-failover");
+    // The primary's guest has been seen (1 run in 5) to triple-fault inside
+    // its own suspend under the emulated x2APIC before the first
+    // checkpoint (docs/xen.md): the failover is then never reached. Only
+    // that named condition is retried, at most twice, and said.
+    let mut attempt = 1;
+    let (out, res) = loop {
+        let out = tempfile::tempdir().unwrap();
+        let res = Command::new(repo().join("tools/lab/xen-failover"))
+            .args(["--castor", &castor, "--timeout", "1500", "--out"])
+            .arg(out.path())
+            .env("FO_EPOCHS", "2")
+            .env("FO_ROUNDS", "3")
+            .current_dir(repo())
+            .output()
+            .expect("running tools/lab/xen-failover");
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&res.stdout),
+            String::from_utf8_lossy(&res.stderr)
+        );
+        let guest_crashed = !res.status.success()
+            && all.contains("while castor waited for a suspend")
+            && !all.contains("ACTIVATED");
+        if !guest_crashed || attempt == 3 {
+            break (out, res);
+        }
+        eprintln!(
+            "attempt {attempt}: the primary's guest crashed in its own suspend before the first \
+             checkpoint (not a failover failure); retrying:\n{all}"
+        );
+        attempt += 1;
+    };
     let stdout = String::from_utf8_lossy(&res.stdout);
     let stderr = String::from_utf8_lossy(&res.stderr);
     let ctx = || format!("stdout:\n{stdout}\nstderr:\n{stderr}");
