@@ -12,11 +12,14 @@
 //! clock starts, so the figures are the transport's and the apply step's.
 //! The same run measures single-thread memcpy bandwidth (the physical
 //! limit of a copy) and, when iperf3 is installed, the line rate of the
-//! same links. `uring-copy` is
-//! uring with plain SEND instead of SEND_ZC from the same registered
-//! buffers: on loopback (and veth) the kernel copies zero-copy pages when it
-//! delivers them locally, so the difference is what zero copy costs where
-//! it cannot pay off.
+//! same links. `uring` is the transport's default (zero copy where it
+//! pays, see [`crate::transport::uring::SendMode::Auto`]); `uring-zc`
+//! forces SENDMSG_ZC for every chunk and `uring-copy` plain SENDMSG, both
+//! from the sender's own buffers lent to the sink: on loopback (and veth)
+//! the kernel copies zero-copy pages when it delivers them locally, so the
+//! difference is what zero copy costs where it cannot pay off. With
+//! `--zc-sizes` a second table compares `uring-zc` and `uring-copy` by
+//! send size (the choice of [`crate::transport::uring::ZC_MIN`]).
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -30,8 +33,8 @@ use crate::transport::record::{write_record, RecordKind, RecordReader};
 use crate::transport::seal::{SealSink, SealedWriter};
 use crate::transport::slots::{Announce, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE};
 use crate::transport::tcp::TcpSink;
-use crate::transport::uring::{CreditFilter, CreditShared, UringSink, UringSource};
-use crate::transport::{RecordSink, RecordSource, TransportKind};
+use crate::transport::uring::{CreditFilter, CreditShared, SendMode, UringSink, UringSource};
+use crate::transport::{Lent, RecordSink, RecordSource, TransportKind};
 use crate::PAGE_SIZE;
 
 /// Pages per record (one Pages record of the primary is ~256 KiB).
@@ -103,14 +106,14 @@ fn make_pages(p: Payload) -> Vec<u8> {
     v
 }
 
-/// Pre-encoded records, cycled by the sender: (record bytes, page bytes).
-fn make_records(p: Payload, pages: &[u8]) -> Vec<Vec<u8>> {
+/// Pre-encoded records of `per_record` pages each, cycled by the sender.
+fn make_records(p: Payload, pages: &[u8], per_record: usize) -> Vec<Vec<u8>> {
     pages
-        .chunks(PAGES_PER_RECORD * PAGE_SIZE)
+        .chunks(per_record * PAGE_SIZE)
         .enumerate()
         .map(|(i, chunk)| {
             let mut payload = Vec::with_capacity(chunk.len() + 64);
-            payload.extend_from_slice(&((i * PAGES_PER_RECORD) as u32).to_le_bytes());
+            payload.extend_from_slice(&((i * per_record) as u32).to_le_bytes());
             for page in chunk.chunks(PAGE_SIZE) {
                 match p {
                     Payload::Raw => payload.extend_from_slice(page),
@@ -232,15 +235,68 @@ fn sealing_name(s: Sealing) -> &'static str {
     }
 }
 
+/// What one send carries: `records` records of `pages` pages each.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub pages: usize,
+    pub records: usize,
+}
+
+/// Eight records of 64 pages per send, like an epoch's head + shards + tail.
+pub const EPOCH_SHAPE: Shape = Shape {
+    pages: PAGES_PER_RECORD,
+    records: 8,
+};
+
+/// One send's records, lent to the sink: the shared pre-encoded records
+/// (never written again) and which of them, in order.
+struct Batch {
+    records: Arc<Vec<Vec<u8>>>,
+    first: usize,
+    n: usize,
+}
+
+impl Lent for Batch {
+    fn pieces(&self) -> Vec<&[u8]> {
+        (0..self.n)
+            .map(|k| &self.records[(self.first + k) % self.records.len()][..])
+            .collect()
+    }
+}
+
+/// The case's name for a uring send mode (None: the transport's default).
+fn mode_name(t: TransportKind, mode: Option<SendMode>) -> String {
+    match mode {
+        None | Some(SendMode::Auto) => t.name().into(),
+        Some(SendMode::Direct) => format!("{t}-zc"),
+        Some(SendMode::DirectCopy) => format!("{t}-copy"),
+        Some(SendMode::StagedZc) => format!("{t}-stzc"),
+        Some(SendMode::StagedCopy) => format!("{t}-stcp"),
+    }
+}
+
 /// One case: streams records for `dur`, returns the measured figures.
-/// `zero_copy` false: uring with plain SEND (to show SEND_ZC's cost on loopback).
+/// `mode`: the uring sink's send mode (None: its default).
 pub fn run_case(
     t: TransportKind,
     p: Payload,
     dur: Duration,
-    zero_copy: bool,
+    mode: Option<SendMode>,
     link: Link,
     sealing: Sealing,
+) -> Result<CaseResult, String> {
+    run_shaped(t, p, dur, mode, link, sealing, EPOCH_SHAPE)
+}
+
+/// [`run_case`] with sends of `shape`.
+pub fn run_shaped(
+    t: TransportKind,
+    p: Payload,
+    dur: Duration,
+    mode: Option<SendMode>,
+    link: Link,
+    sealing: Sealing,
+    shape: Shape,
 ) -> Result<CaseResult, String> {
     let keys = sealing.map(|s| SessionKeys::derive(b"bench-transport key", &[1; 32], &[2; 32], s));
     let (mut p_seal, mut p_open, mut b_seal, mut b_open) = (None, None, None, None);
@@ -251,12 +307,12 @@ pub fn run_case(
         (b_seal, b_open) = (Some(s), Some(o));
     }
     let pages = make_pages(p);
-    let records = make_records(p, &pages);
+    let records = Arc::new(make_records(p, &pages, shape.pages));
     drop(pages);
     let (c, s) = pair(link).map_err(|e| format!("connecting over {}: {e}", link.name()))?;
     let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).map_err(|e| e.to_string())?;
     let mut source = case_source(t, s, &ann, b_seal, b_open)?;
-    let (mut sink, back_reader) = case_sink(t, &c, &ann, zero_copy, p_open, p_seal)?;
+    let (mut sink, back_reader) = case_sink(t, &c, &ann, mode, p_open, p_seal)?;
     let receiver = std::thread::spawn(move || -> Result<(u64, u64), String> {
         let mut dest = vec![0u8; PAGES * PAGE_SIZE];
         let (mut page_bytes, mut wire) = (0u64, 0u64);
@@ -274,12 +330,13 @@ pub fn run_case(
     let t0 = Instant::now();
     let mut i = 0;
     while t0.elapsed() < dur {
-        // Eight records per call, like an epoch's head + shards + tail.
-        let batch: Vec<&[u8]> = (0..8)
-            .map(|k| &records[(i + k) % records.len()][..])
-            .collect();
-        sink.send(&batch).map_err(|e| e.to_string())?;
-        i += 8;
+        let batch = Batch {
+            records: records.clone(),
+            first: i,
+            n: shape.records,
+        };
+        sink.send_lent(Box::new(batch)).map_err(|e| e.to_string())?;
+        i += shape.records;
     }
     let mut close = Vec::new();
     write_record(&mut close, RecordKind::Close, 1, &[]);
@@ -295,11 +352,7 @@ pub fn run_case(
     let gib = page_bytes as f64 / (1u64 << 30) as f64;
     Ok(CaseResult {
         link: link.name().into(),
-        transport: if zero_copy {
-            t.name().into()
-        } else {
-            format!("{t}-copy")
-        },
+        transport: mode_name(t, mode),
         sealing: sealing_name(sealing).into(),
         payload: match p {
             Payload::Raw => "raw".into(),
@@ -357,7 +410,7 @@ fn case_sink(
     t: TransportKind,
     c: &TcpStream,
     ann: &Announce,
-    zero_copy: bool,
+    mode: Option<SendMode>,
     mut p_open: Option<Opener>,
     mut p_seal: Option<Sealer>,
 ) -> Result<CaseSink, String> {
@@ -378,10 +431,9 @@ fn case_sink(
             }));
             let sink = UringSink::new(c.try_clone().map_err(|e| e.to_string())?, ann, credits)
                 .map_err(|e| e.to_string())?;
-            Box::new(if zero_copy {
-                sink
-            } else {
-                sink.without_zero_copy()
+            Box::new(match mode {
+                Some(m) if sink.mode().is_direct() || !m.is_direct() => sink.with_mode(m),
+                _ => sink,
             })
         }
     };
@@ -636,9 +688,10 @@ pub fn run(dur: Duration, rounds: usize, iperf: bool, veth: bool) -> Result<Repo
     for &link in &links {
         for p in [Payload::Raw, Payload::Lz4] {
             for (t, zc, sealings) in [
-                (TransportKind::Tcp, true, &SEALINGS[..]),
-                (TransportKind::Uring, true, &SEALINGS[..]),
-                (TransportKind::Uring, false, &SEALINGS[..1]),
+                (TransportKind::Tcp, None, &SEALINGS[..]),
+                (TransportKind::Uring, None, &SEALINGS[..]),
+                (TransportKind::Uring, Some(SendMode::Direct), &SEALINGS[..1]),
+                (TransportKind::Uring, Some(SendMode::DirectCopy), &SEALINGS[..1]),
             ] {
                 for &s in sealings {
                     plan.push((t, p, zc, link, s));

@@ -157,6 +157,12 @@ impl RecordSink for BeaconSink {
     fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
         self.inner.send(bufs)
     }
+    fn send_lent(&mut self, lent: Box<dyn crate::transport::Lent>) -> io::Result<()> {
+        self.inner.send_lent(lent)
+    }
+    fn reclaim(&mut self) {
+        self.inner.reclaim()
+    }
     fn connection(&self) -> Option<std::net::TcpStream> {
         self.inner.connection()
     }

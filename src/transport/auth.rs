@@ -192,6 +192,12 @@ enum Piece<'a> {
     Tag(usize),
 }
 
+/// The buffers a [`Sealer`]'s output lives in ([`Sealer::take_output`]).
+pub struct SealOutput {
+    scratch: Vec<u8>,
+    tags: Vec<[u8; TAG_LEN]>,
+}
+
 /// Seals the records one end sends, in order.
 pub struct Sealer {
     dir: Direction,
@@ -216,6 +222,29 @@ impl Sealer {
     pub fn leak_buffers(&mut self) {
         std::mem::forget(std::mem::take(&mut self.scratch));
         std::mem::forget(std::mem::take(&mut self.tags));
+    }
+
+    /// Takes out the output buffers of the last [`Sealer::seal`], for a
+    /// sink that sends from them after the call returns (moving the
+    /// vectors leaves their contents, which the sealed pieces point at,
+    /// where they are). The next seal starts on fresh buffers, or on those
+    /// handed back by [`Sealer::reuse_output`].
+    pub fn take_output(&mut self) -> SealOutput {
+        SealOutput {
+            scratch: std::mem::take(&mut self.scratch),
+            tags: std::mem::take(&mut self.tags),
+        }
+    }
+
+    /// Takes back output buffers nothing reads any more, to seal into
+    /// again (keeps the larger of the two scratch buffers).
+    pub fn reuse_output(&mut self, out: SealOutput) {
+        if out.scratch.capacity() > self.scratch.capacity() {
+            self.scratch = out.scratch;
+        }
+        if out.tags.capacity() > self.tags.capacity() {
+            self.tags = out.tags;
+        }
     }
 
     /// Records sealed so far.

@@ -35,4 +35,4 @@ pub mod uring;
 pub mod wire;
 
 pub use kind::TransportKind;
-pub use link::{RecordSink, RecordSource};
+pub use link::{Lent, RecordSink, RecordSource};

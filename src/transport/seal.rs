@@ -12,8 +12,10 @@ use std::io::{self, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 
-use crate::transport::auth::{Role, Sealer, SessionKeys};
-use crate::transport::link::{FailureReport, RecordSink};
+use std::sync::mpsc;
+
+use crate::transport::auth::{Role, SealOutput, Sealer, SessionKeys};
+use crate::transport::link::{FailureReport, Lent, RecordSink};
 use crate::transport::record::RecordReader;
 use crate::transport::tcp::TcpSink;
 use crate::transport::wire::HEADER_LEN;
@@ -31,11 +33,56 @@ fn to_io(e: crate::transport::auth::AuthError) -> io::Error {
 pub struct SealSink {
     inner: Box<dyn RecordSink>,
     sealer: Sealer,
+    /// Output buffers of lent sends, handed back by the inner sink.
+    back_tx: mpsc::Sender<SealOutput>,
+    back_rx: mpsc::Receiver<SealOutput>,
 }
 
 impl SealSink {
     pub fn new(inner: Box<dyn RecordSink>, sealer: Sealer) -> Self {
-        SealSink { inner, sealer }
+        let (back_tx, back_rx) = mpsc::channel();
+        SealSink {
+            inner,
+            sealer,
+            back_tx,
+            back_rx,
+        }
+    }
+}
+
+/// A lent send, sealed: the caller's memory plus the sealer's output (tags
+/// or ciphertext), lent on to the inner sink as one.
+struct SealedLent {
+    inner: Box<dyn Lent>,
+    out: SealOutput,
+    /// The sealed pieces: slices of `inner`'s pieces and of `out`.
+    pieces: Vec<(*const u8, usize)>,
+    back: mpsc::Sender<SealOutput>,
+}
+
+// SAFETY: the raw pieces point into `inner` (Send) and `out` (plain
+// vectors), which this value owns; nothing else holds them.
+unsafe impl Send for SealedLent {}
+
+impl Lent for SealedLent {
+    fn pieces(&self) -> Vec<&[u8]> {
+        self.pieces
+            .iter()
+            // SAFETY: each piece lies in memory `self` owns and never
+            // changes: the pieces of `inner` (a boxed Lent, whose pieces
+            // stay valid while it lives unmoved in its box) or the heap
+            // buffers of `out` (moved out of the sealer after sealing,
+            // which leaves the contents in place).
+            .map(|&(p, n)| unsafe { std::slice::from_raw_parts(p, n) })
+            .collect()
+    }
+
+    fn give_back(self: Box<Self>) {
+        let SealedLent {
+            inner, out, back, ..
+        } = *self;
+        let _ = back.send(out);
+        inner.give_back();
     }
 }
 
@@ -50,6 +97,36 @@ impl RecordSink for SealSink {
             self.sealer.leak_buffers();
         }
         r
+    }
+
+    fn send_lent(&mut self, lent: Box<dyn Lent>) -> io::Result<()> {
+        while let Ok(out) = self.back_rx.try_recv() {
+            self.sealer.reuse_output(out);
+        }
+        let pieces: Result<Vec<(*const u8, usize)>, _> = {
+            let bufs = lent.pieces();
+            let sealed = self.sealer.seal(&bufs);
+            sealed.map(|s| s.iter().map(|p| (p.as_ptr(), p.len())).collect())
+        };
+        let pieces = match pieces {
+            Ok(p) => p,
+            Err(e) => {
+                // Nothing reached the kernel.
+                lent.give_back();
+                return Err(to_io(e));
+            }
+        };
+        let sealed = SealedLent {
+            inner: lent,
+            out: self.sealer.take_output(),
+            pieces,
+            back: self.back_tx.clone(),
+        };
+        self.inner.send_lent(Box::new(sealed))
+    }
+
+    fn reclaim(&mut self) {
+        self.inner.reclaim()
     }
 
     fn connection(&self) -> Option<TcpStream> {

@@ -33,7 +33,7 @@ use crate::engine::shadow::PageBuf;
 use crate::metrics::EpochRecord;
 use crate::transport::messages::{EpochBegin, EpochClass, EpochEnd};
 use crate::transport::record::{write_record, RecordKind};
-use crate::transport::RecordSink;
+use crate::transport::{Lent, RecordSink};
 use crate::PAGE_SIZE;
 
 /// Bytes of disk per seed record.
@@ -90,6 +90,36 @@ struct Framed {
     seed_end: Option<EpochEnd>,
 }
 
+/// A unit's buffers, lent to the sink for its send
+/// ([`RecordSink::send_lent`]): the sink keeps them while the kernel may
+/// still read them (zero copy) and gives them back then, the shard
+/// buffers to their encoders.
+struct UnitLoan {
+    head: Vec<u8>,
+    outs: Vec<ShardOut>,
+    /// The DiskWrites framing and the writes it points into.
+    disk: disk::frame::Framed,
+    disk_ops: EpochDisks,
+    tail: Vec<u8>,
+    buf_return: Vec<Sender<Vec<u8>>>,
+}
+
+impl Lent for UnitLoan {
+    fn pieces(&self) -> Vec<&[u8]> {
+        let mut v: Vec<&[u8]> = vec![&self.head];
+        v.extend(self.outs.iter().map(|o| &o.buf[..]));
+        v.extend(self.disk.slices(&self.disk_ops));
+        v.push(&self.tail);
+        v
+    }
+
+    fn give_back(self: Box<Self>) {
+        for o in self.outs {
+            let _ = self.buf_return[o.shard].send(o.buf);
+        }
+    }
+}
+
 struct Tx {
     sink: Box<dyn RecordSink>,
     ends: TxEnds,
@@ -140,6 +170,7 @@ pub(super) fn tx_thread(sink: Box<dyn RecordSink>, rx: Receiver<TxMsg>, ends: Tx
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
+        tx.sink.reclaim();
         // Send every complete unit that is next in line.
         while let Some(a) = tx.next_complete() {
             if tx.send_unit(a).is_err() {
@@ -305,10 +336,17 @@ impl Tx {
             seed_end,
         } = self.frame(&mut meta, &outs);
         let shared = self.ends.shared.clone();
-        let mut bufs: Vec<&[u8]> = vec![&head];
-        bufs.extend(outs.iter().map(|o| &o.buf[..]));
-        bufs.extend(disk.slices(&meta.disk));
-        bufs.push(&tail);
+        let pages = outs.iter().map(|o| o.stats.raw_bytes).sum::<u64>() / PAGE_SIZE as u64;
+        let encode_us = outs.iter().map(|o| o.stats.encode_us).sum();
+        let loan = Box::new(UnitLoan {
+            head,
+            outs,
+            disk,
+            disk_ops: std::mem::take(&mut meta.disk),
+            tail,
+            buf_return: self.ends.buf_return.clone(),
+        });
+        let wire_bytes = loan.pieces().iter().map(|b| b.len() as u64).sum();
         if closes {
             let mut g = shared.inflight.lock().unwrap();
             g.pending.insert(
@@ -322,21 +360,21 @@ impl Tx {
             crate::ops::telemetry::with(|t| t.set_inflight(g.pending.len()));
         }
         let t = Instant::now();
-        let r = self.sink.send(&bufs);
+        // The sink owns the buffers from here (and leaks them itself if
+        // the kernel may still read them after a failure).
+        let r = self.sink.send_lent(loan);
         let send_us = t.elapsed().as_micros() as u64;
         let observed = Observed {
             compressor: meta.job.compressor,
-            pages: outs.iter().map(|o| o.stats.raw_bytes).sum::<u64>() / PAGE_SIZE as u64,
-            encode_us: outs.iter().map(|o| o.stats.encode_us).sum(),
-            wire_bytes: bufs.iter().map(|b| b.len() as u64).sum(),
+            pages,
+            encode_us,
+            wire_bytes,
             send_us,
         };
         shared.codec.lock().unwrap().observe(&observed);
         self.last_send = Instant::now();
         if let Err(e) = r {
             shared.fail(format!("sending epoch {}: {e}", meta.epoch));
-            drop(bufs);
-            self.keep_if_kernel_reads((head, tail, outs));
             return Err(Failed);
         }
         if let Some(end) = seed_end {
@@ -357,10 +395,6 @@ impl Tx {
         }
         if closes {
             self.last_closed = Some(meta.epoch);
-        }
-        drop(bufs);
-        for o in outs {
-            let _ = self.ends.buf_return[o.shard].send(o.buf);
         }
         self.orphans.push(meta.job);
         self.next += 1;

@@ -33,6 +33,7 @@
 //! [`crate::transport::ring::RingReader`]); this file holds the ring setup
 //! and memory both share.
 
+mod loans;
 mod sink;
 mod source;
 #[cfg(test)]

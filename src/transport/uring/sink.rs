@@ -1,7 +1,25 @@
 //! The primary's half of the `uring` transport (see the module doc of
 //! [`crate::transport::uring`]): chunks placed by the credit window, sent
-//! with SENDMSG_ZC straight from the caller's buffers or from registered
+//! with SENDMSG(_ZC) straight from the caller's buffers or from registered
 //! staging buffers.
+//!
+//! Ownership hand-off: [`RecordSink::send_lent`] takes the caller's
+//! buffers ([`Lent`]) and returns once every chunk is on the socket (each
+//! send completed), not when the kernel is done reading them: the buffers
+//! stay with the sink ([`super::loans`]) until the last zero-copy
+//! notification of that send arrives, and are given back then, from
+//! whichever later call reaps it ([`RecordSink::reclaim`] between sends).
+//! So the sender prepares and sends its next unit while the backup is
+//! still reading this one. [`RecordSink::send`] (borrowed buffers) still
+//! waits for its own notifications.
+//!
+//! Zero copy or copy, per chunk ([`SendMode::Auto`], the default): a chunk
+//! of at least [`ZC_MIN`] bytes goes as SENDMSG_ZC, a smaller one as plain
+//! SENDMSG (pinning pages and a notification cost more than copying a few
+//! KiB), and once the kernel reports [`COPIED_SWITCH`] notifications in a
+//! row that it copied the pages anyway (`IORING_NOTIF_USAGE_ZC_COPIED`:
+//! local delivery, as on loopback or veth, where the receiving socket must
+//! not hold the sender's pages) every later chunk goes as plain SENDMSG.
 //!
 //! Deadlines: every wait (a send's completion, a notification freeing a
 //! buffer, a credit) is a bounded `io_uring_enter` of at most
@@ -27,8 +45,9 @@ use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
+use super::loans::Loans;
 use super::{kernel, new_ring, Region, UringError, CHUNK_HEADER, RING_ENTRIES};
-use crate::transport::link::{FailureReport, RecordSink};
+use crate::transport::link::{FailureReport, Lent, RecordSink};
 use crate::transport::ring::{Chunker, CreditShared, CreditWait};
 use crate::transport::slots::{Announce, CreditWindow, Placement};
 
@@ -46,6 +65,18 @@ pub(super) const MAX_IOV: usize = 64;
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 /// The longest single wait in `io_uring_enter`.
 const WAIT_SLICE: Duration = Duration::from_millis(100);
+/// Smallest chunk [`SendMode::Auto`] sends with zero copy (see
+/// docs/throughput.md, "io_uring ownership hand-off", for the measurement).
+pub const ZC_MIN: usize = 64 << 10;
+/// Notifications in a row reporting a copy after which
+/// [`SendMode::Auto`] stops asking for zero copy.
+pub const COPIED_SWITCH: u32 = 8;
+/// `IORING_SEND_ZC_REPORT_USAGE` (in a zero-copy send's ioprio, Linux
+/// 6.2): the notification's result says whether the kernel copied.
+const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+/// `IORING_NOTIF_USAGE_ZC_COPIED`: the notification's result bit set when
+/// the kernel copied the pages after all.
+const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 /// How long a torn-down sink waits for the notifications of what the kernel
 /// dropped before it gives up on them (and leaks the memory they name).
 const PURGE_WAIT: Duration = Duration::from_secs(2);
@@ -53,8 +84,13 @@ const PURGE_WAIT: Duration = Duration::from_secs(2);
 /// How [`UringSink`] puts chunks on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendMode {
-    /// `IORING_OP_SENDMSG_ZC` straight from the caller's buffers (default).
+    /// From the caller's buffers, zero copy where it pays (see the module
+    /// doc; the default on kernels with SENDMSG_ZC, 6.1 on).
+    Auto,
+    /// `IORING_OP_SENDMSG_ZC` straight from the caller's buffers, always.
     Direct,
+    /// Plain `IORING_OP_SENDMSG` from the caller's buffers, always.
+    DirectCopy,
     /// Copy into the registered staging buffers, `IORING_OP_SEND_ZC` from
     /// there (the default on kernels without SENDMSG_ZC, before 6.1).
     StagedZc,
@@ -93,11 +129,20 @@ impl DirectOp {
     }
 }
 
+impl SendMode {
+    /// Sends from the caller's buffers (through op slots), not staging.
+    pub fn is_direct(self) -> bool {
+        matches!(self, SendMode::Auto | SendMode::Direct | SendMode::DirectCopy)
+    }
+}
+
 /// State of one staging buffer (or, in direct mode, one op slot).
 #[derive(Clone, Copy, Default)]
 pub(super) struct Stage {
     /// Bytes submitted from it (header + body).
     len: usize,
+    /// The loan id ([`Loans`]) its operation counts under (0: none).
+    loan: u64,
     /// Its send completion is still due.
     pub(super) result_due: bool,
     /// Its zero-copy notification is still due.
@@ -138,6 +183,16 @@ pub struct UringSink {
     /// Told the first fatal error, before the teardown.
     report: Option<FailureReport>,
     mode: SendMode,
+    /// Memory lent by callers while its sends are due.
+    pub(super) loans: Loans,
+    /// [`SendMode::Auto`] stopped using zero copy (the kernel copies).
+    zc_off: bool,
+    /// Notifications in a row that reported a copy.
+    copied_run: u32,
+    /// The kernel reports copies (IORING_SEND_ZC_REPORT_USAGE, 6.2 on).
+    report_usage: bool,
+    /// Chunks sent by plain SENDMSG in a direct mode.
+    pub copy_sends: u64,
     /// Notifications reporting the kernel copied instead of sending from
     /// our pages (always the case on loopback).
     pub zc_copied: u64,
@@ -190,20 +245,19 @@ impl UringSink {
             kept: false,
             report: None,
             mode: SendMode::Direct,
+            loans: Loans::default(),
+            zc_off: false,
+            copied_run: 0,
+            report_usage: kernel_at_least(6, 2),
+            copy_sends: 0,
             zc_copied: 0,
             zc_notifs: 0,
         }
         .with_mode(if direct_supported {
-            SendMode::Direct
+            SendMode::Auto
         } else {
             SendMode::StagedZc
         }))
-    }
-
-    /// Sends with plain IORING_OP_SEND from the staging buffers instead of
-    /// zero copy (benchmarks only).
-    pub fn without_zero_copy(self) -> Self {
-        self.with_mode(SendMode::StagedCopy)
     }
 
     /// Switches to `mode`; only before the first `send`.
@@ -212,7 +266,7 @@ impl UringSink {
             self.window.pos() == 0 && self.batch.is_empty(),
             "send mode changed after sending"
         );
-        let n = if mode == SendMode::Direct {
+        let n = if mode.is_direct() {
             DIRECT_OPS
         } else {
             STAGE_BUFS
@@ -220,7 +274,7 @@ impl UringSink {
         self.mode = mode;
         self.stages = vec![Stage::default(); n];
         self.free = (0..n).rev().collect();
-        self.direct = if mode == SendMode::Direct {
+        self.direct = if mode.is_direct() {
             (0..n).map(|_| DirectOp::new()).collect()
         } else {
             Vec::new()
@@ -318,7 +372,9 @@ impl UringSink {
 
     fn reap_one(&mut self, c: cqueue::Entry) -> io::Result<()> {
         let op = match self.mode {
+            SendMode::Auto => "IORING_OP_SENDMSG(_ZC)",
             SendMode::Direct => "IORING_OP_SENDMSG_ZC",
+            SendMode::DirectCopy => "IORING_OP_SENDMSG",
             SendMode::StagedZc => "IORING_OP_SEND_ZC from a fixed buffer",
             SendMode::StagedCopy => "IORING_OP_SEND",
         };
@@ -328,10 +384,10 @@ impl UringSink {
         };
         if cqueue::notif(c.flags()) {
             st.notif_due = false;
-            self.zc_notifs += 1;
-            // IORING_NOTIF_USAGE_ZC_COPIED is reported in res.
-            if c.result() as u32 & (1 << 31) != 0 {
-                self.zc_copied += 1;
+            let over = !st.result_due;
+            self.on_notif(c.result());
+            if over {
+                self.release(b);
             }
         } else {
             st.result_due = false;
@@ -339,7 +395,7 @@ impl UringSink {
             let want = st.len;
             let res = c.result();
             if !st.notif_due {
-                self.free.push(b);
+                self.release(b);
             }
             if res < 0 {
                 let e = io::Error::from_raw_os_error(-res);
@@ -358,24 +414,58 @@ impl UringSink {
                     "short send ({op}): {res} of {want} bytes (MSG_WAITALL)"
                 )));
             }
-            return Ok(());
-        }
-        if !st.result_due && !st.notif_due {
-            self.free.push(b);
         }
         Ok(())
+    }
+
+    /// Counts a zero-copy notification; in [`SendMode::Auto`], stops zero
+    /// copy once [`COPIED_SWITCH`] in a row report that the kernel copied.
+    fn on_notif(&mut self, res: i32) {
+        self.zc_notifs += 1;
+        if res as u32 & NOTIF_USAGE_ZC_COPIED == 0 {
+            self.copied_run = 0;
+            return;
+        }
+        self.zc_copied += 1;
+        self.copied_run += 1;
+        if self.mode == SendMode::Auto && !self.zc_off && self.copied_run >= COPIED_SWITCH {
+            self.zc_off = true;
+            tracing::info!(
+                "uring: the kernel copied {COPIED_SWITCH} zero-copy sends in a row \
+                 (local delivery); sending by copy from now on"
+            );
+        }
+    }
+
+    /// Op slot or staging buffer `b` is over (completion and notification
+    /// in, or never submitted): free again, and its loan one op closer to
+    /// being given back.
+    fn release(&mut self, b: usize) {
+        let st = std::mem::take(&mut self.stages[b]);
+        self.free.push(b);
+        if st.loan != 0 {
+            self.loans.op_done(st.loan);
+        }
     }
 
     /// Queues the send `e` of chunk `p` (`len` bytes with its header) from
     /// buffer or op slot `b`: marks its completions due, advances the credit
     /// window and the chunk sequence, and submits once half the ring is
     /// queued.
-    fn queue(&mut self, e: squeue::Entry, b: usize, len: usize, p: &Placement) -> io::Result<()> {
+    fn queue(
+        &mut self,
+        e: squeue::Entry,
+        (b, loan): (usize, u64),
+        len: usize,
+        p: &Placement,
+    ) -> io::Result<()> {
         self.stages[b] = Stage {
             len,
+            loan,
             result_due: true,
             notif_due: false,
         };
+        self.loans.op_started(loan);
         self.batch.push((e, b));
         self.window.advance(p);
         self.seq = self.seq.wrapping_add(1);
@@ -403,14 +493,14 @@ impl UringSink {
             // region, which stays untouched until its completion and
             // notification. A direct entry points at its DirectOp (in
             // `self.direct`, never resized, not rewritten while its slot is
-            // in flight) and
-            // at the caller's buffers, which `send_direct` holds borrowed
-            // until `drain` has seen every completion and notification.
+            // in flight) and at the caller's buffers: borrowed ones
+            // (`send`) stay borrowed until `wait_loan` saw every completion
+            // and notification of the call, lent ones stay in `loans`
+            // until then.
             if unsafe { self.ring.submission().push(&e) }.is_err() {
                 // This entry and the rest never reach the kernel.
-                for (_, b) in self.batch.drain(i..) {
-                    self.stages[b] = Stage::default();
-                    self.free.push(b);
+                for (_, b) in std::mem::take(&mut self.batch).drain(i..) {
+                    self.release(b);
                 }
                 return Err(self.fail("io_uring submission queue full".into()));
             }
@@ -503,9 +593,10 @@ impl UringSink {
         let left = self.due();
         self.kept = left > 0;
         if left > 0 {
+            let lent = self.loans.leak_held();
             tracing::warn!(
                 "{left} zero-copy sends still unfinished {} ms after the connection was torn down; \
-                 their memory is leaked, never reused",
+                 their memory ({lent} lent sends and the chunk headers) is leaked, never reused",
                 PURGE_WAIT.as_millis()
             );
         }
@@ -514,22 +605,49 @@ impl UringSink {
 }
 
 impl UringSink {
-    /// Direct mode: every chunk is one SENDMSG_ZC of [its header, the pieces
-    /// of `bufs` that make up its body]. Returns only once the kernel is
-    /// done with `bufs` (see [`Self::drain`]), error or not.
+    /// Direct modes, borrowed buffers: every chunk is one SENDMSG(_ZC) of
+    /// [its header, the pieces of `bufs` that make up its body]. Returns
+    /// only once the kernel is done with `bufs`, error or not (on an error
+    /// after [`Self::settle`]; what the kernel still holds then is
+    /// reported by [`RecordSink::kernel_kept_buffers`]).
     fn send_direct(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
-        let sent = self.send_direct_chunks(bufs);
-        // Entries built but never submitted reference nothing the kernel
-        // sees; release their op slots.
-        for (_, b) in std::mem::take(&mut self.batch) {
-            self.stages[b] = Stage::default();
-            self.free.push(b);
+        let id = self.loans.open();
+        let r = self.send_direct_chunks(bufs, id);
+        self.unqueue();
+        let r = r.and_then(|()| self.wait_loan(id));
+        if r.is_err() {
+            self.settle();
         }
-        let drained = self.drain();
-        sent.and(drained)
+        r
     }
 
-    fn send_direct_chunks(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+    /// Direct modes, lent buffers: like [`Self::send_direct`], but returns
+    /// once every chunk's send completed; `lent` stays in [`Self::loans`]
+    /// until the kernel is done with it.
+    fn send_lent_direct(&mut self, lent: Box<dyn Lent>) -> io::Result<()> {
+        let id = self.loans.open();
+        let r = {
+            let pieces = lent.pieces();
+            self.send_direct_chunks(&pieces, id)
+        };
+        self.unqueue();
+        // The box moves, its contents (which the sends point at) do not.
+        self.loans.hold(id, lent);
+        if r.is_err() {
+            self.settle();
+        }
+        r
+    }
+
+    /// Releases the op slots of entries built but never submitted (they
+    /// reference nothing the kernel sees).
+    fn unqueue(&mut self) {
+        for (_, b) in std::mem::take(&mut self.batch) {
+            self.release(b);
+        }
+    }
+
+    fn send_direct_chunks(&mut self, bufs: &[&[u8]], loan: u64) -> io::Result<()> {
         let mut chunks = Chunker::new(bufs);
         while chunks.left() > 0 {
             self.absorb_credits()?;
@@ -543,6 +661,11 @@ impl UringSink {
                 continue;
             };
             let b = self.take_buffer()?;
+            let zero_copy = match self.mode {
+                SendMode::Direct => true,
+                SendMode::Auto => !self.zc_off && p.len >= ZC_MIN,
+                _ => false,
+            };
             let op = &mut self.direct[b];
             op.hdr[0..4].copy_from_slice(&p.tag.encode().to_le_bytes());
             op.hdr[4..8].copy_from_slice(&self.seq.to_le_bytes());
@@ -562,42 +685,41 @@ impl UringSink {
             op.msg.msg_iov = op.iov.as_mut_ptr();
             op.msg.msg_iovlen = n_iov as _;
             let len = CHUNK_HEADER + p.len;
-            let e = opcode::SendMsgZc::new(types::Fixed(0), &op.msg)
-                .flags(libc::MSG_WAITALL as u32)
-                .build()
-                .user_data(b as u64);
-            self.queue(e, b, len, &p)?;
+            let e = if zero_copy {
+                let usage = if self.report_usage {
+                    SEND_ZC_REPORT_USAGE
+                } else {
+                    0
+                };
+                opcode::SendMsgZc::new(types::Fixed(0), &op.msg)
+                    .ioprio(usage)
+                    .flags(libc::MSG_WAITALL as u32)
+                    .build()
+            } else {
+                self.copy_sends += 1;
+                opcode::SendMsg::new(types::Fixed(0), &op.msg)
+                    .flags(libc::MSG_WAITALL as u32)
+                    .build()
+            };
+            self.queue(e.user_data(b as u64), (b, loan), len, &p)?;
         }
         self.flush()
     }
 
-    /// Waits until no submitted send has a completion or notification due,
-    /// i.e. the kernel no longer reads any memory a send pointed at, at most
-    /// the deadline without progress. On a failure (the send's, or this
-    /// wait's) the connection is torn down and the notifications awaited
-    /// ([`Self::settle`]); what the kernel still holds after that is
-    /// reported by [`RecordSink::kernel_kept_buffers`].
-    fn drain(&mut self) -> io::Result<()> {
-        let mut first = None;
+    /// Waits until no operation of loan `id` is due (the kernel no longer
+    /// reads the memory of that send), at most the deadline without
+    /// progress.
+    fn wait_loan(&mut self, id: u64) -> io::Result<()> {
         loop {
-            if let Err(e) = self.reap() {
-                first.get_or_insert(e);
+            self.reap()?;
+            if self.loans.is_done(id) {
+                return Ok(());
             }
-            if self.due() == 0 {
-                return first.map_or(Ok(()), Err);
+            if let Some(m) = &self.failed {
+                return Err(io::Error::other(m.clone()));
             }
-            if first.is_some() || self.failed.is_some() {
-                break;
-            }
-            if let Err(e) = self.wait_cqe("zero-copy notification") {
-                first = Some(e);
-                break;
-            }
+            self.wait_cqe("zero-copy notification")?;
         }
-        self.settle();
-        Err(first.unwrap_or_else(|| {
-            io::Error::other(self.failed.clone().unwrap_or_else(|| "send failed".into()))
-        }))
     }
 }
 
@@ -606,11 +728,32 @@ impl RecordSink for UringSink {
         if let Some(m) = &self.failed {
             return Err(io::Error::other(m.clone()));
         }
-        if self.mode == SendMode::Direct {
+        if self.mode.is_direct() {
             self.send_direct(bufs)
         } else {
             self.send_staged(bufs)
         }
+    }
+
+    fn send_lent(&mut self, lent: Box<dyn Lent>) -> io::Result<()> {
+        if let Some(m) = &self.failed {
+            // Nothing of it reached the kernel.
+            lent.give_back();
+            return Err(io::Error::other(m.clone()));
+        }
+        if self.mode.is_direct() {
+            self.send_lent_direct(lent)
+        } else {
+            // Staged: copied into the staging buffers, free at return.
+            let r = self.send_staged(&lent.pieces());
+            lent.give_back();
+            r
+        }
+    }
+
+    fn reclaim(&mut self) {
+        // Errors are recorded in `failed` and reported by the next send.
+        let _ = self.reap();
     }
 
     fn connection(&self) -> Option<TcpStream> {
@@ -618,7 +761,7 @@ impl RecordSink for UringSink {
     }
 
     fn kernel_kept_buffers(&self) -> bool {
-        self.kept && self.mode == SendMode::Direct
+        self.kept && self.mode.is_direct()
     }
 
     fn on_failure(&mut self, report: FailureReport) {
@@ -630,6 +773,7 @@ impl UringSink {
     /// Staged modes: every chunk is copied, behind its header, into a free
     /// staging buffer and sent from there.
     fn send_staged(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
+        let loan = self.loans.open();
         let mut chunks = Chunker::new(bufs);
         while chunks.left() > 0 {
             self.absorb_credits()?;
@@ -663,19 +807,28 @@ impl UringSink {
                     .build()
                     .user_data(b as u64)
             };
-            self.queue(e, b, len, &p)?;
+            self.queue(e, (b, loan), len, &p)?;
         }
         self.flush()
     }
 }
 
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let k = kernel();
+    let mut it = k.split(|c: char| !c.is_ascii_digit());
+    let num = |s: Option<&str>| s.and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
+    (num(it.next()), num(it.next())) >= (major, minor)
+}
+
 impl Drop for UringSink {
-    /// Collects outstanding notifications before the memory goes. A healthy
-    /// sink's last sends (the Close) are acknowledged by the backup within
-    /// [`PURGE_WAIT`]; a failed one is torn down first. Whatever the kernel
-    /// still holds then: the staging region is an mapping of its own whose
-    /// pinned pages the kernel keeps and nobody else gets, so it is
-    /// unmapped; the op slots (chunk headers sent from the heap) are leaked.
+    /// Collects outstanding notifications (and gives lent memory back)
+    /// before the memory goes. A healthy sink's last sends (the Close) are
+    /// acknowledged by the backup within [`PURGE_WAIT`]; a failed one is
+    /// torn down first. Whatever the kernel still holds then: the staging
+    /// region is a mapping of its own whose pinned pages the kernel keeps
+    /// and nobody else gets, so it is unmapped; the op slots (chunk
+    /// headers sent from the heap) and lent memory are leaked.
     fn drop(&mut self) {
         if self.failed.is_some() {
             self.settle();
