@@ -624,6 +624,68 @@ impl Drop for Veth {
     }
 }
 
+/// Zero copy against copy for one send size ([`zc_sizes`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SizeCase {
+    pub send_bytes: usize,
+    pub zc: CaseResult,
+    pub copy: CaseResult,
+}
+
+/// `uring-zc` against `uring-copy` (raw pages, no sealing) for sends of 4
+/// KiB to 1 MiB, one record per send (four of 256 KiB for 1 MiB), each
+/// pair side by side, `rounds` rounds interleaved, the median reported:
+/// what [`crate::transport::uring::ZC_MIN`] is chosen from.
+pub fn zc_sizes(dur: Duration, rounds: usize) -> Result<Vec<SizeCase>, String> {
+    let shapes = [(1, 1), (4, 1), (16, 1), (64, 1), (64, 4)];
+    let mut all: Vec<[Vec<CaseResult>; 2]> = vec![[Vec::new(), Vec::new()]; shapes.len()];
+    for round in 0..rounds.max(1) {
+        eprintln!("send sizes: round {} of {}", round + 1, rounds.max(1));
+        for (i, &(pages, records)) in shapes.iter().enumerate() {
+            let shape = Shape { pages, records };
+            for (k, m) in [SendMode::Direct, SendMode::DirectCopy]
+                .into_iter()
+                .enumerate()
+            {
+                let r = run_shaped(
+                    TransportKind::Uring,
+                    Payload::Raw,
+                    dur,
+                    Some(m),
+                    Link::Loopback,
+                    None,
+                    shape,
+                )?;
+                all[i][k].push(r);
+            }
+        }
+    }
+    let median = |mut rs: Vec<CaseResult>| {
+        rs.sort_by(|a, b| a.gib_per_s.total_cmp(&b.gib_per_s));
+        rs.swap_remove(rs.len() / 2)
+    };
+    println!("send size   uring-zc GiB/s  cpu s/GiB   uring-copy GiB/s  cpu s/GiB   (loopback, raw, median of {} rounds)", rounds.max(1));
+    let mut out = Vec::new();
+    for (&(pages, records), [zc, copy]) in shapes.iter().zip(all) {
+        let (zc, copy) = (median(zc), median(copy));
+        let send_bytes = pages * records * PAGE_SIZE;
+        println!(
+            "{:>6} KiB {:>15.2} {:>10.3} {:>18.2} {:>10.3}",
+            send_bytes >> 10,
+            zc.gib_per_s,
+            zc.cpu_s_per_gib,
+            copy.gib_per_s,
+            copy.cpu_s_per_gib
+        );
+        out.push(SizeCase {
+            send_bytes,
+            zc,
+            copy,
+        });
+    }
+    Ok(out)
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
     pub memcpy_gib_s: f64,
@@ -637,7 +699,15 @@ pub struct Report {
 /// Runs every case `rounds` times for `dur` each, the cases interleaved so
 /// load from elsewhere on the machine hits them alike; reports each case's
 /// median round (by throughput).
-pub fn run(dur: Duration, rounds: usize, iperf: bool, veth: bool) -> Result<Report, String> {
+/// `only`: the case names to run (`tcp`, `uring`, `uring-zc`,
+/// `uring-copy`), empty for all.
+pub fn run(
+    dur: Duration,
+    rounds: usize,
+    iperf: bool,
+    veth: bool,
+    only: &[String],
+) -> Result<Report, String> {
     let memcpy = memcpy_gib_s(Duration::from_secs(1));
     println!("memcpy (1 thread)      {memcpy:>7.2} GiB/s");
     let seal = seal_gib_s(Duration::from_secs(1));
@@ -691,8 +761,15 @@ pub fn run(dur: Duration, rounds: usize, iperf: bool, veth: bool) -> Result<Repo
                 (TransportKind::Tcp, None, &SEALINGS[..]),
                 (TransportKind::Uring, None, &SEALINGS[..]),
                 (TransportKind::Uring, Some(SendMode::Direct), &SEALINGS[..1]),
-                (TransportKind::Uring, Some(SendMode::DirectCopy), &SEALINGS[..1]),
+                (
+                    TransportKind::Uring,
+                    Some(SendMode::DirectCopy),
+                    &SEALINGS[..1],
+                ),
             ] {
+                if !only.is_empty() && !only.contains(&mode_name(t, zc)) {
+                    continue;
+                }
                 for &s in sealings {
                     plan.push((t, p, zc, link, s));
                 }

@@ -26,13 +26,29 @@ pub struct BenchTransportArgs {
     /// (needs root and iproute2).
     #[arg(long)]
     veth: bool,
+    /// Run only these cases (comma-separated: tcp, uring, uring-zc,
+    /// uring-copy); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Instead of the transports, compare uring zero copy with copy by
+    /// send size (4 KiB to 1 MiB, raw pages, loopback).
+    #[arg(long)]
+    zc_sizes: bool,
     #[arg(long)]
     json: Option<PathBuf>,
 }
 
 pub fn run(a: BenchTransportArgs) -> Result<ExitCode, String> {
     TransportKind::Uring.check_available()?;
-    let r = castor::bench::transport::run(a.duration, a.rounds, a.iperf, a.veth)?;
+    if a.zc_sizes {
+        let r = castor::bench::transport::zc_sizes(a.duration, a.rounds)?;
+        if let Some(p) = a.json {
+            let j = serde_json::to_vec_pretty(&r).expect("report serialises");
+            std::fs::write(&p, j).map_err(|e| format!("writing {}: {e}", p.display()))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let r = castor::bench::transport::run(a.duration, a.rounds, a.iperf, a.veth, &a.only)?;
     if let Some(p) = a.json {
         let j = serde_json::to_vec_pretty(&r).expect("report serialises");
         std::fs::write(&p, j).map_err(|e| format!("writing {}: {e}", p.display()))?;

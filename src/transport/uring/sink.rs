@@ -67,7 +67,7 @@ const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 const WAIT_SLICE: Duration = Duration::from_millis(100);
 /// Smallest chunk [`SendMode::Auto`] sends with zero copy (see
 /// docs/throughput.md, "io_uring ownership hand-off", for the measurement).
-pub const ZC_MIN: usize = 64 << 10;
+pub const ZC_MIN: usize = 128 << 10;
 /// Notifications in a row reporting a copy after which
 /// [`SendMode::Auto`] stops asking for zero copy.
 pub const COPIED_SWITCH: u32 = 8;
@@ -132,7 +132,10 @@ impl DirectOp {
 impl SendMode {
     /// Sends from the caller's buffers (through op slots), not staging.
     pub fn is_direct(self) -> bool {
-        matches!(self, SendMode::Auto | SendMode::Direct | SendMode::DirectCopy)
+        matches!(
+            self,
+            SendMode::Auto | SendMode::Direct | SendMode::DirectCopy
+        )
     }
 }
 
@@ -335,7 +338,7 @@ impl UringSink {
 
     /// Waits at most [`WAIT_SLICE`] for a completion; fails once the kernel
     /// has reported nothing for the deadline (`what`: what is awaited).
-    fn wait_cqe(&mut self, what: &str) -> io::Result<()> {
+    pub(super) fn wait_cqe(&mut self, what: &str) -> io::Result<()> {
         let limit = self.deadline();
         if self.progress.elapsed() >= limit {
             return Err(self.fail(format!(

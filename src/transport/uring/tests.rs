@@ -87,9 +87,17 @@ fn cross_the_ring(mode: SendMode) {
         eprintln!("SKIP {mode:?}: kernel {} lacks SENDMSG_ZC", kernel());
         sink
     };
+    let (lent_tx, lent_rx) = std::sync::mpsc::channel();
+    let mut lent = 0;
     for i in 0..n {
         let mut v = Vec::new();
         write_record(&mut v, RecordKind::State, i as u64, &payload(i));
+        if i % 5 == 2 {
+            // Lent: the sink may keep it past the call.
+            sink.send_lent(Box::new(Lend(v, lent_tx.clone()))).unwrap();
+            lent += 1;
+            continue;
+        }
         if i % 5 == 4 {
             // Hundreds of small pieces: more than one SENDMSG_ZC's
             // iovecs, so chunks are cut at MAX_IOV pieces.
@@ -101,8 +109,9 @@ fn cross_the_ring(mode: SendMode) {
             let (a, b) = v.split_at(v.len() / 3);
             sink.send(&[a, &[], b]).unwrap();
         }
-        if sink.mode().is_direct() {
-            // The caller's buffers are free again: nothing in flight.
+        if sink.mode().is_direct() && sink.loans.held() == 0 {
+            // The caller's buffers are free again: nothing in flight
+            // (earlier lent sends may still be, until their notification).
             assert!(sink.stages.iter().all(|s| !s.result_due && !s.notif_due));
             assert_eq!(sink.free.len(), DIRECT_OPS);
             assert_eq!(
@@ -117,6 +126,9 @@ fn cross_the_ring(mode: SendMode) {
     }
     assert!(sink.window.pos() > 3 * ann.ring_len() as u64);
     drop(sink);
+    // Every lent buffer came back (by the drop at the latest), intact.
+    let back: Vec<Vec<u8>> = lent_rx.try_iter().collect();
+    assert_eq!(back.len(), lent, "{mode:?}");
     c.shutdown(std::net::Shutdown::Write).unwrap();
     backup.join().unwrap();
     drop(c);
@@ -234,4 +246,124 @@ fn a_peer_that_stops_reading_fails_the_sink_at_its_deadline() {
         end.is_err(),
         "the sink reset the connection (tcp_disconnect)"
     );
+}
+
+/// A buffer lent to the sink, handed back through a channel.
+struct Lend(Vec<u8>, std::sync::mpsc::Sender<Vec<u8>>);
+
+impl crate::transport::Lent for Lend {
+    fn pieces(&self) -> Vec<&[u8]> {
+        vec![&self.0]
+    }
+    fn give_back(self: Box<Self>) {
+        let _ = self.1.send(self.0);
+    }
+}
+
+fn set_buf(s: &TcpStream, opt: libc::c_int, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket and an int option of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+}
+
+/// Ownership hand-off: `send_lent` returns once the sends completed (the
+/// bytes are queued on the socket) while the kernel still reads the
+/// buffer, which the sink then keeps; it is handed back only once the
+/// notification came (here: after the peer, whose tiny receive window
+/// held the bytes in the sender's queue, read them), intact.
+#[test]
+fn a_lent_buffer_comes_back_only_after_its_notification() {
+    if !available() {
+        return;
+    }
+    let (c, mut s) = pair();
+    set_buf(&c, libc::SO_SNDBUF, 4 << 20);
+    set_buf(&s, libc::SO_RCVBUF, 16 << 10);
+    let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).unwrap();
+    let credits = Arc::new(CreditShared::default());
+    let sink = UringSink::new(c.try_clone().unwrap(), &ann, credits).unwrap();
+    if !sink.mode().is_direct() {
+        eprintln!("SKIP: kernel {} lacks SENDMSG_ZC", kernel());
+        return;
+    }
+    let mut sink = sink.with_mode(SendMode::Direct);
+    let data: Vec<u8> = (0..256 << 10).map(|k: usize| (k * 31 + 7) as u8).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    sink.send_lent(Box::new(Lend(data.clone(), tx))).unwrap();
+    // Returned with the send complete but its notification due: the
+    // buffer is the sink's.
+    assert!(sink.stages.iter().all(|s| !s.result_due));
+    assert!(sink.stages.iter().any(|s| s.notif_due), "notification due");
+    assert_eq!(sink.loans.held(), 1);
+    sink.reclaim();
+    assert!(
+        rx.try_recv().is_err(),
+        "handed back while the kernel reads it"
+    );
+    let want = data.len() + CHUNK_HEADER;
+    let rd = std::thread::spawn(move || {
+        // A wide window again, so the rest flows at once.
+        set_buf(&s, libc::SO_RCVBUF, 1 << 20);
+        let mut v = vec![0u8; want];
+        s.read_exact(&mut v).unwrap();
+        v
+    });
+    // The notification is the event: wait for it (bounded by the sink's
+    // own deadline), then the buffer must be back.
+    let back = loop {
+        sink.reclaim();
+        if let Ok(b) = rx.try_recv() {
+            break b;
+        }
+        sink.wait_cqe("zero-copy notification").unwrap();
+    };
+    assert!(sink.stages.iter().all(|s| !s.result_due && !s.notif_due));
+    assert_eq!(sink.loans.held(), 0);
+    assert!(back == data, "handed back changed");
+    let got = rd.join().unwrap();
+    assert!(got[CHUNK_HEADER..] == data[..], "the peer got other bytes");
+}
+
+/// A lent send that fails (a peer that stops reading, deadline 300 ms):
+/// the sink tears the connection down, the kernel lets go of the pages,
+/// and the buffer comes back (nothing due, nothing held, nothing kept);
+/// a send on the failed sink hands its buffer straight back.
+#[test]
+fn a_failed_lent_send_hands_back_what_the_kernel_released() {
+    if !available() {
+        return;
+    }
+    let (c, _s) = pair();
+    c.set_write_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).unwrap();
+    let credits = Arc::new(CreditShared::default());
+    let sink = UringSink::new(c.try_clone().unwrap(), &ann, credits).unwrap();
+    if !sink.mode().is_direct() {
+        eprintln!("SKIP: kernel {} lacks SENDMSG_ZC", kernel());
+        return;
+    }
+    let mut sink = sink.with_mode(SendMode::Direct);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let big = vec![7u8; ann.ring_len() / 2];
+    let e = sink
+        .send_lent(Box::new(Lend(big, tx.clone())))
+        .expect_err("nobody reads");
+    assert!(e.to_string().contains("--backup-timeout"), "{e}");
+    assert!(sink.stages.iter().all(|s| !s.result_due && !s.notif_due));
+    assert_eq!(sink.loans.held(), 0, "still held after the teardown");
+    assert!(!sink.kernel_kept_buffers());
+    assert_eq!(rx.try_recv().unwrap().len(), ann.ring_len() / 2);
+    let e2 = sink.send_lent(Box::new(Lend(vec![1; 10], tx))).unwrap_err();
+    assert_eq!(e2.to_string(), e.to_string(), "the first failure repeats");
+    assert_eq!(rx.try_recv().unwrap(), vec![1; 10]);
 }
