@@ -4,13 +4,17 @@
 //! Primary ([`UringSink`]): records are cut into chunks that each fit the
 //! backup's current receive slot, each sent with an 8-byte chunk header
 //! (`tag` u32 = [`ChunkTag`](crate::transport::slots::ChunkTag), `seq` u32 = chunk count mod 2^32) on a fixed
-//! file. By default ([`SendMode::Direct`]) a chunk is one
-//! `IORING_OP_SENDMSG_ZC` whose iovecs are the header (in sink-owned memory)
-//! and the pieces of the caller's buffers that make up its body, so the
-//! sink copies no byte; since the caller lends those buffers only for the
-//! call, `send` returns only once every one of its sends has both its
-//! completion and its zero-copy notification (`IORING_CQE_F_NOTIF`), i.e.
-//! once the kernel no longer reads them. The staged modes copy the chunk
+//! file. In the direct modes (the default, [`SendMode::Auto`]) a chunk is
+//! one `IORING_OP_SENDMSG_ZC` (or plain `SENDMSG` where zero copy does not
+//! pay) whose iovecs are the header (in sink-owned memory) and the pieces
+//! of the caller's buffers that make up its body, so the sink copies no
+//! byte. Buffers lent with [`RecordSink::send_lent`](crate::transport::RecordSink::send_lent)
+//! stay with the sink
+//! until every one of their sends has both its completion and its
+//! zero-copy notification (`IORING_CQE_F_NOTIF`), i.e. until the kernel no
+//! longer reads them, and go back to the caller then, after `send_lent`
+//! returned; borrowed buffers (`send`) make `send` wait for that. The
+//! staged modes copy the chunk
 //! into the sink's registered staging buffers instead and send it with
 //! `IORING_OP_SEND_ZC` (or plain `SEND`) from there; a staging buffer is
 //! reused only after its completion and notification arrived. One batch of
@@ -45,7 +49,7 @@ use io_uring::{opcode, IoUring, Probe};
 
 use crate::transport::ring::MirrorError;
 pub use crate::transport::ring::{CreditFilter, CreditShared, MirrorRing};
-pub use sink::{SendMode, UringSink};
+pub use sink::{SendMode, UringSink, COPIED_SWITCH, ZC_MIN};
 pub use source::{UringLink, UringSource};
 
 /// Bytes before each chunk body on the wire: tag u32, seq u32.
