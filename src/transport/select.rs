@@ -67,19 +67,24 @@ pub fn primary(
             None => sink,
         }
     };
-    let rec = reader.next()?;
-    let ann = match rec.kind {
-        RecordKind::Slots => Announce::decode(rec.payload)?,
-        RecordKind::Error => {
-            return Err(SetupError::Refused(
-                String::from_utf8_lossy(rec.payload).into_owned(),
-            ))
-        }
-        got => {
-            return Err(SetupError::Unexpected {
-                transport: kind,
-                got,
-            })
+    // A backup that runs tcp beats from the moment it accepted us, so its
+    // heartbeats may come before the Error record refusing the mismatch.
+    let ann = loop {
+        let rec = reader.next()?;
+        match rec.kind {
+            RecordKind::Slots => break Announce::decode(rec.payload)?,
+            RecordKind::Heartbeat => continue,
+            RecordKind::Error => {
+                return Err(SetupError::Refused(
+                    String::from_utf8_lossy(rec.payload).into_owned(),
+                ))
+            }
+            got => {
+                return Err(SetupError::Unexpected {
+                    transport: kind,
+                    got,
+                })
+            }
         }
     };
     match kind {
@@ -177,5 +182,45 @@ pub fn backup(
         other => Err(SetupError::Unavailable(refuse(format!(
             "transport {other} is not available in this backup's build"
         )))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A tcp backup beats from the moment it accepted the primary: its
+    /// heartbeats before the Error record refusing a uring/rdma primary
+    /// must not hide the refusal (lab_rdma saw "unexpected Heartbeat").
+    #[test]
+    fn heartbeats_before_a_refusal_still_read_as_the_refusal() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let backup = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            for _ in 0..3 {
+                send_record(&mut s, RecordKind::Heartbeat, 0, &[]).unwrap();
+            }
+            send_record(
+                &mut s,
+                RecordKind::Error,
+                0,
+                b"this backup runs --transport tcp",
+            )
+            .unwrap();
+            // Hold the connection until the primary has read it all.
+            let mut sink = [0u8; 64];
+            let _ = std::io::Read::read(&mut s, &mut sink);
+        });
+        let s = TcpStream::connect(addr).unwrap();
+        let reader = RecordReader::new(s.try_clone().unwrap());
+        let writer = SealedWriter::new(s);
+        match primary(TransportKind::Uring, reader, writer) {
+            Err(SetupError::Refused(why)) => assert!(why.contains("--transport tcp"), "{why}"),
+            Err(e) => panic!("expected the refusal, got {e}"),
+            Ok(_) => panic!("expected the refusal, got a sink"),
+        }
+        backup.join().unwrap();
     }
 }
