@@ -6,6 +6,7 @@
 mod common;
 use common::nbd::Nbd;
 use common::trials::Trials;
+use common::writes::{after, is_prefix, nth_write, BLOCKS};
 use common::*;
 
 use std::path::Path;
@@ -128,28 +129,6 @@ fn qemu_io_writes_reach_the_backups_disk_byte_for_byte() {
         replica_digest(&dir.path().join("replica")),
         "digest covers the disk"
     );
-}
-
-const BLOCKS: u64 = 64;
-
-/// Write `i` of the trial client: block slot and content.
-fn nth_write(i: u64) -> (u64, Vec<u8>) {
-    let slot = (i * 13 + i / BLOCKS) % BLOCKS;
-    let mut d = vec![0u8; 4096];
-    for (j, c) in d.chunks_mut(8).enumerate() {
-        c.copy_from_slice(&(i << 16 | j as u64).to_le_bytes());
-    }
-    (slot * 4096, d)
-}
-
-/// The disk after the first `k` writes.
-fn after(k: u64) -> Vec<u8> {
-    let mut disk = vec![0u8; (BLOCKS * 4096) as usize];
-    for i in 0..k {
-        let (off, d) = nth_write(i);
-        disk[off as usize..off as usize + 4096].copy_from_slice(&d);
-    }
-    disk
 }
 
 #[test]
@@ -293,19 +272,6 @@ fn blake3_of(p: &Path) -> String {
     blake3::hash(&std::fs::read(p).unwrap())
         .to_hex()
         .to_string()
-}
-
-/// Whether `disk` is the disk after some prefix of the trial client's
-/// writes: every block names the write that filled it, so the prefix can
-/// only end one past the latest of them.
-fn is_prefix(disk: &[u8]) -> bool {
-    let k = disk
-        .chunks(4096)
-        .filter(|b| b.iter().any(|&x| x != 0))
-        .map(|b| (u64::from_le_bytes(b[..8].try_into().unwrap()) >> 16) + 1)
-        .max()
-        .unwrap_or(0);
-    after(k) == disk
 }
 
 #[test]

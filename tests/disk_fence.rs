@@ -12,6 +12,7 @@ use common::etcd::Etcd;
 use common::lines::Lines;
 use common::nbd::Nbd;
 use common::proxy::Proxy;
+use common::writes::{after, nth_write, prefix_of, BLOCKS};
 use common::*;
 
 use std::process::Stdio;
@@ -20,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const TTL: Duration = castor::ha::etcd::DEFAULT_TTL;
-const BLOCKS: u64 = 64;
 /// NBD's ESHUTDOWN: the export's answer to a write it may not complete.
 const ESHUTDOWN: u32 = 108;
 
@@ -30,39 +30,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Write `i` of the client: block slot and content (unique per write).
-fn nth_write(i: u64) -> (u64, Vec<u8>) {
-    let slot = (i * 13 + i / BLOCKS) % BLOCKS;
-    let mut d = vec![0u8; 4096];
-    for (j, c) in d.chunks_mut(8).enumerate() {
-        c.copy_from_slice(&(i << 16 | j as u64).to_le_bytes());
-    }
-    (slot * 4096, d)
-}
-
-/// The disk after the first `k` writes.
-fn after(k: u64) -> Vec<u8> {
-    let mut disk = vec![0u8; (BLOCKS * 4096) as usize];
-    for i in 0..k {
-        let (off, d) = nth_write(i);
-        disk[off as usize..off as usize + 4096].copy_from_slice(&d);
-    }
-    disk
-}
-
-/// The `k` for which `disk` is the disk after the first `k` writes, if
-/// any: every block names the write that filled it, so `k` can only be
-/// one past the latest of them.
-fn prefix_of(disk: &[u8]) -> Option<u64> {
-    let k = disk
-        .chunks(4096)
-        .filter(|b| b.iter().any(|&x| x != 0))
-        .map(|b| (u64::from_le_bytes(b[..8].try_into().unwrap()) >> 16) + 1)
-        .max()
-        .unwrap_or(0);
-    (after(k) == disk).then_some(k)
 }
 
 /// What the client saw of each write: when it completed, or its error.

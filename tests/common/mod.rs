@@ -10,6 +10,7 @@ pub mod nbd;
 pub mod packet;
 pub mod proxy;
 pub mod trials;
+pub mod writes;
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
