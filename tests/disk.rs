@@ -131,6 +131,64 @@ fn qemu_io_writes_reach_the_backups_disk_byte_for_byte() {
     );
 }
 
+/// `backup --from-saved` activates the saved version's disk, not the
+/// working one beside it, which a backup that crashed mid-session carried
+/// past the saved memory (here: a later write put there by hand).
+#[test]
+fn from_saved_activates_the_saved_versions_disk() {
+    if sim_unavailable() || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.img");
+    image(&path, 1 << 20, |_| 0);
+    let rdir = dir.path().join("replica");
+    let b = Backup::start_with(&rdir, SLACK, KEY);
+    let port = free_port();
+    let disk = format!("data={},nbd=127.0.0.1:{port}", path.display());
+    let mut p = protect_flowing_with(SIM, &b.addr, "25ms", &["--disk", &disk]);
+    qemu_io(
+        &format!("nbd://127.0.0.1:{port}/data"),
+        &["write -P 0x5a 0 64k", "flush"],
+    );
+    assert!(sigint(&mut p).success());
+    let (st, err) = b.wait();
+    assert!(st.success(), "backup:\n{err}");
+    let saved = std::fs::read(&path).unwrap();
+    let working = rdir.join("disks/data.img");
+    let mut later = std::fs::read(&working).unwrap();
+    assert!(
+        later == saved,
+        "the session's disk differs from the primary's"
+    );
+    later[..4096].fill(0xee);
+    std::fs::write(&working, &later).unwrap();
+    let lock = format!("local:{}", dir.path().join("pair.lock").display());
+    let nbd = format!("nbd.data=127.0.0.1:{}", free_port());
+    let out = output_within(
+        castor()
+            .args([
+                "backup",
+                "--listen",
+                "127.0.0.1:0",
+                "--activate",
+                "--from-saved",
+                "--state-dir",
+            ])
+            .arg(&rdir)
+            .args(["--arbiter", &lock, "--run-for", "1s", "--override", &nbd]),
+        EXIT_PATIENCE,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "--from-saved:\n{err}");
+    assert!(err.contains("ACTIVATED"), "{err}");
+    let activated = std::fs::read(rdir.join("activated/disks/data.img")).unwrap();
+    assert!(
+        activated == saved,
+        "the activated disk is not the saved version's:\n{err}"
+    );
+}
+
 #[test]
 fn sigkill_while_a_client_writes_leaves_a_prefix_of_its_writes() {
     if sim_unavailable() {

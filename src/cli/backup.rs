@@ -231,6 +231,7 @@ fn backup_config(a: &BackupArgs, psk: &Psk) -> Result<BackupConfig, String> {
 fn activate_saved(a: &BackupArgs, psk: Psk) -> Result<ExitCode, String> {
     let (meta, mem, state) =
         castor::engine::replica::load(&a.state_dir).map_err(|e| format!("--from-saved: {e}"))?;
+    restore_saved_disks(&a.state_dir, &meta)?;
     let mut arb = make_arbiter(a.arbiter.as_deref(), 0)?;
     eprintln!(
         "castor backup: activating the replica of epoch {} saved in {} ({})",
@@ -257,6 +258,39 @@ fn activate_saved(a: &BackupArgs, psk: Psk) -> Result<ExitCode, String> {
     };
     let code = fail_over(a, psk, arb.as_mut(), &mut out)?;
     Ok(ExitCode::from(code.unwrap_or(0)))
+}
+
+/// Puts the saved version's disks where activation takes them from
+/// (`STATE_DIR/disks/NAME.img`). The working disks there may be newer than
+/// the saved memory (a backup that crashed mid-session committed later
+/// epochs to them), or gone (an earlier activation moved them): the
+/// version's copies are the ones at the saved epoch. Copied, sparse, so
+/// the saved version stays whole.
+fn restore_saved_disks(
+    state_dir: &std::path::Path,
+    meta: &castor::engine::replica::Meta,
+) -> Result<(), String> {
+    if meta.disks.is_empty() {
+        return Ok(());
+    }
+    let ver = castor::engine::replica::version_dir(state_dir)
+        .map_err(|e| format!("--from-saved: {e}"))?;
+    for d in &meta.disks {
+        let from = castor::engine::replica::disk_path(&ver, &d.name);
+        let to = castor::engine::replica::disk_path(state_dir, &d.name);
+        let failed = |e: std::io::Error| {
+            format!(
+                "--from-saved: copying the saved disk {} to {}: {e}",
+                from.display(),
+                to.display()
+            )
+        };
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir).map_err(failed)?;
+        }
+        castor::disk::image::copy_sparse(&from, &to).map_err(failed)?;
+    }
+    Ok(())
 }
 
 /// `--activate`: the failover sequence on the committed replica; the exit
