@@ -34,14 +34,6 @@ fn have(tool: &str) -> bool {
 }
 
 /// A loopback port free right now (the export binds it a moment later).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn image(path: &Path, size: usize, fill: impl Fn(usize) -> u8) {
     let b: Vec<u8> = (0..size).map(fill).collect();
     std::fs::write(path, b).unwrap();

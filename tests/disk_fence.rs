@@ -24,14 +24,6 @@ const TTL: Duration = castor::ha::etcd::DEFAULT_TTL;
 /// NBD's ESHUTDOWN: the export's answer to a write it may not complete.
 const ESHUTDOWN: u32 = 108;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// What the client saw of each write: when it completed, or its error.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Seen {

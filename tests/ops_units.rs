@@ -110,14 +110,6 @@ impl Drop for PeerBackup {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A directory `nobody` can traverse (ocf-tester runs meta-data as nobody).
 fn open_dir() -> tempfile::TempDir {
     let d = tempfile::Builder::new()

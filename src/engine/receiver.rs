@@ -535,6 +535,12 @@ mod tests {
                 Some(k)
             });
         }
+        end_epoch(v, w, e)
+    }
+
+    /// Closes `w`'s pages and appends epoch `e`'s State (not for the seed)
+    /// and EpochEnd records, with the totals `w` counted.
+    fn end_epoch(mut v: Vec<u8>, mut w: PagesWriter, e: u64) -> Vec<u8> {
         w.close(&mut v);
         if e > 0 {
             write_record(&mut v, RecordKind::State, e, b"st");
@@ -639,18 +645,7 @@ mod tests {
         for (g, new, old) in entries {
             w.push(&mut v, *g, |o| Some(enc.encode(new, Some(old), o) as u8));
         }
-        w.close(&mut v);
-        if e > 0 {
-            write_record(&mut v, RecordKind::State, e, b"st");
-        }
-        let end = EpochEnd {
-            page_entries: w.entries,
-            pages_records: w.records,
-            state_len: if e > 0 { 2 } else { 0 },
-            disk_records: 0,
-        };
-        write_record(&mut v, RecordKind::EpochEnd, e, &end.encode());
-        v
+        end_epoch(v, w, e)
     }
 
     type Page = [u8; PAGE_SIZE];

@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Netns, Reaped};
+use super::{free_port, Netns, Reaped};
 
 pub struct Etcd {
     /// `http://IP:PORT`, the client URL (IP is 127.0.0.1 unless started
@@ -13,14 +13,6 @@ pub struct Etcd {
     pub port: u16,
     proc: Reaped,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Etcd {

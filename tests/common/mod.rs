@@ -49,6 +49,15 @@ pub fn castor() -> Command {
     c
 }
 
+/// A TCP port on loopback that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Skips (returns true) when the kernel lacks what the sim domain needs.
 pub fn sim_unavailable() -> bool {
     let out = output_within(
