@@ -96,6 +96,8 @@ pub struct Metrics {
     last_closed_ns: u64,
     /// Checkpoint latency of the last record added, µs.
     last_latency_us: u64,
+    /// Dirty pages of the last record added.
+    last_dirty_pages: u64,
     pub epochs: u64,
     pub acked_epoch: u64,
     pub extended_epochs: u64,
@@ -138,6 +140,7 @@ impl Metrics {
             epoch_len: hist(),
             last_closed_ns: 0,
             last_latency_us: 0,
+            last_dirty_pages: 0,
             epochs: 0,
             acked_epoch: 0,
             extended_epochs: 0,
@@ -158,9 +161,15 @@ impl Metrics {
         }
     }
 
-    /// The latest checkpoint latency (pause start to ack), if any.
-    pub fn last_latency(&self) -> Option<Duration> {
-        (self.epochs > 0).then(|| Duration::from_micros(self.last_latency_us))
+    /// The latest acknowledged checkpoint: its latency (pause start to
+    /// ack) and its dirty pages, if any was acknowledged.
+    pub fn last_ack(&self) -> Option<(Duration, u64)> {
+        (self.epochs > 0).then(|| {
+            (
+                Duration::from_micros(self.last_latency_us),
+                self.last_dirty_pages,
+            )
+        })
     }
 
     pub fn add(&mut self, r: &EpochRecord) {
@@ -190,6 +199,7 @@ impl Metrics {
         }
         self.last_closed_ns = r.closed_at_ns;
         self.last_latency_us = r.latency_us;
+        self.last_dirty_pages = r.dirty_pages;
         self.epochs += 1;
         self.acked_epoch = self.acked_epoch.max(r.epoch);
         if r.extension_us > 0 {

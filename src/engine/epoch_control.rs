@@ -23,12 +23,29 @@
 //!   stays near `target`). This is what makes the controller react within
 //!   the epoch rather than one epoch late: a long epoch grown while the
 //!   guest computed is cut short as soon as it talks.
-//! - An overhead guard the two rules lack: no epoch, cut or not, is shorter
-//!   than `pause / overhead` (default 5%: a 1 ms pause allows 20 ms
-//!   epochs), so a phase that writes hard *and* talks does not lose more
-//!   than that share of the guest's time to pauses. `pause` is the median
-//!   of the last three: one pause stretched by a descheduled host does not
-//!   hold the epoch long.
+//! - A size cap the two rules lack: output that comes after a silent
+//!   stretch waits behind the checkpoints then in flight, so a silent
+//!   epoch may grow only while its checkpoint is predicted to be acked
+//!   within half the target. The prediction is per page: the acked
+//!   checkpoints' latency per dirty page (median of the last three) times
+//!   the pages the next epoch will dirty at the last epoch's dirty rate.
+//!   A write-heavy guest's silent epochs stay short enough that the first
+//!   frame after them is not held behind a 100 ms checkpoint; a quiet one
+//!   still grows to `max`.
+//! - An overhead guard the rules lack: the pauses may take at most
+//!   `overhead` of the guest's time (default 5%). The share is measured,
+//!   pause over the epoch it ended, on the epochs that held output (the
+//!   ones a cut shortens; median of the last three, so one pause
+//!   stretched by a descheduled host counts for nothing). Above
+//!   `overhead`, no epoch, cut or not, is shorter than the length at which
+//!   that pause would take exactly `overhead` (a 2 ms pause of a 5 ms epoch
+//!   asks for 40 ms), so a phase that writes hard *and* talks does not
+//!   lose more than that share to pauses. Below half of it the guard
+//!   halves each epoch back to `min`. It is a share and not a pause length
+//!   on purpose: a 100 ms write-heavy epoch's 1.6 ms pause is 1.6% of the
+//!   guest's time, and a guard of 1.6 ms / 5% = 32 ms would hold the first
+//!   frames after it 30 ms longer for nothing (a cut epoch dirties less
+//!   and pauses less).
 //!
 //! Invariants: every nominal length returned is within `[min, max]`, and
 //! [`EpochController::floor`] is within `[min, max]`; nominal growth is at
@@ -190,10 +207,16 @@ impl fmt::Display for EpochPolicy {
 pub struct Observation {
     /// How long the guest was paused.
     pub pause: Duration,
+    /// How long the epoch just ended ran before its pause.
+    pub ran: Duration,
+    /// Pages the epoch just ended dirtied (its checkpoint's pages).
+    pub dirty_pages: u64,
     /// Output frames the guest produced during the epoch just ended.
     pub output_frames: u64,
     /// The latest checkpoint latency (pause start to ack), if any acked.
     pub latency: Option<Duration>,
+    /// Dirty pages of the checkpoint `latency` belongs to (0: unknown).
+    pub acked_pages: u64,
 }
 
 /// Chooses each epoch's length; see the module doc for the rules.
@@ -201,10 +224,16 @@ pub struct Observation {
 pub struct EpochController {
     policy: EpochPolicy,
     current: Duration,
-    /// The last three pauses, seconds (newest last).
-    pauses: Vec<f64>,
+    /// The last three pauses' share of their epoch (pause / ran).
+    shares: Vec<f64>,
+    /// The overhead guard's shortest epoch, seconds (see the module doc).
+    guard: f64,
     /// The last three checkpoint latencies, seconds (newest last).
     latencies: Vec<f64>,
+    /// The last three acked checkpoints' latency per dirty page, seconds.
+    per_page: Vec<f64>,
+    /// The last epoch's dirty rate, pages per second (0: unknown).
+    dirty_rate: f64,
 }
 
 /// How many recent samples the medians take.
@@ -228,8 +257,11 @@ impl EpochController {
         EpochController {
             policy,
             current: policy.initial(),
-            pauses: Vec::with_capacity(RECENT),
+            shares: Vec::with_capacity(RECENT),
+            guard: 0.0,
             latencies: Vec::with_capacity(RECENT),
+            per_page: Vec::with_capacity(RECENT),
+            dirty_rate: 0.0,
         }
     }
 
@@ -239,15 +271,13 @@ impl EpochController {
     }
 
     /// The shortest an epoch may run, cut or not: `min`, or the overhead
-    /// guard's `pause / overhead` if longer (at most `max`). A fixed
-    /// epoch's own length.
+    /// guard if longer (at most `max`). A fixed epoch's own length.
     pub fn floor(&self) -> Duration {
         match self.policy {
             EpochPolicy::Fixed(d) => d,
             EpochPolicy::Auto(p) => {
-                let guard = median(&self.pauses).unwrap_or(0.0) / p.overhead;
                 let (min, max) = (p.min.as_secs_f64(), p.max.as_secs_f64());
-                Duration::from_secs_f64(guard.clamp(min, max))
+                Duration::from_secs_f64(self.guard.clamp(min, max))
             }
         }
     }
@@ -266,6 +296,45 @@ impl EpochController {
         Some(Duration::from_secs_f64(stratus.min(budget).max(0.0)))
     }
 
+    /// Records one checkpoint's pause share (moving the overhead guard),
+    /// latency, per-page cost and the epoch's dirty rate.
+    fn observe(&mut self, o: &Observation, overhead: f64) {
+        let ran = o.ran.as_secs_f64();
+        if ran > 0.0 {
+            self.dirty_rate = o.dirty_pages as f64 / ran;
+        }
+        // Only epochs that talked inform the guard: it bounds how short a
+        // cut may make an epoch, and silent epochs are never cut.
+        if ran > 0.0 && o.output_frames > 0 {
+            push_recent(&mut self.shares, o.pause.as_secs_f64() / ran);
+            let share = median(&self.shares).unwrap_or(0.0);
+            if share > overhead {
+                self.guard = self.guard.max(ran * share / overhead);
+            } else if share < overhead / 2.0 {
+                self.guard /= 2.0;
+            }
+        }
+        if let Some(l) = o.latency {
+            push_recent(&mut self.latencies, l.as_secs_f64());
+            if o.acked_pages > 0 {
+                push_recent(&mut self.per_page, l.as_secs_f64() / o.acked_pages as f64);
+            }
+        }
+    }
+
+    /// The longest epoch (seconds) whose checkpoint is predicted to be
+    /// acked within `budget`: the pages it dirties at the last dirty rate
+    /// times the recent latency per page. Unbounded until both are known.
+    fn size_cap(&self, budget: f64) -> f64 {
+        let per_page = median(&self.per_page).unwrap_or(0.0);
+        let cost = per_page * self.dirty_rate;
+        if cost > 0.0 {
+            budget / cost
+        } else {
+            f64::INFINITY
+        }
+    }
+
     /// Folds in one checkpoint's measurements; returns the next epoch's
     /// nominal length (an epoch that holds output may be cut shorter).
     pub fn next(&mut self, o: &Observation) -> Duration {
@@ -273,10 +342,7 @@ impl EpochController {
             EpochPolicy::Fixed(d) => return d,
             EpochPolicy::Auto(p) => p,
         };
-        push_recent(&mut self.pauses, o.pause.as_secs_f64());
-        if let Some(l) = o.latency {
-            push_recent(&mut self.latencies, l.as_secs_f64());
-        }
+        self.observe(o, p.overhead);
         let latency = median(&self.latencies).unwrap_or(0.0);
         let target = p.target.as_secs_f64();
         let cur = self.current.as_secs_f64();
@@ -293,7 +359,9 @@ impl EpochController {
             // Adaptive Remus: CPU-bound, nobody waits: few pauses.
             p.max.as_secs_f64()
         };
-        let want = want.max(self.floor().as_secs_f64());
+        let want = want
+            .min(self.size_cap(target / 2.0))
+            .max(self.floor().as_secs_f64());
         let next = if want > cur {
             want.min(cur * 1.5)
         } else {
@@ -320,6 +388,15 @@ mod tests {
             pause: Duration::from_micros(pause_us),
             output_frames: out,
             latency: Some(Duration::from_millis(latency_ms)),
+            ..Default::default()
+        }
+    }
+
+    /// `obs` of an epoch that ran `ran_ms`.
+    fn ran(pause_us: u64, out: u64, latency_ms: u64, ran_ms: f64) -> Observation {
+        Observation {
+            ran: Duration::from_secs_f64(ran_ms / 1000.0),
+            ..obs(pause_us, out, latency_ms)
         }
     }
 
@@ -401,9 +478,11 @@ mod tests {
     #[test]
     fn long_pauses_hold_the_epoch_above_the_overhead_floor() {
         let mut c = auto();
-        // 2 ms pauses at 5% overhead: at least 40 ms, even while talking.
+        // 2 ms pauses at 5% overhead: at least 40 ms, even while talking
+        // (a talking epoch is cut at the floor).
         for _ in 0..30 {
-            c.next(&obs(2_000, 10, 4));
+            let f = c.floor().as_secs_f64() * 1000.0;
+            c.next(&ran(2_000, 10, 4, f));
         }
         let e = c.current().as_secs_f64();
         assert!((0.039..=0.041).contains(&e), "{e}");
@@ -450,14 +529,107 @@ mod tests {
     #[test]
     fn one_stalled_pause_does_not_raise_the_floor() {
         let mut c = auto();
-        c.next(&obs(100, 1, 4));
-        c.next(&obs(100, 1, 4));
+        c.next(&ran(100, 1, 4, 5.0));
+        c.next(&ran(100, 1, 4, 5.0));
         // A 40 ms pause (the host descheduled us) between short ones.
-        c.next(&obs(40_000, 1, 4));
+        c.next(&ran(40_000, 1, 4, 5.0));
         assert_eq!(c.floor(), 5 * MS, "median of the last three pauses");
-        // Two long pauses in a row are the guest's: the guard holds.
-        c.next(&obs(3_000, 1, 4));
-        assert_eq!(c.floor(), 60 * MS);
+        // Two long pauses in a row are the guest's: the guard holds. The
+        // median share, 3 ms of 5 ms, takes 5% at 60 ms.
+        c.next(&ran(3_000, 1, 4, 5.0));
+        let f = c.floor().as_secs_f64();
+        assert!((f - 0.060).abs() < 1e-9, "{f}");
+    }
+
+    #[test]
+    fn a_long_silent_epochs_pause_does_not_hold_back_the_next_talk() {
+        let mut c = auto();
+        // Write-heavy and silent: 100 ms epochs whose pauses take 1.6 ms,
+        // 1.6% of the guest's time (a guard of pause / overhead would be
+        // 32 ms), two of them stretched to 20 ms by a busy host. Silent
+        // epochs are never cut, so none of it raises the guard.
+        for i in 0..10 {
+            let pause = if i == 4 || i == 5 { 20_000 } else { 1_600 };
+            c.next(&ran(pause, 0, 4, 100.0));
+        }
+        assert_eq!(c.current(), 100 * MS);
+        assert_eq!(c.floor(), 5 * MS);
+        // The guest talks: its held output is cut 2 ms after the first
+        // frame, no later than the floor, 5 ms into the epoch.
+        assert!(c.cut_after(64).unwrap() < 3 * MS);
+    }
+
+    #[test]
+    fn the_guard_relaxes_once_pauses_take_little() {
+        let mut c = auto();
+        for _ in 0..5 {
+            let f = c.floor().as_secs_f64() * 1000.0;
+            c.next(&ran(2_000, 10, 4, f));
+        }
+        assert!(c.floor() >= 39 * MS, "{:?}", c.floor());
+        // Pauses fall to 100 µs (1-2% of the epoch): halved back to min.
+        for _ in 0..10 {
+            let f = c.floor().as_secs_f64() * 1000.0;
+            c.next(&ran(100, 10, 4, f));
+        }
+        assert_eq!(c.floor(), 5 * MS);
+    }
+
+    /// A silent epoch of `ran_ms` that dirtied `pages`, its latest acked
+    /// checkpoint `latency_ms` for `acked` pages.
+    fn sized(ran_ms: u64, pages: u64, latency_ms: f64, acked: u64) -> Observation {
+        Observation {
+            pause: Duration::from_micros(300),
+            ran: Duration::from_millis(ran_ms),
+            dirty_pages: pages,
+            output_frames: 0,
+            latency: Some(Duration::from_secs_f64(latency_ms / 1000.0)),
+            acked_pages: acked,
+        }
+    }
+
+    #[test]
+    fn write_heavy_silence_grows_only_to_the_size_cap() {
+        let mut c = auto();
+        // 37,000 pages/s dirtied, acked at 8 µs a page: 1,000 pages take
+        // 8 ms (under half the target: rule 1 alone would grow to max).
+        // The cap: 10 ms / (8 µs * 37,000/s) = 33.8 ms.
+        for _ in 0..20 {
+            let ran = c.current().as_millis() as u64;
+            c.next(&sized(ran, ran * 37, 8.0, 1_000));
+        }
+        let e = c.current().as_secs_f64();
+        assert!((0.0330..=0.0345).contains(&e), "{e}");
+        // Its checkpoint: 33.8 ms * 37 pages/ms * 8 µs = 10 ms, half the target.
+        let predicted = e * 37_000.0 * 8e-6;
+        assert!((predicted - 0.010).abs() < 3e-4, "{predicted}");
+    }
+
+    #[test]
+    fn quiet_silence_still_grows_to_max() {
+        let mut c = auto();
+        // 2,000 pages/s at 5 µs a page: a 100 ms epoch is acked in 1 ms.
+        for _ in 0..20 {
+            let ran = c.current().as_millis() as u64;
+            c.next(&sized(ran, ran * 2, 1.0, 200));
+        }
+        assert_eq!(c.current(), 100 * MS);
+    }
+
+    #[test]
+    fn one_slow_ack_does_not_collapse_the_cap() {
+        let mut c = auto();
+        for _ in 0..20 {
+            let ran = c.current().as_millis() as u64;
+            c.next(&sized(ran, ran * 2, 1.0, 200));
+        }
+        // One checkpoint of 200 pages acked in 60 ms (a stall): the per-page
+        // cost is a median of three, so the cap does not follow it alone.
+        // (Rule 2 halves for a latency above the target; the epoch after
+        // regrows.)
+        c.next(&sized(100, 200, 60.0, 200));
+        let after = c.next(&sized(50, 100, 1.0, 200));
+        assert!(after >= 50 * MS, "{after:?}");
     }
 
     #[test]

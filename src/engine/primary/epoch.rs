@@ -127,13 +127,18 @@ impl Driver<'_> {
             rec.extension_us = pacing::extension_us(ext + ready);
 
             let (pause_start, staging) = self.pause(epoch, final_epoch, &mut cap, &mut rec)?;
-            // What the epoch controller sees: this pause, the output the
-            // guest produced in the epoch it ended, the latest latency.
+            // What the epoch controller sees: this pause, how long the
+            // epoch ran and what it dirtied, the output the guest produced
+            // in it, the latest acknowledged checkpoint.
             let now_emitted = self.outq.emitted();
+            let acked = self.shared.metrics.lock().unwrap().last_ack();
             let seen = Observation {
                 pause: Duration::from_micros(rec.pause_us),
+                ran: pacer.ran_until(pause_start),
+                dirty_pages: cap.gfns.len() as u64,
                 output_frames: now_emitted - emitted,
-                latency: self.shared.metrics.lock().unwrap().last_latency(),
+                latency: acked.map(|a| a.0),
+                acked_pages: acked.map_or(0, |a| a.1),
             };
             emitted = now_emitted;
             recent.push(&cap.gfns);

@@ -153,6 +153,11 @@ impl Pacer {
         }
     }
 
+    /// How long the running epoch ran before its pause began at `pause`.
+    pub fn ran_until(&self, pause: Instant) -> Duration {
+        pause.saturating_duration_since(self.started)
+    }
+
     /// The epoch length decision, from what the checkpoint just taken
     /// measured: the next deadline is one length after this one, or now if
     /// that has passed.
