@@ -26,7 +26,8 @@
 //! - A size cap the two rules lack: output that comes after a silent
 //!   stretch waits behind the checkpoints then in flight, so a silent
 //!   epoch may grow only while its checkpoint is predicted to be acked
-//!   within half the target. The prediction is per page: the acked
+//!   within a quarter of the target (a busy host stretches big
+//!   checkpoints most, so the margin is wide). The prediction is per page: the acked
 //!   checkpoints' latency per dirty page (median of the last three) times
 //!   the pages the next epoch will dirty at the last epoch's dirty rate.
 //!   A write-heavy guest's silent epochs stay short enough that the first
@@ -360,7 +361,7 @@ impl EpochController {
             p.max.as_secs_f64()
         };
         let want = want
-            .min(self.size_cap(target / 2.0))
+            .min(self.size_cap(target / 4.0))
             .max(self.floor().as_secs_f64());
         let next = if want > cur {
             want.min(cur * 1.5)
@@ -593,16 +594,17 @@ mod tests {
         let mut c = auto();
         // 37,000 pages/s dirtied, acked at 8 µs a page: 1,000 pages take
         // 8 ms (under half the target: rule 1 alone would grow to max).
-        // The cap: 10 ms / (8 µs * 37,000/s) = 33.8 ms.
+        // The cap: 5 ms / (8 µs * 37,000/s) = 16.9 ms.
         for _ in 0..20 {
             let ran = c.current().as_millis() as u64;
             c.next(&sized(ran, ran * 37, 8.0, 1_000));
         }
         let e = c.current().as_secs_f64();
-        assert!((0.0330..=0.0345).contains(&e), "{e}");
-        // Its checkpoint: 33.8 ms * 37 pages/ms * 8 µs = 10 ms, half the target.
+        assert!((0.0160..=0.0175).contains(&e), "{e}");
+        // Its checkpoint: 16.9 ms * 37 pages/ms * 8 µs = 5 ms, a quarter
+        // of the target.
         let predicted = e * 37_000.0 * 8e-6;
-        assert!((predicted - 0.010).abs() < 3e-4, "{predicted}");
+        assert!((predicted - 0.005).abs() < 3e-4, "{predicted}");
     }
 
     #[test]
