@@ -34,19 +34,18 @@
 //!   frame after them is not held behind a 100 ms checkpoint; a quiet one
 //!   still grows to `max`.
 //! - An overhead guard the rules lack: the pauses may take at most
-//!   `overhead` of the guest's time (default 5%). The share is measured,
-//!   pause over the epoch it ended, on the epochs that held output (the
-//!   ones a cut shortens; median of the last three, so one pause
-//!   stretched by a descheduled host counts for nothing). Above
-//!   `overhead`, no epoch, cut or not, is shorter than the length at which
-//!   that pause would take exactly `overhead` (a 2 ms pause of a 5 ms epoch
-//!   asks for 40 ms), so a phase that writes hard *and* talks does not
-//!   lose more than that share to pauses. Below half of it the guard
-//!   halves each epoch back to `min`. It is a share and not a pause length
-//!   on purpose: a 100 ms write-heavy epoch's 1.6 ms pause is 1.6% of the
-//!   guest's time, and a guard of 1.6 ms / 5% = 32 ms would hold the first
-//!   frames after it 30 ms longer for nothing (a cut epoch dirties less
-//!   and pauses less).
+//!   `overhead` of the guest's time (default 5%). It looks only at epochs
+//!   that held output (the ones a cut shortens; silent epochs are never
+//!   cut), and at the median of the last three of them, so one pause
+//!   stretched by a descheduled host counts for nothing. While their
+//!   pauses take more than half of `overhead` of their epochs, no epoch,
+//!   cut or not, is shorter than `pause / overhead` (a 2 ms pause asks for
+//!   40 ms), so a phase that writes hard *and* talks does not lose more
+//!   than that share to pauses; below half, the guard is off at once. It
+//!   is judged by the share and not the pause alone on purpose: a 100 ms
+//!   write-heavy epoch's 1.6 ms pause is 1.6% of the guest's time, and a
+//!   guard of 1.6 ms / 5% = 32 ms would hold the first frames after it
+//!   30 ms longer for nothing (a cut epoch dirties less and pauses less).
 //!
 //! Invariants: every nominal length returned is within `[min, max]`, and
 //! [`EpochController::floor`] is within `[min, max]`; nominal growth is at
@@ -225,10 +224,10 @@ pub struct Observation {
 pub struct EpochController {
     policy: EpochPolicy,
     current: Duration,
-    /// The last three pauses' share of their epoch (pause / ran).
+    /// The last three talking epochs' pauses, seconds, and their share of
+    /// the epoch (pause / ran).
+    talk_pauses: Vec<f64>,
     shares: Vec<f64>,
-    /// The overhead guard's shortest epoch, seconds (see the module doc).
-    guard: f64,
     /// The last three checkpoint latencies, seconds (newest last).
     latencies: Vec<f64>,
     /// The last three acked checkpoints' latency per dirty page, seconds.
@@ -258,8 +257,8 @@ impl EpochController {
         EpochController {
             policy,
             current: policy.initial(),
+            talk_pauses: Vec::with_capacity(RECENT),
             shares: Vec::with_capacity(RECENT),
-            guard: 0.0,
             latencies: Vec::with_capacity(RECENT),
             per_page: Vec::with_capacity(RECENT),
             dirty_rate: 0.0,
@@ -277,8 +276,14 @@ impl EpochController {
         match self.policy {
             EpochPolicy::Fixed(d) => d,
             EpochPolicy::Auto(p) => {
+                let share = median(&self.shares).unwrap_or(0.0);
+                let guard = if share > p.overhead / 2.0 {
+                    median(&self.talk_pauses).unwrap_or(0.0) / p.overhead
+                } else {
+                    0.0
+                };
                 let (min, max) = (p.min.as_secs_f64(), p.max.as_secs_f64());
-                Duration::from_secs_f64(self.guard.clamp(min, max))
+                Duration::from_secs_f64(guard.clamp(min, max))
             }
         }
     }
@@ -297,9 +302,9 @@ impl EpochController {
         Some(Duration::from_secs_f64(stratus.min(budget).max(0.0)))
     }
 
-    /// Records one checkpoint's pause share (moving the overhead guard),
-    /// latency, per-page cost and the epoch's dirty rate.
-    fn observe(&mut self, o: &Observation, overhead: f64) {
+    /// Records one checkpoint's pause (for the overhead guard), latency,
+    /// per-page cost and the epoch's dirty rate.
+    fn observe(&mut self, o: &Observation) {
         let ran = o.ran.as_secs_f64();
         if ran > 0.0 {
             self.dirty_rate = o.dirty_pages as f64 / ran;
@@ -307,13 +312,8 @@ impl EpochController {
         // Only epochs that talked inform the guard: it bounds how short a
         // cut may make an epoch, and silent epochs are never cut.
         if ran > 0.0 && o.output_frames > 0 {
+            push_recent(&mut self.talk_pauses, o.pause.as_secs_f64());
             push_recent(&mut self.shares, o.pause.as_secs_f64() / ran);
-            let share = median(&self.shares).unwrap_or(0.0);
-            if share > overhead {
-                self.guard = self.guard.max(ran * share / overhead);
-            } else if share < overhead / 2.0 {
-                self.guard /= 2.0;
-            }
         }
         if let Some(l) = o.latency {
             push_recent(&mut self.latencies, l.as_secs_f64());
@@ -343,7 +343,7 @@ impl EpochController {
             EpochPolicy::Fixed(d) => return d,
             EpochPolicy::Auto(p) => p,
         };
-        self.observe(o, p.overhead);
+        self.observe(o);
         let latency = median(&self.latencies).unwrap_or(0.0);
         let target = p.target.as_secs_f64();
         let cur = self.current.as_secs_f64();
@@ -558,6 +558,23 @@ mod tests {
         // The guest talks: its held output is cut 2 ms after the first
         // frame, no later than the floor, 5 ms into the epoch.
         assert!(c.cut_after(64).unwrap() < 3 * MS);
+    }
+
+    #[test]
+    fn a_stall_in_a_talking_phase_lifts_the_guard_for_two_epochs_at_most() {
+        let mut c = auto();
+        for _ in 0..5 {
+            c.next(&ran(80, 10, 1, 5.0));
+        }
+        // Two pauses stretched to 10 ms by a busy host: the guard rises.
+        c.next(&ran(10_000, 10, 1, 5.0));
+        c.next(&ran(10_000, 10, 1, 5.0));
+        assert_eq!(c.floor(), 100 * MS);
+        // Two ordinary epochs later it is off again (not halved slowly:
+        // at 4,000 frames/s every epoch it held would hold hundreds).
+        c.next(&ran(80, 10, 1, 100.0));
+        c.next(&ran(80, 10, 1, 5.0));
+        assert_eq!(c.floor(), 5 * MS);
     }
 
     #[test]
