@@ -12,7 +12,9 @@
 //!   joined every harvest);
 //! - failover (tools/lab/xen-failover): the backup builds the replica
 //!   domain of a PVH guest at activation after the primary castor is
-//!   SIGKILLed, and the guest's own memory self-check passes there.
+//!   SIGKILLed, the guest's own memory self-check passes there, and a
+//!   client in dom0 keeps its one TCP connection to the guest's counter
+//!   across the failover (output held on the guest's vif by NFQUEUE).
 //!
 //! All skip only when qemu-system-x86_64 is missing. Plus, without the
 //! `xen` feature: what castor says about a `xen:` domain.
@@ -128,6 +130,7 @@ fn xen_failover_of_a_pvh_domu() {
             .arg(out.path())
             .env("FO_EPOCHS", "2")
             .env("FO_ROUNDS", "3")
+            .env("FO_REPLIES", "3")
             .current_dir(repo())
             .output()
             .expect("running tools/lab/xen-failover");
@@ -182,6 +185,52 @@ fn xen_failover_of_a_pvh_domu() {
         "the backup did not build the replica domain: {}",
         ctx()
     );
+    // The guest's output on its vif was held by castor's queue.
+    assert!(
+        stdout.contains("castor protect: holding output of vif"),
+        "{}",
+        ctx()
+    );
+    // TCP across the failover, from the script's summary ...
+    let t = nums("tcp one connection requests ");
+    let (before, after, total) = (t[0], t[1], nums("counter 1..")[0]);
+    assert!(before >= 1 && after >= 3, "{}", ctx());
+    assert_eq!(before + after, total, "{}", ctx());
+    assert!(last.contains("kill-to-first-reply "), "{}", ctx());
+    // ... and re-checked here from the client's own log.
+    let client = std::fs::read_to_string(out.path().join("client.log")).unwrap();
+    check_client_log(&client, total);
+}
+
+/// The failover client's log (tools/lab/failover/client): lines `UPTIME K
+/// C R`, then `END K`. Every request K = 1, 2, ... was answered once, over
+/// the one connection (the service counts per connection: a new one would
+/// start at 1 again), with the counter C one more than before (never a
+/// repeat, a skip or a step back), the reply echoing its request R, and
+/// the client stopped on request, not on a reset, EOF or timeout.
+fn check_client_log(log: &str, total: u64) {
+    let mut lines = log.lines().peekable();
+    let mut k = 0u64;
+    let mut prev_t = 0.0f64;
+    while let Some(line) = lines.next() {
+        if lines.peek().is_none() {
+            assert_eq!(line, format!("END {k}"), "client log:\n{log}");
+            break;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f.len(), 4, "bad line {line:?} in client log:\n{log}");
+        let t: f64 = f[0].parse().unwrap_or_else(|_| panic!("{line:?}"));
+        k += 1;
+        assert!(t >= prev_t, "time went back at {line:?}:\n{log}");
+        prev_t = t;
+        let want = k.to_string();
+        assert_eq!(
+            (f[1], f[2], f[3]),
+            (want.as_str(), want.as_str(), want.as_str()),
+            "reply {k} out of sequence in client log:\n{log}"
+        );
+    }
+    assert_eq!(k, total, "client log:\n{log}");
 }
 
 /// A build without the feature names it when asked for a Xen guest, and
