@@ -4,7 +4,7 @@
 
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdma_sys::*;
 
@@ -111,6 +111,7 @@ pub(super) fn primary_sink(
     )?;
     c.connected = true;
     let sink = RdmaSink {
+        control: writer,
         window: CreditWindow::new(ann),
         recvs: ChunkBudget::new(recvs_for(ann.slots)),
         remote: ann.addr,
@@ -133,6 +134,10 @@ pub struct RdmaSink {
     /// Dropped first (after Drop drained the writes): QP and MRs go before
     /// the buffers they name.
     conn: Conn,
+    /// The TCP control connection (handshake, acks and credits come back
+    /// on it). Its write timeout, which a protection session sets to
+    /// `--backup-timeout`, is also this sink's stall deadline.
+    control: TcpStream,
     window: CreditWindow,
     /// Chunks written whose RECV the backup has not yet posted again.
     recvs: ChunkBudget,
@@ -188,7 +193,17 @@ impl RdmaSink {
         Ok(n)
     }
 
-    /// Reaps until `done` holds, failing after [`STALL_TIMEOUT`]; between
+    /// How long a wait for a completion or a credit may last: the control
+    /// connection's write timeout (`--backup-timeout` in a protection
+    /// session), else [`STALL_TIMEOUT`].
+    fn stall_deadline(&self) -> Duration {
+        match self.control.write_timeout() {
+            Ok(Some(t)) if !t.is_zero() => t,
+            _ => STALL_TIMEOUT,
+        }
+    }
+
+    /// Reaps until `done` holds, failing after [`Self::stall_deadline`]; between
     /// empty polls it spins briefly, then sleeps on the completion channel.
     fn reap_until(&mut self, done: impl Fn(&Self) -> bool) -> Result<(), RdmaError> {
         let start = Instant::now();
@@ -198,8 +213,9 @@ impl RdmaSink {
                 spins = 0;
                 continue;
             }
-            if start.elapsed() > STALL_TIMEOUT {
-                return Err(RdmaError::Stalled(STALL_TIMEOUT));
+            let stall = self.stall_deadline();
+            if start.elapsed() > stall {
+                return Err(RdmaError::Stalled(stall));
             }
             self.conn.idle(&mut spins, IDLE_SLICE)?;
         }
@@ -320,6 +336,13 @@ impl RdmaSink {
 }
 
 impl RecordSink for RdmaSink {
+    /// The control connection: the session arms its deadlines on it and
+    /// shuts it down on failure, which wakes a read blocked on the return
+    /// path.
+    fn connection(&self) -> Option<TcpStream> {
+        self.control.try_clone().ok()
+    }
+
     fn send(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
         if let Some(m) = &self.failed {
             return Err(io::Error::other(m.clone()));

@@ -112,3 +112,35 @@ fn inside_lab_hostile_credits_end_the_primary_session() {
     });
     assert!(chunks.contains("1000000 chunks, but only"), "{chunks}");
 }
+
+/// A backup that stops taking records (it grants no credit and reads
+/// nothing) fails the primary's send after the control connection's write
+/// timeout (what a protection session sets to `--backup-timeout`), not
+/// after the 30 s fallback.
+#[test]
+#[ignore = "needs an RDMA device: runs inside the rdma lab (tests/lab_rdma.rs)"]
+fn inside_lab_a_stalled_backup_fails_the_send_at_the_sessions_deadline() {
+    let (mut sink, _source, _keep) = pair();
+    let deadline = Duration::from_secs(1);
+    sink.connection()
+        .expect("the rdma sink exposes its control connection")
+        .set_write_timeout(Some(deadline))
+        .unwrap();
+    let rec = vec![0u8; 64 << 10];
+    let t0 = std::time::Instant::now();
+    let err = loop {
+        if let Err(e) = sink.send(&[&rec]) {
+            break e.to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the primary kept sending into a backup that takes nothing"
+        );
+    };
+    let waited = t0.elapsed();
+    assert!(err.contains("stalled") && err.contains("1s"), "{err}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "failed only after {waited:?}"
+    );
+}
