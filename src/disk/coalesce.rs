@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 
+use super::pool;
 use super::wire::{DiskOp, MAX_OP_DATA, OP_HEADER};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +97,27 @@ impl WriteSet {
                 return;
             }
         }
-        self.put(offset, data.len() as u64, Fill::Data(data.to_vec()));
+        let mut buf = pool::take(data.len());
+        buf.copy_from_slice(data);
+        self.put(offset, data.len() as u64, Fill::Data(buf));
+    }
+
+    /// Records that `data` now sits at `offset`, keeping `data` itself as
+    /// the range's bytes (no copy; `data.len() <= MAX_OP_DATA`, not empty).
+    /// A buffer it replaces goes back to [`pool`].
+    pub fn write_owned(&mut self, offset: u64, data: Vec<u8>) {
+        debug_assert!(!data.is_empty() && data.len() <= MAX_OP_DATA);
+        if let Some(Extent {
+            len,
+            fill: Fill::Data(d),
+        }) = self.extents.get_mut(&offset)
+        {
+            if *len == data.len() as u64 {
+                pool::give(std::mem::replace(d, data));
+                return;
+            }
+        }
+        self.put(offset, data.len() as u64, Fill::Data(data));
     }
 
     /// Records that `len` bytes at `offset` now read as zeros (`len >= 1`).
@@ -142,6 +163,9 @@ impl WriteSet {
         for k in inside {
             let x = self.extents.remove(&k).expect("key just listed");
             self.bytes -= x.wire_len();
+            if let Fill::Data(d) = x.fill {
+                pool::give(d);
+            }
         }
     }
 
@@ -226,7 +250,12 @@ mod tests {
                 let op = match *i {
                     In::W(o, len, b) => {
                         let data: Vec<u8> = (0..len).map(|k| b ^ (k as u8) ^ (n as u8)).collect();
-                        set.write(o, &data);
+                        // Copied or handed over: the same net effect.
+                        if n % 2 == 0 {
+                            set.write(o, &data);
+                        } else {
+                            set.write_owned(o, data.clone());
+                        }
                         DiskOp::Write { offset: o, data }
                     }
                     In::Z(o, len, t) => {

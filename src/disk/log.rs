@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use super::coalesce::WriteSet;
 use super::fence::Fence;
 use super::image::{DiskImage, ImageError};
+use super::pool;
 use super::wire::{DiskOp, MAX_OP_DATA};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,12 +64,25 @@ impl Default for LogConfig {
 /// The writes of one epoch, coalesced: disjoint ranges in offset order
 /// holding their bytes at the epoch's end, then a `Flush` if the epoch
 /// carried one.
+///
+/// Dropping it (once its checkpoint is sent) hands the write buffers back
+/// to [`pool`], for the next large writes to be received into.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct EpochOps {
     pub epoch: u64,
     pub ops: Vec<DiskOp>,
     /// Sum of the ops' wire lengths.
     pub bytes: usize,
+}
+
+impl Drop for EpochOps {
+    fn drop(&mut self) {
+        for op in self.ops.drain(..) {
+            if let DiskOp::Write { data, .. } = op {
+                pool::give(data);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -160,6 +174,30 @@ impl WriteLog {
             for (i, chunk) in data.chunks(MAX_OP_DATA).enumerate() {
                 g.set.write(offset + (i * MAX_OP_DATA) as u64, chunk);
             }
+            if fua {
+                g.set.flush();
+            }
+        }
+        drop(g);
+        if fua {
+            self.image.sync()?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::write`] of `buf`'s bytes, taking `buf` itself into the log
+    /// when it is one op's worth (`pool::MIN_POOLED..=MAX_OP_DATA` bytes)
+    /// and the log is recording, instead of copying it: `buf` is then left
+    /// empty. Smaller writes are copied (cheaper than a buffer per write).
+    pub fn write_vec(&self, offset: u64, buf: &mut Vec<u8>, fua: bool) -> Result<(), LogError> {
+        if !(pool::MIN_POOLED..=MAX_OP_DATA).contains(&buf.len()) {
+            return self.write(offset, buf, fua);
+        }
+        self.image.check(offset, buf.len() as u64)?;
+        let mut g = self.admit(buf.len())?;
+        self.image.write_at(buf, offset)?;
+        if g.recording {
+            g.set.write_owned(offset, std::mem::take(buf));
             if fua {
                 g.set.flush();
             }
@@ -290,7 +328,35 @@ mod tests {
         assert_eq!(e3.bytes, 4 * OP_HEADER + 512 + 412);
         l.flush().unwrap();
         let e4 = l.stop_recording();
-        assert_eq!((e4.epoch, e4.ops), (4, vec![DiskOp::Flush]));
+        assert_eq!((e4.epoch, &e4.ops[..]), (4, &[DiskOp::Flush][..]));
+    }
+
+    #[test]
+    fn a_large_write_buffer_becomes_the_logged_data_without_a_copy() {
+        let (_d, l) = log(4 << 20, LogConfig::default());
+        let mut buf = vec![5u8; 1 << 20];
+        l.write_vec(0, &mut buf, false).unwrap();
+        assert_eq!(buf.len(), 1 << 20, "not recording: the caller keeps it");
+        l.start_recording(1);
+        buf[0] = 6;
+        let ptr = buf.as_ptr();
+        l.write_vec(4096, &mut buf, true).unwrap();
+        assert!(buf.is_empty(), "taken into the log");
+        let mut small = vec![7u8; 4096];
+        l.write_vec(8 << 20 >> 2, &mut small, false).unwrap();
+        assert_eq!(small.len(), 4096, "small writes are copied");
+        let e = l.cut(2);
+        match &e.ops[0] {
+            DiskOp::Write { offset, data } => {
+                assert_eq!((*offset, data.as_ptr(), data[0]), (4096, ptr, 6));
+                assert!(data[1..].iter().all(|&b| b == 5));
+            }
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(e.ops.last(), Some(&DiskOp::Flush), "FUA marks the epoch");
+        let mut back = vec![0u8; 1 << 20];
+        l.read(&mut back, 4096).unwrap();
+        assert_eq!((back[0], back[1]), (6, 5), "and it reached the image");
     }
 
     #[test]
@@ -298,7 +364,7 @@ mod tests {
         let (_d, l) = log(4 << 20, LogConfig::default());
         l.start_recording(1);
         l.write(10, &vec![3; 2 * MAX_OP_DATA + 5], false).unwrap();
-        let ops = l.cut(2).ops;
+        let ops = std::mem::take(&mut l.cut(2).ops);
         let offs: Vec<u64> = ops
             .iter()
             .map(|o| match o {

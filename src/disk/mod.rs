@@ -20,6 +20,7 @@
 //! - [`undo`]: the backup's undo journal (an epoch's apply is all or nothing).
 //! - [`fault`]: FOR TESTS ONLY, a device fault injected into the apply.
 //! - [`nbd`]: the NBD server that exposes a [`log::WriteLog`] to any client.
+//! - [`pool`]: recycled buffers that large writes travel in (no copy into the log).
 //! - [`session`]: a session's disk set on each side, the `Disks` announcement.
 //! - [`spec`]: `--disk NAME=PATH,nbd=ADDR` and serving such disks.
 //! - [`activate`]: the replica's disks when the backup activates.
@@ -38,6 +39,7 @@ pub mod frame;
 pub mod image;
 pub mod log;
 pub mod nbd;
+pub mod pool;
 pub mod session;
 pub mod spec;
 pub mod stage;

@@ -150,7 +150,7 @@ impl Staging {
     ///
     /// All or nothing: with an `undo` journal the old contents of every
     /// range are saved and sealed first, and an error while applying puts
-    /// them back ([`StageError::RolledBack`]). Without one (the seeding
+    /// them back ([`StageError::RolledBack`]), a full disk included. Without one (the seeding
     /// images before their first commit, which replace nothing until it
     /// succeeds) only the space is reserved first ([`DiskImage::reserve`]),
     /// so a full disk fails before any byte of the epoch lands.
@@ -176,8 +176,13 @@ impl Staging {
         }
         let mut applied = Applied::default();
         let mut fault = std::mem::take(&mut self.fault);
-        let r = self
-            .each_payload(|p| reserve(p, &sizes, images))
+        // With a journal a full disk mid-apply is rolled back like any
+        // error: reserving first would only cost a syscall per op.
+        let reserved = match undo {
+            Some(_) => Ok(()),
+            None => self.each_payload(|p| reserve(p, &sizes, images)),
+        };
+        let r = reserved
             .and_then(|()| {
                 self.each_payload(|p| apply(p, &sizes, images, &mut applied, &mut fault))
             })

@@ -70,22 +70,25 @@ replicated() { # $1 job $2 rw $3 bs $4 extra
       --json "$W/$1.protect.json" --disk "data=$W/r.img,nbd=127.0.0.1:$p" 2>"$W/$1.protect.log" &
   local ppid=$!
   await $ppid "$W/$1.protect.log" "acked *[1-9]"
-  local c0; c0=$(cpu_ms $ppid $bpid)
+  local c0 b0; c0=$(cpu_ms $ppid); b0=$(cpu_ms $bpid)
   run_fio "$1" "$2" "$3" "nbd://127.0.0.1:$p/data" "$4"
-  echo $(($(cpu_ms $ppid $bpid) - c0)) >"$W/$1.cpu"
+  echo $(($(cpu_ms $ppid) - c0)) >"$W/$1.pcpu"
+  echo $(($(cpu_ms $bpid) - b0)) >"$W/$1.bcpu"
+  echo $(($(cat "$W/$1.pcpu") + $(cat "$W/$1.bcpu"))) >"$W/$1.cpu"
   kill -INT $ppid; wait $ppid || true; wait $bpid || true
   cmp -s "$W/r.img" "$W/replica/disks/data.img" && echo "  $1: backup disk == primary disk" \
     || echo "  $1: BACKUP DISK DIFFERS"
   rm -f "$W/r.img"
 }
 
-summary() { # $1 job -> "MiB/s writes p50us p99us castor-CPU-ms-per-MiB-written"
-  python3 - "$W/$1.json" "$(cat "$W/$1.cpu")" <<'PY'
+summary() { # $1 job -> "MiB/s writes p50us p99us CPU-ms-per-MiB-written primary-part backup-part"
+  python3 - "$W/$1.json" "$(cat "$W/$1.cpu")" "$(cat "$W/$1.pcpu" 2>/dev/null || cat "$W/$1.cpu")" "$(cat "$W/$1.bcpu" 2>/dev/null || echo 0)" <<'PY'
 import json,sys
 j=json.load(open(sys.argv[1]))["jobs"][0]["write"]
 p=j["clat_ns"]["percentile"]
 mib=max(j["io_bytes"]/2**20, 1e-9)
-print(f'{j["bw_bytes"]/2**20:.1f} {j["total_ios"]} {p["50.000000"]/1000:.0f} {p["99.000000"]/1000:.0f} {int(sys.argv[2])/mib:.2f}')
+c=[int(x)/mib for x in sys.argv[2:5]]
+print(f'{j["bw_bytes"]/2**20:.1f} {j["total_ios"]} {p["50.000000"]/1000:.0f} {p["99.000000"]/1000:.0f} {c[0]:.2f} {c[1]:.2f} {c[2]:.2f}')
 PY
 }
 
@@ -94,15 +97,18 @@ wire() { # $1 job -> bytes of DiskWrites records on the wire (protect's JSON rep
 }
 
 echo "castor disk benchmark: ${SIZE} MiB image, ${RUNTIME} s per run, fio iodepth 1, 25 ms epochs; $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+# CASES (optional): which of seq, rand, sync to run (default all three).
+CASES=${CASES:-seq rand sync}
 for case in "seq write 1M" "rand randwrite 4k" "sync randwrite 4k --fsync=1"; do
+  case " $CASES " in *" ${case%% *} "*) ;; *) continue ;; esac
   # shellcheck disable=SC2086
   set -- $case
   unprotected "$1-u" "$2" "$3" "${4:-}"
   replicated "$1-r" "$2" "$3" "${4:-}"
-  read -r ubw uios up50 up99 ucpu <<<"$(summary "$1-u")"
-  read -r rbw rios rp50 rp99 rcpu <<<"$(summary "$1-r")"
+  read -r ubw uios up50 up99 ucpu _ _ <<<"$(summary "$1-u")"
+  read -r rbw rios rp50 rp99 rcpu rpcpu rbcpu <<<"$(summary "$1-r")"
   ratio=$(python3 -c "print(f'{$rbw/$ubw*100:.0f}')")
   wr=$(wire "$1-r")
   per=$(python3 -c "print(f'{$wr/max($rios,1):.0f}')")
-  echo "$2 bs=$3 ${4:-}: unprotected ${ubw} MiB/s p50 ${up50} us p99 ${up99} us | replicated ${rbw} MiB/s p50 ${rp50} us p99 ${rp99} us | ratio ${ratio}% | wire bytes per write ~${per} (${rios} writes) | castor CPU ms per MiB written: unprotected ${ucpu}, replicated ${rcpu} (primary + backup)"
+  echo "$2 bs=$3 ${4:-}: unprotected ${ubw} MiB/s p50 ${up50} us p99 ${up99} us | replicated ${rbw} MiB/s p50 ${rp50} us p99 ${rp99} us | ratio ${ratio}% | wire bytes per write ~${per} (${rios} writes) | castor CPU ms per MiB written: unprotected ${ucpu}, replicated ${rcpu} (primary ${rpcpu} + backup ${rbcpu})"
 done

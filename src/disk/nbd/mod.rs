@@ -125,8 +125,8 @@ impl Listener {
 
     fn accept(&self) -> io::Result<Conn> {
         Ok(match self {
-            Listener::Tcp(l) => Conn::Tcp(l.accept()?.0),
-            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
+            Listener::Tcp(l) => Conn::tcp(l.accept()?.0),
+            Listener::Unix(l, _) => Conn::unix(l.accept()?.0),
         })
     }
 }

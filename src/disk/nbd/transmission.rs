@@ -16,6 +16,7 @@ use super::conn::Conn;
 use super::proto::*;
 use super::{Export, NbdError, ServerConfig};
 use crate::disk::log::LogError;
+use crate::disk::pool;
 
 /// Serves requests until the client disconnects, the server stops, or the
 /// stream breaks. `Ok` for an orderly end (DISC or EOF between requests).
@@ -51,9 +52,9 @@ pub fn serve(
                         req.len, cfg.max_request
                     )));
                 }
-                buf.resize(req.len as usize, 0);
+                payload_buf(&mut buf, req.len as usize);
                 conn.read_exact_until(&mut buf, deadline, "write payload")?;
-                let err = write(export, &req, &buf);
+                let err = write(export, &req, &mut buf);
                 simple_reply(&mut reply, err, req.cookie);
             }
             CMD_FLUSH => {
@@ -157,7 +158,19 @@ fn read(export: &Export, req: &Request, cfg: &ServerConfig, reply: &mut Vec<u8>)
     }
 }
 
-fn write(export: &Export, req: &Request, data: &[u8]) -> u32 {
+/// Makes `buf` `len` bytes long to receive a write's payload. A large
+/// payload goes into a buffer from [`pool`] (the log may keep it as the
+/// write's data, [`crate::disk::WriteLog::write_vec`]); growing the
+/// connection's own buffer would zero it first.
+fn payload_buf(buf: &mut Vec<u8>, len: usize) {
+    if len > buf.capacity() && len >= pool::MIN_POOLED {
+        pool::give(std::mem::replace(buf, pool::take(len)));
+    } else {
+        buf.resize(len, 0);
+    }
+}
+
+fn write(export: &Export, req: &Request, data: &mut Vec<u8>) -> u32 {
     if req.flags & !CMD_FLAG_FUA != 0 || req.len == 0 {
         return EINVAL;
     }
@@ -167,7 +180,7 @@ fn write(export: &Export, req: &Request, data: &[u8]) -> u32 {
     status(
         export
             .log
-            .write(req.offset, data, req.flags & CMD_FLAG_FUA != 0),
+            .write_vec(req.offset, data, req.flags & CMD_FLAG_FUA != 0),
     )
 }
 
