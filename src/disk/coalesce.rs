@@ -97,8 +97,13 @@ impl WriteSet {
                 return;
             }
         }
-        let mut buf = pool::take(data.len());
-        buf.copy_from_slice(data);
+        let buf = if data.len() >= pool::MIN_POOLED {
+            let mut b = pool::take(data.len());
+            b.copy_from_slice(data);
+            b
+        } else {
+            data.to_vec()
+        };
         self.put(offset, data.len() as u64, Fill::Data(buf));
     }
 

@@ -10,6 +10,7 @@
 set -euo pipefail
 SIZE=${1:-256}
 RUNTIME=${2:-10}
+IDLE_S=${IDLE_S:-2}
 BIN=${CASTOR:-target/release/castor}
 W=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
@@ -70,6 +71,10 @@ replicated() { # $1 job $2 rw $3 bs $4 extra
       --json "$W/$1.protect.json" --disk "data=$W/r.img,nbd=127.0.0.1:$p" 2>"$W/$1.protect.log" &
   local ppid=$!
   await $ppid "$W/$1.protect.log" "acked *[1-9]"
+  # What the session costs with no disk write (the sim domain's memory
+  # replication, the epochs): CPU ms per second over IDLE_S seconds.
+  local i0 i1; i0=$(cpu_ms $ppid $bpid); sleep "$IDLE_S"; i1=$(cpu_ms $ppid $bpid)
+  echo $(((i1 - i0) / IDLE_S)) >"$W/$1.idle"
   local c0 b0; c0=$(cpu_ms $ppid); b0=$(cpu_ms $bpid)
   run_fio "$1" "$2" "$3" "nbd://127.0.0.1:$p/data" "$4"
   echo $(($(cpu_ms $ppid) - c0)) >"$W/$1.pcpu"
@@ -112,5 +117,6 @@ for case in "seq write 1M" "rand randwrite 4k" "sync randwrite 4k --fsync=1"; do
   ratio=$(python3 -c "print(f'{$rbw/$ubw*100:.0f}')")
   wr=$(wire "$1-r")
   per=$(python3 -c "print(f'{$wr/max($rios,1):.0f}')")
-  echo "$2 bs=$3 ${4:-}: unprotected ${ubw} MiB/s p50 ${up50} us p99 ${up99} us | replicated ${rbw} MiB/s p50 ${rp50} us p99 ${rp99} us | ratio ${ratio}% | wire bytes per write ~${per} (${rios} writes) | castor CPU ms per MiB written: unprotected ${ucpu}, replicated ${rcpu} (primary ${rpcpu} + backup ${rbcpu})"
+  idle=$(cat "$W/$1-r.idle")
+  echo "$2 bs=$3 ${4:-}: unprotected ${ubw} MiB/s p50 ${up50} us p99 ${up99} us | replicated ${rbw} MiB/s p50 ${rp50} us p99 ${rp99} us | ratio ${ratio}% | wire bytes per write ~${per} (${rios} writes) | castor CPU ms per MiB written: unprotected ${ucpu}, replicated ${rcpu} (primary ${rpcpu} + backup ${rbcpu}; the session costs ${idle} ms per s with no disk write)"
 done

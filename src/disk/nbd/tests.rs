@@ -408,6 +408,94 @@ fn a_stalled_request_hits_its_deadline() {
 }
 
 #[test]
+fn a_trickling_client_cannot_stretch_a_request_past_its_deadline() {
+    let cfg = ServerConfig {
+        request_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let f = fixture_with(cfg, &["data"]);
+    let mut c = Client::go(&f, "data");
+    let r = Request {
+        magic: REQUEST_MAGIC,
+        flags: 0,
+        kind: CMD_WRITE,
+        cookie: 77,
+        offset: 0,
+        len: 4096,
+    };
+    c.0.write_all(&r.encode()).unwrap();
+    // One byte every 20 ms: each read succeeds, the whole never arrives
+    // within the request's 300 ms; the pace, not a synchronisation.
+    let start = std::time::Instant::now();
+    while c.0.write_all(&[9]).is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the trickle stretched the request past its deadline"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        image_bytes(&f.log).iter().all(|&b| b == 0),
+        "nothing written"
+    );
+}
+
+#[test]
+fn pipelined_requests_across_the_read_ahead_are_served_in_order() {
+    let f = fixture();
+    f.log.start_recording(1);
+    let mut c = Client::go(&f, "data");
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    assert!(big.len() > conn::READ_AHEAD && big.len() >= crate::disk::pool::MIN_POOLED);
+    let reqs: [(u16, u64, Vec<u8>); 4] = [
+        (CMD_WRITE, 0, vec![1; 4096]),
+        (CMD_WRITE, 8192, big.clone()),
+        (CMD_WRITE, 300_000, vec![3; 10]),
+        (CMD_WRITE, 8192 + 100, vec![4; 50]),
+    ];
+    // Every request in one send: headers and payloads straddle the
+    // server's read-ahead in every way the sizes allow.
+    let mut b = Vec::new();
+    for (kind, offset, data) in &reqs {
+        let r = Request {
+            magic: REQUEST_MAGIC,
+            flags: 0,
+            kind: *kind,
+            cookie: 77,
+            offset: *offset,
+            len: data.len() as u32,
+        };
+        b.extend_from_slice(&r.encode());
+        b.extend_from_slice(data);
+    }
+    c.0.write_all(&b).unwrap();
+    for _ in &reqs {
+        assert_eq!(c.reply(), 0);
+    }
+    let mut want = vec![0u8; SIZE as usize];
+    for (_, offset, data) in &reqs {
+        want[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+    }
+    assert!(
+        image_bytes(&f.log) == want,
+        "image differs from the writes in order"
+    );
+    // The log holds the same bytes (the large write's buffer itself).
+    let mut logged = vec![0u8; SIZE as usize];
+    for op in &f.log.cut(2).ops {
+        if let crate::disk::wire::DiskOp::Write { offset, data } = op {
+            logged[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+        }
+    }
+    assert!(logged == want, "log differs from the writes in order");
+}
+
+#[test]
 fn a_fenced_export_completes_no_write() {
     let f = fixture();
     let mut c = Client::go(&f, "data");
