@@ -60,6 +60,21 @@ pub struct CaseResult {
     pub gib_per_s: f64,
     pub wire_gib_per_s: f64,
     pub cpu_s_per_gib: f64,
+    /// The sending thread's share of `cpu_s_per_gib` (its own CPU time).
+    pub sender_cpu_s_per_gib: f64,
+    /// The receiving thread's share (verifying and applying included).
+    pub receiver_cpu_s_per_gib: f64,
+}
+
+/// CPU time (user + system) of the calling thread.
+fn thread_cpu() -> Duration {
+    // SAFETY: clock_gettime writes only the timespec we own.
+    let ts = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        ts
+    };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn rng(seed: &mut u64) -> u64 {
@@ -313,20 +328,32 @@ pub fn run_shaped(
     let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).map_err(|e| e.to_string())?;
     let mut source = case_source(t, s, &ann, b_seal, b_open)?;
     let (mut sink, back_reader) = case_sink(t, &c, &ann, mode, p_open, p_seal)?;
-    let receiver = std::thread::spawn(move || -> Result<(u64, u64), String> {
-        let mut dest = vec![0u8; PAGES * PAGE_SIZE];
-        let (mut page_bytes, mut wire) = (0u64, 0u64);
-        loop {
-            let r = source.next_record().map_err(|e| e.to_string())?;
-            wire += (r.payload.len() + 24) as u64;
-            match r.kind {
-                RecordKind::Pages => page_bytes += apply(p, r.payload, &mut dest)?,
-                RecordKind::Close => return Ok((page_bytes, wire)),
-                k => return Err(format!("unexpected {k:?}")),
+    // The destination is faulted in before the clock starts, so neither
+    // case pays for first touches inside its figures.
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let receiver = std::thread::Builder::new()
+        .name("bt-receiver".into())
+        .spawn(move || -> Result<(u64, u64, Duration), String> {
+            let mut dest = vec![1u8; PAGES * PAGE_SIZE];
+            let _ = ready_tx.send(());
+            let cpu0 = thread_cpu();
+            let (mut page_bytes, mut wire) = (0u64, 0u64);
+            loop {
+                let r = source.next_record().map_err(|e| e.to_string())?;
+                wire += (r.payload.len() + 24) as u64;
+                match r.kind {
+                    RecordKind::Pages => page_bytes += apply(p, r.payload, &mut dest)?,
+                    RecordKind::Close => return Ok((page_bytes, wire, thread_cpu() - cpu0)),
+                    k => return Err(format!("unexpected {k:?}")),
+                }
             }
-        }
-    });
+        })
+        .map_err(|e| format!("spawning the receiver: {e}"))?;
+    ready
+        .recv()
+        .map_err(|_| "the receiver ended before it was ready")?;
     let cpu0 = metrics::self_cpu();
+    let send_cpu0 = thread_cpu();
     let t0 = Instant::now();
     let mut i = 0;
     while t0.elapsed() < dur {
@@ -341,7 +368,8 @@ pub fn run_shaped(
     let mut close = Vec::new();
     write_record(&mut close, RecordKind::Close, 1, &[]);
     sink.send(&[&close]).map_err(|e| e.to_string())?;
-    let (page_bytes, wire) = receiver.join().map_err(|_| "receiver panicked")??;
+    let send_cpu = (thread_cpu() - send_cpu0).as_secs_f64();
+    let (page_bytes, wire, recv_cpu) = receiver.join().map_err(|_| "receiver panicked")??;
     let secs = t0.elapsed().as_secs_f64();
     let cpu = (metrics::self_cpu() - cpu0).as_secs_f64();
     drop(sink);
@@ -354,16 +382,15 @@ pub fn run_shaped(
         link: link.name().into(),
         transport: mode_name(t, mode),
         sealing: sealing_name(sealing).into(),
-        payload: match p {
-            Payload::Raw => "raw".into(),
-            Payload::Lz4 => "lz4".into(),
-        },
+        payload: payload_name(p).into(),
         seconds: secs,
         page_bytes,
         wire_bytes: wire,
         gib_per_s: gib / secs,
         wire_gib_per_s: wire as f64 / (1u64 << 30) as f64 / secs,
         cpu_s_per_gib: cpu / gib,
+        sender_cpu_s_per_gib: send_cpu / gib,
+        receiver_cpu_s_per_gib: recv_cpu.as_secs_f64() / gib,
     })
 }
 
@@ -424,11 +451,15 @@ fn case_sink(
                 r.authenticate(o);
             }
             let back = CreditFilter::new(r, credits.clone());
-            back_reader = Some(std::thread::spawn(move || {
-                let mut b = back;
-                let mut sink = [0u8; 4096];
-                while matches!(b.read(&mut sink), Ok(n) if n > 0) {}
-            }));
+            let h = std::thread::Builder::new()
+                .name("bt-return".into())
+                .spawn(move || {
+                    let mut b = back;
+                    let mut sink = [0u8; 4096];
+                    while matches!(b.read(&mut sink), Ok(n) if n > 0) {}
+                })
+                .map_err(|e| format!("spawning the return path reader: {e}"))?;
+            back_reader = Some(h);
             let sink = UringSink::new(c.try_clone().map_err(|e| e.to_string())?, ann, credits)
                 .map_err(|e| e.to_string())?;
             Box::new(match mode {
@@ -686,6 +717,29 @@ pub fn zc_sizes(dur: Duration, rounds: usize) -> Result<Vec<SizeCase>, String> {
     Ok(out)
 }
 
+/// Which cases [`run`] runs: each list empty for all, else the names to
+/// keep (cases `tcp`, `uring`, `uring-zc`, `uring-copy`; payloads `raw`,
+/// `lz4`; sealings `plain`, `mac`, `aes-gcm`).
+#[derive(Debug, Clone, Default)]
+pub struct Only {
+    pub cases: Vec<String>,
+    pub payloads: Vec<String>,
+    pub sealings: Vec<String>,
+}
+
+impl Only {
+    fn wants(&self, list: &[String], name: &str) -> bool {
+        list.is_empty() || list.iter().any(|n| n == name)
+    }
+}
+
+fn payload_name(p: Payload) -> &'static str {
+    match p {
+        Payload::Raw => "raw",
+        Payload::Lz4 => "lz4",
+    }
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
     pub memcpy_gib_s: f64,
@@ -699,14 +753,13 @@ pub struct Report {
 /// Runs every case `rounds` times for `dur` each, the cases interleaved so
 /// load from elsewhere on the machine hits them alike; reports each case's
 /// median round (by throughput).
-/// `only`: the case names to run (`tcp`, `uring`, `uring-zc`,
-/// `uring-copy`), empty for all.
+/// `only`: which cases to run.
 pub fn run(
     dur: Duration,
     rounds: usize,
     iperf: bool,
     veth: bool,
-    only: &[String],
+    only: &Only,
 ) -> Result<Report, String> {
     let memcpy = memcpy_gib_s(Duration::from_secs(1));
     println!("memcpy (1 thread)      {memcpy:>7.2} GiB/s");
@@ -767,11 +820,15 @@ pub fn run(
                     &SEALINGS[..1],
                 ),
             ] {
-                if !only.is_empty() && !only.contains(&mode_name(t, zc)) {
+                if !only.wants(&only.cases, &mode_name(t, zc))
+                    || !only.wants(&only.payloads, payload_name(p))
+                {
                     continue;
                 }
                 for &s in sealings {
-                    plan.push((t, p, zc, link, s));
+                    if only.wants(&only.sealings, sealing_name(s)) {
+                        plan.push((t, p, zc, link, s));
+                    }
                 }
             }
         }
@@ -784,21 +841,23 @@ pub fn run(
         }
     }
     drop(pair);
-    println!("link      transport   payload sealing   page GiB/s   wire GiB/s   cpu s / replicated GiB   (median of {} rounds)", rounds.max(1));
+    println!("link      transport   payload sealing   page GiB/s   wire GiB/s   cpu s / replicated GiB (sender, receiver threads)   (median of {} rounds)", rounds.max(1));
     let mut cases = Vec::new();
     for mut rs in all {
         rs.sort_by(|a, b| a.gib_per_s.total_cmp(&b.gib_per_s));
         let r = rs.swap_remove(rs.len() / 2);
         {
             println!(
-                "{:<9} {:<11} {:<7} {:<8} {:>12.2} {:>12.2} {:>12.3}",
+                "{:<9} {:<11} {:<7} {:<8} {:>12.2} {:>12.2} {:>12.3}  ({:.3}, {:.3})",
                 r.link,
                 r.transport,
                 r.payload,
                 r.sealing,
                 r.gib_per_s,
                 r.wire_gib_per_s,
-                r.cpu_s_per_gib
+                r.cpu_s_per_gib,
+                r.sender_cpu_s_per_gib,
+                r.receiver_cpu_s_per_gib
             );
             cases.push(r);
         }

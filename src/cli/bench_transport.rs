@@ -30,6 +30,13 @@ pub struct BenchTransportArgs {
     /// uring-copy); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Run only these payloads (comma-separated: raw, lz4); all by default.
+    #[arg(long, value_delimiter = ',')]
+    payloads: Vec<String>,
+    /// Run only these protections (comma-separated: plain, mac, aes-gcm);
+    /// all by default.
+    #[arg(long, value_delimiter = ',')]
+    sealings: Vec<String>,
     /// Instead of the transports, compare uring zero copy with copy by
     /// send size (4 KiB to 1 MiB, raw pages, loopback).
     #[arg(long)]
@@ -48,7 +55,12 @@ pub fn run(a: BenchTransportArgs) -> Result<ExitCode, String> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let r = castor::bench::transport::run(a.duration, a.rounds, a.iperf, a.veth, &a.only)?;
+    let only = castor::bench::transport::Only {
+        cases: a.only,
+        payloads: a.payloads,
+        sealings: a.sealings,
+    };
+    let r = castor::bench::transport::run(a.duration, a.rounds, a.iperf, a.veth, &only)?;
     if let Some(p) = a.json {
         let j = serde_json::to_vec_pretty(&r).expect("report serialises");
         std::fs::write(&p, j).map_err(|e| format!("writing {}: {e}", p.display()))?;

@@ -509,6 +509,28 @@ impl RingState {
         self.read += n as u64;
     }
 
+    /// Bytes the sender may still place, as far as this side knows: the
+    /// credited window past what has landed. The sender's own view is the
+    /// same or smaller (credits in flight), and bytes it placed but that
+    /// have not landed yet count here as room.
+    pub fn sender_room(&self) -> u64 {
+        (self.credited + self.slots as u64) * self.slot_size as u64 - self.write
+    }
+
+    /// Whether a reader about to wait for more bytes must credit first.
+    /// It need not while the sender still has at least half the ring of
+    /// room and owes no chunk credit: a sender blocked on credits has
+    /// then placed bytes that have not landed yet (or a credit is on its
+    /// way to it), so the wait ends without a credit. Deferring until half
+    /// the ring is consumed sends one credit per half ring instead of one
+    /// per slot (each a record on the wire and a wakeup at the primary).
+    /// When room is short, a credit is due even if nothing is creditable
+    /// yet: [`Self::take_credit`] then sends nothing, and the record being
+    /// awaited fits the room left (a validated announcement guarantees it).
+    pub fn credit_due_before_wait(&self) -> bool {
+        self.sender_room() < self.ring_len() as u64 / 2 || self.chunks_taken >= self.chunk_credit_at
+    }
+
     /// Slots fully consumed and not yet credited back.
     pub fn creditable(&self) -> u64 {
         self.read / self.slot_size as u64 - self.credited

@@ -52,7 +52,8 @@ pub struct RingReader<L> {
     /// Bytes of the record handed out last, consumed at the next call.
     pending_consume: usize,
     bytes_read: u64,
-    /// Credit once this many slots are consumed (always before blocking).
+    /// Credit once this many slots are consumed (half the ring), or before
+    /// blocking when [`RingState::credit_due_before_wait`] says so.
     credit_batch: u64,
     /// The session's opener: every record carries a tag it checks.
     open: Option<Opener>,
@@ -73,7 +74,7 @@ impl<L: RingLink> RingReader<L> {
             state: RingState::new(ann),
             pending_consume: 0,
             bytes_read: 0,
-            credit_batch: (ann.slots as u64 / 4).max(1),
+            credit_batch: (ann.slots as u64 / 2).max(1),
             open: None,
         }
     }
@@ -128,7 +129,9 @@ impl<L: RingLink> RecordSource for RingReader<L> {
                 return check(&hd, self.ring.slice_mut(off, need), self.open.as_mut());
             }
             let empty = self.state.available() == 0;
-            self.link.send_credit(&mut self.state)?;
+            if self.state.credit_due_before_wait() {
+                self.link.send_credit(&mut self.state)?;
+            }
             self.link.receive(&mut self.state, &self.ring, empty)?;
         }
     }
