@@ -24,16 +24,16 @@
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::metrics;
 use crate::transport::auth::{Opener, Protection, Role, Sealer, SessionKeys};
 use crate::transport::record::{write_record, RecordKind, RecordReader};
-use crate::transport::seal::{SealSink, SealedWriter};
-use crate::transport::slots::{Announce, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE};
+use crate::transport::seal::SealSink;
+use crate::transport::slots::{Announce, DEFAULT_SLOT_SIZE, URING_SLOTS};
 use crate::transport::tcp::TcpSink;
-use crate::transport::uring::{CreditFilter, CreditShared, SendMode, UringSink, UringSource};
+use crate::transport::uring::{CreditFilter, SendMode, UringSink, UringSource};
 use crate::transport::{Lent, RecordSink, RecordSource, TransportKind};
 use crate::PAGE_SIZE;
 
@@ -314,20 +314,22 @@ pub fn run_shaped(
     shape: Shape,
 ) -> Result<CaseResult, String> {
     let keys = sealing.map(|s| SessionKeys::derive(b"bench-transport key", &[1; 32], &[2; 32], s));
-    let (mut p_seal, mut p_open, mut b_seal, mut b_open) = (None, None, None, None);
+    let (mut p_seal, mut p_open, mut b_open) = (None, None, None);
     if let Some(k) = &keys {
         let (s, o) = k.split(Role::Primary);
         (p_seal, p_open) = (Some(s), Some(o));
-        let (s, o) = k.split(Role::Backup);
-        (b_seal, b_open) = (Some(s), Some(o));
+        // The backup's sealer would seal its acks: the bench sends none.
+        let (_, o) = k.split(Role::Backup);
+        b_open = Some(o);
     }
     let pages = make_pages(p);
     let records = Arc::new(make_records(p, &pages, shape.pages));
     drop(pages);
     let (c, s) = pair(link).map_err(|e| format!("connecting over {}: {e}", link.name()))?;
-    let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).map_err(|e| e.to_string())?;
-    let mut source = case_source(t, s, &ann, b_seal, b_open)?;
-    let (mut sink, back_reader) = case_sink(t, &c, &ann, mode, p_open, p_seal)?;
+    // The ring a uring backup announces in a session.
+    let ann = Announce::new(URING_SLOTS, DEFAULT_SLOT_SIZE).map_err(|e| e.to_string())?;
+    let mut source = case_source(t, s, &ann, b_open)?;
+    let (mut sink, back_reader) = case_sink(t, &c, mode, p_open, p_seal)?;
     // The destination is faulted in before the clock starts, so neither
     // case pays for first touches inside its figures.
     let (ready_tx, ready) = std::sync::mpsc::channel();
@@ -394,13 +396,12 @@ pub fn run_shaped(
     })
 }
 
-/// The backup's half of one case: `t` over `s`, opening with `open` (and
-/// acknowledging sealed with `seal`) when the case is sealed.
+/// The backup's half of one case: `t` over `s` (uring: into a ring of
+/// `ann`), opening with `open` when the case is sealed.
 fn case_source(
     t: TransportKind,
     s: TcpStream,
     ann: &Announce,
-    mut b_seal: Option<Sealer>,
     mut b_open: Option<Opener>,
 ) -> Result<Box<dyn RecordSource + Send>, String> {
     Ok(match t {
@@ -411,18 +412,11 @@ fn case_source(
             }
             Box::new(r)
         }
-        TransportKind::Uring => {
-            let mut w = SealedWriter::new(s.try_clone().map_err(|e| e.to_string())?);
-            if let Some(s) = b_seal.take() {
-                w.authenticate(s);
-            }
-            let w = Arc::new(Mutex::new(w));
-            Box::new(
-                UringSource::new(s, ann, w)
-                    .map_err(|e| e.to_string())?
-                    .authenticate(b_open.take()),
-            )
-        }
+        TransportKind::Uring => Box::new(
+            UringSource::new(s, ann)
+                .map_err(|e| e.to_string())?
+                .authenticate(b_open.take()),
+        ),
         TransportKind::Rdma => return Err("rdma cannot be benchmarked without a device".into()),
     })
 }
@@ -436,7 +430,6 @@ type CaseSink = (Box<dyn RecordSink>, Option<std::thread::JoinHandle<()>>);
 fn case_sink(
     t: TransportKind,
     c: &TcpStream,
-    ann: &Announce,
     mode: Option<SendMode>,
     mut p_open: Option<Opener>,
     mut p_seal: Option<Sealer>,
@@ -445,12 +438,11 @@ fn case_sink(
     let mut sink: Box<dyn RecordSink> = match t {
         TransportKind::Tcp => Box::new(TcpSink(c.try_clone().map_err(|e| e.to_string())?)),
         _ => {
-            let credits = Arc::new(CreditShared::default());
             let mut r = RecordReader::new(c.try_clone().map_err(|e| e.to_string())?);
             if let Some(o) = p_open.take() {
                 r.authenticate(o);
             }
-            let back = CreditFilter::new(r, credits.clone());
+            let back = CreditFilter::passthrough(r);
             let h = std::thread::Builder::new()
                 .name("bt-return".into())
                 .spawn(move || {
@@ -460,7 +452,7 @@ fn case_sink(
                 })
                 .map_err(|e| format!("spawning the return path reader: {e}"))?;
             back_reader = Some(h);
-            let sink = UringSink::new(c.try_clone().map_err(|e| e.to_string())?, ann, credits)
+            let sink = UringSink::new(c.try_clone().map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?;
             Box::new(match mode {
                 Some(m) if sink.mode().is_direct() || !m.is_direct() => sink.with_mode(m),

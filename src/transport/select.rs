@@ -14,14 +14,13 @@
 
 use std::io::{self, Read};
 use std::net::TcpStream;
-use std::sync::Arc;
 
 use crate::transport::kind::TransportKind;
 use crate::transport::link::{RecordSink, RecordSource};
 use crate::transport::record::{send_record, RecordError, RecordKind, RecordReader};
-use crate::transport::ring::{CreditFilter, CreditShared, ReturnPath};
+use crate::transport::ring::{CreditFilter, ReturnPath};
 use crate::transport::seal::{ControlWriter, SealSink, SealedWriter};
-use crate::transport::slots::{Announce, SlotError, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE};
+use crate::transport::slots::{Announce, SlotError, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE, URING_SLOTS};
 use crate::transport::uring::{UringError, UringSink, UringSource};
 
 #[derive(Debug, thiserror::Error)]
@@ -89,9 +88,11 @@ pub fn primary(
     };
     match kind {
         TransportKind::Uring => {
-            let credits = Arc::new(CreditShared::default());
-            let sink = UringSink::new(writer, &ann, credits.clone())?;
-            let back: Box<dyn Read + Send> = Box::new(CreditFilter::new(reader, credits));
+            // The ring's geometry only bounds the backup's records: uring
+            // is paced by TCP's window, with no credits.
+            let _ = ann;
+            let sink = UringSink::new(writer)?;
+            let back: Box<dyn Read + Send> = Box::new(CreditFilter::passthrough(reader));
             Ok((seal(Box::new(sink)), RecordReader::new(back)))
         }
         #[cfg(feature = "rdma")]
@@ -154,7 +155,11 @@ pub fn backup(
     }
     let open = reader.take_opener();
     let sock = reader.into_inner();
-    let ann = Announce::new(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE)?;
+    let slots = match kind {
+        TransportKind::Uring => URING_SLOTS,
+        _ => DEFAULT_SLOTS,
+    };
+    let ann = Announce::new(slots, DEFAULT_SLOT_SIZE)?;
     let announce = |a: &Announce| -> Result<(), SetupError> {
         send_record(
             &mut *writer.lock().unwrap(),
@@ -166,7 +171,7 @@ pub fn backup(
     };
     match kind {
         TransportKind::Uring => {
-            let src = match UringSource::new(sock, &ann, writer.clone()) {
+            let src = match UringSource::new(sock, &ann) {
                 Ok(s) => s.authenticate(open),
                 Err(e) => {
                     refuse(format!("the backup cannot run uring: {e}"));

@@ -48,6 +48,13 @@ pub const MIN_SLOT_SIZE: u32 = 4096;
 /// GiB over uring with 1 MiB slots against 0.87 with 256 KiB ones).
 pub const DEFAULT_SLOTS: u32 = 16;
 pub const DEFAULT_SLOT_SIZE: u32 = 1 << 20;
+/// Slots of a uring backup's ring: the fewest 1 MiB slots that hold a
+/// whole record behind a partly read slot, plus one. uring is paced by
+/// TCP's window, not by the ring, so a bigger ring buys no throughput and
+/// costs cache: the backup's parser reads each byte right after the kernel
+/// wrote it, and a 16 MiB ring cycles through more memory than the caches
+/// keep (docs/throughput.md, "uring without credits").
+pub const URING_SLOTS: u32 = 6;
 
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum SlotError {
@@ -529,6 +536,25 @@ impl RingState {
     /// awaited fits the room left (a validated announcement guarantees it).
     pub fn credit_due_before_wait(&self) -> bool {
         self.sender_room() < self.ring_len() as u64 / 2 || self.chunks_taken >= self.chunk_credit_at
+    }
+
+    /// Where the next bytes of the stream may land when the receiver itself
+    /// decides (uring: it reads the TCP stream, whose flow control stands
+    /// in for credits): ring offset of the write position and the bytes
+    /// from there up to the ring's end or the end of the room, whichever
+    /// comes first. Call [`Self::free_consumed`] first, so the room counts
+    /// every slot the parser is done with.
+    pub fn landing_room(&self) -> (usize, usize) {
+        let off = (self.write % self.ring_len() as u64) as usize;
+        let len = (self.ring_len() - off).min(self.sender_room() as usize);
+        (off, len)
+    }
+
+    /// Frees every slot the parser is done with, without a credit on the
+    /// wire (a receiver that chooses where bytes land: uring).
+    pub fn free_consumed(&mut self) {
+        self.credited = self.read / self.slot_size as u64;
+        self.chunks_taken = 0;
     }
 
     /// Slots fully consumed and not yet credited back.

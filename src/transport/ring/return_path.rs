@@ -79,7 +79,8 @@ impl CreditShared {
 /// (re-framed) to whoever reads it (the primary's ack thread).
 pub struct CreditFilter {
     inner: RecordReader<TcpStream>,
-    /// None: credits do not travel on this path (rdma), and one is an error.
+    /// None: credits do not travel on this path (rdma, uring), and one is
+    /// an error.
     shared: Option<Arc<CreditShared>>,
     out: Vec<u8>,
     pos: usize,
@@ -122,7 +123,9 @@ impl Read for CreditFilter {
                         (Ok(_), None) => {
                             return Err(io::Error::new(
                                 io::ErrorKind::InvalidData,
-                                "backup sent a Credit record on the TCP path of an rdma session",
+                                "backup sent a Credit record, which this session's transport never uses \
+                                 (rdma credits travel by RDMA SEND, uring has none: \
+                                 are both ends the same castor version?)",
                             ))
                         }
                         (Err(e), _) => {

@@ -1,41 +1,45 @@
-//! The `uring` transport: io_uring over the session's TCP connection, with
-//! the slot/credit protocol of [`crate::transport::slots`].
+//! The `uring` transport: io_uring over the session's TCP connection, the
+//! backup reading the stream straight into a registered receive ring.
 //!
-//! Primary ([`UringSink`]): records are cut into chunks that each fit the
-//! backup's current receive slot, each sent with an 8-byte chunk header
-//! (`tag` u32 = [`ChunkTag`](crate::transport::slots::ChunkTag), `seq` u32 = chunk count mod 2^32) on a fixed
-//! file. In the direct modes (the default, [`SendMode::Auto`]) a chunk is
-//! one `IORING_OP_SENDMSG_ZC` (or plain `SENDMSG` where zero copy does not
-//! pay) whose iovecs are the header (in sink-owned memory) and the pieces
-//! of the caller's buffers that make up its body, so the sink copies no
-//! byte. Buffers lent with [`RecordSink::send_lent`](crate::transport::RecordSink::send_lent)
-//! stay with the sink
-//! until every one of their sends has both its completion and its
-//! zero-copy notification (`IORING_CQE_F_NOTIF`), i.e. until the kernel no
-//! longer reads them, and go back to the caller then, after `send_lent`
-//! returned; borrowed buffers (`send`) make `send` wait for that. The
-//! staged modes copy the chunk
-//! into the sink's registered staging buffers instead and send it with
-//! `IORING_OP_SEND_ZC` (or plain `SEND`) from there; a staging buffer is
-//! reused only after its completion and notification arrived. One batch of
-//! chunks is submitted as one linked chain (links keep them in order on the
-//! socket). The sink never places a byte into a slot
-//! it holds no credit for; credits arrive on the return path, where
-//! [`CreditFilter`] takes `Credit` records out of the stream the ack thread
-//! reads and hands them to the sink.
+//! Primary ([`UringSink`]): the record stream goes out as it is, in sends
+//! of at most [`SEND_MAX`] bytes, each one `IORING_OP_SENDMSG_ZC` (or plain
+//! `SENDMSG` where zero copy does not pay; [`SendMode::Auto`], the default)
+//! whose iovecs are the pieces of the caller's buffers, so the sink copies
+//! no byte. Buffers lent with [`RecordSink::send_lent`](crate::transport::RecordSink::send_lent)
+//! stay with the sink until every one of their sends has both its
+//! completion and its zero-copy notification (`IORING_CQE_F_NOTIF`), i.e.
+//! until the kernel no longer reads them, and go back to the caller then,
+//! after `send_lent` returned; borrowed buffers (`send`) make `send` wait
+//! for that. The staged modes copy each send into the sink's registered
+//! staging buffers instead and send it with `IORING_OP_SEND_ZC` (or plain
+//! `SEND`) from there; a staging buffer is reused only after its
+//! completion and notification arrived. One batch of sends is submitted as
+//! one linked chain (links keep them in order on the socket).
 //!
 //! Backup ([`UringSource`]): the receive ring is one memfd mapped twice back
 //! to back ([`MirrorRing`]), the first mapping registered as a fixed buffer.
-//! Chunk bodies are read with `IORING_OP_READ_FIXED` straight into their
-//! slot; records are verified and handed to the receiver as slices of the
-//! ring (a record running past the ring's end reads on into the mirror), so
-//! no byte is copied between the socket and the decoder beyond the kernel's
-//! own copy. Consumed slots are credited back in order.
+//! The stream is read with `IORING_OP_READ_FIXED` straight into the ring at
+//! its position (stream offset `p` at ring offset `p mod len`), as much as
+//! has arrived and the ring has room for; records are verified and handed
+//! to the receiver as slices of the ring (a record running past the ring's
+//! end reads on into the mirror), so no byte is copied between the socket
+//! and the decoder beyond the kernel's own copy.
 //!
-//! Files: `sink.rs` (the primary's half), `source.rs` (the backup's half:
-//! how chunks arrive and credits leave, under the shared
-//! [`crate::transport::ring::RingReader`]); this file holds the ring setup
-//! and memory both share.
+//! Flow control is TCP's: the backup reads only into ring space its parser
+//! is done with, so when the ring is full the socket's receive window
+//! closes and the primary's sends wait in the kernel. Unlike rdma (whose
+//! one-sided writes need slots agreed in advance), uring sends no chunk
+//! headers and no `Credit` records: on loopback each credit cost a record,
+//! a wakeup of the primary's return-path thread and one of its sender, and
+//! the sender idled waiting for them (docs/throughput.md, "uring without
+//! credits"). The backup still announces its ring (`Slots`), which fixes
+//! the largest record it can hold; a `Credit` record from a backup is a
+//! protocol error on the primary's return path.
+//!
+//! Files: `sink.rs` (the primary's half), `source.rs` (the backup's half,
+//! under the shared [`crate::transport::ring::RingReader`]), `loans.rs`
+//! (lent memory while the kernel may read it); this file holds the ring
+//! setup and memory both share.
 
 mod loans;
 mod sink;
@@ -49,11 +53,9 @@ use io_uring::{opcode, IoUring, Probe};
 
 use crate::transport::ring::MirrorError;
 pub use crate::transport::ring::{CreditFilter, CreditShared, MirrorRing};
-pub use sink::{SendMode, UringSink, COPIED_SWITCH, ZC_MIN};
+pub use sink::{SendMode, UringSink, COPIED_SWITCH, SEND_MAX, ZC_MIN};
 pub use source::{UringLink, UringSource};
 
-/// Bytes before each chunk body on the wire: tag u32, seq u32.
-pub const CHUNK_HEADER: usize = 8;
 const RING_ENTRIES: u32 = 64;
 
 #[derive(Debug, thiserror::Error)]

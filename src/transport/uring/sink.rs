@@ -1,7 +1,9 @@
 //! The primary's half of the `uring` transport (see the module doc of
-//! [`crate::transport::uring`]): chunks placed by the credit window, sent
-//! with SENDMSG(_ZC) straight from the caller's buffers or from registered
-//! staging buffers.
+//! [`crate::transport::uring`]): the record stream cut into sends of at
+//! most [`SEND_MAX`] bytes, each one SENDMSG(_ZC) straight from the
+//! caller's buffers (or from registered staging buffers). TCP's own flow
+//! control paces the sends: no credit round trip through the primary's
+//! threads.
 //!
 //! Ownership hand-off: [`RecordSink::send_lent`] takes the caller's
 //! buffers ([`Lent`]) and returns once every chunk is on the socket (each
@@ -22,7 +24,7 @@
 //! not hold the sender's pages) every later chunk goes as plain SENDMSG.
 //!
 //! Deadlines: every wait (a send's completion, a notification freeing a
-//! buffer, a credit) is a bounded `io_uring_enter` of at most
+//! buffer) is a bounded `io_uring_enter` of at most
 //! [`WAIT_SLICE`], and fails once the kernel reported nothing for the
 //! sink's deadline: the socket's write timeout (SO_SNDTIMEO, which a
 //! protection session sets to `--backup-timeout`), else
@@ -34,34 +36,35 @@
 //! good ([`UringSink::purge`]: the kernel drops what it still queues, and
 //! the notifications come), then waits for them, bounded by
 //! [`PURGE_WAIT`]. Heap memory the kernel still holds after that (the
-//! caller's buffers, the chunk headers) is leaked with a warning, never
+//! caller's buffers, the op slots' iovecs) is leaked with a warning, never
 //! freed: freed heap is reused, and the kernel would send its new contents.
 
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use super::loans::Loans;
-use super::{kernel, new_ring, Region, UringError, CHUNK_HEADER, RING_ENTRIES};
+use super::{kernel, new_ring, Region, UringError, RING_ENTRIES};
 use crate::transport::link::{FailureReport, Lent, RecordSink};
-use crate::transport::ring::{Chunker, CreditShared, CreditWait};
-use crate::transport::slots::{Announce, CreditWindow, Placement};
+use crate::transport::ring::Chunker;
 
-/// Staging buffers of the sink (each holds one chunk header + one slot).
+/// Staging buffers of the sink (each holds one send of [`SEND_MAX`]).
 const STAGE_BUFS: usize = 8;
+/// Bytes of one send at most: a linked chain of [`DIRECT_OPS`] such sends
+/// is what one `io_uring_enter` hands the kernel.
+pub const SEND_MAX: usize = 1 << 20;
 /// SENDMSG_ZC operations the direct mode keeps in flight at most (one
 /// batch: each yields two completions, so the completion queue of
 /// `2 * RING_ENTRIES` never overflows).
 pub(super) const DIRECT_OPS: usize = RING_ENTRIES as usize / 2;
-/// iovecs of one SENDMSG_ZC (header + body pieces); a chunk is cut short
-/// rather than span more pieces (well under the kernel's UIO_MAXIOV).
+/// iovecs of one SENDMSG(_ZC); a send is cut short rather than span more
+/// pieces (well under the kernel's UIO_MAXIOV).
 pub(super) const MAX_IOV: usize = 64;
 /// The sink's deadline when its socket has no write timeout: it fails
-/// when the kernel completes nothing (and no credit arrives) for this long.
+/// when the kernel completes nothing for this long.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
 /// The longest single wait in `io_uring_enter`.
 const WAIT_SLICE: Duration = Duration::from_millis(100);
@@ -99,25 +102,23 @@ pub enum SendMode {
     StagedCopy,
 }
 
-/// The memory one direct SENDMSG_ZC hands the kernel: chunk header, iovec
-/// list and msghdr. Lives in a vector that is never resized, so its address
+/// The memory one direct SENDMSG(_ZC) hands the kernel besides the
+/// caller's buffers: iovec list and msghdr. Lives in a vector that is never resized, so its address
 /// never changes; rewritten only while its op slot is free (no completion or notification due), so the
 /// kernel never sees it change under an operation.
 struct DirectOp {
-    hdr: [u8; CHUNK_HEADER],
     iov: [libc::iovec; MAX_IOV],
     msg: libc::msghdr,
 }
 
 // SAFETY: the raw pointers in `iov`/`msg` point at the op itself and at the
-// caller's buffers of the current `send` call; the op is only touched by the
-// sink that owns it, which never returns from `send` with one in flight.
+// caller's buffers (borrowed for the call, or lent and held in `loans`);
+// the op is only touched by the sink that owns it.
 unsafe impl Send for DirectOp {}
 
 impl DirectOp {
     fn new() -> Self {
         DirectOp {
-            hdr: [0; CHUNK_HEADER],
             iov: [libc::iovec {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
@@ -142,7 +143,7 @@ impl SendMode {
 /// State of one staging buffer (or, in direct mode, one op slot).
 #[derive(Clone, Copy, Default)]
 pub(super) struct Stage {
-    /// Bytes submitted from it (header + body).
+    /// Bytes submitted from it.
     len: usize,
     /// The loan id ([`Loans`]) its operation counts under (0: none).
     loan: u64,
@@ -157,9 +158,9 @@ pub struct UringSink {
     ring: IoUring,
     /// Keeps the registered fd (fixed file 0) open.
     _sock: TcpStream,
-    /// STAGE_BUFS buffers of `stride` bytes, registered as fixed buffer 0.
+    /// STAGE_BUFS buffers of [`SEND_MAX`] bytes, registered as fixed
+    /// buffer 0.
     stage: Region,
-    stride: usize,
     /// One per staging buffer, or per op slot in direct mode (the index is
     /// the user_data of its submissions).
     pub(super) stages: Vec<Stage>,
@@ -170,9 +171,9 @@ pub struct UringSink {
     pub(super) free: Vec<usize>,
     /// Entries of the batch being built, in order.
     batch: Vec<(squeue::Entry, usize)>,
-    pub(super) window: CreditWindow,
-    credits: Arc<CreditShared>,
-    pub(super) seq: u32,
+    /// Bytes handed to the kernel so far, and in how many sends.
+    pub(super) sent: u64,
+    pub(super) ops: u64,
     /// First fatal error; later calls repeat it.
     failed: Option<String>,
     /// When the kernel last took a submission or reported a completion:
@@ -204,18 +205,13 @@ pub struct UringSink {
 
 impl UringSink {
     /// `sock` is the session's connection (a clone; the caller keeps reading
-    /// the return path through a [`CreditFilter`] sharing `credits`).
-    pub fn new(
-        sock: TcpStream,
-        ann: &Announce,
-        credits: Arc<CreditShared>,
-    ) -> Result<Self, UringError> {
+    /// the return path from it).
+    pub fn new(sock: TcpStream) -> Result<Self, UringError> {
         let ring = new_ring()?;
         let mut probe = Probe::new();
         let direct_supported = ring.submitter().register_probe(&mut probe).is_ok()
             && probe.is_supported(opcode::SendMsgZc::CODE);
-        let stride = (CHUNK_HEADER + ann.slot_size as usize).next_multiple_of(4096);
-        let stage = Region::new(stride * STAGE_BUFS, "the send staging buffers")?;
+        let stage = Region::new(SEND_MAX * STAGE_BUFS, "the send staging buffers")?;
         // SAFETY: the region outlives the ring's use of it: pages of
         // registered buffers are pinned by the kernel until unregistered.
         unsafe { ring.submitter().register_buffers(&[stage.iovec()]) }.map_err(|source| {
@@ -234,14 +230,12 @@ impl UringSink {
             ring,
             _sock: sock,
             stage,
-            stride,
             stages: Vec::new(),
             direct: Vec::new(),
             free: Vec::new(),
             batch: Vec::new(),
-            window: CreditWindow::new(ann),
-            credits,
-            seq: 0,
+            sent: 0,
+            ops: 0,
             failed: None,
             progress: Instant::now(),
             purged: false,
@@ -266,7 +260,7 @@ impl UringSink {
     /// Switches to `mode`; only before the first `send`.
     pub fn with_mode(mut self, mode: SendMode) -> Self {
         assert!(
-            self.window.pos() == 0 && self.batch.is_empty(),
+            self.sent == 0 && self.batch.is_empty(),
             "send mode changed after sending"
         );
         let n = if mode.is_direct() {
@@ -299,16 +293,6 @@ impl UringSink {
         io::Error::other(msg)
     }
 
-    /// Moves queued credits into the window.
-    fn absorb_credits(&mut self) -> io::Result<()> {
-        for c in self.credits.take() {
-            if let Err(e) = self.window.on_credit(c) {
-                return Err(self.fail(format!("backup sent a bad credit: {e}")));
-            }
-        }
-        Ok(())
-    }
-
     /// The sink's deadline: the socket's write timeout, else
     /// [`DEFAULT_DEADLINE`].
     fn deadline(&self) -> Duration {
@@ -317,23 +301,6 @@ impl UringSink {
             .ok()
             .flatten()
             .unwrap_or(DEFAULT_DEADLINE)
-    }
-
-    /// Blocks until at least one credit is queued, at most the deadline.
-    fn wait_credit(&mut self) -> io::Result<()> {
-        let limit = self.deadline();
-        match self.credits.wait(Instant::now() + limit) {
-            Ok(()) => self.absorb_credits(),
-            Err(CreditWait::Closed(why)) => {
-                Err(self.fail(format!("waiting for receive-slot credits: {why}")))
-            }
-            Err(CreditWait::TimedOut) => Err(self.fail(format!(
-                "no receive-slot credit from the backup for {} ms ({} slots outstanding; \
-                 the deadline is --backup-timeout)",
-                limit.as_millis(),
-                self.window.outstanding()
-            ))),
-        }
     }
 
     /// Waits at most [`WAIT_SLICE`] for a completion; fails once the kernel
@@ -451,17 +418,9 @@ impl UringSink {
         }
     }
 
-    /// Queues the send `e` of chunk `p` (`len` bytes with its header) from
-    /// buffer or op slot `b`: marks its completions due, advances the credit
-    /// window and the chunk sequence, and submits once half the ring is
-    /// queued.
-    fn queue(
-        &mut self,
-        e: squeue::Entry,
-        (b, loan): (usize, u64),
-        len: usize,
-        p: &Placement,
-    ) -> io::Result<()> {
+    /// Queues the send `e` of `len` bytes from buffer or op slot `b`: marks
+    /// its completions due and submits once half the ring is queued.
+    fn queue(&mut self, e: squeue::Entry, (b, loan): (usize, u64), len: usize) -> io::Result<()> {
         self.stages[b] = Stage {
             len,
             loan,
@@ -470,8 +429,8 @@ impl UringSink {
         };
         self.loans.op_started(loan);
         self.batch.push((e, b));
-        self.window.advance(p);
-        self.seq = self.seq.wrapping_add(1);
+        self.sent += len as u64;
+        self.ops += 1;
         if self.batch.len() >= RING_ENTRIES as usize / 2 {
             self.flush()?;
         }
@@ -599,7 +558,7 @@ impl UringSink {
             let lent = self.loans.leak_held();
             tracing::warn!(
                 "{left} zero-copy sends still unfinished {} ms after the connection was torn down; \
-                 their memory ({lent} lent sends and the chunk headers) is leaked, never reused",
+                 their memory ({lent} lent sends and the op slots) is leaked, never reused",
                 PURGE_WAIT.as_millis()
             );
         }
@@ -653,31 +612,16 @@ impl UringSink {
     fn send_direct_chunks(&mut self, bufs: &[&[u8]], loan: u64) -> io::Result<()> {
         let mut chunks = Chunker::new(bufs);
         while chunks.left() > 0 {
-            self.absorb_credits()?;
-            // A chunk needs one iovec per piece after the header's.
-            let cap = chunks.span(MAX_IOV - 1);
-            let Some(p) = self.window.place(chunks.left().min(cap)) else {
-                // Everything placed so far must be on its way before we
-                // wait, or the backup could never free a slot.
-                self.flush()?;
-                self.wait_credit()?;
-                continue;
-            };
+            let len = chunks.left().min(chunks.span(MAX_IOV)).min(SEND_MAX);
             let b = self.take_buffer()?;
             let zero_copy = match self.mode {
                 SendMode::Direct => true,
-                SendMode::Auto => !self.zc_off && p.len >= ZC_MIN,
+                SendMode::Auto => !self.zc_off && len >= ZC_MIN,
                 _ => false,
             };
             let op = &mut self.direct[b];
-            op.hdr[0..4].copy_from_slice(&p.tag.encode().to_le_bytes());
-            op.hdr[4..8].copy_from_slice(&self.seq.to_le_bytes());
-            op.iov[0] = libc::iovec {
-                iov_base: op.hdr.as_mut_ptr().cast(),
-                iov_len: CHUNK_HEADER,
-            };
-            let mut n_iov = 1;
-            chunks.take(p.len, |src| {
+            let mut n_iov = 0;
+            chunks.take(len, |src| {
                 op.iov[n_iov] = libc::iovec {
                     // The kernel only reads through this pointer.
                     iov_base: src.as_ptr().cast_mut().cast(),
@@ -687,7 +631,6 @@ impl UringSink {
             });
             op.msg.msg_iov = op.iov.as_mut_ptr();
             op.msg.msg_iovlen = n_iov as _;
-            let len = CHUNK_HEADER + p.len;
             let e = if zero_copy {
                 let usage = if self.report_usage {
                     SEND_ZC_REPORT_USAGE
@@ -704,7 +647,7 @@ impl UringSink {
                     .flags(libc::MSG_WAITALL as u32)
                     .build()
             };
-            self.queue(e.user_data(b as u64), (b, loan), len, &p)?;
+            self.queue(e.user_data(b as u64), (b, loan), len)?;
         }
         self.flush()
     }
@@ -773,31 +716,19 @@ impl RecordSink for UringSink {
 }
 
 impl UringSink {
-    /// Staged modes: every chunk is copied, behind its header, into a free
-    /// staging buffer and sent from there.
+    /// Staged modes: every send of up to [`SEND_MAX`] bytes is copied into
+    /// a free staging buffer and sent from there.
     fn send_staged(&mut self, bufs: &[&[u8]]) -> io::Result<()> {
         let loan = self.loans.open();
         let mut chunks = Chunker::new(bufs);
         while chunks.left() > 0 {
-            self.absorb_credits()?;
-            let Some(p) = self.window.place(chunks.left()) else {
-                // Everything placed so far must be on its way before we
-                // wait, or the backup could never free a slot.
-                self.flush()?;
-                self.wait_credit()?;
-                continue;
-            };
+            let len = chunks.left().min(SEND_MAX);
             let b = self.take_buffer()?;
-            let base = b * self.stride;
-            // SAFETY: buffer b is free (no send or notification due), lies
-            // inside the staging region, and CHUNK_HEADER + slot <= stride.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(self.stage.ptr.add(base), CHUNK_HEADER + p.len)
-            };
-            dst[0..4].copy_from_slice(&p.tag.encode().to_le_bytes());
-            dst[4..8].copy_from_slice(&self.seq.to_le_bytes());
-            chunks.copy_into(&mut dst[CHUNK_HEADER..]);
-            let len = CHUNK_HEADER + p.len;
+            // SAFETY: buffer b is free (no send or notification due) and
+            // lies inside the staging region of STAGE_BUFS * SEND_MAX bytes.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(self.stage.ptr.add(b * SEND_MAX), len) };
+            chunks.copy_into(dst);
             let e = if self.mode == SendMode::StagedCopy {
                 opcode::Send::new(types::Fixed(0), dst.as_ptr(), len as u32)
                     .flags(libc::MSG_WAITALL)
@@ -810,7 +741,7 @@ impl UringSink {
                     .build()
                     .user_data(b as u64)
             };
-            self.queue(e, (b, loan), len, &p)?;
+            self.queue(e, (b, loan), len)?;
         }
         self.flush()
     }
@@ -830,8 +761,8 @@ impl Drop for UringSink {
     /// acknowledged by the backup within [`PURGE_WAIT`]; a failed one is
     /// torn down first. Whatever the kernel still holds then: the staging
     /// region is a mapping of its own whose pinned pages the kernel keeps
-    /// and nobody else gets, so it is unmapped; the op slots (chunk
-    /// headers sent from the heap) and lent memory are leaked.
+    /// and nobody else gets, so it is unmapped; the op slots (iovecs
+    /// the kernel was given) and lent memory are leaked.
     fn drop(&mut self) {
         if self.failed.is_some() {
             self.settle();

@@ -1,8 +1,9 @@
 //! The backup's half of the `uring` transport (see the module doc of
-//! [`crate::transport::uring`]): chunk headers and bodies read with
-//! READ_FIXED, bodies straight into their slot of the registered ring;
-//! credits go back as `Credit` records on the control writer. Records are
-//! read from the ring by the shared [`RingReader`].
+//! [`crate::transport::uring`]): the record stream read with READ_FIXED
+//! straight into the registered ring, at the stream's position, as much as
+//! has arrived and the ring has room for. Records are read from the ring
+//! by the shared [`RingReader`]; the ring's room is the TCP receive window
+//! the primary sees, so no credit goes back on the wire.
 
 use std::io;
 use std::net::TcpStream;
@@ -10,16 +11,16 @@ use std::os::fd::AsRawFd;
 
 use io_uring::{opcode, types, IoUring};
 
-use super::{new_ring, Region, UringError, CHUNK_HEADER};
-use crate::transport::record::{send_record, RecordError, RecordKind};
+use super::{new_ring, UringError};
+use crate::transport::record::RecordError;
 use crate::transport::ring::{MirrorRing, RingLink, RingReader};
-use crate::transport::seal::ControlWriter;
-use crate::transport::slots::{Announce, ChunkTag, Placement, RingState, SlotError};
+use crate::transport::slots::{Announce, RingState};
+use crate::transport::wire::HEADER_LEN;
 
 /// The backup's receiving half over io_uring (see the module doc).
 pub type UringSource = RingReader<UringLink>;
 
-/// How chunks reach the ring over io_uring, and how credits go back.
+/// How the stream reaches the ring over io_uring.
 ///
 /// Invariant: the ring registered as fixed buffer 0 is the one the
 /// [`RingReader`] owning this link reads (it drops this link, and with it
@@ -27,29 +28,19 @@ pub type UringSource = RingReader<UringLink>;
 pub struct UringLink {
     ring: IoUring,
     sock: TcpStream,
-    /// Chunk headers land here (fixed buffer 1).
-    hdr: Region,
-    writer: ControlWriter,
-    /// The chunk whose body is arriving: placement and bytes landed.
-    in_chunk: Option<(Placement, usize)>,
-    seq: u32,
 }
 
 impl UringSource {
-    /// Sets up the ring for `ann` on `sock`; credits go out on `writer`.
-    pub fn new(sock: TcpStream, ann: &Announce, writer: ControlWriter) -> Result<Self, UringError> {
+    /// Sets up the ring for `ann` on `sock`.
+    pub fn new(sock: TcpStream, ann: &Announce) -> Result<Self, UringError> {
         let ring = new_ring()?;
         let mem = MirrorRing::new(ann.ring_len())?;
-        let hdr = Region::new(4096, "the chunk header buffer")?;
-        let bufs = [
-            libc::iovec {
-                iov_base: mem.base().cast(),
-                iov_len: mem.len(),
-            },
-            hdr.iovec(),
-        ];
-        // SAFETY: both regions are owned by the source and outlive the ring
-        // (the link, holding the ring, drops before the mirror ring... and
+        let bufs = [libc::iovec {
+            iov_base: mem.base().cast(),
+            iov_len: mem.len(),
+        }];
+        // SAFETY: the ring memory is owned by the source and outlives the
+        // io_uring (the link, holding it, drops before the mirror ring; and
         // pinned pages survive regardless).
         unsafe { ring.submitter().register_buffers(&bufs) }.map_err(|source| {
             UringError::Register {
@@ -63,27 +54,19 @@ impl UringSource {
                 what: "the socket as a fixed file",
                 source,
             })?;
-        let link = UringLink {
-            ring,
-            sock,
-            hdr,
-            writer,
-            in_chunk: None,
-            seq: 0,
-        };
-        Ok(RingReader::over(link, mem, ann))
+        Ok(RingReader::over(UringLink { ring, sock }, mem, ann))
     }
 }
 
 impl UringLink {
-    /// One READ_FIXED of up to `len` bytes into `ptr` (inside fixed buffer
-    /// `idx`); returns bytes read (0 at end of stream).
-    fn read_fixed(&mut self, ptr: *mut u8, len: usize, idx: u16) -> io::Result<usize> {
-        let e = opcode::ReadFixed::new(types::Fixed(0), ptr, len as u32, idx)
+    /// One READ_FIXED of up to `len` bytes into `ptr` (inside the
+    /// registered ring); returns bytes read (0 at end of stream).
+    fn read_fixed(&mut self, ptr: *mut u8, len: usize) -> io::Result<usize> {
+        let e = opcode::ReadFixed::new(types::Fixed(0), ptr, len as u32, 0)
             .offset(u64::MAX)
             .build()
             .user_data(7);
-        // SAFETY: ptr..ptr+len lies inside registered buffer `idx` and in a
+        // SAFETY: ptr..ptr+len lies inside registered buffer 0 and in a
         // range no reader looks at until it has landed.
         unsafe { self.ring.submission().push(&e) }
             .map_err(|_| io::Error::other("io_uring submission queue full"))?;
@@ -109,82 +92,46 @@ impl UringLink {
             }
         }
     }
-
-    /// Reads the next chunk header and has `state` accept its chunk.
-    fn next_chunk(
-        &mut self,
-        state: &RingState,
-        at_boundary: bool,
-    ) -> Result<Placement, RecordError> {
-        let mut got = 0;
-        while got < CHUNK_HEADER {
-            // SAFETY: within the 4096-byte header region.
-            let ptr = unsafe { self.hdr.ptr.add(got) };
-            let n = self.read_fixed(ptr, CHUNK_HEADER - got, 1)?;
-            if n == 0 {
-                return Err(if got == 0 && at_boundary {
-                    RecordError::Eof
-                } else {
-                    RecordError::Truncated {
-                        what: "chunk header",
-                        got,
-                        want: CHUNK_HEADER,
-                    }
-                });
-            }
-            got += n;
-        }
-        // SAFETY: CHUNK_HEADER bytes just landed in the header region.
-        let h = unsafe { std::slice::from_raw_parts(self.hdr.ptr, CHUNK_HEADER) };
-        let tag = u32::from_le_bytes(h[0..4].try_into().unwrap());
-        let seq = u32::from_le_bytes(h[4..8].try_into().unwrap());
-        if seq != self.seq {
-            return Err(SlotError::ChunkSequence {
-                got: seq,
-                want: self.seq,
-            }
-            .into());
-        }
-        self.seq = self.seq.wrapping_add(1);
-        let p = state.on_chunk(tag)?;
-        debug_assert_eq!(ChunkTag::decode(tag), p.tag);
-        Ok(p)
-    }
 }
 
 impl RingLink for UringLink {
+    /// Frees the consumed slots locally: the primary never waits for them
+    /// (the TCP window paces it).
     fn send_credit(&mut self, state: &mut RingState) -> Result<(), RecordError> {
-        if let Some(c) = state.take_credit() {
-            let mut w = self.writer.lock().unwrap();
-            send_record(&mut *w, RecordKind::Credit, 0, &c.encode())?;
-        }
+        state.free_consumed();
         Ok(())
     }
 
-    /// Receives more bytes into the ring (one header or one body read).
+    /// Reads as much of the stream as has arrived (at least one byte) into
+    /// the ring at the stream's position, up to the ring's end or room.
     fn receive(
         &mut self,
         state: &mut RingState,
         ring: &MirrorRing,
         at_boundary: bool,
     ) -> Result<(), RecordError> {
-        let (p, landed) = match self.in_chunk {
-            Some(x) => x,
-            None => (self.next_chunk(state, at_boundary)?, 0),
-        };
-        // SAFETY: the placement was accepted by RingState: inside the first
-        // mapping, over bytes the parser has consumed and credited.
-        let ptr = unsafe { ring.base().add(p.ring_offset + landed) };
-        let n = self.read_fixed(ptr, p.len - landed, 0)?;
+        state.free_consumed();
+        let (off, len) = state.landing_room();
+        // The reader asks for bytes only while no whole record is in the
+        // ring, and a record fits in the ring behind a partly read slot
+        // (validated announcement), so there is room.
+        debug_assert!(len > 0, "no room in the receive ring");
+        // SAFETY: off + len <= ring length (landing_room), over bytes the
+        // parser has consumed.
+        let ptr = unsafe { ring.base().add(off) };
+        let n = self.read_fixed(ptr, len)?;
         if n == 0 {
-            return Err(RecordError::Truncated {
-                what: "chunk body",
-                got: landed,
-                want: p.len,
+            return Err(if at_boundary {
+                RecordError::Eof
+            } else {
+                RecordError::Truncated {
+                    what: "record in the receive ring",
+                    got: state.available() as usize,
+                    want: HEADER_LEN,
+                }
             });
         }
         state.on_landed(n);
-        self.in_chunk = (landed + n < p.len).then_some((p, landed + n));
         Ok(())
     }
 
