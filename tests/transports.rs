@@ -9,7 +9,7 @@ use common::*;
 use std::io::{BufRead, BufReader, Write};
 
 use castor::transport::record::{write_record, RecordKind};
-use castor::transport::slots::{Announce, ChunkTag};
+use castor::transport::slots::Announce;
 
 /// True (reason printed) when castor reported that this kernel has no
 /// usable io_uring; any other failure is left to the caller's asserts.
@@ -58,8 +58,8 @@ fn uring_bench_replica_matches_primary() {
 }
 
 /// Separate processes, deterministic domain: the replica equals a
-/// from-scratch recomputation, and the stream (seed of 32 MiB, twice the
-/// 16 MiB ring, plus 15 checkpoints) needed rounds of credits.
+/// from-scratch recomputation, and the stream (seed of 32 MiB, five times
+/// the 6 MiB ring, plus 15 checkpoints) went round the ring many times.
 #[test]
 fn uring_protect_replica_equals_recomputation() {
     if sim_unavailable() {
@@ -160,17 +160,11 @@ fn uring_primary_refused_by_tcp_backup() {
     mismatch("tcp", "uring");
 }
 
-/// Chunk header bytes: tag and sequence number.
-fn chunk_header(slot: u32, len: u32, seq: u32) -> Vec<u8> {
-    let mut h = ChunkTag { slot, len }.encode().to_le_bytes().to_vec();
-    h.extend_from_slice(&seq.to_le_bytes());
-    h
-}
-
-/// A fake primary sets up a uring session, then sends the bytes `chunks`
-/// makes from the backup's announcement; returns the backup's stderr (None:
-/// io_uring unavailable here).
-fn hostile_chunks(chunks: impl FnOnce(&Announce) -> Vec<u8>) -> Option<String> {
+/// A fake primary sets up a uring session, then sends the records and
+/// bytes `stream` makes from the backup's announcement: the first part
+/// sealed with the session's keys, the second as it is; returns the
+/// backup's stderr (None: io_uring unavailable here).
+fn hostile_stream(stream: impl FnOnce(&Announce) -> (Vec<u8>, Vec<u8>)) -> Option<String> {
     let dir = tempfile::tempdir().unwrap();
     let b = Backup::start_with(&dir.path().join("replica"), &["--transport", "uring"], KEY);
     let mut s = common::fake::session(&b.addr, KEY).unwrap();
@@ -191,10 +185,9 @@ fn hostile_chunks(chunks: impl FnOnce(&Announce) -> Vec<u8>) -> Option<String> {
     }
     assert_eq!(rec.kind, RecordKind::Slots);
     let ann = Announce::decode(rec.payload).expect("backup's announcement is valid");
-    let mut bytes = chunks(&ann);
-    bytes.extend_from_slice(&[0xAA; 4096]);
+    let (sealed, raw) = stream(&ann);
     // The backup may close before reading everything: ignore write errors.
-    let _ = w.write_all(&bytes);
+    let _ = s.write_all(&sealed).and_then(|()| w.write_all(&raw));
     let (st, err) = b.wait();
     assert_eq!(
         st.code(),
@@ -205,41 +198,47 @@ fn hostile_chunks(chunks: impl FnOnce(&Announce) -> Vec<u8>) -> Option<String> {
     Some(err)
 }
 
+/// Bytes that are no record, landed in the ring: the backup's ring reader
+/// refuses them in place (the session is authenticated, so any damage
+/// reads as a forged record) and the session ends with no replica.
 #[test]
-fn chunk_for_the_wrong_slot_is_rejected() {
-    let Some(err) = hostile_chunks(|_| chunk_header(5, 100, 0)) else {
+fn garbage_in_the_uring_ring_is_refused() {
+    let Some(err) = hostile_stream(|_| (Vec::new(), vec![0xAA; 4096])) else {
         return;
     };
-    assert!(
-        err.contains("chunk names slot 5, but the stream is at slot 0"),
-        "{err}"
-    );
+    assert!(err.contains("failed authentication"), "{err}");
 }
 
+/// Genuine heartbeats up to a few KiB before the ring's end, then a
+/// well-framed 1 MiB record whose tag is not the session's: the heartbeats
+/// pass, the record lands across the ring's end (read through the mirror)
+/// and is refused once whole, and the session ends with no replica.
 #[test]
-fn chunk_out_of_sequence_is_rejected() {
-    let Some(err) = hostile_chunks(|_| chunk_header(0, 100, 7)) else {
-        return;
-    };
-    assert!(err.contains("sequence 7, expected 0"), "{err}");
-}
-
-/// A valid 100-byte chunk (the start of a longer record, so the parser
-/// waits for more), then one as long as a whole slot: it would run 100
-/// bytes past slot 0 (into memory the parser may still be reading).
-#[test]
-fn chunk_overrunning_its_slot_is_rejected() {
-    let Some(err) = hostile_chunks(|a| {
-        let mut rec = Vec::new();
-        write_record(&mut rec, RecordKind::State, 1, &[0x55; 1000]);
-        let mut v = chunk_header(0, 100, 0);
-        v.extend_from_slice(&rec[..100]);
-        v.extend(chunk_header(0, a.slot_size, 1));
-        v
+fn a_forged_record_across_the_uring_ring_is_refused() {
+    let Some(err) = hostile_stream(|a| {
+        let ring = a.slots as usize * a.slot_size as usize;
+        let mut sealed = Vec::new();
+        // 24 header + 16 tag bytes on the wire each.
+        for _ in 0..(ring - 4096) / 40 {
+            write_record(&mut sealed, RecordKind::Heartbeat, 0, &[]);
+        }
+        let mut raw = Vec::new();
+        write_record(&mut raw, RecordKind::Pages, 1, &vec![0x33; 1 << 20]);
+        raw.extend_from_slice(&[0; 16]);
+        (sealed, raw)
     }) else {
         return;
     };
-    assert!(err.contains("overruns its slot"), "{err}");
+    // The heartbeats passed: the refused record is the one after them.
+    let seq: u64 = err
+        .split("record ")
+        .find_map(|t| t.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no record number in: {err}"));
+    assert!(
+        seq > 157_000,
+        "refused record {seq}, not the forged one: {err}"
+    );
+    assert!(err.contains("failed authentication"), "{err}");
 }
 
 /// `--transport rdma` from a build without the `rdma` feature fails at

@@ -865,6 +865,61 @@ mod tests {
         ));
     }
 
+    /// A receiver that chooses where bytes land (uring): what it lands at
+    /// [`RingState::landing_room`] never covers a byte the parser has not
+    /// consumed, and there is room whenever less than a whole record's
+    /// worth waits unconsumed (so a reader waiting for a record can always
+    /// read on).
+    #[test]
+    fn landing_room_stays_behind_the_parser() {
+        let a = Announce::new(URING_SLOTS, DEFAULT_SLOT_SIZE).unwrap();
+        let mut r = RingState::new(&a);
+        let ring = r.ring_len() as u64;
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        let (mut wrapped, mut full) = (0, 0);
+        for _ in 0..20_000 {
+            r.free_consumed();
+            let (off, len) = r.landing_room();
+            assert_eq!(off as u64, r.write % ring);
+            assert!(off + len <= ring as usize, "past the ring's end");
+            assert!(
+                r.write + len as u64 - r.consumed() <= ring,
+                "lands over unconsumed bytes"
+            );
+            if r.available() < MAX_RECORD {
+                assert!(len > 0, "no room with {} bytes unconsumed", r.available());
+            }
+            if len == 0 {
+                full += 1;
+            } else {
+                // Often all the room: up to the ring's end or a full ring.
+                let n = if next(3) == 0 {
+                    len as u64
+                } else {
+                    1 + next(len as u64)
+                };
+                wrapped += ((r.write % ring) + n == ring) as u32;
+                r.on_landed(n as usize);
+            }
+            let c = if next(3) == 0 {
+                0
+            } else {
+                next(r.available() + 1)
+            };
+            r.consume(c as usize);
+        }
+        assert!(
+            wrapped > 0 && full > 0,
+            "the walk never met the ring's end or a full ring"
+        );
+    }
+
     proptest! {
         /// A sender and a receiver following the protocol through arbitrary
         /// send sizes and consumption steps: the stream arrives intact, the
