@@ -5,8 +5,8 @@
 //! - [`chunker`]: the read position that cuts a send into chunks;
 //! - [`reader`]: the one record reader over a ring, generic over how bytes
 //!   arrive and credits go back ([`RingLink`]);
-//! - [`return_path`]: the primary's TCP return path, which takes credits
-//!   out of the stream for the sink.
+//! - [`return_path`]: the primary's TCP return path, which passes acks and
+//!   heartbeats on and refuses credits (none travel on it).
 
 pub mod chunker;
 pub mod mirror;
@@ -16,4 +16,4 @@ pub mod return_path;
 pub use chunker::Chunker;
 pub use mirror::{MirrorError, MirrorRing};
 pub use reader::{RingLink, RingReader};
-pub use return_path::{CreditFilter, CreditShared, CreditWait, ReturnPath};
+pub use return_path::{CreditFilter, ReturnPath};

@@ -52,7 +52,7 @@ use std::io;
 use io_uring::{opcode, IoUring, Probe};
 
 use crate::transport::ring::MirrorError;
-pub use crate::transport::ring::{CreditFilter, CreditShared, MirrorRing};
+pub use crate::transport::ring::{CreditFilter, MirrorRing};
 pub use sink::{SendMode, UringSink, COPIED_SWITCH, SEND_MAX, ZC_MIN};
 pub use source::{UringLink, UringSource};
 
