@@ -84,7 +84,8 @@ const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 /// dropped before it gives up on them (and leaks the memory they name).
 const PURGE_WAIT: Duration = Duration::from_secs(2);
 
-/// How [`UringSink`] puts chunks on the wire.
+/// How [`UringSink`] puts chunks (sends of at most [`SEND_MAX`] bytes) on
+/// the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendMode {
     /// From the caller's buffers, zero copy where it pays (see the module
@@ -567,8 +568,9 @@ impl UringSink {
 }
 
 impl UringSink {
-    /// Direct modes, borrowed buffers: every chunk is one SENDMSG(_ZC) of
-    /// [its header, the pieces of `bufs` that make up its body]. Returns
+    /// Direct modes, borrowed buffers: every chunk (at most [`SEND_MAX`]
+    /// bytes and [`MAX_IOV`] pieces) is one SENDMSG(_ZC) of the pieces of
+    /// `bufs` it spans. Returns
     /// only once the kernel is done with `bufs`, error or not (on an error
     /// after [`Self::settle`]; what the kernel still holds then is
     /// reported by [`RecordSink::kernel_kept_buffers`]).
