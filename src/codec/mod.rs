@@ -47,9 +47,12 @@
 //!
 //! # Encoder choice (not wire format; may change freely)
 //!
-//! Zero, then Unchanged, are checked in one pass. Otherwise the zero-run
-//! stream is built. Without a compressor, a stream longer than
-//! [`DENSE_DELTA`] is abandoned for the raw page (bounded work per page). At most one compressor call is made per page: on the
+//! Zero, then Unchanged, are checked in one pass ([`scan`]), which also
+//! counts the changed bytes. A page with more than [`DENSE_DELTA`] changed
+//! bytes counts as rewritten: its zero-run stream (at least that long) is
+//! never built. Otherwise the stream is built; without a compressor, a
+//! stream longer than [`DENSE_DELTA`] is abandoned for the raw page
+//! (bounded work per page). At most one compressor call is made per page: on the
 //! stream if it is at least [`DELTA_PACK_MIN`] and at most [`DENSE_DELTA`]
 //! bytes (kept if strictly shorter than the stream), on the page if the
 //! stream is longer than [`DENSE_DELTA`] (then the shortest of the plain
@@ -68,12 +71,14 @@
 
 mod compress;
 mod error;
+pub mod scan;
 mod zrle;
 
 pub use error::CodecError;
 
 use crate::PAGE_SIZE;
 use compress::{Packer, Unpacker};
+use scan::Scan;
 
 /// Try lz4/zstd on a zero-run stream only from this length on: below it the
 /// stream is a few small edits that compressors barely shrink, and the call
@@ -218,7 +223,11 @@ impl Encoder {
             }
             return self.full(page, out);
         };
-        let (zero, dirty) = zrle::scan(page, prev);
+        let Scan {
+            zero,
+            dirty,
+            changed,
+        } = scan::scan(page, prev);
         if zero {
             // A zero page the receiver already holds as zero costs nothing.
             if dirty == 0 {
@@ -230,6 +239,10 @@ impl Encoder {
             return PageKind::Unchanged;
         }
         out.reserve(PAGE_SIZE);
+        // Every changed byte is a literal byte of the zero-run stream, so
+        // `changed` bounds the stream from below: past DENSE_DELTA the
+        // page was rewritten and the stream is not even built.
+        let dense = changed > DENSE_DELTA;
         // At most one compressor call per page, on whichever input should
         // win: the zero-run stream while at least half the page is unchanged
         // (a delta then beats even a well-compressed full page), else the
@@ -238,17 +251,16 @@ impl Encoder {
         // is first built only up to DENSE_DELTA bytes: past that the page is
         // compressed, and the stream is finished only if that did not pay.
         if self.compressor == Compressor::None {
-            // Raw is chosen when the CPU is the bottleneck: a stream past
-            // half a page is given up (the page goes Full), so a rewritten
-            // page costs half a failed scan, not a whole one.
-            if zrle::encode(page, prev, dirty, out, DENSE_DELTA) {
+            // Raw is chosen when the CPU is the bottleneck: a rewritten
+            // page costs one scan and one copy.
+            if !dense && zrle::encode(page, prev, dirty, out, DENSE_DELTA) {
                 return PageKind::Delta;
             }
             out.extend_from_slice(page);
             return PageKind::Full;
         }
         let start = out.len();
-        if zrle::encode(page, prev, dirty, out, DENSE_DELTA) {
+        if !dense && zrle::encode(page, prev, dirty, out, DENSE_DELTA) {
             let zlen = out.len() - start;
             if zlen < DELTA_PACK_MIN {
                 return PageKind::Delta;
@@ -265,8 +277,11 @@ impl Encoder {
         let full = self.packer.pack(page, PAGE_SIZE);
         let full_len = full.map_or(PAGE_SIZE, <[u8]>::len);
         // The stream is known to exceed DENSE_DELTA: only a worse full page
-        // leaves it a chance.
-        if full_len > DENSE_DELTA && zrle::encode(page, prev, dirty, out, full_len - 1) {
+        // leaves it a chance, and only if fewer bytes changed than that.
+        if full_len > DENSE_DELTA
+            && changed < full_len - 1
+            && zrle::encode(page, prev, dirty, out, full_len - 1)
+        {
             return PageKind::Delta;
         }
         match full {

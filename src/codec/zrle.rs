@@ -2,9 +2,8 @@
 //! in the module doc of [`super`] and is part of the wire format.
 //!
 //! The encoder works in two passes over little-endian `u64` words:
-//! 1. [`scan`] reads both pages once, OR-reducing the page (zero check) and the
-//!    XOR (change check) per 64-byte block into a 64-bit dirty-block bitmap.
-//!    It is branch-free and vectorises.
+//! 1. [`super::scan::scan`] reads both pages once: the zero check, a 64-bit
+//!    bitmap of the 64-byte blocks that changed, and the changed bytes.
 //! 2. [`encode`] visits only dirty blocks, trims literals to byte precision
 //!    with `trailing_zeros`/`leading_zeros`, and XORs literal bytes straight
 //!    from the two pages into the output. A small edit costs a handful of
@@ -43,29 +42,6 @@ fn xor_word(page: &[u8; PAGE_SIZE], prev: &[u8; PAGE_SIZE], i: usize) -> u64 {
 pub fn is_zero(page: &[u8; PAGE_SIZE]) -> bool {
     page.chunks_exact(512)
         .all(|c| c.chunks_exact(8).fold(0u64, |acc, w| acc | le64(w)) == 0)
-}
-
-/// Pass 1: returns (page is all zero, bitmap of 64-byte blocks where
-/// `page != prev`; bit b covers bytes `64*b .. 64*b+64`).
-pub fn scan(page: &[u8; PAGE_SIZE], prev: &[u8; PAGE_SIZE]) -> (bool, u64) {
-    let mut or_page = 0u64;
-    let mut dirty = 0u64;
-    for (b, (p, q)) in page
-        .chunks_exact(BLOCK)
-        .zip(prev.chunks_exact(BLOCK))
-        .enumerate()
-    {
-        let mut op = 0u64;
-        let mut ox = 0u64;
-        for (pw, qw) in p.chunks_exact(8).zip(q.chunks_exact(8)) {
-            let a = le64(pw);
-            op |= a;
-            ox |= a ^ le64(qw);
-        }
-        or_page |= op;
-        dirty |= u64::from(ox != 0) << b;
-    }
-    (or_page == 0, dirty)
 }
 
 /// First word at index >= `i` whose XOR is non-zero, skipping clean blocks.
@@ -111,7 +87,7 @@ fn put_varint(out: &mut Vec<u8>, v: usize) {
 }
 
 /// Pass 2: appends the ZRLE stream of `page XOR prev` to `out`, given the
-/// `dirty` bitmap from [`scan`]. Returns false (and leaves `out` as it was)
+/// `dirty` bitmap from [`super::scan::scan`]. Returns false (and leaves `out` as it was)
 /// if the stream would exceed `limit` bytes.
 pub fn encode(
     page: &[u8; PAGE_SIZE],
@@ -245,6 +221,12 @@ fn walk(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::scan::Scan;
+
+    fn scan(page: &[u8; PAGE_SIZE], prev: &[u8; PAGE_SIZE]) -> (bool, u64) {
+        let Scan { zero, dirty, .. } = crate::codec::scan::scan(page, prev);
+        (zero, dirty)
+    }
 
     fn enc(page: &[u8; PAGE_SIZE], prev: &[u8; PAGE_SIZE]) -> Vec<u8> {
         let (_, dirty) = scan(page, prev);

@@ -100,7 +100,10 @@ enum Staged {
 struct Lane {
     decoder: Decoder,
     staged: Vec<(u64, Staged)>,
+    /// Decoded pages of the open checkpoint in `staging[..used]`; the rest
+    /// is room kept from earlier epochs (never zeroed again).
     staging: Vec<u8>,
+    used: usize,
     deltas: Vec<u8>,
     scratch: Box<[u8; PAGE_SIZE]>,
     fault: Option<PageFault>,
@@ -112,6 +115,7 @@ impl Lane {
             decoder: Decoder::new(),
             staged: Vec::new(),
             staging: Vec::new(),
+            used: 0,
             deltas: Vec::new(),
             scratch: Box::new([0; PAGE_SIZE]),
             fault: None,
@@ -161,13 +165,16 @@ impl Lane {
             base.copy_from_slice(slot);
             return Ok(());
         }
-        let at = self.staging.len();
-        self.staging.resize(at + PAGE_SIZE, 0);
-        let slot = <&mut [u8; PAGE_SIZE]>::try_from(&mut self.staging[at..]).expect("one page");
-        if let Err(c) = self.decoder.decode(e.kind, payload, base, slot) {
-            self.staging.truncate(at);
-            return Err(c.to_string());
+        let at = self.used;
+        if self.staging.len() < at + PAGE_SIZE {
+            self.staging.resize(at + PAGE_SIZE, 0);
         }
+        let slot = <&mut [u8; PAGE_SIZE]>::try_from(&mut self.staging[at..at + PAGE_SIZE])
+            .expect("one page");
+        self.decoder
+            .decode(e.kind, payload, base, slot)
+            .map_err(|c| c.to_string())?;
+        self.used = at + PAGE_SIZE;
         self.staged.push((e.gfn, Staged::Page(at)));
         Ok(())
     }
@@ -190,7 +197,7 @@ impl Lane {
 
     fn clear(&mut self) {
         self.staged.clear();
-        self.staging.clear();
+        self.used = 0;
         self.deltas.clear();
         self.fault = None;
     }

@@ -316,11 +316,17 @@ pub struct RecordReader<R> {
 /// Reads ask the kernel for at least this much room.
 const READ_CHUNK: usize = 256 << 10;
 
+/// The buffer of an authenticated reader: many records of
+/// `PAGES_RECORD_TARGET` (256 KiB) fit before the unconsumed tail is moved
+/// to the front, so that copy is rare (at 1 MiB or less it ran on nearly
+/// every Pages record).
+const BUF_SIZE: usize = 4 << 20;
+
 impl<R: Read> RecordReader<R> {
     pub fn new(inner: R) -> Self {
         RecordReader {
             inner,
-            buf: vec![0; 1 << 20],
+            buf: vec![0; BUF_SIZE],
             start: 0,
             end: 0,
             bytes_read: 0,
@@ -356,9 +362,13 @@ impl<R: Read> RecordReader<R> {
         self.open.take()
     }
 
-    /// Lifts [`RecordReader::with_limit`]'s limit (the peer authenticated).
+    /// Lifts [`RecordReader::with_limit`]'s limit (the peer authenticated)
+    /// and gives the reader its full buffer.
     pub fn unlimited(mut self) -> Self {
         self.limit = None;
+        if self.buf.len() < BUF_SIZE {
+            self.buf.resize(BUF_SIZE, 0);
+        }
         self
     }
 
