@@ -195,7 +195,9 @@ fn raw_cost(cores: &[core_affinity::CoreId], reps: usize) {
             cp.push(memcpy_time(&set));
             if round == 0 {
                 // Warm-up round: page in, settle frequency.
-                (enc.clear(), step.clear(), cp.clear());
+                enc.clear();
+                step.clear();
+                cp.clear();
             }
         }
         let per_page = |d: Duration| d.as_nanos() as f64 / PAGES as f64;
