@@ -39,6 +39,9 @@ pub(super) struct MemPtr(pub *const u8);
 // round is read before epoch 1 ends: see `seed`).
 unsafe impl Send for MemPtr {}
 
+/// What a page never sent holds on the backup (and in the shadow).
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
 /// Pages are dealt to encoders in stripes of 2^STRIPE_SHIFT pages (256 KiB),
 /// so a hot region spreads over every encoder while each stripe of the
 /// shadow still has exactly one owner.
@@ -130,6 +133,7 @@ fn encode_job(
     let pages = shadow.1;
     let mut n = 0u32;
     let mut stopped = false;
+    let fresh = matches!(job.source, Source::FirstPass(_));
     let mut one = |gfn: u64, src: &[u8; PAGE_SIZE], buf: &mut Vec<u8>, pw: &mut PagesWriter| {
         if stopped {
             return;
@@ -148,8 +152,10 @@ fn encode_job(
             unsafe { &mut *(shadow.0.add(gfn as usize * PAGE_SIZE) as *mut [u8; PAGE_SIZE]) };
         st.raw_bytes += PAGE_SIZE as u64;
         let mut kind = PageKind::Invalid;
+        // First pass: the shadow page is known zero (see Source::FirstPass).
+        let base: &[u8; PAGE_SIZE] = if fresh { &ZERO_PAGE } else { prev };
         pw.push(buf, gfn, |o| {
-            kind = enc.encode(src, Some(prev), o);
+            kind = enc.encode(src, Some(base), o);
             (kind != PageKind::Unchanged).then_some(kind as u8)
         });
         st.count(kind);
@@ -179,7 +185,7 @@ fn encode_job(
                 start += stripe * shards as u64;
             }
         }
-        Source::Live(gfns) => gfns
+        Source::Live(gfns) | Source::FirstPass(gfns) => gfns
             .iter()
             .filter(|g| mine(g))
             .for_each(|&g| live(g, buf, pw)),

@@ -36,6 +36,12 @@ pub(super) enum Source {
     AllLive,
     /// The listed pages, live (later seed rounds).
     Live(Vec<u64>),
+    /// The listed pages, live, none of them sent before in this session
+    /// (the seed's first round): the backup holds each as zeros, and so
+    /// does the shadow, which is therefore not read (reading never-written
+    /// shadow pages would map the zero page, and the update after it would
+    /// cost a copy-on-write fault and a TLB shootdown per page).
+    FirstPass(Vec<u64>),
     /// Page `gfns[i]` is in staging slot `i`, copied during the pause.
     Staged(Vec<u64>, PageBuf),
 }

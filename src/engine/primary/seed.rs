@@ -2,7 +2,8 @@
 //!
 //! Round 0 reads every page (or, when the domain can tell, every page ever
 //! written: never-written pages are zero, as is the backup's fresh
-//! replica); each later round re-sends the pages dirtied since the previous
+//! replica), encoding each against zeros rather than the shadow
+//! ([`Source::FirstPass`]: nothing was sent yet); each later round re-sends the pages dirtied since the previous
 //! harvest, until the dirty set is small or stops shrinking, so the first
 //! checkpoint's pause stays short.
 //!
@@ -124,7 +125,11 @@ impl Driver<'_> {
             );
             let part = &gfns[(i * SEED_UNIT_PAGES).min(gfns.len())
                 ..((i + 1) * SEED_UNIT_PAGES).min(gfns.len())];
-            let source = Source::Live(part.to_vec());
+            let source = if first {
+                Source::FirstPass(part.to_vec())
+            } else {
+                Source::Live(part.to_vec())
+            };
             self.dispatch_round(source, first && i == 0, last && i + 1 == n, pages);
         }
         Ok(())
