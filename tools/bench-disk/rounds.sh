@@ -20,7 +20,7 @@ for r in $(seq "$ROUNDS"); do
   for which in $order; do
     if [ "$which" = A ]; then bin=$A; else bin=$B; fi
     echo "round $r $which ($bin): load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-    CASTOR=$bin "$here/run.sh" "$SIZE" "$RUNTIME" | sed "s|^|$which $r |" | tee -a "$OUT" >&2
+    CASTOR=$bin "$here/run.sh" "$SIZE" "$RUNTIME" | sed "s|^|$which $r |" | tee -a "$OUT" >&2 || true
   done
 done
 python3 - "$OUT" "$A" "$B" <<'PY'
@@ -32,7 +32,7 @@ pat = re.compile(
     r'unprotected ([\d.]+), replicated ([\d.]+) \(primary ([\d.]+) \+ backup ([\d.]+); the session costs (\d+) ms')
 bad = 0
 for line in open(sys.argv[1]):
-    if 'DIFFERS' in line:
+    if 'differs from the primary' in line:
         bad += 1
     m = pat.match(line)
     if not m:

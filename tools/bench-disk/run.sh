@@ -80,9 +80,16 @@ replicated() { # $1 job $2 rw $3 bs $4 extra
   echo $(($(cpu_ms $ppid) - c0)) >"$W/$1.pcpu"
   echo $(($(cpu_ms $bpid) - b0)) >"$W/$1.bcpu"
   echo $(($(cat "$W/$1.pcpu") + $(cat "$W/$1.bcpu"))) >"$W/$1.cpu"
-  kill -INT $ppid; wait $ppid || true; wait $bpid || true
+  local prc=0
+  kill -INT $ppid 2>/dev/null || true; wait $ppid || prc=$?
+  wait $bpid || true
+  if [ $prc -ne 0 ]; then
+    echo "  $1: protect exited with code $prc (not by the benchmark's SIGINT); its log ends:"
+    tail -5 "$W/$1.protect.log" | sed 's/^/    /'
+    echo "  the backup's log ends:"; tail -5 "$W/$1.backup.log" | sed 's/^/    /'
+  fi
   cmp -s "$W/r.img" "$W/replica/disks/data.img" && echo "  $1: backup disk == primary disk" \
-    || echo "  $1: BACKUP DISK DIFFERS"
+    || echo "  $1: backup disk differs from the primary's (expected only if protect failed above)"
   rm -f "$W/r.img"
 }
 
@@ -99,8 +106,8 @@ print(f'{j["bw_bytes"]/2**20:.1f} {j["total_ios"]} {p["50.000000"]/1000:.0f} {p[
 PY
 }
 
-wire() { # $1 job -> bytes of DiskWrites records on the wire (protect's JSON report)
-  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["disk_wire_bytes"])' "$W/$1.protect.json"
+wire() { # $1 job -> bytes of DiskWrites records on the wire (protect's JSON report; 0 without one)
+  python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["disk_wire_bytes"])' "$W/$1.protect.json" 2>/dev/null || echo 0
 }
 
 echo "castor disk benchmark: ${SIZE} MiB image, ${RUNTIME} s per run, fio iodepth 1, 25 ms epochs; $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
