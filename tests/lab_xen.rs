@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::lab::{lab_run, lab_unavailable, repo};
+use common::lab::{lab_run, lab_run_unchecked, lab_unavailable, repo};
 
 #[test]
 fn xen_lab_boots_and_runs_a_pv_domu() {
@@ -75,13 +75,29 @@ fn castor_bench_replicates_a_pvh_domu() {
     if lab_unavailable() {
         return;
     }
-    let out = tempfile::tempdir().unwrap();
     let castor = xen_castor().to_str().unwrap().to_string();
-    let res = lab_run(
-        &["--xen", "--timeout", "900", "--castor", &castor],
-        out.path(),
-        &["sh", "tools/lab/xen-castor-bench", "pvh", "xenstore"],
-    );
+    // The guest triple-faulting inside its own suspend (the emulated
+    // x2APIC; see xen_failover_of_a_pvh_domu) is retried, at most twice,
+    // and said; any other failure fails the test.
+    let mut attempt = 1;
+    let (out, res) = loop {
+        let out = tempfile::tempdir().unwrap();
+        let res = lab_run_unchecked(
+            &["--xen", "--timeout", "900", "--castor", &castor],
+            out.path(),
+            &["sh", "tools/lab/xen-castor-bench", "pvh", "xenstore"],
+        );
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&res.stdout),
+            String::from_utf8_lossy(&res.stderr)
+        );
+        if res.status.success() || !guest_crashed_in_suspend(&all) || attempt == 3 {
+            break (out, res);
+        }
+        eprintln!("attempt {attempt}: the guest crashed in its own suspend (not castor's failure); retrying:\n{all}");
+        attempt += 1;
+    };
     let stdout = String::from_utf8_lossy(&res.stdout);
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
@@ -103,6 +119,12 @@ fn castor_bench_replicates_a_pvh_domu() {
         stdout.contains("after castor: lab-pvh") && !stdout.contains("left paused"),
         "the guest must run on after castor: {stdout}"
     );
+}
+
+/// The guest died while castor waited for it to suspend (castor names it;
+/// under TCG it is the guest's triple fault in its own suspend path).
+fn guest_crashed_in_suspend(output: &str) -> bool {
+    output.contains("while castor waited for a suspend")
 }
 
 /// Failover of a real Xen guest (tools/lab/xen-failover): a PVH domU whose
@@ -139,9 +161,8 @@ fn xen_failover_of_a_pvh_domu() {
             String::from_utf8_lossy(&res.stdout),
             String::from_utf8_lossy(&res.stderr)
         );
-        let guest_crashed = !res.status.success()
-            && all.contains("while castor waited for a suspend")
-            && !all.contains("ACTIVATED");
+        let guest_crashed =
+            !res.status.success() && guest_crashed_in_suspend(&all) && !all.contains("ACTIVATED");
         if !guest_crashed || attempt == 3 {
             break (out, res);
         }

@@ -56,15 +56,7 @@ fn built_by(script: &str) -> PathBuf {
 /// its output after checking nothing in the lab itself failed (exit 124:
 /// timeout, 125: the guest never reported the command's status).
 pub fn lab_run(args: &[&str], out: &Path, cmd: &[&str]) -> Output {
-    let res = Command::new(repo().join("tools/lab/run"))
-        .args(args)
-        .arg("--out")
-        .arg(out)
-        .arg("--")
-        .args(cmd)
-        .current_dir(repo())
-        .output()
-        .expect("running tools/lab/run");
+    let res = lab_run_unchecked(args, out, cmd);
     let code = res.status.code();
     assert!(
         code != Some(124) && code != Some(125) && code != Some(1),
@@ -73,6 +65,20 @@ pub fn lab_run(args: &[&str], out: &Path, cmd: &[&str]) -> Output {
         String::from_utf8_lossy(&res.stderr)
     );
     res
+}
+
+/// [`lab_run`] without its check of the lab's own exit status, for a
+/// caller that inspects a failure before deciding (a named, retried one).
+pub fn lab_run_unchecked(args: &[&str], out: &Path, cmd: &[&str]) -> Output {
+    Command::new(repo().join("tools/lab/run"))
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .arg("--")
+        .args(cmd)
+        .current_dir(repo())
+        .output()
+        .expect("running tools/lab/run")
 }
 
 /// A file the lab command wrote into $LAB_OUT, trimmed ("" when absent).
