@@ -21,7 +21,7 @@
 
 mod common;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use common::lab::{lab_run, lab_run_unchecked, lab_unavailable, repo};
@@ -77,27 +77,20 @@ fn castor_bench_replicates_a_pvh_domu() {
     }
     let castor = xen_castor().to_str().unwrap().to_string();
     // The guest triple-faulting inside its own suspend (the emulated
-    // x2APIC; see xen_failover_of_a_pvh_domu) is retried, at most twice,
-    // and said; any other failure fails the test.
-    let mut attempt = 1;
-    let (out, res) = loop {
-        let out = tempfile::tempdir().unwrap();
-        let res = lab_run_unchecked(
-            &["--xen", "--timeout", "900", "--castor", &castor],
-            out.path(),
-            &["sh", "tools/lab/xen-castor-bench", "pvh", "xenstore"],
-        );
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&res.stdout),
-            String::from_utf8_lossy(&res.stderr)
-        );
-        if res.status.success() || !guest_crashed_in_suspend(&all) || attempt == 3 {
-            break (out, res);
-        }
-        eprintln!("attempt {attempt}: the guest crashed in its own suspend (not castor's failure); retrying:\n{all}");
-        attempt += 1;
-    };
+    // x2APIC; see xen_failover_of_a_pvh_domu) is retried; any other
+    // failure fails the test.
+    let (out, res) = retrying_a_guest_crash(
+        || {
+            let out = tempfile::tempdir().unwrap();
+            let res = lab_run_unchecked(
+                &["--xen", "--timeout", "900", "--castor", &castor],
+                out.path(),
+                &["sh", "tools/lab/xen-castor-bench", "pvh", "xenstore"],
+            );
+            (out, res)
+        },
+        guest_crashed_in_suspend,
+    );
     let stdout = String::from_utf8_lossy(&res.stdout);
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
@@ -127,6 +120,31 @@ fn guest_crashed_in_suspend(output: &str) -> bool {
     output.contains("while castor waited for a suspend")
 }
 
+/// Runs `run` until it succeeds or fails for another reason than the
+/// guest's crash `crashed` recognises in its output; that one emulation
+/// fault (docs/xen.md) is retried at most twice, and said.
+fn retrying_a_guest_crash(
+    mut run: impl FnMut() -> (tempfile::TempDir, Output),
+    crashed: impl Fn(&str) -> bool,
+) -> (tempfile::TempDir, Output) {
+    for attempt in 1.. {
+        let (out, res) = run();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&res.stdout),
+            String::from_utf8_lossy(&res.stderr)
+        );
+        if res.status.success() || !crashed(&all) || attempt == 3 {
+            return (out, res);
+        }
+        eprintln!(
+            "attempt {attempt}: the guest crashed in its own suspend (an emulation fault, not \
+             castor's); retrying:\n{all}"
+        );
+    }
+    unreachable!("the loop returns by its third attempt")
+}
+
 /// Failover of a real Xen guest (tools/lab/xen-failover): a PVH domU whose
 /// init keeps rewriting memory and checking it against a record in its own
 /// memory, protected by `castor protect` (suspend=xenstore) against
@@ -143,35 +161,23 @@ fn xen_failover_of_a_pvh_domu() {
     // The primary's guest has been seen (1 run in 5) to triple-fault inside
     // its own suspend under the emulated x2APIC before the first
     // checkpoint (docs/xen.md): the failover is then never reached. Only
-    // that named condition is retried, at most twice, and said.
-    let mut attempt = 1;
-    let (out, res) = loop {
-        let out = tempfile::tempdir().unwrap();
-        let res = Command::new(repo().join("tools/lab/xen-failover"))
-            .args(["--castor", &castor, "--timeout", "1500", "--out"])
-            .arg(out.path())
-            .env("FO_EPOCHS", "2")
-            .env("FO_ROUNDS", "3")
-            .env("FO_REPLIES", "3")
-            .current_dir(repo())
-            .output()
-            .expect("running tools/lab/xen-failover");
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&res.stdout),
-            String::from_utf8_lossy(&res.stderr)
-        );
-        let guest_crashed =
-            !res.status.success() && guest_crashed_in_suspend(&all) && !all.contains("ACTIVATED");
-        if !guest_crashed || attempt == 3 {
-            break (out, res);
-        }
-        eprintln!(
-            "attempt {attempt}: the primary's guest crashed in its own suspend before the first \
-             checkpoint (not a failover failure); retrying:\n{all}"
-        );
-        attempt += 1;
-    };
+    // that named condition is retried.
+    let (out, res) = retrying_a_guest_crash(
+        || {
+            let out = tempfile::tempdir().unwrap();
+            let res = Command::new(repo().join("tools/lab/xen-failover"))
+                .args(["--castor", &castor, "--timeout", "1500", "--out"])
+                .arg(out.path())
+                .env("FO_EPOCHS", "2")
+                .env("FO_ROUNDS", "3")
+                .env("FO_REPLIES", "3")
+                .current_dir(repo())
+                .output()
+                .expect("running tools/lab/xen-failover");
+            (out, res)
+        },
+        |all| guest_crashed_in_suspend(all) && !all.contains("ACTIVATED"),
+    );
     let stdout = String::from_utf8_lossy(&res.stdout);
     let stderr = String::from_utf8_lossy(&res.stderr);
     let ctx = || format!("stdout:\n{stdout}\nstderr:\n{stderr}");
