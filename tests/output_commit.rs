@@ -916,3 +916,101 @@ fn nfqueue_latency_side_by_side() {
         );
     }
 }
+
+/// A client on the host's own bridge address reaches a guest whose ARP
+/// castor holds, with no static neighbour anywhere: the guest's ARP reply
+/// to the host is released into the bridge through castor's injection
+/// port, which hands it up to the bridge's own stack. (Sending the reply
+/// on the bridge device, as castor did, forwards it to the other ports
+/// only; the host never learned the guest's MAC and connect failed with
+/// "No route to host".)
+#[test]
+fn a_client_on_the_bridges_own_address_resolves_the_held_guest() {
+    if !(have("iptables") && have("ip6tables") && have("nft")) {
+        eprintln!("SKIP: needs iptables, ip6tables and nft");
+        return;
+    }
+    let Some(g) = Netns::create("ocl") else {
+        return;
+    };
+    let Some(h) = Netns::create("ocm") else {
+        return;
+    };
+    h.ip(&["link", "add", "br0", "type", "bridge"]);
+    h.ip(&["addr", "add", "10.206.0.1/24", "dev", "br0"]);
+    h.ip(&["link", "set", "br0", "up"]);
+    g.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "hg", "netns", &h.name,
+    ]);
+    h.ip(&["link", "set", "hg", "master", "br0"]);
+    h.ip(&["link", "set", "hg", "up"]);
+    g.ip(&["addr", "add", "10.206.0.2/24", "dev", "eth0"]);
+    g.ip(&["link", "set", "eth0", "up"]);
+    let listener = g.run(|| std::net::TcpListener::bind("10.206.0.2:9010").unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        std::io::Write::write_all(&mut s, format!("echo {line}").as_bytes()).unwrap();
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let backup = Backup::start_cmd(
+        castor_in(&h.name),
+        &dir.path().join("replica"),
+        &["--quiet", "--heartbeat-timeout", "10s"],
+        KEY,
+    );
+    let protect = match Protect::start(
+        &h.name,
+        &[
+            "--domain",
+            "sim:mem=16MiB,writes=20",
+            "--backup",
+            &backup.addr,
+            "--epoch",
+            "25ms",
+            "--duration",
+            "60s",
+            "--arbiter",
+            "none",
+            "--backup-timeout",
+            "10s",
+            "--nfqueue",
+            QUEUE,
+            "--nfqueue-dev",
+            "hg",
+        ],
+    ) {
+        Ok(p) => p,
+        Err(err) if err.contains("NFQUEUE unavailable") => {
+            eprintln!("SKIP: {err}");
+            return;
+        }
+        Err(err) => panic!("protect failed to start:\n{err}"),
+    };
+    // The host resolves 10.206.0.2 itself: its ARP request goes out on
+    // br0, the guest's reply is held until its epoch is acked.
+    let reply = h.run(|| -> std::io::Result<String> {
+        let addr = "10.206.0.2:9010".parse().unwrap();
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        std::io::Write::write_all(&mut s, b"ping\n")?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line)?;
+        Ok(line)
+    });
+    let err = protect.stop();
+    let reply = reply.unwrap_or_else(|e| panic!("the host's client: {e}\ncastor:\n{err}"));
+    assert_eq!(reply, "echo ping\n", "castor:\n{err}");
+    server.join().unwrap();
+    // The guest's ARP went through castor's hold, not around it.
+    let line = err
+        .lines()
+        .find(|l| l.contains("ARP on hg: "))
+        .unwrap_or_else(|| panic!("no ARP report:\n{err}"));
+    assert!(!line.contains(" 0 released"), "{line}");
+    drop(backup);
+}

@@ -7,12 +7,16 @@
 //!
 //! ```text
 //! guest ─► DEV ─► packet taps (castor's AF_PACKET socket: copy, tag epoch) ─► netdev ingress: ARP dropped
-//!                 castor-outq, on commit: the copy is sent on DEV's bridge, which forwards it
+//!                 castor-outq, on commit: the copy enters DEV's bridge through castor's
+//!                 injection port, which forwards it and delivers it to the bridge's own stack
 //! ```
 //!
 //! Packet taps see a received frame before the netdev ingress hook, so
 //! castor holds a copy of every ARP frame the rule drops
-//! ([`super::rules`] installs the rule). Tagging is conservative as for
+//! ([`super::rules`] installs the rule). The injection port
+//! ([`super::inject`]) is a TAP on the same bridge, so a released frame
+//! reaches a client on the host's bridge address too, not only the other
+//! ports. Tagging is conservative as for
 //! NFQUEUE (the frame is tagged when read, after it was produced). Held
 //! copies are simply discarded on shutdown; the originals are already gone.
 
@@ -22,6 +26,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::super::{Egress, OutputQueue};
+use super::inject::InjectPort;
 
 const ETH_P_ALL: u16 = 0x0003;
 const ETH_P_ARP: u16 = 0x0806;
@@ -32,6 +37,12 @@ pub enum ArpError {
     NoDevice { dev: String },
     #[error("ARP hold on {dev}: it is not a bridge port (ARP can be held only where castor can re-send it into a bridge)")]
     NotBridged { dev: String },
+    #[error("ARP hold on {dev}: {source}")]
+    Inject {
+        dev: String,
+        #[source]
+        source: super::inject::InjectError,
+    },
     #[error("ARP hold on {dev}: {what}: {source}")]
     Io {
         dev: String,
@@ -41,7 +52,7 @@ pub enum ArpError {
     },
 }
 
-fn ifindex(dev: &str) -> Option<u32> {
+pub(super) fn ifindex(dev: &str) -> Option<u32> {
     let c = std::ffi::CString::new(dev).ok()?;
     // SAFETY: `c` is a NUL-terminated string that outlives the call.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
@@ -99,10 +110,10 @@ fn sockaddr_ll(ifindex: u32, proto: u16) -> libc::sockaddr_ll {
     sa
 }
 
-/// Sends released ARP frames into the bridge. Runs on castor-outq.
+/// Puts released ARP frames into the bridge through the injection port.
+/// Runs on castor-outq.
 struct BridgeEgress {
-    fd: OwnedFd,
-    bridge: u32,
+    port: InjectPort,
     sent: Arc<AtomicU64>,
 }
 
@@ -111,27 +122,11 @@ impl Egress for BridgeEgress {
         if frame.len() < 14 {
             return;
         }
-        let mut sa = sockaddr_ll(self.bridge, ETH_P_ARP);
-        sa.sll_halen = 6;
-        sa.sll_addr[..6].copy_from_slice(&frame[..6]);
-        // SAFETY: `frame` and `sa` are live for the call, lengths match.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                &sa as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if n < 0 {
-            tracing::warn!(
-                "re-sending a held ARP frame: {}",
-                std::io::Error::last_os_error()
-            );
-        } else {
-            self.sent.fetch_add(1, Ordering::Relaxed);
+        match self.port.inject(frame) {
+            Ok(()) => {
+                self.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!("re-sending a held ARP frame on {}: {e}", self.port.name()),
         }
     }
 }
@@ -154,8 +149,9 @@ impl ArpHold {
         };
         let idx = ifindex(dev).ok_or_else(|| ArpError::NoDevice { dev: dev.into() })?;
         let bridge = bridge_of(dev).ok_or_else(|| ArpError::NotBridged { dev: dev.into() })?;
-        let bidx = ifindex(&bridge).ok_or_else(|| ArpError::NoDevice {
-            dev: bridge.clone(),
+        let port = InjectPort::open(&bridge).map_err(|source| ArpError::Inject {
+            dev: dev.to_string(),
+            source,
         })?;
         // Protocol 0 receives nothing until bind, so no frame of another
         // device slips in before the filter is attached.
@@ -217,11 +213,9 @@ impl ArpHold {
                 std::io::Error::last_os_error(),
             ));
         }
-        let out = packet_socket(0).map_err(|e| io("opening the sending socket", e))?;
         let sent = Arc::new(AtomicU64::new(0));
         let handle = outq.handle(Box::new(BridgeEgress {
-            fd: out,
-            bridge: bidx,
+            port,
             sent: sent.clone(),
         }));
         let stop = Arc::new(AtomicBool::new(false));

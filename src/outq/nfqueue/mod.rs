@@ -46,6 +46,7 @@
 //! packet), so [`msg`] builds and checks them with `libc`'s constants.
 
 pub mod arp;
+mod inject;
 pub mod msg;
 pub mod rules;
 
