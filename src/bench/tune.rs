@@ -52,6 +52,29 @@ pub struct TuneConfig {
     pub transport: TransportKind,
 }
 
+/// `auto-t20-m2-x100` (target, min, max), plus `-o..` (overhead, per
+/// mille), `-d..` (delay) and `-r..` (rate, Mbit/s) where they differ from
+/// the defaults, so no two distinct policies share a label.
+fn auto_tag(p: &AutoParams) -> String {
+    let d = AutoParams::default();
+    // Whole milliseconds as `20`, anything finer as `1500us`.
+    let t = |x: Duration| match x.subsec_nanos() % 1_000_000 {
+        0 => x.as_millis().to_string(),
+        _ => format!("{}us", x.as_micros()),
+    };
+    let mut tag = format!("auto-t{}-m{}-x{}", t(p.target), t(p.min), t(p.max));
+    if p.overhead != d.overhead {
+        tag += &format!("-o{}", (p.overhead * 1000.0).round());
+    }
+    if p.delay != d.delay {
+        tag += &format!("-d{}", t(p.delay));
+    }
+    if p.rate_bps != d.rate_bps {
+        tag += &format!("-r{}", (p.rate_bps / 1e6).round());
+    }
+    tag
+}
+
 impl TuneConfig {
     /// A file-name-safe label, e.g. `e25ms-k2-lz4-tcp`, `eauto-k2-lz4-tcp`
     /// (default auto) or `eauto-t20-m10-x100-k2-lz4-tcp` (target, min, max).
@@ -60,12 +83,7 @@ impl TuneConfig {
             EpochPolicy::Fixed(d) => format!("{}ms", d.as_secs_f64() * 1000.0),
             EpochPolicy::Auto(p) if p == AutoParams::default() => "auto".into(),
             // Two auto variants in one sweep must not share files.
-            EpochPolicy::Auto(p) => format!(
-                "auto-t{}-m{}-x{}",
-                p.target.as_millis(),
-                p.min.as_millis(),
-                p.max.as_millis()
-            ),
+            EpochPolicy::Auto(p) => auto_tag(&p),
         };
         format!(
             "e{e}-k{}-{}-{}",
@@ -499,7 +517,7 @@ mod tests {
         };
         let line = r.csv();
         assert!(
-            line.starts_with("eauto-k2-lz4-tcp,\"auto:target=20ms,min=5ms,"),
+            line.starts_with("eauto-k2-lz4-tcp,\"auto:target=20ms,min=2ms,"),
             "{line}"
         );
         // Outside the quotes, as many fields as the header names.
@@ -549,5 +567,14 @@ mod tests {
         };
         assert_eq!(c("auto").label(), "eauto-k2-lz4-tcp");
         assert_eq!(c("auto:min=10ms").label(), "eauto-t20-m10-x100-k2-lz4-tcp");
+        assert_eq!(
+            c("auto:min=1500us,overhead=0.02").label(),
+            "eauto-t20-m1500us-x100-o20-k2-lz4-tcp"
+        );
+        assert_ne!(
+            c("auto:delay=1ms").label(),
+            c("auto:rate=50").label(),
+            "delay and rate variants must not share files"
+        );
     }
 }

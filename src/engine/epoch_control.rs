@@ -77,7 +77,7 @@ impl Default for AutoParams {
     fn default() -> Self {
         AutoParams {
             target: Duration::from_millis(20),
-            min: Duration::from_millis(5),
+            min: Duration::from_millis(2),
             max: Duration::from_millis(100),
             overhead: 0.05,
             delay: Duration::from_millis(2),
@@ -102,7 +102,7 @@ impl Default for EpochPolicy {
 /// A `--epoch` value that could not be parsed.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EpochPolicyError {
-    #[error("--epoch {0:?}: expected a duration like 25ms, or auto[:target=20ms,min=5ms,max=100ms,overhead=0.05,delay=2ms,rate=100] (rate in Mbit/s)")]
+    #[error("--epoch {0:?}: expected a duration like 25ms, or auto[:target=20ms,min=2ms,max=100ms,overhead=0.05,delay=2ms,rate=100] (rate in Mbit/s)")]
     Syntax(String),
     #[error("--epoch {value:?}: {key}={raw} is not {what}")]
     BadValue {
@@ -411,7 +411,7 @@ mod tests {
         let EpochPolicy::Auto(p) = EpochPolicy::parse("auto:target=30ms,max=200ms").unwrap() else {
             panic!("not auto")
         };
-        assert_eq!((p.target, p.max, p.min), (30 * MS, 200 * MS, 5 * MS));
+        assert_eq!((p.target, p.max, p.min), (30 * MS, 200 * MS, 2 * MS));
         let EpochPolicy::Auto(q) = EpochPolicy::parse("auto:delay=1ms,rate=10").unwrap() else {
             panic!("not auto")
         };
