@@ -148,7 +148,9 @@ impl Protect {
             for line in lines.by_ref().map_while(Result::ok) {
                 if line.contains("acked") {
                     let _ = tx.send(Ok(()));
-                    return lines.map_while(Result::ok).collect();
+                    seen.push(line);
+                    seen.extend(lines.map_while(Result::ok));
+                    return seen;
                 }
                 seen.push(line);
             }
@@ -1013,4 +1015,124 @@ fn a_client_on_the_bridges_own_address_resolves_the_held_guest() {
         .unwrap_or_else(|| panic!("no ARP report:\n{err}"));
     assert!(!line.contains(" 0 released"), "{line}");
     drop(backup);
+}
+
+/// The NFQUEUE and ARP rules of one castor, read from the namespace.
+fn castor_rules(ns: &Netns) -> String {
+    let mut all = String::new();
+    for (prog, args) in [
+        ("iptables-save", &["-t", "mangle"][..]),
+        ("ip6tables-save", &["-t", "mangle"][..]),
+        ("nft", &["list", "tables"][..]),
+    ] {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, prog])
+            .args(args)
+            .output()
+            .expect("reading the rules");
+        all += &String::from_utf8_lossy(&o.stdout);
+    }
+    all.lines()
+        .filter(|l| l.contains("NFQUEUE") || l.contains("castor_arp"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A SIGKILLed primary leaves its rules behind (the kernel then drops what
+/// they match: held, never leaked). The next castor on the same device
+/// removes them before it installs its own, and after its clean stop no
+/// rule is left: before, the dead castor's rule stayed in front of the
+/// chain and went on dropping the device's traffic.
+#[test]
+fn a_killed_primarys_rules_are_removed_by_the_next_one() {
+    if !(have("iptables") && have("ip6tables") && have("nft")) {
+        eprintln!("SKIP: needs iptables, ip6tables and nft");
+        return;
+    }
+    let Some(g) = Netns::create("ocs") else {
+        return;
+    };
+    let Some(h) = Netns::create("oct") else {
+        return;
+    };
+    h.ip(&["link", "add", "br0", "type", "bridge"]);
+    h.ip(&["link", "set", "br0", "up"]);
+    g.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "hg", "netns", &h.name,
+    ]);
+    h.ip(&["link", "set", "hg", "master", "br0"]);
+    h.ip(&["link", "set", "hg", "up"]);
+    let dir = tempfile::tempdir().unwrap();
+    let start = |n: u32| {
+        let backup = Backup::start_cmd(
+            castor_in(&h.name),
+            &dir.path().join(format!("replica{n}")),
+            &["--quiet", "--heartbeat-timeout", "10s"],
+            KEY,
+        );
+        let p = Protect::start(
+            &h.name,
+            &[
+                "--domain",
+                "sim:mem=16MiB,writes=20",
+                "--backup",
+                &backup.addr,
+                "--epoch",
+                "25ms",
+                "--duration",
+                "60s",
+                "--arbiter",
+                "none",
+                "--backup-timeout",
+                "10s",
+                "--nfqueue",
+                QUEUE,
+                "--nfqueue-dev",
+                "hg",
+            ],
+        );
+        (backup, p)
+    };
+    let (b1, first) = match start(1) {
+        (b, Ok(p)) => (b, p),
+        (_, Err(err)) if err.contains("NFQUEUE unavailable") => {
+            eprintln!("SKIP: {err}");
+            return;
+        }
+        (_, Err(err)) => panic!("protect failed to start:\n{err}"),
+    };
+    // A second castor on a device a running one holds is refused.
+    let (b_dup, dup) = start(3);
+    drop(b_dup);
+    match dup {
+        Ok(_) => panic!("a second castor took over hg while the first held it"),
+        Err(e) => assert!(e.contains("already held by castor pid"), "{e}"),
+    }
+    let mut first = first;
+    first.child.0.kill().unwrap();
+    first.child.0.wait().unwrap();
+    drop(b1);
+    let left = castor_rules(&h);
+    assert_eq!(
+        left.lines().count(),
+        3,
+        "a killed castor leaves its IPv4, IPv6 and ARP rules:\n{left}"
+    );
+
+    let (b2, second) = start(2);
+    let second = second.unwrap_or_else(|e| panic!("the second protect failed:\n{e}"));
+    let during = castor_rules(&h);
+    let err = second.stop();
+    drop(b2);
+    let after = castor_rules(&h);
+    assert!(after.is_empty(), "rules left after a clean stop:\n{after}");
+    assert_eq!(
+        during.lines().count(),
+        3,
+        "while the second runs, only its own rules:\n{during}"
+    );
+    assert!(
+        err.contains("removed the stale"),
+        "the sweep is not reported:\n{err}"
+    );
 }

@@ -12,8 +12,13 @@
 //!
 //! Installed rules are removed when [`Installed`] is dropped. If castor is
 //! killed they stay, and with no listener on the queue the kernel drops
-//! what they match: output stays held (lost, never leaked) until an
-//! operator removes them.
+//! what they match: output stays held (lost, never leaked). Every rule
+//! castor installs carries its owner (`castor:pid=PID:dev=DEV`, an iptables
+//! comment and an nft table comment), so the next castor installing rules
+//! for DEV removes those of a dead owner first ([`install`] says so) and
+//! refuses DEV while a live castor holds it. Without that sweep a rule of
+//! a killed castor stayed in front of the chain: after the next castor's
+//! clean stop it went on dropping the device's traffic.
 
 use std::process::Command;
 
@@ -44,6 +49,85 @@ pub enum RuleError {
     },
     #[error("no network device named {0:?}")]
     NoDevice(String),
+    #[error("{dev}'s output is already held by castor pid {pid} (its rules are installed); stop that castor first")]
+    Held { dev: String, pid: u32 },
+}
+
+/// The owner comment castor puts on the rules it installs.
+fn owner_tag(pid: u32, dev: &str) -> String {
+    format!("castor:pid={pid}:dev={dev}")
+}
+
+/// The owner (pid, device) of a rule or table text carrying [`owner_tag`].
+fn owner_of(text: &str) -> Option<(u32, &str)> {
+    let rest = &text[text.find("castor:pid=")? + "castor:pid=".len()..];
+    let (pid, rest) = rest.split_once(":dev=")?;
+    let dev = rest
+        .split(|c: char| c.is_whitespace() || c == '"')
+        .next()
+        .filter(|d| !d.is_empty())?;
+    Some((pid.parse().ok()?, dev))
+}
+
+/// Whether `pid` is a running castor (a dead owner's pid may since have
+/// been given to another program: that does not keep its rules).
+fn castor_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "castor")
+}
+
+/// The arguments that delete the rule an `iptables-save` line `-A ...`
+/// adds (quotes removed; castor's own rules have no spaces inside them).
+fn delete_args(line: &str) -> Option<Vec<String>> {
+    let rule = line.strip_prefix("-A ")?;
+    let mut args: Vec<String> = ["-w", "-t", "mangle", "-D"].map(String::from).to_vec();
+    args.extend(
+        rule.split_whitespace()
+            .map(|w| w.trim_matches('"').to_string()),
+    );
+    Some(args)
+}
+
+/// Removes the rules and the ARP table a castor that is no longer running
+/// left for `dev`; returns what it removed. A running castor's are kept
+/// and refused with [`RuleError::Held`].
+fn sweep(dev: &str, arp_table: &str) -> Result<Vec<String>, RuleError> {
+    let me = std::process::id();
+    let mut removed = Vec::new();
+    for (tool, save) in [
+        ("iptables", "iptables-save"),
+        ("ip6tables", "ip6tables-save"),
+    ] {
+        for line in run(save, &["-t", "mangle"], None)?.lines() {
+            let Some((pid, d)) = owner_of(line).filter(|(_, d)| *d == dev) else {
+                continue;
+            };
+            if pid != me && castor_running(pid) {
+                return Err(RuleError::Held { dev: d.into(), pid });
+            }
+            if let Some(args) = delete_args(line) {
+                let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                run(tool, &a, None)?;
+                removed.push(format!("{tool} rule of castor pid {pid}"));
+            }
+        }
+    }
+    if let Ok(table) = run("nft", &["list", "table", "netdev", arp_table], None) {
+        match owner_of(&table) {
+            Some((pid, _)) if pid != me && castor_running(pid) => {
+                return Err(RuleError::Held {
+                    dev: dev.into(),
+                    pid,
+                });
+            }
+            owner => {
+                run("nft", &["delete", "table", "netdev", arp_table], None)?;
+                let who =
+                    owner.map_or("an older castor".into(), |(p, _)| format!("castor pid {p}"));
+                removed.push(format!("nft table {arp_table} of {who}"));
+            }
+        }
+    }
+    Ok(removed)
 }
 
 fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String, RuleError> {
@@ -194,11 +278,20 @@ pub fn install(queue: u16, dev: &str) -> Result<Installed, RuleError> {
             }
         }
     }
+    let table = format!(
+        "castor_arp_{}",
+        dev.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    );
+    for what in sweep(dev, &table)? {
+        eprintln!("castor: {dev}: removed the stale {what} (killed before it could remove it)");
+    }
     let q = queue.to_string();
+    let tag = owner_tag(std::process::id(), dev);
     let mut m: Vec<&str> = match bridge {
         Some(_) => vec!["-m", "physdev", "--physdev-in", dev],
         None => vec!["-i", dev],
     };
+    m.extend(["-m", "comment", "--comment", &tag]);
     m.extend(["-j", "NFQUEUE", "--queue-num", &q]);
     let mut inst = Installed {
         undo: Vec::new(),
@@ -216,12 +309,8 @@ pub fn install(queue: u16, dev: &str) -> Result<Installed, RuleError> {
             .push((tool.into(), del.iter().map(|s| s.to_string()).collect()));
     }
     if bridge.is_some() {
-        let table = format!(
-            "castor_arp_{}",
-            dev.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
-        );
         let script = format!(
-            "table netdev {table} {{\n  chain hold {{\n    type filter hook ingress device \"{dev}\" priority -500; policy accept;\n    ether type arp drop\n  }}\n}}\n"
+            "table netdev {table} {{\n  comment \"{tag}\"\n  chain hold {{\n    type filter hook ingress device \"{dev}\" priority -500; policy accept;\n    ether type arp drop\n  }}\n}}\n"
         );
         run("nft", &["-f", "-"], Some(&script))?;
         inst.arp_table = Some(table);
@@ -277,6 +366,38 @@ mod tests {
         ));
         assert!(!save_line_queues("-A FORWARD -j ACCEPT", 0));
         assert!(!save_line_queues(":PREROUTING ACCEPT [0:0]", 0));
+    }
+
+    #[test]
+    fn reads_the_owner_of_a_rule_or_table() {
+        let tag = owner_tag(4242, "vif3.0");
+        let line = format!(
+            "-A PREROUTING -m physdev --physdev-in vif3.0 -m comment --comment \"{tag}\" -j NFQUEUE --queue-num 0"
+        );
+        assert_eq!(owner_of(&line), Some((4242, "vif3.0")));
+        let bare = line.replace('"', "");
+        assert_eq!(owner_of(&bare), Some((4242, "vif3.0")));
+        let table = format!(
+            "table netdev castor_arp_hg {{\n\tcomment \"{}\"\n}}",
+            owner_tag(7, "hg")
+        );
+        assert_eq!(owner_of(&table), Some((7, "hg")));
+        for bad in [
+            "castor:pid=x:dev=hg",
+            "castor:pid=5:dev=",
+            "castor:pid=5",
+            "-A X -j ACCEPT",
+        ] {
+            assert_eq!(owner_of(bad), None, "{bad}");
+        }
+        assert_eq!(
+            delete_args(&line).unwrap()[4..],
+            bare.strip_prefix("-A ")
+                .unwrap()
+                .split(' ')
+                .map(String::from)
+                .collect::<Vec<_>>()[..]
+        );
     }
 
     #[test]
