@@ -4,7 +4,8 @@
 //! Pieces, one file each: [`spec`] (`xen:domid=N` / `xen:name=NAME`),
 //! [`config`] (the xl config carried to the backup), [`state`] (saved
 //! vCPU/platform state records), [`scan`] (striped dirty-bitmap scan),
-//! [`batch`] (foreign-map planning and the PV p2m), [`replica`] (what the
+//! [`batch`] (foreign-map planning and the PV p2m), [`pte`] (PV page
+//! tables normalised to pfns and localised to a replica's frames), [`replica`] (what the
 //! backup's replica domain is built from), [`xl`] (the toolstack command,
 //! bounded), and with the `xen`
 //! feature: `ffi` (bindgen output), [`sys`] (the checked safe layer),
@@ -17,6 +18,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod pte;
 pub mod replica;
 pub mod scan;
 pub mod spec;
