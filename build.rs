@@ -78,6 +78,7 @@ mod xen {
         "xc__hypercall_buffer_alloc_pages",
         "xc__hypercall_buffer_free_pages",
         "xc_vcpu_getcontext",
+        "xc_get_pfn_type_batch",
         "xc_vcpu_setcontext",
         "xc_domain_hvm_getcontext",
         "xc_domain_hvm_setcontext",

@@ -340,6 +340,9 @@ impl XenDomain {
         let suspender = Suspender::new(&xc, &info, spec.suspend, spec.suspend_timeout)?;
         spec.pages = Some(frames.len() as u64);
         let unlogged = Unlogged::from_env(&mem);
+        if !info.hvm() {
+            super::ptcheck::from_env(&xc, domid, &frames, &mem);
+        }
         eprintln!(
             "castor: xen domain {domid} ({}, {} pages, {holes} holes, {} vCPUs, shared info at {:#x}), \
              suspend via {}",

@@ -32,6 +32,8 @@ mod ffi;
 #[cfg(feature = "xen")]
 mod map;
 #[cfg(feature = "xen")]
+mod ptcheck;
+#[cfg(feature = "xen")]
 mod restore;
 #[cfg(feature = "xen")]
 mod suspend;

@@ -353,6 +353,20 @@ impl Xc {
         check(rc, "xc_hvm_param_set", domid)
     }
 
+    /// Page types of a PV guest's machine frames
+    /// (`xc_get_pfn_type_batch`): `arr` holds frames on entry and
+    /// `XEN_DOMCTL_PFINFO_*` words on return, in place.
+    pub fn pfn_types(&self, domid: u32, arr: &mut [u64]) -> Result<()> {
+        let n = u32::try_from(arr.len()).map_err(|_| XenError::State {
+            domid,
+            reason: format!("{} frames in one page-type batch", arr.len()),
+        })?;
+        // SAFETY: arr holds n writable xen_pfn_t (u64) entries; the call
+        // bounces them through hypercall-safe memory.
+        let rc = unsafe { ffi::xc_get_pfn_type_batch(self.raw(), domid, n, arr.as_mut_ptr()) };
+        check(rc, "xc_get_pfn_type_batch", domid)
+    }
+
     /// Guest word width in bytes (8 for a 64-bit PV guest).
     pub fn guest_width(&self, domid: u32) -> Result<u32> {
         let mut w = 0u32;
