@@ -20,8 +20,8 @@
 //!   across the failover (output held on the guest's vif by NFQUEUE).
 //!
 //! All skip only when qemu-system-x86_64 is missing (the PV bench also
-//! when apt cannot fetch Xen's source to build the shadow hypervisor). Plus, without the
-//! `xen` feature: what castor says about a `xen:` domain.
+//! when apt knows no Xen source to build the shadow hypervisor from).
+//! Plus, without the `xen` feature: what castor says about a `xen:` domain.
 
 mod common;
 use std::path::{Path, PathBuf};
