@@ -408,134 +408,179 @@ impl Delays {
     }
 }
 
-fn queue_thread(rx: Receiver<Msg>, mut mode: Mode, signal: &HeldSignal) {
-    let mut dests: Vec<Option<Box<dyn Egress>>> = Vec::new();
-    let mut held: VecDeque<Item> = VecDeque::new();
-    let mut committed = 0u64;
-    // No gate until one is set: releases need no lease.
-    let mut gate = LeaseGate::default();
-    let open = |g: &LeaseGate| g.may_proceed(Instant::now()) == Verdict::Proceed;
-    let mut session = u64::from(mode == Mode::Commit);
-    let mut r = OutqReport {
-        sessions: session,
-        ..OutqReport::default()
+/// The queue thread's state: what castor-outq owns.
+struct Queue<'a> {
+    dests: Vec<Option<Box<dyn Egress>>>,
+    held: VecDeque<Item>,
+    mode: Mode,
+    /// The current session (0: none) and its highest committed epoch.
+    session: u64,
+    committed: u64,
+    /// No gate until one is set: releases need no lease.
+    gate: LeaseGate,
+    r: OutqReport,
+    hist: Delays,
+    signal: &'a HeldSignal,
+    /// (released, dropped) last published to the process's telemetry.
+    published: (u64, u64),
+}
+
+fn queue_thread(rx: Receiver<Msg>, mode: Mode, signal: &HeldSignal) {
+    let session = u64::from(mode == Mode::Commit);
+    let mut q = Queue {
+        dests: Vec::new(),
+        held: VecDeque::new(),
+        mode,
+        session,
+        committed: 0,
+        gate: LeaseGate::default(),
+        r: OutqReport {
+            sessions: session,
+            ..OutqReport::default()
+        },
+        hist: Delays::default(),
+        signal,
+        published: (0, 0),
     };
-    let mut hist = Delays::default();
-    let release = |it: Item,
-                   dests: &mut Vec<Option<Box<dyn Egress>>>,
-                   r: &mut OutqReport,
-                   hist: &mut Delays| {
-        if let Some(Some(d)) = dests.get_mut(it.dest) {
-            d.release(&it.frame);
-        }
-        r.released += 1;
-        hist.record(it.epoch, (it.at.elapsed().as_micros() as u64).max(1));
-    };
-    let release_now = |it: Item,
-                       dests: &mut Vec<Option<Box<dyn Egress>>>,
-                       r: &mut OutqReport,
-                       hist: &mut Delays| {
-        let dest = it.dest;
-        release(it, dests, r, hist);
-        if let Some(Some(d)) = dests.get_mut(dest) {
-            d.flush();
-        }
-    };
-    // (released, dropped) last published to the process's telemetry.
-    let mut published = (0u64, 0u64);
     for msg in rx.iter() {
         match msg {
             Msg::Register(id, d) => {
-                if dests.len() <= id {
-                    dests.resize_with(id + 1, || None);
+                if q.dests.len() <= id {
+                    q.dests.resize_with(id + 1, || None);
                 }
-                dests[id] = Some(d);
+                q.dests[id] = Some(d);
             }
-            Msg::Item(it) => {
-                r.items += 1;
-                match mode {
-                    Mode::Fenced => r.dropped += discard_all([it], &mut dests),
-                    Mode::Hold => {
-                        r.held += 1;
-                        held.push_back(it);
-                    }
-                    // The lease gate: nothing leaves without the arbiter.
-                    Mode::PassThrough if !open(&gate) => r.dropped += discard_all([it], &mut dests),
-                    Mode::PassThrough => {
-                        r.passed_through += 1;
-                        release_now(it, &mut dests, &mut r, &mut hist);
-                    }
-                    Mode::Commit if it.epoch <= committed && open(&gate) => {
-                        r.passed_through += 1;
-                        release_now(it, &mut dests, &mut r, &mut hist);
-                    }
-                    Mode::Commit => {
-                        r.held += 1;
-                        signal.held(it.epoch, it.at, it.frame.len());
-                        held.push_back(it);
-                    }
-                }
-            }
+            Msg::Item(it) => q.item(it),
             Msg::SetMode(m, s, reply) => {
-                match (mode, m) {
-                    // Held before the first session: its first checkpoint
-                    // covers it (tags are at most that session's epoch 1).
-                    (Mode::Hold, Mode::Commit) => held.iter_mut().for_each(|it| it.epoch = 1),
-                    // No backup was asked for (--no-output-commit).
-                    (Mode::Hold, Mode::PassThrough) if open(&gate) => {
-                        for it in held.drain(..) {
-                            r.passed_through += 1;
-                            release(it, &mut dests, &mut r, &mut hist);
-                        }
-                        dests.iter_mut().flatten().for_each(|d| d.flush());
-                    }
-                    // Whatever the old session still held is not covered by
-                    // any backup that can still acknowledge it: drop, never
-                    // release.
-                    _ => r.dropped += discard_all(held.drain(..), &mut dests),
-                }
-                r.committed = committed;
-                mode = m;
-                committed = 0;
-                if m == Mode::Commit {
-                    session = s;
-                    r.sessions += 1;
-                } else {
-                    session = 0;
-                }
-                hist.report(&mut r);
-                let _ = reply.send(r.clone());
+                let _ = reply.send(q.set_mode(m, s));
             }
-            Msg::Commit(s, n) => {
-                if mode != Mode::Commit || s != session || n <= committed || !open(&gate) {
-                    continue;
-                }
-                committed = n;
-                // Tags are non-decreasing in production order when the
-                // tagging invariant holds, so the releasable items are a
-                // prefix; keep any later-tagged one in place regardless.
-                let mut keep = VecDeque::with_capacity(held.len());
-                for it in held.drain(..) {
-                    if it.epoch <= n {
-                        release(it, &mut dests, &mut r, &mut hist);
-                    } else {
-                        keep.push_back(it);
-                    }
-                }
-                held = keep;
-                dests.iter_mut().flatten().for_each(|d| d.flush());
-            }
-            Msg::Gate(g) => gate = g,
+            Msg::Commit(s, n) => q.commit(s, n),
+            Msg::Gate(g) => q.gate = g,
             Msg::Shutdown(reply) => {
-                r.dropped += discard_all(held.drain(..), &mut dests);
-                publish(&r, 0, &mut published);
-                r.committed = committed;
-                hist.report(&mut r);
-                let _ = reply.send(r);
+                let _ = reply.send(q.shutdown());
                 return;
             }
         }
-        publish(&r, held.len(), &mut published);
+        publish(&q.r, q.held.len(), &mut q.published);
+    }
+}
+
+impl Queue<'_> {
+    /// Whether the lease gate lets output leave now.
+    fn open(&self) -> bool {
+        self.gate.may_proceed(Instant::now()) == Verdict::Proceed
+    }
+
+    /// Hands one item to its destination (not flushed) and records its delay.
+    fn release(&mut self, it: Item) {
+        if let Some(Some(d)) = self.dests.get_mut(it.dest) {
+            d.release(&it.frame);
+        }
+        self.r.released += 1;
+        self.hist
+            .record(it.epoch, (it.at.elapsed().as_micros() as u64).max(1));
+    }
+
+    fn release_now(&mut self, it: Item) {
+        let dest = it.dest;
+        self.release(it);
+        if let Some(Some(d)) = self.dests.get_mut(dest) {
+            d.flush();
+        }
+    }
+
+    fn flush_all(&mut self) {
+        self.dests.iter_mut().flatten().for_each(|d| d.flush());
+    }
+
+    fn item(&mut self, it: Item) {
+        self.r.items += 1;
+        match self.mode {
+            Mode::Fenced => self.r.dropped += discard_all([it], &mut self.dests),
+            Mode::Hold => {
+                self.r.held += 1;
+                self.held.push_back(it);
+            }
+            // The lease gate: nothing leaves without the arbiter.
+            Mode::PassThrough if !self.open() => {
+                self.r.dropped += discard_all([it], &mut self.dests)
+            }
+            Mode::PassThrough => {
+                self.r.passed_through += 1;
+                self.release_now(it);
+            }
+            Mode::Commit if it.epoch <= self.committed && self.open() => {
+                self.r.passed_through += 1;
+                self.release_now(it);
+            }
+            Mode::Commit => {
+                self.r.held += 1;
+                self.signal.held(it.epoch, it.at, it.frame.len());
+                self.held.push_back(it);
+            }
+        }
+    }
+
+    /// Switches to mode `m` (session `s` when it is Commit); returns the
+    /// report so far.
+    fn set_mode(&mut self, m: Mode, s: u64) -> OutqReport {
+        match (self.mode, m) {
+            // Held before the first session: its first checkpoint covers
+            // it (tags are at most that session's epoch 1).
+            (Mode::Hold, Mode::Commit) => self.held.iter_mut().for_each(|it| it.epoch = 1),
+            // No backup was asked for (--no-output-commit).
+            (Mode::Hold, Mode::PassThrough) if self.open() => {
+                while let Some(it) = self.held.pop_front() {
+                    self.r.passed_through += 1;
+                    self.release(it);
+                }
+                self.flush_all();
+            }
+            // Whatever the old session still held is not covered by any
+            // backup that can still acknowledge it: drop, never release.
+            _ => self.r.dropped += discard_all(self.held.drain(..), &mut self.dests),
+        }
+        self.r.committed = self.committed;
+        self.mode = m;
+        self.committed = 0;
+        if m == Mode::Commit {
+            self.session = s;
+            self.r.sessions += 1;
+        } else {
+            self.session = 0;
+        }
+        self.hist.report(&mut self.r);
+        self.r.clone()
+    }
+
+    /// Session `s` acknowledged epoch `n`: release what it covers.
+    fn commit(&mut self, s: u64, n: u64) {
+        if self.mode != Mode::Commit || s != self.session || n <= self.committed || !self.open() {
+            return;
+        }
+        self.committed = n;
+        // Tags are non-decreasing in production order when the tagging
+        // invariant holds, so the releasable items are a prefix; keep any
+        // later-tagged one in place regardless.
+        let mut keep = VecDeque::with_capacity(self.held.len());
+        while let Some(it) = self.held.pop_front() {
+            if it.epoch <= n {
+                self.release(it);
+            } else {
+                keep.push_back(it);
+            }
+        }
+        self.held = keep;
+        self.flush_all();
+    }
+
+    /// Drops what is held (never released) and returns the final report.
+    fn shutdown(&mut self) -> OutqReport {
+        self.r.dropped += discard_all(self.held.drain(..), &mut self.dests);
+        publish(&self.r, 0, &mut self.published);
+        self.r.committed = self.committed;
+        self.hist.report(&mut self.r);
+        self.r.clone()
     }
 }
 
