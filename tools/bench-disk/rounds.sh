@@ -5,7 +5,7 @@
 # figures measured side by side like this compare.
 #
 # Usage: tools/bench-disk/rounds.sh BIN_A BIN_B [ROUNDS=3] [SIZE_MiB=64] [RUNTIME_s=4]
-# (CASES as for run.sh). Raw lines go to $OUT (default: a temporary file,
+# (CASES and QD as for run.sh). Raw lines go to $OUT (default: a temporary file,
 # named at the end).
 set -euo pipefail
 A=$1
@@ -27,9 +27,10 @@ python3 - "$OUT" "$A" "$B" <<'PY'
 import re, statistics, sys
 rows = {}
 pat = re.compile(
-    r'^(\S) (\d+) (\S+) bs=(\S+) ?(.*?): unprotected ([\d.]+) MiB/s p50 (\d+) us p99 (\d+) us \| '
-    r'replicated ([\d.]+) MiB/s p50 (\d+) us p99 (\d+) us \| ratio (\d+)% \| wire bytes per write ~(\d+) .*'
-    r'unprotected ([\d.]+), replicated ([\d.]+) \(primary ([\d.]+) \+ backup ([\d.]+); the session costs (\d+) ms')
+    r'^(\S) (\d+) (\S+) bs=(\S+) ?(.*?): unprotected ([\d.]+) MiB/s p50 (\d+) us p90 (\d+) us p99 (\d+) us \| '
+    r'replicated ([\d.]+) MiB/s p50 (\d+) us p90 (\d+) us p99 (\d+) us \| ratio (\d+)% \| wire bytes per write ~(\d+) .*'
+    r'unprotected ([\d.]+), replicated ([\d.]+) \(primary ([\d.]+) \+ backup ([\d.]+); the session costs (\d+) ms'
+    r'.*fio CPU ms per MiB: unprotected ([\d.]+), replicated ([\d.]+)')
 bad = 0
 for line in open(sys.argv[1]):
     if 'differs from the primary' in line:
@@ -40,8 +41,9 @@ for line in open(sys.argv[1]):
     g = m.groups()
     key = (g[0], f'{g[2]} {g[3]} {g[4]}'.strip())
     rows.setdefault(key, []).append([float(x) for x in g[5:]])
-names = ['u MiB/s', 'u p50', 'u p99', 'r MiB/s', 'r p50', 'r p99', 'ratio %', 'wire B/write',
-         'u ms/MiB', 'r ms/MiB', 'r prim', 'r backup', 'idle ms/s']
+names = ['u MiB/s', 'u p50', 'u p90', 'u p99', 'r MiB/s', 'r p50', 'r p90', 'r p99', 'ratio %',
+         'wire B/write', 'u ms/MiB', 'r ms/MiB', 'r prim', 'r backup', 'idle ms/s', 'fio u ms/MiB',
+         'fio r ms/MiB']
 print(f'medians over rounds (A = {sys.argv[2]}, B = {sys.argv[3]}); backup disk differed in {bad} run(s)')
 print('bin workload | ' + ' | '.join(names) + ' | rounds')
 for (which, wl), vals in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):

@@ -7,10 +7,13 @@
 # from protect's JSON report over fio's write count).
 #
 # Usage: tools/bench-disk/run.sh [SIZE_MiB (default 256)] [RUNTIME_s (default 10)]
+# QD=N: fio's iodepth (default 1; the server answers a pipelined burst with
+# one write). fio's own CPU per MiB is printed too (it shares the CPUs).
 set -euo pipefail
 SIZE=${1:-256}
 RUNTIME=${2:-10}
 IDLE_S=${IDLE_S:-2}
+QD=${QD:-1}
 BIN=${CASTOR:-target/release/castor}
 W=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
@@ -41,7 +44,7 @@ port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));pri
 run_fio() {
   # shellcheck disable=SC2086
   fio --name="$1" --ioengine=nbd --uri="$4" --rw="$2" --bs="$3" --size="${SIZE}M" \
-      --time_based --runtime="$RUNTIME" --iodepth=1 --lat_percentiles=1 $5 --output-format=json --output="$W/$1.json" >/dev/null
+      --time_based --runtime="$RUNTIME" --iodepth="$QD" --lat_percentiles=1 --percentile_list=50:90:99 $5 --output-format=json --output="$W/$1.json" >/dev/null
 }
 
 unprotected() { # $1 job $2 rw $3 bs $4 extra
@@ -93,7 +96,7 @@ replicated() { # $1 job $2 rw $3 bs $4 extra
   rm -f "$W/r.img"
 }
 
-summary() { # $1 job -> "MiB/s writes p50us p99us CPU-ms-per-MiB-written primary-part backup-part"
+summary() { # $1 job -> "MiB/s writes p50us p90us p99us CPU-ms-per-MiB-written primary-part backup-part fio-part"
   python3 - "$W/$1.json" "$(cat "$W/$1.cpu")" "$(cat "$W/$1.pcpu" 2>/dev/null || cat "$W/$1.cpu")" "$(cat "$W/$1.bcpu" 2>/dev/null || echo 0)" <<'PY'
 import json,sys
 j=json.load(open(sys.argv[1]))["jobs"][0]["write"]
@@ -102,7 +105,9 @@ j=json.load(open(sys.argv[1]))["jobs"][0]["write"]
 p=j.get("lat_ns",{}).get("percentile") or j["clat_ns"]["percentile"]
 mib=max(j["io_bytes"]/2**20, 1e-9)
 c=[int(x)/mib for x in sys.argv[2:5]]
-print(f'{j["bw_bytes"]/2**20:.1f} {j["total_ios"]} {p["50.000000"]/1000:.0f} {p["99.000000"]/1000:.0f} {c[0]:.2f} {c[1]:.2f} {c[2]:.2f}')
+job=json.load(open(sys.argv[1]))["jobs"][0]
+fio=(job["usr_cpu"]+job["sys_cpu"])/100*job["job_runtime"]/mib
+print(f'{j["bw_bytes"]/2**20:.1f} {j["total_ios"]} {p["50.000000"]/1000:.0f} {p["90.000000"]/1000:.0f} {p["99.000000"]/1000:.0f} {c[0]:.2f} {c[1]:.2f} {c[2]:.2f} {fio:.2f}')
 PY
 }
 
@@ -110,7 +115,7 @@ wire() { # $1 job -> bytes of DiskWrites records on the wire (protect's JSON rep
   python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["disk_wire_bytes"])' "$W/$1.protect.json" 2>/dev/null || echo 0
 }
 
-echo "castor disk benchmark: ${SIZE} MiB image, ${RUNTIME} s per run, fio iodepth 1, 25 ms epochs; $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "castor disk benchmark: ${SIZE} MiB image, ${RUNTIME} s per run, fio iodepth $QD, 25 ms epochs; $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 # CASES (optional): which of seq, rand, sync to run (default all three).
 CASES=${CASES:-seq rand sync}
 for case in "seq write 1M" "rand randwrite 4k" "sync randwrite 4k --fsync=1"; do
@@ -119,11 +124,11 @@ for case in "seq write 1M" "rand randwrite 4k" "sync randwrite 4k --fsync=1"; do
   set -- $case
   unprotected "$1-u" "$2" "$3" "${4:-}"
   replicated "$1-r" "$2" "$3" "${4:-}"
-  read -r ubw uios up50 up99 ucpu _ _ <<<"$(summary "$1-u")"
-  read -r rbw rios rp50 rp99 rcpu rpcpu rbcpu <<<"$(summary "$1-r")"
+  read -r ubw uios up50 up90 up99 ucpu _ _ ufio <<<"$(summary "$1-u")"
+  read -r rbw rios rp50 rp90 rp99 rcpu rpcpu rbcpu rfio <<<"$(summary "$1-r")"
   ratio=$(python3 -c "print(f'{$rbw/$ubw*100:.0f}')")
   wr=$(wire "$1-r")
   per=$(python3 -c "print(f'{$wr/max($rios,1):.0f}')")
   idle=$(cat "$W/$1-r.idle")
-  echo "$2 bs=$3 ${4:-}: unprotected ${ubw} MiB/s p50 ${up50} us p99 ${up99} us | replicated ${rbw} MiB/s p50 ${rp50} us p99 ${rp99} us | ratio ${ratio}% | wire bytes per write ~${per} (${rios} writes) | castor CPU ms per MiB written: unprotected ${ucpu}, replicated ${rcpu} (primary ${rpcpu} + backup ${rbcpu}; the session costs ${idle} ms per s with no disk write)"
+  echo "$2 bs=$3 qd=$QD ${4:-}: unprotected ${ubw} MiB/s p50 ${up50} us p90 ${up90} us p99 ${up99} us | replicated ${rbw} MiB/s p50 ${rp50} us p90 ${rp90} us p99 ${rp99} us | ratio ${ratio}% | wire bytes per write ~${per} (${rios} writes) | castor CPU ms per MiB written: unprotected ${ucpu}, replicated ${rcpu} (primary ${rpcpu} + backup ${rbcpu}; the session costs ${idle} ms per s with no disk write) | fio CPU ms per MiB: unprotected ${ufio}, replicated ${rfio}"
 done

@@ -11,6 +11,11 @@
 //!   a small write's payload that arrived together cost one `read`; a read
 //!   of [`READ_AHEAD`] bytes or more goes straight into the caller's buffer
 //!   after what was read ahead.
+//! - Replies may be queued ([`Conn::reply`]) while more requests wait in
+//!   the read-ahead buffer, and go out in one `write`; queued replies are
+//!   sent before any read from the socket (so a client waiting for them
+//!   is never left waiting while the server waits for it) and before any
+//!   other send, in order.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -23,6 +28,9 @@ use super::NbdError;
 pub const READ_AHEAD: usize = 64 << 10;
 /// Longest one `read` blocks before the deadline is looked at again.
 pub const MAX_BLOCK: Duration = Duration::from_millis(200);
+/// Replies up to this size are queued behind the read-ahead (a simple
+/// reply, or one with a small read's data); larger ones go out at once.
+pub const QUEUED_REPLY: usize = 8 << 10;
 /// How far the socket's timeout may differ from the ideal one before it
 /// is set again: a read may overrun its deadline by at most this.
 pub const SLACK: Duration = Duration::from_millis(5);
@@ -42,6 +50,8 @@ pub struct Conn {
     end: usize,
     /// The read timeout the socket has (`None`: never set).
     timeout: Option<Duration>,
+    /// Replies queued and not sent yet.
+    out: Vec<u8>,
 }
 
 impl Conn {
@@ -52,6 +62,7 @@ impl Conn {
             pos: 0,
             end: 0,
             timeout: None,
+            out: Vec::new(),
         }
     }
 
@@ -136,8 +147,9 @@ impl Conn {
     }
 
     /// One `read` from the socket (retried on EINTR and on the socket's
-    /// timeout until `deadline`).
+    /// timeout until `deadline`), after sending the queued replies.
     fn read_sock(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+        self.write_out()?;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -187,14 +199,56 @@ impl Conn {
         Ok(())
     }
 
+    /// Whether read-ahead bytes are waiting (the start of a request the
+    /// client sent without waiting for earlier replies).
+    pub fn has_ahead(&self) -> bool {
+        self.pos < self.end
+    }
+
+    /// Sends `bytes` after the queued replies.
     pub fn send(&mut self, bytes: &[u8]) -> Result<(), NbdError> {
-        let r = match &mut self.sock {
-            Sock::Tcp(s) => s.write_all(bytes),
-            Sock::Unix(s) => s.write_all(bytes),
-        };
-        r.map_err(|source| NbdError::Io {
-            op: "sending a reply",
+        self.write_out()
+            .and_then(|()| self.write_sock(bytes))
+            .map_err(|source| NbdError::Io {
+                op: "sending a reply",
+                source,
+            })
+    }
+
+    /// Sends a reply: queued while more requests wait in the read-ahead
+    /// buffer and the reply is small ([`QUEUED_REPLY`]), so a burst of
+    /// pipelined requests is answered with one `write`; else at once.
+    pub fn reply(&mut self, bytes: &[u8]) -> Result<(), NbdError> {
+        if self.has_ahead() && bytes.len() <= QUEUED_REPLY {
+            self.out.extend_from_slice(bytes);
+            return Ok(());
+        }
+        self.send(bytes)
+    }
+
+    /// Sends the queued replies, if any.
+    pub fn flush(&mut self) -> Result<(), NbdError> {
+        self.write_out().map_err(|source| NbdError::Io {
+            op: "sending queued replies",
             source,
         })
+    }
+
+    fn write_out(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        let r = self.write_sock(&out);
+        self.out = out;
+        self.out.clear();
+        r
+    }
+
+    fn write_sock(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match &mut self.sock {
+            Sock::Tcp(s) => s.write_all(bytes),
+            Sock::Unix(s) => s.write_all(bytes),
+        }
     }
 }

@@ -495,6 +495,71 @@ fn pipelined_requests_across_the_read_ahead_are_served_in_order() {
     assert!(logged == want, "log differs from the writes in order");
 }
 
+/// A request header with `cookie`, followed by `data`.
+fn request(kind: u16, flags: u16, cookie: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+    let len = if kind == CMD_READ {
+        512
+    } else {
+        data.len() as u32
+    };
+    let r = Request {
+        magic: REQUEST_MAGIC,
+        flags,
+        kind,
+        cookie,
+        offset,
+        len,
+    };
+    let mut b = r.encode().to_vec();
+    b.extend_from_slice(data);
+    b
+}
+
+/// Reads one simple reply: (error, cookie).
+fn reply_of(s: &mut TcpStream) -> (u32, u64) {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(&h[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+    (
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+    )
+}
+
+#[test]
+fn replies_to_a_pipelined_burst_all_arrive_before_the_server_waits_for_more() {
+    let f = fixture();
+    let mut c = Client::go(&f, "data");
+    c.0.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Three writes, a FUA write, a read of the first, a flush, then the
+    // first half of one more header: the server must answer all six
+    // (queued replies go out before it blocks on the socket for the rest).
+    let mut b = Vec::new();
+    b.extend(request(CMD_WRITE, 0, 1, 0, &[1; 4096]));
+    b.extend(request(CMD_WRITE, 0, 2, 4096, &[2; 4096]));
+    b.extend(request(CMD_WRITE, 0, 3, 0, &[3; 100]));
+    b.extend(request(CMD_WRITE, CMD_FLAG_FUA, 4, 9000, &[4; 10]));
+    b.extend(request(CMD_READ, 0, 5, 0, &[]));
+    b.extend(request(CMD_FLUSH, 0, 6, 0, &[]));
+    let last = request(CMD_WRITE, 0, 7, 20_000, &[7; 64]);
+    b.extend_from_slice(&last[..10]);
+    c.0.write_all(&b).unwrap();
+    for cookie in 1..=5 {
+        assert_eq!(reply_of(&mut c.0), (0, cookie), "in order");
+    }
+    let mut read = vec![0u8; 512];
+    c.0.read_exact(&mut read).unwrap();
+    let mut want = vec![3u8; 100];
+    want.extend_from_slice(&[1; 412]);
+    assert_eq!(read, want, "the read sees the writes before it");
+    assert_eq!(reply_of(&mut c.0), (0, 6));
+    c.0.write_all(&last[10..]).unwrap();
+    assert_eq!(reply_of(&mut c.0), (0, 7));
+    let img = image_bytes(&f.log);
+    assert_eq!(&img[4096..8192], &[2; 4096][..]);
+    assert_eq!(&img[20_000..20_064], &[7; 64][..]);
+}
+
 #[test]
 fn a_fenced_export_completes_no_write() {
     let f = fixture();

@@ -9,6 +9,11 @@
 //! whose payload is refused is still read off the socket when it is within
 //! `max_request` (so the stream stays in step); an oversize one ends the
 //! connection after its error reply.
+//!
+//! Replies of requests the client pipelined (more requests already wait in
+//! the read-ahead) are queued and sent together before the server next
+//! reads the socket ([`Conn::reply`]); a FLUSH or a FUA request first sends
+//! the queued replies (it waits for the disk).
 
 use std::time::Instant;
 
@@ -30,9 +35,11 @@ pub fn serve(
     let mut reply: Vec<u8> = Vec::new();
     loop {
         let Some(req) = next_request(conn, cfg, stopping)? else {
-            return Ok(());
+            return conn.flush();
         };
         if req.magic != REQUEST_MAGIC {
+            // The earlier requests were served: their replies still go out.
+            conn.flush()?;
             return Err(NbdError::Protocol(format!(
                 "request magic {:#x}, expected {REQUEST_MAGIC:#x}",
                 req.magic
@@ -40,8 +47,11 @@ pub fn serve(
         }
         reply.clear();
         let deadline = Instant::now() + cfg.request_timeout;
+        if req.kind == CMD_FLUSH || req.flags & CMD_FLAG_FUA != 0 {
+            conn.flush()?;
+        }
         match req.kind {
-            CMD_DISC => return Ok(()),
+            CMD_DISC => return conn.flush(),
             CMD_READ => read(export, &req, cfg, &mut reply),
             CMD_WRITE => {
                 if req.len > cfg.max_request {
@@ -72,7 +82,7 @@ pub fn serve(
             // CACHE, BLOCK_STATUS and the rest were never advertised.
             _ => simple_reply(&mut reply, EINVAL, req.cookie),
         }
-        conn.send(&reply)?;
+        conn.reply(&reply)?;
     }
 }
 
