@@ -102,6 +102,8 @@ pub struct Metrics {
     pub acked_epoch: u64,
     pub extended_epochs: u64,
     pub extension_us: u64,
+    /// Sum of every epoch's `pause_us`.
+    pub pause_us_total: u64,
     pub dirty_pages: u64,
     pub raw_bytes: u64,
     pub wire_bytes: u64,
@@ -145,6 +147,7 @@ impl Metrics {
             acked_epoch: 0,
             extended_epochs: 0,
             extension_us: 0,
+            pause_us_total: 0,
             dirty_pages: 0,
             raw_bytes: 0,
             wire_bytes: 0,
@@ -177,6 +180,7 @@ impl Metrics {
             let _ = h.record(v);
         };
         rec(&mut self.pause, r.pause_us);
+        self.pause_us_total += r.pause_us;
         rec(&mut self.harvest, r.harvest_us);
         rec(&mut self.copy, r.copy_us);
         rec(&mut self.state, r.state_us);
@@ -288,15 +292,28 @@ pub struct Summary {
     /// Epochs encoded with each compressor (`--compress auto` chooses).
     pub compressor_epochs: CompressorEpochs,
     /// The guest's own progress while protected (sim: page writes per
-    /// second), when the domain can tell.
+    /// second, kvm memtouch: loops per second), when the domain can tell.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_rate: Option<f64>,
     /// The same guest's progress unprotected, measured in the same run
-    /// (bench), and protected / unprotected.
+    /// (bench).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_rate_unprotected: Option<f64>,
+    /// Protected against unprotected speed (see `domain::progress`): per
+    /// second of the guest's own CPU time, less its paused share, where
+    /// the domain knows that CPU time (kvm); else per wall second.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_speed_ratio: Option<f64>,
+    /// `guest_rate / guest_rate_unprotected`: on a shared host it moves
+    /// with the CPU share the guest was given (below).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_speed_ratio_wall: Option<f64>,
+    /// The guest's CPU seconds per second protected and unprotected
+    /// (kvm: the vCPU thread).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_cpu_share: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_cpu_share_unprotected: Option<f64>,
     pub seed_ms: f64,
     pub seed_wire_bytes: u64,
     /// Plain single-threaded memcpy of recent dirty sets, measured after the
@@ -406,6 +423,11 @@ fn rusage_cpu(who: libc::c_int) -> Duration {
         ru
     };
     tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// `v` rounded to three decimals (report figures).
+pub fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
 }
 
 #[cfg(test)]

@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::domain::progress::{speed_ratio, Window};
 use crate::domain::{Domain, DomainError, DomainSpec};
 use crate::engine::dial::{open_session, select_transport, DialError};
 use crate::engine::primary::{self, PrimaryConfig, PrimaryError, PrimaryOutcome};
 use crate::engine::replica::{self, ReplicaError};
 use crate::engine::shadow::PageBuf;
-use crate::metrics::{self, Pct, Summary};
+use crate::metrics::{self, round3, Pct, Summary};
 use crate::transport::auth::Protection;
 use crate::transport::handshake::{random_nonce, Psk};
 use crate::transport::TransportKind;
@@ -200,12 +201,13 @@ pub fn loopback(
         (d / 3).clamp(Duration::from_secs(1), UNPROTECTED_MAX)
     });
     if let (Some(protected), Some(unprotected)) =
-        (s.guest_rate, unprotected_rate(&mut *domain, free))
+        (outcome.guest_window, unprotected_window(&mut *domain, free))
     {
-        s.guest_rate_unprotected = Some(unprotected.round());
-        if unprotected > 0.0 {
-            s.guest_speed_ratio = Some((protected / unprotected * 1000.0).round() / 1000.0);
-        }
+        let r = speed_ratio(&protected, &unprotected, outcome.guest_paused);
+        s.guest_rate_unprotected = Some(round3(unprotected.rate()));
+        s.guest_cpu_share_unprotected = unprotected.cpu_share().map(round3);
+        s.guest_speed_ratio = Some(round3(r.ratio));
+        s.guest_speed_ratio_wall = Some(round3(r.wall));
     }
     Ok(s)
 }
@@ -213,23 +215,27 @@ pub fn loopback(
 /// Longest unprotected run after the protected one (bench).
 const UNPROTECTED_MAX: Duration = Duration::from_secs(3);
 
-/// Runs the (paused) guest unprotected for `d` after the session and
-/// returns its own progress per second, the baseline of
-/// `guest_speed_ratio`; None when the domain cannot tell. Leaves it paused.
-fn unprotected_rate(domain: &mut dyn Domain, d: Duration) -> Option<f64> {
-    let p0 = domain.progress()?;
+/// Runs the (paused) guest unprotected for about `d` after the session:
+/// the baseline of `guest_speed_ratio`; None when the domain cannot tell.
+/// The window opens at the guest's first progress after the resume (kvm
+/// memtouch: its next loop line), so neither the time it sat paused
+/// before nor a loop begun before the pause is counted. Leaves it paused.
+fn unprotected_window(domain: &mut dyn Domain, d: Duration) -> Option<Window> {
+    let before = domain.progress_mark()?.count;
     domain.throttle(0);
     domain.resume().ok()?;
     let t0 = Instant::now();
-    std::thread::sleep(d);
-    let p1 = domain.progress();
-    let secs = t0.elapsed().as_secs_f64();
+    let mut first = domain.progress_mark()?;
+    // Polls a counter the guest advances (no event to wait on across
+    // domains); bounded by the window itself.
+    while first.count == before && t0.elapsed() < d {
+        std::thread::sleep(Duration::from_millis(1));
+        first = domain.progress_mark()?;
+    }
+    std::thread::sleep((first.at + d).saturating_duration_since(Instant::now()));
+    let last = domain.progress_mark();
     domain.pause().ok()?;
-    Some((p1? - p0) as f64 / secs)
-}
-
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
+    Window::between(&first, &last?)
 }
 
 /// Times a plain single-threaded copy of each recent dirty set out of the

@@ -161,6 +161,9 @@ pub struct Row {
     pub cpu_primary_per_s: f64,
     pub cpu_backup_per_s: f64,
     pub digest_match: bool,
+    /// The same per wall-clock second (moves with the CPU share a shared
+    /// host gave the guest in each window).
+    pub guest_speed_ratio_wall: Option<f64>,
 }
 
 /// The CSV header, in `Row` field order.
@@ -169,12 +172,12 @@ pub const CSV_HEADER: &str =
 guest_speed_ratio,pause_p50_us,pause_p99_us,pause_max_us,checkpoint_latency_p50_us,\
 checkpoint_latency_p99_us,output_latency_p50_us,output_latency_p99_us,output_frames,\
 epoch_len_p50_us,epoch_len_p99_us,wire_bytes_per_s,cpu_primary_per_s,cpu_backup_per_s,digest_match,\
-output_latency_p99_worst_us";
+output_latency_p99_worst_us,guest_speed_ratio_wall";
 
 impl Row {
     fn csv(&self) -> String {
         format!(
-            "{},{},{:.3},{},{},{},{},{:.2},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.3},{:.3},{},{}",
+            "{},{},{:.3},{},{},{},{},{:.2},{},{},{},{},{},{},{},{},{},{},{},{:.0},{:.3},{:.3},{},{},{}",
             self.label,
             csv_field(&self.epoch),
             self.epoch_ms,
@@ -199,7 +202,9 @@ impl Row {
             self.cpu_primary_per_s,
             self.cpu_backup_per_s,
             self.digest_match,
-            self.output_latency_p99_worst_us
+            self.output_latency_p99_worst_us,
+            self.guest_speed_ratio_wall
+                .map_or(String::new(), |r| format!("{r:.3}")),
         )
     }
 }
@@ -375,7 +380,10 @@ fn row(c: &TuneConfig, runs: &[Summary]) -> Row {
             .collect()
     };
     let out = |f: &dyn Fn(&Pct) -> u64| median(per_round(f));
-    let speed: Vec<f64> = runs.iter().filter_map(guest_speed_ratio).collect();
+    let ratio = |key: &str| -> Option<f64> {
+        let v: Vec<f64> = runs.iter().filter_map(|s| report_f64(s, key)).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
     Row {
         label: c.label(),
         epoch: c.epoch.to_string(),
@@ -388,8 +396,8 @@ fn row(c: &TuneConfig, runs: &[Summary]) -> Row {
         transport: c.transport.name().into(),
         rounds: runs.len() as u32,
         epochs_per_s: mean(&|s| s.epochs_per_s),
-        guest_speed_ratio: (!speed.is_empty())
-            .then(|| speed.iter().sum::<f64>() / speed.len() as f64),
+        guest_speed_ratio: ratio("guest_speed_ratio"),
+        guest_speed_ratio_wall: ratio("guest_speed_ratio_wall"),
         pause_p50_us: pause.p50,
         pause_p99_us: pause.p99,
         pause_max_us: pause.max,
@@ -414,14 +422,11 @@ fn median(mut v: Vec<u64>) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-/// `guest_speed_ratio` of a run's report, where the engine measures it
-/// (read through the JSON shape so that `tune` does not depend on which
-/// engine version fills it).
-fn guest_speed_ratio(s: &Summary) -> Option<f64> {
-    serde_json::to_value(s)
-        .ok()?
-        .get("guest_speed_ratio")?
-        .as_f64()
+/// A figure of a run's report such as `guest_speed_ratio`, where the
+/// engine measures it (read through the JSON shape so that `tune` does not
+/// depend on which engine version fills it).
+fn report_f64(s: &Summary, key: &str) -> Option<f64> {
+    serde_json::to_value(s).ok()?.get(key)?.as_f64()
 }
 
 /// latency_vs_epoch.png, guest_speed_vs_epoch.png (epochs/s where the

@@ -4,12 +4,15 @@
 pub mod kvm;
 pub mod memory;
 pub mod pagemap;
+pub mod progress;
 pub mod sim;
 pub mod xen;
 
 use std::fmt;
+use std::time::Instant;
 
 pub use memory::GuestMemory;
+pub use progress::ProgressMark;
 
 /// Guest-physical memory layout: one contiguous range of `pages` pages of
 /// `page_size` bytes, named by guest frame number (gfn) `0..pages`.
@@ -98,6 +101,18 @@ pub trait Domain: Send {
     /// domain cannot tell. Default: None.
     fn progress(&self) -> Option<u64> {
         None
+    }
+    /// [`Domain::progress`] with when it was reached and, where the guest
+    /// runs on threads of its own (kvm: the vCPU), the CPU time they had
+    /// used by then: rates between two marks are then exact (no partial
+    /// loop counted) and can be told apart from the CPU the host scheduler
+    /// happened to give the guest. Default: the count now, CPU unknown.
+    fn progress_mark(&self) -> Option<ProgressMark> {
+        self.progress().map(|count| ProgressMark {
+            count,
+            at: Instant::now(),
+            cpu: None,
+        })
     }
     /// Appends the saved non-memory state (vCPUs, devices) to `out`.
     /// Only called while paused.

@@ -97,6 +97,34 @@ fn memtouch_progress_counts_its_loops() {
     }
 }
 
+/// memtouch's progress mark is stamped at its loop lines with the vCPU's
+/// CPU time: it advances with the loops, never counts a loop in progress,
+/// and stands still while paused, so a rate between two marks is whole
+/// loops against the vCPU's own time (what `guest_speed_ratio` needs on a
+/// host where the vCPU's share of a core varies).
+#[test]
+fn memtouch_progress_mark_carries_the_vcpu_cpu_time() {
+    let Some(mut d) = open(&spec("")) else { return };
+    d.start().unwrap();
+    let s = wait_seq_above(d.console(), 2);
+    let a = d.progress_mark().unwrap();
+    wait_seq_above(d.console(), s + 4);
+    d.pause().unwrap();
+    let b = d.progress_mark().unwrap();
+    assert_eq!(b.count, d.progress().unwrap(), "the mark is the count");
+    assert_eq!(b.count, last_seq(d.console()) + 1, "banner + whole loops");
+    let (ca, cb) = (a.cpu.expect("vCPU CPU time"), b.cpu.expect("vCPU CPU time"));
+    assert!(b.count > a.count && cb > ca, "{a:?} {b:?}");
+    // One thread: its CPU time between the marks fits in their wall time.
+    let slack = Duration::from_millis(2);
+    assert!(cb - ca <= b.at - a.at + slack, "{a:?} {b:?}");
+    let parked = d.vcpu.cpu_time().unwrap();
+    std::thread::sleep(Duration::from_millis(30)); // time passing is the point
+    assert_eq!(d.progress_mark().unwrap(), b, "no loop ends while paused");
+    let idle = d.vcpu.cpu_time().unwrap() - parked;
+    assert!(idle < slack, "a parked vCPU used {idle:?} of CPU");
+}
+
 #[test]
 fn domain_spec_parses_kvm() {
     let text =

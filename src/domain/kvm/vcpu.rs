@@ -145,6 +145,27 @@ impl Vcpu {
         self.shared.vcpu.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// CPU time the vCPU thread has used (zero before start); None if its
+    /// clock cannot be read.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        use std::os::unix::thread::JoinHandleExt;
+        let Some(thread) = &self.thread else {
+            return Some(Duration::ZERO);
+        };
+        let mut clock: libc::clockid_t = 0;
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: the pthread is alive (see `kick`: joined only in Drop);
+        // both out-pointers are valid locals.
+        let ok = unsafe {
+            libc::pthread_getcpuclockid(thread.as_pthread_t(), &mut clock) == 0
+                && libc::clock_gettime(clock, &mut ts) == 0
+        };
+        ok.then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    }
+
     pub fn halted(&self) -> bool {
         self.shared.ctl().halted
     }

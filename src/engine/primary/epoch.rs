@@ -82,7 +82,7 @@ pub(super) fn drive(mut d: Driver) -> DriveResult {
     d.domain.resume()?;
     d.seed()?;
     let _ = d.shared.ckpt_start.set(Instant::now());
-    d.shared.progress.lock().unwrap().0 = d.domain.progress();
+    d.shared.progress.lock().unwrap().0 = d.domain.progress_mark();
     let out = d.checkpoints();
     // The guest runs free again whoever drives it next.
     d.domain.throttle(0);
@@ -166,7 +166,7 @@ impl Driver<'_> {
             });
             self.unit += 1;
             if final_epoch {
-                self.shared.progress.lock().unwrap().1 = self.domain.progress();
+                self.shared.progress.lock().unwrap().1 = self.domain.progress_mark();
                 self.pipe.finish(epoch);
                 break;
             }

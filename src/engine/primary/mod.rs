@@ -125,6 +125,11 @@ pub struct PrimaryOutcome {
     pub recent_dirty: Vec<Vec<u64>>,
     /// What the output queue held, released and dropped.
     pub output: crate::outq::OutqReport,
+    /// The guest's progress from the first checkpoint to the final pause,
+    /// where the domain can tell.
+    pub guest_window: Option<crate::domain::progress::Window>,
+    /// The guest's time frozen in checkpoint pauses (all epochs).
+    pub guest_paused: std::time::Duration,
 }
 
 /// Runs the primary until the configured duration or epoch count is

@@ -30,6 +30,7 @@ use super::watch::Watchers;
 use super::{PrimaryConfig, PrimaryError, PrimaryOutcome};
 use crate::digest::Digest;
 use crate::disk::session::PrimaryDisks;
+use crate::domain::progress::Window;
 use crate::domain::Domain;
 use crate::engine::copy::CopyPool;
 use crate::engine::shadow::PageBuf;
@@ -387,14 +388,26 @@ fn finish(
         .get()
         .map_or(Duration::ZERO, |t| t.elapsed());
     let acked = shared.inflight.lock().unwrap().acked.unwrap_or(0);
-    let mut summary = Summary::from_metrics(&shared.metrics.lock().unwrap(), elapsed);
+    let (mut summary, guest_paused) = {
+        let m = shared.metrics.lock().unwrap();
+        (
+            Summary::from_metrics(&m, elapsed),
+            Duration::from_micros(m.pause_us_total),
+        )
+    };
     if let Some((d, wire)) = *shared.seed_done.lock().unwrap() {
         summary.seed_ms = (d.as_secs_f64() * 1e4).round() / 10.0;
         summary.seed_wire_bytes = wire;
     }
-    if let (Some(p0), Some(p1)) = *shared.progress.lock().unwrap() {
-        let secs = elapsed.as_secs_f64();
-        summary.guest_rate = (secs > 0.0).then(|| ((p1 - p0) as f64 / secs).round());
+    // Timed from mark to mark (the last at the final pause), not to the
+    // final ack: the guest made no progress while that was awaited.
+    let guest_window = match *shared.progress.lock().unwrap() {
+        (Some(a), Some(b)) => Window::between(&a, &b),
+        _ => None,
+    };
+    if let Some(w) = guest_window {
+        summary.guest_rate = Some(crate::metrics::round3(w.rate()));
+        summary.guest_cpu_share = w.cpu_share().map(crate::metrics::round3);
     }
     summary.domain = domain.describe();
     summary.transport = "tcp".into();
@@ -421,6 +434,8 @@ fn finish(
         domain,
         recent_dirty,
         output,
+        guest_window,
+        guest_paused,
     })
 }
 

@@ -92,9 +92,12 @@ pub(super) struct Shared {
     /// The per-epoch compression choice: `castor-tx` feeds it each unit's
     /// costs, the epoch thread asks it before dispatching a unit.
     pub codec: Mutex<CodecChoice>,
-    /// The guest's progress counter when checkpointing began and ended
-    /// (domains that can tell), for the guest's rate while protected.
-    pub progress: Mutex<(Option<u64>, Option<u64>)>,
+    /// The guest's progress when checkpointing began and at the final
+    /// pause (domains that can tell), for the guest's rate while protected.
+    pub progress: Mutex<(
+        Option<crate::domain::ProgressMark>,
+        Option<crate::domain::ProgressMark>,
+    )>,
     /// The session's connection, shut down by the first failure.
     link: Mutex<Option<TcpStream>>,
 }

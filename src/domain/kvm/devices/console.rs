@@ -4,7 +4,9 @@
 //!
 //! Invariants: the buffer holds at most [`CONSOLE_CAP`] bytes, the most
 //! recent ones; `total` counts every byte ever written, so a reader can
-//! tell how much was dropped.
+//! tell how much was dropped. `put` runs on the vCPU thread (the serial
+//! port's exit handler), so the CPU time stamped on each line is the
+//! vCPU's.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -22,6 +24,9 @@ struct Inner {
     total: u64,
     /// Newlines ever written.
     lines: u64,
+    /// When the last newline was written and the writing (vCPU) thread's
+    /// CPU time then.
+    last_line: Option<(Instant, Option<Duration>)>,
     sink: Option<Box<dyn Write + Send>>,
 }
 
@@ -53,6 +58,7 @@ impl Console {
                     buf: VecDeque::new(),
                     total: 0,
                     lines: 0,
+                    last_line: None,
                     sink,
                 }),
                 Condvar::new(),
@@ -79,6 +85,7 @@ impl Console {
         }
         if byte == b'\n' {
             g.lines += 1;
+            g.last_line = Some((Instant::now(), thread_cpu_time()));
             cv.notify_all();
         }
     }
@@ -103,6 +110,13 @@ impl Console {
         self.inner.0.lock().unwrap_or_else(|e| e.into_inner()).lines
     }
 
+    /// The line count with when the last line ended and the vCPU's CPU
+    /// time then; None before the first line.
+    pub fn line_mark(&self) -> Option<(u64, Instant, Option<Duration>)> {
+        let g = self.inner.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.last_line.map(|(at, cpu)| (g.lines, at, cpu))
+    }
+
     /// Waits until `pred(text)` holds or `timeout` passes; returns the text
     /// on success.
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
@@ -122,4 +136,15 @@ impl Console {
             let _ = cv.wait_timeout(g, wait);
         }
     }
+}
+
+/// CPU time the calling thread has used; None if the clock cannot be read.
+pub fn thread_cpu_time() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }
