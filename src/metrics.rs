@@ -316,6 +316,9 @@ pub struct Summary {
     pub guest_cpu_share_unprotected: Option<f64>,
     pub seed_ms: f64,
     pub seed_wire_bytes: u64,
+    /// Pages the seed's first pass read: those the domain said may hold
+    /// data (all of them when it cannot tell).
+    pub seed_first_pass_pages: u64,
     /// Plain single-threaded memcpy of recent dirty sets, measured after the
     /// run in the same process (bench only).
     #[serde(skip_serializing_if = "Option::is_none")]

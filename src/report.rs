@@ -50,9 +50,10 @@ pub fn print_table(s: &Summary) {
         s.extension_us_total / 1000
     );
     println!(
-        "seed              {:.1} ms, {} on the wire",
+        "seed              {:.1} ms, {} on the wire, first pass {} pages",
         s.seed_ms,
-        crate::units::fmt_bytes(s.seed_wire_bytes)
+        crate::units::fmt_bytes(s.seed_wire_bytes),
+        s.seed_first_pass_pages
     );
     println!("                       p50      p99      max");
     println!("epoch length µs   {}", pct(&s.epoch_len_us));

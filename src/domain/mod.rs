@@ -5,6 +5,7 @@ pub mod kvm;
 pub mod memory;
 pub mod pagemap;
 pub mod progress;
+pub mod seen;
 pub mod sim;
 pub mod xen;
 

@@ -10,12 +10,14 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
+use crate::domain::seen::SeenPages;
 use crate::domain::{DomainError, GuestMemory};
 use crate::PAGE_SIZE;
 
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PAGE_IS_SWAPPED: u64 = 1 << 4;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 
@@ -61,6 +63,10 @@ pub struct ScanQuery {
     category_mask: u64,
     category_anyof_mask: u64,
     return_mask: u64,
+    /// Matched regions whose categories include any of these bits are not
+    /// reported (filtered here: the kernel's masks cannot say "A or (B and
+    /// not C)"). Must be 0 for a query that write-protects what it matches.
+    skip: u64,
 }
 
 impl ScanQuery {
@@ -71,15 +77,36 @@ impl ScanQuery {
         category_mask: PAGE_IS_WRITTEN,
         category_anyof_mask: 0,
         return_mask: PAGE_IS_WRITTEN,
+        skip: 0,
     };
 
-    /// Pages backed by memory or swap; every other page of an anonymous
-    /// mapping has never been written and reads as zeros.
+    /// Pages backed by memory or swap, but not the shared zero page (a
+    /// never-written page read once maps it: it reads as zeros); every
+    /// other page of an anonymous mapping has never been written and reads
+    /// as zeros. Only valid on a mapping without userfaultfd write-protect:
+    /// its markers on never-written pages count as `PAGE_IS_SWAPPED` too
+    /// (see [`ScanQuery::HOLDS_DATA_TRACKED`]).
     pub const PRESENT: ScanQuery = ScanQuery {
         flags: 0,
         category_mask: 0,
         category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO,
+        skip: PAGE_IS_PFNZERO,
+    };
+
+    /// On a write-protect-tracked mapping: pages present in memory (not the
+    /// zero page), or written since their last harvest wherever they are
+    /// (memory or swap), without re-protecting anything. A tracked page
+    /// that is swapped and write-protected is not reported: the kernel
+    /// reports a real swap entry and the uffd-wp marker of a never-written
+    /// page alike (`PAGE_IS_SWAPPED`, not `PAGE_IS_WRITTEN`), so those are
+    /// known from history instead ([`SeenPages`]).
+    pub const HOLDS_DATA_TRACKED: ScanQuery = ScanQuery {
+        flags: 0,
+        category_mask: 0,
+        category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_WRITTEN,
+        return_mask: PAGE_IS_PRESENT | PAGE_IS_WRITTEN | PAGE_IS_PFNZERO,
+        skip: PAGE_IS_PFNZERO,
     };
 }
 
@@ -113,6 +140,22 @@ pub fn scan(
         regions,
         out,
     )
+}
+
+/// `regions` as returned by one walk for `q`, without those `q` skips.
+fn kept(regions: &mut [PageRegion], n: usize, q: ScanQuery) -> usize {
+    let n = n.min(regions.len());
+    if q.skip == 0 {
+        return n;
+    }
+    let mut keep = 0;
+    for i in 0..n {
+        if regions[i].categories & q.skip == 0 {
+            regions[keep] = regions[i];
+            keep += 1;
+        }
+    }
+    keep
 }
 
 /// The scan loop over addresses `span`, with `walk` standing for one
@@ -180,7 +223,7 @@ fn pagemap_scan(
             )
         };
         if r >= 0 {
-            return Ok((r as usize, arg.walk_end));
+            return Ok((kept(regions, r as usize, q), arg.walk_end));
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
@@ -232,6 +275,8 @@ pub struct StripeScan {
     base: u64,
     pages: u64,
     query: ScanQuery,
+    /// Where every reported page is recorded, if the owner keeps a history.
+    seen: Option<std::sync::Arc<SeenPages>>,
 }
 
 impl StripeScan {
@@ -243,7 +288,14 @@ impl StripeScan {
             base,
             pages,
             query,
+            seen: None,
         }
+    }
+
+    /// Records every page a scan reports in `seen` before the scan returns.
+    pub fn recording(mut self, seen: std::sync::Arc<SeenPages>) -> Self {
+        self.seen = Some(seen);
+        self
     }
 
     pub fn pages(&self) -> u64 {
@@ -261,13 +313,19 @@ impl StripeScan {
         let page = PAGE_SIZE as u64;
         let (from, to) = (gfns.start.min(self.pages), gfns.end.min(self.pages));
         let (pagemap, q) = (&*self.pagemap, self.query);
-        scan_with(
+        let first = out.len();
+        let scanned = scan_with(
             |start, end, regions| pagemap_scan(pagemap, start, end, q, regions),
             self.base,
             self.base + from * page..self.base + to * page,
             regions,
             out,
-        )
+        );
+        // Even after a failed walk: what it reported was re-protected.
+        if let Some(seen) = &self.seen {
+            seen.mark(&out[first..]);
+        }
+        scanned
     }
 }
 

@@ -14,7 +14,10 @@
 //! Invariants: the tracker covers exactly one `GuestMemory` mapping, which
 //! must outlive it; harvests return sorted, unique gfns relative to the
 //! mapping's base. The uffd stays open for the tracker's life (closing it
-//! unregisters the range).
+//! unregisters the range). Every page present (or swapped) when tracking
+//! was armed and every page any harvest reported is recorded in a
+//! [`SeenPages`] history, which [`DirtyTracker::holds_data`] needs (see
+//! there and `domain/seen.rs`: write-protect markers look like swap).
 //!
 //! Cost: arming write-protects the whole range, which allocates page
 //! tables for never-touched memory (to hold the markers): about 2 MiB per
@@ -31,6 +34,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use crate::domain::pagemap::{self, PageRegion, ScanQuery};
+use crate::domain::seen::SeenPages;
 use crate::domain::{DomainError, GuestMemory};
 
 // ---- ioctl number encoding (asm-generic/ioctl.h; x86, arm64, riscv) ----
@@ -108,6 +112,8 @@ pub struct DirtyTracker {
     base: u64,
     len: u64,
     regions: Vec<PageRegion>,
+    /// Pages present before the arm or reported by a harvest since.
+    seen: Arc<SeenPages>,
 }
 
 impl std::fmt::Debug for DirtyTracker {
@@ -123,7 +129,9 @@ impl std::fmt::Debug for DirtyTracker {
 impl DirtyTracker {
     /// Arms tracking over all of `mem`: every page written after this call
     /// is reported by the first [`DirtyTracker::harvest`]. `mem` must
-    /// outlive the tracker.
+    /// outlive the tracker, and nothing may write it during this call (the
+    /// pages holding data are read from the page tables just before the
+    /// arm).
     pub fn new(mem: &GuestMemory) -> Result<Self, DomainError> {
         let base = mem.as_ptr() as u64;
         let len = mem.len() as u64;
@@ -181,6 +189,23 @@ impl DirtyTracker {
             )));
         }
 
+        // Before the arm, no marker exists yet: PRESENT|SWAPPED is exactly
+        // the pages that may hold data.
+        let pagemap =
+            File::open("/proc/self/pagemap").map_err(|e| sys("open /proc/self/pagemap", e))?;
+        let mut regions = pagemap::region_buffer();
+        let mut present = Vec::new();
+        pagemap::scan(
+            &pagemap,
+            base,
+            len,
+            ScanQuery::PRESENT,
+            &mut regions,
+            &mut present,
+        )?;
+        let seen = SeenPages::new(len / crate::PAGE_SIZE as u64);
+        seen.mark(&present);
+
         let mut wp = UffdioWriteprotect {
             range: UffdioRange { start: base, len },
             mode: UFFDIO_WRITEPROTECT_MODE_WP,
@@ -190,14 +215,13 @@ impl DirtyTracker {
         unsafe { ioctl(&uffd, UFFDIO_WRITEPROTECT, &mut wp) }
             .map_err(|e| sys("ioctl UFFDIO_WRITEPROTECT", e))?;
 
-        let pagemap =
-            File::open("/proc/self/pagemap").map_err(|e| sys("open /proc/self/pagemap", e))?;
         let tracker = DirtyTracker {
             uffd,
             pagemap: Arc::new(pagemap),
             base,
             len,
-            regions: pagemap::region_buffer(),
+            regions,
+            seen: Arc::new(seen),
         };
         Ok(tracker)
     }
@@ -207,18 +231,55 @@ impl DirtyTracker {
     /// them. Pages written concurrently with the call are reported either
     /// now or by the next harvest, never lost.
     pub fn harvest(&mut self, out: &mut Vec<u64>) -> Result<(), DomainError> {
-        pagemap::scan(
+        let first = out.len();
+        let scanned = pagemap::scan(
             &self.pagemap,
             self.base,
             self.len,
             ScanQuery::WRITTEN_AND_REPROTECT,
             &mut self.regions,
             out,
-        )
-        .map_err(|e| match e {
+        );
+        // Even after a failed walk: what it reported was re-protected.
+        self.seen.mark(&out[first..]);
+        scanned.map_err(|e| match e {
             DomainError::DirtyTracking(m) => DomainError::DirtyTracking(format!("{m}; {ADVICE}")),
             e => e,
         })
+    }
+
+    /// Appends to `out`, ascending and unique, every page that may hold
+    /// data (the rest read as zeros): pages written since their last
+    /// harvest, pages in memory other than the zero page, and every page
+    /// of the history (present at the arm or reported by a harvest, so
+    /// possibly swapped or migrating now: the kernel reports those
+    /// entries and a never-written page's write-protect marker alike).
+    ///
+    /// Never misses a page holding data: such a page was written either
+    /// before the arm (present or swapped then: in the history) or after
+    /// it (then it is `PAGE_IS_WRITTEN` until a harvest reports it, and in
+    /// the history from then on). Must not run concurrently with a harvest
+    /// (a page re-protected by it but not yet recorded would be missed);
+    /// the engine calls it before the seed's first harvest, on the thread
+    /// that harvests.
+    pub fn holds_data(&self, out: &mut Vec<u64>) -> Result<(), DomainError> {
+        let mut now = Vec::new();
+        pagemap::scan(
+            &self.pagemap,
+            self.base,
+            self.len,
+            ScanQuery::HOLDS_DATA_TRACKED,
+            &mut pagemap::region_buffer(),
+            &mut now,
+        )?;
+        self.seen.union_into(&now, out);
+        Ok(())
+    }
+
+    /// The history (for tests).
+    #[cfg(test)]
+    pub(crate) fn seen(&self) -> &SeenPages {
+        &self.seen
     }
 }
 
@@ -234,6 +295,7 @@ impl DirtyTracker {
             pages,
             ScanQuery::WRITTEN_AND_REPROTECT,
         )
+        .recording(self.seen.clone())
     }
 }
 
@@ -322,6 +384,104 @@ mod tests {
         touch(&mem, 0, 0);
         t.harvest(&mut out).unwrap();
         assert_eq!(out, [0, 3]);
+    }
+
+    /// `/proc/self/pagemap`'s entry for `gfn` of `mem`: (present, swapped).
+    /// Read independently of `PAGEMAP_SCAN`, to know what the test did.
+    fn pte_state(mem: &GuestMemory, gfn: u64) -> (bool, bool) {
+        use std::os::unix::fs::FileExt;
+        let f = File::open("/proc/self/pagemap").unwrap();
+        let mut e = [0u8; 8];
+        let vpn = mem.page_ptr(gfn) as u64 / PAGE_SIZE as u64;
+        f.read_exact_at(&mut e, vpn * 8).unwrap();
+        let e = u64::from_le_bytes(e);
+        (e >> 63 & 1 == 1, e >> 62 & 1 == 1)
+    }
+
+    /// Asks the kernel to swap `gfn` out now (`MADV_PAGEOUT`, Linux >= 5.4);
+    /// returns whether it is swapped afterwards (never without swap space).
+    fn page_out(mem: &GuestMemory, gfn: u64) -> bool {
+        // SAFETY: advice on one page of our own private mapping; MADV_PAGEOUT
+        // keeps its contents (they come back from swap on the next access).
+        unsafe { libc::madvise(mem.page_ptr(gfn).cast(), PAGE_SIZE, libc::MADV_PAGEOUT) };
+        pte_state(mem, gfn) == (false, true)
+    }
+
+    /// The seed's present set is what the memory holds: pages written
+    /// before the arm, after it (harvested or not, by the striped scanners
+    /// too), also once swapped out; never a page only read, nor one never
+    /// touched (whose write-protect marker the kernel reports as swapped).
+    #[test]
+    fn holds_data_is_exactly_the_written_pages_even_swapped() {
+        let pages = 1024u64;
+        let mem = GuestMemory::new(pages as usize * PAGE_SIZE).unwrap();
+        for g in [1, 2, 3, 600] {
+            touch(&mem, g, 9);
+        }
+        // SAFETY: plain reads inside the private test mapping: they map the
+        // shared zero page, before and after the arm.
+        let _ = unsafe { mem.page_ptr(10).read_volatile() };
+        let Some(mut t) = tracker_or_skip(&mem) else {
+            return;
+        };
+        // SAFETY: as above.
+        let _ = unsafe { mem.page_ptr(11).read_volatile() };
+
+        // The old rule (present or swapped) counts every marker.
+        let mut plain = Vec::new();
+        let mut regions = pagemap::region_buffer();
+        pagemap::scan(
+            &t.pagemap,
+            t.base,
+            t.len,
+            ScanQuery::PRESENT,
+            &mut regions,
+            &mut plain,
+        )
+        .unwrap();
+        assert_eq!(
+            plain.len() as u64,
+            pages - 2,
+            "markers read as swapped (all but the zero-page mappings 10, 11)"
+        );
+
+        // Written after the arm: 20, 21 harvested by the striped scanners
+        // (re-protected), 30 not harvested.
+        touch(&mem, 20, 0);
+        touch(&mem, 21, 0);
+        let mut dirty = Vec::new();
+        let scan = t.stripe_scan();
+        for r in pagemap::stripes(pages, 2) {
+            scan.scan(r, &mut regions, &mut dirty).unwrap();
+        }
+        assert_eq!(dirty, [20, 21]);
+        assert!(t.seen().contains(20) && t.seen().contains(21));
+        touch(&mem, 30, 0);
+
+        let swapped: Vec<u64> = [1, 2, 20, 30]
+            .into_iter()
+            .filter(|&g| page_out(&mem, g))
+            .collect();
+        if swapped.is_empty() {
+            eprintln!(
+                "note: MADV_PAGEOUT swapped nothing (no swap space here: see /proc/swaps); \
+                 the swapped case is covered by the history only"
+            );
+        } else {
+            eprintln!("swapped out for the test: {swapped:?}");
+        }
+        let mut held = vec![u64::MAX];
+        t.holds_data(&mut held).unwrap();
+        assert_eq!(held, [u64::MAX, 1, 2, 3, 20, 21, 30, 600]);
+        // The harvest still sees 30 (written, maybe swapped), and only it.
+        dirty.clear();
+        t.harvest(&mut dirty).unwrap();
+        assert_eq!(dirty, [30]);
+        // Swapped pages kept their data.
+        for g in [1, 2] {
+            // SAFETY: a plain read inside the private test mapping.
+            assert_eq!(unsafe { mem.page_ptr(g).add(9).read_volatile() }, 0x5a);
+        }
     }
 
     #[test]

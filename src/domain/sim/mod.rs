@@ -216,6 +216,15 @@ impl Domain for SimDomain {
         self.tracker.harvest(out)
     }
 
+    /// From the tracker's page tables and history, not from the workload's
+    /// plan: see [`DirtyTracker::holds_data`] (the plain `PAGEMAP_SCAN`
+    /// present set would count every never-written page, whose
+    /// write-protect marker the kernel reports as swapped).
+    fn present_pages(&self, out: &mut Vec<u64>) -> Result<bool, DomainError> {
+        self.tracker.holds_data(out)?;
+        Ok(true)
+    }
+
     fn stripe_scan(&self) -> Option<crate::domain::pagemap::StripeScan> {
         Some(self.tracker.stripe_scan())
     }

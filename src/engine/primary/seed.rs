@@ -50,6 +50,9 @@ impl Driver<'_> {
             _ => (0..pages).collect(),
         };
         let first_pass = source.len() as u64;
+        self.shared
+            .seed_first_pass
+            .store(first_pass, std::sync::atomic::Ordering::Relaxed);
         let mut round = 0u32;
         let mut last = false;
         let mut prev_dirty = u64::MAX;

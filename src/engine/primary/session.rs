@@ -399,6 +399,7 @@ fn finish(
         summary.seed_ms = (d.as_secs_f64() * 1e4).round() / 10.0;
         summary.seed_wire_bytes = wire;
     }
+    summary.seed_first_pass_pages = shared.seed_first_pass.load(Ordering::Relaxed);
     // Timed from mark to mark (the last at the final pause), not to the
     // final ack: the guest made no progress while that was awaited.
     let guest_window = match *shared.progress.lock().unwrap() {

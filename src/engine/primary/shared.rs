@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,8 @@ pub(super) struct Shared {
     pub cv: Condvar,
     pub metrics: Mutex<Metrics>,
     pub seed_done: Mutex<Option<(Duration, u64)>>,
+    /// Pages the seed's first pass read (those that may hold data).
+    pub seed_first_pass: AtomicU64,
     pub stop_encoders: AtomicBool,
     /// Set while the guest is paused: encoders step aside so the copy
     /// threads have the cores (the pause is what the guest feels).
@@ -109,6 +111,7 @@ impl Shared {
             cv: Condvar::new(),
             metrics: Mutex::new(Metrics::new(cfg.keep_records)),
             seed_done: Mutex::new(None),
+            seed_first_pass: AtomicU64::new(0),
             stop_encoders: AtomicBool::new(false),
             pausing: AtomicBool::new(false),
             gate: Mutex::new(()),
