@@ -38,6 +38,16 @@ fn core_lists_are_checked() {
 }
 
 #[test]
+fn decode_lanes_are_checked() {
+    for bad in ["0", "65", "x"] {
+        let e = backup_refused(&["--decode-lanes", bad]);
+        assert!(e.contains("--decode-lanes") && e.contains(bad), "{e}");
+        let e = refused(&["bench", "--decode-lanes", bad]);
+        assert!(e.contains("--decode-lanes") && e.contains(bad), "{e}");
+    }
+}
+
+#[test]
 fn heartbeat_interval_must_leave_two_beats_per_timeout() {
     let e = backup_refused(&["--heartbeat-interval", "300ms"]);
     assert!(

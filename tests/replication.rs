@@ -203,6 +203,40 @@ fn seed_first_pass_reads_only_written_pages() {
     );
 }
 
+/// `--decode-lanes` reaches the backup child: the replica built by three
+/// decode lanes (forced on this host whatever its cores) equals the primary.
+#[test]
+fn bench_with_decode_lanes_matches() {
+    if sim_unavailable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = output_within(
+        castor()
+            .args([
+                "bench",
+                "--domain",
+                "sim:mem=16MiB,workload=uniform,rate=20000",
+                "--duration",
+                "1s",
+                "--decode-lanes",
+                "3",
+                "--json",
+            ])
+            .arg(&json),
+        EXIT_PATIENCE,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["digest_match"], true, "{v}");
+    assert!(v["epochs"].as_u64().unwrap() >= 10, "{v}");
+}
+
 /// Hundreds of tiny epochs: encoders finish faster than the epoch thread
 /// returns from handing out a job. A staging buffer lost in that race once
 /// deadlocked the primary after a few dozen epochs; the watchdog turns a

@@ -104,6 +104,9 @@ fn spawn_backup(
         .env("CASTOR_PSK", psk_hex)
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
+    if let Some(n) = opts.decode_lanes {
+        cmd.args(["--decode-lanes", &n.to_string()]);
+    }
     if quiet {
         cmd.stderr(Stdio::from(err));
     }
@@ -139,6 +142,8 @@ pub struct LoopbackOpts {
     pub backup_silence: Duration,
     /// How records are protected (`--encrypt` on both ends for Encrypt).
     pub protection: Protection,
+    /// The backup child's `--decode-lanes` (None: its default).
+    pub decode_lanes: Option<u16>,
 }
 
 /// The default address of a bench or demo run.

@@ -247,6 +247,7 @@ pub fn run(opts: &TuneOpts) -> Result<Vec<Row>, TuneError> {
                 ip: opts.ip,
                 backup_silence: cfg.backup_silence,
                 protection: crate::transport::auth::Protection::Mac,
+                decode_lanes: None,
             };
             let s = run_one(opts, c, round + 1, &cfg, &lo)?;
             // Each run's own report (without its epoch records), so that

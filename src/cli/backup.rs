@@ -82,6 +82,11 @@ pub struct BackupArgs {
     /// dropped while the backup keeps listening.
     #[arg(long, default_value = "5s", value_parser = units::parse_duration)]
     handshake_timeout: Duration,
+    /// Threads decoding received pages, each owning a stripe of guest
+    /// memory (1: on the receiving thread). Default: 1 on hosts with fewer
+    /// than 4 cores or guests under 64 MiB, else half the cores, at most 4.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    decode_lanes: Option<u16>,
     /// Second heartbeat path: also take authenticated UDP beacons from
     /// the primary (`protect --beacon`) on this address, ideally on
     /// another network than --listen. The primary is suspected only
@@ -223,6 +228,7 @@ fn backup_config(a: &BackupArgs, psk: &Psk) -> Result<BackupConfig, String> {
         ack_delay: a.test_ack_delay.unwrap_or_default(),
         handshake_timeout: a.handshake_timeout,
         beacon,
+        decode_lanes: a.decode_lanes.map(usize::from),
     })
 }
 

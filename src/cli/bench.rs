@@ -51,6 +51,9 @@ pub struct BenchArgs {
     /// address on an RDMA device; the lab sets CASTOR_BENCH_ADDR to one.
     #[arg(long)]
     addr: Option<IpAddr>,
+    /// The backup's decode threads (`castor backup --decode-lanes`).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    decode_lanes: Option<u16>,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
@@ -92,6 +95,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             backup_silence: cfg.backup_silence,
             ip,
             protection: a.engine.protection(),
+            decode_lanes: a.decode_lanes,
         },
     )
     .map_err(|e| e.to_string())?;

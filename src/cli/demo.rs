@@ -76,6 +76,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
             backup_silence: cfg.backup_silence,
             ip: loopback::LOOPBACK,
             protection: a.engine.protection(),
+            decode_lanes: None,
         },
     )
     .map_err(|e| e.to_string())?;

@@ -68,6 +68,9 @@ pub struct BackupConfig {
     /// The second heartbeat path: beacons of the session's primary also
     /// count as signs of life (see [`crate::ha::beacon`]).
     pub beacon: Option<std::sync::Arc<crate::ha::beacon::Receiver>>,
+    /// Lanes decoding pages (`--decode-lanes`); None: chosen from the
+    /// guest's size and this host's cores ([`crate::engine::receiver::default_lanes`]).
+    pub decode_lanes: Option<usize>,
 }
 
 impl BackupConfig {
@@ -85,6 +88,7 @@ impl BackupConfig {
             ack_delay: Duration::ZERO,
             handshake_timeout: Duration::from_secs(5),
             beacon: None,
+            decode_lanes: None,
         }
     }
 }
@@ -151,6 +155,9 @@ pub fn serve_with(
         );
     }
     let mut rx = Receiver::new(hello.pages)?.with_disk_dir(cfg.state_dir.clone());
+    if let Some(lanes) = cfg.decode_lanes {
+        rx = rx.with_decoders(lanes, &[]);
+    }
     crate::ops::telemetry::with(|t| {
         t.session_started();
         t.set_peer(&peer);
