@@ -202,9 +202,7 @@ pub fn loopback(
     s.digest_match = meta.epoch == outcome.final_epoch && replica_digest == outcome.digest;
     s.memcpy_us = memcpy_baseline(&*outcome.domain, &outcome.recent_dirty);
     let mut domain = outcome.domain;
-    let free = cfg.duration.map_or(UNPROTECTED_MAX, |d| {
-        (d / 3).clamp(Duration::from_secs(1), UNPROTECTED_MAX)
-    });
+    let free = unprotected_length(cfg.duration, phase_cycle(spec));
     if let (Some(protected), Some(unprotected)) =
         (outcome.guest_window, unprotected_window(&mut *domain, free))
     {
@@ -217,8 +215,35 @@ pub fn loopback(
     Ok(s)
 }
 
-/// Longest unprotected run after the protected one (bench).
+/// Longest unprotected run after the protected one (bench), unless one
+/// phase cycle is longer.
 const UNPROTECTED_MAX: Duration = Duration::from_secs(3);
+
+/// A phased sim workload's cycle (quiet, write-heavy, output-heavy).
+fn phase_cycle(spec: &DomainSpec) -> Option<Duration> {
+    match spec {
+        DomainSpec::Sim(s) if s.phase_ms > 0 => Some(Duration::from_millis(3 * s.phase_ms)),
+        _ => None,
+    }
+}
+
+/// How long the unprotected baseline runs: a third of the protected run,
+/// 1-3 s. A phased guest's rate depends on which phases a window covers,
+/// so its baseline is rounded to whole cycles (at least one): a 2 s window
+/// of a 3 s cycle missed a third of it, and every ratio of such a run read
+/// 0.64-0.71 instead of 0.94-0.99.
+fn unprotected_length(run: Option<Duration>, cycle: Option<Duration>) -> Duration {
+    let free = run.map_or(UNPROTECTED_MAX, |d| {
+        (d / 3).clamp(Duration::from_secs(1), UNPROTECTED_MAX)
+    });
+    match cycle {
+        Some(c) if !c.is_zero() => {
+            let n = (free.as_secs_f64() / c.as_secs_f64()).round().max(1.0);
+            c.mul_f64(n)
+        }
+        _ => free,
+    }
+}
 
 /// Runs the (paused) guest unprotected for about `d` after the session:
 /// the baseline of `guest_speed_ratio`; None when the domain cannot tell.
@@ -260,4 +285,26 @@ fn memcpy_baseline(domain: &dyn Domain, lists: &[Vec<u64>]) -> Option<Pct> {
         let _ = h.record((t.elapsed().as_micros() as u64).max(1));
     }
     Some(Pct::of(&h))
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn a_phased_baseline_covers_whole_cycles() {
+        let s = Duration::from_secs;
+        // Unphased: a third of the run, within 1-3 s.
+        assert_eq!(unprotected_length(Some(s(6)), None), s(2));
+        assert_eq!(unprotected_length(Some(s(1)), None), s(1));
+        assert_eq!(unprotected_length(None, None), s(3));
+        // 1 s phases: one 3 s cycle, not the 2 s that missed a phase.
+        assert_eq!(unprotected_length(Some(s(6)), Some(s(3))), s(3));
+        assert_eq!(unprotected_length(Some(s(9)), Some(s(3))), s(3));
+        // A cycle longer than the window: one whole cycle anyway.
+        assert_eq!(unprotected_length(Some(s(6)), Some(s(12))), s(12));
+        // Short cycles: the nearest whole number of them.
+        let c = Duration::from_millis(900);
+        assert_eq!(unprotected_length(Some(s(6)), Some(c)), c * 2);
+    }
 }
