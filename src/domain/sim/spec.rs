@@ -172,6 +172,44 @@ const KEYS: &str =
     "mem, workload, rate, writes, seed, threads, fill, hot, edit, counter, disk, disk_size, \
                     disk_writes, out, phase";
 
+/// The pacing `rate=` and `writes=` select (timed by default).
+fn pace_of(
+    rate: Option<u64>,
+    writes: Option<u64>,
+    out: u64,
+    phase_ms: u64,
+) -> Result<Pace, String> {
+    match (rate, writes) {
+        (Some(_), Some(_)) => Err("rate and writes exclude each other: rate paces the timed \
+                                mode, writes selects the deterministic mode"
+            .to_string()),
+        (_, Some(_)) if out > 0 || phase_ms > 0 => {
+            Err("out and phase need the timed mode (rate=), not writes=".to_string())
+        }
+        (_, Some(writes)) => Ok(Pace::Deterministic { writes }),
+        (rate, None) => Ok(Pace::Timed {
+            rate: rate.unwrap_or(DEFAULT_RATE),
+        }),
+    }
+}
+
+/// The disk workload `disk=`, `disk_size=` and `disk_writes=` describe.
+fn disk_of(
+    path: Option<String>,
+    size: Option<u64>,
+    writes: Option<u64>,
+) -> Result<Option<SimDisk>, String> {
+    match (path, size, writes) {
+        (Some(path), size, writes) => Ok(Some(SimDisk {
+            path,
+            size: size.unwrap_or(DEFAULT_DISK_SIZE),
+            writes: writes.unwrap_or(DEFAULT_DISK_WRITES),
+        })),
+        (None, None, None) => Ok(None),
+        (None, _, _) => Err("disk_size and disk_writes need disk=PATH".to_string()),
+    }
+}
+
 impl SimSpec {
     /// Parses `key=value,...`; the empty string gives all defaults.
     pub fn parse(kv: &str) -> Result<Self, DomainError> {
@@ -270,64 +308,43 @@ impl SimSpec {
                 }
             }
         }
-        s.pace = match (rate, writes) {
-            (Some(_), Some(_)) => {
-                return Err(err(
-                    "rate and writes exclude each other: rate paces the timed \
-                                mode, writes selects the deterministic mode"
-                        .to_string(),
-                ))
-            }
-            (_, Some(_)) if s.out > 0 || s.phase_ms > 0 => {
-                return Err(err(
-                    "out and phase need the timed mode (rate=), not writes=".to_string(),
-                ))
-            }
-            (_, Some(writes)) => Pace::Deterministic { writes },
-            (rate, None) => Pace::Timed {
-                rate: rate.unwrap_or(DEFAULT_RATE),
-            },
-        };
-        s.disk = match (disk, disk_size, disk_writes) {
-            (Some(path), size, writes) => Some(SimDisk {
-                path,
-                size: size.unwrap_or(DEFAULT_DISK_SIZE),
-                writes: writes.unwrap_or(DEFAULT_DISK_WRITES),
-            }),
-            (None, None, None) => None,
-            (None, _, _) => {
-                return Err(err("disk_size and disk_writes need disk=PATH".to_string()))
-            }
-        };
+        s.pace = pace_of(rate, writes, s.out, s.phase_ms).map_err(err)?;
+        s.disk = disk_of(disk, disk_size, disk_writes).map_err(err)?;
+        s.checked().map_err(err)
+    }
+
+    /// The checks that span keys.
+    fn checked(self) -> Result<Self, String> {
+        let s = self;
         if s.mem % PAGE_SIZE as u64 != 0 || s.mem < MIN_PAGES * PAGE_SIZE as u64 {
-            return Err(err(format!(
+            return Err(format!(
                 "mem={}: expected a multiple of {PAGE_SIZE} bytes, at least {} bytes ({MIN_PAGES} pages)",
                 s.mem,
                 MIN_PAGES * PAGE_SIZE as u64
-            )));
+            ));
         }
         if s.counter.is_some() && s.is_deterministic() {
-            return Err(err(
+            return Err(
                 "counter and writes exclude each other: the counter service answers \
                  clients, so memory is no longer a function of the epoch"
                     .to_string(),
-            ));
+            );
         }
         if s.counter.is_some() && s.threads == MAX_THREADS {
-            return Err(err(format!(
+            return Err(format!(
                 "counter: the service keeps its state in the last thread slot; use threads < {MAX_THREADS}"
-            )));
+            ));
         }
         if s.mem > isize::MAX as u64 {
-            return Err(err(format!("mem={}: larger than this host can map", s.mem)));
+            return Err(format!("mem={}: larger than this host can map", s.mem));
         }
         if s.threads as u64 > s.data_pages() {
-            return Err(err(format!(
+            return Err(format!(
                 "threads={}: every thread needs a data page of its own, mem={} has only {}",
                 s.threads,
                 FmtSize(s.mem),
                 s.data_pages()
-            )));
+            ));
         }
         Ok(s)
     }
