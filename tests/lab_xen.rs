@@ -79,17 +79,26 @@ fn castor_bench_replicates_a_pvh_domu() {
     if lab_unavailable() {
         return;
     }
+    // HAP: the PVH guest logs dirty pages through nested paging.
+    bench_replicates("--xen", "pvh", "hap");
+}
+
+/// Runs `tools/lab/xen-castor-bench KIND xenstore` in the lab booted with
+/// `profile` and checks the report: acked epochs with the writer's pages
+/// dirty, the replica's digest equal to the primary's, and the guest
+/// running on after castor. `marker` must appear in the lab's output (what
+/// makes log-dirty possible there). The guest triple-faulting inside its
+/// own suspend (the emulated x2APIC; see xen_failover_of_a_pvh_domu) is
+/// retried; any other failure fails the test.
+fn bench_replicates(profile: &str, kind: &str, marker: &str) {
     let castor = xen_castor().to_str().unwrap().to_string();
-    // The guest triple-faulting inside its own suspend (the emulated
-    // x2APIC; see xen_failover_of_a_pvh_domu) is retried; any other
-    // failure fails the test.
     let (out, res) = retrying_a_guest_crash(
         || {
             let out = tempfile::tempdir().unwrap();
             let res = lab_run_unchecked(
-                &["--xen", "--timeout", "900", "--castor", &castor],
+                &[profile, "--timeout", "900", "--castor", &castor],
                 out.path(),
-                &["sh", "tools/lab/xen-castor-bench", "pvh", "xenstore"],
+                &["sh", "tools/lab/xen-castor-bench", kind, "xenstore"],
             );
             (out, res)
         },
@@ -98,8 +107,11 @@ fn castor_bench_replicates_a_pvh_domu() {
     let stdout = String::from_utf8_lossy(&res.stdout);
     let stderr = String::from_utf8_lossy(&res.stderr);
     assert!(res.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("hap"), "no HAP in virt_caps:\n{stdout}");
-    let report = std::fs::read_to_string(out.path().join("bench-pvh-xenstore.json"))
+    assert!(
+        stdout.contains(marker),
+        "no {marker:?} in the lab's output:\n{stdout}"
+    );
+    let report = std::fs::read_to_string(out.path().join(format!("bench-{kind}-xenstore.json")))
         .unwrap_or_else(|e| panic!("no bench report ({e}):\n{stdout}"));
     let v: serde_json::Value = serde_json::from_str(&report).expect("bench JSON");
     let ctx = || format!("report:\n{report}\nstdout:\n{stdout}");
@@ -113,7 +125,7 @@ fn castor_bench_replicates_a_pvh_domu() {
     assert_eq!(v["replica_epoch"], v["acked_epoch"], "{}", ctx());
     assert_eq!(v["digest_match"], true, "{}", ctx());
     assert!(
-        stdout.contains("after castor: lab-pvh") && !stdout.contains("left paused"),
+        stdout.contains(&format!("after castor: lab-{kind}")) && !stdout.contains("left paused"),
         "the guest must run on after castor: {stdout}"
     );
 }
@@ -148,40 +160,7 @@ fn castor_bench_replicates_a_pv_domu_with_shadow_paging() {
     if lab_unavailable() || shadow_hypervisor_unavailable() {
         return;
     }
-    let castor = xen_castor().to_str().unwrap().to_string();
-    let (out, res) = retrying_a_guest_crash(
-        || {
-            let out = tempfile::tempdir().unwrap();
-            let res = lab_run_unchecked(
-                &["--xen-shadow", "--timeout", "900", "--castor", &castor],
-                out.path(),
-                &["sh", "tools/lab/xen-castor-bench", "pv", "xenstore"],
-            );
-            (out, res)
-        },
-        guest_crashed_in_suspend,
-    );
-    let stdout = String::from_utf8_lossy(&res.stdout);
-    let stderr = String::from_utf8_lossy(&res.stderr);
-    assert!(res.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(stdout.contains("hypervisor: shadow"), "{stdout}");
-    let report = std::fs::read_to_string(out.path().join("bench-pv-xenstore.json"))
-        .unwrap_or_else(|e| panic!("no bench report ({e}):\n{stdout}"));
-    let v: serde_json::Value = serde_json::from_str(&report).expect("bench JSON");
-    let ctx = || format!("report:\n{report}\nstdout:\n{stdout}");
-    assert!(v["epochs"].as_u64().unwrap() >= 2, "{}", ctx());
-    // The guest's writer rewrites 256 pages five times a second: shadow
-    // log-dirty must have reported them.
-    assert!(v["dirty_pages"].as_u64().unwrap() >= 64, "{}", ctx());
-    let (p, r) = (&v["primary_digest"], &v["replica_digest"]);
-    assert!(p.as_str().is_some_and(|s| s.len() == 64), "{}", ctx());
-    assert_eq!(p, r, "replica differs from the primary: {}", ctx());
-    assert_eq!(v["replica_epoch"], v["acked_epoch"], "{}", ctx());
-    assert_eq!(v["digest_match"], true, "{}", ctx());
-    assert!(
-        stdout.contains("after castor: lab-pv") && !stdout.contains("left paused"),
-        "the guest must run on after castor: {stdout}"
-    );
+    bench_replicates("--xen-shadow", "pv", "hypervisor: shadow");
 }
 
 /// The guest died while castor waited for it to suspend (castor names it;

@@ -919,6 +919,26 @@ fn nfqueue_latency_side_by_side() {
     }
 }
 
+/// A guest namespace whose `eth0` is a veth to port `hg` of bridge `br0`
+/// (up, no address) in a host namespace: (guest, host). None, said why,
+/// when this machine cannot make them or lacks the rule tools.
+fn bridged_guest(gtag: &str, htag: &str) -> Option<(Netns, Netns)> {
+    if !(have("iptables") && have("ip6tables") && have("nft")) {
+        eprintln!("SKIP: needs iptables, ip6tables and nft");
+        return None;
+    }
+    let g = Netns::create(gtag)?;
+    let h = Netns::create(htag)?;
+    h.ip(&["link", "add", "br0", "type", "bridge"]);
+    h.ip(&["link", "set", "br0", "up"]);
+    g.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "hg", "netns", &h.name,
+    ]);
+    h.ip(&["link", "set", "hg", "master", "br0"]);
+    h.ip(&["link", "set", "hg", "up"]);
+    Some((g, h))
+}
+
 /// A client on the host's own bridge address reaches a guest whose ARP
 /// castor holds, with no static neighbour anywhere: the guest's ARP reply
 /// to the host is released into the bridge through castor's injection
@@ -928,24 +948,10 @@ fn nfqueue_latency_side_by_side() {
 /// "No route to host".)
 #[test]
 fn a_client_on_the_bridges_own_address_resolves_the_held_guest() {
-    if !(have("iptables") && have("ip6tables") && have("nft")) {
-        eprintln!("SKIP: needs iptables, ip6tables and nft");
-        return;
-    }
-    let Some(g) = Netns::create("ocl") else {
+    let Some((g, h)) = bridged_guest("ocl", "ocm") else {
         return;
     };
-    let Some(h) = Netns::create("ocm") else {
-        return;
-    };
-    h.ip(&["link", "add", "br0", "type", "bridge"]);
     h.ip(&["addr", "add", "10.206.0.1/24", "dev", "br0"]);
-    h.ip(&["link", "set", "br0", "up"]);
-    g.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "hg", "netns", &h.name,
-    ]);
-    h.ip(&["link", "set", "hg", "master", "br0"]);
-    h.ip(&["link", "set", "hg", "up"]);
     g.ip(&["addr", "add", "10.206.0.2/24", "dev", "eth0"]);
     g.ip(&["link", "set", "eth0", "up"]);
     let listener = g.run(|| std::net::TcpListener::bind("10.206.0.2:9010").unwrap());
@@ -1045,23 +1051,9 @@ fn castor_rules(ns: &Netns) -> String {
 /// chain and went on dropping the device's traffic.
 #[test]
 fn a_killed_primarys_rules_are_removed_by_the_next_one() {
-    if !(have("iptables") && have("ip6tables") && have("nft")) {
-        eprintln!("SKIP: needs iptables, ip6tables and nft");
-        return;
-    }
-    let Some(g) = Netns::create("ocs") else {
+    let Some((_g, h)) = bridged_guest("ocs", "oct") else {
         return;
     };
-    let Some(h) = Netns::create("oct") else {
-        return;
-    };
-    h.ip(&["link", "add", "br0", "type", "bridge"]);
-    h.ip(&["link", "set", "br0", "up"]);
-    g.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "hg", "netns", &h.name,
-    ]);
-    h.ip(&["link", "set", "hg", "master", "br0"]);
-    h.ip(&["link", "set", "hg", "up"]);
     let dir = tempfile::tempdir().unwrap();
     let start = |n: u32| {
         let backup = Backup::start_cmd(
