@@ -939,6 +939,40 @@ fn bridged_guest(gtag: &str, htag: &str) -> Option<(Netns, Netns)> {
     Some((g, h))
 }
 
+/// A backup in `h` (state in `replica`) and a sim primary protecting to
+/// it with output held on port `hg` by `--nfqueue-dev` (castor installs
+/// the rules).
+fn held_sim_guest(h: &Netns, replica: &Path) -> (Backup, Result<Protect, String>) {
+    let backup = Backup::start_cmd(
+        castor_in(&h.name),
+        replica,
+        &["--quiet", "--heartbeat-timeout", "10s"],
+        KEY,
+    );
+    let protect = Protect::start(
+        &h.name,
+        &[
+            "--domain",
+            "sim:mem=16MiB,writes=20",
+            "--backup",
+            &backup.addr,
+            "--epoch",
+            "25ms",
+            "--duration",
+            "60s",
+            "--arbiter",
+            "none",
+            "--backup-timeout",
+            "10s",
+            "--nfqueue",
+            QUEUE,
+            "--nfqueue-dev",
+            "hg",
+        ],
+    );
+    (backup, protect)
+}
+
 /// A client on the host's own bridge address reaches a guest whose ARP
 /// castor holds, with no static neighbour anywhere: the guest's ARP reply
 /// to the host is released into the bridge through castor's injection
@@ -965,33 +999,8 @@ fn a_client_on_the_bridges_own_address_resolves_the_held_guest() {
     });
 
     let dir = tempfile::tempdir().unwrap();
-    let backup = Backup::start_cmd(
-        castor_in(&h.name),
-        &dir.path().join("replica"),
-        &["--quiet", "--heartbeat-timeout", "10s"],
-        KEY,
-    );
-    let protect = match Protect::start(
-        &h.name,
-        &[
-            "--domain",
-            "sim:mem=16MiB,writes=20",
-            "--backup",
-            &backup.addr,
-            "--epoch",
-            "25ms",
-            "--duration",
-            "60s",
-            "--arbiter",
-            "none",
-            "--backup-timeout",
-            "10s",
-            "--nfqueue",
-            QUEUE,
-            "--nfqueue-dev",
-            "hg",
-        ],
-    ) {
+    let (backup, protect) = held_sim_guest(&h, &dir.path().join("replica"));
+    let protect = match protect {
         Ok(p) => p,
         Err(err) if err.contains("NFQUEUE unavailable") => {
             eprintln!("SKIP: {err}");
@@ -1055,36 +1064,7 @@ fn a_killed_primarys_rules_are_removed_by_the_next_one() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let start = |n: u32| {
-        let backup = Backup::start_cmd(
-            castor_in(&h.name),
-            &dir.path().join(format!("replica{n}")),
-            &["--quiet", "--heartbeat-timeout", "10s"],
-            KEY,
-        );
-        let p = Protect::start(
-            &h.name,
-            &[
-                "--domain",
-                "sim:mem=16MiB,writes=20",
-                "--backup",
-                &backup.addr,
-                "--epoch",
-                "25ms",
-                "--duration",
-                "60s",
-                "--arbiter",
-                "none",
-                "--backup-timeout",
-                "10s",
-                "--nfqueue",
-                QUEUE,
-                "--nfqueue-dev",
-                "hg",
-            ],
-        );
-        (backup, p)
-    };
+    let start = |n: u32| held_sim_guest(&h, &dir.path().join(format!("replica{n}")));
     let (b1, first) = match start(1) {
         (b, Ok(p)) => (b, p),
         (_, Err(err)) if err.contains("NFQUEUE unavailable") => {
