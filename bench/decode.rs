@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use castor::codec::{Compressor, Encoder};
 use castor::engine::receiver::Receiver;
 use castor::transport::messages::{EpochBegin, EpochClass, EpochEnd, PagesWriter};
-use castor::transport::record::{write_record, RecordKind, RecordReader};
+use castor::transport::record::{add_checksums, write_record, RecordKind, RecordReader};
 use castor::PAGE_SIZE;
 
 #[path = "pages.rs"]
@@ -113,6 +113,8 @@ fn checkpoint(epoch: u64, gfns: &[u64], new: &[Page], old: &[Page], c: Compresso
         disk_records: 0,
     };
     write_record(&mut v, RecordKind::EpochEnd, epoch, &end.encode());
+    // Read without a session key: the Pages records need their CRC.
+    add_checksums(&mut v);
     v
 }
 

@@ -611,13 +611,11 @@ mod hostile {
             |p| {
                 let e = p.epoch + 1;
                 let mut rec = writes(e, &[w(4096, 0x66)]);
-                // Op kind byte: record header 24, payload header 6.
+                // Op kind byte: record header 24, payload header 6. The
+                // session seals the record as it is (no CRC to fix under
+                // the tag): only the payload is hostile.
                 rec[24 + 6] = 9;
-                // Fix the record's CRC so only the payload is hostile.
-                let payload = rec[24..].to_vec();
-                let mut fixed = Vec::new();
-                write_record(&mut fixed, RecordKind::DiskWrites, e, &payload);
-                epoch(p, &[fixed], 1)
+                epoch(p, &[rec], 1)
             },
             "d",
         );

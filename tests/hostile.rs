@@ -20,6 +20,16 @@ fn scenario(
     good: u64,
     bad: impl FnOnce(&mut Primary) -> Vec<u8>,
 ) -> (Option<i32>, String, Option<u64>, Option<String>, String) {
+    scenario_on_wire(good, bad, |_| {})
+}
+
+/// [`scenario`], with the `bad` bytes sealed as a primary would and then
+/// `damage`d on the way (what a faulty link or a man in the middle does).
+fn scenario_on_wire(
+    good: u64,
+    bad: impl FnOnce(&mut Primary) -> Vec<u8>,
+    damage: impl FnOnce(&mut Vec<u8>),
+) -> (Option<i32>, String, Option<u64>, Option<String>, String) {
     let dir = tempfile::tempdir().unwrap();
     let b = Backup::start(&dir.path().join("replica"));
     let bdir = b.dir.clone();
@@ -30,13 +40,16 @@ fn scenario(
         bytes.extend(p.checkpoint());
     }
     let expected = p.digest();
-    bytes.extend(bad(&mut p));
+    let mut wire = s.sealed(&bytes).unwrap();
+    let mut tail = s.sealed(&bad(&mut p)).unwrap();
+    damage(&mut tail);
+    wire.extend(tail);
     // Like a real primary, keep reading acks until the backup hangs up.
     let mut rd = s.try_clone().unwrap();
     // Bounded: a backup that never hangs up fails in b.wait() below.
     rd.set_read_timeout(Some(EXIT_PATIENCE)).unwrap();
     let drain = std::thread::spawn(move || std::io::copy(&mut rd, &mut std::io::sink()));
-    let _ = s.write_all(&bytes);
+    let _ = s.write_raw(&wire);
     let _ = s.shutdown(std::net::Shutdown::Write);
     let _ = drain.join();
     let (st, err) = b.wait();
@@ -80,14 +93,34 @@ fn clean_stream_is_committed() {
 
 #[test]
 fn corrupted_record_discards_the_epoch() {
-    let r = scenario(3, |p| {
-        let mut e = p.checkpoint();
-        let n = e.len();
-        e[n / 2] ^= 0x40;
-        e
-    });
-    assert_rejected(&r, 3, "checksum mismatch");
+    // Records carry no CRC under the session's MAC (wire version 5): the
+    // tag over header and payload is what rejects the damage.
+    let r = scenario_on_wire(
+        3,
+        |p| p.checkpoint(),
+        |e| {
+            let n = e.len();
+            e[n / 2] ^= 0x40;
+        },
+    );
+    assert_rejected(&r, 3, "from the primary failed authentication");
     assert!(r.1.contains("epoch 4 was incomplete"), "{}", r.1);
+}
+
+#[test]
+fn corrupted_header_field_discards_the_epoch() {
+    // The last record's epoch field (header bytes 8..16): covered by the
+    // tag as it was by the CRC.
+    let r = scenario_on_wire(
+        2,
+        |p| p.checkpoint(),
+        |e| {
+            let last = e.len() - (24 + 20 + 16);
+            e[last + 8] ^= 1;
+        },
+    );
+    assert_rejected(&r, 2, "from the primary failed authentication");
+    assert!(r.1.contains("epoch 3 was incomplete"), "{}", r.1);
 }
 
 #[test]

@@ -71,7 +71,7 @@ fn read_rec(s: &mut TcpStream, tagged: bool) -> Option<Rec> {
     })
 }
 
-/// A well-formed record with a valid CRC and a made-up tag: what an
+/// A well-formed record (CRC filled in) and a made-up tag: what an
 /// attacker without the key can build.
 fn forged(kind: RecordKind, epoch: u64, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();

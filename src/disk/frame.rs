@@ -5,11 +5,13 @@
 //! one send buffer cost the tx thread a pass over every byte plus a fresh
 //! allocation per epoch (page faults on each of its pages). Instead,
 //! [`frame`] writes only the record headers, payload headers and op
-//! headers (and the data of small writes) into one small buffer, computes
-//! each record's checksum over the pieces in order, and [`Framed::slices`]
-//! lists the pieces — headers from that buffer, large data straight from
-//! the logged ops — for a vectored send. The bytes on the wire are exactly
-//! those of `record::write_record(wire::encode(..))` (tested below).
+//! headers (and the data of small writes) into one small buffer and
+//! [`Framed::slices`] lists the pieces — headers from that buffer, large
+//! data straight from the logged ops — for a vectored send. The records
+//! carry no CRC (field 0, as `record::finish_record` leaves it): they only
+//! travel sealed, and the session's tag covers every byte. Apart from that
+//! field the bytes are exactly those of `record::write_record(wire::encode(..))`
+//! (tested below).
 
 use std::ops::Range;
 
@@ -61,13 +63,11 @@ impl Framed {
     fn record(&mut self, epoch: u64, disk: u16, entry: usize, first: usize, ops: &[DiskOp]) {
         let len = PAYLOAD_HEADER + ops.iter().map(DiskOp::wire_len).sum::<usize>();
         let rec = begin_record(&mut self.heads, RecordKind::DiskWrites, epoch);
-        // Header layout (transport::record): len at 16..20, crc at 20..24
-        // over bytes 0..20 and then the payload.
+        // Header layout (transport::record): len at 16..20, crc (left 0)
+        // at 20..24.
         self.heads[rec + 16..rec + 20].copy_from_slice(&(len as u32).to_le_bytes());
-        let mut crc = crc32c::crc32c(&self.heads[rec..rec + 20]);
-        // The piece being built starts at `run`; the checksum has covered
-        // the heads up to `crc_from`.
-        let (mut run, mut crc_from) = (rec, rec + HEADER_LEN);
+        // The piece being built starts at `run`.
+        let mut run = rec;
         self.heads.extend_from_slice(&disk.to_le_bytes());
         self.heads
             .extend_from_slice(&(ops.len() as u32).to_le_bytes());
@@ -77,22 +77,18 @@ impl Framed {
             debug_assert_eq!(self.heads.len() - at, OP_HEADER);
             match op {
                 DiskOp::Write { data, .. } if data.len() >= INLINE_DATA => {
-                    crc = crc32c::crc32c_append(crc, &self.heads[crc_from..]);
                     self.pieces.push(Piece::Heads(run..self.heads.len()));
-                    crc = crc32c::crc32c_append(crc, data);
                     self.pieces.push(Piece::Data {
                         entry,
                         op: first + i,
                     });
-                    (run, crc_from) = (self.heads.len(), self.heads.len());
+                    run = self.heads.len();
                 }
                 DiskOp::Write { data, .. } => self.heads.extend_from_slice(data),
                 _ => {}
             }
         }
-        crc = crc32c::crc32c_append(crc, &self.heads[crc_from..]);
         self.pieces.push(Piece::Heads(run..self.heads.len()));
-        self.heads[rec + 20..rec + 24].copy_from_slice(&crc.to_le_bytes());
         self.records += 1;
         self.wire_bytes += (HEADER_LEN + len) as u64;
     }
@@ -114,7 +110,7 @@ impl Framed {
 mod tests {
     use super::*;
     use crate::disk::log::EpochOps;
-    use crate::transport::record::{write_record, RecordReader};
+    use crate::transport::record::{add_checksums, write_record, RecordReader};
 
     fn ops(sizes: &[usize]) -> Vec<DiskOp> {
         let mut at = 0u64;
@@ -169,12 +165,21 @@ mod tests {
                 n += 1;
             }
         }
-        let got: Vec<u8> = f.slices(&disks).flatten().copied().collect();
+        let mut got: Vec<u8> = f.slices(&disks).flatten().copied().collect();
         assert_eq!(f.records, n);
         assert!(n >= 3, "several records ({n})");
         assert_eq!(f.wire_bytes, want.len() as u64);
+        // No CRC is computed: every record's field is 0, and with it
+        // filled in the bytes are those of the copied records.
+        let mut at = 0;
+        while at < got.len() {
+            assert_eq!(&got[at + 20..at + 24], &[0; 4], "a CRC at {at}");
+            at +=
+                HEADER_LEN + u32::from_le_bytes(got[at + 16..at + 20].try_into().unwrap()) as usize;
+        }
+        add_checksums(&mut got);
         assert!(got == want, "framed bytes differ from the copied records");
-        // And a reader accepts them (checksums right).
+        // And a reader accepts them.
         let mut r = RecordReader::new(&got[..]);
         for _ in 0..n {
             let rec = r.next().unwrap();

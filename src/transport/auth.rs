@@ -7,10 +7,15 @@
 //! header (24) ‖ payload (len) ‖ tag (16)
 //! mac:     tag = BLAKE3-keyed(K_dir, seq u64 LE ‖ header ‖ payload)[0..16]
 //! encrypt: payload' , tag = AES-256-GCM(K_dir, nonce = seq u64 LE ‖ 0u32,
-//!                                       aad = header with crc = 0, payload)
+//!                                       aad = header, payload)
 //! K_p→b, K_b→p = HKDF-SHA256(salt = nonce_p ‖ nonce_b, ikm = PSK,
-//!                            info = "castor-v4 record key " ‖ dir ‖ mode)
+//!                            info = "castor-v5 record key " ‖ dir ‖ mode)
 //! ```
+//!
+//! In both modes the header's CRC field is 0 on the wire: the sealer
+//! zeroes it before the tag is computed, so the tag covers every byte a
+//! CRC covered (header fields and payload) and the CRC itself is neither
+//! computed (the data path's builders leave it 0) nor checked.
 //!
 //! `seq` is implicit: each direction counts its records from 0 after
 //! AuthOk and never sends the count. A record forged, altered, replayed,
@@ -107,7 +112,7 @@ impl SessionKeys {
         let hk = Hkdf::<Sha256>::new(Some(&salt), psk);
         let key = |dir: &[u8]| {
             let mut k = [0u8; KEY_LEN];
-            let info = [b"castor-v4 record key ", dir, &[protection as u8]].concat();
+            let info = [b"castor-v5 record key ", dir, &[protection as u8]].concat();
             hk.expand(&info, &mut k)
                 .expect("32 bytes is a valid HKDF-SHA256 output length");
             k
@@ -133,6 +138,7 @@ impl SessionKeys {
             Sealer {
                 dir: Direction::new(out, self.protection, me),
                 scratch: Vec::new(),
+                heads: Vec::new(),
                 tags: Vec::new(),
             },
             Opener {
@@ -186,15 +192,18 @@ fn tags_equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
-/// One piece of sealed output: bytes of the caller's buffers or a tag.
+/// One piece of sealed output: bytes of the caller's buffers, a header
+/// (its CRC field zeroed) or a tag.
 enum Piece<'a> {
     Input(&'a [u8]),
+    Head(usize),
     Tag(usize),
 }
 
 /// The buffers a [`Sealer`]'s output lives in ([`Sealer::take_output`]).
 pub struct SealOutput {
     scratch: Vec<u8>,
+    heads: Vec<[u8; HEADER_LEN]>,
     tags: Vec<[u8; TAG_LEN]>,
 }
 
@@ -203,6 +212,8 @@ pub struct Sealer {
     dir: Direction,
     /// Encrypt: the whole sealed output of the last call.
     scratch: Vec<u8>,
+    /// Mac: the headers (CRC field zeroed) of the last call.
+    heads: Vec<[u8; HEADER_LEN]>,
     /// Mac: the tags of the last call.
     tags: Vec<[u8; TAG_LEN]>,
 }
@@ -221,6 +232,7 @@ impl Sealer {
     /// read them after a failed send ([`crate::transport::RecordSink::kernel_kept_buffers`]).
     pub fn leak_buffers(&mut self) {
         std::mem::forget(std::mem::take(&mut self.scratch));
+        std::mem::forget(std::mem::take(&mut self.heads));
         std::mem::forget(std::mem::take(&mut self.tags));
     }
 
@@ -232,6 +244,7 @@ impl Sealer {
     pub fn take_output(&mut self) -> SealOutput {
         SealOutput {
             scratch: std::mem::take(&mut self.scratch),
+            heads: std::mem::take(&mut self.heads),
             tags: std::mem::take(&mut self.tags),
         }
     }
@@ -241,6 +254,9 @@ impl Sealer {
     pub fn reuse_output(&mut self, out: SealOutput) {
         if out.scratch.capacity() > self.scratch.capacity() {
             self.scratch = out.scratch;
+        }
+        if out.heads.capacity() > self.heads.capacity() {
+            self.heads = out.heads;
         }
         if out.tags.capacity() > self.tags.capacity() {
             self.tags = out.tags;
@@ -253,12 +269,15 @@ impl Sealer {
     }
 
     /// Seals the whole records laid end to end in `bufs` (a record may
-    /// span buffers) and returns the bytes to send, in order. With a MAC
-    /// the payloads are not copied: the result interleaves slices of `bufs`
-    /// with the tags. Encryption writes the ciphertext to an internal
-    /// buffer reused from call to call.
+    /// span buffers) and returns the bytes to send, in order. Each
+    /// record's CRC field goes out as 0 whatever the caller wrote there
+    /// (the tag replaces it). With a MAC the payloads are not copied: the
+    /// result interleaves the headers (copied, 24 bytes each) and slices
+    /// of `bufs` with the tags. Encryption writes the ciphertext to an
+    /// internal buffer reused from call to call.
     pub fn seal<'a>(&'a mut self, bufs: &'a [&'a [u8]]) -> Result<Vec<&'a [u8]>, AuthError> {
         self.scratch.clear();
+        self.heads.clear();
         self.tags.clear();
         let mut c = Chunker::new(bufs);
         let mut plan = Vec::new();
@@ -268,13 +287,14 @@ impl Sealer {
             }
             let mut hdr = [0u8; HEADER_LEN];
             let mut at = 0;
-            // Header pieces go out as they are (a MAC), or are ignored
-            // (encrypt: everything is rewritten into `scratch`).
+            // The header is rewritten (CRC field zeroed) into `heads` (a
+            // MAC) or `scratch` (encrypt).
             c.take(HEADER_LEN, |p| {
                 hdr[at..at + p.len()].copy_from_slice(p);
                 at += p.len();
-                plan.push(Piece::Input(p));
             });
+            // Version 5: the tag replaces the CRC in both modes.
+            hdr[20..24].fill(0);
             let len = u32::from_le_bytes(hdr[16..20].try_into().unwrap()) as usize;
             if u32::from_le_bytes(hdr[0..4].try_into().unwrap()) != MAGIC || len > MAX_PAYLOAD {
                 return Err(self.unsealable(format!("bad header {hdr:02x?}")));
@@ -301,6 +321,7 @@ impl Sealer {
             .into_iter()
             .map(|p| match p {
                 Piece::Input(s) => s,
+                Piece::Head(i) => &this.heads[i][..],
                 Piece::Tag(i) => &this.tags[i][..],
             })
             .collect())
@@ -313,7 +334,7 @@ impl Sealer {
         }
     }
 
-    /// The header was taken from `c` (and planned) already.
+    /// The header (CRC field zeroed) was taken from `c` already.
     fn mac_one<'a>(
         &mut self,
         hdr: &[u8; HEADER_LEN],
@@ -321,6 +342,8 @@ impl Sealer {
         c: &mut Chunker<'a>,
         plan: &mut Vec<Piece<'a>>,
     ) {
+        self.heads.push(*hdr);
+        plan.push(Piece::Head(self.heads.len() - 1));
         let mut h = self.dir.mac();
         h.update(hdr);
         c.take(len, |p| {
@@ -331,16 +354,15 @@ impl Sealer {
         plan.push(Piece::Tag(self.tags.len() - 1));
     }
 
+    /// The header (CRC field zeroed: a CRC of the plaintext would leak
+    /// 32 bits of it) was taken from `c` already.
     fn encrypt_one(
         &mut self,
         aead: &Aes256Gcm,
-        mut hdr: [u8; HEADER_LEN],
+        hdr: [u8; HEADER_LEN],
         len: usize,
         c: &mut Chunker<'_>,
     ) {
-        // The CRC of the plaintext would leak 32 bits of it per record;
-        // the AEAD tag replaces it.
-        hdr[20..24].fill(0);
         self.scratch.extend_from_slice(&hdr);
         let at = self.scratch.len();
         self.scratch.resize(at + len, 0);

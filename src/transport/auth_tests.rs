@@ -202,3 +202,87 @@ fn the_reader_reports_damage_anywhere_as_an_authentication_failure() {
         Err(RecordError::Auth(_)) | Err(RecordError::Truncated { .. })
     ));
 }
+
+/// A Pages record as the data path builds it: no CRC (field 0).
+fn data_rec(epoch: u64, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    let at = crate::transport::record::begin_record(&mut v, RecordKind::Pages, epoch);
+    v.extend_from_slice(payload);
+    crate::transport::record::finish_record(&mut v, at);
+    v
+}
+
+#[test]
+fn the_crc_field_goes_out_zero_whichever_builder_made_the_record() {
+    for p in both() {
+        let k = keys(p);
+        let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        let checked = rec(RecordKind::Pages, 5, &payload);
+        assert_ne!(&checked[20..24], &[0; 4], "write_record fills the CRC");
+        let bare = data_rec(5, &payload);
+        assert_eq!(&bare[20..24], &[0; 4], "the data path computes no CRC");
+        let (mut a, _) = k.split(Role::Primary);
+        let (mut b, _) = k.split(Role::Primary);
+        let x = a.seal(&[&checked[..]]).unwrap().concat();
+        let y = b.seal(&[&bare[..]]).unwrap().concat();
+        assert_eq!(&x[20..24], &[0; 4], "{p:?}: CRC on the wire");
+        assert_eq!(x, y, "{p:?}: the two builders' records differ sealed");
+    }
+}
+
+#[test]
+fn sealed_data_records_are_rejected_whole_when_cut_or_flipped() {
+    for p in both() {
+        let k = keys(p);
+        let payload: Vec<u8> = (0..700u32).map(|i| (i * 13) as u8).collect();
+        let (mut s, _) = k.split(Role::Primary);
+        let sealed = s.seal(&[&data_rec(3, &payload)[..]]).unwrap().concat();
+        let reader = |bytes: &[u8]| {
+            let (_, o) = k.split(Role::Backup);
+            let mut r = RecordReader::new(bytes);
+            r.authenticate(o);
+            r.next().map(|rec| rec.payload.to_vec())
+        };
+        assert_eq!(reader(&sealed).unwrap(), payload, "{p:?}");
+        // Every bit, header fields and the zero CRC field included.
+        for bit in 0..sealed.len() * 8 {
+            let mut c = sealed.clone();
+            c[bit / 8] ^= 1 << (bit % 8);
+            let e = reader(&c).unwrap_err();
+            assert!(
+                matches!(e, RecordError::Auth(AuthError::Forged { seq: 0, .. }))
+                    // A flip that grows `len` asks for bytes never sent.
+                    || matches!(e, RecordError::Truncated { .. }),
+                "{p:?}: flip of bit {bit}: {e}"
+            );
+        }
+        for cut in 1..sealed.len() {
+            let e = reader(&sealed[..cut]).unwrap_err();
+            assert!(
+                matches!(e, RecordError::Truncated { .. }),
+                "{p:?}: cut at {cut}: {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_authentic_record_carrying_a_crc_is_refused_as_a_framing_bug() {
+    // What a version-4 sealer sent: a CRC under a valid MAC. The tag
+    // verifies (so this is no forgery) but the field must be 0.
+    let k = keys(Protection::Mac);
+    let (s, _) = k.split(Role::Primary);
+    let mut r = rec(RecordKind::State, 2, b"state");
+    let mut h = s.dir.mac();
+    h.update(&r);
+    r.extend_from_slice(&tag_of(&h));
+    let (_, o) = k.split(Role::Backup);
+    let mut rd = RecordReader::new(&r[..]);
+    rd.authenticate(o);
+    let e = rd.next().unwrap_err();
+    assert!(
+        matches!(e, RecordError::SealedCrc { kind: RecordKind::State, epoch: 2, crc } if crc != 0),
+        "{e}"
+    );
+    assert!(e.to_string().contains("must be 0"), "{e}");
+}

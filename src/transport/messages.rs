@@ -300,6 +300,12 @@ mod tests {
         }
         w.close(&mut out);
         assert!(w.records >= 3);
+        // Built for a sealed session: no CRC until a keyless reader needs one.
+        assert!(matches!(
+            RecordReader::new(&out[..]).next(),
+            Err(crate::transport::record::RecordError::Checksum { got, .. }) if got != 0
+        ));
+        crate::transport::record::add_checksums(&mut out);
         let mut r = RecordReader::new(&out[..]);
         let mut got = Vec::new();
         for _ in 0..w.records {

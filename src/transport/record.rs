@@ -11,22 +11,34 @@
 //!   7    1 flags    must be 0
 //!   8    8 epoch    epoch the record belongs to (0 where it has none)
 //!  16    4 len      payload length, <= MAX_PAYLOAD
-//!  20    4 crc      CRC-32C of header bytes 0..20 followed by the payload
+//!  20    4 crc      CRC-32C of header bytes 0..20 followed by the payload;
+//!                    0 after the handshake
 //! ```
 //!
 //! After the handshake a record also carries a 16-byte tag after its
 //! payload ([`crate::transport::auth`]): a reader given an [`Opener`]
-//! ([`RecordReader::authenticate`]) checks it instead of the CRC.
+//! ([`RecordReader::authenticate`]) checks it instead of the CRC, and
+//! requires the CRC field to be 0 (the tag covers the header and payload,
+//! every byte the CRC covered; the sealer zeroes the field).
+//!
+//! Two builders: [`write_record`] / [`send_record`] fill in the CRC (a
+//! record any reader accepts: the handshake's, and small control records);
+//! [`begin_record`] / [`finish_record`], the data path's (Pages, and
+//! `disk::frame`'s DiskWrites), leave it 0 and so cost no pass over the
+//! payload: such records are only valid sealed, in an authenticated
+//! session, which every session after the handshake is. A stream of them
+//! read without a key (tests, fuzz seeds, benchmarks) gets its checksums
+//! from [`add_checksums`].
 //!
 //! Invariant: [`RecordReader`] hands out a record only after magic, version,
 //! kind, flags, length bound and checksum (or, authenticated, its tag under
-//! the session key and the record's sequence number) have all been
-//! verified; the payload is still untrusted in content and its parser must
+//! the session key and the record's sequence number, and a zero CRC field)
+//! have all been verified; the payload is still untrusted in content and its parser must
 //! bounds-check it.
 
 use std::io::{self, Read, Write};
 
-use crate::transport::auth::{AuthError, Opener, Protection, TAG_LEN};
+use crate::transport::auth::{AuthError, Opener, TAG_LEN};
 
 pub use crate::transport::wire::{
     Cursor, PayloadError, HEADER_LEN, MAGIC, MAX_PAYLOAD, WIRE_VERSION,
@@ -122,6 +134,12 @@ pub enum RecordError {
         want: u32,
         got: u32,
     },
+    #[error("authenticated {kind:?} record of epoch {epoch} has CRC field 0x{crc:08x}, must be 0 (the peer's framing is broken)")]
+    SealedCrc {
+        kind: RecordKind,
+        epoch: u64,
+        crc: u32,
+    },
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error("receive ring: {0}")]
@@ -149,11 +167,12 @@ fn header_bytes(kind: RecordKind, epoch: u64, len: u32) -> [u8; HEADER_LEN] {
     h
 }
 
-/// Appends a complete record to `out`.
+/// Appends a complete, checksummed record to `out`.
 pub fn write_record(out: &mut Vec<u8>, kind: RecordKind, epoch: u64, payload: &[u8]) {
     let start = begin_record(out, kind, epoch);
     out.extend_from_slice(payload);
     finish_record(out, start);
+    set_checksum(&mut out[start..]);
 }
 
 /// Sends one complete record on `w` with a single `write_all`, so writers
@@ -178,15 +197,42 @@ pub fn begin_record(out: &mut Vec<u8>, kind: RecordKind, epoch: u64) -> usize {
     start
 }
 
-/// Fills in length and checksum of the record begun at `start`, whose
-/// payload is everything appended since.
+/// Fills in the length of the record begun at `start`, whose payload is
+/// everything appended since. The CRC field stays 0: the record is for an
+/// authenticated session (see the module documentation).
 pub fn finish_record(out: &mut [u8], start: usize) {
     let len = out.len() - start - HEADER_LEN;
     assert!(len <= MAX_PAYLOAD, "record payload {len} over MAX_PAYLOAD");
     out[start + 16..start + 20].copy_from_slice(&(len as u32).to_le_bytes());
-    let crc = crc32c::crc32c(&out[start..start + 20]);
-    let crc = crc32c::crc32c_append(crc, &out[start + HEADER_LEN..]);
-    out[start + 20..start + 24].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The CRC-32C of a record (`rec` = header + payload): over header bytes
+/// 0..20, then the payload.
+fn checksum(rec: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&rec[..20]), &rec[HEADER_LEN..])
+}
+
+/// Writes the CRC of the whole record `rec` (header + payload) into its
+/// header.
+fn set_checksum(rec: &mut [u8]) {
+    let crc = checksum(rec);
+    rec[20..24].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Fills in the CRC of every record laid end to end in `buf` (built by
+/// [`finish_record`], which leaves it 0), so a reader without a session
+/// key accepts them: for tests, fuzz seeds and benchmarks. Panics on
+/// bytes that are not whole records (a caller's bug, never wire input).
+pub fn add_checksums(buf: &mut [u8]) {
+    let mut at = 0;
+    while at < buf.len() {
+        let h: &[u8; HEADER_LEN] = buf[at..at + HEADER_LEN]
+            .try_into()
+            .expect("a whole record header");
+        let len = parse_header(h).expect("a well-formed record").len;
+        set_checksum(&mut buf[at..at + HEADER_LEN + len]);
+        at += HEADER_LEN + len;
+    }
 }
 
 /// A verified header: everything but the payload's checksum.
@@ -243,10 +289,10 @@ pub fn parse_header_of(h: &[u8; HEADER_LEN], open: Option<&Opener>) -> Result<He
 }
 
 /// Verifies a whole record `rec` ([`wire_len`] bytes: header, payload and,
-/// authenticated, tag) whose header `h` was parsed: its tag with `open`
-/// (decrypting the payload in place if the session encrypts) and its CRC
-/// (except encrypted, where the sender zeroes it: the AEAD tag replaces
-/// it). Returns the record.
+/// authenticated, tag) whose header `h` was parsed. Authenticated: its tag
+/// with `open` (decrypting the payload in place if the session encrypts),
+/// which covers the header and payload, and a CRC field of 0 (no CRC is
+/// computed: the tag replaces it). Otherwise its CRC. Returns the record.
 pub fn check<'a>(
     h: &Header,
     rec: &'a mut [u8],
@@ -256,15 +302,18 @@ pub fn check<'a>(
         Some(o) => {
             debug_assert_eq!(rec.len(), HEADER_LEN + h.len + TAG_LEN);
             o.open(rec)?;
-            let rec = &rec[..HEADER_LEN + h.len];
-            if o.protection() == Protection::Mac {
-                // The sender's own framing, checked as without a MAC.
-                return verify(h, rec);
+            if h.crc != 0 {
+                // Authentic, so the peer's own bug: say so, not "forged".
+                return Err(RecordError::SealedCrc {
+                    kind: h.kind,
+                    epoch: h.epoch,
+                    crc: h.crc,
+                });
             }
             Ok(Record {
                 kind: h.kind,
                 epoch: h.epoch,
-                payload: &rec[HEADER_LEN..],
+                payload: &rec[HEADER_LEN..HEADER_LEN + h.len],
             })
         }
         None => verify(h, rec),
@@ -276,7 +325,7 @@ pub fn check<'a>(
 pub fn verify<'a>(h: &Header, rec: &'a [u8]) -> Result<Record<'a>, RecordError> {
     debug_assert_eq!(rec.len(), HEADER_LEN + h.len);
     let payload = &rec[HEADER_LEN..];
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&rec[..20]), payload);
+    let crc = checksum(rec);
     if crc != h.crc {
         return Err(RecordError::Checksum {
             kind: h.kind,

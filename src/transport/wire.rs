@@ -7,8 +7,10 @@
 //! them without depending on the record reader (whose error type carries
 //! slot errors).
 
-/// Wire format version. Bumped on any incompatible change of a header or payload layout.
-pub const WIRE_VERSION: u16 = 4;
+/// Wire format version. Bumped on any incompatible change of a header or
+/// payload layout, or of a field's meaning (5: the header's CRC field is 0
+/// in an authenticated session, where version 4 sent a CRC under the MAC).
+pub const WIRE_VERSION: u16 = 5;
 pub const MAGIC: u32 = u32::from_le_bytes(*b"CSTR");
 pub const HEADER_LEN: usize = 24;
 /// Largest payload a reader accepts. Pages records are kept far below it.

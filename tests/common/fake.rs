@@ -120,6 +120,14 @@ impl Session {
     /// Seals the whole records at the front of `bytes` and sends them,
     /// then any torn rest unsealed.
     pub fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let sealed = self.sealed(bytes)?;
+        (&self.stream).write_all(&sealed)
+    }
+
+    /// What [`Session::write_all`] would send for `bytes` (advancing the
+    /// record count as if it had): to damage on the wire, then send with
+    /// [`Session::write_raw`].
+    pub fn sealed(&mut self, bytes: &[u8]) -> std::io::Result<Vec<u8>> {
         let mut whole = 0;
         while bytes.len() - whole >= 24 {
             let len = u32::from_le_bytes(bytes[whole + 16..whole + 20].try_into().unwrap());
@@ -128,13 +136,18 @@ impl Session {
             }
             whole += 24 + len as usize;
         }
-        let sealed = self
+        let mut sealed = self
             .sealer
             .seal(&[&bytes[..whole]])
             .map_err(std::io::Error::other)?
             .concat();
-        self.stream.write_all(&sealed)?;
-        self.stream.write_all(&bytes[whole..])
+        sealed.extend_from_slice(&bytes[whole..]);
+        Ok(sealed)
+    }
+
+    /// Sends `bytes` as they are (already sealed, or not meant to be).
+    pub fn write_raw(&self, bytes: &[u8]) -> std::io::Result<()> {
+        (&self.stream).write_all(bytes)
     }
 
     /// A reader of the backup's records (acks, errors), opening them with
