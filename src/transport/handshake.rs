@@ -32,7 +32,9 @@ use sha2::Sha256;
 
 use crate::transport::auth::{Protection, SessionKeys};
 use crate::transport::messages::{Hello, MAC_LEN, NONCE_LEN};
-use crate::transport::record::{send_record, PayloadError, RecordError, RecordKind, RecordReader};
+use crate::transport::record::{
+    send_record, PayloadError, RecordError, RecordKind, RecordReader, WIRE_VERSION,
+};
 
 /// Built-in key used when none is configured: lets one-host demos run with
 /// no setup, and is announced with a warning because anyone can use it.
@@ -264,7 +266,19 @@ pub fn server<R: io::Read, W: Write>(
     psk: &Psk,
     accept: impl FnOnce(&Hello) -> Result<(), String>,
 ) -> Result<(Hello, SessionKeys), HandshakeError> {
-    let hp = expect(r, RecordKind::Hello)?.to_vec();
+    let hp = match expect(r, RecordKind::Hello) {
+        Ok(p) => p.to_vec(),
+        Err(HandshakeError::Record(RecordError::Version { got })) => {
+            // Our Error record carries our version: an older or newer
+            // primary's reader then names both versions too.
+            send_error(
+                w,
+                &format!("wire version {got} refused: this backup speaks {WIRE_VERSION}; run the same castor release on both hosts"),
+            );
+            return Err(RecordError::Version { got }.into());
+        }
+        Err(e) => return Err(e),
+    };
     let hello = match Hello::decode(&hp) {
         Ok(h) => h,
         Err(e) => {
@@ -336,6 +350,44 @@ mod tests {
 
     fn run(pk: &[u8], bk: &[u8]) -> Sides {
         run_with(&Psk::from_bytes(pk), &Psk::from_bytes(bk))
+    }
+
+    /// A primary of another wire version gets an Error record naming both
+    /// versions (its own reader refuses ours, which names them as well).
+    #[test]
+    fn a_hello_of_another_wire_version_is_answered_with_a_reason() {
+        use crate::transport::record::write_record;
+        let hello = Hello {
+            page_size: 4096,
+            pages: 16,
+            nonce: [3; NONCE_LEN],
+            protection: Protection::Mac,
+            desc: "sim:".into(),
+        };
+        let mut old = Vec::new();
+        write_record(&mut old, RecordKind::Hello, 0, &hello.encode());
+        old[4..6].copy_from_slice(&(WIRE_VERSION - 1).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&old[..20]), &old[24..]);
+        old[20..24].copy_from_slice(&crc.to_le_bytes());
+        let mut r = RecordReader::new(&old[..]);
+        let mut answer = Vec::new();
+        let psk = Psk::from_bytes(b"0123456789abcdef");
+        let e = server(&mut r, &mut answer, &psk, |_| Ok(())).unwrap_err();
+        assert!(
+            matches!(e, HandshakeError::Record(RecordError::Version { got }) if got == WIRE_VERSION - 1),
+            "{e}"
+        );
+        let rec = RecordReader::new(&answer[..])
+            .next()
+            .map(|r| (r.kind, r.payload.to_vec()));
+        let (kind, reason) = rec.unwrap();
+        assert_eq!(kind, RecordKind::Error);
+        let reason = String::from_utf8(reason).unwrap();
+        assert!(
+            reason.contains(&format!("wire version {} refused", WIRE_VERSION - 1))
+                && reason.contains(&format!("speaks {WIRE_VERSION}")),
+            "{reason}"
+        );
     }
 
     #[test]
