@@ -26,6 +26,7 @@ mod rng;
 mod runner;
 pub mod spec;
 mod workload;
+mod zerofill;
 
 use std::sync::Arc;
 
