@@ -227,6 +227,27 @@ fn phase_cycle(spec: &DomainSpec) -> Option<Duration> {
     }
 }
 
+/// The run length to use for `spec`: `d` itself, or, for a phased sim
+/// workload whose cycle (3 × `phase`) does not divide `d`, `d` rounded up
+/// to whole cycles, with a note saying so. A protected window that covers
+/// part of a cycle over- or under-weights a phase, which biases
+/// `guest_speed_ratio` against the whole-cycle baseline.
+pub fn whole_cycles(spec: &DomainSpec, d: Duration) -> (Duration, Option<String>) {
+    let Some(c) = phase_cycle(spec) else {
+        return (d, None);
+    };
+    let n = d.as_nanos().div_ceil(c.as_nanos()).max(1);
+    let rounded = c * u32::try_from(n).unwrap_or(u32::MAX);
+    if rounded == d {
+        return (d, None);
+    }
+    let note = format!(
+        "--duration {d:?} rounded up to {rounded:?}: whole phase cycles (3 x phase = {c:?}), \
+         so every phase weighs the same in the protected run as in the baseline"
+    );
+    (rounded, Some(note))
+}
+
 /// How long the unprotected baseline runs: a third of the protected run,
 /// 1-3 s. A phased guest's rate depends on which phases a window covers,
 /// so its baseline is rounded to whole cycles (at least one): a 2 s window
@@ -290,6 +311,20 @@ fn memcpy_baseline(domain: &dyn Domain, lists: &[Vec<u64>]) -> Option<Pct> {
 #[cfg(test)]
 mod window_tests {
     use super::*;
+
+    #[test]
+    fn a_phased_run_is_rounded_up_to_whole_cycles() {
+        let phased = DomainSpec::parse("sim:mem=64MiB,out=10,phase=1s").unwrap();
+        let plain = DomainSpec::parse("sim:mem=64MiB").unwrap();
+        let s = Duration::from_secs;
+        assert_eq!(whole_cycles(&plain, s(5)), (s(5), None));
+        assert_eq!(whole_cycles(&phased, s(6)), (s(6), None));
+        let (d, note) = whole_cycles(&phased, s(5));
+        assert_eq!(d, s(6));
+        assert!(note.unwrap().contains("rounded up to 6s"));
+        assert_eq!(whole_cycles(&phased, Duration::from_millis(500)).0, s(3));
+        assert_eq!(whole_cycles(&phased, s(7)).0, s(9));
+    }
 
     #[test]
     fn a_phased_baseline_covers_whole_cycles() {

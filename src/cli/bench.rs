@@ -80,7 +80,11 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     let _ops = ops::start(&a.metrics, castor::ops::telemetry::Role::Bench, "bench")?;
     castor::ops::telemetry::with(|t| t.set_domain(&spec.to_string()));
     let mut cfg = a.engine.config();
-    cfg.duration = Some(a.duration);
+    let (duration, note) = loopback::whole_cycles(&spec, a.duration);
+    if let Some(note) = note {
+        eprintln!("castor bench: {note}");
+    }
+    cfg.duration = Some(duration);
     cfg.progress = a.progress;
     cfg.keep_records = a.per_epoch || a.hlog.is_some();
     cfg.keep_dirty_lists = 20;

@@ -101,11 +101,15 @@ pub fn run(a: TuneArgs) -> Result<ExitCode, String> {
         base.workers = w as usize;
     }
     castor::engine::install_stop_handler();
+    let (duration, note) = castor::bench::loopback::whole_cycles(&domain, a.duration);
+    if let Some(note) = note {
+        eprintln!("castor tune: {note}");
+    }
     let opts = TuneOpts {
         domain,
         configs,
         rounds: a.rounds,
-        duration: a.duration,
+        duration,
         out: a.out.clone(),
         base,
         ip: super::bench::bench_ip(None)?,
