@@ -13,12 +13,16 @@
 //! Installed rules are removed when [`Installed`] is dropped. If castor is
 //! killed they stay, and with no listener on the queue the kernel drops
 //! what they match: output stays held (lost, never leaked). Every rule
-//! castor installs carries its owner (`castor:pid=PID:dev=DEV`, an iptables
-//! comment and an nft table comment), so the next castor installing rules
-//! for DEV removes those of a dead owner first ([`install`] says so) and
-//! refuses DEV while a live castor holds it. Without that sweep a rule of
-//! a killed castor stayed in front of the chain: after the next castor's
-//! clean stop it went on dropping the device's traffic.
+//! castor installs carries its owner (`castor:pid=PID:ns=PIDNS:start=TICKS:dev=DEV`,
+//! an iptables comment and an nft table comment), so the next castor
+//! installing rules for DEV removes those of a dead owner first
+//! ([`install`] says so) and refuses DEV while a live castor holds it.
+//! Without that sweep a rule of a killed castor stayed in front of the
+//! chain: after the next castor's clean stop it went on dropping the
+//! device's traffic. The owner is the process (pid and start time) in its
+//! PID namespace: a reused pid is not the owner, and an owner in another
+//! PID namespace cannot be checked from here, so its rules are kept and
+//! the device refused, with how to remove them if that castor is gone.
 
 use std::process::Command;
 
@@ -49,30 +53,100 @@ pub enum RuleError {
     },
     #[error("no network device named {0:?}")]
     NoDevice(String),
-    #[error("{dev}'s output is already held by castor pid {pid} (its rules are installed); stop that castor first")]
-    Held { dev: String, pid: u32 },
+    #[error("{dev}'s output is already held by castor pid {pid}{whose} (its rules are installed); stop that castor first")]
+    Held {
+        dev: String,
+        pid: u32,
+        whose: String,
+    },
+}
+
+/// Who installed a rule: a castor process, named so that another castor
+/// can tell whether it still runs. `ns` is the inode of its PID namespace
+/// and `start` its start time (clock ticks after boot, `/proc/PID/stat`
+/// field 22): a pid means nothing in another PID namespace, and a dead
+/// owner's pid may since belong to another process, even another castor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Owner {
+    pid: u32,
+    ns: u64,
+    start: u64,
+}
+
+impl Owner {
+    /// This process.
+    fn me() -> Owner {
+        Owner::of(std::process::id())
+    }
+
+    /// Process `pid` as this process sees it now (0 for what it cannot read).
+    fn of(pid: u32) -> Owner {
+        Owner {
+            pid,
+            ns: pid_namespace(pid).unwrap_or(0),
+            start: start_time(pid).unwrap_or(0),
+        }
+    }
+
+    /// Whether it is still running, as far as this process can tell; None
+    /// when it cannot (the owner lives in another PID namespace).
+    fn running(&self) -> Option<bool> {
+        let mine = pid_namespace(std::process::id())?;
+        if self.ns != mine {
+            return None;
+        }
+        Some(start_time(self.pid) == Some(self.start))
+    }
+}
+
+/// The inode of `pid`'s PID namespace (as seen from this process).
+fn pid_namespace(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/ns/pid"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// `pid`'s start time, clock ticks after boot (`/proc/PID/stat` field 22).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count
+    // fields after its closing parenthesis (field 3 is the first there).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// The owner comment castor puts on the rules it installs.
-fn owner_tag(pid: u32, dev: &str) -> String {
-    format!("castor:pid={pid}:dev={dev}")
+fn owner_tag(o: Owner, dev: &str) -> String {
+    format!(
+        "castor:pid={}:ns={}:start={}:dev={dev}",
+        o.pid, o.ns, o.start
+    )
 }
 
-/// The owner (pid, device) of a rule or table text carrying [`owner_tag`].
-fn owner_of(text: &str) -> Option<(u32, &str)> {
+/// The owner and device of a rule or table text carrying [`owner_tag`].
+fn owner_of(text: &str) -> Option<(Owner, &str)> {
     let rest = &text[text.find("castor:pid=")? + "castor:pid=".len()..];
-    let (pid, rest) = rest.split_once(":dev=")?;
+    let (ids, rest) = rest.split_once(":dev=")?;
+    let mut ids = ids.split(':');
+    let pid = ids.next()?.parse().ok()?;
+    let ns = ids.next()?.strip_prefix("ns=")?.parse().ok()?;
+    let start = ids.next()?.strip_prefix("start=")?.parse().ok()?;
+    if ids.next().is_some() {
+        return None;
+    }
     let dev = rest
         .split(|c: char| c.is_whitespace() || c == '"')
         .next()
         .filter(|d| !d.is_empty())?;
-    Some((pid.parse().ok()?, dev))
+    Some((Owner { pid, ns, start }, dev))
 }
 
-/// Whether `pid` is a running castor (a dead owner's pid may since have
-/// been given to another program: that does not keep its rules).
-fn castor_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "castor")
+/// Whether rules of `owner` must be kept: it is another castor that still
+/// runs, or one this process cannot see (another PID namespace; kept, and
+/// refused, rather than taking a live copy's output hold away).
+fn held_by(owner: Owner, me: Owner) -> bool {
+    owner != me && owner.running() != Some(false)
 }
 
 /// The arguments that delete the rule an `iptables-save` line `-A ...`
@@ -91,43 +165,56 @@ fn delete_args(line: &str) -> Option<Vec<String>> {
 /// left for `dev`; returns what it removed. A running castor's are kept
 /// and refused with [`RuleError::Held`].
 fn sweep(dev: &str, arp_table: &str) -> Result<Vec<String>, RuleError> {
-    let me = std::process::id();
+    let me = Owner::me();
     let mut removed = Vec::new();
     for (tool, save) in [
         ("iptables", "iptables-save"),
         ("ip6tables", "ip6tables-save"),
     ] {
         for line in run(save, &["-t", "mangle"], None)?.lines() {
-            let Some((pid, d)) = owner_of(line).filter(|(_, d)| *d == dev) else {
+            let Some((owner, d)) = owner_of(line).filter(|(_, d)| *d == dev) else {
                 continue;
             };
-            if pid != me && castor_running(pid) {
-                return Err(RuleError::Held { dev: d.into(), pid });
+            if held_by(owner, me) {
+                return Err(held(d, owner));
             }
             if let Some(args) = delete_args(line) {
                 let a: Vec<&str> = args.iter().map(String::as_str).collect();
                 run(tool, &a, None)?;
-                removed.push(format!("{tool} rule of castor pid {pid}"));
+                removed.push(format!("{tool} rule of castor pid {}", owner.pid));
             }
         }
     }
     if let Ok(table) = run("nft", &["list", "table", "netdev", arp_table], None) {
         match owner_of(&table) {
-            Some((pid, _)) if pid != me && castor_running(pid) => {
-                return Err(RuleError::Held {
-                    dev: dev.into(),
-                    pid,
-                });
-            }
+            Some((owner, _)) if held_by(owner, me) => return Err(held(dev, owner)),
             owner => {
                 run("nft", &["delete", "table", "netdev", arp_table], None)?;
-                let who =
-                    owner.map_or("an older castor".into(), |(p, _)| format!("castor pid {p}"));
+                let who = owner.map_or("an older castor".into(), |(o, _)| {
+                    format!("castor pid {}", o.pid)
+                });
                 removed.push(format!("nft table {arp_table} of {who}"));
             }
         }
     }
     Ok(removed)
+}
+
+/// The refusal for a device whose rules `owner` holds.
+fn held(dev: &str, owner: Owner) -> RuleError {
+    RuleError::Held {
+        dev: dev.into(),
+        pid: owner.pid,
+        whose: match owner.running() {
+            Some(_) => String::new(),
+            None => format!(
+                " in another PID namespace (inode {}), which this castor cannot see; if it is \
+                 gone, delete the rules tagged castor:pid={} (iptables-save -t mangle, nft list \
+                 tables)",
+                owner.ns, owner.pid
+            ),
+        },
+    }
 }
 
 fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String, RuleError> {
@@ -286,7 +373,7 @@ pub fn install(queue: u16, dev: &str) -> Result<Installed, RuleError> {
         eprintln!("castor: {dev}: removed the stale {what} (killed before it could remove it)");
     }
     let q = queue.to_string();
-    let tag = owner_tag(std::process::id(), dev);
+    let tag = owner_tag(Owner::me(), dev);
     let mut m: Vec<&str> = match bridge {
         Some(_) => vec!["-m", "physdev", "--physdev-in", dev],
         None => vec!["-i", dev],
@@ -370,21 +457,29 @@ mod tests {
 
     #[test]
     fn reads_the_owner_of_a_rule_or_table() {
-        let tag = owner_tag(4242, "vif3.0");
+        let o = Owner {
+            pid: 4242,
+            ns: 4026531836,
+            start: 987,
+        };
+        let tag = owner_tag(o, "vif3.0");
         let line = format!(
             "-A PREROUTING -m physdev --physdev-in vif3.0 -m comment --comment \"{tag}\" -j NFQUEUE --queue-num 0"
         );
-        assert_eq!(owner_of(&line), Some((4242, "vif3.0")));
+        assert_eq!(owner_of(&line), Some((o, "vif3.0")));
         let bare = line.replace('"', "");
-        assert_eq!(owner_of(&bare), Some((4242, "vif3.0")));
+        assert_eq!(owner_of(&bare), Some((o, "vif3.0")));
         let table = format!(
             "table netdev castor_arp_hg {{\n\tcomment \"{}\"\n}}",
-            owner_tag(7, "hg")
+            owner_tag(Owner { pid: 7, ..o }, "hg")
         );
-        assert_eq!(owner_of(&table), Some((7, "hg")));
+        assert_eq!(owner_of(&table), Some((Owner { pid: 7, ..o }, "hg")));
         for bad in [
-            "castor:pid=x:dev=hg",
-            "castor:pid=5:dev=",
+            "castor:pid=x:ns=1:start=2:dev=hg",
+            "castor:pid=5:ns=1:start=2:dev=",
+            "castor:pid=5:ns=1:dev=hg",
+            "castor:pid=5:ns=1:start=2:x=3:dev=hg",
+            "castor:pid=5:start=2:ns=1:dev=hg",
             "castor:pid=5",
             "-A X -j ACCEPT",
         ] {
@@ -398,6 +493,38 @@ mod tests {
                 .map(String::from)
                 .collect::<Vec<_>>()[..]
         );
+    }
+
+    /// A rule's owner is alive only if the very process (pid and start
+    /// time) runs in this PID namespace; another namespace's is unknown,
+    /// so kept.
+    #[test]
+    fn an_owner_is_this_process_only_with_its_start_time_and_namespace() {
+        let me = Owner::me();
+        assert!(me.ns != 0 && me.start != 0, "{me:?}");
+        assert_eq!(me.running(), Some(true));
+        let reused = Owner {
+            start: me.start + 1,
+            ..me
+        };
+        assert_eq!(
+            reused.running(),
+            Some(false),
+            "a reused pid is not the owner"
+        );
+        let elsewhere = Owner {
+            ns: me.ns + 1,
+            ..me
+        };
+        assert_eq!(elsewhere.running(), None);
+        assert!(!held_by(me, me));
+        assert!(!held_by(reused, me));
+        assert!(held_by(elsewhere, me));
+        let parent = Owner::of(std::os::unix::process::parent_id());
+        assert!(held_by(parent, me), "a running process holds its rules");
+        assert!(held("vif1.0", elsewhere)
+            .to_string()
+            .contains("another PID namespace"));
     }
 
     #[test]
