@@ -23,6 +23,7 @@ pub mod replica;
 pub mod scan;
 pub mod spec;
 pub mod state;
+pub mod stream;
 pub mod xl;
 
 #[cfg(feature = "xen")]

@@ -8,7 +8,14 @@
 //!   2 HVM_CONTEXT xc_domain_hvm_getcontext blob (HVM)
 //!   3 HVM_PARAMS  count u32 | (index u32 | value u64) * count (HVM)
 //!   4 SHARED_INFO the shared-info page, 4096 bytes (PV)
+//!   5 PV_TYPES    count u32 | (pfn u64 | type u8 | 0 u8 * 7) * count (PV):
+//!                 every pfn whose page type is not NOTAB, ascending
+//!   6 P2M_FRAMES  count u32 | pfn u64 * count (PV): the pfns of the
+//!                 guest's p2m pages, in table order
 //! ```
+//!
+//! A PV checkpoint's types and p2m frames are complete in every state
+//! (not a delta): the backup builds the replica from one checkpoint alone.
 //!
 //! All integers little-endian. A checkpoint's state arrives from the wire
 //! (via the backup's replica), so [`XenState::decode`] treats it as hostile:
@@ -25,6 +32,8 @@ const TAG_VCPU: u16 = 1;
 const TAG_HVM_CONTEXT: u16 = 2;
 const TAG_HVM_PARAMS: u16 = 3;
 const TAG_SHARED_INFO: u16 = 4;
+const TAG_PV_TYPES: u16 = 5;
+const TAG_P2M_FRAMES: u16 = 6;
 
 /// Xen's limit on vCPUs per domain (HVM_MAX_VCPUS is 128 for HVM; PV
 /// domains are bounded by the domctl's max_vcpus, well under this).
@@ -34,6 +43,12 @@ pub const MAX_VCPU_BYTES: usize = 64 << 10;
 /// Upper bound on the HVM context blob.
 pub const MAX_HVM_CONTEXT: usize = 16 << 20;
 const MAX_PARAMS: u32 = 256;
+/// Upper bound on a pfn in a PV record (a 52-bit frame number, as the
+/// migration stream's PAGE_DATA field).
+pub const MAX_PFN: u64 = (1 << 52) - 1;
+/// Upper bound on PV_TYPES and P2M_FRAMES entries (16 Mi: 64 GiB of page
+/// tables, a p2m of 8 Gi pages).
+const MAX_PV_ENTRIES: u32 = 1 << 24;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
@@ -72,6 +87,11 @@ pub struct XenState {
     pub hvm_context: Option<Vec<u8>>,
     pub hvm_params: Vec<(u32, u64)>,
     pub shared_info: Option<Vec<u8>>,
+    /// PV: (pfn, page type nibble `XEN_DOMCTL_PFINFO_*` >> 28) of every
+    /// page that is not NOTAB, ascending pfns.
+    pub pv_types: Vec<(u64, u8)>,
+    /// PV: pfns of the guest's p2m pages, in table order.
+    pub p2m_frames: Vec<u64>,
 }
 
 fn record(out: &mut Vec<u8>, tag: u16, payload: &[&[u8]]) {
@@ -89,7 +109,9 @@ impl XenState {
         let n = self.vcpus.len()
             + usize::from(self.hvm_context.is_some())
             + usize::from(!self.hvm_params.is_empty())
-            + usize::from(self.shared_info.is_some());
+            + usize::from(self.shared_info.is_some())
+            + usize::from(!self.pv_types.is_empty())
+            + usize::from(!self.p2m_frames.is_empty());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&(if self.hvm { FLAG_HVM } else { 0 }).to_le_bytes());
@@ -111,6 +133,21 @@ impl XenState {
         }
         if let Some(s) = &self.shared_info {
             record(out, TAG_SHARED_INFO, &[s]);
+        }
+        if !self.pv_types.is_empty() {
+            let mut p = (self.pv_types.len() as u32).to_le_bytes().to_vec();
+            for &(pfn, t) in &self.pv_types {
+                p.extend_from_slice(&pfn.to_le_bytes());
+                p.extend_from_slice(&[t, 0, 0, 0, 0, 0, 0, 0]);
+            }
+            record(out, TAG_PV_TYPES, &[&p]);
+        }
+        if !self.p2m_frames.is_empty() {
+            let mut p = (self.p2m_frames.len() as u32).to_le_bytes().to_vec();
+            for pfn in &self.p2m_frames {
+                p.extend_from_slice(&pfn.to_le_bytes());
+            }
+            record(out, TAG_P2M_FRAMES, &[&p]);
         }
     }
 
@@ -182,8 +219,56 @@ impl XenState {
                 self.shared_info = Some(payload.to_vec());
                 Ok(())
             }
+            TAG_PV_TYPES => self.read_types(payload).map_err(bad),
+            TAG_P2M_FRAMES => self.read_p2m_frames(payload).map_err(bad),
             tag => Err(StateError::Tag { tag, at }),
         }
+    }
+
+    fn read_types(&mut self, p: &[u8]) -> Result<(), String> {
+        if !self.pv_types.is_empty() {
+            return Err("second PV types record".into());
+        }
+        let body = counted(p, 16, "PV types")?;
+        for e in body.chunks_exact(16) {
+            let pfn = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+            let t = e[8];
+            if pfn > MAX_PFN {
+                return Err(format!("pfn {pfn:#x} beyond {MAX_PFN:#x}"));
+            }
+            if e[9..].iter().any(|&b| b != 0) {
+                return Err(format!("pfn {pfn:#x}: padding bytes are not zero"));
+            }
+            if super::pte::PageType::from_raw(pfn, u32::from(t) << 28).is_err() || t == 0 {
+                return Err(format!(
+                    "pfn {pfn:#x}: type {t:#x} is not a non-NOTAB page type"
+                ));
+            }
+            if let Some(&(last, _)) = self.pv_types.last() {
+                if pfn <= last {
+                    return Err(format!(
+                        "pfn {pfn:#x} after {last:#x} (pfns ascend, once each)"
+                    ));
+                }
+            }
+            self.pv_types.push((pfn, t));
+        }
+        Ok(())
+    }
+
+    fn read_p2m_frames(&mut self, p: &[u8]) -> Result<(), String> {
+        if !self.p2m_frames.is_empty() {
+            return Err("second p2m frames record".into());
+        }
+        let body = counted(p, 8, "p2m frames")?;
+        for e in body.chunks_exact(8) {
+            let pfn = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            if pfn > MAX_PFN {
+                return Err(format!("p2m frame pfn {pfn:#x} beyond {MAX_PFN:#x}"));
+            }
+            self.p2m_frames.push(pfn);
+        }
+        Ok(())
     }
 
     fn read_vcpu(&mut self, p: &[u8]) -> Result<(), String> {
@@ -246,6 +331,22 @@ impl XenState {
     }
 }
 
+/// The body of a `count u32 | entry * count` payload, checked: count in
+/// 1..=MAX_PV_ENTRIES and the length exactly `4 + size * count`.
+fn counted<'a>(p: &'a [u8], size: usize, what: &str) -> Result<&'a [u8], String> {
+    if p.len() < 4 {
+        return Err(format!("{what} record of {} bytes", p.len()));
+    }
+    let n = u32::from_le_bytes(p[..4].try_into().expect("4 bytes"));
+    if n == 0 || n > MAX_PV_ENTRIES || p.len() != 4 + size * n as usize {
+        return Err(format!(
+            "{n} {what} entries in {} bytes (1..={MAX_PV_ENTRIES}, {size} bytes each)",
+            p.len()
+        ));
+    }
+    Ok(&p[4..])
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     at: usize,
@@ -294,6 +395,8 @@ mod tests {
             guest_width: 8,
             vcpus: vec![(0, vec![1; 5168]), (1, vec![2; 5168])],
             shared_info: Some(vec![9; 4096]),
+            pv_types: vec![(3, 0x1), (7, 0xc), (0x5000, 0xf)],
+            p2m_frames: vec![0x40, 0x41, 0x10],
             ..Default::default()
         }
     }
@@ -406,6 +509,41 @@ mod tests {
         assert!(matches!(
             XenState::decode(&b),
             Err(StateError::Record { .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_pv_records_are_refused() {
+        let bad = |s: XenState, what: &str| {
+            let e = XenState::decode(&enc(&s)).unwrap_err();
+            assert!(matches!(e, StateError::Record { .. }), "{what}: {e}");
+            e.to_string()
+        };
+        let mut s = pv();
+        s.pv_types = vec![(7, 1), (3, 1)];
+        assert!(bad(s, "descending").contains("pfn 0x3 after 0x7"));
+        let mut s = pv();
+        s.pv_types = vec![(3, 0x5)];
+        assert!(bad(s, "reserved type").contains("type 0x5"));
+        let mut s = pv();
+        s.pv_types = vec![(3, 0)];
+        assert!(bad(s, "NOTAB listed").contains("type 0x0"));
+        let mut s = pv();
+        s.pv_types = vec![(1 << 52, 1)];
+        assert!(bad(s, "pfn too large").contains("beyond"));
+        let mut s = pv();
+        s.p2m_frames = vec![u64::MAX];
+        assert!(bad(s, "p2m pfn too large").contains("p2m frame pfn"));
+        // Non-zero padding after a type.
+        let mut b = enc(&pv());
+        let i = b
+            .windows(9)
+            .position(|w| w == [3, 0, 0, 0, 0, 0, 0, 0, 1])
+            .unwrap();
+        b[i + 9] = 1;
+        assert!(matches!(
+            XenState::decode(&b),
+            Err(StateError::Record { tag: 5, .. })
         ));
     }
 
