@@ -17,7 +17,10 @@
 //!   domain of a PVH guest at activation after the primary castor is
 //!   SIGKILLed, the guest's own memory self-check passes there, and a
 //!   client in dom0 keeps its one TCP connection to the guest's counter
-//!   across the failover (output held on the guest's vif by NFQUEUE).
+//!   across the failover (output held on the guest's vif by NFQUEUE);
+//! - the same failover of a PV domU under the shadow-paging hypervisor:
+//!   the backup writes the checkpoint as a Xen save file and builds the
+//!   replica with `xl restore -p`.
 //!
 //! All skip only when qemu-system-x86_64 is missing (the PV bench also
 //! when apt knows no Xen source to build the shadow hypervisor from).
@@ -206,6 +209,28 @@ fn xen_failover_of_a_pvh_domu() {
     if lab_unavailable() {
         return;
     }
+    failover(&[], "xl in");
+}
+
+/// The same failover with a PV domU, under the hypervisor built with shadow
+/// paging (`tools/lab/xen-failover --pv`): the primary carries each
+/// checkpoint's page types and p2m frames, and at activation the backup
+/// writes the checkpoint as a Xen save file (page tables and vCPU frames
+/// normalised to pfns) and builds the replica with `xl restore -p`. The
+/// same checks: the guest's self-check passes in the replica, its first
+/// round is not past the primary's, and the client's one TCP connection is
+/// answered on, every request once, in order.
+#[test]
+fn xen_failover_of_a_pv_domu() {
+    if lab_unavailable() || shadow_hypervisor_unavailable() {
+        return;
+    }
+    failover(&["--pv"], "restored by xl in");
+}
+
+/// Runs tools/lab/xen-failover with `args` and checks its report; `built`
+/// must appear in the backup's line naming the replica domain.
+fn failover(args: &[&str], built: &str) {
     let castor = xen_castor().to_str().unwrap().to_string();
     // The primary's guest has been seen (1 run in 5) to triple-fault inside
     // its own suspend under the emulated x2APIC before the first
@@ -215,6 +240,7 @@ fn xen_failover_of_a_pvh_domu() {
         || {
             let out = tempfile::tempdir().unwrap();
             let res = Command::new(repo().join("tools/lab/xen-failover"))
+                .args(args)
                 .args(["--castor", &castor, "--timeout", "1500", "--out"])
                 .arg(out.path())
                 .env("FO_EPOCHS", "2")
@@ -256,11 +282,11 @@ fn xen_failover_of_a_pvh_domu() {
     assert!(last.contains("self-check passed"), "{}", ctx());
     let console = std::fs::read_to_string(out.path().join("console-activated.log")).unwrap();
     assert!(!console.contains("FAIL"), "{console}");
-    assert!(
-        stdout.contains("castor: xen replica \"lab-fo\" is domain"),
-        "the backup did not build the replica domain: {}",
-        ctx()
-    );
+    let replica = stdout
+        .lines()
+        .find(|l| l.contains("castor: xen replica \"lab-fo\" is domain"))
+        .unwrap_or_else(|| panic!("the backup did not build the replica domain: {}", ctx()));
+    assert!(replica.contains(built), "{replica}: {}", ctx());
     // The guest's output on its vif was held by castor's queue.
     assert!(
         stdout.contains("castor protect: holding output of vif"),

@@ -31,6 +31,7 @@ use super::spec::{Target, XenSpec};
 use super::state::XenState;
 use super::suspend::Suspender;
 use super::sys::{Bitmap, DomInfo, Foreign, Result, Store, Xc, XenError};
+use super::types::PageTypes;
 use super::unlogged::Unlogged;
 use crate::domain::{Domain, DomainError, GuestMemory, Layout};
 use crate::PAGE_SIZE;
@@ -128,6 +129,8 @@ pub struct XenDomain {
     /// The same pfns sorted, for membership tests in harvest.
     p2m_sorted: Vec<u64>,
     shinfo: Option<GuestMemory>,
+    /// PV: every pfn's page type, current as of the last harvest.
+    types: Option<PageTypes>,
     run: Run,
     /// How long each suspend and resume took (reported when dropped).
     times: PauseTimes,
@@ -340,9 +343,12 @@ impl XenDomain {
         let suspender = Suspender::new(&xc, &info, spec.suspend, spec.suspend_timeout)?;
         spec.pages = Some(frames.len() as u64);
         let unlogged = Unlogged::from_env(&mem);
-        if !info.hvm() {
+        let types = if info.hvm() {
+            None
+        } else {
             super::ptcheck::from_env(&xc, domid, &frames, &mem);
-        }
+            Some(PageTypes::read_all(&xc, domid, &frames)?)
+        };
         eprintln!(
             "castor: xen domain {domid} ({}, {} pages, {holes} holes, {} vCPUs, shared info at {:#x}), \
              suspend via {}",
@@ -365,6 +371,7 @@ impl XenDomain {
             p2m_pfns,
             p2m_sorted,
             shinfo,
+            types,
             run: Run::Opened,
             times: PauseTimes::default(),
             unlogged,
@@ -447,6 +454,12 @@ impl XenDomain {
                 // SAFETY: the guest is stopped; a one-page private mapping.
                 st.shared_info = Some(unsafe { sh.as_slice() }[..PAGE_SIZE].to_vec());
             }
+            st.pv_types = self
+                .types
+                .as_ref()
+                .map(PageTypes::listed)
+                .unwrap_or_default();
+            st.p2m_frames = self.p2m_pfns.clone();
         }
         Ok(st)
     }
@@ -522,6 +535,9 @@ impl Domain for XenDomain {
                 .any(|g| self.p2m_sorted.binary_search(g).is_ok());
         if p2m_touched {
             self.refresh_p2m()?;
+        }
+        if let Some(t) = &mut self.types {
+            t.refresh(&self.xc, domid, &self.frames, &out[from..])?;
         }
         Ok(())
     }

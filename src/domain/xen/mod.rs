@@ -11,7 +11,9 @@
 //! feature: `ffi` (bindgen output), [`sys`] (the checked safe layer),
 //! `map` (guest memory as one foreign mapping), `suspend` (stopping and
 //! resuming the guest), `domain` (the [`Domain`](crate::domain::Domain)
-//! implementation) and `restore` (building the replica on the backup).
+//! implementation) and `restore` (building the replica on the backup;
+//! `restore_pv` for PV guests, through a Xen save file written by
+//! [`stream`]).
 //!
 //! The pure pieces build and are tested on any machine; everything that
 //! talks to Xen needs the feature and a Xen dom0 (the lab, docs/lab.md).
@@ -37,9 +39,13 @@ mod ptcheck;
 #[cfg(feature = "xen")]
 mod restore;
 #[cfg(feature = "xen")]
+mod restore_pv;
+#[cfg(feature = "xen")]
 mod suspend;
 #[cfg(feature = "xen")]
 pub mod sys;
+#[cfg(feature = "xen")]
+mod types;
 #[cfg(feature = "xen")]
 mod unlogged;
 

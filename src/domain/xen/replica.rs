@@ -35,8 +35,8 @@ pub enum ReplicaError {
     #[error("the carried xl config names no guest (no name = ...) and the spec gives no name=")]
     NoName,
     #[error(
-        "a {0} guest cannot be rebuilt here: castor builds PVH replicas only (PV: page tables \
-         hold the primary's machine frames; HVM: QEMU's device state is not carried)"
+        "a {0} guest cannot be rebuilt here: castor builds PV and PVH replicas only (HVM: \
+         QEMU's device state is not carried)"
     )]
     Kind(String),
     #[error(
@@ -56,16 +56,18 @@ pub enum ReplicaError {
 pub struct ReplicaConfig {
     pub name: String,
     pub text: String,
+    /// `pv` or `pvh`.
+    pub kind: String,
 }
 
-/// Checks the carried config describes a guest castor can rebuild (PVH,
-/// xl text) and names it `name` (the spec's name, else the config's own).
+/// Checks the carried config describes a guest castor can rebuild (PV or
+/// PVH, xl text) and names it `name` (the spec's name, else the config's own).
 pub fn replica_config(carried: &str, name: Option<&str>) -> Result<ReplicaConfig, ReplicaError> {
     if carried.trim_start().starts_with('{') {
         return Err(ReplicaError::JsonConfig);
     }
     let s = config::summary(carried)?;
-    if s.kind != "pvh" {
+    if s.kind != "pvh" && s.kind != "pv" {
         return Err(ReplicaError::Kind(s.kind));
     }
     let name = match (name, s.name) {
@@ -76,6 +78,7 @@ pub fn replica_config(carried: &str, name: Option<&str>) -> Result<ReplicaConfig
     Ok(ReplicaConfig {
         text: config::with_name(carried, &name),
         name,
+        kind: s.kind,
     })
 }
 
@@ -144,13 +147,12 @@ mod tests {
             replica_config("type = \"pvh\"\n", None),
             Err(ReplicaError::NoName)
         );
-        let pv = replica_config("name = \"g\"\n", None).unwrap_err();
-        assert_eq!(pv, ReplicaError::Kind("pv".into()));
-        assert!(pv.to_string().contains("page tables"), "{pv}");
-        assert_eq!(
-            replica_config("name = \"g\"\nbuilder = \"hvm\"\n", None),
-            Err(ReplicaError::Kind("hvm".into()))
-        );
+        assert_eq!(c.kind, "pvh");
+        let pv = replica_config("name = \"g\"\n", None).unwrap();
+        assert_eq!(pv.kind, "pv", "xl's default type");
+        let hvm = replica_config("name = \"g\"\nbuilder = \"hvm\"\n", None).unwrap_err();
+        assert_eq!(hvm, ReplicaError::Kind("hvm".into()));
+        assert!(hvm.to_string().contains("QEMU"), "{hvm}");
         assert!(matches!(
             replica_config("nonsense\n", None),
             Err(ReplicaError::Config(_))

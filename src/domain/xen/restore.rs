@@ -1,4 +1,5 @@
-//! The backup side: building the replica domain at activation.
+//! The backup side: building the replica domain at activation (PVH here;
+//! a PV checkpoint goes to `restore_pv.rs`, through Xen's own restore).
 //!
 //! Chosen point: at activation, not at each commit. The engine already
 //! keeps checkpoint N atomically in the backup's replica image (staged,
@@ -30,6 +31,7 @@
 //! no such point: its guest would keep using the old domain's event
 //! channels and grants (refused with an error below).
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::domain::{domid_of, XenDomain};
@@ -64,8 +66,12 @@ pub fn restore(
         Target::Domid(_) => None,
     };
     let cfg = replica::replica_config(&text, name).map_err(|e| err(e.to_string()))?;
-    if !st.hvm {
-        return Err(err(replica::ReplicaError::Kind("pv".into()).to_string()));
+    if st.hvm != (cfg.kind == "pvh") {
+        return Err(err(format!(
+            "the checkpoint is of a{} guest but the carried config says type = {:?}",
+            if st.hvm { "n HVM/PVH" } else { " PV" },
+            cfg.kind
+        )));
     }
     if spec.suspend == SuspendMode::Pause {
         return Err(err(
@@ -91,8 +97,14 @@ pub fn restore(
             cfg.name, cfg.name
         )));
     }
+    let path = write_config(&cfg).map_err(|e| err(e.to_string()))?;
+    if !st.hvm {
+        let d = super::restore_pv::restore_pv(&xc, spec, &cfg, &path, memory, &st)
+            .map_err(|e| err(e.to_string()))?;
+        return Ok(Box::new(d));
+    }
     let t0 = Instant::now();
-    let (domid, path) = create_paused(&xc, &cfg).map_err(|e| err(e.to_string()))?;
+    let domid = create_paused(&xc, &cfg, &path).map_err(|e| err(e.to_string()))?;
     let built = t0.elapsed();
     let t1 = Instant::now();
     if let Err(e) = load(&xc, domid, &memory, &st) {
@@ -131,20 +143,25 @@ pub fn restore(
     Ok(Box::new(domain))
 }
 
-/// Writes the config next to the toolstack's files and runs `xl create
-/// -p`; returns the new domain's id and the config's path.
-fn create_paused(xc: &Xc, cfg: &ReplicaConfig) -> Result<(u32, std::path::PathBuf), XenError> {
-    let dir = std::env::temp_dir();
-    let path = dir.join(format!("castor-replica-{}.cfg", cfg.name));
-    let log = dir.join(format!("castor-replica-{}.xl.log", cfg.name));
+/// Writes the replica's xl config into the temporary directory; returns
+/// its path.
+fn write_config(cfg: &ReplicaConfig) -> Result<PathBuf, XenError> {
+    let path = std::env::temp_dir().join(format!("castor-replica-{}.cfg", cfg.name));
+    std::fs::write(&path, &cfg.text).map_err(|e| XenError::State {
+        domid: 0,
+        reason: format!("writing {}: {e}", path.display()),
+    })?;
+    Ok(path)
+}
+
+/// Runs `xl create -p` on the written config; returns the new domain's id.
+fn create_paused(xc: &Xc, cfg: &ReplicaConfig, path: &Path) -> Result<u32, XenError> {
+    let log = std::env::temp_dir().join(format!("castor-replica-{}.xl.log", cfg.name));
     let state = |reason: String| XenError::State { domid: 0, reason };
-    std::fs::write(&path, &cfg.text)
-        .map_err(|e| state(format!("writing {}: {e}", path.display())))?;
     let p = path.to_string_lossy();
     xl::run(&xl::program(), &["create", "-p", &p], &log, XL_TIMEOUT)
         .map_err(|e| state(e.to_string()))?;
-    let domid = domid_of(xc, &Target::Name(cfg.name.clone()))?;
-    Ok((domid, path))
+    domid_of(xc, &Target::Name(cfg.name.clone()))
 }
 
 /// Steps 2–4 on the paused new domain.

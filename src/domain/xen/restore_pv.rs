@@ -1,0 +1,215 @@
+//! The backup side for a **PV** guest: the replica built by Xen's own
+//! restore from one complete checkpoint.
+//!
+//! A PV guest's page tables, vCPU context, p2m and start-info page all
+//! name machine frames, and Xen's restore (`xg_sr_restore_x86_pv.c`)
+//! already knows how to rebuild them in a new domain: populate the
+//! physmap, localise each page table pfn → new frame and pin the pinned
+//! ones after all pages are in, translate cr3, the GDT frames and the
+//! start-info frame, rewrite the guest's p2m pages and its start info
+//! (fresh xenstore and console rings and event channels), clear the
+//! pending events in shared info, and seed the grant table. So at
+//! activation castor writes the checkpoint as a Xen save file
+//! ([`stream`](super::stream): page tables normalised against the p2m the
+//! checkpoint itself holds) and runs `xl restore -p CONFIG FILE`; the new
+//! domain is left paused until the engine starts it.
+//!
+//! The guest was stopped inside its own suspend hypercall
+//! (`suspend=xenstore`), whose saved return value is 0, "resumed in a new
+//! domain": on unpause Linux takes its migration path (re-maps shared
+//! info, rebuilds its p2m frame lists, rebinds event channels, reconnects
+//! xenstore, the console and its network front end).
+//!
+//! The activated domain ([`ActivatedPv`]) runs unprotected: it is paused
+//! and resumed with `xc_domain_pause`/`unpause` as the engine asks, and
+//! its dirty pages are not tracked (a PV domain's p2m is unreadable from
+//! outside until the guest has rebuilt its frame lists): re-protecting it
+//! is refused, and the memory and state it reports are the checkpoint's.
+
+use std::io::BufWriter;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::domain::domid_of;
+use super::replica::ReplicaConfig;
+use super::spec::{SuspendMode, Target, XenSpec};
+use super::state::XenState;
+use super::stream::{self, PvImage};
+use super::sys::{Xc, XenError};
+use super::xl;
+use crate::domain::{Domain, DomainError, GuestMemory, Layout};
+use crate::PAGE_SIZE;
+
+/// Bound on `xl restore` (it loads every page; slow under emulation).
+const XL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Written into the save file's domain header; Xen's restore only logs it.
+const XEN_VERSION: (u32, u32) = (4, 17);
+
+/// Builds the PV replica from `memory` and `st`, paused.
+pub(super) fn restore_pv(
+    xc: &Arc<Xc>,
+    spec: &XenSpec,
+    cfg: &ReplicaConfig,
+    cfg_path: &Path,
+    memory: GuestMemory,
+    st: &XenState,
+) -> Result<ActivatedPv, XenError> {
+    let state = |reason: String| XenError::State { domid: 0, reason };
+    if st.guest_width != 8 {
+        return Err(state(format!(
+            "the checkpoint is of a {}-bit PV guest; castor rebuilds 64-bit PV guests",
+            st.guest_width * 8
+        )));
+    }
+    let shared_info = st
+        .shared_info
+        .as_deref()
+        .ok_or_else(|| state("the PV checkpoint has no shared-info page".into()))?;
+    let dir = std::env::temp_dir();
+    let save = dir.join(format!("castor-replica-{}.save", cfg.name));
+    let log = dir.join(format!("castor-replica-{}.xl.log", cfg.name));
+    let t0 = Instant::now();
+    let written = {
+        let file = std::fs::File::create(&save)
+            .map_err(|e| state(format!("creating {}: {e}", save.display())))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let img = PvImage {
+            // SAFETY: the replica is not written by anyone during activation.
+            memory: unsafe { memory.as_slice() },
+            p2m_frames: &st.p2m_frames,
+            types: &st.pv_types,
+            vcpus: &st.vcpus,
+            shared_info,
+            xen_version: XEN_VERSION,
+        };
+        stream::write_pv(&mut out, &img)
+            .map_err(|e| state(format!("writing {}: {e}", save.display())))?
+    };
+    let wrote = t0.elapsed();
+    let t1 = Instant::now();
+    let (c, s) = (cfg_path.to_string_lossy(), save.to_string_lossy());
+    let ran = xl::run(&xl::program(), &["restore", "-p", &c, &s], &log, XL_TIMEOUT);
+    let _ = std::fs::remove_file(&save);
+    ran.map_err(|e| state(e.to_string()))?;
+    let domid = domid_of(xc, &Target::Name(cfg.name.clone()))?;
+    let info = xc.info(domid)?;
+    if info.hvm() || !info.paused() {
+        let _ = xc.destroy(domid);
+        return Err(XenError::State {
+            domid,
+            reason: "`xl restore -p` left a domain that is not a paused PV domain".into(),
+        });
+    }
+    let [l1, l2, l3, l4] = written.tables;
+    eprintln!(
+        "castor: xen replica {:?} is domain {domid}: save file of {} pages ({} with data, \
+         page tables L1 {l1} L2 {l2} L3 {l3} L4 {l4}, {} vCPUs, {:.1} MiB) written in {:.1} s, \
+         restored by xl in {:.1} s",
+        cfg.name,
+        written.pages,
+        written.data_pages,
+        written.vcpus,
+        written.bytes as f64 / (1 << 20) as f64,
+        wrote.as_secs_f64(),
+        t1.elapsed().as_secs_f64()
+    );
+    let mut st_bytes = Vec::new();
+    st.encode(&mut st_bytes);
+    Ok(ActivatedPv {
+        xc: xc.clone(),
+        domid,
+        live: XenSpec {
+            target: Target::Domid(domid),
+            suspend: SuspendMode::Pause,
+            config: Some(cfg_path.to_path_buf()),
+            pages: None,
+            cfg: None,
+            ..spec.clone()
+        },
+        state: st_bytes,
+        paused: true,
+        mem: memory,
+    })
+}
+
+/// The activated PV replica: runs unprotected (see the module doc).
+pub(super) struct ActivatedPv {
+    xc: Arc<Xc>,
+    domid: u32,
+    live: XenSpec,
+    /// The checkpoint's state, encoded.
+    state: Vec<u8>,
+    /// Paused by `xl restore -p` or by castor (one count, never stacked).
+    paused: bool,
+    /// The checkpoint it was built from.
+    mem: GuestMemory,
+}
+
+impl Domain for ActivatedPv {
+    fn layout(&self) -> Layout {
+        Layout {
+            page_size: PAGE_SIZE as u32,
+            pages: self.mem.pages(),
+        }
+    }
+
+    fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    fn describe(&self) -> String {
+        format!("xen:{}", self.live)
+    }
+
+    fn start(&mut self) -> Result<(), DomainError> {
+        self.resume()
+    }
+
+    fn pause(&mut self) -> Result<(), DomainError> {
+        if !self.paused {
+            self.xc.pause(self.domid)?;
+            self.paused = true;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), DomainError> {
+        if self.paused {
+            self.xc.unpause(self.domid)?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+
+    /// Not tracked: the activated PV domain is not checkpointed.
+    fn harvest_dirty(&mut self, _out: &mut Vec<u64>) -> Result<(), DomainError> {
+        Ok(())
+    }
+
+    fn present_pages(&self, _out: &mut Vec<u64>) -> Result<bool, DomainError> {
+        Err(DomainError::Spec {
+            spec: self.describe(),
+            reason: "re-protecting an activated PV Xen domain is not supported (its dirty \
+                     pages are not tracked)"
+                .into(),
+        })
+    }
+
+    fn save_state(&mut self, out: &mut Vec<u8>) -> Result<(), DomainError> {
+        out.extend_from_slice(&self.state);
+        Ok(())
+    }
+}
+
+impl Drop for ActivatedPv {
+    /// Leaves the guest running, as [`super::domain::XenDomain`] does.
+    fn drop(&mut self) {
+        if self.paused {
+            if let Err(e) = self.xc.unpause(self.domid) {
+                tracing::error!("domain {} may be left paused: {e}", self.domid);
+            }
+        }
+    }
+}
