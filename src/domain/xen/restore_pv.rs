@@ -11,8 +11,9 @@
 //! pending events in shared info, and seed the grant table. So at
 //! activation castor writes the checkpoint as a Xen save file
 //! ([`stream`](super::stream): page tables normalised against the p2m the
-//! checkpoint itself holds) and runs `xl restore -p CONFIG FILE`; the new
-//! domain is left paused until the engine starts it.
+//! checkpoint itself holds) into a pipe that `xl restore -p CONFIG
+//! /proc/self/fd/0` reads (no copy of guest RAM on disk); the new domain
+//! is left paused until the engine starts it.
 //!
 //! The guest was stopped inside its own suspend hypercall
 //! (`suspend=xenstore`), whose saved return value is 0, "resumed in a new
@@ -35,7 +36,7 @@ use super::domain::domid_of;
 use super::replica::ReplicaConfig;
 use super::spec::{SuspendMode, Target, XenSpec};
 use super::state::XenState;
-use super::stream::{self, PvImage};
+use super::stream::{self, PvImage, StreamError};
 use super::sys::{Xc, XenError};
 use super::xl;
 use crate::domain::{Domain, DomainError, GuestMemory, Layout};
@@ -67,32 +68,32 @@ pub(super) fn restore_pv(
         .shared_info
         .as_deref()
         .ok_or_else(|| state("the PV checkpoint has no shared-info page".into()))?;
-    let dir = std::env::temp_dir();
-    let save = dir.join(format!("castor-replica-{}.save", cfg.name));
-    let log = dir.join(format!("castor-replica-{}.xl.log", cfg.name));
-    let t0 = Instant::now();
-    let written = {
-        let file = std::fs::File::create(&save)
-            .map_err(|e| state(format!("creating {}: {e}", save.display())))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        let img = PvImage {
-            // SAFETY: the replica is not written by anyone during activation.
-            memory: unsafe { memory.as_slice() },
-            p2m_frames: &st.p2m_frames,
-            types: &st.pv_types,
-            vcpus: &st.vcpus,
-            shared_info,
-            xen_version: XEN_VERSION,
-        };
-        stream::write_pv(&mut out, &img)
-            .map_err(|e| state(format!("writing {}: {e}", save.display())))?
+    let log = std::env::temp_dir().join(format!("castor-replica-{}.xl.log", cfg.name));
+    let img = PvImage {
+        // SAFETY: the replica is not written by anyone during activation.
+        memory: unsafe { memory.as_slice() },
+        p2m_frames: &st.p2m_frames,
+        types: &st.pv_types,
+        vcpus: &st.vcpus,
+        shared_info,
+        xen_version: XEN_VERSION,
     };
-    let wrote = t0.elapsed();
-    let t1 = Instant::now();
-    let (c, s) = (cfg_path.to_string_lossy(), save.to_string_lossy());
-    let ran = xl::run(&xl::program(), &["restore", "-p", &c, &s], &log, XL_TIMEOUT);
-    let _ = std::fs::remove_file(&save);
-    ran.map_err(|e| state(e.to_string()))?;
+    let t0 = Instant::now();
+    let c = cfg_path.to_string_lossy();
+    // The save file goes through a pipe: no copy of guest RAM on disk.
+    let args = ["restore", "-p", &c, "/proc/self/fd/0"];
+    let (ran, fed) = xl::run_fed(&xl::program(), &args, &log, XL_TIMEOUT, |stdin| {
+        stream::write_pv(&mut BufWriter::with_capacity(1 << 20, stdin), &img)
+    })
+    .map_err(|e| state(e.to_string()))?;
+    let written = match (ran, fed) {
+        (Ok(()), Ok(w)) => w,
+        (Err(e), Err(StreamError::Io(io))) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+            return Err(state(e.to_string()))
+        }
+        (_, Err(e)) => return Err(state(format!("writing the save file for xl: {e}"))),
+        (Err(e), Ok(_)) => return Err(state(e.to_string())),
+    };
     let domid = domid_of(xc, &Target::Name(cfg.name.clone()))?;
     let info = xc.info(domid)?;
     if info.hvm() || !info.paused() {
@@ -105,15 +106,14 @@ pub(super) fn restore_pv(
     let [l1, l2, l3, l4] = written.tables;
     eprintln!(
         "castor: xen replica {:?} is domain {domid}: save file of {} pages ({} with data, \
-         page tables L1 {l1} L2 {l2} L3 {l3} L4 {l4}, {} vCPUs, {:.1} MiB) written in {:.1} s, \
+         page tables L1 {l1} L2 {l2} L3 {l3} L4 {l4}, {} vCPUs, {:.1} MiB) piped to xl, \
          restored by xl in {:.1} s",
         cfg.name,
         written.pages,
         written.data_pages,
         written.vcpus,
         written.bytes as f64 / (1 << 20) as f64,
-        wrote.as_secs_f64(),
-        t1.elapsed().as_secs_f64()
+        t0.elapsed().as_secs_f64()
     );
     let mut st_bytes = Vec::new();
     st.encode(&mut st_bytes);

@@ -7,7 +7,7 @@
 //! process is killed and the error says so.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The toolstack command; `$CASTOR_XL` overrides (another path or a
@@ -48,6 +48,47 @@ pub enum XlError {
 /// Runs `program args...`, its output appended to `log`; Ok once it exits
 /// 0 within `timeout`.
 pub fn run(program: &str, args: &[&str], log: &Path, timeout: Duration) -> Result<(), XlError> {
+    let (child, cmd) = spawn(program, args, log, Stdio::null())?;
+    wait(child, cmd, log, timeout)
+}
+
+/// What [`run_fed`] returns once the command was started: the command's
+/// outcome and the feeder's.
+pub type Fed<T, E> = (Result<(), XlError>, Result<T, E>);
+
+/// [`run`], with the command's standard input fed by `feed` on a thread of
+/// its own (the pipe closes when `feed` returns, so the command sees the
+/// end of its input, or a truncated one after an error). Returns both
+/// outcomes: the command's, and `feed`'s, whose error (other than a broken
+/// pipe after the command gave up) is usually the cause. A command past
+/// its deadline is killed, which breaks the pipe under `feed`.
+pub fn run_fed<T: Send, E: Send>(
+    program: &str,
+    args: &[&str],
+    log: &Path,
+    timeout: Duration,
+    feed: impl FnOnce(ChildStdin) -> Result<T, E> + Send,
+) -> Result<Fed<T, E>, XlError> {
+    let (mut child, cmd) = spawn(program, args, log, Stdio::piped())?;
+    let stdin = child.stdin.take().expect("stdin is piped");
+    Ok(std::thread::scope(|s| {
+        let feeder = s.spawn(move || feed(stdin));
+        let ran = wait(child, cmd, log, timeout);
+        let fed = match feeder.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        (ran, fed)
+    }))
+}
+
+/// Starts the command with its output appended to `log`.
+fn spawn(
+    program: &str,
+    args: &[&str],
+    log: &Path,
+    stdin: Stdio,
+) -> Result<(Child, String), XlError> {
     let cmd = std::iter::once(program)
         .chain(args.iter().copied())
         .collect::<Vec<_>>()
@@ -63,9 +104,9 @@ pub fn run(program: &str, args: &[&str], log: &Path, timeout: Duration) -> Resul
         .open(log)
         .map_err(log_err)?;
     let err = out.try_clone().map_err(log_err)?;
-    let mut child = Command::new(program)
+    let child = Command::new(program)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(out)
         .stderr(err)
         .spawn()
@@ -73,6 +114,12 @@ pub fn run(program: &str, args: &[&str], log: &Path, timeout: Duration) -> Resul
             cmd: cmd.clone(),
             source,
         })?;
+    Ok((child, cmd))
+}
+
+/// Waits for the command's first process to exit, at most `timeout`
+/// (then kills it).
+fn wait(mut child: Child, cmd: String, log: &Path, timeout: Duration) -> Result<(), XlError> {
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
@@ -132,6 +179,64 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
         let e = run("/nonexistent/xl", &[], &log, t).unwrap_err();
         assert!(matches!(e, XlError::Spawn { .. }), "{e}");
+    }
+
+    #[test]
+    fn fed_input_reaches_the_command_and_both_outcomes_are_returned() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("xl.log");
+        let got = dir.path().join("got");
+        let g = got.to_str().unwrap().to_string();
+        let t = Duration::from_secs(10);
+        let sh = format!("cat > {g}");
+        let (ran, fed) = run_fed("sh", &["-c", &sh], &log, t, |mut i| {
+            i.write_all(b"stream bytes")?;
+            Ok::<_, std::io::Error>(12)
+        })
+        .unwrap();
+        ran.unwrap();
+        assert_eq!(fed.unwrap(), 12);
+        assert_eq!(std::fs::read(&got).unwrap(), b"stream bytes");
+        // The feeder fails part-way: the command sees the end of its input.
+        let (ran, fed) = run_fed("sh", &["-c", &sh], &log, t, |mut i| {
+            i.write_all(b"half")?;
+            Err::<(), _>(std::io::Error::other("bad page table"))
+        })
+        .unwrap();
+        ran.unwrap();
+        assert_eq!(fed.unwrap_err().to_string(), "bad page table");
+        assert_eq!(std::fs::read(&got).unwrap(), b"half");
+        // The command gives up: the feeder's writes break, nothing hangs.
+        let (ran, fed) = run_fed("sh", &["-c", "exit 3"], &log, t, |mut i| {
+            let mb = vec![0u8; 1 << 20];
+            for _ in 0..64 {
+                i.write_all(&mb)?;
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .unwrap();
+        assert!(matches!(ran, Err(XlError::Failed { .. })), "{ran:?}");
+        assert_eq!(fed.unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+        // Past the deadline the command is killed and the feeder released.
+        let t0 = Instant::now();
+        let (ran, fed) = run_fed(
+            "sleep",
+            &["30"],
+            &log,
+            Duration::from_millis(300),
+            |mut i| {
+                let mb = vec![0u8; 1 << 20];
+                for _ in 0..64 {
+                    i.write_all(&mb)?;
+                }
+                Ok::<_, std::io::Error>(())
+            },
+        )
+        .unwrap();
+        assert!(matches!(ran, Err(XlError::Timeout { .. })), "{ran:?}");
+        assert!(fed.is_err());
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     }
 
     /// A daemon child keeping the output open does not hold the caller.
