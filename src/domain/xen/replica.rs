@@ -3,8 +3,9 @@
 //! from, which carried HVM params are written into it, and which replica
 //! pages had no place in it.
 //!
-//! The new domain is made by `xl create -p` from the primary's carried xl
-//! config, so the toolstack sets up what Xen's own restore also leaves to
+//! A PVH guest's new domain is made by `xl create -p` from the primary's
+//! carried xl config (a PV guest's by `xl restore -p` of the same config,
+//! `restore_pv.rs`), so the toolstack sets up what Xen's own restore also leaves to
 //! it (libxl restore, `xg_sr_restore_x86_hvm.c`): the special pages
 //! (xenstore and console rings, cleared), fresh event channels for them
 //! (`HVM_PARAM_STORE_EVTCHN`, `HVM_PARAM_CONSOLE_EVTCHN`), the grant-table
