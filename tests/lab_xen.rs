@@ -260,7 +260,7 @@ fn failover(args: &[&str], built: &str) {
     let last = stdout.lines().last().unwrap_or_default();
     assert!(last.starts_with("xen failover: ok"), "{}", ctx());
     // The figures, for `cargo test -- --nocapture` and CI logs.
-    eprintln!("{last}");
+    eprintln!("xen-failover {args:?}: {last}");
     // "rounds A..B (primary at R)": the activated guest resumed at or
     // before the primary's last round (the checkpoint is never ahead of
     // the primary) and ran on for several rounds, each one checked.
