@@ -176,6 +176,7 @@ pub fn receiver_run(data: &[u8]) -> Option<u64> {
             kind,
             epoch,
             payload,
+            buf: None,
         }) {
             Ok(Event::Committed(e)) => {
                 if let Some((last, _)) = committed {

@@ -32,6 +32,7 @@ use super::stage::{Applied, StageError, Staging};
 use super::undo::{recover, Recovered, Undo, UndoError};
 use super::wire::{self, OpRef};
 use crate::transport::record::{Cursor, PayloadError};
+use crate::transport::recv_buf::Held;
 
 pub const MAX_DISKS: usize = 16;
 /// Largest disk a backup accepts (16 TiB).
@@ -374,8 +375,8 @@ impl BackupDisks {
     }
 
     /// Checkpoint payload: validated whole and staged.
-    pub fn stage(&mut self, payload: &[u8]) -> Result<(), SessionError> {
-        Ok(self.staging.stage(payload, &self.sizes)?)
+    pub fn stage(&mut self, payload: &[u8], held: Option<Held>) -> Result<(), SessionError> {
+        Ok(self.staging.stage(payload, held, &self.sizes)?)
     }
 
     /// `DiskWrites` records staged in the open epoch.
@@ -507,7 +508,7 @@ mod tests {
             for b in wire::batches(&e.ops, 1 << 20) {
                 let mut p = Vec::new();
                 wire::encode(&mut p, *disk, b);
-                back.stage(&p).unwrap();
+                back.stage(&p, None).unwrap();
             }
         }
         assert!(

@@ -2,7 +2,10 @@
 //!
 //! A `DiskWrites` payload is validated whole ([`super::wire::parse`])
 //! before it is staged; staged payloads are kept in memory up to a bound
-//! and spill to an unnamed temporary file beyond it. Nothing reaches a
+//! and spill to an unnamed temporary file beyond it. A large payload the
+//! record reader lets us keep in its receive buffer
+//! ([`crate::transport::recv_buf::Held`]) is staged in place, not copied;
+//! the bound then counts the whole buffers such payloads pin. Nothing reaches a
 //! disk image before [`Staging::commit`], which the receiver calls at the
 //! epoch's end together with the memory commit and before it acks: it
 //! replays the writes in arrival order and, when the epoch carried a flush
@@ -15,6 +18,7 @@
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +26,8 @@ use super::fault::Fault;
 use super::image::{DiskImage, ImageError};
 use super::undo::{Undo, UndoError};
 use super::wire::{parse, DiskWireError, OpRef};
+use crate::transport::record::READ_CHUNK;
+use crate::transport::recv_buf::Held;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
@@ -63,12 +69,30 @@ pub struct Applied {
     pub synced: bool,
 }
 
+/// Payloads at least this large are kept where the reader received them
+/// when it allows it: moving on to a new buffer costs the reader a copy of
+/// under [`READ_CHUNK`] bytes, less than copying the payload.
+pub const HOLD_MIN: usize = READ_CHUNK;
+
+/// A payload staged in memory.
+#[derive(Debug)]
+enum InMem {
+    /// Copied into [`Staging::mem`], at this range.
+    Copied(Range<usize>),
+    /// Left in the reader's buffer.
+    Held(Held),
+}
+
 #[derive(Debug)]
 pub struct Staging {
     limit: usize,
     spill_dir: PathBuf,
-    /// Staged payloads, each behind its `u32` length.
+    /// Staged in memory, in arrival order (before any spilled payload).
+    held: Vec<InMem>,
+    /// The bytes of the `Copied` payloads.
     mem: Vec<u8>,
+    /// Memory the staged payloads take: `mem` plus each distinct held buffer.
+    in_mem: usize,
     spill: Option<File>,
     spilled: u64,
     records: u32,
@@ -83,7 +107,9 @@ impl Staging {
         Staging {
             limit,
             spill_dir: spill_dir.to_path_buf(),
+            held: Vec::new(),
             mem: Vec::new(),
+            in_mem: 0,
             spill: None,
             spilled: 0,
             records: 0,
@@ -108,20 +134,46 @@ impl Staging {
         self.spilled
     }
 
-    /// Validates `payload` against the disks' sizes and stages it whole.
-    pub fn stage(&mut self, payload: &[u8], sizes: &[u64]) -> Result<(), StageError> {
+    /// Validates `payload` against the disks' sizes and stages it whole:
+    /// in place if `held` keeps it (and it is at least [`HOLD_MIN`]
+    /// bytes), else by copying it.
+    pub fn stage(
+        &mut self,
+        payload: &[u8],
+        held: Option<Held>,
+        sizes: &[u64],
+    ) -> Result<(), StageError> {
         let (_, ops) = parse(payload, sizes)?;
         self.flush |= ops.iter().any(|o| matches!(o, OpRef::Flush));
-        let len = (payload.len() as u32).to_le_bytes();
-        if self.spill.is_none() && self.mem.len() + 4 + payload.len() <= self.limit {
-            self.mem.extend_from_slice(&len);
-            self.mem.extend_from_slice(payload);
+        let held = held.filter(|_| payload.len() >= HOLD_MIN);
+        let cost = match (&held, self.held.last()) {
+            (Some(h), Some(InMem::Held(last))) if h.same_buffer(last) => 0,
+            (Some(h), _) => h.buffer_len(),
+            (None, _) => payload.len(),
+        };
+        if self.spill.is_none() && self.in_mem + cost <= self.limit {
+            self.in_mem += cost;
+            self.held.push(match held {
+                Some(h) => InMem::Held(h),
+                None => {
+                    let at = self.mem.len();
+                    self.mem.extend_from_slice(payload);
+                    InMem::Copied(at..self.mem.len())
+                }
+            });
         } else {
+            let len = (payload.len() as u32).to_le_bytes();
             self.spill_write(&len)?;
             self.spill_write(payload)?;
         }
         self.records += 1;
         Ok(())
+    }
+
+    /// Bytes of memory the open epoch's staged payloads take (copied ones,
+    /// and the whole receive buffers held ones pin).
+    pub fn in_memory(&self) -> usize {
+        self.in_mem
     }
 
     fn spill_err(&self, op: &'static str) -> impl FnOnce(io::Error) -> StageError + '_ {
@@ -229,12 +281,11 @@ impl Staging {
         &self,
         mut f: impl FnMut(&[u8]) -> Result<(), StageError>,
     ) -> Result<(), StageError> {
-        let mut at = 0;
-        while at < self.mem.len() {
-            let len =
-                u32::from_le_bytes(self.mem[at..at + 4].try_into().expect("4 bytes")) as usize;
-            f(&self.mem[at + 4..at + 4 + len])?;
-            at += 4 + len;
+        for m in &self.held {
+            f(match m {
+                InMem::Copied(r) => &self.mem[r.clone()],
+                InMem::Held(h) => h.bytes(),
+            })?;
         }
         let mut pos = 0;
         let mut scratch = Vec::new();
@@ -254,7 +305,10 @@ impl Staging {
 
     /// Forgets the open epoch's writes (torn epoch, or after commit).
     pub fn discard(&mut self) {
+        // Dropping the held payloads hands their buffers back to the reader.
+        self.held.clear();
         self.mem.clear();
+        self.in_mem = 0;
         if self.spilled > 0 {
             if let Some(f) = &self.spill {
                 // Only shrinks a scratch file; on failure later writes
@@ -400,9 +454,9 @@ mod tests {
         let mut st = Staging::new(64 << 20, spill.path());
         let sizes = [img.size()];
         // The first write fits in the file system, the second does not.
-        st.stage(&payload(0, &[w(0, 1, 512 << 10)]), &sizes)
+        st.stage(&payload(0, &[w(0, 1, 512 << 10)]), None, &sizes)
             .unwrap();
-        st.stage(&payload(0, &[w(2 << 20, 2, 1 << 20)]), &sizes)
+        st.stage(&payload(0, &[w(2 << 20, 2, 1 << 20)]), None, &sizes)
             .unwrap();
         let e = st.commit(&[&img], None, 1).unwrap_err().to_string();
         assert!(e.contains("reserving space") && e.contains("d.img"), "{e}");
@@ -415,8 +469,12 @@ mod tests {
     /// Two disks with data, holes and an epoch that writes over data,
     /// into a hole, zeroes and trims, across both.
     fn busy_epoch(st: &mut Staging, sizes: &[u64]) {
-        st.stage(&payload(0, &[w(4096, 7, 8192), w(60 << 10, 8, 100)]), sizes)
-            .unwrap();
+        st.stage(
+            &payload(0, &[w(4096, 7, 8192), w(60 << 10, 8, 100)]),
+            None,
+            sizes,
+        )
+        .unwrap();
         let zero = DiskOp::Zero {
             offset: 0,
             len: 300,
@@ -425,9 +483,10 @@ mod tests {
             offset: 16384,
             len: 8192,
         };
-        st.stage(&payload(1, &[zero, w(5000, 9, 10_000), trim]), sizes)
+        st.stage(&payload(1, &[zero, w(5000, 9, 10_000), trim]), None, sizes)
             .unwrap();
-        st.stage(&payload(0, &[w(4000, 6, 200)]), sizes).unwrap();
+        st.stage(&payload(0, &[w(4000, 6, 200)]), None, sizes)
+            .unwrap();
     }
 
     #[test]
@@ -465,6 +524,50 @@ mod tests {
     }
 
     #[test]
+    fn held_payloads_count_their_buffers_and_spill_beyond_the_bound() {
+        use crate::transport::record::{write_record, RecordKind, RecordReader};
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskImage::create(&dir.path().join("a.img"), 4 << 20).unwrap();
+        let sizes = [a.size()];
+        let big = |off: u64, b: u8| payload(0, &[w(off, b, 300 << 10)]);
+        let mut v = Vec::new();
+        for (i, p) in [
+            big(0, 1),
+            payload(0, &[w(0, 9, 10)]),
+            big(1 << 20, 2),
+            big(2 << 20, 3),
+        ]
+        .iter()
+        .enumerate()
+        {
+            write_record(&mut v, RecordKind::DiskWrites, i as u64, p);
+        }
+        // The first payload pins the reader's first buffer (4 MiB), the
+        // second is copied, the third pins the 2 MiB buffer the reader
+        // moved to; the fourth, in a third buffer, is over the bound and
+        // spills.
+        let mut s = Staging::new(7 << 20, dir.path());
+        let mut r = RecordReader::new(&v[..]);
+        for _ in 0..4 {
+            let rec = r.next().unwrap();
+            s.stage(rec.payload, rec.hold(), &sizes).unwrap();
+        }
+        assert!(s.in_memory() >= 6 << 20, "held buffers counted whole");
+        assert!(s.spilled() > 0, "beyond the bound the payloads spill");
+        s.commit(&[&a], None, 1).unwrap();
+        let got = read(&a);
+        let range = |at: usize, b: u8| got[at..at + (300 << 10)].iter().all(|&x| x == b);
+        assert!(
+            got[..10].iter().all(|&x| x == 9),
+            "the later small write wins"
+        );
+        assert!(
+            range(1 << 20, 2) && range(2 << 20, 3) && got[10..300 << 10].iter().all(|&x| x == 1)
+        );
+        assert_eq!(s.in_memory(), 0);
+    }
+
+    #[test]
     fn nothing_reaches_the_image_before_commit_and_order_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let a = DiskImage::create(&dir.path().join("a.img"), 16384).unwrap();
@@ -472,9 +575,10 @@ mod tests {
         let sizes = [a.size(), b.size()];
         // A tiny memory bound: the second and third payloads spill.
         let mut s = Staging::new(100, dir.path());
-        s.stage(&payload(0, &[w(0, 1, 64)]), &sizes).unwrap();
-        s.stage(&payload(0, &[w(32, 2, 4096)]), &sizes).unwrap();
-        s.stage(&payload(1, &[w(100, 3, 10), DiskOp::Flush]), &sizes)
+        s.stage(&payload(0, &[w(0, 1, 64)]), None, &sizes).unwrap();
+        s.stage(&payload(0, &[w(32, 2, 4096)]), None, &sizes)
+            .unwrap();
+        s.stage(&payload(1, &[w(100, 3, 10), DiskOp::Flush]), None, &sizes)
             .unwrap();
         assert!(s.spilled() > 0, "the bound forced a spill");
         assert_eq!(s.records(), 3);
@@ -502,9 +606,10 @@ mod tests {
         let mut s = Staging::new(1 << 20, dir.path());
         // First op valid, second past the end: the record is not staged.
         let bad = payload(0, &[w(0, 7, 10), w(8190, 7, 10)]);
-        assert!(s.stage(&bad, &[a.size()]).is_err());
+        assert!(s.stage(&bad, None, &[a.size()]).is_err());
         assert_eq!(s.records(), 0);
-        s.stage(&payload(0, &[w(0, 7, 10)]), &[a.size()]).unwrap();
+        s.stage(&payload(0, &[w(0, 7, 10)]), None, &[a.size()])
+            .unwrap();
         s.discard();
         let got = s.commit(&[&a], None, 1).unwrap();
         assert_eq!(got, Applied::default());
@@ -527,7 +632,7 @@ mod tests {
                 },
             ],
         );
-        s.stage(&p, &[8192]).unwrap();
+        s.stage(&p, None, &[8192]).unwrap();
         let got = s.commit(&[&a], None, 1).unwrap();
         assert!(!got.synced, "no flush in the epoch");
         let r = read(&a);

@@ -332,7 +332,7 @@ impl Receiver {
         let disk = |source| StreamError::Disk { epoch, source };
         match class {
             EpochClass::Seed => disks.apply_seed(rec.payload).map_err(disk)?,
-            EpochClass::Checkpoint => disks.stage(rec.payload).map_err(disk)?,
+            EpochClass::Checkpoint => disks.stage(rec.payload, rec.hold()).map_err(disk)?,
         }
         self.open.as_mut().expect("open checked").disk_records += 1;
         Ok(Event::None)
@@ -812,6 +812,82 @@ mod tests {
         rx.discard_open();
         assert_eq!(std::fs::read(&path).unwrap(), disk);
         assert_eq!(rx.committed(), Some(1));
+    }
+
+    /// Large writes are staged in the reader's buffers (not copied): they
+    /// still reach the disk only at commit, a torn epoch leaves nothing,
+    /// and what lands is exactly what was sent though the reader read on.
+    #[test]
+    fn held_disk_writes_reach_the_disk_only_at_commit() {
+        use crate::disk::session::{encode_announce, replica_disk_path, DiskSpec};
+        use crate::disk::wire::DiskOp;
+        const MB: usize = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let mut rx = Receiver::new(PAGES)
+            .unwrap()
+            .with_disk_dir(dir.path().to_path_buf());
+        let spec = DiskSpec {
+            name: "d".into(),
+            size: 4 * MB as u64,
+            nbd: String::new(),
+        };
+        let w = |off: usize, n: usize, b: u8| DiskOp::Write {
+            offset: off as u64,
+            data: (0..n).map(|i| b ^ (i / 4096) as u8).collect(),
+        };
+        // Held (>= 256 KiB), copied (4 KiB), held: applied in this order.
+        let epoch_ops = |b: u8| {
+            vec![
+                ops(&[w(0, MB, b)]),
+                ops(&[w(MB / 2, 4096, b + 1)]),
+                ops(&[w(3 * MB, 600 << 10, b + 2), w(MB - 4096, 8192, b + 3)]),
+            ]
+        };
+        let mut want = vec![0u8; 4 * MB];
+        let put = |want: &mut Vec<u8>, o: &DiskOp| {
+            if let DiskOp::Write { offset, data } = o {
+                want[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+            }
+        };
+        let mut v = Vec::new();
+        write_record(&mut v, RecordKind::Disks, 0, &encode_announce(&[spec]));
+        v.extend(disk_epoch(0, &[], 0));
+        v.extend(disk_epoch(1, &epoch_ops(10), 3));
+        // Read in the reader's own steps: feed() gives it the whole stream.
+        feed(&mut rx, &v).unwrap();
+        for o in [
+            w(0, MB, 10),
+            w(MB / 2, 4096, 11),
+            w(3 * MB, 600 << 10, 12),
+            w(MB - 4096, 8192, 13),
+        ] {
+            put(&mut want, &o);
+        }
+        let path = replica_disk_path(dir.path(), "d");
+        assert!(std::fs::read(&path).unwrap() == want, "epoch 1 on disk");
+        // Epoch 2 torn after its three records: nothing of it lands.
+        let full = disk_epoch(2, &epoch_ops(50), 3);
+        let mut r = RecordReader::new(&full[..]);
+        for _ in 0..4 {
+            rx.on_record(r.next().unwrap()).unwrap();
+        }
+        rx.discard_open();
+        assert!(
+            std::fs::read(&path).unwrap() == want,
+            "a torn epoch reached the disk"
+        );
+        // Sent again whole, it commits.
+        feed(&mut rx, &full).unwrap();
+        for o in [
+            w(0, MB, 50),
+            w(MB / 2, 4096, 51),
+            w(3 * MB, 600 << 10, 52),
+            w(MB - 4096, 8192, 53),
+        ] {
+            put(&mut want, &o);
+        }
+        assert!(std::fs::read(&path).unwrap() == want, "epoch 2 on disk");
+        assert_eq!(rx.committed(), Some(2));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`wire`]: header constants and the bounds-checked payload [`wire::Cursor`].
 //! - [`slots`]: the slot/credit protocol (pure bookkeeping, no I/O).
 //! - [`auth`]: the session's keys and the per-record tag (seal / open).
-//! - [`record`]: framing, verifying and sending single records.
+//! - [`record`]: framing, verifying and sending single records;
+//!   [`recv_buf`]: the reader's buffers, which a consumer may keep.
 //! - [`messages`]: the typed payloads of records.
 //! - [`link`]: [`RecordSink`] (primary) and [`RecordSource`] (backup), the
 //!   two halves every transport provides to the engine.
@@ -26,6 +27,7 @@ pub mod messages;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod record;
+pub mod recv_buf;
 pub mod ring;
 pub mod seal;
 pub mod select;

@@ -37,8 +37,10 @@
 //! bounds-check it.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use crate::transport::auth::{AuthError, Opener, TAG_LEN};
+use crate::transport::recv_buf::{self, Bufs, Held};
 
 pub use crate::transport::wire::{
     Cursor, PayloadError, HEADER_LEN, MAGIC, MAX_PAYLOAD, WIRE_VERSION,
@@ -154,6 +156,17 @@ pub struct Record<'a> {
     pub kind: RecordKind,
     pub epoch: u64,
     pub payload: &'a [u8],
+    /// The buffer `payload` lies in, when its reader lets consumers keep
+    /// it ([`Record::hold`]); `None` for other sources.
+    pub buf: Option<&'a Arc<Vec<u8>>>,
+}
+
+impl Record<'_> {
+    /// The payload kept in place past the next record, without a copy,
+    /// if the source allows it (see [`crate::transport::recv_buf`]).
+    pub fn hold(&self) -> Option<Held> {
+        self.buf.map(|b| recv_buf::held(b, self.payload))
+    }
 }
 
 fn header_bytes(kind: RecordKind, epoch: u64, len: u32) -> [u8; HEADER_LEN] {
@@ -314,6 +327,7 @@ pub fn check<'a>(
                 kind: h.kind,
                 epoch: h.epoch,
                 payload: &rec[HEADER_LEN..HEADER_LEN + h.len],
+                buf: None,
             })
         }
         None => verify(h, rec),
@@ -338,6 +352,7 @@ pub fn verify<'a>(h: &Header, rec: &'a [u8]) -> Result<Record<'a>, RecordError> 
         kind: h.kind,
         epoch: h.epoch,
         payload,
+        buf: None,
     })
 }
 
@@ -346,9 +361,13 @@ pub fn verify<'a>(h: &Header, rec: &'a [u8]) -> Result<Record<'a>, RecordError> 
 /// The reader does its own buffering: it reads the socket in large chunks
 /// straight into one buffer and hands out records as slices of it, so a
 /// payload is copied once (by the kernel) between the socket and its parser.
+/// A consumer may keep a payload in place ([`Record::hold`]); the reader
+/// then moves on to another buffer. A read asks for at most the record
+/// being completed plus [`READ_CHUNK`], so what moves with it (the bytes
+/// read past a held record) stays under [`READ_CHUNK`].
 pub struct RecordReader<R> {
     inner: R,
-    buf: Vec<u8>,
+    bufs: Bufs,
     /// Unconsumed bytes are `buf[start..end]`.
     start: usize,
     end: usize,
@@ -362,8 +381,9 @@ pub struct RecordReader<R> {
     open: Option<Opener>,
 }
 
-/// Reads ask the kernel for at least this much room.
-const READ_CHUNK: usize = 256 << 10;
+/// Reads ask the kernel for at least this much room, and for at most this
+/// much beyond the record being completed.
+pub const READ_CHUNK: usize = 256 << 10;
 
 /// The buffer of an authenticated reader: many records of
 /// `PAGES_RECORD_TARGET` (256 KiB) fit before the unconsumed tail is moved
@@ -375,7 +395,7 @@ impl<R: Read> RecordReader<R> {
     pub fn new(inner: R) -> Self {
         RecordReader {
             inner,
-            buf: vec![0; BUF_SIZE],
+            bufs: Bufs::new(BUF_SIZE),
             start: 0,
             end: 0,
             bytes_read: 0,
@@ -390,7 +410,7 @@ impl<R: Read> RecordReader<R> {
     pub fn with_limit(inner: R, limit: usize) -> Self {
         RecordReader {
             inner,
-            buf: vec![0; 2 * (HEADER_LEN + limit)],
+            bufs: Bufs::new(2 * (HEADER_LEN + limit)),
             start: 0,
             end: 0,
             bytes_read: 0,
@@ -415,9 +435,8 @@ impl<R: Read> RecordReader<R> {
     /// and gives the reader its full buffer.
     pub fn unlimited(mut self) -> Self {
         self.limit = None;
-        if self.buf.len() < BUF_SIZE {
-            self.buf.resize(BUF_SIZE, 0);
-        }
+        self.bufs.unshare(&mut self.start, &mut self.end);
+        self.bufs.grow(BUF_SIZE);
         self
     }
 
@@ -440,7 +459,7 @@ impl<R: Read> RecordReader<R> {
     pub fn map_inner<S: Read>(self, f: impl FnOnce(R) -> S) -> RecordReader<S> {
         RecordReader {
             inner: f(self.inner),
-            buf: self.buf,
+            bufs: self.bufs,
             start: self.start,
             end: self.end,
             bytes_read: self.bytes_read,
@@ -453,16 +472,19 @@ impl<R: Read> RecordReader<R> {
     fn fill(&mut self, n: usize, what: &'static str, at_boundary: bool) -> Result<(), RecordError> {
         let chunk = self.limit.map_or(READ_CHUNK, |l| HEADER_LEN + l);
         while self.end - self.start < n {
-            if self.buf.len() - self.start < n + chunk {
+            let buf = self.bufs.writable();
+            if buf.len() - self.start < n + chunk {
                 // Move the partial record to the front, growing if needed.
-                self.buf.copy_within(self.start..self.end, 0);
+                buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
-                if self.buf.len() < n + chunk {
-                    self.buf.resize(n + chunk, 0);
+                if buf.len() < n + chunk {
+                    buf.resize(n + chunk, 0);
                 }
             }
-            match self.inner.read(&mut self.buf[self.end..]) {
+            // Never far past this record (bounds what a hold moves).
+            let upto = buf.len().min(self.start + n + chunk);
+            match self.inner.read(&mut buf[self.end..upto]) {
                 Ok(0) => {
                     let got = self.end - self.start;
                     return Err(if got == 0 && at_boundary {
@@ -482,8 +504,10 @@ impl<R: Read> RecordReader<R> {
     /// Reads the next record. `Err(Eof)` only at a record boundary.
     #[allow(clippy::should_implement_trait)] // lends from self: not an Iterator
     pub fn next(&mut self) -> Result<Record<'_>, RecordError> {
+        // The last record's buffer may be held: never write into it again.
+        self.bufs.unshare(&mut self.start, &mut self.end);
         self.fill(HEADER_LEN, "record header", true)?;
-        let h: [u8; HEADER_LEN] = self.buf[self.start..self.start + HEADER_LEN]
+        let h: [u8; HEADER_LEN] = self.bufs.bytes()[self.start..self.start + HEADER_LEN]
             .try_into()
             .expect("header length");
         let hd = parse_header_of(&h, self.open.as_ref())?;
@@ -510,7 +534,15 @@ impl<R: Read> RecordReader<R> {
         let end = at + total;
         self.start = end;
         self.bytes_read += total as u64;
-        check(&hd, &mut self.buf[at..end], self.open.as_mut())
+        let rec = check(&hd, &mut self.bufs.writable()[at..end], self.open.as_mut())?;
+        let (kind, epoch, len) = (rec.kind, rec.epoch, rec.payload.len());
+        let at = at + HEADER_LEN;
+        Ok(Record {
+            kind,
+            epoch,
+            payload: &self.bufs.bytes()[at..at + len],
+            buf: Some(self.bufs.current()),
+        })
     }
 }
 
@@ -607,6 +639,46 @@ mod tests {
     }
 
     #[test]
+    fn held_payloads_stay_intact_while_the_reader_reads_on() {
+        // Records of 300 KiB to 1.2 MiB and small ones between them, read
+        // in steps that split records; every large payload is held.
+        let payload =
+            |i: usize, n: usize| -> Vec<u8> { (0..n).map(|k| (k * 31 + i * 7) as u8).collect() };
+        let sizes: Vec<usize> = (0..24)
+            .map(|i| {
+                if i % 3 == 2 {
+                    100
+                } else {
+                    (300 << 10) + i * 40_000
+                }
+            })
+            .collect();
+        let mut v = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            write_record(&mut v, RecordKind::DiskWrites, i as u64, &payload(i, n));
+        }
+        for step in [4096, 100_000, 1 << 20, usize::MAX] {
+            let mut r = RecordReader::new(Trickle { data: &v, step });
+            let mut held = Vec::new();
+            for (i, &n) in sizes.iter().enumerate() {
+                let rec = r.next().unwrap();
+                assert_eq!((rec.epoch, rec.payload.len()), (i as u64, n));
+                if n >= READ_CHUNK {
+                    held.push((i, rec.hold().expect("a reader's record can be held")));
+                }
+            }
+            assert!(matches!(r.next(), Err(RecordError::Eof)));
+            assert_eq!(held.len(), 16);
+            for (i, h) in &held {
+                assert!(
+                    h.bytes() == &payload(*i, sizes[*i])[..],
+                    "step {step}: record {i} changed"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn a_limited_reader_refuses_big_records_and_stays_small() {
         let mut v = one(RecordKind::Hello, 0, &[1; 100]);
         v.extend(one(RecordKind::Pages, 1, &vec![2; 1 << 20]));
@@ -617,7 +689,7 @@ mod tests {
             matches!(e, RecordError::Unauthenticated { len, limit: 4096, .. } if len == 1 << 20),
             "{e}"
         );
-        assert!(r.buf.len() <= 4 * 4096, "grew to {} bytes", r.buf.len());
+        assert!(r.bufs.len() <= 4 * 4096, "grew to {} bytes", r.bufs.len());
         // Authenticated: the same bytes pass.
         let mut r = RecordReader::with_limit(&v[..], 4096);
         r.next().unwrap();
