@@ -21,9 +21,13 @@ use std::sync::Arc;
 /// record plus the reader's bounded overshoot fit, so a held record pins
 /// about twice its size.
 const SWITCH_SIZE: usize = 2 << 20;
-/// Spares no one holds kept for reuse (fresh buffers cost a page fault
-/// per 4 KiB on first use); more are freed.
-const IDLE_SPARES: usize = 16;
+/// Spares no one holds kept for reuse; more are freed. A fresh buffer
+/// costs a page fault per 4 KiB on first use (in a profile of 1 MiB
+/// writes, a pool of 16 left an epoch's worth to be faulted in every
+/// epoch, costing more than the copy saved), so the pool keeps what an
+/// epoch at the disk staging's memory bound (256 MiB) can hold, which is
+/// what the staging's own buffer kept before.
+const IDLE_SPARES: usize = 128;
 
 /// A payload kept in the reader's buffer (see the module documentation).
 #[derive(Debug, Clone)]
@@ -128,7 +132,7 @@ impl Bufs {
             idle <= IDLE_SPARES
         });
         // Held ones: keep a bounded number to reuse after their commit.
-        while self.spare.len() > 4 * IDLE_SPARES {
+        while self.spare.len() > 2 * IDLE_SPARES {
             self.spare.remove(0);
         }
     }
