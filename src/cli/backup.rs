@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::Args;
 
 use castor::engine::activate::{self, ActivateConfig};
-use castor::engine::backup::{self, BackupConfig, BackupOutcome};
+use castor::engine::backup::{self, BackgroundSave, BackupConfig, BackupOutcome};
 use castor::engine::live::LiveEnd;
 use castor::engine::primary::PrimaryConfig;
 use castor::ha::arbiter::Arbiter;
@@ -190,6 +190,10 @@ pub fn run(a: BackupArgs) -> Result<ExitCode, String> {
             m.digest,
             a.state_dir.display()
         ),
+        (None, Some(e)) if out.unsaved => eprintln!(
+            "castor backup: replica holds epoch {e}; saving it to {} while failing over",
+            a.state_dir.display()
+        ),
         _ => eprintln!("castor backup: no checkpoint was completed; nothing saved"),
     }
     if let Some(arb) = arbiter.as_mut() {
@@ -229,6 +233,8 @@ fn backup_config(a: &BackupArgs, psk: &Psk) -> Result<BackupConfig, String> {
         handshake_timeout: a.handshake_timeout,
         beacon,
         decode_lanes: a.decode_lanes.map(usize::from),
+        // An activating backup saves while it arbitrates (fail_over).
+        defer_save: a.activate,
     })
 }
 
@@ -261,6 +267,8 @@ fn activate_saved(a: &BackupArgs, psk: Psk) -> Result<ExitCode, String> {
         ended_at: std::time::Instant::now(),
         replica: Some((mem, state)),
         session,
+        disks: Vec::new(),
+        unsaved: false,
     };
     let code = fail_over(a, psk, arb.as_mut(), &mut out)?;
     Ok(ExitCode::from(code.unwrap_or(0)))
@@ -307,9 +315,13 @@ fn fail_over(
     arb: &mut dyn Arbiter,
     out: &mut BackupOutcome,
 ) -> Result<Option<u8>, String> {
-    let Some((mem, state)) = out.replica.take() else {
+    // A replica the stream just ended with is saved meanwhile: arbitration
+    // and fencing do not wait for its write and fsync.
+    let mut saving = BackgroundSave::start(&a.state_dir, out);
+    let mut replica = out.replica.take();
+    if saving.is_none() && replica.is_none() {
         return Err("cannot activate: no checkpoint was completed".into());
-    };
+    }
     let dir = a.state_dir.join("activated");
     let plan = Plan {
         peer: &out.peer,
@@ -327,9 +339,15 @@ fn fail_over(
     let disks = out
         .meta
         .as_ref()
-        .map(|m| m.disks.clone())
-        .unwrap_or_default();
+        .map_or_else(|| out.disks.clone(), |m| m.disks.clone());
+    let slot = &mut saving;
     let activation = |lease: Option<LeaseWatch>, heirs| {
+        // The save works on a snapshot (the replica is here), or on the
+        // replica itself: then activation waits for it.
+        let (mem, state) = match replica.take() {
+            Some(r) => r,
+            None => saved(slot.take().expect("the replica is being saved")),
+        };
         let mut acfg = activate_config(a, lease, heirs);
         acfg.disks = disks;
         let dial = reprotect_dial(a, psk);
@@ -347,8 +365,18 @@ fn fail_over(
             },
         })
     };
-    let f = failover::run(&plan, arb, activation).map_err(|e| e.to_string())?;
-    Ok(f.outcome.exit_status())
+    let f = failover::run(&plan, arb, activation);
+    if let Some(job) = saving {
+        // A snapshot's save, or not activated: the saved replica is what a
+        // later run can use.
+        saved(job);
+    }
+    Ok(f.map_err(|e| e.to_string())?.outcome.exit_status())
+}
+
+/// Waits for the background save (it says how it went); the replica back.
+fn saved(job: BackgroundSave) -> (castor::domain::GuestMemory, Vec<u8>) {
+    job.finish().0
 }
 
 fn activate_config(a: &BackupArgs, lease: Option<LeaseWatch>, heirs: HeirBook) -> ActivateConfig {

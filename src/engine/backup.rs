@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::digest::Digest;
+use crate::domain::GuestMemory;
 use crate::engine::accept::{Authenticated, Door, DoorConfig};
 use crate::engine::receiver::{Event, Receiver};
 use crate::engine::replica::{self, Meta, ReplicaError};
@@ -71,6 +72,10 @@ pub struct BackupConfig {
     /// Lanes decoding pages (`--decode-lanes`); None: chosen from the
     /// guest's size and this host's cores ([`crate::engine::receiver::default_lanes`]).
     pub decode_lanes: Option<usize>,
+    /// Leave the committed replica unsaved in the outcome
+    /// ([`BackupOutcome::unsaved`]): an activating backup saves it with
+    /// [`BackgroundSave`] while it arbitrates and fences.
+    pub defer_save: bool,
 }
 
 impl BackupConfig {
@@ -89,6 +94,7 @@ impl BackupConfig {
             handshake_timeout: Duration::from_secs(5),
             beacon: None,
             decode_lanes: None,
+            defer_save: false,
         }
     }
 }
@@ -114,10 +120,15 @@ pub struct BackupOutcome {
     /// When the stream ended or broke.
     pub ended_at: std::time::Instant,
     /// The committed replica (memory, saved state), for activation.
-    pub replica: Option<(crate::domain::GuestMemory, Vec<u8>)>,
+    pub replica: Option<(GuestMemory, Vec<u8>)>,
     /// The session's name in the arbiter's heir record (the primary's
     /// handshake nonce, hex; [`crate::ha::heir`]).
     pub session: Option<String>,
+    /// The replica's disks (as `meta` lists them once saved).
+    pub disks: Vec<crate::disk::session::DiskSpec>,
+    /// The committed replica is in `replica` but not yet saved to the
+    /// state directory (`defer_save`).
+    pub unsaved: bool,
 }
 
 /// Serves one primary from `listener` over tcp and returns once its stream ended.
@@ -206,6 +217,8 @@ pub fn serve_with(
             ended_at,
             replica: None,
             session: Some(crate::ha::heir::hex(&hello.nonce)),
+            disks: Vec::new(),
+            unsaved: false,
         },
     )
 }
@@ -490,33 +503,265 @@ fn transport_mismatch(transport: TransportKind, payload: &[u8]) -> String {
 }
 
 /// Saves the committed replica (if any epoch was committed) to the state
-/// directory and completes `out` with it.
+/// directory, unless `cfg.defer_save`, and completes `out` with it.
 fn save(
     cfg: &BackupConfig,
     rx: Receiver,
     mut out: BackupOutcome,
 ) -> Result<BackupOutcome, BackupError> {
     if let Some(epoch) = rx.committed() {
-        // SAFETY: the receiver is the replica's only writer and it is idle.
-        let mem = unsafe { rx.memory().as_slice() };
-        let disks = rx.disks().map(|d| d.specs().to_vec()).unwrap_or_default();
-        if !disks.is_empty() {
+        out.disks = rx.disks().map(|d| d.specs().to_vec()).unwrap_or_default();
+        if !out.disks.is_empty() {
             // An apply whose roll back failed left its journal sealed: the
             // disks are put back (or the save refused) before they are copied.
             crate::disk::session::recover_disks(&cfg.state_dir.join("disks"))?;
         }
-        let meta = replica::save_with_disks(
-            &cfg.state_dir,
-            mem,
-            rx.state(),
-            (epoch, &out.domain, out.session.as_deref()),
-            &disks,
-            &cfg.state_dir,
-        )?;
-        out.digest = Digest::from_hex(&meta.digest);
-        out.meta = Some(meta);
+        if cfg.defer_save {
+            out.unsaved = true;
+        } else {
+            // SAFETY: the receiver is the replica's only writer and it is idle.
+            let mem = unsafe { rx.memory().as_slice() };
+            let meta = replica::save_with_disks(
+                &cfg.state_dir,
+                mem,
+                rx.state(),
+                (epoch, &out.domain, out.session.as_deref()),
+                &out.disks,
+                &cfg.state_dir,
+            )?;
+            out.digest = Digest::from_hex(&meta.digest);
+            out.meta = Some(meta);
+        }
     }
     out.committed = rx.committed();
     out.replica = out.committed.map(|_| rx.into_replica());
     Ok(out)
+}
+
+/// Saves a committed replica on its own thread, so that an activating
+/// backup's arbitration, fencing and activation do not wait for the write
+/// and fsync of the whole image. When this host has room for a copy, the
+/// thread saves a snapshot and the replica stays in the outcome for
+/// activation at once; else the replica goes with the thread and comes
+/// back with [`BackgroundSave::finish`], which must come before anything
+/// writes it again (activation adopts it).
+pub struct BackgroundSave(SaveState);
+
+/// The replica back and what its save made of it.
+type Saved = ((GuestMemory, Vec<u8>), Result<Meta, ReplicaError>);
+
+enum SaveState {
+    Running(std::thread::JoinHandle<Saved>),
+    /// No thread could be started: saved in the foreground.
+    Done(Box<Saved>),
+}
+
+impl BackgroundSave {
+    /// Starts saving `out`'s unsaved replica into `state_dir`; None (and
+    /// `out` untouched) when it has none to save. `out.replica` is Some
+    /// afterwards when the save works on a snapshot.
+    pub fn start(state_dir: &std::path::Path, out: &mut BackupOutcome) -> Option<Self> {
+        Self::start_with(state_dir, out, true)
+    }
+
+    fn start_with(
+        state_dir: &std::path::Path,
+        out: &mut BackupOutcome,
+        may_snapshot: bool,
+    ) -> Option<Self> {
+        let (Some(epoch), true, Some(_)) = (out.committed, out.unsaved, &out.replica) else {
+            return None;
+        };
+        let job = SaveJob {
+            dir: state_dir.to_path_buf(),
+            epoch,
+            domain: out.domain.clone(),
+            session: out.session.clone(),
+            disks: out.disks.clone(),
+        };
+        // The replica follows through a channel once the thread exists, so
+        // a failed spawn cannot take it along.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(GuestMemory, Vec<u8>)>(1);
+        let job = Arc::new(job);
+        let worker = job.clone();
+        let spawned = std::thread::Builder::new()
+            .name("castor-save".into())
+            .spawn(move || {
+                let replica = rx
+                    .recv()
+                    .expect("the replica is sent right after the spawn");
+                let r = worker.run(&replica);
+                (replica, r)
+            });
+        let mut replica = out.replica.take().expect("checked above");
+        out.unsaved = false;
+        // With room for a copy, the save works on a snapshot and the
+        // replica goes straight back: activation need not wait at all.
+        if let Some(copy) = snapshot(&replica.0).filter(|_| may_snapshot) {
+            out.replica = Some(replica);
+            replica = (copy, out.replica.as_ref().expect("just put").1.clone());
+        }
+        Some(BackgroundSave(match spawned {
+            Ok(thread) => {
+                tx.send(replica)
+                    .expect("the save thread waits for the replica");
+                SaveState::Running(thread)
+            }
+            Err(e) => {
+                eprintln!("castor backup: spawning the save thread: {e}; saving first");
+                let r = job.run(&replica);
+                job.report(&r);
+                SaveState::Done(Box::new((replica, r)))
+            }
+        }))
+    }
+
+    /// Waits for the save; the replica back, and what the save made of it.
+    pub fn finish(self) -> Saved {
+        match self.0 {
+            SaveState::Running(t) => match t.join() {
+                Ok(r) => r,
+                Err(p) => std::panic::resume_unwind(p),
+            },
+            SaveState::Done(r) => *r,
+        }
+    }
+}
+
+/// A copy of `mem` (its non-zero pages; the rest stay unmapped zeros) when
+/// this host has room for it: at least twice its size available.
+fn snapshot(mem: &GuestMemory) -> Option<GuestMemory> {
+    let len = mem.pages() * PAGE_SIZE as u64;
+    if mem_available().map_or(true, |avail| avail < 2 * len) {
+        return None;
+    }
+    let copy = GuestMemory::new(len as usize).ok()?;
+    let mut page = [0u8; PAGE_SIZE];
+    for gfn in 0..mem.pages() {
+        mem.read_page(gfn, &mut page);
+        if page.iter().any(|&b| b != 0) {
+            copy.write_page(gfn, &page);
+        }
+    }
+    Some(copy)
+}
+
+/// This host's `MemAvailable` (`/proc/meminfo`), bytes.
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// What [`BackgroundSave`] writes.
+struct SaveJob {
+    dir: PathBuf,
+    epoch: u64,
+    domain: String,
+    session: Option<String>,
+    disks: Vec<crate::disk::session::DiskSpec>,
+}
+
+impl SaveJob {
+    /// Says how the save went. A failed save does not stop an activation:
+    /// the replica in memory is whole; only a later `--from-saved` needs
+    /// the files.
+    fn report(&self, r: &Result<Meta, ReplicaError>) {
+        match r {
+            Ok(m) => eprintln!(
+                "castor backup: replica of epoch {} (digest {}) saved to {}",
+                m.epoch,
+                m.digest,
+                self.dir.display()
+            ),
+            Err(e) => eprintln!(
+                "castor backup: error: saving the replica to {}: {e} (the copy in memory is used)",
+                self.dir.display()
+            ),
+        }
+    }
+
+    fn run(&self, (mem, state): &(GuestMemory, Vec<u8>)) -> Result<Meta, ReplicaError> {
+        // SAFETY: the memory moved into this thread with the job; nothing
+        // else holds it until `finish` hands it back.
+        let bytes = unsafe { mem.as_slice() };
+        replica::save_with_disks(
+            &self.dir,
+            bytes,
+            state,
+            (self.epoch, &self.domain, self.session.as_deref()),
+            &self.disks,
+            &self.dir,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(replica: Option<(GuestMemory, Vec<u8>)>, unsaved: bool) -> BackupOutcome {
+        BackupOutcome {
+            peer: "test".into(),
+            domain: "sim:mem=64KiB".into(),
+            clean: false,
+            end: "test".into(),
+            discarded: None,
+            committed: replica.as_ref().map(|_| 7),
+            meta: None,
+            digest: None,
+            bytes_received: 0,
+            silent: None,
+            ended_at: Instant::now(),
+            replica,
+            session: Some("ab".into()),
+            disks: Vec::new(),
+            unsaved,
+        }
+    }
+
+    /// The background save writes the replica it was given (the saved
+    /// digest is that of the memory and state handed back). With a
+    /// snapshot the replica stays in the outcome; without, the very same
+    /// memory comes back from `finish`.
+    #[test]
+    fn a_background_save_writes_the_replica_and_hands_it_back() {
+        for may_snapshot in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let mem = GuestMemory::new(16 * PAGE_SIZE).unwrap();
+            // SAFETY: a fresh private mapping of 16 pages; page 3 is inside.
+            unsafe { mem.page_ptr(3).add(5).write(0x42) };
+            // SAFETY: nothing else holds the memory.
+            let want = Digest::of(unsafe { mem.as_slice() }, b"state").to_hex();
+            let ptr = mem.as_ptr();
+            let mut out = outcome(Some((mem, b"state".to_vec())), true);
+            let job = BackgroundSave::start_with(dir.path(), &mut out, may_snapshot)
+                .expect("something to save");
+            assert!(!out.unsaved);
+            let ((mem, _), meta) = job.finish();
+            let meta = meta.unwrap();
+            if may_snapshot {
+                let kept = out.replica.as_ref().expect("the replica stays");
+                assert_eq!(kept.0.as_ptr(), ptr, "not the same memory");
+                assert_ne!(mem.as_ptr(), ptr, "saved from the replica itself");
+            } else {
+                assert!(out.replica.is_none());
+                assert_eq!(mem.as_ptr(), ptr, "not the same memory");
+            }
+            assert_eq!((meta.epoch, meta.digest.to_string()), (7, want.clone()));
+            let (saved, _, _) = replica::load(dir.path()).unwrap();
+            assert_eq!(saved.digest.to_string(), want, "snapshot {may_snapshot}");
+        }
+    }
+
+    #[test]
+    fn nothing_unsaved_starts_no_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut saved = outcome(Some((GuestMemory::new(PAGE_SIZE).unwrap(), vec![])), false);
+        assert!(BackgroundSave::start(dir.path(), &mut saved).is_none());
+        assert!(saved.replica.is_some(), "the replica was taken");
+        let mut none = outcome(None, true);
+        assert!(BackgroundSave::start(dir.path(), &mut none).is_none());
+    }
 }
