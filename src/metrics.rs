@@ -28,8 +28,18 @@ pub struct EpochRecord {
     pub harvest_us: u64,
     /// Dirty-log harvest just before the pause, while the guest runs.
     pub preharvest_us: u64,
+    /// Pages the harvest inside the pause found (written since the
+    /// pre-harvest; some may be in the pre-harvest too).
+    pub late_pages: u64,
     pub copy_us: u64,
+    /// Of `copy_us`: taking the staging buffer inside the pause (zero
+    /// unless the buffer readied before the pause was too small).
+    pub staging_us: u64,
     pub state_us: u64,
+    /// Of `pause_us`: the pause request until the guest stood still.
+    pub stop_us: u64,
+    /// Of `pause_us`: the resume call.
+    pub resume_us: u64,
     /// Time waited for a free in-flight slot before pausing.
     pub extension_us: u64,
     /// Sum of encoder CPU time over all shards.
@@ -52,6 +62,17 @@ pub struct EpochRecord {
     /// Compressor the encoders used for this epoch ("none", "lz4",
     /// "zstd"); chosen per epoch with `--compress auto`.
     pub compressor: &'static str,
+    /// The pause budget (dirty pages) in force while the epoch ran (0:
+    /// none: `--pause-target off`, or the domain cannot count its writes).
+    pub budget_pages: u64,
+    /// Pauses given up before the epoch ended in them (the dirty set
+    /// outgrew the staging readied for it) and taken again.
+    pub retried_pauses: u64,
+    /// The epoch ended early: its dirty set reached the budget.
+    pub budget_end: bool,
+    /// The dirty set reached the budget while every in-flight slot was
+    /// taken: the guest was throttled as hard as it may be until one freed.
+    pub budget_hold: bool,
     /// Disk operations (writes, zeroes, trims, flushes) the epoch carried.
     pub disk_ops: u64,
     /// Guest bytes those disk writes wrote.
@@ -102,6 +123,8 @@ pub struct Metrics {
     pub acked_epoch: u64,
     pub extended_epochs: u64,
     pub extension_us: u64,
+    pub budget_ended: u64,
+    pub budget_held: u64,
     /// Sum of every epoch's `pause_us`.
     pub pause_us_total: u64,
     pub dirty_pages: u64,
@@ -147,6 +170,8 @@ impl Metrics {
             acked_epoch: 0,
             extended_epochs: 0,
             extension_us: 0,
+            budget_ended: 0,
+            budget_held: 0,
             pause_us_total: 0,
             dirty_pages: 0,
             raw_bytes: 0,
@@ -210,6 +235,8 @@ impl Metrics {
             self.extended_epochs += 1;
             self.extension_us += r.extension_us;
         }
+        self.budget_ended += u64::from(r.budget_end);
+        self.budget_held += u64::from(r.budget_hold);
         self.dirty_pages += r.dirty_pages;
         self.raw_bytes += r.raw_bytes;
         self.wire_bytes += r.wire_bytes;
@@ -287,6 +314,11 @@ pub struct Summary {
     pub epoch_len_us: Pct,
     pub extended_epochs: u64,
     pub extension_us_total: u64,
+    /// Epochs ended early because their dirty set reached the pause
+    /// budget (`--pause-target`), and epochs whose guest was throttled
+    /// hard at the budget while waiting for an in-flight slot.
+    pub budget_ended_epochs: u64,
+    pub budget_held_epochs: u64,
     /// Share of guest time taken by throttling, per epoch (percent).
     pub throttle_pct: Pct,
     /// Epochs encoded with each compressor (`--compress auto` chooses).
@@ -375,6 +407,8 @@ impl Summary {
             epoch_len_us: Pct::of(&m.epoch_len),
             extended_epochs: m.extended_epochs,
             extension_us_total: m.extension_us,
+            budget_ended_epochs: m.budget_ended,
+            budget_held_epochs: m.budget_held,
             throttle_pct: Pct::of(&m.throttle),
             compressor_epochs: CompressorEpochs {
                 none: m.compressor_epochs[0],

@@ -49,6 +49,12 @@ pub fn print_table(s: &Summary) {
         s.extended_epochs,
         s.extension_us_total / 1000
     );
+    if s.budget_ended_epochs + s.budget_held_epochs > 0 {
+        println!(
+            "pause budget      {} epochs ended at it, {} held at it (throttled hard waiting for acks)",
+            s.budget_ended_epochs, s.budget_held_epochs
+        );
+    }
     println!(
         "seed              {:.1} ms, {} on the wire, first pass {} pages",
         s.seed_ms,

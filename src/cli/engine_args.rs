@@ -48,6 +48,13 @@ pub struct EngineArgs {
     /// without bound).
     #[arg(long)]
     pub no_throttle: bool,
+    /// The pause to aim at: an epoch ends early once its dirty set reaches
+    /// the pages a pause this long copies (measured), and while no
+    /// checkpoint may start (all in flight) the guest is throttled hard
+    /// instead; `off`: epochs are never ended early. Needs a domain that
+    /// counts its writes (sim); elsewhere it has no effect.
+    #[arg(long, default_value = "4ms", value_parser = parse_pause_target)]
+    pub pause_target: PauseTarget,
     /// UNSAFE, for experiments: let guest output (network frames) out at
     /// once instead of holding it until the backup acknowledged the
     /// checkpoint that produced it. After a failover clients may see the
@@ -76,6 +83,16 @@ pub struct EngineArgs {
 }
 
 /// `--epoch 25ms` or `--epoch auto[:...]`.
+/// `--pause-target`'s value (None: off).
+#[derive(Debug, Clone, Copy)]
+pub struct PauseTarget(pub Option<std::time::Duration>);
+
+pub fn parse_pause_target(s: &str) -> Result<PauseTarget, String> {
+    castor::engine::primary::budget::parse_target(s)
+        .map(PauseTarget)
+        .map_err(|e| e.to_string())
+}
+
 pub fn parse_epoch(s: &str) -> Result<EpochPolicy, String> {
     EpochPolicy::parse(s).map_err(|e| e.to_string())
 }
@@ -101,6 +118,7 @@ impl EngineArgs {
             compressor: self.compress.fixed,
             compress_auto: self.compress.auto,
             throttle: !self.no_throttle,
+            pause_target: self.pause_target.0,
             output_commit: !self.no_output_commit,
             backup_silence: self.backup_timeout,
             heartbeat_interval: self.heartbeat_interval,

@@ -90,12 +90,26 @@ pub trait Domain: Send {
         Ok(true)
     }
     /// Takes `pct` percent of the guest's run time away from now on (0:
-    /// none), so it dirties memory more slowly; returns false when this
-    /// domain cannot be throttled. Called while running or paused, never
-    /// inside the pause's critical work. Default: cannot.
+    /// none), so it dirties memory more slowly; 100 stops it altogether
+    /// until lowered (the pause budget's last resort while the pipeline
+    /// has no room; the guest is not paused: no checkpoint is taken). A
+    /// domain may take less than asked (sim: at most 95 % short of 100).
+    /// Returns false when this domain cannot be throttled. Called while
+    /// running or paused, never inside the pause's critical work.
+    /// Default: cannot.
     fn throttle(&mut self, pct: u8) -> bool {
         let _ = pct;
         false
+    }
+    /// Page writes the guest made so far, counted by the domain itself
+    /// (cheaply, while it runs): the pages written since some moment are at
+    /// most the difference of two readings. Read by the epoch thread while
+    /// the guest runs, to end an epoch whose dirty set reached the pause
+    /// budget. None when the domain cannot count (kvm: the guest writes
+    /// memory directly; its dirty log is read only by a harvest). Default:
+    /// None.
+    fn page_writes(&self) -> Option<u64> {
+        None
     }
     /// The guest's own progress so far in its own units (sim: page
     /// writes), for throughput with and without protection; None when the

@@ -244,6 +244,17 @@ impl Domain for SimDomain {
         Some(self.workers.as_ref().map_or(0, Workers::progress))
     }
 
+    /// Timed workloads count every page write (one page per step, plus
+    /// each thread's control-block slot, a page per thread); deterministic
+    /// ones do not count, so they have no pause budget (their epochs are
+    /// fixed quotas anyway).
+    fn page_writes(&self) -> Option<u64> {
+        if self.spec.is_deterministic() {
+            return None;
+        }
+        Some(self.workers.as_ref().map_or(0, Workers::progress))
+    }
+
     fn disks(&self) -> Vec<(String, Arc<crate::disk::WriteLog>)> {
         self.disk
             .iter()

@@ -18,7 +18,9 @@
 //!   thread that has not parked again since.
 //!
 //! Invariant: when `pause()` returns, every thread is inside the gate's
-//! wait and cannot write guest memory until the next `resume()`. Writes
+//! wait (parked, or sleeping out a pacing wait: `sleeping`; it re-checks
+//! the flags under the lock before writing again) and cannot write guest
+//! memory until the next `resume()`. Writes
 //! made before parking happen-before `pause()` returning (mutex hand-off).
 //! A thread that panics is counted as `failed`, so `pause()` reports an
 //! error instead of waiting forever.
@@ -55,6 +57,10 @@ struct GateState {
     /// Bumped by every resume; parked threads wait for it to change.
     generation: u64,
     parked: usize,
+    /// Timed threads sleeping out a pacing or throttle wait: they cannot
+    /// write before they take the lock again and see the flags, so a
+    /// pause need not wait for them to wake and park.
+    sleeping: usize,
     failed: Vec<String>,
 }
 
@@ -190,7 +196,7 @@ impl Workers {
             self.gate.flags.fetch_or(PAUSE, Ordering::SeqCst);
             self.gate.workers.notify_all();
         }
-        while st.parked < self.handles.len() && st.failed.is_empty() {
+        while st.parked + st.sleeping < self.handles.len() && st.failed.is_empty() {
             st = self
                 .gate
                 .controller
@@ -226,9 +232,12 @@ impl Workers {
     /// [`MAX_THROTTLE`]); 0 lets it run free. Timed mode only: a
     /// deterministic workload's epochs are fixed quotas.
     pub fn set_throttle(&self, pct: u8) {
-        self.gate
-            .throttle
-            .store(pct.min(MAX_THROTTLE), Ordering::Relaxed);
+        let pct = if pct >= STAND_STILL {
+            STAND_STILL
+        } else {
+            pct.min(MAX_THROTTLE)
+        };
+        self.gate.throttle.store(pct, Ordering::Relaxed);
     }
 
     /// Page writes the workload threads made so far.
@@ -238,8 +247,15 @@ impl Workers {
 }
 
 /// Largest share of the workload's time throttling takes: the guest never
-/// stops entirely (it must still make progress, as its clients see it).
+/// stops entirely (it must still make progress, as its clients see it)...
 pub const MAX_THROTTLE: u8 = 95;
+/// ...except at this throttle, a hold: the threads write nothing (they
+/// sleep in [`HOLD_NAP`] naps, counted as stopped for a pause) until it is
+/// lowered. The engine's pause budget uses it while the pipeline has no
+/// room and the dirty set is past its slack.
+pub const STAND_STILL: u8 = 100;
+/// How long a held thread sleeps before looking at the throttle again.
+const HOLD_NAP: Duration = Duration::from_millis(1);
 
 impl Drop for Workers {
     fn drop(&mut self) {
@@ -390,18 +406,30 @@ fn run_timed(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan, out: 
             continue;
         }
         let throttle = gate.throttle.load(Ordering::Relaxed);
-        if base_rate > 0 && throttle != bucket.throttle {
+        if base_rate > 0 && throttle < STAND_STILL && throttle != bucket.throttle {
             bucket = Bucket::throttled(base_rate, throttle);
         }
         let wait = match base_rate {
+            _ if throttle >= STAND_STILL => Some(HOLD_NAP),
             0 => duty.take(throttle),
             _ => bucket.take(),
         };
         if let Some(wait) = wait {
-            let st = gate.lock();
+            gate.progress.fetch_add(unflushed, Ordering::Relaxed);
+            unflushed = 0;
+            let mut st = gate.lock();
             if !st.paused && !st.stop {
                 // Spurious wakeups only shorten the sleep; the bucket re-checks.
-                drop(gate.workers.wait_timeout(st, wait));
+                // Asleep, the thread counts as stopped for a pause: it
+                // writes again only after re-checking the flags (the
+                // `continue`), which a pause raised under this lock.
+                // (No pause is waiting now: `paused` is false under the lock.)
+                st.sleeping += 1;
+                let (mut st, _) = gate
+                    .workers
+                    .wait_timeout(st, wait)
+                    .unwrap_or_else(|p| p.into_inner());
+                st.sleeping -= 1;
             }
             continue;
         }

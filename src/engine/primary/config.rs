@@ -37,6 +37,10 @@ pub struct PrimaryConfig {
     /// Throttle the guest when it dirties faster than the pipeline ships
     /// (see [`crate::engine::throttle`]); false: epochs are extended only.
     pub throttle: bool,
+    /// The pause to aim at (`--pause-target`): an epoch ends early once its
+    /// dirty set reaches the pages a pause of this length can copy (see
+    /// `primary::budget`); None: no budget (`off`).
+    pub pause_target: Option<Duration>,
     pub duration: Option<Duration>,
     pub max_epochs: Option<u64>,
     /// Print a progress line to stderr every second.
@@ -90,6 +94,7 @@ impl Default for PrimaryConfig {
             compressor: Compressor::Lz4,
             compress_auto: false,
             throttle: true,
+            pause_target: Some(super::budget::DEFAULT_TARGET),
             duration: None,
             max_epochs: None,
             progress: false,

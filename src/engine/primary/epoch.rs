@@ -22,9 +22,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::budget::{self, DirtyEstimate, PauseBudget};
 use super::dirty::{merge_sorted, RecentDirty};
 use super::job::{EpochJob, Meta, Pipe, Source};
-use super::pacing::{self, Pacer};
+use super::pacing::{self, DirtyGauge, Pacer};
 use super::shared::{PauseGate, Shared};
 use super::staging::StagingPool;
 use super::{PrimaryConfig, PrimaryError};
@@ -33,7 +34,7 @@ use crate::engine::codec_choice;
 use crate::engine::copy::CopyPool;
 use crate::engine::epoch_control::Observation;
 use crate::engine::shadow::PageBuf;
-use crate::engine::throttle::{Lag, Throttle};
+use crate::engine::throttle::{Lag, Throttle, MAX_PCT};
 use crate::ha::lease::Verdict;
 use crate::metrics::EpochRecord;
 use crate::outq::OutputQueue;
@@ -63,7 +64,8 @@ pub(super) struct Driver<'a> {
 /// Per-epoch buffers, reused so that the pause allocates nothing.
 #[derive(Default)]
 struct Capture {
-    /// Dirty pages harvested before the pause.
+    /// Dirty pages harvested before the pause (while the epoch ran, when
+    /// the budget asked, and just before the pause), sorted and unique.
     pre: Vec<u64>,
     /// Dirty pages harvested inside the pause.
     late: Vec<u64>,
@@ -102,31 +104,43 @@ impl Driver<'_> {
         let mut pacer = Pacer::start(self.cfg.epoch_policy(), Some(self.outq.held_signal()));
         let mut emitted = self.outq.emitted();
         let mut epoch = 0u64;
+        let mut budget = self.cfg.pause_target.map(PauseBudget::new);
+        // The guest's page writes at the last harvest (None: not counted).
+        let mut base = self.domain.page_writes();
         loop {
             epoch += 1;
-            let (ext, unacked) = pacer.wait_for_pause(self.shared, epoch, k)?;
+            let limit = budget.as_ref().map_or(0, PauseBudget::pages);
+            let waited = {
+                let shared = self.shared;
+                let mut gauge = Gauge {
+                    d: self,
+                    cap: &mut cap,
+                    base: &mut base,
+                    limit,
+                    stopped: false,
+                };
+                pacer.wait_for_pause(shared, epoch, k, &mut gauge)?
+            };
             let final_epoch = self.is_final(start, epoch, Instant::now());
             let mut rec = EpochRecord {
                 epoch,
                 throttle_pct: u64::from(self.throttle.pct()),
+                budget_pages: if base.is_some() { limit } else { 0 },
+                budget_end: waited.full,
+                budget_hold: waited.held,
                 ..Default::default()
             };
-            self.pace_guest(ext, unacked, k);
-
-            // Pre-harvest while the guest still runs: most of the epoch's
-            // dirty set is collected (and re-armed) outside the pause; the
-            // harvest inside the pause only picks up the last moment's writes.
-            let t_pre = Instant::now();
-            cap.pre.clear();
-            self.harvest(&mut cap.pre)?;
-            rec.preharvest_us = t_pre.elapsed().as_micros() as u64;
-            // Staging for the pre-harvested set plus the last moment's
-            // writes, readied now: the pause never waits for or allocates it.
-            let want = cap.pre.len() + (cap.pre.len() / 4).max(STAGING_HEADROOM);
-            let ready = self.staging.prepare(want, self.shared)?;
-            rec.extension_us = pacing::extension_us(ext + ready);
-
-            let (pause_start, staging) = self.pause(epoch, final_epoch, &mut cap, &mut rec)?;
+            self.pace_guest(waited.extension, waited.unacked, k);
+            let (pause_start, staging) =
+                self.ready_and_pause(epoch, final_epoch, &mut cap, &mut rec, &mut base)?;
+            if let Some(b) = budget.as_mut() {
+                b.observe(
+                    rec.dirty_pages,
+                    Duration::from_micros(rec.copy_us - rec.staging_us),
+                    Duration::from_micros(rec.pause_us),
+                );
+            }
+            rec.extension_us += pacing::extension_us(waited.extension);
             // What the epoch controller sees: this pause, how long the
             // epoch ran and what it dirtied, the output the guest produced
             // in it, the latest acknowledged checkpoint.
@@ -142,6 +156,7 @@ impl Driver<'_> {
             };
             emitted = now_emitted;
             recent.push(&cap.gfns);
+            cap.pre.clear();
             let dirty = cap.gfns.len() as u64;
             let compressor = self.shared.codec.lock().unwrap().choose();
             rec.compressor = codec_choice::name(compressor);
@@ -174,6 +189,95 @@ impl Driver<'_> {
         }
         self.wait_final_ack(epoch)?;
         Ok((epoch, cap.state, recent.into_lists()))
+    }
+
+    /// Readies the pause and takes it: pre-harvests while the guest still
+    /// runs (most of the epoch's dirty set is collected and re-armed
+    /// outside the pause; the harvest inside it only picks up the last
+    /// moment's writes), readies a staging buffer for the pre-harvested
+    /// set plus headroom (waiting or allocating while the guest runs,
+    /// counted as extension), then pauses. A pause whose dirty set turns
+    /// out larger than the staging readied is given up before the epoch
+    /// ends in it (a short pause: stop, harvest, resume) and taken again
+    /// once a larger buffer is ready, so the pause never waits for or
+    /// allocates staging.
+    fn ready_and_pause(
+        &mut self,
+        epoch: u64,
+        final_epoch: bool,
+        cap: &mut Capture,
+        rec: &mut EpochRecord,
+        base: &mut Option<u64>,
+    ) -> Result<(Instant, PageBuf), PrimaryError> {
+        let limit = rec.budget_pages as usize;
+        let pages = self.domain.memory().pages() as usize;
+        let mut held = false;
+        let taken = loop {
+            let t_pre = Instant::now();
+            self.harvest_into_pre(cap, base)?;
+            rec.preharvest_us += t_pre.elapsed().as_micros() as u64;
+            // Under a budget, buffers are readied for a full epoch at
+            // once, rounded up to a power of two, so they stop growing
+            // after the first epochs (a budget that creeps up must not
+            // reallocate every buffer).
+            let set = cap.pre.len().max(limit);
+            let want = (set + (set / 4).max(STAGING_HEADROOM))
+                .next_power_of_two()
+                .min(pages.max(1));
+            // A set already at the budget, or a pause given up, must not
+            // grow while staging is readied: the guest is held.
+            if !held && (rec.retried_pauses > 0 || (limit > 0 && cap.pre.len() >= limit)) {
+                held = self.hold(true);
+            }
+            let ready = self.staging.prepare(want, self.shared);
+            let taken = match ready {
+                Ok(ready) => {
+                    rec.extension_us += pacing::extension_us(ready);
+                    self.pause(epoch, final_epoch, cap, rec, base)
+                }
+                Err(e) => Err(e),
+            };
+            match taken {
+                Ok(Some(t)) => break Ok(t),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            // Given up: the pages harvested in it stay this epoch's.
+            std::mem::swap(&mut cap.pre, &mut cap.gfns);
+            rec.retried_pauses += 1;
+        };
+        if held {
+            self.hold(false);
+            rec.budget_hold = true;
+        }
+        taken
+    }
+
+    /// Throttles the guest as hard as it may be (`on`), or back to the
+    /// throttle controller's share. Returns whether anything was applied
+    /// (not with `--no-throttle`).
+    fn hold(&mut self, on: bool) -> bool {
+        if !self.cfg.throttle {
+            return false;
+        }
+        let pct = if on { MAX_PCT } else { self.throttle.pct() };
+        self.domain.throttle(pct)
+    }
+
+    /// Harvests (outside the pause) and adds the pages to `cap.pre`;
+    /// `base` becomes the guest's write count read just before (writes
+    /// after it may or may not be in this harvest: counted as not).
+    fn harvest_into_pre(
+        &mut self,
+        cap: &mut Capture,
+        base: &mut Option<u64>,
+    ) -> Result<(), PrimaryError> {
+        *base = self.domain.page_writes();
+        cap.late.clear();
+        self.harvest(&mut cap.late)?;
+        merge_sorted(&cap.pre, &cap.late, &mut cap.gfns);
+        std::mem::swap(&mut cap.pre, &mut cap.gfns);
+        Ok(())
     }
 
     /// Appends the dirty pages since the last harvest to `out` (sorted,
@@ -223,24 +327,39 @@ impl Driver<'_> {
     /// The guest's pause: harvest, copy to staging, save state, resume
     /// (not after the final epoch). Fills the pause's timings into `rec`;
     /// returns when the pause started and the staging holding the pages
-    /// `cap.gfns`. Nothing here waits for the pipeline unless every staging
-    /// buffer is in flight (see [`StagingPool::take`]).
+    /// `cap.gfns`. Nothing here waits for castor's own resources: when no
+    /// spare staging buffer holds the dirty set, the guest is resumed at
+    /// once, before the epoch ends, and None is returned (`cap.gfns` then
+    /// holds every page harvested so far). `base` becomes the guest's
+    /// write count while it stood still (exact).
     fn pause(
         &mut self,
         epoch: u64,
         final_epoch: bool,
         cap: &mut Capture,
         rec: &mut EpochRecord,
-    ) -> Result<(Instant, PageBuf), PrimaryError> {
+        base: &mut Option<u64>,
+    ) -> Result<Option<(Instant, PageBuf)>, PrimaryError> {
         let t0 = Instant::now();
         let gate = PauseGate::close(self.shared);
         self.domain.pause()?;
+        let t_stopped = Instant::now();
         // Self-fencing: without the lease the guest must not run on.
         if self.shared.lease.may_proceed(Instant::now()) == Verdict::Fence {
             self.shared.lease_lapsed();
             let g = self.shared.inflight.lock().unwrap();
             return Err(g.error().expect("just failed"));
         }
+        cap.late.clear();
+        self.harvest(&mut cap.late)?;
+        merge_sorted(&cap.pre, &cap.late, &mut cap.gfns);
+        *base = self.domain.page_writes();
+        let t_harvest = Instant::now();
+        let Some(staging) = self.staging.take(cap.gfns.len()) else {
+            self.domain.resume()?;
+            return Ok(None);
+        };
+        let t_staged = Instant::now();
         // Output commit: epoch `epoch` ends here. The guest (every
         // output producer) is parked until `resume`, so output tagged
         // `epoch` is exactly what checkpoint `epoch` covers; from the
@@ -252,12 +371,6 @@ impl Driver<'_> {
         cap.disk = self.disks.cut(epoch);
         // Read after the store: output read from now on is tagged > epoch.
         rec.closed_at_ns = crate::metrics::mono_ns();
-        let t_paused = Instant::now();
-        cap.late.clear();
-        self.harvest(&mut cap.late)?;
-        merge_sorted(&cap.pre, &cap.late, &mut cap.gfns);
-        let t_harvest = Instant::now();
-        let staging = self.staging.take(cap.gfns.len(), self.shared)?;
         self.copy_pool
             .copy(self.domain.memory(), &cap.gfns, &staging);
         let t_copy = Instant::now();
@@ -270,11 +383,15 @@ impl Driver<'_> {
         let t_end = Instant::now();
         drop(gate);
         rec.dirty_pages = cap.gfns.len() as u64;
-        rec.harvest_us = (t_harvest - t_paused).as_micros() as u64;
+        rec.late_pages = cap.late.len() as u64;
+        rec.stop_us = (t_stopped - t0).as_micros() as u64;
+        rec.harvest_us = (t_harvest - t_stopped).as_micros() as u64;
+        rec.staging_us = (t_staged - t_harvest).as_micros() as u64;
         rec.copy_us = (t_copy - t_harvest).as_micros() as u64;
         rec.state_us = (t_state - t_copy).as_micros() as u64;
+        rec.resume_us = (t_end - t_state).as_micros() as u64;
         rec.pause_us = (t_end - t0).as_micros() as u64;
-        Ok((t0, staging))
+        Ok(Some((t0, staging)))
     }
 
     /// Clean stop: waits for the final epoch's acknowledgement.
@@ -297,6 +414,66 @@ impl Driver<'_> {
                 .wait_timeout(g, Duration::from_millis(50))
                 .unwrap()
                 .0;
+        }
+        Ok(())
+    }
+}
+
+/// How often the epoch thread asks the domain for its write count while an
+/// epoch runs under a pause budget.
+const BUDGET_POLL: Duration = Duration::from_micros(500);
+
+/// The throttle that stops the guest altogether (see `Domain::throttle`).
+const STAND_STILL: u8 = 100;
+
+/// The running epoch's dirty set as the pacer sees it: the pages harvested
+/// from it so far and the domain's write count since the last harvest,
+/// against the pause budget `limit` (see [`super::budget`]).
+struct Gauge<'g, 'a> {
+    d: &'g mut Driver<'a>,
+    cap: &'g mut Capture,
+    base: &'g mut Option<u64>,
+    /// The budget, pages (0: none).
+    limit: u64,
+    /// The guest was stopped by [`DirtyGauge::tighten`].
+    stopped: bool,
+}
+
+impl DirtyGauge for Gauge<'_, '_> {
+    fn poll(&self) -> Option<Duration> {
+        (self.limit > 0 && self.base.is_some()).then_some(BUDGET_POLL)
+    }
+
+    fn full(&mut self) -> Result<bool, PrimaryError> {
+        let (Some(base), Some(now)) = (*self.base, self.d.domain.page_writes()) else {
+            return Ok(false);
+        };
+        let e = DirtyEstimate {
+            harvested: self.cap.pre.len() as u64,
+            writes_since: now.saturating_sub(base),
+        };
+        match budget::verdict(e, self.limit) {
+            budget::Verdict::Run => Ok(false),
+            budget::Verdict::Full => Ok(true),
+            budget::Verdict::Harvest => {
+                self.d.harvest_into_pre(self.cap, self.base)?;
+                Ok(self.cap.pre.len() as u64 >= self.limit)
+            }
+        }
+    }
+
+    fn hold(&mut self, on: bool) {
+        self.d.hold(on);
+        self.stopped = false;
+    }
+
+    fn tighten(&mut self) -> Result<(), PrimaryError> {
+        let (Some(base), Some(now)) = (*self.base, self.d.domain.page_writes()) else {
+            return Ok(());
+        };
+        let upper = self.cap.pre.len() as u64 + now.saturating_sub(base);
+        if !self.stopped && upper >= self.limit + self.limit / budget::HOLD_SLACK {
+            self.stopped = self.d.cfg.throttle && self.d.domain.throttle(STAND_STILL);
         }
         Ok(())
     }

@@ -18,6 +18,7 @@
 //! | `epoch.rs`   | `castor-epoch`: the checkpoint loop and the pause itself |
 //! | `seed.rs`    | epoch 0: live pre-copy rounds and when they stop |
 //! | `pacing.rs`  | before the pause: epoch deadlines and backpressure (extension) |
+//! | `budget.rs`  | the pause budget: the dirty pages an epoch may collect |
 //! | `staging.rs` | staging buffers the pause copies into, and their recycling |
 //! | `dirty.rs`   | merging harvests; recent dirty lists |
 //! | `job.rs`     | the messages between threads, and dispatching a unit |
@@ -49,8 +50,14 @@
 //!   starts; the wait for a slot is recorded as the epoch's extension.
 //! - The guest's pause holds only harvest, copy and state save (plus the
 //!   lease check and the output epoch switch): the deadline and backpressure
-//!   waits are taken before it; the one wait left inside is the staging
-//!   fallback when every buffer is in flight (see `staging.rs`).
+//!   waits are taken before it, and so is readying staging; a pause whose
+//!   dirty set outgrew the staging readied is given up before its epoch
+//!   ends and taken again (see `epoch.rs`, `staging.rs`).
+//! - The pause budget (`budget.rs`): an epoch whose dirty set reaches the
+//!   pages a `--pause-target` pause can copy ends early, or, with K
+//!   checkpoints in flight, the guest is throttled hard (then stopped, past
+//!   the budget's slack) until a slot frees: both before the pause, and
+//!   output stays held whatever the throttle.
 //! - Output commit: the guest's output goes to a `castor-outq` queue
 //!   (`Domain::attach_output`, before `start`). The epoch thread opens
 //!   epoch N+1 in the queue between the pause ending N and the resume; the
@@ -65,6 +72,7 @@
 //!   [`PrimaryError::LeaseLost`]; held output is then dropped.
 
 mod ack;
+pub mod budget;
 mod config;
 mod dirty;
 mod encode;

@@ -24,6 +24,10 @@
 //!   [`EpochController::cut_after`] that frame, though never before
 //!   [`EpochController::floor`] into the epoch. A cut epoch's pause is the
 //!   base of the next deadline.
+//! - With a pause budget (`super::budget`), an epoch whose dirty set
+//!   reached it ends at once (its deadline moves to now); while K
+//!   checkpoints are in flight the guest is throttled hard instead, and
+//!   released to the throttle controller's share once a slot frees.
 //! - A failure of the session ends any wait (within 50 ms).
 
 use std::sync::Arc;
@@ -33,6 +37,37 @@ use super::shared::{Inflight, Shared};
 use super::PrimaryError;
 use crate::engine::epoch_control::{EpochController, EpochPolicy, Observation};
 use crate::outq::HeldSignal;
+
+/// What the epoch thread's wait needs to know of the running epoch's dirty
+/// set (see [`super::budget`]); implemented by the epoch thread, which
+/// owns the domain.
+pub(super) trait DirtyGauge {
+    /// How often to ask [`DirtyGauge::full`]; None: this domain cannot
+    /// count its writes, and the budget is never asked.
+    fn poll(&self) -> Option<Duration>;
+    /// Whether the epoch's dirty set reached the pause budget. May harvest
+    /// (outside the pause) to count it exactly.
+    fn full(&mut self) -> Result<bool, PrimaryError>;
+    /// Throttles the guest as hard as it may be (true), or back to the
+    /// throttle controller's share (false).
+    fn hold(&mut self, on: bool);
+    /// While held: stops the guest altogether once its dirty set grew past
+    /// the budget's slack anyway (a long wait for a slot).
+    fn tighten(&mut self) -> Result<(), PrimaryError>;
+}
+
+/// What [`Pacer::wait_for_pause`] saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Waited {
+    /// How long backpressure held the epoch open past its end.
+    pub extension: Duration,
+    /// Checkpoints unacknowledged when the epoch ended (before waiting).
+    pub unacked: u64,
+    /// The epoch ended because its dirty set reached the budget.
+    pub full: bool,
+    /// The guest was throttled hard while the epoch waited for a slot.
+    pub held: bool,
+}
 
 /// Extensions shorter than this are scheduling noise, recorded as none.
 const EXTENSION_NOISE: Duration = Duration::from_micros(200);
@@ -67,67 +102,136 @@ impl Pacer {
 
     /// Lets the guest run until the epoch's deadline (woken early by a
     /// failure or a stop; with `--epoch auto`, ended early once its output
-    /// is held: see the module doc), then waits while K checkpoints are
-    /// unacknowledged (`epoch` is the one about to be paused). Returns the
-    /// extension (how long backpressure held the epoch open past its
-    /// deadline) and the checkpoints unacknowledged at the deadline: what
-    /// the throttle reads.
+    /// is held: see the module doc; ended early once the epoch's dirty set
+    /// reached the pause budget, as `gauge` says), then waits while K
+    /// checkpoints are unacknowledged (`epoch` is the one about to be
+    /// paused), throttling the guest hard through `gauge` while the dirty
+    /// set is at the budget. Returns what the wait saw: the extension (how
+    /// long backpressure held the epoch open past its deadline) and the
+    /// checkpoints unacknowledged at the deadline are what the throttle
+    /// reads.
     pub fn wait_for_pause(
         &mut self,
         shared: &Shared,
         epoch: u64,
         k: u64,
-    ) -> Result<(Duration, u64), PrimaryError> {
-        match self.held.clone() {
+        gauge: &mut dyn DirtyGauge,
+    ) -> Result<Waited, PrimaryError> {
+        let full = match self.held.clone() {
             Some(sig) if self.control.cut_after(0).is_some() => {
-                self.run_or_cut(shared, &sig, epoch)?
+                self.run_or_cut(shared, &sig, epoch, gauge)?
             }
-            _ => self.run_to_deadline(shared)?,
+            _ => self.run_to_deadline(shared, gauge)?,
+        };
+        if full {
+            // The next epoch counts from this one's early end.
+            self.deadline = self.deadline.min(Instant::now());
         }
-        let g = shared.inflight.lock().unwrap();
+        let mut g = shared.inflight.lock().unwrap();
         // Backpressure: at most K checkpoints unacknowledged at pause time.
         let ext_start = Instant::now();
         // Epochs 0..epoch-1 have been handed to the pipeline; those after
         // the last ack are in flight.
         let unacked = |g: &Inflight| g.acked.map_or(epoch, |a| (epoch - 1).saturating_sub(a));
         let at_deadline = unacked(&g);
-        let g = shared.wait_while(g, |g| unacked(g) >= k)?;
+        let mut held = full && at_deadline >= k;
+        if held {
+            drop(g);
+            gauge.hold(true);
+            g = shared.inflight.lock().unwrap();
+        }
+        let slice = gauge.poll().unwrap_or(WAKE).min(WAKE);
+        while unacked(&g) >= k {
+            if let Some(e) = g.error() {
+                drop(g);
+                return Err(self.unhold(gauge, held, e));
+            }
+            g = shared.cv.wait_timeout(g, slice).unwrap().0;
+            if unacked(&g) >= k && gauge.poll().is_some() {
+                drop(g);
+                let asked = if held {
+                    gauge.tighten()
+                } else {
+                    gauge.full().map(|f| {
+                        held = f;
+                        if held {
+                            gauge.hold(true);
+                        }
+                    })
+                };
+                if let Err(e) = asked {
+                    return Err(self.unhold(gauge, held, e));
+                }
+                g = shared.inflight.lock().unwrap();
+            }
+        }
         let ext = ext_start.elapsed();
         drop(g);
-        Ok((ext, at_deadline))
+        if held {
+            gauge.hold(false);
+        }
+        Ok(Waited {
+            extension: ext,
+            unacked: at_deadline,
+            full,
+            held,
+        })
+    }
+
+    /// Lifts a hard throttle before an error is returned.
+    fn unhold(&self, gauge: &mut dyn DirtyGauge, held: bool, e: PrimaryError) -> PrimaryError {
+        if held {
+            gauge.hold(false);
+        }
+        e
     }
 
     /// The fixed clock: sleeps on the in-flight table's condvar (a failure
-    /// wakes it at once) until the deadline or a stop.
-    fn run_to_deadline(&self, shared: &Shared) -> Result<(), PrimaryError> {
-        let mut g = shared.inflight.lock().unwrap();
+    /// wakes it at once) until the deadline or a stop, asking `gauge`
+    /// every poll interval. Returns whether the dirty set reached the
+    /// budget first.
+    fn run_to_deadline(
+        &self,
+        shared: &Shared,
+        gauge: &mut dyn DirtyGauge,
+    ) -> Result<bool, PrimaryError> {
+        let slice = gauge.poll().unwrap_or(WAKE).min(WAKE);
         loop {
+            let g = shared.inflight.lock().unwrap();
             if let Some(e) = g.error() {
                 return Err(e);
             }
             let now = Instant::now();
             if now >= self.deadline || crate::engine::stop_requested() {
-                return Ok(());
+                return Ok(false);
             }
-            g = shared
-                .cv
-                .wait_timeout(g, (self.deadline - now).min(WAKE))
-                .unwrap()
-                .0;
+            drop(
+                shared
+                    .cv
+                    .wait_timeout(g, (self.deadline - now).min(slice))
+                    .unwrap(),
+            );
+            if gauge.poll().is_some() && gauge.full()? {
+                return Ok(true);
+            }
         }
     }
 
     /// The adaptive clock: until output of `epoch` is held, sleeps on the
     /// held-output event; then until the cut (`cut_after` the first frame,
-    /// not before the floor) or the nominal deadline, whichever is first.
-    /// A cut moves the deadline to now (the next epoch counts from it).
+    /// not before the floor) or the nominal deadline, whichever is first;
+    /// asks `gauge` every poll interval (true: the dirty set reached the
+    /// budget first). A cut moves the deadline to now (the next epoch
+    /// counts from it).
     fn run_or_cut(
         &mut self,
         shared: &Shared,
         sig: &HeldSignal,
         epoch: u64,
-    ) -> Result<(), PrimaryError> {
+        gauge: &mut dyn DirtyGauge,
+    ) -> Result<bool, PrimaryError> {
         let earliest = self.started + self.control.floor();
+        let poll = gauge.poll().unwrap_or(WAKE).min(WAKE);
         loop {
             let g = shared.inflight.lock().unwrap();
             if let Some(e) = g.error() {
@@ -141,14 +245,17 @@ impl Pacer {
             let now = Instant::now();
             if now >= end || crate::engine::stop_requested() {
                 self.deadline = self.deadline.min(now);
-                return Ok(());
+                return Ok(false);
             }
-            let slice = (end - now).min(WAKE);
+            let slice = (end - now).min(poll);
             if held.is_none() {
                 drop(g);
                 sig.wait(epoch, slice);
             } else {
                 drop(shared.cv.wait_timeout(g, slice).unwrap());
+            }
+            if gauge.poll().is_some() && gauge.full()? {
+                return Ok(true);
             }
         }
     }

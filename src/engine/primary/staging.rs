@@ -8,13 +8,11 @@
 //!   returns it once no encoder holds the job ([`StagingPool::reclaim`], run
 //!   before the pause).
 //! - Inside the pause ([`StagingPool::take`]) a spare buffer large enough is
-//!   used; otherwise one more is allocated while at most K+1 exist;
-//!   otherwise the pause waits for one to come back (the pipeline is full)
-//!   and grows it if it is too small. The wait and the growth are the only
-//!   ways a pause can depend on castor's own resources; they are a fallback
-//!   only: before every pause [`StagingPool::prepare`] readies a buffer
-//!   sized for the pre-harvested dirty set plus headroom, waiting or
-//!   allocating while the guest still runs (counted as extension).
+//!   used, or none: the pause never waits for a buffer nor allocates one.
+//!   Before every pause [`StagingPool::prepare`] readies a buffer sized for
+//!   the pre-harvested dirty set plus headroom, waiting or allocating while
+//!   the guest still runs (counted as extension); a dirty set that outgrew
+//!   it anyway gives the pause up (see `epoch.rs`).
 
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
@@ -91,31 +89,14 @@ impl<'a> StagingPool<'a> {
         Ok(t.elapsed())
     }
 
-    /// A buffer of at least `n` slots, for use inside the pause.
-    pub fn take(&mut self, n: usize, shared: &Shared) -> Result<PageBuf, PrimaryError> {
-        let mut staging = match self.spare.iter().position(|b| b.slots() >= n) {
-            Some(i) => self.spare.swap_remove(i),
-            None if self.count <= self.k => {
-                self.count += 1;
-                PageBuf::new_populated((n * 5 / 4).max(1024))?
-            }
-            None => {
-                // All buffers busy or too small: wait for one, grow if needed.
-                let b = match self.spare.pop() {
-                    Some(b) => b,
-                    None => self.wait_for_one(shared)?,
-                };
-                if b.slots() >= n {
-                    b
-                } else {
-                    PageBuf::new_populated((n * 5 / 4).max(1024))?
-                }
-            }
-        };
-        if staging.slots() < n {
-            staging = PageBuf::new_populated(n * 5 / 4)?;
-        }
-        Ok(staging)
+    /// A spare buffer of at least `n` slots, for use inside the pause:
+    /// never waits, never allocates. None: no spare buffer holds `n` pages
+    /// (the caller gives the pause up and readies one with
+    /// [`StagingPool::prepare`] outside it).
+    pub fn take(&mut self, n: usize) -> Option<PageBuf> {
+        self.reclaim();
+        let i = self.spare.iter().position(|b| b.slots() >= n)?;
+        Some(self.spare.swap_remove(i))
     }
 
     fn wait_for_one(&self, shared: &Shared) -> Result<PageBuf, PrimaryError> {
