@@ -40,6 +40,10 @@ pub struct EpochRecord {
     pub stop_us: u64,
     /// Of `pause_us`: the resume call.
     pub resume_us: u64,
+    /// Times the epoch thread was preempted (involuntary context switches)
+    /// during the pause: a long pause with none waited for something; with
+    /// some, the host took the core.
+    pub pause_preempted: u64,
     /// Time waited for a free in-flight slot before pausing.
     pub extension_us: u64,
     /// Sum of encoder CPU time over all shards.

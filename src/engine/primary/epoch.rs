@@ -95,6 +95,9 @@ pub(super) fn drive(mut d: Driver) -> DriveResult {
 /// between the pre-harvest and the pause (at least this many slots).
 const STAGING_HEADROOM: usize = 4096;
 
+/// Staging buffers grow in steps of this many slots (16 MiB).
+const STAGING_STEP: usize = 4096;
+
 impl Driver<'_> {
     fn checkpoints(&mut self) -> DriveResult {
         let k = self.cfg.max_inflight.max(1) as u64;
@@ -216,17 +219,18 @@ impl Driver<'_> {
             let t_pre = Instant::now();
             self.harvest_into_pre(cap, base)?;
             rec.preharvest_us += t_pre.elapsed().as_micros() as u64;
-            // Under a budget, buffers are readied for a full epoch at
-            // once, rounded up to a power of two, so they stop growing
-            // after the first epochs (a budget that creeps up must not
-            // reallocate every buffer).
-            let set = cap.pre.len().max(limit);
+            // Rounded up to 16 MiB steps, so that a set that creeps up
+            // does not reallocate a buffer every epoch.
+            let set = cap.pre.len();
             let want = (set + (set / 4).max(STAGING_HEADROOM))
-                .next_power_of_two()
+                .next_multiple_of(STAGING_STEP)
                 .min(pages.max(1));
-            // A set already at the budget, or a pause given up, must not
-            // grow while staging is readied: the guest is held.
-            if !held && (rec.retried_pauses > 0 || (limit > 0 && cap.pre.len() >= limit)) {
+            // Readying staging that is not there yet (an allocation, or a
+            // wait for a buffer in flight), a set already at the budget,
+            // or a pause given up: the set must not grow meanwhile, so the
+            // guest is held.
+            let short = !self.staging.ready(want);
+            if !held && (short || rec.retried_pauses > 0 || (limit > 0 && set >= limit)) {
                 held = self.hold(true);
             }
             let ready = self.staging.prepare(want, self.shared);
@@ -341,6 +345,7 @@ impl Driver<'_> {
         base: &mut Option<u64>,
     ) -> Result<Option<(Instant, PageBuf)>, PrimaryError> {
         let t0 = Instant::now();
+        let preempted = involuntary_switches();
         let gate = PauseGate::close(self.shared);
         self.domain.pause()?;
         let t_stopped = Instant::now();
@@ -391,6 +396,7 @@ impl Driver<'_> {
         rec.state_us = (t_state - t_copy).as_micros() as u64;
         rec.resume_us = (t_end - t_state).as_micros() as u64;
         rec.pause_us = (t_end - t0).as_micros() as u64;
+        rec.pause_preempted = involuntary_switches().saturating_sub(preempted);
         Ok(Some((t0, staging)))
     }
 
@@ -416,6 +422,20 @@ impl Driver<'_> {
                 .0;
         }
         Ok(())
+    }
+}
+
+/// The calling thread's involuntary context switches so far (0 if the
+/// kernel will not say).
+fn involuntary_switches() -> u64 {
+    // SAFETY: getrusage writes only the struct it is given.
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_THREAD, &mut ru) == 0 {
+            ru.ru_nivcsw as u64
+        } else {
+            0
+        }
     }
 }
 

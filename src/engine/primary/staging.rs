@@ -89,6 +89,13 @@ impl<'a> StagingPool<'a> {
         Ok(t.elapsed())
     }
 
+    /// Whether a spare buffer of at least `n` slots is ready now (after
+    /// taking back what the pipeline returned).
+    pub fn ready(&mut self, n: usize) -> bool {
+        self.reclaim();
+        self.spare.iter().any(|b| b.slots() >= n)
+    }
+
     /// A spare buffer of at least `n` slots, for use inside the pause:
     /// never waits, never allocates. None: no spare buffer holds `n` pages
     /// (the caller gives the pause up and readies one with
