@@ -540,9 +540,10 @@ fn save(
 
 /// Saves a committed replica on its own thread, so that an activating
 /// backup's arbitration, fencing and activation do not wait for the write
-/// and fsync of the whole image. When this host has room for a copy, the
-/// thread saves a snapshot and the replica stays in the outcome for
-/// activation at once; else the replica goes with the thread and comes
+/// and fsync of the whole image. When this host has room for a copy and
+/// the replica has no disks, the thread saves a snapshot and the replica
+/// stays in the outcome for activation at once; else the replica goes
+/// with the thread (and the disks are copied) and comes
 /// back with [`BackgroundSave::finish`], which must come before anything
 /// writes it again (activation adopts it).
 pub struct BackgroundSave(SaveState);
@@ -597,6 +598,10 @@ impl BackgroundSave {
         out.unsaved = false;
         // With room for a copy, the save works on a snapshot and the
         // replica goes straight back: activation need not wait at all.
+        // Not with disks: the save copies the disk images, which the
+        // activated guest would write meanwhile (the saved version's disk
+        // would run ahead of its memory).
+        let may_snapshot = may_snapshot && out.disks.is_empty();
         if let Some(copy) = snapshot(&replica.0).filter(|_| may_snapshot) {
             out.replica = Some(replica);
             replica = (copy, out.replica.as_ref().expect("just put").1.clone());
@@ -753,6 +758,29 @@ mod tests {
             let (saved, _, _) = replica::load(dir.path()).unwrap();
             assert_eq!(saved.digest.to_string(), want, "snapshot {may_snapshot}");
         }
+    }
+
+    /// A replica with disks is never saved from a snapshot: the save copies
+    /// the disk images, which an activated guest would be writing.
+    #[test]
+    fn a_replica_with_disks_is_saved_before_activation() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = GuestMemory::new(4 * PAGE_SIZE).unwrap();
+        let ptr = mem.as_ptr();
+        let mut out = outcome(Some((mem, vec![])), true);
+        out.disks = vec![crate::disk::session::DiskSpec {
+            name: "data".into(),
+            size: 4096,
+            nbd: String::new(),
+        }];
+        let job = BackgroundSave::start(dir.path(), &mut out).expect("something to save");
+        assert!(
+            out.replica.is_none(),
+            "activation could start before the save"
+        );
+        // (No disk image exists here: the save itself fails, and says so.)
+        let ((mem, _), _) = job.finish();
+        assert_eq!(mem.as_ptr(), ptr);
     }
 
     #[test]
