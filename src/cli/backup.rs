@@ -343,7 +343,7 @@ fn fail_over(
     let slot = &mut saving;
     let activation = |lease: Option<LeaseWatch>, heirs| {
         // The save works on a snapshot (the replica is here), or on the
-        // replica itself: then activation waits for it.
+        // replica itself (always with disks): activation waits for it.
         let (mem, state) = match replica.take() {
             Some(r) => r,
             None => saved(slot.take().expect("the replica is being saved")),
