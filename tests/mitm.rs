@@ -92,6 +92,7 @@ fn pump(
 ) {
     let mut n = 0usize;
     let mut held: Option<Vec<u8>> = None;
+    let mut to_gone = false;
     while let Some(r) = read_rec(&mut from, n >= HANDSHAKE_RECORDS) {
         n += 1;
         let mut out: Vec<Vec<u8>> = Vec::new();
@@ -141,9 +142,20 @@ fn pump(
                 out.extend(held.take());
             }
         }
+        if to_gone {
+            continue;
+        }
         for b in out {
             if to.write_all(&b).is_err() {
-                return;
+                // The primary has hung up (it refused the attack). The
+                // backup may still acknowledge an epoch it had in full:
+                // read on to its end, so `genuine_ack` is every ack it
+                // sent, not only those sent before the primary left.
+                to_gone = dir == Dir::ToPrimary;
+                if !to_gone {
+                    return;
+                }
+                break;
             }
         }
     }
