@@ -74,3 +74,35 @@ fn reprotect_needs_an_explicit_arbiter() {
     let e = backup_refused(&["--activate", "--reprotect", "127.0.0.1:9"]);
     assert!(e.contains("--arbiter"), "{e}");
 }
+
+/// A bench whose domain cannot be opened (here a Xen guest, refused by a
+/// build without the `xen` feature or a host without Xen) fails after its
+/// backup child started: that child must not outlive it (it used to wait
+/// for a primary forever; CI found one a test had left behind).
+#[test]
+fn a_bench_that_fails_leaves_no_backup_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = output_within(
+        castor().env("TMPDIR", tmp.path()).args([
+            "bench",
+            "--domain",
+            "xen:name=no-such-guest",
+            "--duration",
+            "1s",
+        ]),
+        EXIT_PATIENCE,
+    );
+    assert!(!out.status.success());
+    let marker = tmp.path().to_str().unwrap().to_string();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            e.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(&marker).then_some(cmd)
+        })
+        .collect();
+    assert!(left.is_empty(), "still running: {left:?}");
+}

@@ -55,15 +55,36 @@ fn run_session(
     Ok(out)
 }
 
-/// A backup running as a child process of this binary.
+/// A backup running as a child process of this binary. Dropped before it
+/// was reaped (a run that failed before or during its session), it is
+/// killed: it would otherwise wait for a primary forever.
 struct BackupChild {
     child: Child,
     addr: String,
     /// Its stderr, kept to explain a failed run.
     log: tempfile::NamedTempFile,
+    /// Reaped by [`BackupChild::wait`]: its pid may be another process's
+    /// since, so it is never signalled again.
+    reaped: bool,
+}
+
+impl Drop for BackupChild {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl BackupChild {
+    /// Waits for the backup to exit: its raw wait status and CPU time.
+    fn wait(&mut self) -> std::io::Result<(i32, std::time::Duration)> {
+        let r = metrics::wait_child(self.child.id());
+        self.reaped = r.is_ok();
+        r
+    }
+
     /// The last lines the backup wrote to stderr.
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.log.path()).unwrap_or_default();
@@ -110,10 +131,16 @@ fn spawn_backup(
     if quiet {
         cmd.stderr(Stdio::from(err));
     }
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .map_err(|e| LoopbackError::Backup(format!("starting backup: {e}")))?;
-    let out = child.stdout.take().expect("stdout piped");
+    let mut backup = BackupChild {
+        child,
+        addr: String::new(),
+        log,
+        reaped: false,
+    };
+    let out = backup.child.stdout.take().expect("stdout piped");
     let mut line = String::new();
     BufReader::new(out)
         .read_line(&mut line)
@@ -125,7 +152,8 @@ fn spawn_backup(
             LoopbackError::Backup(format!("unexpected first line from backup: {line:?}"))
         })?
         .to_string();
-    Ok(BackupChild { child, addr, log })
+    backup.addr = addr;
+    Ok(backup)
 }
 
 /// Options of a loopback run.
@@ -169,12 +197,13 @@ pub fn loopback(
     };
     let key: String = random_nonce().iter().map(|b| format!("{b:02x}")).collect();
     let psk = Psk::from_bytes(key.as_bytes()).with_protection(opts.protection);
-    let backup = spawn_backup(&state_dir, &key, opts)?;
+    let mut backup = spawn_backup(&state_dir, &key, opts)?;
     let cpu0 = metrics::self_cpu();
     let domain = spec.open()?;
     let run = run_session(domain, &backup.addr, &psk, cfg, opts.transport);
-    let (raw, backup_cpu) =
-        metrics::wait_child(backup.child.id()).map_err(|e| LoopbackError::Backup(e.to_string()))?;
+    let (raw, backup_cpu) = backup
+        .wait()
+        .map_err(|e| LoopbackError::Backup(e.to_string()))?;
     let status = std::os::unix::process::ExitStatusExt::from_raw(raw);
     let explain = |what: String| {
         let tail = backup.log_tail();
