@@ -188,6 +188,16 @@ pub fn write_record(out: &mut Vec<u8>, kind: RecordKind, epoch: u64, payload: &[
     set_checksum(&mut out[start..]);
 }
 
+/// Appends a complete record without its CRC (the field stays 0): for a
+/// session whose sealer tags every record, where the reader requires the
+/// field to be 0 (see the module documentation). Saves a pass over the
+/// payload: a disk's seed goes out this way, chunk by chunk.
+pub fn write_sealed_record(out: &mut Vec<u8>, kind: RecordKind, epoch: u64, payload: &[u8]) {
+    let start = begin_record(out, kind, epoch);
+    out.extend_from_slice(payload);
+    finish_record(out, start);
+}
+
 /// Sends one complete record on `w` with a single `write_all`, so writers
 /// that share a connection behind a lock never interleave their records.
 pub fn send_record(

@@ -32,7 +32,7 @@ use crate::engine::codec_choice::Observed;
 use crate::engine::shadow::PageBuf;
 use crate::metrics::EpochRecord;
 use crate::transport::messages::{EpochBegin, EpochClass, EpochEnd};
-use crate::transport::record::{write_record, RecordKind};
+use crate::transport::record::{write_sealed_record, RecordKind};
 use crate::transport::{Lent, RecordSink};
 use crate::PAGE_SIZE;
 
@@ -157,7 +157,7 @@ pub(super) fn tx_thread(sink: Box<dyn RecordSink>, rx: Receiver<TxMsg>, ends: Tx
     if !tx.ends.disks.is_empty() {
         let mut v = Vec::new();
         let p = encode_announce(&tx.ends.disks.specs());
-        write_record(&mut v, RecordKind::Disks, 0, &p);
+        write_sealed_record(&mut v, RecordKind::Disks, 0, &p);
         if let Err(e) = tx.sink.send(&[&v]) {
             tx.ends.shared.fail(format!("sending the disks: {e}"));
             tx.keep_if_kernel_reads(v);
@@ -237,7 +237,7 @@ impl Tx {
                 class: meta.class,
                 dirty: meta.dirty,
             };
-            write_record(
+            write_sealed_record(
                 &mut head,
                 RecordKind::EpochBegin,
                 meta.epoch,
@@ -271,12 +271,12 @@ impl Tx {
             end.disk_records = disk.records;
         }
         if !seed {
-            write_record(&mut tail, RecordKind::State, meta.epoch, &meta.state);
+            write_sealed_record(&mut tail, RecordKind::State, meta.epoch, &meta.state);
             end.state_len = meta.state.len() as u32;
         }
         let seed_disks = seed && closes && !self.ends.disks.is_empty();
         if closes && !seed_disks {
-            write_record(&mut tail, RecordKind::EpochEnd, meta.epoch, &end.encode());
+            write_sealed_record(&mut tail, RecordKind::EpochEnd, meta.epoch, &end.encode());
         }
         let shard_bytes: u64 = outs.iter().map(|o| o.buf.len() as u64).sum();
         rec.wire_bytes += head.len() as u64 + shard_bytes + disk.wire_bytes + tail.len() as u64;
@@ -301,12 +301,12 @@ impl Tx {
         let (sink, disks) = (&mut self.sink, &self.ends.disks);
         let r = disks.seed_payloads(SEED_CHUNK, |p| {
             v.clear();
-            write_record(&mut v, RecordKind::DiskWrites, 0, p);
+            write_sealed_record(&mut v, RecordKind::DiskWrites, 0, p);
             end.disk_records += 1;
             sink.send(&[&v]).map_err(|e| e.to_string())
         });
         v.clear();
-        write_record(&mut v, RecordKind::EpochEnd, 0, &end.encode());
+        write_sealed_record(&mut v, RecordKind::EpochEnd, 0, &end.encode());
         let r = r.and_then(|_| self.sink.send(&[&v]).map_err(|e| e.to_string()));
         if let Err(e) = r {
             self.ends
@@ -435,7 +435,7 @@ impl Tx {
             return false;
         }
         let mut c = Vec::new();
-        write_record(&mut c, RecordKind::Close, f, &[]);
+        write_sealed_record(&mut c, RecordKind::Close, f, &[]);
         if let Err(e) = self.sink.send(&[&c]) {
             self.ends.shared.fail(format!("sending close: {e}"));
             self.keep_if_kernel_reads(c);
@@ -448,7 +448,7 @@ impl Tx {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-        write_record(&mut self.hb, RecordKind::Heartbeat, 0, &now.to_le_bytes());
+        write_sealed_record(&mut self.hb, RecordKind::Heartbeat, 0, &now.to_le_bytes());
         if let Err(e) = self.sink.send(&[&self.hb]) {
             self.ends.shared.fail(format!("sending heartbeat: {e}"));
             let hb = std::mem::take(&mut self.hb);
