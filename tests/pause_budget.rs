@@ -16,34 +16,19 @@ fn epochs_end_at_the_pause_budget() {
     if sim_unavailable() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
     // 100,000 rewrites/s of a 64 MiB guest: about 2,500 pages per 25 ms
     // epoch when unbounded, against a budget of 1,024.
-    let out = output_within(
-        castor()
-            .args([
-                "bench",
-                "--domain",
-                "sim:mem=64MiB,workload=uniform,rate=100000",
-                "--compress",
-                "none",
-                "--duration",
-                "3s",
-                "--pause-target",
-                "50us",
-                "--per-epoch",
-                "--json",
-            ])
-            .arg(&json),
-        EXIT_PATIENCE,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let v = bench_json(&[
+        "--domain",
+        "sim:mem=64MiB,workload=uniform,rate=100000",
+        "--compress",
+        "none",
+        "--duration",
+        "3s",
+        "--pause-target",
+        "50us",
+        "--per-epoch",
+    ]);
     assert_eq!(v["digest_match"], true, "{v}");
     let epochs = v["per_epoch"].as_array().expect("per_epoch records");
     assert!(epochs.len() >= 20, "{} epochs", epochs.len());

@@ -171,27 +171,12 @@ fn seed_first_pass_reads_only_written_pages() {
     if sim_unavailable() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let out = output_within(
-        castor()
-            .args([
-                "bench",
-                "--domain",
-                "sim:mem=32MiB,workload=edits,rate=2000,fill=0.25",
-                "--duration",
-                "1s",
-                "--json",
-            ])
-            .arg(&json),
-        EXIT_PATIENCE,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let v = bench_json(&[
+        "--domain",
+        "sim:mem=32MiB,workload=edits,rate=2000,fill=0.25",
+        "--duration",
+        "1s",
+    ]);
     assert_eq!(v["digest_match"], true, "{v}");
     let pages = 32 * 256;
     let first = v["seed_first_pass_pages"].as_u64().unwrap();
@@ -210,29 +195,14 @@ fn bench_with_decode_lanes_matches() {
     if sim_unavailable() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let out = output_within(
-        castor()
-            .args([
-                "bench",
-                "--domain",
-                "sim:mem=16MiB,workload=uniform,rate=20000",
-                "--duration",
-                "1s",
-                "--decode-lanes",
-                "3",
-                "--json",
-            ])
-            .arg(&json),
-        EXIT_PATIENCE,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let v = bench_json(&[
+        "--domain",
+        "sim:mem=16MiB,workload=uniform,rate=20000",
+        "--duration",
+        "1s",
+        "--decode-lanes",
+        "3",
+    ]);
     assert_eq!(v["digest_match"], true, "{v}");
     assert!(v["epochs"].as_u64().unwrap() >= 10, "{v}");
 }

@@ -525,3 +525,20 @@ impl Drop for Netns {
             .output();
     }
 }
+
+/// Runs `castor bench ARGS --json FILE` to completion, asserts it exited
+/// successfully (its stderr otherwise), and returns the JSON report.
+pub fn bench_json(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = output_within(
+        castor().arg("bench").args(args).arg("--json").arg(&json),
+        EXIT_PATIENCE,
+    );
+    assert!(
+        out.status.success(),
+        "castor bench {args:?}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
