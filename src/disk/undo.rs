@@ -535,14 +535,20 @@ fn decode_table(t: &[u8], data_end: u64) -> Result<Vec<Entry>, String> {
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`), zeros if unknown.
+/// This boot's id (read once per process: it cannot change while the
+/// process lives, and reading it cost an open, a read and a close per
+/// sealed epoch).
 fn boot_id() -> [u8; BOOT_ID] {
-    let mut id = [0u8; BOOT_ID];
-    if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
-        let b = s.trim().as_bytes();
-        let n = b.len().min(BOOT_ID);
-        id[..n].copy_from_slice(&b[..n]);
-    }
-    id
+    static ID: std::sync::OnceLock<[u8; BOOT_ID]> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let mut id = [0u8; BOOT_ID];
+        if let Ok(s) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+            let b = s.trim().as_bytes();
+            let n = b.len().min(BOOT_ID);
+            id[..n].copy_from_slice(&b[..n]);
+        }
+        id
+    })
 }
 
 /// Copies `len` bytes from `src` at `from` to `dst` at `to`: in the kernel
