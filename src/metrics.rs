@@ -31,10 +31,17 @@ pub struct EpochRecord {
     /// Pages the harvest inside the pause found (written since the
     /// pre-harvest; some may be in the pre-harvest too).
     pub late_pages: u64,
+    /// Copy inside the pause: the late pages only (the pre-harvested ones
+    /// were pre-copied).
     pub copy_us: u64,
-    /// Of `copy_us`: taking the staging buffer inside the pause (zero
-    /// unless the buffer readied before the pause was too small).
+    /// Of `copy_us`: finding the late pages' staging slots.
     pub staging_us: u64,
+    /// Copy of the pre-harvested pages into staging just before the pause,
+    /// while the guest runs.
+    pub precopy_us: u64,
+    /// Pages pre-copied (a page written again after it is copied again in
+    /// the pause, and counted in `late_pages` too).
+    pub precopy_pages: u64,
     pub state_us: u64,
     /// Of `pause_us`: the pause request until the guest stood still.
     pub stop_us: u64,

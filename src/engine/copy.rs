@@ -74,6 +74,10 @@ struct CopyTask {
     src: *const u8,
     dst: *mut u8,
     gfns: *const u64,
+    /// Page `gfns[i]` goes to slot `slots[i]`; null: to slot `i`.
+    slots: *const usize,
+    /// Slots in staging (every slot index is checked against it).
+    dst_slots: usize,
     len: usize,
     guest_pages: u64,
     job: Arc<CopyJob>,
@@ -86,7 +90,7 @@ struct CopyTask {
 unsafe impl Send for CopyTask {}
 
 /// Claims and copies chunks of `t` until none is left: page `gfns[i]` into
-/// staging slot `i`.
+/// staging slot `slots[i]` (slot `i` without a slot list).
 fn run_task(t: &CopyTask) {
     loop {
         let from = t.job.next.fetch_add(1, Ordering::Relaxed) * CHUNK;
@@ -98,14 +102,22 @@ fn run_task(t: &CopyTask) {
             // SAFETY: i < len = gfns.len(), and the list outlives the
             // claimed chunk (see `CopyTask`).
             let gfn = unsafe { *t.gfns.add(i) };
+            let slot = if t.slots.is_null() {
+                i
+            } else {
+                // SAFETY: as for gfns: the slot list is as long as the
+                // gfn list and outlives the claimed chunk.
+                unsafe { *t.slots.add(i) }
+            };
             assert!(gfn < t.guest_pages, "dirty gfn {gfn} outside guest memory");
-            // SAFETY: gfn is inside guest memory (checked), slot i inside
-            // staging (staging has at least gfns.len() slots), and the two
-            // never overlap.
+            assert!(slot < t.dst_slots, "staging slot {slot} out of range");
+            // SAFETY: gfn is inside guest memory and the slot inside
+            // staging (both checked); staging and guest memory never
+            // overlap.
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     t.src.add(gfn as usize * PAGE_SIZE),
-                    t.dst.add(i * PAGE_SIZE),
+                    t.dst.add(slot * PAGE_SIZE),
                     PAGE_SIZE,
                 )
             }
@@ -271,6 +283,30 @@ impl CopyPool {
     /// helper that did not start).
     pub fn copy(&self, mem: &GuestMemory, gfns: &[u64], staging: &PageBuf) {
         assert!(staging.slots() >= gfns.len(), "staging too small");
+        self.run_copy(mem, gfns, None, staging)
+    }
+
+    /// Copies page `gfns[i]` of `mem` into staging slot `slots[i]` for
+    /// every `i`, shared like [`CopyPool::copy`]. Slots must be distinct
+    /// (two pages in one slot would race) and inside staging (checked).
+    pub fn copy_to_slots(
+        &self,
+        mem: &GuestMemory,
+        gfns: &[u64],
+        slots: &[usize],
+        staging: &PageBuf,
+    ) {
+        assert_eq!(gfns.len(), slots.len(), "one slot per page");
+        self.run_copy(mem, gfns, Some(slots), staging)
+    }
+
+    fn run_copy(
+        &self,
+        mem: &GuestMemory,
+        gfns: &[u64],
+        slots: Option<&[usize]>,
+        staging: &PageBuf,
+    ) {
         let job = Arc::new(CopyJob {
             next: AtomicUsize::new(0),
             finished: AtomicUsize::new(0),
@@ -279,6 +315,8 @@ impl CopyPool {
             src: mem.as_ptr(),
             dst: staging.slot_ptr(0),
             gfns: gfns.as_ptr(),
+            slots: slots.map_or(std::ptr::null(), <[usize]>::as_ptr),
+            dst_slots: staging.slots(),
             len: gfns.len(),
             guest_pages: mem.pages(),
             job: job.clone(),
@@ -427,6 +465,33 @@ mod tests {
         for (i, g) in gfns.iter().enumerate() {
             // SAFETY: copy finished; nobody writes staging now.
             assert_eq!(unsafe { st.slot(i) }, &[*g as u8; PAGE_SIZE]);
+        }
+    }
+
+    /// Pages go to the slots listed, and only those slots are written:
+    /// the rest of staging keeps what was there (a pre-copy's pages).
+    #[test]
+    fn copies_into_the_listed_slots_only() {
+        let mem = GuestMemory::new(512 * PAGE_SIZE).unwrap();
+        for g in 0..512u64 {
+            mem.write_page(g, &[g as u8; PAGE_SIZE]);
+        }
+        let st = PageBuf::new(400).unwrap();
+        for i in 0..400 {
+            // SAFETY: nobody else uses staging in this test.
+            unsafe { std::ptr::write_bytes(st.slot_ptr(i), 0xee, PAGE_SIZE) };
+        }
+        // More than two chunks, so the helpers take part; slots scattered.
+        let gfns: Vec<u64> = (0..300).map(|i| (i * 7 + 3) % 512).collect();
+        let slots: Vec<usize> = (0..300).map(|i| 399 - i).collect();
+        CopyPool::new(3, &[]).copy_to_slots(&mem, &gfns, &slots, &st);
+        for i in 0..400usize {
+            let want = match slots.iter().position(|&s| s == i) {
+                Some(k) => gfns[k] as u8,
+                None => 0xee,
+            };
+            // SAFETY: the copy finished; nobody writes staging now.
+            assert_eq!(unsafe { st.slot(i) }, &[want; PAGE_SIZE], "slot {i}");
         }
     }
 }

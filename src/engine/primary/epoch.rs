@@ -8,9 +8,15 @@
 //!   is the same as one thread's.
 //! - The guest's pause ([`Driver::pause`]) holds only: the lease check,
 //!   opening the next output epoch, the harvest of the last moment's dirty
-//!   pages, taking a staging buffer, the copy, the state save and the
-//!   resume. Every wait (deadline, backpressure) and the pre-harvest happen
-//!   before it ([`super::pacing`]); dispatch and bookkeeping after it.
+//!   pages, placing them in staging, their copy, the state save and the
+//!   resume. Every wait (deadline, backpressure), the pre-harvest and the
+//!   pre-copy happen before it ([`super::pacing`], [`Driver::precopy`]);
+//!   dispatch and bookkeeping after it.
+//! - Pre-copy: the pre-harvested pages are copied into staging while the
+//!   guest runs. The pre-harvest re-armed dirty tracking on them before
+//!   that copy began, so a page written during or after it is in the
+//!   pause's harvest and copied again there, over its pre-copied slot:
+//!   staging holds every page as it was when the guest stood still.
 //! - Output tagged N is exactly what checkpoint N covers: the next epoch
 //!   is opened in the output queue while every output producer is parked.
 //! - Without the lease (the session's
@@ -69,7 +75,12 @@ struct Capture {
     pre: Vec<u64>,
     /// Dirty pages harvested inside the pause.
     late: Vec<u64>,
-    /// Their union: the checkpoint's pages.
+    /// The staging slot of each late page: its pre-copied slot when it is
+    /// in `pre`, else the next free one.
+    slots: Vec<usize>,
+    /// Their union, the checkpoint's pages: page `gfns[i]` is in staging
+    /// slot `i` (`pre`, then the late pages not in it; each part sorted).
+    /// Sorted while a pause is given up.
     gfns: Vec<u64>,
     /// The saved vCPU and device state.
     state: Vec<u8>,
@@ -237,7 +248,9 @@ impl Driver<'_> {
             let taken = match ready {
                 Ok(ready) => {
                     rec.extension_us += pacing::extension_us(ready);
-                    self.pause(epoch, final_epoch, cap, rec, base)
+                    let staging = self.staging.take(want).expect("prepare readied it");
+                    self.precopy(cap, rec, &staging);
+                    self.pause(epoch, final_epoch, cap, rec, base, staging)
                 }
                 Err(e) => Err(e),
             };
@@ -255,6 +268,16 @@ impl Driver<'_> {
             rec.budget_hold = true;
         }
         taken
+    }
+
+    /// Copies the pre-harvested pages (`cap.pre`) into staging slots
+    /// `0..pre.len()` while the guest runs: the pause then copies only the
+    /// pages written since the pre-harvest (see the module's invariants).
+    fn precopy(&mut self, cap: &Capture, rec: &mut EpochRecord, staging: &PageBuf) {
+        let t = Instant::now();
+        self.copy_pool.copy(self.domain.memory(), &cap.pre, staging);
+        rec.precopy_us += t.elapsed().as_micros() as u64;
+        rec.precopy_pages += cap.pre.len() as u64;
     }
 
     /// Throttles the guest as hard as it may be (`on`), or back to the
@@ -328,14 +351,15 @@ impl Driver<'_> {
             || cfg.max_epochs.is_some_and(|n| epoch >= n)
     }
 
-    /// The guest's pause: harvest, copy to staging, save state, resume
-    /// (not after the final epoch). Fills the pause's timings into `rec`;
-    /// returns when the pause started and the staging holding the pages
-    /// `cap.gfns`. Nothing here waits for castor's own resources: when no
-    /// spare staging buffer holds the dirty set, the guest is resumed at
-    /// once, before the epoch ends, and None is returned (`cap.gfns` then
-    /// holds every page harvested so far). `base` becomes the guest's
-    /// write count while it stood still (exact).
+    /// The guest's pause: harvest, copy the late pages to `staging` (which
+    /// holds `cap.pre` pre-copied), save state, resume (not after the final
+    /// epoch). Fills the pause's timings into `rec`; returns when the pause
+    /// started and the staging holding the pages `cap.gfns`. Nothing here
+    /// waits for castor's own resources: when `staging` cannot hold the
+    /// dirty set, the guest is resumed at once, before the epoch ends,
+    /// `staging` goes back to the pool and None is returned (`cap.gfns`
+    /// then holds every page harvested so far, sorted). `base` becomes the
+    /// guest's write count while it stood still (exact).
     fn pause(
         &mut self,
         epoch: u64,
@@ -343,6 +367,7 @@ impl Driver<'_> {
         cap: &mut Capture,
         rec: &mut EpochRecord,
         base: &mut Option<u64>,
+        staging: PageBuf,
     ) -> Result<Option<(Instant, PageBuf)>, PrimaryError> {
         let t0 = Instant::now();
         let preempted = involuntary_switches();
@@ -357,13 +382,15 @@ impl Driver<'_> {
         }
         cap.late.clear();
         self.harvest(&mut cap.late)?;
-        merge_sorted(&cap.pre, &cap.late, &mut cap.gfns);
         *base = self.domain.page_writes();
         let t_harvest = Instant::now();
-        let Some(staging) = self.staging.take(cap.gfns.len()) else {
+        place_late(cap);
+        if cap.gfns.len() > staging.slots() {
             self.domain.resume()?;
+            self.staging.give_back(staging);
+            merge_sorted(&cap.pre, &cap.late, &mut cap.gfns);
             return Ok(None);
-        };
+        }
         let t_staged = Instant::now();
         // Output commit: epoch `epoch` ends here. The guest (every
         // output producer) is parked until `resume`, so output tagged
@@ -377,7 +404,7 @@ impl Driver<'_> {
         // Read after the store: output read from now on is tagged > epoch.
         rec.closed_at_ns = crate::metrics::mono_ns();
         self.copy_pool
-            .copy(self.domain.memory(), &cap.gfns, &staging);
+            .copy_to_slots(self.domain.memory(), &cap.late, &cap.slots, &staging);
         let t_copy = Instant::now();
         cap.state.clear();
         self.domain.save_state(&mut cap.state)?;
@@ -422,6 +449,25 @@ impl Driver<'_> {
                 .0;
         }
         Ok(())
+    }
+}
+
+/// Lays out the checkpoint's pages in staging: `cap.gfns` = `cap.pre`
+/// (pre-copied into slots `0..pre.len()`) then the late pages not in it;
+/// `cap.slots[i]` is late page `i`'s slot (its pre-copied one when it was
+/// pre-harvested too: copied again over it).
+fn place_late(cap: &mut Capture) {
+    cap.gfns.clear();
+    cap.gfns.extend_from_slice(&cap.pre);
+    cap.slots.clear();
+    for &g in &cap.late {
+        match cap.pre.binary_search(&g) {
+            Ok(i) => cap.slots.push(i),
+            Err(_) => {
+                cap.slots.push(cap.gfns.len());
+                cap.gfns.push(g);
+            }
+        }
     }
 }
 
@@ -496,5 +542,47 @@ impl DirtyGauge for Gauge<'_, '_> {
             self.stopped = self.d.cfg.throttle && self.d.domain.throttle(STAND_STILL);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pre-copied pages keep their slots; a late page already
+    /// pre-copied is copied again into its own slot, a new one gets the
+    /// next free slot; every page of the union has exactly one slot.
+    #[test]
+    fn late_pages_go_to_their_pre_copied_slot_or_the_next_free_one() {
+        let mut cap = Capture {
+            pre: vec![2, 5, 9, 40],
+            late: vec![1, 5, 40, 41],
+            ..Default::default()
+        };
+        place_late(&mut cap);
+        assert_eq!(cap.gfns, [2, 5, 9, 40, 1, 41]);
+        assert_eq!(cap.slots, [4, 1, 3, 5]);
+        for (g, &s) in cap.late.iter().zip(&cap.slots) {
+            assert_eq!(cap.gfns[s], *g, "late page {g} in slot {s}");
+        }
+        let mut union = cap.gfns.clone();
+        union.sort_unstable();
+        union.dedup();
+        assert_eq!(union.len(), cap.gfns.len(), "a page in two slots");
+
+        // Nothing pre-harvested: the late pages in order; nothing late: pre.
+        let mut cap = Capture {
+            late: vec![3, 7],
+            ..Default::default()
+        };
+        place_late(&mut cap);
+        assert_eq!(
+            (cap.gfns.as_slice(), cap.slots.as_slice()),
+            (&[3, 7][..], &[0, 1][..])
+        );
+        cap.pre = vec![3, 7];
+        cap.late.clear();
+        place_late(&mut cap);
+        assert_eq!((cap.gfns.as_slice(), cap.slots.len()), (&[3, 7][..], 0));
     }
 }

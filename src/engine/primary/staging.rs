@@ -106,6 +106,12 @@ impl<'a> StagingPool<'a> {
         Some(self.spare.swap_remove(i))
     }
 
+    /// Returns a buffer taken with [`StagingPool::take`] and not used (a
+    /// pause given up).
+    pub fn give_back(&mut self, b: PageBuf) {
+        self.spare.push(b);
+    }
+
     fn wait_for_one(&self, shared: &Shared) -> Result<PageBuf, PrimaryError> {
         self.returned.recv().map_err(|_| {
             // The tx thread only ends early on a failed link.
