@@ -6,9 +6,7 @@
 mod common;
 use common::*;
 
-/// The budget never falls below this many pages (`budget::MIN_PAGES`); a
-/// pause target of 50 µs asks for less, so the budget is exactly this on
-/// any machine, however fast its copies.
+/// The budget never falls below this many pages (`budget::MIN_PAGES`).
 const MIN_BUDGET: u64 = 1024;
 
 #[test]
@@ -16,11 +14,14 @@ fn epochs_end_at_the_pause_budget() {
     if sim_unavailable() {
         return;
     }
-    // 100,000 rewrites/s of a 64 MiB guest: about 2,500 pages per 25 ms
-    // epoch when unbounded, against a budget of 1,024.
+    // 200,000 rewrites/s of a 64 MiB guest: about 5,000 pages per 25 ms
+    // epoch when unbounded. The pause copies only the pages written since
+    // the pre-copy (tens to hundreds), and a 50 µs target leaves 12.5 µs
+    // for that copy: the budget comes out at 1,024 to a few thousand
+    // pages, under the unbounded set on any plausible machine.
     let v = bench_json(&[
         "--domain",
-        "sim:mem=64MiB,workload=uniform,rate=100000",
+        "sim:mem=64MiB,workload=uniform,rate=200000",
         "--compress",
         "none",
         "--duration",
@@ -33,24 +34,24 @@ fn epochs_end_at_the_pause_budget() {
     let epochs = v["per_epoch"].as_array().expect("per_epoch records");
     assert!(epochs.len() >= 20, "{} epochs", epochs.len());
     for e in epochs {
-        assert_eq!(e["budget_pages"], MIN_BUDGET, "{e}");
+        assert!(e["budget_pages"].as_u64().unwrap() >= MIN_BUDGET, "{e}");
     }
     let ended = v["budget_ended_epochs"].as_u64().unwrap();
     let held = v["budget_held_epochs"].as_u64().unwrap();
     assert!(ended + held > 0, "the budget never acted: {v}");
-    // Structural bound: an epoch that reached the budget ends (or stops
+    // Structural bound: an epoch that reached its budget ends (or stops
     // growing) within a poll and a harvest's share; 9 of 10 epochs must
-    // be within half a budget of it (a descheduled epoch thread lets a few
-    // overshoot on a loaded host). Unbounded, the median is about 2,500.
-    let mut dirty: Vec<u64> = epochs
+    // be within half a budget of the one in force (a descheduled epoch
+    // thread lets a few overshoot on a loaded host).
+    let mut over: Vec<f64> = epochs
         .iter()
-        .map(|e| e["dirty_pages"].as_u64().unwrap())
+        .map(|e| e["dirty_pages"].as_f64().unwrap() / e["budget_pages"].as_f64().unwrap())
         .collect();
-    dirty.sort_unstable();
-    let p90 = dirty[dirty.len() * 9 / 10];
+    over.sort_by(f64::total_cmp);
+    let p90 = over[over.len() * 9 / 10];
     assert!(
-        p90 <= MIN_BUDGET * 3 / 2,
-        "dirty pages p90 {p90} over a budget of {MIN_BUDGET}: {dirty:?}"
+        p90 <= 1.5,
+        "dirty pages over budget, p90 {p90:.2}: {over:?}"
     );
 }
 

@@ -2,14 +2,17 @@
 //! must end, so that its pause (harvest + copy + state) stays near a target
 //! (`--pause-target`, default [`DEFAULT_TARGET`]).
 //!
-//! The pause's copy time grows with the epoch's dirty set; an epoch that
-//! runs long (extended while it waits for acks) or a guest that writes
-//! hard collects a dirty set, and so a pause, several times the usual one.
-//! The budget turns the pause target into pages: the copy rate measured in
-//! recent pauses (pages per second, median of the last [`RECENT`], so one
-//! pause stretched by a descheduled thread counts for nothing) times the
-//! time the target leaves for the copy (the target less the median of the
-//! rest of recent pauses: stopping the guest, the harvest, the state). The
+//! The pause copies the pages written since the pre-copy (see
+//! `epoch.rs`); the pre-copy takes longer, and the guest writes more
+//! meanwhile, as the epoch's dirty set grows, so the pause's copy still
+//! grows with the set, only far more slowly than when the pause copied the
+//! whole set. An epoch that runs long (extended while it waits for acks)
+//! or a guest that writes hard collects a large set. The budget turns the
+//! pause target into pages: the pause's copy time per page of the dirty
+//! set measured in recent pauses (median of the last [`RECENT`], so one
+//! pause stretched by a descheduled thread counts for nothing) against
+//! the time the target leaves for the copy (the target less the median of
+//! the rest of recent pauses: stopping the guest, the harvest, the state). The
 //! epoch thread ends the epoch once its dirty set reaches the budget, or,
 //! when the pipeline has no room for another checkpoint, throttles the
 //! guest hard until it has (both outside the pause; see `pacing.rs`).
@@ -105,8 +108,9 @@ impl PauseBudget {
         self.target
     }
 
-    /// Folds in one pause: `pages` copied in `copy`, the whole pause
-    /// `pause` long.
+    /// Folds in one pause: an epoch of `pages` dirty pages whose pause
+    /// spent `copy` copying (the pages written since the pre-copy) and was
+    /// `pause` long in all.
     pub fn observe(&mut self, pages: u64, copy: Duration, pause: Duration) {
         push(&mut self.rest, pause.saturating_sub(copy).as_nanos() as f64);
         if pages >= MIN_SAMPLE_PAGES {
