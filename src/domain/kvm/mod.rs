@@ -420,6 +420,13 @@ impl Domain for KvmDomain {
         Ok(())
     }
 
+    /// Naps the vCPU `pct` percent of every 10 ms (see `vcpu.rs`); 100
+    /// holds it still until lowered.
+    fn throttle(&mut self, pct: u8) -> bool {
+        self.vcpu.set_throttle(pct);
+        true
+    }
+
     /// Also valid while running (pre-copy): see `dirty.rs` for why no write
     /// is lost when the caller reads the pages after this returns.
     fn harvest_dirty(&mut self, out: &mut Vec<u64>) -> std::result::Result<(), DomainError> {

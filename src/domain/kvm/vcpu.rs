@@ -21,6 +21,16 @@
 //! A guest that executes HLT (memtouch does so after reporting FAIL; no
 //! interrupt can wake it, there is no irqchip) parks for good: `halted`
 //! is set and resume leaves it parked.
+//!
+//! Throttling (`Vcpu::set_throttle`, as QEMU's cpu-throttle does): a
+//! `castor-vcpu-throttle` thread kicks the running vCPU out of KVM_RUN
+//! once per [`THROTTLE_PERIOD`] and sets a nap of `pct` percent of it. The
+//! napping thread counts as parked (outside KVM_RUN, fd released), so a
+//! pause taken during a nap completes at once, and a resume during a nap
+//! lets the nap finish first. At 100 the vCPU is kicked once and stays
+//! parked, unpaused, until the throttle is lowered. The
+//! throttle thread kicks only under the control lock and only while
+//! `want == Run`, so it never signals a thread that has seen `Stop`.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -63,6 +73,10 @@ enum Want {
 
 struct Ctl {
     want: Want,
+    /// Percent of each [`THROTTLE_PERIOD`] the vCPU naps (0..=100).
+    throttle: u8,
+    /// While running: the vCPU naps outside KVM_RUN until then.
+    nap_until: Option<Instant>,
     /// The thread is outside KVM_RUN and does not hold the vCPU fd.
     parked: bool,
     /// The guest executed HLT: it will not run again.
@@ -113,6 +127,8 @@ pub struct Vcpu {
     /// The dirty ring (dirty=ring), drained by the thread when full.
     ring: Option<Arc<Ring>>,
     thread: Option<JoinHandle<()>>,
+    /// `castor-vcpu-throttle`, started with the vCPU thread.
+    throttler: Option<JoinHandle<()>>,
     pub last_pause: PauseTiming,
 }
 
@@ -125,6 +141,8 @@ impl Vcpu {
             shared: Arc::new(Shared {
                 ctl: Mutex::new(Ctl {
                     want: Want::Pause,
+                    throttle: 0,
+                    nap_until: None,
                     parked: true,
                     halted: false,
                     fault: None,
@@ -135,6 +153,7 @@ impl Vcpu {
             }),
             ring,
             thread: None,
+            throttler: None,
             last_pause: PauseTiming::default(),
         })
     }
@@ -187,8 +206,30 @@ impl Vcpu {
             .name("castor-vcpu-0".into())
             .spawn(move || vcpu_thread(&shared, &devices, ring.as_deref()))
             .map_err(KvmError::SpawnVcpu)?;
+        let vcpu = {
+            use std::os::unix::thread::JoinHandleExt;
+            t.as_pthread_t()
+        };
         self.thread = Some(t);
+        let shared = self.shared.clone();
+        let throttler = std::thread::Builder::new()
+            .name("castor-vcpu-throttle".into())
+            .spawn(move || throttle_thread(&shared, vcpu))
+            .map_err(KvmError::SpawnVcpu)?;
+        self.throttler = Some(throttler);
         Ok(())
+    }
+
+    /// Takes `pct` percent (clamped to 100) of the vCPU's time from now
+    /// on: it naps that share of every [`THROTTLE_PERIOD`]; 0 lets it run
+    /// free, 100 holds it still (unpaused) until lowered.
+    pub fn set_throttle(&self, pct: u8) {
+        let mut ctl = self.shared.ctl();
+        ctl.throttle = pct.min(100);
+        if ctl.throttle == 0 {
+            ctl.nap_until = None;
+        }
+        self.shared.cv.notify_all();
     }
 
     /// Returns once the thread is parked outside KVM_RUN.
@@ -251,8 +292,66 @@ impl Drop for Vcpu {
                 kick(&t);
                 self.shared.cv.notify_all();
             }
+            if let Some(th) = self.throttler.take() {
+                let _ = th.join();
+            }
             let _ = t.join();
         }
+    }
+}
+
+/// The throttle's slice: the vCPU runs `100 - pct` percent of each and
+/// naps the rest (QEMU's cpu-throttle slices by 10 ms too).
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+
+/// `castor-vcpu-throttle`: while the throttle is set, once per period
+/// sets a nap and kicks the vCPU thread `vcpu` out of KVM_RUN (see the
+/// module's doc); sleeps while it is 0; returns on `Stop`.
+fn throttle_thread(shared: &Shared, vcpu: libc::pthread_t) {
+    let mut ctl = shared.ctl();
+    let mut next_nap: Option<Instant> = None;
+    loop {
+        if ctl.want == Want::Stop {
+            return;
+        }
+        let pct = u32::from(ctl.throttle);
+        if pct == 0 || pct >= 100 {
+            // 100: one kick; the vCPU thread then stays parked until the
+            // throttle is lowered (and this thread is woken with it).
+            if pct >= 100 && ctl.want == Want::Run && !ctl.parked {
+                kick_running(shared, vcpu);
+            }
+            next_nap = None;
+            ctl = shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
+            continue;
+        }
+        let now = Instant::now();
+        let due = *next_nap.get_or_insert(now + THROTTLE_PERIOD * (100 - pct) / 100);
+        if now < due {
+            ctl = shared
+                .cv
+                .wait_timeout(ctl, due - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            continue;
+        }
+        ctl.nap_until = Some(now + THROTTLE_PERIOD * pct / 100);
+        next_nap = Some(now + THROTTLE_PERIOD);
+        if ctl.want == Want::Run && !ctl.parked {
+            kick_running(shared, vcpu);
+        }
+    }
+}
+
+/// Kicks the vCPU thread `vcpu` out of KVM_RUN. Call only holding the
+/// control lock, with `want == Run`.
+fn kick_running(shared: &Shared, vcpu: libc::pthread_t) {
+    shared.set_immediate_exit(1);
+    // SAFETY: the vCPU thread is alive: it exits only after seeing `Stop`,
+    // and `want` (read under the control lock the caller holds) is not
+    // `Stop`. The kick handler is installed (`Vcpu::new`).
+    unsafe {
+        libc::pthread_kill(vcpu, kick_signal());
     }
 }
 
@@ -283,7 +382,29 @@ fn vcpu_thread(shared: &Shared, devices: &Mutex<Devices>, ring: Option<&Ring>) {
                     shared.cv.notify_all();
                     return;
                 }
-                Want::Run if !stuck => break,
+                Want::Run if !stuck && ctl.throttle >= 100 => {
+                    // Held still: parked until the throttle is lowered.
+                    ctl.parked = true;
+                    shared.cv.notify_all();
+                    ctl = shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
+                }
+                Want::Run if !stuck => match ctl.nap_until {
+                    Some(until) if until > Instant::now() => {
+                        // Napping counts as parked: a pause completes now.
+                        ctl.parked = true;
+                        shared.cv.notify_all();
+                        let left = until.saturating_duration_since(Instant::now());
+                        ctl = shared
+                            .cv
+                            .wait_timeout(ctl, left)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                    _ => {
+                        ctl.nap_until = None;
+                        break;
+                    }
+                },
                 _ => {
                     ctl.parked = true;
                     shared.cv.notify_all();
