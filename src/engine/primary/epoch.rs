@@ -144,7 +144,7 @@ impl Driver<'_> {
                 budget_hold: waited.held,
                 ..Default::default()
             };
-            self.pace_guest(waited.extension, waited.unacked, k);
+            self.pace_guest(waited.extension, waited.unacked, k, pacer.length());
             let (pause_start, staging) =
                 self.ready_and_pause(epoch, final_epoch, &mut cap, &mut rec, &mut base)?;
             if let Some(b) = budget.as_mut() {
@@ -322,13 +322,15 @@ impl Driver<'_> {
     /// Throttles the guest for the next epoch from how far behind the
     /// pipeline was at this deadline (see [`crate::engine::throttle`]).
     /// Runs before the pause; output stays held whatever it decides.
-    fn pace_guest(&mut self, ext: Duration, unacked: u64, k: u64) {
+    /// `epoch` is the running epoch's length (with `--epoch auto`, what
+    /// the controller chose for it, not the first length).
+    fn pace_guest(&mut self, ext: Duration, unacked: u64, k: u64, epoch: Duration) {
         if !self.cfg.throttle {
             return;
         }
         let before = self.throttle.pct();
         let pct = self.throttle.update(&Lag {
-            epoch: self.cfg.epoch,
+            epoch,
             extension: ext,
             unacked,
             max_inflight: k,

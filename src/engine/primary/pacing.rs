@@ -260,6 +260,11 @@ impl Pacer {
         }
     }
 
+    /// The running epoch's nominal length (fixed, or what `auto` chose).
+    pub fn length(&self) -> Duration {
+        self.control.current()
+    }
+
     /// How long the running epoch ran before its pause began at `pause`.
     pub fn ran_until(&self, pause: Instant) -> Duration {
         pause.saturating_duration_since(self.started)
