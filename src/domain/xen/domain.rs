@@ -26,9 +26,10 @@ use super::batch;
 use super::config;
 use super::ffi;
 use super::map::{self, PvP2m};
+use super::qmp::{self, DeviceModel};
 use super::scan::ScanPool;
 use super::spec::{Target, XenSpec};
-use super::state::XenState;
+use super::state::{XenState, EMULATOR_QEMU_XEN};
 use super::suspend::Suspender;
 use super::sys::{Bitmap, DomInfo, Foreign, Result, Store, Xc, XenError};
 use super::types::PageTypes;
@@ -76,6 +77,8 @@ enum Run {
 struct PauseTimes {
     suspend: Samples,
     resume: Samples,
+    /// QEMU's device-state save (HVM with a device model), inside the pause.
+    device: Samples,
 }
 
 /// Durations in µs, at most [`Samples::MAX`] kept (the first ones).
@@ -110,7 +113,12 @@ impl PauseTimes {
     fn summary(&self) -> Option<String> {
         let s = self.suspend.describe()?;
         let r = self.resume.describe().unwrap_or_else(|| "none".into());
-        Some(format!("suspend {s}; resume {r}"))
+        match self.device.describe() {
+            Some(d) => Some(format!(
+                "suspend {s}; resume {r}; device model save {d}"
+            )),
+            None => Some(format!("suspend {s}; resume {r}")),
+        }
     }
 }
 
@@ -136,6 +144,12 @@ pub struct XenDomain {
     times: PauseTimes,
     /// `CASTOR_XEN_CHECK_UNLOGGED=1`: log-dirty checked against a copy.
     unlogged: Option<Unlogged>,
+    /// HVM with a QEMU device model: its state joins every checkpoint.
+    dm: Option<DeviceModel>,
+    /// The device model was stopped by `save_state` and not yet continued.
+    dm_stopped: bool,
+    /// HVM: the physmap's layout beyond the replicated pages.
+    hvm_layout: HvmLayout,
     /// Declared last: unmapped after everything that may read it.
     mem: GuestMemory,
 }
@@ -205,6 +219,40 @@ fn config_text(spec: &XenSpec, info: &DomInfo) -> std::result::Result<String, Do
 /// replicated layout stops at a gap of this many hole pages (64 MiB).
 const SPECIAL_GAP: usize = 16384;
 
+/// What an HVM checkpoint carries about gfns it does not copy: the
+/// populated gfns above the layout (special pages) and the holes inside it.
+#[derive(Default, Clone)]
+struct HvmLayout {
+    special: Vec<u64>,
+    holes: Vec<(u64, u64)>,
+}
+
+/// Populated gfns in `from..len`, given the holes of `0..len`.
+fn populated_from(holes: &[std::ops::Range<usize>], from: usize, len: usize) -> Vec<u64> {
+    let mut hole = vec![false; len.saturating_sub(from)];
+    for h in holes {
+        for g in h.start.max(from)..h.end.min(len) {
+            hole[g - from] = true;
+        }
+    }
+    (from..len)
+        .filter(|g| !hole[g - from])
+        .map(|g| g as u64)
+        .collect()
+}
+
+/// Sorted hole ranges with touching ones merged.
+fn merged(holes: &[std::ops::Range<usize>]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for h in holes.iter().filter(|h| !h.is_empty()) {
+        match out.last_mut() {
+            Some(l) if l.1 >= h.start as u64 => l.1 = l.1.max(h.end as u64),
+            _ => out.push((h.start as u64, h.end as u64)),
+        }
+    }
+    out
+}
+
 /// Maps the guest; holes are marked invalid in the returned frames so the
 /// initial copy skips them. For HVM, the layout ends before the big gap
 /// below the special pages (mapped twice: once to find the holes, once
@@ -214,11 +262,13 @@ fn map_guest(
     domid: u32,
     mut frames: Vec<u64>,
     hvm: bool,
-) -> Result<(GuestMemory, Vec<u64>, usize)> {
+) -> Result<(GuestMemory, Vec<u64>, usize, HvmLayout)> {
     let (mut mem, mut holes) = map::map_frames(fm, domid, &frames, u64::MAX, libc::PROT_READ)?;
+    let mut layout = HvmLayout::default();
     if hvm {
         let end = batch::layout_end(&holes, frames.len(), SPECIAL_GAP);
         if end < frames.len() {
+            layout.special = populated_from(&holes, end, frames.len());
             let dropped = frames.len()
                 - end
                 - holes
@@ -238,7 +288,10 @@ fn map_guest(
         frames[h.clone()].fill(u64::MAX);
     }
     let n = holes.iter().map(|h| h.len()).sum();
-    Ok((mem, frames, n))
+    if hvm {
+        layout.holes = merged(&holes);
+    }
+    Ok((mem, frames, n, layout))
 }
 
 impl XenDomain {
@@ -327,7 +380,9 @@ impl XenDomain {
             } = map::read_pv_p2m(&fm, domid, unsafe { sh.as_slice() })?;
             (frames, table_frames, Some(sh))
         };
-        let (mem, frames, holes) = map_guest(&fm, domid, frames, info.hvm())?;
+        let (mem, frames, holes, hvm_layout) = map_guest(&fm, domid, frames, info.hvm())?;
+        let dm = (info.hvm() && qmp::has_device_model(domid))
+            .then(|| DeviceModel::new(domid, qmp::QMP_TIMEOUT));
         let p2m_pfns = table
             .iter()
             .filter_map(|m| frames.iter().position(|f| f == m).map(|p| p as u64))
@@ -352,7 +407,11 @@ impl XenDomain {
         eprintln!(
             "castor: xen domain {domid} ({}, {} pages, {holes} holes, {} vCPUs, shared info at {:#x}), \
              suspend via {}",
-            if info.hvm() { "HVM" } else { "PV" },
+            match (info.hvm(), dm.is_some()) {
+                (true, true) => "HVM, QEMU device model carried",
+                (true, false) => "HVM",
+                _ => "PV",
+            },
             frames.len(),
             info.max_vcpu_id + 1,
             info.shared_info_frame,
@@ -375,6 +434,9 @@ impl XenDomain {
             run: Run::Opened,
             times: PauseTimes::default(),
             unlogged,
+            dm,
+            dm_stopped: false,
+            hvm_layout,
             mem,
         })
     }
@@ -446,6 +508,8 @@ impl XenDomain {
                     }
                 }
             }
+            st.special_pfns = self.hvm_layout.special.clone();
+            st.holes = self.hvm_layout.holes.clone();
         } else {
             for v in 0..=self.info.max_vcpu_id {
                 st.vcpus.push((v, self.xc.vcpu_context(domid, v)?));
@@ -503,6 +567,8 @@ impl Domain for XenDomain {
             Run::Opened => self.xc.unpause(self.info.domid)?,
             Run::Stopped => {
                 let t = Instant::now();
+                // As libxl's resume: the device model first, then the domain.
+                self.cont_device_model()?;
                 self.suspender.resume()?;
                 self.times.resume.push(t.elapsed());
             }
@@ -548,7 +614,15 @@ impl Domain for XenDomain {
     }
 
     fn save_state(&mut self, out: &mut Vec<u8>) -> std::result::Result<(), DomainError> {
-        self.state()?.encode(out);
+        let mut st = self.state()?;
+        if let Some(dm) = &self.dm {
+            let t = Instant::now();
+            self.dm_stopped = true;
+            let blob = dm.save().map_err(dm_error)?;
+            self.times.device.push(t.elapsed());
+            st.device_model = Some((EMULATOR_QEMU_XEN, blob));
+        }
+        st.encode(out);
         Ok(())
     }
 }
@@ -565,6 +639,9 @@ impl Drop for XenDomain {
         if let Err(e) = self.xc.disable_logdirty(domid) {
             tracing::warn!("domain {domid}: {e}");
         }
+        if let Err(e) = self.cont_device_model() {
+            tracing::error!("domain {domid}: device model may be left stopped: {e}");
+        }
         let r = match self.run {
             Run::Opened => self.xc.unpause(domid),
             Run::Stopped => self.suspender.recover(),
@@ -573,6 +650,24 @@ impl Drop for XenDomain {
         if let Err(e) = r {
             tracing::error!("domain {domid} may be left stopped: {e}");
         }
+    }
+}
+
+impl XenDomain {
+    /// `cont` to a device model `save_state` stopped.
+    fn cont_device_model(&mut self) -> std::result::Result<(), DomainError> {
+        if let (true, Some(dm)) = (self.dm_stopped, &self.dm) {
+            dm.cont().map_err(dm_error)?;
+            self.dm_stopped = false;
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn dm_error(e: qmp::QmpError) -> DomainError {
+    DomainError::Sys {
+        op: "xen device model",
+        source: std::io::Error::other(e),
     }
 }
 

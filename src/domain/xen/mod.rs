@@ -21,11 +21,13 @@
 pub mod batch;
 pub mod config;
 pub mod pte;
+pub mod qmp;
 pub mod replica;
 pub mod scan;
 pub mod spec;
 pub mod state;
 pub mod stream;
+pub mod stream_hvm;
 pub mod xl;
 
 #[cfg(feature = "xen")]
@@ -40,6 +42,8 @@ mod ptcheck;
 mod restore;
 #[cfg(feature = "xen")]
 mod restore_pv;
+#[cfg(feature = "xen")]
+mod restore_hvm;
 #[cfg(feature = "xen")]
 mod suspend;
 #[cfg(feature = "xen")]

@@ -35,10 +35,7 @@ pub enum ReplicaError {
     Config(#[from] ConfigError),
     #[error("the carried xl config names no guest (no name = ...) and the spec gives no name=")]
     NoName,
-    #[error(
-        "a {0} guest cannot be rebuilt here: castor builds PV and PVH replicas only (HVM: \
-         QEMU's device state is not carried)"
-    )]
+    #[error("a guest of type {0:?} cannot be rebuilt here: castor builds PV, PVH and HVM replicas")]
     Kind(String),
     #[error(
         "HVM param {index} ({what}) is {new:#x} in the new domain but {carried:#x} in the \
@@ -57,7 +54,7 @@ pub enum ReplicaError {
 pub struct ReplicaConfig {
     pub name: String,
     pub text: String,
-    /// `pv` or `pvh`.
+    /// `pv`, `pvh` or `hvm`.
     pub kind: String,
 }
 
@@ -68,7 +65,7 @@ pub fn replica_config(carried: &str, name: Option<&str>) -> Result<ReplicaConfig
         return Err(ReplicaError::JsonConfig);
     }
     let s = config::summary(carried)?;
-    if s.kind != "pvh" && s.kind != "pv" {
+    if s.kind != "pvh" && s.kind != "pv" && s.kind != "hvm" {
         return Err(ReplicaError::Kind(s.kind));
     }
     let name = match (name, s.name) {
@@ -151,9 +148,11 @@ mod tests {
         assert_eq!(c.kind, "pvh");
         let pv = replica_config("name = \"g\"\n", None).unwrap();
         assert_eq!(pv.kind, "pv", "xl's default type");
-        let hvm = replica_config("name = \"g\"\nbuilder = \"hvm\"\n", None).unwrap_err();
-        assert_eq!(hvm, ReplicaError::Kind("hvm".into()));
-        assert!(hvm.to_string().contains("QEMU"), "{hvm}");
+        let hvm = replica_config("name = \"g\"\nbuilder = \"hvm\"\n", None).unwrap();
+        assert_eq!(hvm.kind, "hvm");
+        let arm = replica_config("name = \"g\"\ntype = \"arm\"\n", None).unwrap_err();
+        assert_eq!(arm, ReplicaError::Kind("arm".into()));
+        assert!(arm.to_string().contains("\"arm\""), "{arm}");
         assert!(matches!(
             replica_config("nonsense\n", None),
             Err(ReplicaError::Config(_))

@@ -1,5 +1,6 @@
 //! The backup side: building the replica domain at activation (PVH here;
-//! a PV checkpoint goes to `restore_pv.rs`, through Xen's own restore).
+//! a PV checkpoint goes to `restore_pv.rs`, an HVM one with a device model
+//! to `restore_hvm.rs`, both through Xen's own restore).
 //!
 //! Chosen point: at activation, not at each commit. The engine already
 //! keeps checkpoint N atomically in the backup's replica image (staged,
@@ -66,7 +67,7 @@ pub fn restore(
         Target::Domid(_) => None,
     };
     let cfg = replica::replica_config(&text, name).map_err(|e| err(e.to_string()))?;
-    if st.hvm != (cfg.kind == "pvh") {
+    if st.hvm != (cfg.kind != "pv") {
         return Err(err(format!(
             "the checkpoint is of a{} guest but the carried config says type = {:?}",
             if st.hvm { "n HVM/PVH" } else { " PV" },
@@ -100,6 +101,11 @@ pub fn restore(
     let path = write_config(&cfg).map_err(|e| err(e.to_string()))?;
     if !st.hvm {
         let d = super::restore_pv::restore_pv(&xc, spec, &cfg, &path, memory, &st)
+            .map_err(|e| err(e.to_string()))?;
+        return Ok(Box::new(d));
+    }
+    if cfg.kind == "hvm" {
+        let d = super::restore_hvm::restore_hvm(&xc, spec, &cfg, &path, memory, &st)
             .map_err(|e| err(e.to_string()))?;
         return Ok(Box::new(d));
     }

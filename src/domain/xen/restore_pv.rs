@@ -120,6 +120,7 @@ pub(super) fn restore_pv(
     Ok(ActivatedPv {
         xc: xc.clone(),
         domid,
+        dm_cont: false,
         live: XenSpec {
             target: Target::Domid(domid),
             suspend: SuspendMode::Pause,
@@ -134,17 +135,21 @@ pub(super) fn restore_pv(
     })
 }
 
-/// The activated PV replica: runs unprotected (see the module doc).
+/// The activated PV (or HVM, `restore_hvm.rs`) replica: runs unprotected
+/// (see the module doc).
 pub(super) struct ActivatedPv {
-    xc: Arc<Xc>,
-    domid: u32,
-    live: XenSpec,
+    pub(super) xc: Arc<Xc>,
+    pub(super) domid: u32,
+    /// HVM: QEMU, restored by `xl restore -p`, gets a QMP `cont` before the
+    /// domain first runs (as `xl unpause` does).
+    pub(super) dm_cont: bool,
+    pub(super) live: XenSpec,
     /// The checkpoint's state, encoded.
-    state: Vec<u8>,
+    pub(super) state: Vec<u8>,
     /// Paused by `xl restore -p` or by castor (one count, never stacked).
-    paused: bool,
+    pub(super) paused: bool,
     /// The checkpoint it was built from.
-    mem: GuestMemory,
+    pub(super) mem: GuestMemory,
 }
 
 impl Domain for ActivatedPv {
@@ -176,6 +181,12 @@ impl Domain for ActivatedPv {
     }
 
     fn resume(&mut self) -> Result<(), DomainError> {
+        if self.dm_cont {
+            super::qmp::DeviceModel::new(self.domid, super::qmp::QMP_TIMEOUT)
+                .cont()
+                .map_err(super::domain::dm_error)?;
+            self.dm_cont = false;
+        }
         if self.paused {
             self.xc.unpause(self.domid)?;
             self.paused = false;
@@ -191,8 +202,8 @@ impl Domain for ActivatedPv {
     fn present_pages(&self, _out: &mut Vec<u64>) -> Result<bool, DomainError> {
         Err(DomainError::Spec {
             spec: self.describe(),
-            reason: "re-protecting an activated PV Xen domain is not supported (its dirty \
-                     pages are not tracked)"
+            reason: "re-protecting an activated PV or HVM Xen domain is not supported (its \
+                     dirty pages are not tracked)"
                 .into(),
         })
     }
@@ -206,6 +217,12 @@ impl Domain for ActivatedPv {
 impl Drop for ActivatedPv {
     /// Leaves the guest running, as [`super::domain::XenDomain`] does.
     fn drop(&mut self) {
+        if self.dm_cont {
+            let dm = super::qmp::DeviceModel::new(self.domid, super::qmp::QMP_TIMEOUT);
+            if let Err(e) = dm.cont() {
+                tracing::error!("domain {}: device model may be left stopped: {e}", self.domid);
+            }
+        }
         if self.paused {
             if let Err(e) = self.xc.unpause(self.domid) {
                 tracing::error!("domain {} may be left paused: {e}", self.domid);

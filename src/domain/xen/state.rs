@@ -1,7 +1,8 @@
 //! The saved non-memory state of a Xen guest: versioned records.
 //!
 //! ```text
-//! header   magic "CXST" | version u16 (1) | flags u16 (bit 0: HVM)
+//! header   magic "CXST" | version u16 (2; 1 is read too, without records
+//!          7..9) | flags u16 (bit 0: HVM)
 //!          | guest width u32 (bytes) | record count u32
 //! record   tag u16 | reserved u16 (0) | length u32 | payload
 //!   1 VCPU        vcpu id u32 | vcpu_guest_context bytes (PV)
@@ -12,6 +13,14 @@
 //!                 every pfn whose page type is not NOTAB, ascending
 //!   6 P2M_FRAMES  count u32 | pfn u64 * count (PV): the pfns of the
 //!                 guest's p2m pages, in table order
+//!   7 DEVICE_MODEL emulator u32 (2: qemu-xen) | QEMU's device state, as
+//!                 `xen-save-devices-state` wrote it (HVM with a device model)
+//!   8 SPECIAL_PFNS count u32 | pfn u64 * count (HVM): populated gfns above
+//!                 the replicated layout (xenstore/console rings, ioreq
+//!                 pages), ascending; the backup's save file recreates them
+//!   9 HOLES       count u32 | (start u64 | end u64) * count (HVM): gfn
+//!                 ranges inside the layout with no memory (the VGA hole),
+//!                 ascending and disjoint
 //! ```
 //!
 //! A PV checkpoint's types and p2m frames are complete in every state
@@ -25,7 +34,9 @@
 //! refuse versions they do not know rather than guess.
 
 const MAGIC: &[u8; 4] = b"CXST";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// The first version, without the HVM device-model records (7..9).
+const VERSION_1: u16 = 1;
 const FLAG_HVM: u16 = 1;
 
 const TAG_VCPU: u16 = 1;
@@ -34,6 +45,16 @@ const TAG_HVM_PARAMS: u16 = 3;
 const TAG_SHARED_INFO: u16 = 4;
 const TAG_PV_TYPES: u16 = 5;
 const TAG_P2M_FRAMES: u16 = 6;
+const TAG_DEVICE_MODEL: u16 = 7;
+const TAG_SPECIAL_PFNS: u16 = 8;
+const TAG_HOLES: u16 = 9;
+
+/// `EMULATOR_CONTEXT`'s id for QEMU upstream (qemu-xen), libxl's stream.
+pub const EMULATOR_QEMU_XEN: u32 = 2;
+/// Upper bound on QEMU's device state (tens of KiB in practice).
+pub const MAX_DEVICE_MODEL: usize = 16 << 20;
+/// Upper bound on special pfns and hole ranges.
+const MAX_HVM_ENTRIES: u32 = 1 << 16;
 
 /// Xen's limit on vCPUs per domain (HVM_MAX_VCPUS is 128 for HVM; PV
 /// domains are bounded by the domctl's max_vcpus, well under this).
@@ -92,6 +113,12 @@ pub struct XenState {
     pub pv_types: Vec<(u64, u8)>,
     /// PV: pfns of the guest's p2m pages, in table order.
     pub p2m_frames: Vec<u64>,
+    /// HVM with a device model: (emulator id, QEMU's device state).
+    pub device_model: Option<(u32, Vec<u8>)>,
+    /// HVM: populated gfns above the replicated layout, ascending.
+    pub special_pfns: Vec<u64>,
+    /// HVM: gfn ranges without memory inside the layout, ascending.
+    pub holes: Vec<(u64, u64)>,
 }
 
 fn record(out: &mut Vec<u8>, tag: u16, payload: &[&[u8]]) {
@@ -111,7 +138,10 @@ impl XenState {
             + usize::from(!self.hvm_params.is_empty())
             + usize::from(self.shared_info.is_some())
             + usize::from(!self.pv_types.is_empty())
-            + usize::from(!self.p2m_frames.is_empty());
+            + usize::from(!self.p2m_frames.is_empty())
+            + usize::from(self.device_model.is_some())
+            + usize::from(!self.special_pfns.is_empty())
+            + usize::from(!self.holes.is_empty());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&(if self.hvm { FLAG_HVM } else { 0 }).to_le_bytes());
@@ -149,6 +179,24 @@ impl XenState {
             }
             record(out, TAG_P2M_FRAMES, &[&p]);
         }
+        if let Some((id, blob)) = &self.device_model {
+            record(out, TAG_DEVICE_MODEL, &[&id.to_le_bytes(), blob]);
+        }
+        if !self.special_pfns.is_empty() {
+            let mut p = (self.special_pfns.len() as u32).to_le_bytes().to_vec();
+            for pfn in &self.special_pfns {
+                p.extend_from_slice(&pfn.to_le_bytes());
+            }
+            record(out, TAG_SPECIAL_PFNS, &[&p]);
+        }
+        if !self.holes.is_empty() {
+            let mut p = (self.holes.len() as u32).to_le_bytes().to_vec();
+            for (a, b) in &self.holes {
+                p.extend_from_slice(&a.to_le_bytes());
+                p.extend_from_slice(&b.to_le_bytes());
+            }
+            record(out, TAG_HOLES, &[&p]);
+        }
     }
 
     pub fn decode(buf: &[u8]) -> Result<XenState, StateError> {
@@ -158,7 +206,7 @@ impl XenState {
             return Err(StateError::Magic(magic));
         }
         let version = r.u16("version")?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_1 {
             return Err(StateError::Version(version));
         }
         let flags = r.u16("flags")?;
@@ -178,7 +226,7 @@ impl XenState {
         };
         let count = r.u32("record count")?;
         for _ in 0..count {
-            st.read_record(&mut r)?;
+            st.read_record(&mut r, version)?;
         }
         if r.left() != 0 {
             return Err(StateError::Trailing(r.left()));
@@ -187,7 +235,7 @@ impl XenState {
         Ok(st)
     }
 
-    fn read_record(&mut self, r: &mut Reader) -> Result<(), StateError> {
+    fn read_record(&mut self, r: &mut Reader, version: u16) -> Result<(), StateError> {
         let at = r.at;
         let tag = r.u16("record tag")?;
         let reserved = r.u16("record reserved")?;
@@ -221,6 +269,12 @@ impl XenState {
             }
             TAG_PV_TYPES => self.read_types(payload).map_err(bad),
             TAG_P2M_FRAMES => self.read_p2m_frames(payload).map_err(bad),
+            TAG_DEVICE_MODEL | TAG_SPECIAL_PFNS | TAG_HOLES if version == VERSION_1 => {
+                Err(StateError::Tag { tag, at })
+            }
+            TAG_DEVICE_MODEL => self.read_device_model(payload).map_err(bad),
+            TAG_SPECIAL_PFNS => self.read_special(payload).map_err(bad),
+            TAG_HOLES => self.read_holes(payload).map_err(bad),
             tag => Err(StateError::Tag { tag, at }),
         }
     }
@@ -252,6 +306,66 @@ impl XenState {
                 }
             }
             self.pv_types.push((pfn, t));
+        }
+        Ok(())
+    }
+
+    fn read_device_model(&mut self, p: &[u8]) -> Result<(), String> {
+        if self.device_model.is_some() {
+            return Err("second device-model record".into());
+        }
+        if p.len() < 5 || p.len() > 4 + MAX_DEVICE_MODEL {
+            return Err(format!(
+                "device-model record of {} bytes (5..={})",
+                p.len(),
+                4 + MAX_DEVICE_MODEL
+            ));
+        }
+        let id = u32::from_le_bytes(p[..4].try_into().expect("4 bytes"));
+        if id != EMULATOR_QEMU_XEN {
+            return Err(format!(
+                "emulator id {id} (castor carries qemu-xen's state, id {EMULATOR_QEMU_XEN})"
+            ));
+        }
+        self.device_model = Some((id, p[4..].to_vec()));
+        Ok(())
+    }
+
+    fn read_special(&mut self, p: &[u8]) -> Result<(), String> {
+        if !self.special_pfns.is_empty() {
+            return Err("second special pfns record".into());
+        }
+        let body = counted_max(p, 8, "special pfns", MAX_HVM_ENTRIES)?;
+        for e in body.chunks_exact(8) {
+            let pfn = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            if pfn > MAX_PFN {
+                return Err(format!("special pfn {pfn:#x} beyond {MAX_PFN:#x}"));
+            }
+            if self.special_pfns.last().is_some_and(|&l| pfn <= l) {
+                return Err(format!("special pfn {pfn:#x} out of order (ascending, once each)"));
+            }
+            self.special_pfns.push(pfn);
+        }
+        Ok(())
+    }
+
+    fn read_holes(&mut self, p: &[u8]) -> Result<(), String> {
+        if !self.holes.is_empty() {
+            return Err("second holes record".into());
+        }
+        let body = counted_max(p, 16, "holes", MAX_HVM_ENTRIES)?;
+        for e in body.chunks_exact(16) {
+            let a = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
+            let b = u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
+            if a >= b || b > MAX_PFN + 1 {
+                return Err(format!("hole {a:#x}..{b:#x} is empty or beyond {MAX_PFN:#x}"));
+            }
+            if self.holes.last().is_some_and(|&(_, e)| a < e) {
+                return Err(format!(
+                    "hole {a:#x}..{b:#x} overlaps or precedes the one before"
+                ));
+            }
+            self.holes.push((a, b));
         }
         Ok(())
     }
@@ -334,13 +448,18 @@ impl XenState {
 /// The body of a `count u32 | entry * count` payload, checked: count in
 /// 1..=MAX_PV_ENTRIES and the length exactly `4 + size * count`.
 fn counted<'a>(p: &'a [u8], size: usize, what: &str) -> Result<&'a [u8], String> {
+    counted_max(p, size, what, MAX_PV_ENTRIES)
+}
+
+/// [`counted`] with its own cap on the count.
+fn counted_max<'a>(p: &'a [u8], size: usize, what: &str, max: u32) -> Result<&'a [u8], String> {
     if p.len() < 4 {
         return Err(format!("{what} record of {} bytes", p.len()));
     }
     let n = u32::from_le_bytes(p[..4].try_into().expect("4 bytes"));
-    if n == 0 || n > MAX_PV_ENTRIES || p.len() != 4 + size * n as usize {
+    if n == 0 || n > max || p.len() != 4 + size * n as usize {
         return Err(format!(
-            "{n} {what} entries in {} bytes (1..={MAX_PV_ENTRIES}, {size} bytes each)",
+            "{n} {what} entries in {} bytes (1..={max}, {size} bytes each)",
             p.len()
         ));
     }
@@ -448,8 +567,8 @@ mod tests {
         b[0] = b'X';
         assert!(matches!(XenState::decode(&b), Err(StateError::Magic(_))));
         let mut b = enc(&pv());
-        b[4] = 2;
-        assert_eq!(XenState::decode(&b), Err(StateError::Version(2)));
+        b[4] = 3;
+        assert_eq!(XenState::decode(&b), Err(StateError::Version(3)));
         let mut b = enc(&pv());
         b[6] = 0x80;
         assert_eq!(XenState::decode(&b), Err(StateError::Flags(0x80)));
@@ -566,6 +685,71 @@ mod tests {
         assert!(matches!(
             XenState::decode(&enc(&s)),
             Err(StateError::Incomplete(_))
+        ));
+    }
+
+    fn hvm_dm() -> XenState {
+        XenState {
+            device_model: Some((EMULATOR_QEMU_XEN, b"QEVM\0\0\0\x03 devices".to_vec())),
+            special_pfns: vec![0xfeff0, 0xfeff1, 0xfeff7],
+            holes: vec![(0xa0, 0xc0)],
+            ..hvm()
+        }
+    }
+
+    #[test]
+    fn device_model_records_round_trip_and_version_1_still_reads() {
+        let s = hvm_dm();
+        assert_eq!(XenState::decode(&enc(&s)).unwrap(), s);
+        // A version-1 state (no records 7..9) still decodes.
+        let mut b = enc(&hvm());
+        b[4] = 1;
+        assert_eq!(XenState::decode(&b).unwrap(), hvm());
+        // Version 1 does not know records 7..9.
+        let mut b = enc(&hvm_dm());
+        b[4] = 1;
+        assert!(matches!(
+            XenState::decode(&b),
+            Err(StateError::Tag { tag: 7, .. })
+        ));
+        let b = enc(&s);
+        for n in 0..b.len() {
+            assert!(XenState::decode(&b[..n]).is_err(), "prefix {n} accepted");
+        }
+    }
+
+    #[test]
+    fn hostile_device_model_records_are_refused() {
+        let bad = |s: XenState| {
+            let e = XenState::decode(&enc(&s)).unwrap_err();
+            assert!(matches!(e, StateError::Record { .. }), "{e}");
+            e.to_string()
+        };
+        let mut s = hvm_dm();
+        s.device_model = Some((1, vec![1; 8]));
+        assert!(bad(s).contains("emulator id 1"));
+        let mut s = hvm_dm();
+        s.device_model = Some((EMULATOR_QEMU_XEN, Vec::new()));
+        assert!(bad(s).contains("device-model record of 4 bytes"));
+        let mut s = hvm_dm();
+        s.special_pfns = vec![5, 5];
+        assert!(bad(s).contains("special pfn 0x5 out of order"));
+        let mut s = hvm_dm();
+        s.special_pfns = vec![1 << 52];
+        assert!(bad(s).contains("beyond"));
+        let mut s = hvm_dm();
+        s.holes = vec![(0xc0, 0xa0)];
+        assert!(bad(s).contains("hole 0xc0..0xa0 is empty"));
+        let mut s = hvm_dm();
+        s.holes = vec![(0xa0, 0xc0), (0xb0, 0xd0)];
+        assert!(bad(s).contains("overlaps"));
+        // A device-model length beyond the record.
+        let mut b = enc(&hvm_dm());
+        let i = b.windows(4).position(|w| w == b"QEVM").unwrap();
+        b[i - 8..i - 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            XenState::decode(&b),
+            Err(StateError::Truncated { .. })
         ));
     }
 

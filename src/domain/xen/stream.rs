@@ -46,16 +46,17 @@ const XL_FLAG_STREAM_V2: u32 = 1 << 1;
 
 const LIBXL_IDENT: u64 = 0x4c69_6278_6c46_6d74; // "LibxlFmt"
 const LIBXL_VERSION: u32 = 2;
-const LIBXL_END: u32 = 0;
+pub(super) const LIBXL_END: u32 = 0;
 const LIBXL_LIBXC_CONTEXT: u32 = 1;
 
 const LIBXC_MARKER: u64 = u64::MAX;
 const LIBXC_ID: u32 = 0x5845_4e46; // "XENF"
 const LIBXC_VERSION: u32 = 3;
 const DHDR_X86_PV: u32 = 1;
+pub(super) const DHDR_X86_HVM: u32 = 2;
 
-const REC_END: u32 = 0x00;
-const REC_PAGE_DATA: u32 = 0x01;
+pub(super) const REC_END: u32 = 0x00;
+pub(super) const REC_PAGE_DATA: u32 = 0x01;
 const REC_X86_PV_INFO: u32 = 0x02;
 const REC_X86_PV_P2M_FRAMES: u32 = 0x03;
 const REC_X86_PV_VCPU_BASIC: u32 = 0x04;
@@ -182,7 +183,7 @@ pub fn has_frame(entry: u64) -> bool {
     entry >> 62 == 0
 }
 
-fn page(memory: &[u8], pfn: u64) -> Option<&[u8]> {
+pub(super) fn page(memory: &[u8], pfn: u64) -> Option<&[u8]> {
     let at = usize::try_from(pfn).ok()?.checked_mul(PAGE_SIZE)?;
     memory.get(at..at.checked_add(PAGE_SIZE)?)
 }
@@ -233,7 +234,7 @@ pub fn write_pv(out: &mut impl Write, img: &PvImage) -> Result<Written, StreamEr
     let types = dense_types(&p2m, img.types)?;
     let vcpus = normalise_vcpus(img.vcpus, &map, &types)?;
     let mut w = Counted { out, bytes: 0 };
-    headers(&mut w, img.xen_version)?;
+    headers(&mut w, img.xen_version, DHDR_X86_PV)?;
     rec(&mut w, REC_X86_PV_INFO, &[&[8, 4, 0, 0, 0, 0, 0, 0]])?;
     rec(&mut w, REC_STATIC_DATA_END, &[])?;
     let per = PAGE_SIZE / 8;
@@ -271,7 +272,11 @@ pub fn write_pv(out: &mut impl Write, img: &PvImage) -> Result<Written, StreamEr
 /// xl's header (no config inside: `xl restore` is given the config file),
 /// libxl's header and its LIBXC_CONTEXT record, libxc's image and domain
 /// headers.
-fn headers(w: &mut Counted<impl Write>, xen: (u32, u32)) -> std::io::Result<()> {
+pub(super) fn headers(
+    w: &mut Counted<impl Write>,
+    xen: (u32, u32),
+    domain_type: u32,
+) -> std::io::Result<()> {
     w.put(XL_MAGIC)?;
     for v in [0x0102_0304u32, XL_FLAG_STREAM_V2, 0, 0] {
         w.put(&v.to_le_bytes())?;
@@ -284,7 +289,7 @@ fn headers(w: &mut Counted<impl Write>, xen: (u32, u32)) -> std::io::Result<()> 
     w.put(&LIBXC_ID.to_be_bytes())?;
     w.put(&LIBXC_VERSION.to_be_bytes())?;
     w.put(&[0u8; 8])?; // options (little-endian) and reserved
-    w.put(&DHDR_X86_PV.to_le_bytes())?;
+    w.put(&domain_type.to_le_bytes())?;
     w.put(&12u16.to_le_bytes())?;
     w.put(&0u16.to_le_bytes())?;
     w.put(&xen.0.to_le_bytes())?;
@@ -418,13 +423,13 @@ fn normalise_context(
 }
 
 /// A writer that counts bytes.
-struct Counted<'a, W: Write> {
-    out: &'a mut W,
-    bytes: u64,
+pub(super) struct Counted<'a, W: Write> {
+    pub(super) out: &'a mut W,
+    pub(super) bytes: u64,
 }
 
 impl<W: Write> Counted<'_, W> {
-    fn put(&mut self, b: &[u8]) -> std::io::Result<()> {
+    pub(super) fn put(&mut self, b: &[u8]) -> std::io::Result<()> {
         self.out.write_all(b)?;
         self.bytes += b.len() as u64;
         Ok(())
@@ -432,7 +437,7 @@ impl<W: Write> Counted<'_, W> {
 }
 
 /// One record: type, body length, the body's parts, zero padding to 8.
-fn rec(w: &mut Counted<impl Write>, ty: u32, body: &[&[u8]]) -> std::io::Result<()> {
+pub(super) fn rec(w: &mut Counted<impl Write>, ty: u32, body: &[&[u8]]) -> std::io::Result<()> {
     let len: usize = body.iter().map(|b| b.len()).sum();
     w.put(&ty.to_le_bytes())?;
     w.put(&(len as u32).to_le_bytes())?;
