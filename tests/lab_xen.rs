@@ -20,7 +20,10 @@
 //!   across the failover (output held on the guest's vif by NFQUEUE);
 //! - the same failover of a PV domU under the shadow-paging hypervisor:
 //!   the backup writes the checkpoint as a Xen save file and builds the
-//!   replica with `xl restore -p`.
+//!   replica with `xl restore -p`;
+//! - the same failover of an HVM domU with QEMU (qemu-xen) as its device
+//!   model: the primary saves QEMU's device state over QMP in each pause,
+//!   and the backup writes an HVM save file with it for `xl restore -p`.
 //!
 //! All skip only when qemu-system-x86_64 is missing (the PV bench also
 //! when apt knows no Xen source to build the shadow hypervisor from).
@@ -228,6 +231,21 @@ fn xen_failover_of_a_pv_domu() {
     failover(&["--pv"], "restored by xl in");
 }
 
+/// The same failover with an HVM domU and its QEMU device model
+/// (`tools/lab/xen-failover --hvm`): each checkpoint carries QEMU's device
+/// state (QMP `stop`, `xen-save-devices-state`, `cont`, inside the pause),
+/// and at activation the backup writes an HVM save file (RAM without the
+/// holes, the special pages, HVM context and params, then libxl's
+/// EMULATOR_CONTEXT with QEMU's state) into `xl restore -p`, which starts
+/// QEMU from that state. The same checks as above.
+#[test]
+fn xen_failover_of_an_hvm_domu() {
+    if lab_unavailable() {
+        return;
+    }
+    failover(&["--hvm"], "QEMU state");
+}
+
 /// Runs tools/lab/xen-failover with `args` and checks its report; `built`
 /// must appear in the backup's line naming the replica domain.
 fn failover(args: &[&str], built: &str) {
@@ -241,7 +259,7 @@ fn failover(args: &[&str], built: &str) {
             let out = tempfile::tempdir().unwrap();
             let res = Command::new(repo().join("tools/lab/xen-failover"))
                 .args(args)
-                .args(["--castor", &castor, "--timeout", "1500", "--out"])
+                .args(["--castor", &castor, "--timeout", "1800", "--out"])
                 .arg(out.path())
                 .env("FO_EPOCHS", "2")
                 .env("FO_ROUNDS", "3")
