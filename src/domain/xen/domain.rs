@@ -114,9 +114,7 @@ impl PauseTimes {
         let s = self.suspend.describe()?;
         let r = self.resume.describe().unwrap_or_else(|| "none".into());
         match self.device.describe() {
-            Some(d) => Some(format!(
-                "suspend {s}; resume {r}; device model save {d}"
-            )),
+            Some(d) => Some(format!("suspend {s}; resume {r}; device model save {d}")),
             None => Some(format!("suspend {s}; resume {r}")),
         }
     }

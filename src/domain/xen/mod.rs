@@ -41,9 +41,9 @@ mod ptcheck;
 #[cfg(feature = "xen")]
 mod restore;
 #[cfg(feature = "xen")]
-mod restore_pv;
-#[cfg(feature = "xen")]
 mod restore_hvm;
+#[cfg(feature = "xen")]
+mod restore_pv;
 #[cfg(feature = "xen")]
 mod suspend;
 #[cfg(feature = "xen")]

@@ -313,7 +313,10 @@ mod tests {
             .unwrap_err();
         let t = e.to_string();
         assert!(matches!(e, QmpError::Refused { .. }), "{t}");
-        assert!(t.contains("domain 7") && t.contains("xen-save-devices-state"), "{t}");
+        assert!(
+            t.contains("domain 7") && t.contains("xen-save-devices-state"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -35,7 +35,9 @@ pub enum ReplicaError {
     Config(#[from] ConfigError),
     #[error("the carried xl config names no guest (no name = ...) and the spec gives no name=")]
     NoName,
-    #[error("a guest of type {0:?} cannot be rebuilt here: castor builds PV, PVH and HVM replicas")]
+    #[error(
+        "a guest of type {0:?} cannot be rebuilt here: castor builds PV, PVH and HVM replicas"
+    )]
     Kind(String),
     #[error(
         "HVM param {index} ({what}) is {new:#x} in the new domain but {carried:#x} in the \

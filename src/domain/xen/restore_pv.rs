@@ -220,7 +220,10 @@ impl Drop for ActivatedPv {
         if self.dm_cont {
             let dm = super::qmp::DeviceModel::new(self.domid, super::qmp::QMP_TIMEOUT);
             if let Err(e) = dm.cont() {
-                tracing::error!("domain {}: device model may be left stopped: {e}", self.domid);
+                tracing::error!(
+                    "domain {}: device model may be left stopped: {e}",
+                    self.domid
+                );
             }
         }
         if self.paused {

@@ -342,7 +342,9 @@ impl XenState {
                 return Err(format!("special pfn {pfn:#x} beyond {MAX_PFN:#x}"));
             }
             if self.special_pfns.last().is_some_and(|&l| pfn <= l) {
-                return Err(format!("special pfn {pfn:#x} out of order (ascending, once each)"));
+                return Err(format!(
+                    "special pfn {pfn:#x} out of order (ascending, once each)"
+                ));
             }
             self.special_pfns.push(pfn);
         }
@@ -358,7 +360,9 @@ impl XenState {
             let a = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
             let b = u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
             if a >= b || b > MAX_PFN + 1 {
-                return Err(format!("hole {a:#x}..{b:#x} is empty or beyond {MAX_PFN:#x}"));
+                return Err(format!(
+                    "hole {a:#x}..{b:#x} is empty or beyond {MAX_PFN:#x}"
+                ));
             }
             if self.holes.last().is_some_and(|&(_, e)| a < e) {
                 return Err(format!(

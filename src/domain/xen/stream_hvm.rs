@@ -119,7 +119,9 @@ pub fn write_hvm(out: &mut impl Write, img: &HvmImage) -> Result<WrittenHvm, Hvm
     };
     let ram: Vec<u64> = (0..pages).filter(|&g| !hole[g as usize]).collect();
     for batch in ram.chunks(BATCH) {
-        page_data(&mut w, batch, |g| page(img.memory, g).expect("gfn below pages"))?;
+        page_data(&mut w, batch, |g| {
+            page(img.memory, g).expect("gfn below pages")
+        })?;
         written.pages += batch.len() as u64;
     }
     let zero = [0u8; PAGE_SIZE];
@@ -275,7 +277,11 @@ mod tests {
         assert_eq!(u64::from_le_bytes(p[8..16].try_into().unwrap()), 1);
         assert_eq!(u64::from_le_bytes(p[16..24].try_into().unwrap()), 0xfeffc);
         let e = &recs[8].2;
-        assert_eq!(u32::from_le_bytes(e[..4].try_into().unwrap()), 2, "qemu-xen");
+        assert_eq!(
+            u32::from_le_bytes(e[..4].try_into().unwrap()),
+            2,
+            "qemu-xen"
+        );
         assert_eq!(u32::from_le_bytes(e[4..8].try_into().unwrap()), 0, "index");
         assert_eq!(&e[8..], b"QEVM devices");
     }
