@@ -613,7 +613,7 @@ impl Domain for XenDomain {
 
     fn save_state(&mut self, out: &mut Vec<u8>) -> std::result::Result<(), DomainError> {
         let mut st = self.state()?;
-        if let Some(dm) = &self.dm {
+        if let Some(dm) = &mut self.dm {
             let t = Instant::now();
             self.dm_stopped = true;
             let blob = dm.save().map_err(dm_error)?;
@@ -654,7 +654,7 @@ impl Drop for XenDomain {
 impl XenDomain {
     /// `cont` to a device model `save_state` stopped.
     fn cont_device_model(&mut self) -> std::result::Result<(), DomainError> {
-        if let (true, Some(dm)) = (self.dm_stopped, &self.dm) {
+        if let (true, Some(dm)) = (self.dm_stopped, &mut self.dm) {
             dm.cont().map_err(dm_error)?;
             self.dm_stopped = false;
         }

@@ -9,9 +9,11 @@
 //! [`DeviceModel::cont`] before it resumes. `live: false`: the checkpoint
 //! is not a migration, so QEMU keeps its block devices active.
 //!
-//! Each pause opens its own connection (QEMU serves one client per monitor
-//! socket; libxl connects per operation too) and every read and write is
-//! bounded by the deadline; each error names the call and the domid.
+//! Each pause opens its own connection, used for `save` and the `cont`
+//! that ends the pause, and closed then: QEMU serves one client per
+//! monitor socket, and libxl, which connects per operation, must reach it
+//! between pauses. Every read and write is bounded by the deadline; each
+//! error names the call and the domid.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -79,6 +81,8 @@ pub struct DeviceModel {
     timeout: Duration,
     /// Where QEMU writes the device state (dom0's tmpfs).
     file: PathBuf,
+    /// The connection of the current pause (from `save` to `cont`).
+    session: Option<Session>,
 }
 
 impl DeviceModel {
@@ -87,13 +91,18 @@ impl DeviceModel {
             domid,
             timeout,
             file: std::env::temp_dir().join(format!("castor-qemu-state-{domid}")),
+            session: None,
         }
     }
 
     /// Stops the device model and returns its device state
-    /// (`stop`, `xen-save-devices-state` with `live: false`).
-    pub fn save(&self) -> Result<Vec<u8>, QmpError> {
-        let mut q = Session::open(self.domid, self.timeout)?;
+    /// (`stop`, `xen-save-devices-state` with `live: false`). The
+    /// connection is kept for the [`cont`](Self::cont) that follows.
+    pub fn save(&mut self) -> Result<Vec<u8>, QmpError> {
+        self.session = None;
+        let q = self
+            .session
+            .insert(Session::open(self.domid, self.timeout)?);
         q.call("stop", serde_json::json!({"execute": "stop"}))?;
         let _ = std::fs::remove_file(&self.file);
         let cmd = serde_json::json!({
@@ -110,9 +119,14 @@ impl DeviceModel {
         Ok(blob)
     }
 
-    /// Lets the device model run again (`cont`).
-    pub fn cont(&self) -> Result<(), QmpError> {
-        let mut q = Session::open(self.domid, self.timeout)?;
+    /// Lets the device model run again (`cont`), on the connection
+    /// [`save`](Self::save) opened if there is one; the connection is then
+    /// closed, so that libxl can reach QEMU between pauses.
+    pub fn cont(&mut self) -> Result<(), QmpError> {
+        let mut q = match self.session.take() {
+            Some(q) => q,
+            None => Session::open(self.domid, self.timeout)?,
+        };
         q.call("cont", serde_json::json!({"execute": "cont"}))
     }
 }

@@ -218,7 +218,7 @@ impl Drop for ActivatedPv {
     /// Leaves the guest running, as [`super::domain::XenDomain`] does.
     fn drop(&mut self) {
         if self.dm_cont {
-            let dm = super::qmp::DeviceModel::new(self.domid, super::qmp::QMP_TIMEOUT);
+            let mut dm = super::qmp::DeviceModel::new(self.domid, super::qmp::QMP_TIMEOUT);
             if let Err(e) = dm.cont() {
                 tracing::error!(
                     "domain {}: device model may be left stopped: {e}",
