@@ -102,6 +102,34 @@ pub fn layout_end(holes: &[Range<usize>], len: usize, gap: usize) -> usize {
         .unwrap_or(len)
 }
 
+/// Gfns in `from..len` that are not in any of `holes` (ranges of
+/// `0..len`): the populated pages above an HVM layout's end.
+pub fn populated_from(holes: &[Range<usize>], from: usize, len: usize) -> Vec<u64> {
+    let mut hole = vec![false; len.saturating_sub(from)];
+    for h in holes {
+        for g in h.start.max(from)..h.end.min(len) {
+            hole[g - from] = true;
+        }
+    }
+    (from..len)
+        .filter(|g| !hole[g - from])
+        .map(|g| g as u64)
+        .collect()
+}
+
+/// Sorted hole ranges as (start, end) pairs, touching or overlapping ones
+/// merged and empty ones dropped.
+pub fn merged(holes: &[Range<usize>]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for h in holes.iter().filter(|h| !h.is_empty()) {
+        match out.last_mut() {
+            Some(l) if l.1 >= h.start as u64 => l.1 = l.1.max(h.end as u64),
+            _ => out.push((h.start as u64, h.end as u64)),
+        }
+    }
+    out
+}
+
 /// Errors reading a PV guest's p2m.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum P2mError {
@@ -243,6 +271,14 @@ mod tests {
         assert_eq!(layout_end(&pieces, 1_044_480, 16384), 32768);
         // No big gap: the whole physmap.
         assert_eq!(layout_end(&holes[..1], 40000, 16384), 40000);
+        // The special pages above the end, and the holes merged.
+        assert_eq!(
+            populated_from(&holes, 32768, 1_044_480),
+            (1_044_000..1_044_010).collect::<Vec<u64>>()
+        );
+        assert_eq!(populated_from(&holes, 10, 5), Vec::<u64>::new());
+        let touching = [0xa0..0xb0, 0xb0..0xc0, 0xc0..0xc0, 0x100..0x110];
+        assert_eq!(merged(&touching), [(0xa0, 0xc0), (0x100, 0x110)]);
         // Never an empty layout.
         assert_eq!(
             layout_end(std::slice::from_ref(&(0..50000)), 50000, 16384),

@@ -225,32 +225,6 @@ struct HvmLayout {
     holes: Vec<(u64, u64)>,
 }
 
-/// Populated gfns in `from..len`, given the holes of `0..len`.
-fn populated_from(holes: &[std::ops::Range<usize>], from: usize, len: usize) -> Vec<u64> {
-    let mut hole = vec![false; len.saturating_sub(from)];
-    for h in holes {
-        for g in h.start.max(from)..h.end.min(len) {
-            hole[g - from] = true;
-        }
-    }
-    (from..len)
-        .filter(|g| !hole[g - from])
-        .map(|g| g as u64)
-        .collect()
-}
-
-/// Sorted hole ranges with touching ones merged.
-fn merged(holes: &[std::ops::Range<usize>]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for h in holes.iter().filter(|h| !h.is_empty()) {
-        match out.last_mut() {
-            Some(l) if l.1 >= h.start as u64 => l.1 = l.1.max(h.end as u64),
-            _ => out.push((h.start as u64, h.end as u64)),
-        }
-    }
-    out
-}
-
 /// Maps the guest; holes are marked invalid in the returned frames so the
 /// initial copy skips them. For HVM, the layout ends before the big gap
 /// below the special pages (mapped twice: once to find the holes, once
@@ -266,7 +240,7 @@ fn map_guest(
     if hvm {
         let end = batch::layout_end(&holes, frames.len(), SPECIAL_GAP);
         if end < frames.len() {
-            layout.special = populated_from(&holes, end, frames.len());
+            layout.special = batch::populated_from(&holes, end, frames.len());
             let dropped = frames.len()
                 - end
                 - holes
@@ -287,7 +261,7 @@ fn map_guest(
     }
     let n = holes.iter().map(|h| h.len()).sum();
     if hvm {
-        layout.holes = merged(&holes);
+        layout.holes = batch::merged(&holes);
     }
     Ok((mem, frames, n, layout))
 }
