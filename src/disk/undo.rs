@@ -4,8 +4,8 @@
 //! Before a commit overwrites a byte of a replica disk, the old contents of
 //! every range the epoch writes, zeroes or trims are copied into
 //! `STATE_DIR/disks/.undo` (a range under 64 KiB is read into a buffer
-//! that goes into the journal in one write per MiB, as a `copy_file_range`
-//! per 4 KiB range cost twice its read; a larger one is copied in the
+//! that goes into the journal in one write per MiB, cheaper than a
+//! `copy_file_range` per 4 KiB range; a larger one is copied in the
 //! kernel, `copy_file_range`; a range of
 //! 256 KiB or more that is a hole is recorded as one, without data), and the journal is sealed
 //! by its header. Then the writes are applied; then the header is cleared.
