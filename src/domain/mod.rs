@@ -4,6 +4,7 @@
 pub mod kvm;
 pub mod memory;
 pub mod pagemap;
+pub mod priority;
 pub mod progress;
 pub mod seen;
 pub mod sim;

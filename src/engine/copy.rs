@@ -131,17 +131,19 @@ const PAUSE_BOOST: libc::c_int = 10;
 
 /// The pause is what the guest feels: threads working inside it run
 /// [`PAUSE_BOOST`] nice steps above the rest of the process (encoders, the
-/// transmit thread) and the backup, when the process may (root or
-/// CAP_SYS_NICE); otherwise this is a no-op. Relative, not absolute: under
-/// `nice -n -15` an absolute -10 had put the pause's threads *below* the
-/// encoders they must preempt.
+/// transmit thread, the guest's own threads: see
+/// [`crate::domain::priority`]) and the backup, when the process may (root
+/// or CAP_SYS_NICE); otherwise this is a no-op. Relative to the process,
+/// not absolute (under `nice -n -15` an absolute -10 had put the pause's
+/// threads *below* the encoders they must preempt) and not to the calling
+/// thread (the copy helpers, spawned by the boosted epoch thread, had
+/// boosted twice).
 pub fn raise_priority() {
+    let base = crate::domain::priority::process_nice();
     // SAFETY: plain syscalls on the calling thread; failure is harmless.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        // getpriority returns the nice value (-20..=19) directly.
-        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-        libc::setpriority(libc::PRIO_PROCESS, tid, (now - PAUSE_BOOST).max(-20));
+        libc::setpriority(libc::PRIO_PROCESS, tid, (base - PAUSE_BOOST).max(-20));
     }
 }
 

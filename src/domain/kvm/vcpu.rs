@@ -204,7 +204,10 @@ impl Vcpu {
         let ring = self.ring.clone();
         let t = std::thread::Builder::new()
             .name("castor-vcpu-0".into())
-            .spawn(move || vcpu_thread(&shared, &devices, ring.as_deref()))
+            .spawn(move || {
+                crate::domain::priority::at_process_priority();
+                vcpu_thread(&shared, &devices, ring.as_deref())
+            })
             .map_err(KvmError::SpawnVcpu)?;
         let vcpu = {
             use std::os::unix::thread::JoinHandleExt;

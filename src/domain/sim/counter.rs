@@ -157,6 +157,7 @@ impl Prepared {
         let thread = std::thread::Builder::new()
             .name("castor-sim-counter".into())
             .spawn(move || {
+                crate::domain::priority::at_process_priority();
                 let _mem = keep; // guest memory outlives this thread
                 serve(&sock, &g, state, &reply)
             })

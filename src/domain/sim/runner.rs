@@ -155,6 +155,7 @@ impl Workers {
             let handle = std::thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || {
+                    crate::domain::priority::at_process_priority();
                     let _guard = FailGuard { gate: &gate, name };
                     if deterministic {
                         run_deterministic(&gate, &mem, &plan, &tp)
@@ -174,6 +175,7 @@ impl Workers {
             let handle = std::thread::Builder::new()
                 .name("castor-sim-disk".into())
                 .spawn(move || {
+                    crate::domain::priority::at_process_priority();
                     let name = "castor-sim-disk".to_string();
                     let _guard = FailGuard { gate: &gate, name };
                     run_disk(&gate, &d, first_epoch)
