@@ -10,11 +10,47 @@
 //! instead of 1.1 s (stop 13), the guest out-competing the pipeline that
 //! copies it.
 
+/// How many nice steps above the process the pause's threads run (see
+/// `engine::copy::raise_priority`), and a guest thread asked to stop.
+pub const PAUSE_BOOST: libc::c_int = 10;
+
+/// The calling thread's kernel id (for [`boost`] from another thread).
+pub fn current_tid() -> libc::pid_t {
+    // SAFETY: a plain syscall with no pointers.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::pid_t }
+}
+
+/// Raises thread `tid` [`PAUSE_BOOST`] steps above the process: a guest
+/// thread asked to stop for the pause then gets a core ahead of the
+/// encoders instead of waiting behind them while the pause waits for it.
+/// The thread puts itself back with [`at_process_priority`] once it
+/// resumes. Needs privilege (root or CAP_SYS_NICE), else a no-op.
+pub fn boost(tid: libc::pid_t) {
+    let nice = (process_nice() - PAUSE_BOOST).max(-20);
+    // SAFETY: a plain syscall; a tid that is gone only fails it.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
+    }
+}
+
 /// The process's nice value: the thread group leader's (`getpriority` with
 /// the pid names the leader thread on Linux).
 pub fn process_nice() -> libc::c_int {
     // SAFETY: a plain syscall with no pointers.
     unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::getpid() as libc::id_t) }
+}
+
+/// Whether this process may raise a thread above its own nice value
+/// (root, CAP_SYS_NICE or RLIMIT_NICE): else [`boost`] is a no-op.
+pub fn raising_allowed() -> bool {
+    let tid = current_tid();
+    let base = process_nice();
+    // SAFETY: plain syscalls on this thread; it is put back at once.
+    unsafe {
+        let ok = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, base - 1) == 0;
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, base);
+        ok && base > -20
+    }
 }
 
 /// Puts the calling thread at the process's nice value (lowering a boost

@@ -126,8 +126,7 @@ fn run_task(t: &CopyTask) {
     }
 }
 
-/// How much higher than the process the pause's threads run (nice steps).
-const PAUSE_BOOST: libc::c_int = 10;
+use crate::domain::priority::PAUSE_BOOST;
 
 /// The pause is what the guest feels: threads working inside it run
 /// [`PAUSE_BOOST`] nice steps above the rest of the process (encoders, the

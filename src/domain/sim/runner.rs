@@ -77,6 +77,12 @@ struct Gate {
     workers: Condvar,
     /// The controller waits here for `parked` to reach the thread count.
     controller: Condvar,
+    /// Kernel ids of the timed threads, boosted when a pause asks them to
+    /// stop (see `domain::priority::boost`).
+    tids: Mutex<Vec<libc::pid_t>>,
+    /// Pauses that boosted `tids`; a thread that sees a new count after a
+    /// wait puts itself back at the process's priority.
+    boosts: AtomicU64,
 }
 
 impl Gate {
@@ -197,6 +203,11 @@ impl Workers {
         if !self.deterministic {
             self.gate.flags.fetch_or(PAUSE, Ordering::SeqCst);
             self.gate.workers.notify_all();
+            let tids = self.gate.tids.lock().unwrap_or_else(|p| p.into_inner());
+            // Boost, then count: a thread that sees the new count after a
+            // wait was boosted before it looked, and puts itself back.
+            tids.iter().for_each(|&t| crate::domain::priority::boost(t));
+            self.gate.boosts.fetch_add(1, Ordering::Release);
         }
         while st.parked + st.sleeping < self.handles.len() && st.failed.is_empty() {
             st = self
@@ -240,6 +251,16 @@ impl Workers {
             pct.min(MAX_THROTTLE)
         };
         self.gate.throttle.store(pct, Ordering::Relaxed);
+    }
+
+    /// The timed threads' nice values now (tests).
+    #[cfg(test)]
+    pub fn nice_values(&self) -> Vec<libc::c_int> {
+        let tids = self.gate.tids.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: plain syscalls with no pointers.
+        tids.iter()
+            .map(|&t| unsafe { libc::getpriority(libc::PRIO_PROCESS, t as libc::id_t) })
+            .collect()
     }
 
     /// Page writes the workload threads made so far.
@@ -369,7 +390,23 @@ struct Output {
     t0: Instant,
 }
 
+/// A thread boosted by a pause (to reach it promptly) goes back to the
+/// process's priority after its next wait, whether it parked or slept
+/// through the pause: it never runs the guest's work boosted.
+fn unboost(gate: &Gate, seen: &mut u64) {
+    let now = gate.boosts.load(Ordering::Acquire);
+    if now != *seen {
+        *seen = now;
+        crate::domain::priority::at_process_priority();
+    }
+}
+
 fn run_timed(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan, out: Output) {
+    gate.tids
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(crate::domain::priority::current_tid());
+    let mut boosts = 0;
     let mut scratch = Scratch::default();
     let mut bucket = Bucket::new(tp.rate);
     let mut duty = Duty::new();
@@ -402,6 +439,7 @@ fn run_timed(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan, out: 
                 if !gate.park(st) {
                     return;
                 }
+                unboost(gate, &mut boosts);
                 bucket.resume_after(parked.elapsed());
                 duty.restart();
             }
@@ -433,6 +471,7 @@ fn run_timed(gate: &Gate, mem: &GuestMemory, plan: &Plan, tp: &ThreadPlan, out: 
                     .unwrap_or_else(|p| p.into_inner());
                 st.sleeping -= 1;
             }
+            unboost(gate, &mut boosts);
             continue;
         }
         workload::step(mem, plan, tp, &mut scratch);

@@ -102,6 +102,43 @@ fn harvest_covers_every_changed_page() {
     }
 }
 
+/// The workload threads run at the process's priority (not the boost of
+/// the thread that started them), are raised while a pause waits for them
+/// (where the process may raise: root here and in CI), and are back at the
+/// process's priority once they run again.
+#[test]
+fn workload_threads_are_boosted_only_to_reach_a_pause() {
+    let Some(mut d) = open_or_skip("mem=8MiB,workload=uniform,rate=0,threads=2") else {
+        return;
+    };
+    let base = crate::domain::priority::process_nice();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            crate::engine::copy::raise_priority();
+            d.start().unwrap();
+        });
+    });
+    let w = |d: &SimDomain| d.workers.as_ref().unwrap().nice_values();
+    while w(&d).len() < 2 {
+        std::thread::yield_now();
+    }
+    assert_eq!(w(&d), [base, base], "started by a boosted thread");
+    d.pause().unwrap();
+    let raised = crate::domain::priority::raising_allowed();
+    let boosted = (base - crate::domain::priority::PAUSE_BOOST).max(-20);
+    if raised {
+        assert_eq!(w(&d), [boosted, boosted], "asked to stop");
+    }
+    let writes = |d: &SimDomain, t: usize| Slot::of(&d.mem, t).get(Field::Writes);
+    let before = [writes(&d, 0), writes(&d, 1)];
+    d.resume().unwrap();
+    // Each thread wrote since: it left the pause's wait, and so put itself back.
+    while writes(&d, 0) == before[0] || writes(&d, 1) == before[1] {
+        std::thread::yield_now();
+    }
+    assert_eq!(w(&d), [base, base], "running again");
+}
+
 #[test]
 fn timed_pause_stops_all_writes() {
     let Some(mut d) = open_or_skip("mem=8MiB,workload=uniform,rate=0,threads=2") else {
