@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use super::domain::domid_of;
 use super::replica::ReplicaConfig;
 use super::restore_pv::ActivatedPv;
-use super::spec::{SuspendMode, Target, XenSpec};
+use super::spec::{Target, XenSpec};
 use super::state::XenState;
 use super::stream::StreamError;
 use super::stream_hvm::{self, HvmImage, HvmStreamError};
@@ -110,22 +110,7 @@ pub(super) fn restore_hvm(
         written.bytes as f64 / (1 << 20) as f64,
         t0.elapsed().as_secs_f64()
     );
-    let mut st_bytes = Vec::new();
-    st.encode(&mut st_bytes);
-    Ok(ActivatedPv {
-        xc: xc.clone(),
-        domid,
-        dm_cont: true,
-        live: XenSpec {
-            target: Target::Domid(domid),
-            suspend: SuspendMode::Pause,
-            config: Some(cfg_path.to_path_buf()),
-            pages: None,
-            cfg: None,
-            ..spec.clone()
-        },
-        state: st_bytes,
-        paused: true,
-        mem: memory,
-    })
+    Ok(ActivatedPv::restored(
+        xc, domid, true, spec, cfg_path, st, memory,
+    ))
 }

@@ -115,24 +115,9 @@ pub(super) fn restore_pv(
         written.bytes as f64 / (1 << 20) as f64,
         t0.elapsed().as_secs_f64()
     );
-    let mut st_bytes = Vec::new();
-    st.encode(&mut st_bytes);
-    Ok(ActivatedPv {
-        xc: xc.clone(),
-        domid,
-        dm_cont: false,
-        live: XenSpec {
-            target: Target::Domid(domid),
-            suspend: SuspendMode::Pause,
-            config: Some(cfg_path.to_path_buf()),
-            pages: None,
-            cfg: None,
-            ..spec.clone()
-        },
-        state: st_bytes,
-        paused: true,
-        mem: memory,
-    })
+    Ok(ActivatedPv::restored(
+        xc, domid, false, spec, cfg_path, st, memory,
+    ))
 }
 
 /// The activated PV (or HVM, `restore_hvm.rs`) replica: runs unprotected
@@ -150,6 +135,41 @@ pub(super) struct ActivatedPv {
     pub(super) paused: bool,
     /// The checkpoint it was built from.
     pub(super) mem: GuestMemory,
+}
+
+impl ActivatedPv {
+    /// The domain `xl restore -p` left paused as `domid` from checkpoint
+    /// `st`/`memory`: from now on addressed by domid with
+    /// `suspend=pause` (it runs unprotected; see the module doc), its
+    /// config at `cfg_path`. `dm_cont`: HVM, QEMU waits for a `cont`.
+    pub(super) fn restored(
+        xc: &Arc<Xc>,
+        domid: u32,
+        dm_cont: bool,
+        spec: &XenSpec,
+        cfg_path: &Path,
+        st: &XenState,
+        memory: GuestMemory,
+    ) -> ActivatedPv {
+        let mut state = Vec::new();
+        st.encode(&mut state);
+        ActivatedPv {
+            xc: xc.clone(),
+            domid,
+            dm_cont,
+            live: XenSpec {
+                target: Target::Domid(domid),
+                suspend: SuspendMode::Pause,
+                config: Some(cfg_path.to_path_buf()),
+                pages: None,
+                cfg: None,
+                ..spec.clone()
+            },
+            state,
+            paused: true,
+            mem: memory,
+        }
+    }
 }
 
 impl Domain for ActivatedPv {
