@@ -42,11 +42,55 @@ use super::xl;
 use crate::domain::{Domain, DomainError, GuestMemory, Layout};
 use crate::PAGE_SIZE;
 
-/// Bound on `xl restore` (it loads every page; slow under emulation).
+/// Bound on `xl restore` (it loads every page and, for HVM, starts QEMU;
+/// slow under emulation).
 const XL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Written into the save file's domain header; Xen's restore only logs it.
-const XEN_VERSION: (u32, u32) = (4, 17);
+pub(super) const XEN_VERSION: (u32, u32) = (4, 17);
+
+/// Pipes the save file `write` produces into `xl restore -p CFG_PATH`
+/// (bounded by [`XL_TIMEOUT`]; no copy of guest RAM on disk) and finds the
+/// domain it left: it must be paused and HVM exactly when `hvm`, else it
+/// is destroyed. Returns what `write` reported, the new domid and how long
+/// the restore took. `broken_pipe` tells a writer error that only means xl
+/// stopped reading (xl's own error is then the one reported).
+pub(super) fn xl_restore<W: Send, E: Send + std::fmt::Display>(
+    xc: &Xc,
+    cfg: &ReplicaConfig,
+    cfg_path: &Path,
+    hvm: bool,
+    write: impl FnOnce(&mut BufWriter<std::process::ChildStdin>) -> Result<W, E> + Send,
+    broken_pipe: impl Fn(&E) -> bool,
+) -> Result<(W, u32, Duration), XenError> {
+    let state = |reason: String| XenError::State { domid: 0, reason };
+    let log = std::env::temp_dir().join(format!("castor-replica-{}.xl.log", cfg.name));
+    let t0 = Instant::now();
+    let c = cfg_path.to_string_lossy();
+    let args = ["restore", "-p", &c, "/proc/self/fd/0"];
+    let (ran, fed) = xl::run_fed(&xl::program(), &args, &log, XL_TIMEOUT, |stdin| {
+        write(&mut BufWriter::with_capacity(1 << 20, stdin))
+    })
+    .map_err(|e| state(e.to_string()))?;
+    let written = match (ran, fed) {
+        (Ok(()), Ok(w)) => w,
+        (Err(e), Err(f)) if broken_pipe(&f) => return Err(state(e.to_string())),
+        (_, Err(e)) => return Err(state(format!("writing the save file for xl: {e}"))),
+        (Err(e), Ok(_)) => return Err(state(e.to_string())),
+    };
+    let took = t0.elapsed();
+    let domid = domid_of(xc, &Target::Name(cfg.name.clone()))?;
+    let info = xc.info(domid)?;
+    if info.hvm() != hvm || !info.paused() {
+        let _ = xc.destroy(domid);
+        let kind = if hvm { "HVM" } else { "PV" };
+        return Err(XenError::State {
+            domid,
+            reason: format!("`xl restore -p` left a domain that is not a paused {kind} domain"),
+        });
+    }
+    Ok((written, domid, took))
+}
 
 /// Builds the PV replica from `memory` and `st`, paused.
 pub(super) fn restore_pv(
@@ -68,7 +112,6 @@ pub(super) fn restore_pv(
         .shared_info
         .as_deref()
         .ok_or_else(|| state("the PV checkpoint has no shared-info page".into()))?;
-    let log = std::env::temp_dir().join(format!("castor-replica-{}.xl.log", cfg.name));
     let img = PvImage {
         // SAFETY: the replica is not written by anyone during activation.
         memory: unsafe { memory.as_slice() },
@@ -78,31 +121,14 @@ pub(super) fn restore_pv(
         shared_info,
         xen_version: XEN_VERSION,
     };
-    let t0 = Instant::now();
-    let c = cfg_path.to_string_lossy();
-    // The save file goes through a pipe: no copy of guest RAM on disk.
-    let args = ["restore", "-p", &c, "/proc/self/fd/0"];
-    let (ran, fed) = xl::run_fed(&xl::program(), &args, &log, XL_TIMEOUT, |stdin| {
-        stream::write_pv(&mut BufWriter::with_capacity(1 << 20, stdin), &img)
-    })
-    .map_err(|e| state(e.to_string()))?;
-    let written = match (ran, fed) {
-        (Ok(()), Ok(w)) => w,
-        (Err(e), Err(StreamError::Io(io))) if io.kind() == std::io::ErrorKind::BrokenPipe => {
-            return Err(state(e.to_string()))
-        }
-        (_, Err(e)) => return Err(state(format!("writing the save file for xl: {e}"))),
-        (Err(e), Ok(_)) => return Err(state(e.to_string())),
-    };
-    let domid = domid_of(xc, &Target::Name(cfg.name.clone()))?;
-    let info = xc.info(domid)?;
-    if info.hvm() || !info.paused() {
-        let _ = xc.destroy(domid);
-        return Err(XenError::State {
-            domid,
-            reason: "`xl restore -p` left a domain that is not a paused PV domain".into(),
-        });
-    }
+    let (written, domid, took) = xl_restore(
+        xc,
+        cfg,
+        cfg_path,
+        false,
+        |w| stream::write_pv(w, &img),
+        |e| matches!(e, StreamError::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe),
+    )?;
     let [l1, l2, l3, l4] = written.tables;
     eprintln!(
         "castor: xen replica {:?} is domain {domid}: save file of {} pages ({} with data, \
@@ -113,7 +139,7 @@ pub(super) fn restore_pv(
         written.data_pages,
         written.vcpus,
         written.bytes as f64 / (1 << 20) as f64,
-        t0.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
     Ok(ActivatedPv::restored(
         xc, domid, false, spec, cfg_path, st, memory,
