@@ -156,6 +156,8 @@ struct Own {
 
 pub struct CopyPool {
     helpers: Vec<(Sender<Task>, JoinHandle<()>)>,
+    /// The helpers' kernel thread ids (for the pause's real-time class).
+    tids: Vec<libc::pid_t>,
     done: Receiver<Done>,
     own: Mutex<Own>,
 }
@@ -190,10 +192,12 @@ impl CopyPool {
     /// pinned to `cores` round-robin when given.
     pub fn new(threads: usize, cores: &[core_affinity::CoreId]) -> CopyPool {
         let (done_tx, done) = channel();
-        let helpers = (1..threads.max(1))
+        let (tid_tx, tid_rx) = channel();
+        let helpers: Vec<_> = (1..threads.max(1))
             .map(|n| {
                 let (tx, rx) = channel::<Task>();
                 let done_tx = done_tx.clone();
+                let tid_tx = tid_tx.clone();
                 let core = (!cores.is_empty()).then(|| cores[n % cores.len()]);
                 let h = std::thread::Builder::new()
                     .name(format!("castor-copy-{n}"))
@@ -202,6 +206,8 @@ impl CopyPool {
                             core_affinity::set_for_current(c);
                         }
                         raise_priority();
+                        let _ = tid_tx.send(crate::domain::priority::current_tid());
+                        drop(tid_tx);
                         helper(rx, done_tx);
                     })
                     .expect("spawning copy thread");
@@ -212,11 +218,21 @@ impl CopyPool {
             regions: pagemap::region_buffer(),
             parts: vec![Vec::new(); threads.max(1)],
         };
+        drop(tid_tx);
+        // Every helper sends its id first thing (a helper that died before
+        // only closes its sender).
+        let tids = tid_rx.iter().collect();
         CopyPool {
             helpers,
+            tids,
             done,
             own: Mutex::new(own),
         }
+    }
+
+    /// The helper threads' kernel ids.
+    pub fn tids(&self) -> &[libc::pid_t] {
+        &self.tids
     }
 
     /// Threads working on each task, counting the caller.

@@ -253,13 +253,12 @@ impl Workers {
         self.gate.throttle.store(pct, Ordering::Relaxed);
     }
 
-    /// The timed threads' nice values now (tests).
+    /// The timed threads' scheduling policies and nice values now (tests).
     #[cfg(test)]
-    pub fn nice_values(&self) -> Vec<libc::c_int> {
+    pub fn scheduling(&self) -> Vec<(libc::c_int, libc::c_int)> {
         let tids = self.gate.tids.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: plain syscalls with no pointers.
         tids.iter()
-            .map(|&t| unsafe { libc::getpriority(libc::PRIO_PROCESS, t as libc::id_t) })
+            .map(|&t| crate::domain::priority::scheduling(t))
             .collect()
     }
 

@@ -371,6 +371,8 @@ impl Driver<'_> {
         base: &mut Option<u64>,
         staging: PageBuf,
     ) -> Result<Option<(Instant, PageBuf)>, PrimaryError> {
+        // Dropped last, after the resume: nothing preempts the pause.
+        let _rt = crate::domain::priority::PauseRealtime::enter(self.copy_pool.tids());
         let t0 = Instant::now();
         let preempted = involuntary_switches();
         let gate = PauseGate::close(self.shared);
