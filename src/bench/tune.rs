@@ -523,7 +523,7 @@ mod tests {
         };
         let line = r.csv();
         assert!(
-            line.starts_with("eauto-k2-lz4-tcp,\"auto:target=20ms,min=2ms,"),
+            line.starts_with("eauto-k2-lz4-tcp,\"auto:target=20ms,min=1ms,"),
             "{line}"
         );
         // Outside the quotes, as many fields as the header names.

@@ -15,7 +15,7 @@ use super::parse::{parse_compress, parse_cores, CompressArg, CoreList};
 pub struct EngineArgs {
     /// Epoch length: how long the guest runs between checkpoints, or `auto`
     /// to choose each epoch from the measured pause, checkpoint latency and
-    /// guest output: auto[:target=20ms,min=2ms,max=100ms,overhead=0.05,delay=2ms,rate=100]
+    /// guest output: auto[:target=20ms,min=1ms,max=100ms,overhead=0.05,delay=2ms,rate=100]
     /// (target: output release delay to aim at; overhead: largest share of
     /// time in pauses; an epoch whose output is held ends delay + bits/rate
     /// (Mbit/s) after its first frame). See docs/tuning.md.

@@ -66,8 +66,10 @@ pub struct AutoParams {
     pub max: Duration,
     /// Largest share of the guest's time the pauses may take, in (0, 1).
     pub overhead: f64,
-    /// Stratus's minimum: how long after the first held frame an epoch
-    /// runs at least (more output lengthens it by `bits / rate`).
+    /// Stratus's minimum, at most: how long after the first held frame an
+    /// epoch runs at least (more output lengthens it by `bits / rate`).
+    /// Lowered to `pause / overhead` while the talking epochs' pauses are
+    /// cheaper than that (see [`EpochController::cut_after`]).
     pub delay: Duration,
     /// Stratus's target output rate, bits per second.
     pub rate_bps: f64,
@@ -77,7 +79,7 @@ impl Default for AutoParams {
     fn default() -> Self {
         AutoParams {
             target: Duration::from_millis(20),
-            min: Duration::from_millis(2),
+            min: Duration::from_millis(1),
             max: Duration::from_millis(100),
             overhead: 0.05,
             delay: Duration::from_millis(2),
@@ -102,7 +104,7 @@ impl Default for EpochPolicy {
 /// A `--epoch` value that could not be parsed.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EpochPolicyError {
-    #[error("--epoch {0:?}: expected a duration like 25ms, or auto[:target=20ms,min=2ms,max=100ms,overhead=0.05,delay=2ms,rate=100] (rate in Mbit/s)")]
+    #[error("--epoch {0:?}: expected a duration like 25ms, or auto[:target=20ms,min=1ms,max=100ms,overhead=0.05,delay=2ms,rate=100] (rate in Mbit/s)")]
     Syntax(String),
     #[error("--epoch {value:?}: {key}={raw} is not {what}")]
     BadValue {
@@ -290,14 +292,24 @@ impl EpochController {
 
     /// Stratus's rule: with `held_bytes` of the running epoch's output
     /// held, how long after its first frame the epoch should end:
-    /// `delay + bits / rate`, at most `target - latency` (zero if the
+    /// `minimum + bits / rate`, at most `target - latency` (zero if the
     /// latency alone exceeds the target). None for a fixed epoch, which is
     /// never cut. The caller still runs the epoch at least [`Self::floor`].
+    ///
+    /// Stratus's minimum is there to spread a checkpoint's cost over
+    /// several frames; that cost is measured here, so the minimum is
+    /// priced by it: `pause / overhead` (the talking epochs' median
+    /// pause), the shortest epoch whose pause takes no more than
+    /// `overhead` of it, and never more than `delay`. Cheap pauses release
+    /// the first frame sooner (a 50 µs pause at 5%: 1 ms); until a talking
+    /// epoch was measured, the minimum is `delay`.
     pub fn cut_after(&self, held_bytes: u64) -> Option<Duration> {
         let EpochPolicy::Auto(p) = self.policy else {
             return None;
         };
-        let stratus = p.delay.as_secs_f64() + held_bytes as f64 * 8.0 / p.rate_bps;
+        let delay = p.delay.as_secs_f64();
+        let minimum = median(&self.talk_pauses).map_or(delay, |s| (s / p.overhead).min(delay));
+        let stratus = minimum + held_bytes as f64 * 8.0 / p.rate_bps;
         let budget = p.target.as_secs_f64() - median(&self.latencies).unwrap_or(0.0);
         Some(Duration::from_secs_f64(stratus.min(budget).max(0.0)))
     }
@@ -411,7 +423,7 @@ mod tests {
         let EpochPolicy::Auto(p) = EpochPolicy::parse("auto:target=30ms,max=200ms").unwrap() else {
             panic!("not auto")
         };
-        assert_eq!((p.target, p.max, p.min), (30 * MS, 200 * MS, 2 * MS));
+        assert_eq!((p.target, p.max, p.min), (30 * MS, 200 * MS, MS));
         let EpochPolicy::Auto(q) = EpochPolicy::parse("auto:delay=1ms,rate=10").unwrap() else {
             panic!("not auto")
         };
@@ -525,6 +537,55 @@ mod tests {
         }
         assert_eq!(c.cut_after(64), Some(Duration::ZERO));
         assert_eq!(c.floor(), 5 * MS);
+    }
+
+    #[test]
+    fn cheap_pauses_release_the_first_frame_sooner() {
+        // Defaults: delay 2 ms, overhead 5%, min 1 ms. Talking epochs
+        // pause 50 µs: 50 µs / 5% = 1 ms is enough to keep the pauses
+        // within the overhead, so the first frame waits 1 ms, not 2.
+        let mut c = EpochController::new(EpochPolicy::parse("auto").unwrap());
+        assert_eq!(c.cut_after(0), Some(2 * MS), "unmeasured: delay");
+        for _ in 0..3 {
+            c.next(&ran(50, 20, 1, 1.2));
+        }
+        let cut = c.cut_after(64).unwrap().as_secs_f64();
+        assert!((cut - 0.001_005).abs() < 1e-6, "{cut}");
+        // Its pause takes 50 µs of the ~1 ms epoch, within the 5%.
+        assert!(0.000_050 / cut <= 0.05 + 1e-9);
+        // The floor does not hold it longer: 4.2% of 1.2 ms is over half
+        // the overhead, and the guard asks for the same 1 ms.
+        assert_eq!(c.floor(), MS);
+    }
+
+    #[test]
+    fn costly_pauses_keep_the_configured_delay() {
+        // 400 µs pauses ask for 8 ms at 5%: the minimum stays at `delay`
+        // (2 ms; the floor guards the overhead), and one cheap pause among
+        // them does not lower it (median of three).
+        let mut c = EpochController::new(EpochPolicy::parse("auto").unwrap());
+        for pause in [400, 20, 400] {
+            c.next(&ran(pause, 20, 1, 10.0));
+        }
+        let cut = c.cut_after(0).unwrap();
+        assert_eq!(cut, 2 * MS);
+        // A 300 µs median pause: 6 ms, still above delay.
+        c.next(&ran(300, 20, 1, 10.0));
+        assert_eq!(c.cut_after(0), Some(2 * MS));
+    }
+
+    #[test]
+    fn the_priced_minimum_follows_only_talking_epochs() {
+        // Silent epochs' big pauses (never cut) do not price the minimum.
+        let mut c = EpochController::new(EpochPolicy::parse("auto").unwrap());
+        for _ in 0..3 {
+            c.next(&ran(40, 20, 1, 1.0));
+        }
+        for _ in 0..5 {
+            c.next(&ran(2_000, 0, 1, 100.0));
+        }
+        let cut = c.cut_after(0).unwrap().as_secs_f64();
+        assert!((cut - 0.000_8).abs() < 1e-9, "{cut}");
     }
 
     #[test]
