@@ -23,7 +23,8 @@
 //!   frame (no polling), and the pause starts
 //!   [`EpochController::cut_after`] that frame, though never before
 //!   [`EpochController::floor`] into the epoch. A cut epoch's pause is the
-//!   base of the next deadline.
+//!   base of the next deadline, and its length, as [`Pacer::length`] tells
+//!   the throttle, is what it ran until the cut, not its nominal length.
 //! - With a pause budget (`super::budget`), an epoch whose dirty set
 //!   reached it ends at once (its deadline moves to now); while K
 //!   checkpoints are in flight the guest is throttled hard instead, and
@@ -84,6 +85,8 @@ pub(super) struct Pacer {
     started: Instant,
     /// The output queue's held-output event (None: never cut).
     held: Option<Arc<HeldSignal>>,
+    /// How long the running epoch ran before a cut ended it (None: not cut).
+    cut: Option<Duration>,
 }
 
 impl Pacer {
@@ -96,6 +99,7 @@ impl Pacer {
             deadline: now + control.current(),
             started: now,
             held,
+            cut: None,
             control,
         }
     }
@@ -244,6 +248,9 @@ impl Pacer {
             });
             let now = Instant::now();
             if now >= end || crate::engine::stop_requested() {
+                if now < self.deadline {
+                    self.cut = Some(now.saturating_duration_since(self.started));
+                }
                 self.deadline = self.deadline.min(now);
                 return Ok(false);
             }
@@ -260,9 +267,14 @@ impl Pacer {
         }
     }
 
-    /// The running epoch's nominal length (fixed, or what `auto` chose).
+    /// The running epoch's length as the throttle weighs its extension:
+    /// what it ran until a cut ended it, else its nominal length (fixed, or
+    /// what `auto` chose). The throttle scales its cut by the epoch's
+    /// length (shorter epochs decide more often, each more gently), so a
+    /// 1 ms cut epoch weighed at its 19 ms nominal length was throttled as
+    /// hard per decision as a 19 ms one, 19 times as often (stop 15).
     pub fn length(&self) -> Duration {
-        self.control.current()
+        self.cut.unwrap_or(self.control.current())
     }
 
     /// How long the running epoch ran before its pause began at `pause`.
@@ -280,6 +292,7 @@ impl Pacer {
             self.deadline = now;
         }
         self.started = now;
+        self.cut = None;
     }
 }
 
@@ -289,5 +302,77 @@ pub(super) fn extension_us(ext: Duration) -> u64 {
         ext.as_micros() as u64
     } else {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::primary::PrimaryConfig;
+    use crate::outq::{Egress, Mode, OutputQueue};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A domain whose dirty set is never counted.
+    struct NoGauge;
+
+    impl DirtyGauge for NoGauge {
+        fn poll(&self) -> Option<Duration> {
+            None
+        }
+        fn full(&mut self) -> Result<bool, PrimaryError> {
+            Ok(false)
+        }
+        fn hold(&mut self, _on: bool) {}
+        fn tighten(&mut self) -> Result<(), PrimaryError> {
+            Ok(())
+        }
+    }
+
+    /// A destination that drops released frames.
+    struct Sink;
+
+    impl Egress for Sink {
+        fn release(&mut self, _frame: &[u8]) {}
+    }
+
+    fn auto(s: &str) -> EpochPolicy {
+        EpochPolicy::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_cut_epoch_reports_the_length_it_ran_to_the_throttle() {
+        let q = OutputQueue::start(Mode::Commit).unwrap();
+        let h = q.handle(Box::new(Sink));
+        let shared = Shared::new(&PrimaryConfig::default());
+        let policy = auto("auto:target=2s,min=1ms,max=2s,delay=1ms");
+        let mut p = Pacer::start(policy, Some(q.held_signal()));
+        assert_eq!(p.length(), 2 * 1000 * MS, "nominal before a cut");
+        // The guest talks: the epoch (nominal 2 s) ends about 1 ms later.
+        h.emit_now(&[0u8; 64]);
+        let started = Instant::now();
+        p.wait_for_pause(&shared, 1, 2, &mut NoGauge).unwrap();
+        assert!(started.elapsed() < 1000 * MS, "cut, not run to 2 s");
+        let ran = p.length();
+        assert!(ran >= MS && ran <= started.elapsed() + 5 * MS, "{ran:?}");
+        // The next epoch is not cut until it is: its nominal length again.
+        p.next_epoch(&Observation::default());
+        assert_eq!(p.length(), p.control.current());
+        q.shutdown().unwrap();
+    }
+
+    #[test]
+    fn an_uncut_epoch_reports_its_nominal_length() {
+        let shared = Shared::new(&PrimaryConfig::default());
+        let mut fixed = Pacer::start(EpochPolicy::Fixed(2 * MS), None);
+        fixed.wait_for_pause(&shared, 1, 2, &mut NoGauge).unwrap();
+        assert_eq!(fixed.length(), 2 * MS);
+        // Auto without output: runs to its deadline, nominal length.
+        let q = OutputQueue::start(Mode::Commit).unwrap();
+        let policy = auto("auto:target=3ms,min=1ms,max=3ms");
+        let mut silent = Pacer::start(policy, Some(q.held_signal()));
+        silent.wait_for_pause(&shared, 1, 2, &mut NoGauge).unwrap();
+        assert_eq!(silent.length(), 3 * MS);
+        q.shutdown().unwrap();
     }
 }
