@@ -86,6 +86,23 @@ struct Capture {
     state: Vec<u8>,
     /// The disk writes of the epoch (cut in the pause).
     disk: crate::disk::session::EpochDisks,
+    /// How long the last pause lasted (None before the first): decides
+    /// whether the next one runs in the real-time class.
+    last_pause: Option<Duration>,
+}
+
+/// The pause runs in the real-time class ([`PauseRealtime`]) only while
+/// pauses are short: when the previous one lasted under this. A sim or kvm
+/// pause takes about a millisecond; a Xen guest's own suspend (hundreds of
+/// milliseconds under the lab's emulation) is no place to hold cores from
+/// the host's services (xenstored, netback), and a pause that long gains
+/// nothing measurable from skipping a 4 ms scheduler tick.
+///
+/// [`PauseRealtime`]: crate::domain::priority::PauseRealtime
+const REALTIME_PAUSE_LIMIT: Duration = Duration::from_millis(10);
+
+fn realtime_pause(last: Option<Duration>) -> bool {
+    last.is_some_and(|d| d < REALTIME_PAUSE_LIMIT)
 }
 
 /// Seeds the backup, then checkpoints until the run ends.
@@ -372,7 +389,8 @@ impl Driver<'_> {
         staging: PageBuf,
     ) -> Result<Option<(Instant, PageBuf)>, PrimaryError> {
         // Dropped last, after the resume: nothing preempts the pause.
-        let _rt = crate::domain::priority::PauseRealtime::enter(self.copy_pool.tids());
+        let _rt = realtime_pause(cap.last_pause)
+            .then(|| crate::domain::priority::PauseRealtime::enter(self.copy_pool.tids()));
         let t0 = Instant::now();
         let preempted = involuntary_switches();
         let gate = PauseGate::close(self.shared);
@@ -427,6 +445,7 @@ impl Driver<'_> {
         rec.state_us = (t_state - t_copy).as_micros() as u64;
         rec.resume_us = (t_end - t_state).as_micros() as u64;
         rec.pause_us = (t_end - t0).as_micros() as u64;
+        cap.last_pause = Some(t_end - t0);
         rec.pause_preempted = involuntary_switches().saturating_sub(preempted);
         Ok(Some((t0, staging)))
     }
@@ -552,6 +571,18 @@ impl DirtyGauge for Gauge<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a pause that follows a short one runs in the real-time class;
+    /// the first (length unknown) and any after a long one do not.
+    #[test]
+    fn only_short_pauses_run_real_time() {
+        let ms = Duration::from_millis;
+        assert!(!realtime_pause(None));
+        assert!(realtime_pause(Some(ms(1))));
+        assert!(realtime_pause(Some(ms(9))));
+        assert!(!realtime_pause(Some(ms(10))));
+        assert!(!realtime_pause(Some(ms(230))));
+    }
 
     /// The pre-copied pages keep their slots; a late page already
     /// pre-copied is copied again into its own slot, a new one gets the
