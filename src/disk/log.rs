@@ -4,30 +4,31 @@
 //! once and completed to the guest; it is tagged with the epoch running and
 //! queued for that epoch's checkpoint, which carries it to the backup. The
 //! epoch driver cuts the log inside the pause ([`WriteLog::cut`]), so a
-//! write belongs to exactly one epoch. An epoch's writes are kept
-//! coalesced ([`WriteSet`]): a range rewritten within an epoch travels
-//! once, with its last bytes.
+//! write belongs to exactly one epoch. An epoch's writes are appended in
+//! wire order to the records that will carry them ([`EpochOps`]): no
+//! allocation per write, nothing to lay out at the send; a range rewritten
+//! whole within an epoch travels once, with its last bytes.
 //!
 //! Invariants:
-//! - Applying a write to the image and recording it in the epoch's set
-//!   happen under one lock, so the set holds, for each byte the epoch
-//!   touched, what the image holds at the cut (the last of two overlapping
-//!   writes wins on the backup as it did here) and a cut never splits a
-//!   write.
+//! - Applying a write to the image and appending it to the epoch's records
+//!   happen under one lock, so the records hold the writes in the order
+//!   they reached the image (the last of two overlapping writes wins on
+//!   the backup as it did here) and a cut never splits a write.
 //! - The fencing gate is checked under that same lock: once the gate closes
 //!   no write, queued or new, reaches the image or the log.
 //! - The queue is bounded ([`LogConfig::max_queued`]); a writer that finds
 //!   it full waits for the next cut (backpressure on the guest, like an
 //!   extended epoch), never grows it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::coalesce::WriteSet;
 use super::fence::Fence;
 use super::image::{DiskImage, ImageError};
 use super::pool;
-use super::wire::{DiskOp, MAX_OP_DATA};
+pub use super::records::EpochOps;
+use super::wire::MAX_OP_DATA;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -61,39 +62,35 @@ impl Default for LogConfig {
     }
 }
 
-/// The writes of one epoch, coalesced: disjoint ranges in offset order
-/// holding their bytes at the epoch's end, then a `Flush` if the epoch
-/// carried one.
-///
-/// Dropping it (once its checkpoint is sent) hands the write buffers back
-/// to [`pool`], for the next large writes to be received into.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct EpochOps {
-    pub epoch: u64,
-    pub ops: Vec<DiskOp>,
-    /// Sum of the ops' wire lengths.
-    pub bytes: usize,
-}
-
-impl Drop for EpochOps {
-    fn drop(&mut self) {
-        for op in self.ops.drain(..) {
-            if let DiskOp::Write { data, .. } = op {
-                pool::give(data);
-            }
-        }
-    }
-}
-
 #[derive(Debug, Default)]
 struct Inner {
     recording: bool,
-    epoch: u64,
-    set: WriteSet,
+    /// The ops of the epoch a writer last found running (`set.epoch`).
+    set: EpochOps,
+    /// Ops of earlier epochs, not collected yet (oldest first; at most
+    /// one while the epoch driver collects every epoch it marks).
+    done: Vec<EpochOps>,
+}
+
+impl Inner {
+    /// Bytes queued for the backup.
+    fn queued(&self) -> usize {
+        self.set.bytes() + self.done.iter().map(EpochOps::bytes).sum::<usize>()
+    }
 }
 
 /// An image plus the log of its writes per epoch. Shared by every NBD
 /// connection (or the kvm block device) and the epoch driver.
+///
+/// The epoch boundary is an atomic ([`WriteLog::mark`]), read by each
+/// writer under the lock *after* its write reached the image: the pause
+/// never takes the lock a writer holds across its `pwrite` (which can
+/// block in the kernel: writeback, the file system's journal, the
+/// allocator's `mmap_lock`). A write completed before the mark is in
+/// that epoch or an earlier one; a write in flight across it lands in
+/// either (the guest had no completion yet); writes reach the log in the
+/// order they reached the image, epochs included. [`WriteLog::collect`]
+/// takes an ended epoch's ops, outside the pause.
 #[derive(Debug)]
 pub struct WriteLog {
     image: DiskImage,
@@ -101,6 +98,8 @@ pub struct WriteLog {
     cfg: LogConfig,
     inner: Mutex<Inner>,
     room: Condvar,
+    /// The running epoch.
+    running: AtomicU64,
 }
 
 impl WriteLog {
@@ -112,6 +111,7 @@ impl WriteLog {
             cfg,
             inner: Mutex::new(Inner::default()),
             room: Condvar::new(),
+            running: AtomicU64::new(0),
         }
     }
 
@@ -137,27 +137,55 @@ impl WriteLog {
     pub fn start_recording(&self, epoch: u64) {
         let mut g = self.lock();
         g.recording = true;
-        g.epoch = epoch;
-        g.set = WriteSet::default();
+        self.running.store(epoch, Ordering::SeqCst);
+        g.set = EpochOps::new(epoch);
+        g.done.clear();
     }
 
-    /// Stops queueing; returns what was queued and not yet cut.
+    /// Stops queueing; returns what was queued and not yet collected.
     pub fn stop_recording(&self) -> EpochOps {
         let mut g = self.lock();
         g.recording = false;
-        let out = take(&mut g);
+        let running = self.running.load(Ordering::SeqCst);
+        let out = take_upto(&mut g, running, running);
         self.room.notify_all();
         out
     }
 
-    /// Ends the running epoch: returns its writes and tags later writes
-    /// with `next`. Called by the epoch driver inside the pause.
-    pub fn cut(&self, next: u64) -> EpochOps {
+    /// Ends the running epoch: later writes are tagged `next`. Never
+    /// blocks (an atomic store): the epoch driver calls it inside the
+    /// pause, then [`Self::collect`]s the ended epoch after it.
+    pub fn mark(&self, next: u64) {
+        self.running.store(next, Ordering::SeqCst);
+    }
+
+    /// The ops of every epoch up to `epoch` not collected yet (ended by
+    /// [`Self::mark`]), in order, as one epoch's. Takes the lock: waits
+    /// for a write being applied.
+    pub fn collect(&self, epoch: u64) -> EpochOps {
         let mut g = self.lock();
-        let out = take(&mut g);
-        g.epoch = next;
+        let running = self.running.load(Ordering::SeqCst);
+        let out = take_upto(&mut g, epoch, running);
         self.room.notify_all();
         out
+    }
+
+    /// [`Self::mark`] then [`Self::collect`] of the epoch before `next`.
+    pub fn cut(&self, next: u64) -> EpochOps {
+        self.mark(next);
+        self.collect(next.saturating_sub(1))
+    }
+
+    /// The running epoch's ops, for a writer holding the lock.
+    fn current<'g>(&self, g: &'g mut Inner) -> &'g mut EpochOps {
+        let running = self.running.load(Ordering::SeqCst);
+        if g.set.epoch != running {
+            let ended = std::mem::replace(&mut g.set, EpochOps::new(running));
+            if !ended.is_empty() {
+                g.done.push(ended);
+            }
+        }
+        &mut g.set
     }
 
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), LogError> {
@@ -171,11 +199,12 @@ impl WriteLog {
         let mut g = self.admit(data.len())?;
         self.image.write_at(data, offset)?;
         if g.recording {
+            let set = self.current(&mut g);
             for (i, chunk) in data.chunks(MAX_OP_DATA).enumerate() {
-                g.set.write(offset + (i * MAX_OP_DATA) as u64, chunk);
+                set.write(offset + (i * MAX_OP_DATA) as u64, chunk);
             }
             if fua {
-                g.set.flush();
+                set.flush();
             }
         }
         drop(g);
@@ -197,9 +226,10 @@ impl WriteLog {
         let mut g = self.admit(buf.len())?;
         self.image.write_at(buf, offset)?;
         if g.recording {
-            g.set.write_owned(offset, std::mem::take(buf));
+            let set = self.current(&mut g);
+            set.write_owned(offset, std::mem::take(buf));
             if fua {
-                g.set.flush();
+                set.flush();
             }
         }
         drop(g);
@@ -215,9 +245,10 @@ impl WriteLog {
         let mut g = self.admit(0)?;
         self.image.zero(offset, len as u64)?;
         if g.recording {
-            g.set.zero(offset, len, trim);
+            let set = self.current(&mut g);
+            set.zero(offset, len, trim);
             if fua {
-                g.set.flush();
+                set.flush();
             }
         }
         drop(g);
@@ -232,7 +263,7 @@ impl WriteLog {
     pub fn flush(&self) -> Result<(), LogError> {
         let mut g = self.admit(0)?;
         if g.recording {
-            g.set.flush();
+            self.current(&mut g).flush();
         }
         drop(g);
         Ok(self.image.sync()?)
@@ -249,7 +280,7 @@ impl WriteLog {
                     path: self.image.path().display().to_string(),
                 });
             }
-            let queued = g.set.bytes();
+            let queued = g.queued();
             if !g.recording || queued == 0 || queued + len <= self.cfg.max_queued {
                 return Ok(g);
             }
@@ -271,19 +302,26 @@ impl WriteLog {
     }
 }
 
-fn take(g: &mut Inner) -> EpochOps {
-    let set = std::mem::take(&mut g.set);
-    EpochOps {
-        epoch: g.epoch,
-        bytes: set.bytes(),
-        ops: set.into_ops(),
+/// Takes the ops of every epoch up to `epoch` (the running one is
+/// `running`), merged in order and closed.
+fn take_upto(g: &mut Inner, epoch: u64, running: u64) -> EpochOps {
+    if g.set.epoch <= epoch {
+        let ended = std::mem::replace(&mut g.set, EpochOps::new(running.max(epoch + 1)));
+        g.done.push(ended);
     }
+    let n = g.done.iter().take_while(|e| e.epoch <= epoch).count();
+    let mut out = EpochOps::new(epoch);
+    for e in g.done.drain(..n) {
+        out.absorb(e);
+    }
+    out.close();
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::wire::OP_HEADER;
+    use crate::disk::wire::{DiskOp, OP_HEADER};
 
     fn log(size: u64, cfg: LogConfig) -> (tempfile::TempDir, WriteLog) {
         let dir = tempfile::tempdir().unwrap();
@@ -295,7 +333,7 @@ mod tests {
     fn writes_are_applied_at_once_and_tagged_with_the_running_epoch() {
         let (_d, l) = log(1 << 20, LogConfig::default());
         l.write(0, &[1; 512], false).unwrap();
-        assert!(l.cut(1).ops.is_empty(), "nothing queued before recording");
+        assert!(l.cut(1).is_empty(), "nothing queued before recording");
         l.start_recording(3);
         l.write(4096, &[7; 512], false).unwrap();
         l.write(512, &[2; 512], true).unwrap();
@@ -305,11 +343,15 @@ mod tests {
         assert_eq!(b, [2; 512], "applied before the epoch ends");
         let e3 = l.cut(4);
         assert_eq!(e3.epoch, 3);
-        // Coalesced: in offset order, the trim over the head of the first
-        // write wins there, the flush comes last.
+        // In the order they reached the image (the trim over the head of
+        // the first write goes after it), the flush last.
         assert_eq!(
-            e3.ops,
+            e3.ops(),
             vec![
+                DiskOp::Write {
+                    offset: 4096,
+                    data: vec![7; 512]
+                },
                 DiskOp::Write {
                     offset: 512,
                     data: vec![2; 512]
@@ -318,17 +360,92 @@ mod tests {
                     offset: 4096,
                     len: 100
                 },
-                DiskOp::Write {
-                    offset: 4196,
-                    data: vec![7; 412]
-                },
                 DiskOp::Flush,
             ]
         );
-        assert_eq!(e3.bytes, 4 * OP_HEADER + 512 + 412);
+        assert_eq!(e3.bytes(), 4 * OP_HEADER + 512 + 512);
         l.flush().unwrap();
         let e4 = l.stop_recording();
-        assert_eq!((e4.epoch, &e4.ops[..]), (4, &[DiskOp::Flush][..]));
+        assert_eq!((e4.epoch, &e4.ops()[..]), (4, &[DiskOp::Flush][..]));
+    }
+
+    /// The pause ends an epoch with [`WriteLog::mark`]: it must not wait
+    /// for the log's lock, which a writer holds across its `pwrite` (the
+    /// kernel can hold that up for a long time: writeback throttling, the
+    /// journal, `mmap_lock`). Here another thread holds the lock as such a
+    /// writer would; the mark returns at once, and the epochs come out
+    /// exactly split once the writer lets go.
+    #[test]
+    fn marking_an_epoch_never_waits_for_a_write_being_applied() {
+        use std::sync::mpsc::channel;
+        let (_d, l) = log(1 << 20, LogConfig::default());
+        let l = Arc::new(l);
+        l.start_recording(1);
+        l.write(0, &[1; 4096], false).unwrap();
+        let (held_tx, held_rx) = channel();
+        let (release_tx, release_rx) = channel::<()>();
+        let writer = {
+            let l = l.clone();
+            std::thread::spawn(move || {
+                let g = l.lock();
+                held_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+                drop(g);
+            })
+        };
+        held_rx.recv().unwrap();
+        let (done_tx, done_rx) = channel();
+        let pause = {
+            let l = l.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                l.mark(2);
+                done_tx.send(t.elapsed()).unwrap();
+            })
+        };
+        let marked = done_rx.recv_timeout(Duration::from_secs(2));
+        release_tx.send(()).unwrap();
+        writer.join().unwrap();
+        pause.join().unwrap();
+        let took = marked.expect("the mark waited for the writer's lock");
+        assert!(took < Duration::from_millis(500), "mark took {took:?}");
+        // After the mark, writes belong to epoch 2; epoch 1 holds exactly
+        // the write completed before it.
+        l.write(4096, &[2; 4096], false).unwrap();
+        let e1 = l.collect(1);
+        assert_eq!(
+            e1.ops(),
+            vec![DiskOp::Write {
+                offset: 0,
+                data: vec![1; 4096]
+            }]
+        );
+        l.mark(3);
+        l.write(0, &[3; 4096], true).unwrap();
+        let e2 = l.collect(2);
+        assert_eq!(
+            (e2.epoch, e2.ops()),
+            (
+                2,
+                vec![DiskOp::Write {
+                    offset: 4096,
+                    data: vec![2; 4096]
+                }]
+            )
+        );
+        // Epochs collected late come out merged, in order, each with
+        // its own flush.
+        l.mark(4);
+        l.write(0, &[4; 4096], false).unwrap();
+        l.mark(5);
+        l.write(0, &[5; 512], false).unwrap();
+        let late = l.collect(4);
+        let w = |b: u8, n: usize| DiskOp::Write {
+            offset: 0,
+            data: vec![b; n],
+        };
+        assert_eq!(late.ops(), vec![w(3, 4096), DiskOp::Flush, w(4, 4096)]);
+        assert_eq!(l.collect(5).ops(), vec![w(5, 512)]);
     }
 
     #[test]
@@ -346,14 +463,18 @@ mod tests {
         l.write_vec(8 << 20 >> 2, &mut small, false).unwrap();
         assert_eq!(small.len(), 4096, "small writes are copied");
         let e = l.cut(2);
-        match &e.ops[0] {
+        assert!(
+            e.slices().any(|p| p.as_ptr() == ptr && p.len() == 1 << 20),
+            "the buffer is sent as it is"
+        );
+        match &e.ops()[0] {
             DiskOp::Write { offset, data } => {
-                assert_eq!((*offset, data.as_ptr(), data[0]), (4096, ptr, 6));
+                assert_eq!((*offset, data[0]), (4096, 6));
                 assert!(data[1..].iter().all(|&b| b == 5));
             }
             o => panic!("{o:?}"),
         }
-        assert_eq!(e.ops.last(), Some(&DiskOp::Flush), "FUA marks the epoch");
+        assert_eq!(e.ops().last(), Some(&DiskOp::Flush), "FUA marks the epoch");
         let mut back = vec![0u8; 1 << 20];
         l.read(&mut back, 4096).unwrap();
         assert_eq!((back[0], back[1]), (6, 5), "and it reached the image");
@@ -364,7 +485,7 @@ mod tests {
         let (_d, l) = log(4 << 20, LogConfig::default());
         l.start_recording(1);
         l.write(10, &vec![3; 2 * MAX_OP_DATA + 5], false).unwrap();
-        let ops = std::mem::take(&mut l.cut(2).ops);
+        let ops = l.cut(2).ops();
         let offs: Vec<u64> = ops
             .iter()
             .map(|o| match o {
@@ -395,7 +516,7 @@ mod tests {
         let mut b = [1u8; 512];
         l.read(&mut b, 0).unwrap();
         assert_eq!(b, [0; 512], "the image never saw the write");
-        assert!(l.cut(2).ops.is_empty(), "nor did the log");
+        assert!(l.cut(2).is_empty(), "nor did the log");
     }
 
     #[test]
@@ -421,10 +542,10 @@ mod tests {
             rx.recv_timeout(Duration::from_millis(200)).is_err(),
             "the third write waits while the queue is full"
         );
-        assert_eq!(l.cut(2).ops.len(), 2);
+        assert_eq!(l.cut(2).op_count(), 2);
         rx.recv_timeout(Duration::from_secs(10)).unwrap();
         w.join().unwrap();
-        assert_eq!(l.cut(3).ops.len(), 1, "the waiting write went to epoch 2");
+        assert_eq!(l.cut(3).op_count(), 1, "the waiting write went to epoch 2");
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //!
 //! - [`image`]: a raw image with checked positional I/O.
 //! - [`log`]: the primary's per-epoch write log and its fencing gate.
-//! - [`coalesce`]: one epoch's writes, coalesced to their net effect.
+//! - [`records`]: one epoch's writes, appended in wire order to the records that carry them.
 //! - [`fence`]: the gate itself (revocation, arbiter lease).
 //! - [`wire`]: the `DiskWrites` payload, bounds-checked.
 //! - [`frame`]: a checkpoint's `DiskWrites` records as pieces for a vectored send.
@@ -32,7 +32,6 @@
 
 pub mod activate;
 pub mod addr;
-pub mod coalesce;
 pub mod fault;
 pub mod fence;
 pub mod frame;
@@ -40,6 +39,7 @@ pub mod image;
 pub mod log;
 pub mod nbd;
 pub mod pool;
+pub mod records;
 pub mod session;
 pub mod spec;
 pub mod stage;

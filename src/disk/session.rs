@@ -211,14 +211,30 @@ impl PrimaryDisks {
         }
     }
 
-    /// Ends checkpoint `epoch`'s writes (inside its pause).
-    pub fn cut(&self, epoch: u64) -> EpochDisks {
+    /// Ends checkpoint `epoch`'s writes: inside its pause, never blocks
+    /// (see [`WriteLog::mark`]); [`Self::collect`] them after it.
+    pub fn mark(&self, epoch: u64) {
+        for (_, l) in &self.disks {
+            l.mark(epoch + 1);
+        }
+    }
+
+    /// The writes of checkpoint `epoch` (and of any earlier one not
+    /// collected), once [`Self::mark`]ed; may wait for a write being
+    /// applied, so not inside the pause.
+    pub fn collect(&self, epoch: u64) -> EpochDisks {
         self.disks
             .iter()
             .enumerate()
-            .map(|(i, (_, l))| (i as u16, l.cut(epoch + 1)))
-            .filter(|(_, o)| !o.ops.is_empty())
+            .map(|(i, (_, l))| (i as u16, l.collect(epoch)))
+            .filter(|(_, o)| !o.is_empty())
             .collect()
+    }
+
+    /// [`Self::mark`] and [`Self::collect`] at once (outside a pause).
+    pub fn cut(&self, epoch: u64) -> EpochDisks {
+        self.mark(epoch);
+        self.collect(epoch)
     }
 
     /// Stops logging (end of the session); writes go on reaching the images.
@@ -504,10 +520,8 @@ mod tests {
         }
         let cut = prim.cut(1);
         assert_eq!(cut[0].1.epoch, 1);
-        for (disk, e) in &cut {
-            for b in wire::batches(&e.ops, 1 << 20) {
-                let mut p = Vec::new();
-                wire::encode(&mut p, *disk, b);
+        for (_, e) in &cut {
+            for p in e.payloads() {
                 back.stage(&p, None).unwrap();
             }
         }

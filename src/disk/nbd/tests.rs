@@ -487,7 +487,7 @@ fn pipelined_requests_across_the_read_ahead_are_served_in_order() {
     );
     // The log holds the same bytes (the large write's buffer itself).
     let mut logged = vec![0u8; SIZE as usize];
-    for op in &f.log.cut(2).ops {
+    for op in &f.log.cut(2).ops() {
         if let crate::disk::wire::DiskOp::Write { offset, data } = op {
             logged[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
         }
@@ -573,7 +573,7 @@ fn a_fenced_export_completes_no_write() {
     let img = image_bytes(&f.log);
     assert_eq!(&img[0..12], &[1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
     assert_eq!(
-        f.log.cut(2).ops.len(),
+        f.log.cut(2).ops().len(),
         1,
         "only the write before the fence is logged"
     );

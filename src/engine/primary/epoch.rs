@@ -164,6 +164,9 @@ impl Driver<'_> {
             self.pace_guest(waited.extension, waited.unacked, k, pacer.length());
             let (pause_start, staging) =
                 self.ready_and_pause(epoch, final_epoch, &mut cap, &mut rec, &mut base)?;
+            // The disk writes the pause marked as this epoch's (waits for a
+            // write being applied: after the pause, at normal priority).
+            cap.disk = self.disks.collect(epoch);
             if let Some(b) = budget.as_mut() {
                 b.observe(
                     rec.dirty_pages,
@@ -421,8 +424,9 @@ impl Driver<'_> {
         self.outq.open_epoch(epoch + 1);
         crate::ops::telemetry::with(|t| t.epoch_started(epoch + 1));
         // Disk writes completed so far belong to this epoch; later ones to
-        // the next (a swap of the log's queue: no I/O in the pause).
-        cap.disk = self.disks.cut(epoch);
+        // the next (an atomic store: the pause never takes the log's lock,
+        // which a writer holds across its pwrite; collected after resume).
+        self.disks.mark(epoch);
         // Read after the store: output read from now on is tagged > epoch.
         rec.closed_at_ns = crate::metrics::mono_ns();
         self.copy_pool

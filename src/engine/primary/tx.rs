@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use super::job::{EpochJob, Meta, ShardOut, Source, TxMsg};
 use super::shared::{InflightEntry, Shared};
+use crate::disk;
 use crate::disk::session::{encode_announce, EpochDisks, PrimaryDisks};
-use crate::disk::{self, wire};
 use crate::engine::codec_choice::Observed;
 use crate::engine::shadow::PageBuf;
 use crate::metrics::EpochRecord;
@@ -39,20 +39,14 @@ use crate::PAGE_SIZE;
 /// Bytes of disk per seed record.
 const SEED_CHUNK: usize = 1 << 20;
 
-/// Frames a checkpoint's disk writes as DiskWrites records (their data
-/// is sent from the log, not copied) and counts them into `rec`.
-fn disk_records(epoch: u64, disks: &EpochDisks, rec: &mut EpochRecord) -> disk::frame::Framed {
+/// Tags a checkpoint's disk writes (already laid out as DiskWrites
+/// records by the write log; their data is sent from there, not copied)
+/// with its epoch and counts them into `rec`.
+fn disk_records(epoch: u64, disks: &mut EpochDisks, rec: &mut EpochRecord) -> disk::frame::Framed {
     let framed = disk::frame::frame(disks, epoch);
-    for (_, e) in disks {
-        rec.disk_ops += e.ops.len() as u64;
-        rec.disk_bytes += e
-            .ops
-            .iter()
-            .map(|o| match o {
-                wire::DiskOp::Write { data, .. } => data.len() as u64,
-                _ => 0,
-            })
-            .sum::<u64>();
+    for (_, e) in disks.iter() {
+        rec.disk_ops += e.op_count();
+        rec.disk_bytes += e.data_bytes();
     }
     rec.disk_wire_bytes += framed.wire_bytes;
     framed
@@ -82,8 +76,6 @@ struct Assembly {
 /// A unit framed for the wire: the records around the shards.
 struct Framed {
     head: Vec<u8>,
-    /// The checkpoint's DiskWrites records, between the shards and `tail`.
-    disk: disk::frame::Framed,
     tail: Vec<u8>,
     record: EpochRecord,
     /// The seed's End, held back until the disks' seed records are out.
@@ -97,8 +89,7 @@ struct Framed {
 struct UnitLoan {
     head: Vec<u8>,
     outs: Vec<ShardOut>,
-    /// The DiskWrites framing and the writes it points into.
-    disk: disk::frame::Framed,
+    /// The DiskWrites records.
     disk_ops: EpochDisks,
     tail: Vec<u8>,
     buf_return: Vec<Sender<Vec<u8>>>,
@@ -108,7 +99,7 @@ impl Lent for UnitLoan {
     fn pieces(&self) -> Vec<&[u8]> {
         let mut v: Vec<&[u8]> = vec![&self.head];
         v.extend(self.outs.iter().map(|o| &o.buf[..]));
-        v.extend(self.disk.slices(&self.disk_ops));
+        v.extend(disk::frame::slices(&self.disk_ops));
         v.push(&self.tail);
         v
     }
@@ -267,7 +258,7 @@ impl Tx {
         let mut tail = Vec::with_capacity(meta.state.len() + 64);
         let mut disk = disk::frame::Framed::default();
         if !seed {
-            disk = disk_records(meta.epoch, &meta.disk, &mut rec);
+            disk = disk_records(meta.epoch, &mut meta.disk, &mut rec);
             end.disk_records = disk.records;
         }
         if !seed {
@@ -287,7 +278,6 @@ impl Tx {
         }
         Framed {
             head,
-            disk,
             tail,
             record: rec,
             seed_end: seed_disks.then_some(end),
@@ -330,7 +320,6 @@ impl Tx {
         let closes = !seed || meta.last_round;
         let Framed {
             head,
-            disk,
             tail,
             record,
             seed_end,
@@ -341,7 +330,6 @@ impl Tx {
         let loan = Box::new(UnitLoan {
             head,
             outs,
-            disk,
             disk_ops: std::mem::take(&mut meta.disk),
             tail,
             buf_return: self.ends.buf_return.clone(),

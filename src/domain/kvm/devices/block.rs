@@ -255,7 +255,7 @@ mod tests {
         assert_eq!(&on_disk[3 * 512..5 * 512], pattern.as_slice());
         assert_eq!(cmd(&mut b, CMD_FLUSH, 0, 0, 0), ST_OK);
         assert_eq!(
-            log.cut(2).ops,
+            log.cut(2).ops(),
             vec![
                 crate::disk::wire::DiskOp::Write {
                     offset: 3 * 512,
@@ -304,7 +304,10 @@ mod tests {
             on_disk,
             "refused writes changed the image"
         );
-        assert!(log.cut(3).ops.is_empty(), "refused writes were not logged");
+        assert!(
+            log.cut(3).ops().is_empty(),
+            "refused writes were not logged"
+        );
         log.fence().revoke();
         assert_eq!(
             cmd(&mut b, CMD_WRITE, 0, 1, 4096),
