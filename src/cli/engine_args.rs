@@ -17,8 +17,9 @@ pub struct EngineArgs {
     /// to choose each epoch from the measured pause, checkpoint latency and
     /// guest output: auto[:target=20ms,min=1ms,max=100ms,overhead=0.05,delay=2ms,rate=100]
     /// (target: output release delay to aim at; overhead: largest share of
-    /// time in pauses; an epoch whose output is held ends delay + bits/rate
-    /// (Mbit/s) after its first frame). See docs/tuning.md.
+    /// time in pauses; an epoch whose output is held ends
+    /// min(delay, pause/overhead) + bits/rate (Mbit/s) after its first
+    /// frame). See docs/tuning.md.
     #[arg(long, default_value = "25ms", value_parser = parse_epoch)]
     pub epoch: EpochPolicy,
     /// Checkpoints allowed in flight before the next epoch is extended.
