@@ -353,6 +353,8 @@ fn protected_rtts(
     const KEY: &[u8] = b"outq-latency-test-key-0123456789";
     /// How long each protected run lasts (after its initial copy).
     const RUN: Duration = Duration::from_secs(10);
+    /// Silence either end tolerates before it gives the session up.
+    const LIVENESS: Duration = Duration::from_secs(10);
 
     let d = open(spec)?;
     bring_up(ns);
@@ -360,7 +362,13 @@ fn protected_rtts(
     let dir = tempfile::tempdir().unwrap();
     let l = tcp::listen("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
-    let bcfg = BackupConfig::new(dir.path().to_path_buf(), Psk::from_bytes(KEY), 1 << 30);
+    // This test measures output commit, not failure detection: on a host
+    // loaded by the other tests running beside it (CI runs them two at a
+    // time on two cores) a 500 ms gap between records had ended the
+    // session (the TAP then went away and the next send failed with
+    // ENETUNREACH, hiding why).
+    let mut bcfg = BackupConfig::new(dir.path().to_path_buf(), Psk::from_bytes(KEY), 1 << 30);
+    bcfg.heartbeat_timeout = LIVENESS;
     let b = std::thread::spawn(move || backup::serve(&l, &bcfg).map(|_| ()));
     let s = tcp::connect(&addr, Duration::from_secs(10)).unwrap();
     let mut w = s.try_clone().unwrap();
@@ -381,6 +389,7 @@ fn protected_rtts(
         pin: false,
         duration: Some(RUN),
         output_commit,
+        backup_silence: LIVENESS,
         ..PrimaryConfig::default()
     };
     let t0 = Instant::now();
@@ -400,7 +409,9 @@ fn protected_rtts(
     let mut rtts = Vec::new();
     // Stop well before the primary's run ends (it leaves the guest paused).
     for id in 0..n {
-        if t0.elapsed() + Duration::from_millis(2500) > RUN {
+        // A run that ended early (its error is reported below) took the
+        // guest's TAP with it.
+        if t0.elapsed() + Duration::from_millis(2500) > RUN || p.is_finished() {
             break;
         }
         let (c, rtt) = request(&sock, 1000 + id);
