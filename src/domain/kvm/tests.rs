@@ -162,29 +162,6 @@ fn the_vcpu_throttle_takes_its_share() {
     wait_seq_above(d.console(), held + 3);
 }
 
-/// A pause raises the running vCPU thread so it leaves KVM_RUN at once
-/// (into the real-time class where the process may: root here and in
-/// CI), and the thread is back in the normal class at the process's nice
-/// value before it runs the guest again.
-#[test]
-fn the_vcpu_is_raised_only_to_reach_a_pause() {
-    let Some(mut d) = open(&spec("")) else { return };
-    d.start().unwrap();
-    wait_seq_above(d.console(), 2);
-    let normal = (libc::SCHED_OTHER, crate::domain::priority::process_nice());
-    assert_eq!(d.vcpu.scheduling(), normal, "running");
-    d.pause().unwrap();
-    if crate::domain::priority::realtime_allowed() {
-        assert_eq!(d.vcpu.scheduling().0, libc::SCHED_FIFO, "asked to stop");
-    } else {
-        eprintln!("skipping the raise check: this process may not use the real-time class");
-    }
-    let held = last_seq(d.console());
-    d.resume().unwrap();
-    wait_seq_above(d.console(), held + 2);
-    assert_eq!(d.vcpu.scheduling(), normal, "running again");
-}
-
 #[test]
 fn domain_spec_parses_kvm() {
     let text =

@@ -83,12 +83,6 @@ struct Ctl {
     halted: bool,
     /// KVM_RUN failed or returned an exit the VMM cannot handle.
     fault: Option<String>,
-    /// The vCPU thread's kernel id (0 until it started).
-    tid: libc::pid_t,
-    /// A pause raised the thread to reach it at once (see
-    /// [`crate::domain::priority::boost`]); it puts itself back before it
-    /// runs the guest again.
-    boosted: bool,
 }
 
 struct Shared {
@@ -152,8 +146,6 @@ impl Vcpu {
                     parked: true,
                     halted: false,
                     fault: None,
-                    tid: 0,
-                    boosted: false,
                 }),
                 cv: Condvar::new(),
                 vcpu: Mutex::new(fd),
@@ -214,7 +206,6 @@ impl Vcpu {
             .name("castor-vcpu-0".into())
             .spawn(move || {
                 crate::domain::priority::at_process_priority();
-                shared.ctl().tid = crate::domain::priority::current_tid();
                 vcpu_thread(&shared, &devices, ring.as_deref())
             })
             .map_err(KvmError::SpawnVcpu)?;
@@ -256,10 +247,6 @@ impl Vcpu {
         }
         ctl.want = Want::Pause;
         if !ctl.parked {
-            if ctl.tid != 0 {
-                crate::domain::priority::boost(ctl.tid);
-                ctl.boosted = true;
-            }
             self.shared.set_immediate_exit(1);
             kick(thread);
         }
@@ -275,12 +262,6 @@ impl Vcpu {
             Some(f) => Err(KvmError::VcpuThread(f.clone())),
             None => Ok(()),
         }
-    }
-
-    /// The vCPU thread's scheduling policy and nice value (tests).
-    #[cfg(test)]
-    pub fn scheduling(&self) -> (libc::c_int, libc::c_int) {
-        crate::domain::priority::scheduling(self.shared.ctl().tid)
     }
 
     pub fn resume(&mut self) -> Result<()> {
@@ -435,9 +416,6 @@ fn vcpu_thread(shared: &Shared, devices: &Mutex<Devices>, ring: Option<&Ring>) {
             }
         }
         ctl.parked = false;
-        if std::mem::take(&mut ctl.boosted) {
-            crate::domain::priority::at_process_priority();
-        }
         shared.set_immediate_exit(0);
     }
 }
