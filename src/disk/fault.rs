@@ -81,6 +81,12 @@ impl Fault {
         );
     }
 
+    /// Whether [`Fault::before_op`] will fail or stall at operation
+    /// `index`: the apply must have written every operation before it.
+    pub fn acts_before(&self, index: u64) -> bool {
+        self.armed && index == 1
+    }
+
     /// Called before operation `index` (from 0) of the apply.
     pub fn before_op(&mut self, index: u64, img: &DiskImage) -> Result<(), ImageError> {
         if !self.armed || index != 1 {

@@ -139,6 +139,48 @@ impl DiskImage {
             .map_err(self.io("writing"))
     }
 
+    /// Writes `bufs`, one after another, at `offset` (`pwritev`, repeated
+    /// until every byte is written). `bufs` is consumed (advanced past what
+    /// was written).
+    pub fn write_vectored_at(
+        &self,
+        bufs: &mut [io::IoSlice<'_>],
+        offset: u64,
+    ) -> Result<(), ImageError> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check(offset, total)?;
+        let mut bufs = bufs;
+        let mut at = offset;
+        io::IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let n = bufs.len().min(1024) as libc::c_int;
+            // SAFETY: `IoSlice` is ABI-compatible with `iovec` (std
+            // guarantees it on Unix); the first `n` of them point at live
+            // buffers we only read, and the range was checked above.
+            let rc = unsafe {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
+                    bufs.as_ptr().cast::<libc::iovec>(),
+                    n,
+                    at as libc::off_t,
+                )
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.io("writing")(e));
+            }
+            if rc == 0 {
+                return Err(self.io("writing")(io::ErrorKind::WriteZero.into()));
+            }
+            at += rc as u64;
+            io::IoSlice::advance_slices(&mut bufs, rc as usize);
+        }
+        Ok(())
+    }
+
     /// Makes `offset..offset+len` read as zeros: punches a hole (keeping the
     /// size), or writes zeros where the file system cannot punch.
     pub fn zero(&self, offset: u64, len: u64) -> Result<(), ImageError> {

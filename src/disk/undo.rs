@@ -207,6 +207,11 @@ impl Undo {
         Ok(())
     }
 
+    /// Ranges saved for the open epoch.
+    pub fn ranges(&self) -> usize {
+        self.entries.len()
+    }
+
     /// Bytes of old data saved for the open epoch.
     pub fn saved_bytes(&self) -> u64 {
         self.end - HEADER
