@@ -2,7 +2,7 @@
 # Disk replication benchmark: fio (ioengine=nbd) through a castor NBD export,
 # replicated (`castor protect --disk`, 25 ms epochs, loopback backup) vs the
 # same export unprotected (`castor serve-disk`), side by side in one run.
-# Sequential 1 MiB writes and 4 KiB random writes; throughput ratio, write
+# Sequential 1 MiB writes and 4 KiB random writes (and optionally sequential 4 KiB); throughput ratio, write
 # latency p50/p99 (submission to completion), and wire bytes per disk write (DiskWrites record bytes
 # from protect's JSON report over fio's write count).
 #
@@ -116,9 +116,10 @@ wire() { # $1 job -> bytes of DiskWrites records on the wire (protect's JSON rep
 }
 
 echo "castor disk benchmark: ${SIZE} MiB image, ${RUNTIME} s per run, fio iodepth $QD, 25 ms epochs; $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
-# CASES (optional): which of seq, rand, sync to run (default all three).
+# CASES (optional): which of seq, rand, sync, seq4k to run (default the
+# first three; seq4k: sequential 4 KiB writes).
 CASES=${CASES:-seq rand sync}
-for case in "seq write 1M" "rand randwrite 4k" "sync randwrite 4k --fsync=1"; do
+for case in "seq write 1M" "rand randwrite 4k" "sync randwrite 4k --fsync=1" "seq4k write 4k"; do
   case " $CASES " in *" ${case%% *} "*) ;; *) continue ;; esac
   # shellcheck disable=SC2086
   set -- $case
