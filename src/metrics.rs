@@ -70,6 +70,8 @@ pub struct EpochRecord {
     /// Share of guest time taken by throttling while this epoch ran
     /// (percent; 0: the guest ran free). See `engine::throttle`.
     pub throttle_pct: u64,
+    /// Output frames the guest emitted while this epoch ran (held for it).
+    pub output_frames: u64,
     /// Compressor the encoders used for this epoch ("none", "lz4",
     /// "zstd"); chosen per epoch with `--compress auto`.
     pub compressor: &'static str,

@@ -188,6 +188,7 @@ impl Driver<'_> {
                 latency: acked.map(|a| a.0),
                 acked_pages: acked.map_or(0, |a| a.1),
             };
+            rec.output_frames = seen.output_frames;
             emitted = now_emitted;
             recent.push(&cap.gfns);
             cap.pre.clear();
