@@ -162,7 +162,8 @@ fn bench_epoch_auto_reports_the_lengths_it_chose() {
 /// is ~200 ms, but held output ends each epoch `delay` after its first
 /// frame (never before `min`), so the epochs run and the output waits far
 /// less than the nominal length. Without the held-output wake-up both
-/// would be ~200 ms.
+/// would be ~200 ms. Each epoch's record counts the frames the guest
+/// emitted in it: every frame after the seed in exactly one record.
 #[test]
 fn auto_cuts_an_epoch_short_when_its_output_is_held() {
     if sim_unavailable() {
@@ -178,6 +179,7 @@ fn auto_cuts_an_epoch_short_when_its_output_is_held() {
         "3s",
         "--epoch",
         "auto:target=200ms,min=5ms,max=200ms,delay=1ms",
+        "--per-epoch",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -185,6 +187,19 @@ fn auto_cuts_an_epoch_short_when_its_output_is_held() {
     assert_eq!(r["digest_match"], true);
     let len_p50 = r["epoch_len_us"]["p50"].as_u64().unwrap();
     assert!(len_p50 < 50_000, "epoch p50 {len_p50} µs: epochs not cut");
+    // Frames emitted during the seed belong to no checkpoint epoch: the
+    // records count at most every frame, and at 2,000 frames/s for 3 s
+    // after a seed of well under a second, most of them.
+    let recs = r["per_epoch"].as_array().expect("per_epoch records");
+    let counted: u64 = recs
+        .iter()
+        .map(|e| e["output_frames"].as_u64().unwrap())
+        .sum();
+    let items = r["output"]["items"].as_u64().unwrap();
+    assert!(
+        counted <= items && counted * 10 >= items * 8,
+        "records count {counted} frames of {items} emitted"
+    );
     let out = &r["output"]["release_delay_steady_us"];
     let delay_p50 = out["p50"].as_u64().unwrap();
     assert!(
