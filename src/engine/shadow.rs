@@ -17,9 +17,11 @@ pub struct PageBuf {
 }
 
 impl PageBuf {
+    /// `slots` zeroed pages, on transparent huge pages (castor's own
+    /// buffer: never dirty-tracked; see [`GuestMemory::new_huge`]).
     pub fn new(slots: usize) -> Result<Self, DomainError> {
         Ok(PageBuf {
-            mem: GuestMemory::new(slots.max(1) * PAGE_SIZE)?,
+            mem: GuestMemory::new_huge(slots.max(1) * PAGE_SIZE)?,
         })
     }
 
