@@ -35,9 +35,7 @@ impl GuestMemory {
 
     /// Like [`GuestMemory::new`], backed by transparent huge pages where
     /// the kernel has them: for castor's own page buffers that are never
-    /// dirty-tracked (the primary's shadow, staging) and the backup's
-    /// replica (whose huge pages the dirty tracker splits if it is
-    /// activated and protected in turn). A buffer written at
+    /// dirty-tracked (the primary's shadow, staging). A buffer written at
     /// random gfns then takes one fault per 2 MiB instead of one per page
     /// (each 4 KiB fault costs the writer a kernel entry, a zeroed page and
     /// a memcg charge; in the 1 GiB uniform bench, early epochs encoded at

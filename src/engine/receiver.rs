@@ -129,11 +129,7 @@ pub struct Receiver {
 impl Receiver {
     /// A receiver for `pages` pages, decoding on [`default_lanes`] lanes.
     pub fn new(pages: u64) -> Result<Receiver, crate::domain::DomainError> {
-        // Huge pages: the epochs' writes land at random gfns, and 4 KiB
-        // pages would cost a fault at each first write of a page. On
-        // activation the domain's dirty tracker splits them (per-4 KiB
-        // tracking stays exact: `sim::dirty` tests it).
-        let mem = GuestMemory::new_huge(pages as usize * PAGE_SIZE)?;
+        let mem = GuestMemory::new(pages as usize * PAGE_SIZE)?;
         Ok(Receiver {
             decoders: Decoders::new(&mem, default_lanes(pages), &[]),
             mem,

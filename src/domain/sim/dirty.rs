@@ -433,35 +433,6 @@ mod tests {
         assert_eq!(out, [0, 3]);
     }
 
-    /// A backup's replica memory is backed by huge pages
-    /// ([`GuestMemory::new_huge`]) and becomes the guest's memory when it
-    /// is activated: arming the tracker splits them, and writes are still
-    /// reported per 4 KiB page, not per 2 MiB.
-    #[test]
-    fn huge_backed_memory_reports_exactly_the_written_pages() {
-        let pages = 2048u64; // 8 MiB: four 2 MiB huge pages
-        let mem = GuestMemory::new_huge(pages as usize * PAGE_SIZE).unwrap();
-        for g in 0..pages {
-            touch(&mem, g, 1);
-        }
-        let Some(mut t) = tracker_or_skip(&mem) else {
-            return;
-        };
-        let mut out = Vec::new();
-        t.harvest(&mut out).unwrap();
-        assert_eq!(out, Vec::<u64>::new());
-        let written = [3u64, 700, 1024, 2047];
-        for &g in &written {
-            touch(&mem, g, 9);
-        }
-        t.harvest(&mut out).unwrap();
-        assert_eq!(out, written);
-        out.clear();
-        touch(&mem, 5, 1);
-        t.harvest(&mut out).unwrap();
-        assert_eq!(out, [5]);
-    }
-
     /// `/proc/self/pagemap`'s entry for `gfn` of `mem`: (present, swapped).
     /// Read independently of `PAGEMAP_SCAN`, to know what the test did.
     fn pte_state(mem: &GuestMemory, gfn: u64) -> (bool, bool) {
