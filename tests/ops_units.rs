@@ -43,6 +43,11 @@ fn systemd_units_verify_clean() {
                 text.contains("Type=notify") && text.contains("WatchdogSec="),
                 "{p:?}"
             );
+            // The pause enters SCHED_FIFO 1 and raises its helpers 10 nice
+            // steps (src/domain/priority.rs); the sandbox must allow both.
+            assert!(!text.contains("RestrictRealtime=yes"), "{p:?}");
+            assert!(text.contains("\nLimitRTPRIO=1\n"), "{p:?}");
+            assert!(text.contains("\nLimitNICE=-10\n"), "{p:?}");
             units.push(p);
         }
     }
