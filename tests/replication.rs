@@ -207,6 +207,27 @@ fn bench_with_decode_lanes_matches() {
     assert!(v["epochs"].as_u64().unwrap() >= 10, "{v}");
 }
 
+/// The shadow on huge pages (`--huge-shadow`): deltas against it still
+/// give the backup the primary's bytes, with a guest that rewrites whole
+/// pages and one that edits a few bytes of each (delta-encoded).
+#[test]
+fn bench_with_a_huge_page_shadow_matches() {
+    if sim_unavailable() {
+        return;
+    }
+    for workload in ["uniform", "edits"] {
+        let v = bench_json(&[
+            "--domain",
+            &format!("sim:mem=16MiB,workload={workload},rate=20000"),
+            "--duration",
+            "1s",
+            "--huge-shadow",
+        ]);
+        assert_eq!(v["digest_match"], true, "{workload}: {v}");
+        assert!(v["epochs"].as_u64().unwrap() >= 10, "{workload}: {v}");
+    }
+}
+
 /// Hundreds of tiny epochs: encoders finish faster than the epoch thread
 /// returns from handing out a job. A staging buffer lost in that race once
 /// deadlocked the primary after a few dozen epochs; the watchdog turns a

@@ -25,6 +25,14 @@ pub struct EngineArgs {
     /// Checkpoints allowed in flight before the next epoch is extended.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub inflight: u64,
+    /// Keep the shadow (the last sent copy of every page, the base of
+    /// deltas) on transparent huge pages: for guests that rewrite memory
+    /// all over, whose checkpoints otherwise take a page fault per page
+    /// first sent again (docs/throughput.md, stop 16). Costs memory and
+    /// seed time when the guest's data is spread thin: every 2 MiB around
+    /// a page that holds data is zeroed and kept.
+    #[arg(long)]
+    pub huge_shadow: bool,
     /// Encode workers (default: one per core).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub workers: Option<u64>,
@@ -114,6 +122,7 @@ impl EngineArgs {
     pub fn config(&self) -> PrimaryConfig {
         let mut c = PrimaryConfig {
             max_inflight: self.inflight as usize,
+            huge_shadow: self.huge_shadow,
             pin: !self.no_pin,
             cores: self.cores.as_ref().map(|c| c.0.clone()),
             compressor: self.compress.fixed,

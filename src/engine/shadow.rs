@@ -17,9 +17,16 @@ pub struct PageBuf {
 }
 
 impl PageBuf {
-    /// `slots` zeroed pages, on transparent huge pages (castor's own
-    /// buffer: never dirty-tracked; see [`GuestMemory::new_huge`]).
+    /// `slots` zeroed pages, mapped per 4 KiB page on first write.
     pub fn new(slots: usize) -> Result<Self, DomainError> {
+        Ok(PageBuf {
+            mem: GuestMemory::new(slots.max(1) * PAGE_SIZE)?,
+        })
+    }
+
+    /// `slots` zeroed pages on transparent huge pages (castor's own buffer,
+    /// never dirty-tracked; see [`GuestMemory::new_huge`] for the cost).
+    pub fn new_huge(slots: usize) -> Result<Self, DomainError> {
         Ok(PageBuf {
             mem: GuestMemory::new_huge(slots.max(1) * PAGE_SIZE)?,
         })

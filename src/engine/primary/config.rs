@@ -20,6 +20,11 @@ pub struct PrimaryConfig {
     pub epoch_auto: Option<crate::engine::epoch_control::AutoParams>,
     /// K: checkpoints allowed in flight (sent, not acknowledged).
     pub max_inflight: usize,
+    /// The shadow (last sent copy of every page) on transparent huge
+    /// pages (`--huge-shadow`): no page fault at each first write of a
+    /// page, for guests that rewrite memory everywhere; but a guest whose
+    /// data is spread thin has every 2 MiB around it zeroed and kept.
+    pub huge_shadow: bool,
     /// Encode workers, each owning a shard of the page range.
     pub workers: usize,
     /// Threads harvesting and copying dirty pages during the pause
@@ -87,6 +92,7 @@ impl Default for PrimaryConfig {
             epoch: Duration::from_millis(25),
             epoch_auto: None,
             max_inflight: 2,
+            huge_shadow: false,
             workers: cores.clamp(1, 8),
             copy_threads: cores.clamp(1, 4),
             pin: true,
