@@ -66,15 +66,9 @@ pub struct CaseResult {
     pub receiver_cpu_s_per_gib: f64,
 }
 
-/// CPU time (user + system) of the calling thread.
+/// CPU time (user + system) of the calling thread (zero if unreadable).
 fn thread_cpu() -> Duration {
-    // SAFETY: clock_gettime writes only the timespec we own.
-    let ts = unsafe {
-        let mut ts: libc::timespec = std::mem::zeroed();
-        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
-        ts
-    };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    crate::metrics::thread_cpu_time().unwrap_or_default()
 }
 
 fn rng(seed: &mut u64) -> u64 {

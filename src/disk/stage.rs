@@ -774,14 +774,7 @@ mod bench {
     use std::time::Duration;
 
     fn thread_cpu() -> Duration {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes only the timespec we pass.
-        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+        crate::metrics::thread_cpu_time().expect("clock_gettime(CLOCK_THREAD_CPUTIME_ID)")
     }
 
     /// One replica image with its journal and staging, and the commit CPU

@@ -255,14 +255,7 @@ fn timed_rate_is_paced() {
 /// CPU time consumed by the calling thread (user + system, so page faults
 /// taken by its writes count).
 fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into `ts`, a live local.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(r, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    crate::metrics::thread_cpu_time().expect("clock_gettime(CLOCK_THREAD_CPUTIME_ID)")
 }
 
 /// Achievable write rate of one workload thread, per workload, measured in
