@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::domain::kvm::error::{KvmError, Result};
 use crate::domain::kvm::spec::ConsoleSink;
+use crate::metrics::thread_cpu_time;
 
 /// Bytes of console output kept in memory.
 pub const CONSOLE_CAP: usize = 256 << 10;
@@ -137,5 +138,3 @@ impl Console {
         }
     }
 }
-
-use crate::metrics::thread_cpu_time;
