@@ -89,7 +89,7 @@ impl Fault {
 
     /// Called before operation `index` (from 0) of the apply.
     pub fn before_op(&mut self, index: u64, img: &DiskImage) -> Result<(), ImageError> {
-        if !self.armed || index != 1 {
+        if !self.acts_before(index) {
             return Ok(());
         }
         self.armed = false;

@@ -35,14 +35,14 @@ impl GuestMemory {
 
     /// Like [`GuestMemory::new`], backed by transparent huge pages where
     /// the kernel has them: for castor's own page buffers that are never
-    /// dirty-tracked (the primary's shadow, staging). A buffer written at
-    /// random gfns then takes one fault per 2 MiB instead of one per page
-    /// (each 4 KiB fault costs the writer a kernel entry, a zeroed page and
-    /// a memcg charge; in the 1 GiB uniform bench, early epochs encoded at
-    /// 7-8 µs per page against 3 once the shadow was mapped), and its TLB
-    /// reach grows 512 times. Cost: memory is committed per 2 MiB, so a
-    /// sparse buffer may hold up to 2 MiB per page written; the shadow is
-    /// bounded by the guest's size either way.
+    /// dirty-tracked (the primary's shadow with `--huge-shadow`). A buffer
+    /// written at random gfns then takes one fault per 2 MiB instead of one
+    /// per page (each 4 KiB fault costs the writer a kernel entry, a zeroed
+    /// page and a memcg charge; in the 1 GiB uniform bench, early epochs
+    /// encoded at 7-14 µs per page against 1.1 with huge pages), and its TLB
+    /// reach grows 512 times. Cost: memory is committed and zeroed per
+    /// 2 MiB, so a sparse buffer may hold up to 2 MiB per page written (a
+    /// seed of a guest whose data is spread thin zeroes all of it).
     pub fn new_huge(len: usize) -> Result<Self, DomainError> {
         Self::map(len, libc::MADV_HUGEPAGE)
     }
@@ -249,7 +249,7 @@ mod tests {
     }
 
     /// Guest memory is tracked per 4 KiB, so it must never be backed by
-    /// huge pages; castor's own buffers (shadow, staging) ask for them.
+    /// huge pages; castor's own buffers may ask for them (`--huge-shadow`).
     #[test]
     fn only_castors_own_buffers_ask_for_huge_pages() {
         let len = 4 << 20;

@@ -65,11 +65,12 @@ pub fn run_session<R: std::io::Read + Send + 'static>(
     let disks = session_disks(&*domain, cfg);
     disks.start(1);
     let cores = pick_cores(cfg);
-    let shadow = match if cfg.huge_shadow {
+    let shadow = if cfg.huge_shadow {
         PageBuf::new_huge(pages as usize)
     } else {
         PageBuf::new(pages as usize)
-    } {
+    };
+    let shadow = match shadow {
         Ok(s) => s,
         Err(e) => return Err((e.into(), Some(domain))),
     };
