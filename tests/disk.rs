@@ -248,7 +248,7 @@ fn sigkill_while_a_client_writes_leaves_a_prefix_of_its_writes() {
 /// A protected disk whose backup runs with `CASTOR_TEST_DISK_FAULT=fault`
 /// and a client writing the trial pattern; returns once the backup's
 /// apply has reached the fault: the faulted epoch and BLAKE3 of the disk
-/// before it (from the backup's `TEST FAULT` line).
+/// before it and after it (from the backup's `TEST FAULT` line).
 struct Faulted {
     dir: tempfile::TempDir,
     backup: Backup,
@@ -258,6 +258,7 @@ struct Faulted {
     client: std::thread::JoinHandle<()>,
     epoch: u64,
     before: String,
+    after: String,
 }
 
 impl Faulted {
@@ -292,7 +293,14 @@ impl Faulted {
             .and_then(|r| r.split(';').next())
             .and_then(|e| e.parse().ok())
             .unwrap_or_else(|| panic!("no epoch in {line:?}"));
-        let before = line.rsplit(' ').next().unwrap().to_string();
+        let hex = |label: &str| {
+            let h = line.split(label).nth(1).and_then(|r| r.split(';').next());
+            h.unwrap_or_else(|| panic!("no {label:?} in {line:?}"))
+                .trim()
+                .to_string()
+        };
+        let (before, after) = (hex("before it: "), hex("after it: "));
+        assert_ne!(before, after, "the faulted epoch changes the disk");
         Faulted {
             dir,
             backup,
@@ -302,6 +310,7 @@ impl Faulted {
             client,
             epoch,
             before,
+            after,
         }
     }
 
@@ -310,12 +319,27 @@ impl Faulted {
     }
 
     /// Stops the client and kills the primary.
-    fn stop_writing(self) -> (tempfile::TempDir, Backup, common::lines::Lines, u64, String) {
+    fn stop_writing(self) -> Stopped {
         self.stop.store(1, Ordering::SeqCst);
         drop(self.primary); // SIGKILL: the client's next request fails
         self.client.join().unwrap();
-        (self.dir, self.backup, self.err, self.epoch, self.before)
+        Stopped {
+            _dir: self.dir,
+            backup: self.backup,
+            err: self.err,
+            epoch: self.epoch,
+            after: self.after,
+        }
     }
+}
+
+/// A [`Faulted`] backup after its primary was killed.
+struct Stopped {
+    _dir: tempfile::TempDir,
+    backup: Backup,
+    err: common::lines::Lines,
+    epoch: u64,
+    after: String,
 }
 
 fn blake3_of(p: &Path) -> String {
@@ -324,36 +348,41 @@ fn blake3_of(p: &Path) -> String {
         .to_string()
 }
 
+/// An EIO mid-apply of epoch N (after its redo log was sealed and its
+/// memory committed): the session ends with the error, and the save
+/// replays the log, so the saved replica is epoch N, memory and disk,
+/// never the disk half way.
 #[test]
-fn an_io_error_mid_apply_leaves_the_backups_disk_at_the_epoch_before() {
+fn an_io_error_mid_apply_saves_the_epoch_whole_from_its_redo_log() {
     if sim_unavailable() {
         return;
     }
     let f = Faulted::start("eio@3");
-    f.err.wait_for("rolled back", Duration::from_secs(60));
+    f.err
+        .wait_for("replayed its redo log", Duration::from_secs(60));
     let replica = f.replica();
-    let (_dir, mut b, err, epoch, before) = f.stop_writing();
-    let st = wait_deadline(&mut b.child, EXIT_PATIENCE).expect("backup exits");
-    let text = err.text();
+    let mut s = f.stop_writing();
+    let st = wait_deadline(&mut s.backup.child, EXIT_PATIENCE).expect("backup exits");
+    let (text, epoch) = (s.err.text(), s.epoch);
     assert_eq!(
         st.code(),
         Some(2),
         "the session ends with the error:\n{text}"
     );
-    let m = meta(&replica).unwrap_or_else(|| panic!("nothing saved:\n{text}"));
-    assert_eq!(
-        m.epoch,
-        epoch - 1,
-        "the replica stays at the epoch before:\n{text}"
+    assert!(
+        text.contains(&format!("half way through epoch {epoch}: replayed")),
+        "{text}"
     );
+    let m = meta(&replica).unwrap_or_else(|| panic!("nothing saved:\n{text}"));
+    assert_eq!(m.epoch, epoch, "the replica is the faulted epoch:\n{text}");
     for d in [
         replica.join("disks/data.img"),
         replica.join("current/disks/data.img"),
     ] {
         assert_eq!(
             blake3_of(&d),
-            before,
-            "{} is not the disk before epoch {epoch}",
+            s.after,
+            "{} is not the disk after epoch {epoch}",
             d.display()
         );
     }
@@ -367,8 +396,11 @@ fn an_io_error_mid_apply_leaves_the_backups_disk_at_the_epoch_before() {
     );
 }
 
+/// A backup killed mid-apply of epoch N (its first write landed) replays
+/// the sealed redo log at its next start, before it listens: the disk is
+/// exactly the disk after epoch N.
 #[test]
-fn a_backup_killed_mid_apply_rolls_its_disk_back_at_restart() {
+fn a_backup_killed_mid_apply_replays_its_redo_log_at_restart() {
     if sim_unavailable() {
         return;
     }
@@ -376,21 +408,22 @@ fn a_backup_killed_mid_apply_rolls_its_disk_back_at_restart() {
     f.err.wait_for("stalled mid-apply", Duration::from_secs(60));
     let replica = f.replica();
     let disk = replica.join("disks/data.img");
-    assert_ne!(
-        blake3_of(&disk),
-        f.before,
-        "the apply stopped half way: its first write landed"
+    let mid = blake3_of(&disk);
+    assert!(
+        mid != f.before && mid != f.after,
+        "the apply stopped half way: its first write landed, not all"
     );
-    let (_dir, b, _err, epoch, before) = f.stop_writing();
-    drop(b); // SIGKILL, mid-apply
+    let s = f.stop_writing();
+    let epoch = s.epoch;
+    drop(s.backup); // SIGKILL, mid-apply
     let mut b = Backup::start_with(&replica, SLACK, KEY);
-    assert_eq!(blake3_of(&disk), before, "rolled back before listening");
+    assert_eq!(blake3_of(&disk), s.after, "replayed before listening");
     assert!(is_prefix(&std::fs::read(&disk).unwrap()));
     let err = drain(b.child.stderr.take().unwrap());
     drop(b); // SIGKILL
     let text = err.take();
     assert!(
-        text.contains(&format!("half way through epoch {epoch}: rolled back")),
+        text.contains(&format!("half way through epoch {epoch}: replayed")),
         "{text}"
     );
 }

@@ -1,16 +1,16 @@
 //! FOR TESTS ONLY: a device fault injected into the backup's apply, so
-//! tests can drive the real commit path (undo journal, roll back,
-//! recovery) through an I/O error or a crash at a chosen point.
+//! tests can drive the real commit path (redo log, replay at the save or
+//! at the next start) through an I/O error or a crash at a chosen point.
 //!
 //! `CASTOR_TEST_DISK_FAULT=eio@N` or `stall@N`, read when a session's
 //! replica disks are created: the `N`-th commit (`N >= 1`, counting those
 //! after the first checkpoint) whose epoch carries at least two disk
 //! operations fails its second operation's write with `EIO` (once), or
 //! stops before it for good, saying `stalled` (a test then kills the
-//! backup). Either first
-//! prints `TEST FAULT: … epoch E … disks before it: HEX`, HEX being BLAKE3
-//! over the replica images' bytes before the apply, so a test can check
-//! that what is left is exactly the disks before the epoch.
+//! backup). Either first prints `TEST FAULT: … epoch E; disks before it:
+//! HEX; after it: HEX`, BLAKE3 over the replica images' bytes before the
+//! apply and as the whole epoch leaves them (computed in memory), so a
+//! test can check that what is left is exactly one of the two, never a mix.
 
 use std::io;
 
@@ -64,8 +64,15 @@ impl Fault {
         }
     }
 
-    /// Called before the apply of `epoch` (`ops` operations) to `images`.
-    pub fn arm(&mut self, epoch: u64, ops: u64, images: &[&DiskImage]) {
+    /// Whether a fault is planned at all (arming it costs a read of the
+    /// images, for the hashes it prints).
+    pub fn planned(&self) -> bool {
+        self.plan.is_some()
+    }
+
+    /// Called before the apply of `epoch` (`ops` operations), with the
+    /// hashes ([`hash`]) of the disks before and after it.
+    pub fn arm(&mut self, epoch: u64, ops: u64, before: &str, after: &str) {
         let Some((mode, n)) = self.plan else { return };
         if ops < 2 {
             return;
@@ -76,8 +83,7 @@ impl Fault {
         }
         self.armed = true;
         eprintln!(
-            "castor backup: TEST FAULT: {mode:?} before operation 2 of {ops} applying epoch {epoch}; disks before it: {}",
-            hash(images)
+            "castor backup: TEST FAULT: {mode:?} before operation 2 of {ops} applying epoch {epoch}; disks before it: {before}; after it: {after}"
         );
     }
 
@@ -109,14 +115,11 @@ impl Fault {
     }
 }
 
-/// BLAKE3 over every image's bytes, in order (hex); reading errors show.
-fn hash(images: &[&DiskImage]) -> String {
+/// BLAKE3 over every disk's bytes, in order (hex).
+pub fn hash(disks: &[Vec<u8>]) -> String {
     let mut h = blake3::Hasher::new();
-    for img in images {
-        match std::fs::read(img.path()) {
-            Ok(b) => h.update(&b),
-            Err(e) => return format!("(unreadable: {e})"),
-        };
+    for d in disks {
+        h.update(d);
     }
     h.finalize().to_hex().to_string()
 }

@@ -99,11 +99,6 @@ impl DiskImage {
         &self.path
     }
 
-    /// The open file (for in-kernel copies of ranges this image checked).
-    pub(crate) fn file(&self) -> &File {
-        &self.file
-    }
-
     fn io(&self, op: &'static str) -> impl FnOnce(io::Error) -> ImageError + '_ {
         move |source| ImageError::Io {
             op,
@@ -284,8 +279,9 @@ impl DiskImage {
 
     /// Turns the kernel's read-ahead off for this image
     /// (`POSIX_FADV_RANDOM`): a 4 KiB read of an uncached range then brings
-    /// in that range alone, as small folios. The backup's undo journal reads
-    /// the old contents of every range an epoch writes; with read-ahead each
+    /// in that range alone, as small folios. The backup's undo journal read
+    /// (until stop 17, see `docs/disk.md`; the redo log reads nothing) the
+    /// old contents of every range an epoch writes; with read-ahead each
     /// such read of a cold range cached the 128 KiB around it in large
     /// folios, and every later 4 KiB write into one of those walks all of
     /// its blocks (`ext4_block_write_begin`). Advice only: on failure the
@@ -406,7 +402,7 @@ pub(crate) mod cache {
         for i in 0..n {
             img.read_at(&mut b, i * 4096).unwrap();
         }
-        resident_pages(img.file(), 1 << 20)
+        resident_pages(&img.file, 1 << 20)
     }
 }
 
@@ -414,8 +410,8 @@ pub(crate) mod cache {
 mod tests {
     use super::*;
 
-    /// The backup's undo journal reads the old contents of every range an
-    /// epoch writes: without read-ahead, reading 16 blocks in a row caches
+    /// A reader of scattered blocks (the backup's undo journal was one):
+    /// without read-ahead, reading 16 blocks in a row caches
     /// those 16 blocks and nothing around them (with it, the kernel caches
     /// more, in large folios that make every later 4 KiB write dearer).
     #[test]

@@ -6,8 +6,8 @@
 //!                                        │ cut in the pause
 //!                                        ▼
 //!           epoch N's checkpoint: DiskWrites records (wire), counted in EpochEnd
-//! backup:   Staging (memory, spill file) ─► at commit(N): apply, fdatasync
-//!           if N carried a flush ─► ack(N)
+//! backup:   Staging (memory, spill file) ─► at commit(N): seal the redo
+//!           log, commit memory, apply, fdatasync if N carried a flush ─► ack(N)
 //! ```
 //!
 //! - [`image`]: a raw image with checked positional I/O.
@@ -17,7 +17,7 @@
 //! - [`wire`]: the `DiskWrites` payload, bounds-checked.
 //! - [`frame`]: a checkpoint's `DiskWrites` records as pieces for a vectored send.
 //! - [`stage`]: the backup's staging and commit.
-//! - [`undo`]: the backup's undo journal (an epoch's apply is all or nothing).
+//! - [`redo`]: the backup's redo log (an epoch's apply is all or nothing).
 //! - [`fault`]: FOR TESTS ONLY, a device fault injected into the apply.
 //! - [`nbd`]: the NBD server that exposes a [`log::WriteLog`] to any client.
 //! - [`pool`]: recycled buffers that large writes travel in (no copy into the log).
@@ -40,10 +40,10 @@ pub mod log;
 pub mod nbd;
 pub mod pool;
 pub mod records;
+pub mod redo;
 pub mod session;
 pub mod spec;
 pub mod stage;
-pub mod undo;
 pub mod wire;
 
 pub use addr::NbdAddr;

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use super::fault::Fault;
 use super::image::{DiskImage, ImageError};
 use super::log::{EpochOps, WriteLog};
+use super::redo::{recover, Recovered, Redo, RedoError};
 use super::stage::{Applied, StageError, Staging};
-use super::undo::{recover, Recovered, Undo, UndoError};
 use super::wire::{self, OpRef};
 use crate::transport::record::{Cursor, PayloadError};
 use crate::transport::recv_buf::Held;
@@ -56,12 +56,13 @@ pub enum SessionError {
     Stage(#[from] StageError),
     #[error(transparent)]
     Wire(#[from] wire::DiskWireError),
-    #[error("rolling back the replica disks' last, half-applied epoch: {0}")]
-    Undo(#[from] UndoError),
+    #[error("the replica disks' redo log: {0}")]
+    Redo(#[from] RedoError),
 }
 
-/// Rolls back an apply a stopped backup left half done in `dir` (the
-/// replica's `disks/`), saying so; see [`super::undo`].
+/// Completes an apply a stopped backup (or a failed apply) left half done
+/// in `dir` (the replica's `disks/`) by replaying its sealed redo log,
+/// saying so; see [`super::redo`].
 pub fn recover_disks(dir: &Path) -> Result<Recovered, SessionError> {
     let r = recover(dir)?;
     report_recovery(dir, r.clone());
@@ -71,17 +72,17 @@ pub fn recover_disks(dir: &Path) -> Result<Recovered, SessionError> {
 fn report_recovery(dir: &Path, r: Recovered) {
     match r {
         Recovered::Nothing => {}
-        Recovered::RolledBack {
+        Recovered::Replayed {
             epoch,
-            ranges,
+            records,
+            ops,
             bytes,
         } => eprintln!(
-            "castor backup: the disks in {} were half way through epoch {epoch}: rolled back ({ranges} ranges, {bytes} bytes of old data); they are at epoch {} again",
+            "castor backup: the disks in {} were half way through epoch {epoch}: replayed its redo log ({records} records, {ops} operations, {bytes} bytes written); they are at epoch {epoch}",
             dir.display(),
-            epoch - 1
         ),
         Recovered::Untrusted { epoch } => eprintln!(
-            "castor backup: WARNING: the disks in {} were half way through epoch {epoch} (an epoch without a flush) when this host restarted; its undo journal was not synced, so they may mix epochs {} and {epoch}",
+            "castor backup: WARNING: the disks in {} were half way through epoch {epoch} (an epoch without a flush) when this host restarted; its redo log was not synced, so they may mix epochs {} and {epoch}",
             dir.display(),
             epoch - 1
         ),
@@ -320,14 +321,19 @@ pub struct BackupDisks {
     images: Vec<DiskImage>,
     sizes: Vec<u64>,
     staging: Staging,
-    /// The undo journal of commits after the first ([`super::undo`]).
-    undo: Undo,
+    /// The redo log of commits after the first ([`super::redo`]).
+    redo: Redo,
     promoted: bool,
+    /// The epoch sealed in [`BackupDisks::redo`] and not yet applied.
+    sealed: Option<u64>,
+    /// What the first commit applied ([`BackupDisks::seal`] applies it),
+    /// until [`BackupDisks::apply`] hands it over.
+    first: Option<Applied>,
 }
 
 impl BackupDisks {
     /// Creates fresh, all-zero images for `specs` (the seed fills them),
-    /// first rolling back an apply a stopped backup left half done.
+    /// first completing an apply a stopped backup left half done.
     pub fn create(state_dir: &Path, specs: Vec<DiskSpec>) -> Result<BackupDisks, SessionError> {
         let dir = state_dir.join("disks");
         std::fs::create_dir_all(&dir).map_err(|source| {
@@ -340,7 +346,7 @@ impl BackupDisks {
         recover_disks(&dir)?;
         let fault = Fault::from_env().map_err(SessionError::Invalid)?;
         let names = specs.iter().map(|s| format!("{}.img", s.name)).collect();
-        let undo = Undo::create(&dir, names)?;
+        let redo = Redo::create(&dir, names)?;
         let mut images = Vec::with_capacity(specs.len());
         for s in &specs {
             let img = DiskImage::create(&seeding_path(state_dir, &s.name), s.size)?;
@@ -355,8 +361,10 @@ impl BackupDisks {
             specs,
             images,
             staging: Staging::new(STAGE_MEMORY, &dir).with_fault(fault),
-            undo,
+            redo,
             promoted: false,
+            sealed: None,
+            first: None,
         })
     }
 
@@ -401,22 +409,49 @@ impl BackupDisks {
         self.staging.records()
     }
 
-    /// Applies the open epoch `epoch`'s writes (at its commit, before the
-    /// ack), all or nothing; the first commit also moves the images to
-    /// their final names (until then they replace nothing, so they need
-    /// no undo journal).
-    pub fn commit(&mut self, epoch: u64) -> Result<Applied, SessionError> {
-        let imgs: Vec<&DiskImage> = self.images.iter().collect();
-        let undo = self.promoted.then_some(&mut self.undo);
-        let applied = self.staging.commit(&imgs, undo, epoch)?;
-        if !self.promoted {
-            for (img, s) in self.images.iter_mut().zip(&self.specs) {
-                img.sync()?;
-                img.rename_to(&replica_disk_path(&self.state_dir, &s.name))?;
-            }
-            self.promoted = true;
+    /// Commits the open epoch `epoch`'s disk writes, before its memory
+    /// commit: seals them in the redo log (nothing applied yet; an error
+    /// leaves the disks untouched and the epoch must be rejected). The
+    /// first commit has no log: it applies the writes to the seeding
+    /// images and moves them to their final names (until then they
+    /// replace nothing), all or nothing. [`BackupDisks::apply`] follows.
+    pub fn seal(&mut self, epoch: u64) -> Result<(), SessionError> {
+        if self.promoted {
+            self.staging.seal(&mut self.redo, epoch)?;
+            self.sealed = Some(epoch);
+            return Ok(());
         }
-        Ok(applied)
+        let imgs: Vec<&DiskImage> = self.images.iter().collect();
+        let applied = self.staging.commit(&imgs)?;
+        for (img, s) in self.images.iter_mut().zip(&self.specs) {
+            img.sync()?;
+            img.rename_to(&replica_disk_path(&self.state_dir, &s.name))?;
+        }
+        self.promoted = true;
+        self.first = Some(applied);
+        Ok(())
+    }
+
+    /// Applies the epoch [`BackupDisks::seal`] sealed (after its memory
+    /// commit, before its ack). On error the log stays sealed: the save
+    /// or the next start replays it ([`recover_disks`]).
+    pub fn apply(&mut self, epoch: u64) -> Result<Applied, SessionError> {
+        if let Some(a) = self.first.take() {
+            return Ok(a);
+        }
+        if self.sealed.take() != Some(epoch) {
+            return Err(SessionError::Invalid(format!(
+                "applying epoch {epoch}, which was not sealed"
+            )));
+        }
+        let imgs: Vec<&DiskImage> = self.images.iter().collect();
+        Ok(self.staging.apply_sealed(&imgs, &mut self.redo, epoch)?)
+    }
+
+    /// [`BackupDisks::seal`] then [`BackupDisks::apply`].
+    pub fn commit(&mut self, epoch: u64) -> Result<Applied, SessionError> {
+        self.seal(epoch)?;
+        self.apply(epoch)
     }
 
     pub fn discard(&mut self) {
@@ -540,8 +575,7 @@ mod tests {
     }
 
     /// The backup's replica images are read without read-ahead (see
-    /// [`DiskImage::advise_random`]): reading blocks in a row, as the undo
-    /// journal does for an epoch of sequential 4 KiB writes, caches those
+    /// [`DiskImage::advise_random`]): reading blocks in a row caches those
     /// blocks alone.
     #[test]
     fn the_backups_images_have_read_ahead_off() {

@@ -6,10 +6,13 @@
 //! record reader lets us keep in its receive buffer
 //! ([`crate::transport::recv_buf::Held`]) is staged in place, not copied;
 //! the bound then counts the whole buffers such payloads pin. Nothing reaches a
-//! disk image before [`Staging::commit`], which the receiver calls at the
-//! epoch's end together with the memory commit and before it acks: it
-//! replays the writes in arrival order and, when the epoch carried a flush
-//! (or a FUA write), `fdatasync`s the images it touched before returning.
+//! disk image before the epoch's end: the receiver seals the epoch's
+//! payloads into the redo log ([`Staging::seal`], [`super::redo`]) before
+//! the memory commit and applies them ([`Staging::apply_sealed`]) after
+//! it and before it acks (the first commit, to images that replace nothing
+//! yet, needs no log: [`Staging::commit`]). The apply replays the writes
+//! in arrival order and, when the epoch carried a flush (or a FUA write),
+//! `fdatasync`s the images it touched before returning.
 //! Epochs without a flush leave their writes in the backup's page cache
 //! (a volatile write cache, as the guest asked for no durability).
 //!
@@ -24,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use super::fault::Fault;
 use super::image::{DiskImage, ImageError};
-use super::undo::{Undo, UndoError};
+use super::redo::{Redo, RedoError};
 use super::wire::{parse, DiskWireError, OpRef};
 use crate::transport::record::READ_CHUNK;
 use crate::transport::recv_buf::Held;
@@ -44,19 +47,13 @@ pub enum StageError {
     Apply(#[from] ImageError),
     #[error("staged disk write names disk {disk}, but {disks} image(s) are open")]
     NoImage { disk: u16, disks: usize },
-    #[error("saving the old disk contents before epoch {0}")]
-    Undo(#[from] UndoError),
-    #[error("applying epoch {epoch}'s disk writes failed and they were rolled back (the replica disks stay at the epoch before): {source}")]
-    RolledBack {
+    #[error("writing the redo log: {0}")]
+    Redo(#[from] RedoError),
+    #[error("applying epoch {epoch}'s disk writes failed; its sealed redo log stays, replayed at the save or at the next start of the backup (the replica disks then hold epoch {epoch} whole): {source}")]
+    Unapplied {
         epoch: u64,
         #[source]
         source: Box<StageError>,
-    },
-    #[error("applying epoch {epoch}'s disk writes failed ({apply}) and rolling them back failed too: {rollback}; the undo journal stays sealed, the next start of the backup rolls it back")]
-    NotRolledBack {
-        epoch: u64,
-        apply: Box<StageError>,
-        rollback: UndoError,
     },
 }
 
@@ -198,70 +195,129 @@ impl Staging {
         Ok(())
     }
 
-    /// Applies the open epoch (`epoch`)'s writes to `images` (indexed by
-    /// disk), in order, syncing them if the epoch carried a flush; then
-    /// forgets them.
-    ///
-    /// All or nothing: with an `undo` journal the old contents of every
-    /// range are saved and sealed first, and an error while applying puts
-    /// them back ([`StageError::RolledBack`]), a full disk included. Without one (the seeding
-    /// images before their first commit, which replace nothing until it
-    /// succeeds) only the space is reserved first ([`DiskImage::reserve`]),
-    /// so a full disk fails before any byte of the epoch lands.
-    pub fn commit(
-        &mut self,
-        images: &[&DiskImage],
-        undo: Option<&mut Undo>,
-        epoch: u64,
-    ) -> Result<Applied, StageError> {
+    /// Applies the open epoch (`epoch`)'s writes to images that replace
+    /// nothing until it succeeds (the seeding images before their first
+    /// commit), in order, syncing them if the epoch carried a flush; then
+    /// forgets them. The space is reserved first
+    /// ([`DiskImage::reserve`]), so a full disk fails before any byte of
+    /// the epoch lands. Commits after the first go through the redo log:
+    /// [`Staging::seal`], then [`Staging::apply_sealed`].
+    pub fn commit(&mut self, images: &[&DiskImage]) -> Result<Applied, StageError> {
         let sizes: Vec<u64> = images.iter().map(|i| i.size()).collect();
-        let mut undo = undo;
-        if let Some(u) = undo.as_deref_mut() {
-            let mut ops = 0;
-            let flush = self.flush;
-            let saved = self
-                .each_payload(|p| save_old(p, &sizes, images, u, &mut ops))
-                .and_then(|()| Ok(u.seal(epoch, flush)?));
-            if let Err(e) = saved {
-                let _ = u.clear();
-                return Err(e);
-            }
-            self.fault.arm(epoch, ops, images);
-        }
         let mut applied = Applied::default();
         let mut fault = std::mem::take(&mut self.fault);
-        // With a journal a full disk mid-apply is rolled back like any
-        // error: reserving first would only cost a syscall per op.
-        let reserved = match undo {
-            Some(_) => Ok(()),
-            None => self.each_payload(|p| reserve(p, &sizes, images)),
-        };
-        let r = reserved
+        let r = self
+            .each_payload(|p| reserve(p, &sizes, images))
             .and_then(|()| {
                 self.each_payload(|p| apply(p, &sizes, images, &mut applied, &mut fault))
             })
             .and_then(|()| self.sync_if_flushed(images, &mut applied));
         self.fault = fault;
-        match (r, undo) {
-            (Ok(()), Some(u)) => u.clear()?,
-            (Ok(()), None) => {}
-            (Err(e), None) => return Err(e),
-            (Err(e), Some(u)) => {
-                return Err(match u.roll_back(images) {
-                    Ok(()) => StageError::RolledBack {
-                        epoch,
-                        source: Box::new(e),
-                    },
-                    Err(rollback) => StageError::NotRolledBack {
-                        epoch,
-                        apply: Box::new(e),
-                        rollback,
-                    },
-                })
-            }
-        }
+        r?;
         self.discard();
         Ok(applied)
+    }
+
+    /// Writes the open epoch (`epoch`)'s payloads to `redo` and seals it:
+    /// from here on the epoch's disk writes are committed (a backup that
+    /// stops before they are applied replays them, [`super::redo`]). On
+    /// error the log is cleared and no image has been touched.
+    pub fn seal(&mut self, redo: &mut Redo, epoch: u64) -> Result<(), StageError> {
+        redo.begin(self.flush);
+        let r = self.write_log(redo).and_then(|()| Ok(redo.seal(epoch)?));
+        if let Err(e) = r {
+            let _ = redo.clear();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The staged payloads into `redo`, in staging order: those in memory
+    /// where they are, the spilled ones from the spill file (same format).
+    fn write_log(&self, redo: &mut Redo) -> Result<(), StageError> {
+        let mem: Vec<&[u8]> = self
+            .held
+            .iter()
+            .map(|m| match m {
+                InMem::Copied(r) => &self.mem[r.clone()],
+                InMem::Held(h) => h.bytes(),
+            })
+            .collect();
+        redo.append(&mem)?;
+        if let Some(f) = self.spill.as_ref().filter(|_| self.spilled > 0) {
+            let spilled = self.records as u64 - mem.len() as u64;
+            redo.append_raw(f, self.spilled, spilled)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the epoch [`Staging::seal`] sealed in `redo` to `images`
+    /// (indexed by disk), in order, syncing them if it carried a flush;
+    /// then clears the log and forgets the epoch. On error the log stays
+    /// sealed ([`StageError::Unapplied`]): replaying it
+    /// ([`super::redo::recover`], at the save or the next start) completes
+    /// the epoch.
+    pub fn apply_sealed(
+        &mut self,
+        images: &[&DiskImage],
+        redo: &mut Redo,
+        epoch: u64,
+    ) -> Result<Applied, StageError> {
+        let sizes: Vec<u64> = images.iter().map(|i| i.size()).collect();
+        let unapplied = |e: StageError| StageError::Unapplied {
+            epoch,
+            source: Box::new(e),
+        };
+        self.arm_fault(images, &sizes, epoch).map_err(unapplied)?;
+        let mut applied = Applied::default();
+        let mut fault = std::mem::take(&mut self.fault);
+        let r = self
+            .each_payload(|p| apply(p, &sizes, images, &mut applied, &mut fault))
+            .and_then(|()| self.sync_if_flushed(images, &mut applied));
+        self.fault = fault;
+        r.map_err(unapplied)?;
+        redo.clear()?;
+        self.discard();
+        Ok(applied)
+    }
+
+    /// FOR TESTS: arms an injected fault ([`super::fault`]) for this apply,
+    /// with the epoch's operations and the disks it should leave.
+    fn arm_fault(
+        &mut self,
+        images: &[&DiskImage],
+        sizes: &[u64],
+        epoch: u64,
+    ) -> Result<(), StageError> {
+        if !self.fault.planned() {
+            return Ok(());
+        }
+        let mut disks = Vec::with_capacity(images.len());
+        for img in images {
+            let mut b = vec![0u8; img.size() as usize];
+            img.read_at(&mut b, 0)?;
+            disks.push(b);
+        }
+        let before = super::fault::hash(&disks);
+        let mut ops = 0;
+        self.each_payload(|p| {
+            let (d, list) = parse(p, sizes)?;
+            let disk = &mut disks[d as usize];
+            for op in list {
+                match op {
+                    OpRef::Write { offset, data } => {
+                        disk[offset as usize..][..data.len()].copy_from_slice(data)
+                    }
+                    OpRef::Zero { offset, len } => disk[offset as usize..][..len as usize].fill(0),
+                    OpRef::Flush => continue,
+                }
+                ops += 1;
+            }
+            Ok(())
+        })?;
+        let after = super::fault::hash(&disks);
+        self.fault.arm(epoch, ops, &before, &after);
+        Ok(())
     }
 
     fn sync_if_flushed(
@@ -349,43 +405,6 @@ fn reserve(payload: &[u8], sizes: &[u64], images: &[&DiskImage]) -> Result<(), S
     Ok(())
 }
 
-/// Saves the old contents of every range `payload` changes into `undo`.
-/// Consecutive ops whose ranges touch or overlap are saved as one range
-/// (their union: every save precedes every write, so it holds the same old
-/// bytes), one read instead of one per op.
-fn save_old(
-    payload: &[u8],
-    sizes: &[u64],
-    images: &[&DiskImage],
-    undo: &mut Undo,
-    ops: &mut u64,
-) -> Result<(), StageError> {
-    let (disk, img, list) = target(payload, sizes, images)?;
-    let mut run: Option<Range<u64>> = None;
-    for op in list {
-        let r = match op {
-            OpRef::Write { offset, data } => offset..offset + data.len() as u64,
-            OpRef::Zero { offset, len } => offset..offset + len,
-            OpRef::Flush => continue,
-        };
-        *ops += 1;
-        run = match run {
-            Some(cur) if r.start >= cur.start && r.start <= cur.end => {
-                Some(cur.start..cur.end.max(r.end))
-            }
-            Some(cur) => {
-                undo.save(disk, img, cur.start, cur.end - cur.start)?;
-                Some(r)
-            }
-            None => Some(r),
-        };
-    }
-    if let Some(cur) = run {
-        undo.save(disk, img, cur.start, cur.end - cur.start)?;
-    }
-    Ok(())
-}
-
 /// Writes of `payload` that follow each other on the disk, gathered to go
 /// out in one `pwritev`.
 struct Run<'a> {
@@ -422,7 +441,9 @@ const MAX_RUN: usize = 1024;
 
 /// Applies `payload`'s ops in order; consecutive writes of adjacent ranges
 /// go out together ([`Run`]), which keeps the order (they do not overlap).
-fn apply(
+/// Rewriting the same payload again leaves the same bytes (the replay of
+/// a redo log, [`super::redo`]).
+pub(super) fn apply(
     payload: &[u8],
     sizes: &[u64],
     images: &[&DiskImage],
@@ -528,7 +549,7 @@ mod tests {
             .unwrap();
         st.stage(&payload(0, &[w(2 << 20, 2, 1 << 20)]), None, &sizes)
             .unwrap();
-        let e = st.commit(&[&img], None, 1).unwrap_err().to_string();
+        let e = st.commit(&[&img]).unwrap_err().to_string();
         assert!(e.contains("reserving space") && e.contains("d.img"), "{e}");
         assert!(
             read(&img).iter().all(|&b| b == 0),
@@ -559,50 +580,117 @@ mod tests {
             .unwrap();
     }
 
+    /// Copies of `images` in `dir` with `epoch` committed to them without
+    /// a fault or a log: the disks the whole epoch leaves.
+    fn committed_copy(
+        dir: &Path,
+        images: &[&DiskImage],
+        epoch: impl Fn(&mut Staging, &[u64]),
+    ) -> Vec<Vec<u8>> {
+        let copies: Vec<DiskImage> = images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| {
+                let c = DiskImage::create(&dir.join(format!("{i}.copy")), img.size()).unwrap();
+                c.write_at(&read(img), 0).unwrap();
+                c
+            })
+            .collect();
+        let refs: Vec<&DiskImage> = copies.iter().collect();
+        let sizes: Vec<u64> = copies.iter().map(|c| c.size()).collect();
+        let mut st = Staging::new(64 << 20, dir);
+        epoch(&mut st, &sizes);
+        st.commit(&refs).unwrap();
+        copies.iter().map(read).collect()
+    }
+
+    /// An EIO mid-apply (after the seal and the first op): the error says
+    /// the log stays sealed, the disks are between the two epochs, and the
+    /// replay ([`crate::disk::redo::recover`], as at the save) leaves them
+    /// exactly as the whole epoch does.
     #[test]
-    fn an_io_error_mid_apply_rolls_the_epoch_back_exactly() {
+    fn an_io_error_mid_apply_leaves_the_log_sealed_and_its_replay_completes_the_epoch() {
         let dir = tempfile::tempdir().unwrap();
         let a = DiskImage::create(&dir.path().join("a.img"), 64 << 10).unwrap();
         let b = DiskImage::create(&dir.path().join("b.img"), 32 << 10).unwrap();
         a.write_at(&[1; 20_000], 0).unwrap();
         b.write_at(&[2; 32 << 10], 0).unwrap();
-        let before = (read(&a), read(&b));
+        let before = vec![read(&a), read(&b)];
+        let want = committed_copy(dir.path(), &[&a, &b], busy_epoch);
+        assert_ne!(before, want);
         let sizes = [a.size(), b.size()];
-        let mut undo = Undo::create(dir.path(), vec!["a.img".into(), "b.img".into()]).unwrap();
+        let mut redo = Redo::create(dir.path(), vec!["a.img".into(), "b.img".into()]).unwrap();
         let mut st = Staging::new(64 << 20, dir.path()).with_fault(Fault::eio_at(1));
         busy_epoch(&mut st, &sizes);
-        let e = st.commit(&[&a, &b], Some(&mut undo), 7).unwrap_err();
-        assert!(matches!(e, StageError::RolledBack { epoch: 7, .. }), "{e}");
+        st.seal(&mut redo, 7).unwrap();
+        let e = st.apply_sealed(&[&a, &b], &mut redo, 7).unwrap_err();
+        assert!(matches!(e, StageError::Unapplied { epoch: 7, .. }), "{e}");
         assert!(e.to_string().contains("injected"), "{e}");
+        let mid = vec![read(&a), read(&b)];
+        assert!(mid != before && mid != want, "the apply stopped half way");
+        let r = crate::disk::redo::recover(dir.path()).unwrap();
         assert!(
-            (read(&a), read(&b)) == before,
-            "the disks are exactly as before epoch 7"
+            matches!(
+                r,
+                crate::disk::redo::Recovered::Replayed {
+                    epoch: 7,
+                    records: 3,
+                    ops: 6,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        assert!(
+            vec![read(&a), read(&b)] == want,
+            "the disks are exactly as after epoch 7"
         );
         assert_eq!(
-            crate::disk::undo::recover(dir.path()).unwrap(),
-            crate::disk::undo::Recovered::Nothing,
-            "the journal is cleared after the roll back"
+            crate::disk::redo::recover(dir.path()).unwrap(),
+            crate::disk::redo::Recovered::Nothing,
+            "the log is cleared after the replay"
         );
-        // The fault fired once: the same epoch, received again, applies.
-        st.discard();
-        busy_epoch(&mut st, &sizes);
-        let got = st.commit(&[&a, &b], Some(&mut undo), 7).unwrap();
-        assert_eq!(got.ops, 6);
-        let ra = read(&a);
-        assert!(ra[4000..4200].iter().all(|&x| x == 6) && ra[4200..12288].iter().all(|&x| x == 7));
-        assert!(read(&b)[..300].iter().all(|&x| x == 0));
     }
 
-    /// Consecutive writes of adjacent ranges are saved as one range and
-    /// written with one `pwritev`; the disk ends as the ops applied one by
-    /// one would leave it, and an error inside such a run rolls back exactly.
+    /// A seal that fails (the log's file system is full) leaves the disks
+    /// untouched and no sealed log: the epoch is rejected whole.
     #[test]
-    fn adjacent_writes_go_out_together_and_roll_back_exactly() {
+    fn a_seal_that_fails_changes_no_disk() {
+        let fs = match SmallFs::mount(64 << 10) {
+            Ok(fs) => fs,
+            Err(e) => {
+                eprintln!("skipped: needs root to mount a 64 KiB tmpfs ({e})");
+                return;
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskImage::create(&dir.path().join("a.img"), 1 << 20).unwrap();
+        a.write_at(&[1; 4096], 0).unwrap();
+        let before = read(&a);
+        let mut redo = Redo::create(fs.0.path(), vec!["a.img".into()]).unwrap();
+        let mut st = Staging::new(64 << 20, dir.path());
+        st.stage(&payload(0, &[w(0, 2, 512 << 10)]), None, &[a.size()])
+            .unwrap();
+        let e = st.seal(&mut redo, 3).unwrap_err().to_string();
+        assert!(e.contains("redo log") && e.contains("writing"), "{e}");
+        assert!(read(&a) == before, "no byte of the epoch reached the disk");
+        assert_eq!(
+            crate::disk::redo::recover(fs.0.path()).unwrap(),
+            crate::disk::redo::Recovered::Nothing
+        );
+    }
+
+    /// Consecutive writes of adjacent ranges are written with one
+    /// `pwritev`; the disk ends as the ops applied one by one would leave
+    /// it, and an error inside such a run is completed exactly by the
+    /// replay.
+    #[test]
+    fn adjacent_writes_go_out_together_and_a_replay_completes_them_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let a = DiskImage::create(&dir.path().join("a.img"), 1 << 20).unwrap();
         a.write_at(&[1; 300 << 10], 0).unwrap();
         let sizes = [a.size()];
-        let mut undo = Undo::create(dir.path(), vec!["a.img".into()]).unwrap();
+        let mut redo = Redo::create(dir.path(), vec!["a.img".into()]).unwrap();
         // A run of 64 adjacent 4 KiB writes, one elsewhere, a run of two,
         // and a write inside the first run again (its own op, after it).
         let mut ops: Vec<DiskOp> = (0..64u64)
@@ -620,27 +708,68 @@ mod tests {
                 want[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
             }
         }
-        let p = payload(0, &ops);
-        let mut n = 0;
-        save_old(&p, &sizes, &[&a], &mut undo, &mut n).unwrap();
-        assert_eq!((n, undo.ranges()), (68, 4), "ops, and the ranges saved");
-        undo.clear().unwrap();
         let mut st = Staging::new(64 << 20, dir.path());
-        st.stage(&p, None, &sizes).unwrap();
-        let got = st.commit(&[&a], Some(&mut undo), 5).unwrap();
+        st.stage(&payload(0, &ops), None, &sizes).unwrap();
+        st.seal(&mut redo, 5).unwrap();
+        let got = st.apply_sealed(&[&a], &mut redo, 5).unwrap();
         assert_eq!((got.ops, got.runs), (68, 4), "ops, and the pwritevs");
         assert_eq!(got.write_bytes, 64 * 4096 + 100 + 2 * 4096 + 3000);
         assert!(read(&a) == want, "the disk as the ops one by one leave it");
 
-        // An EIO before the second op of a run: the first op is written,
-        // then the epoch rolls back to exactly the disk before it.
-        let before = read(&a);
+        // An EIO before the second op of a run of overlapping writes: the
+        // first op is written, and the replay leaves exactly the disk
+        // after epoch 6.
+        let ops: Vec<DiskOp> = (0..16u64)
+            .map(|i| w(i * 2048, 0x20 + i as u8, 4096))
+            .collect();
+        let epoch6 = |st: &mut Staging, sizes: &[u64]| {
+            st.stage(&payload(0, &ops), None, sizes).unwrap();
+        };
+        let want = committed_copy(dir.path(), &[&a], epoch6);
         let mut st = Staging::new(64 << 20, dir.path()).with_fault(Fault::eio_at(1));
-        let ops: Vec<DiskOp> = (0..16u64).map(|i| w(i * 4096 + 2048, 0xee, 4096)).collect();
-        st.stage(&payload(0, &ops), None, &sizes).unwrap();
-        let e = st.commit(&[&a], Some(&mut undo), 6).unwrap_err();
-        assert!(matches!(e, StageError::RolledBack { epoch: 6, .. }), "{e}");
-        assert!(read(&a) == before, "the disk is exactly as before epoch 6");
+        epoch6(&mut st, &sizes);
+        st.seal(&mut redo, 6).unwrap();
+        let e = st.apply_sealed(&[&a], &mut redo, 6).unwrap_err();
+        assert!(matches!(e, StageError::Unapplied { epoch: 6, .. }), "{e}");
+        assert!(read(&a) != want[0], "half applied");
+        crate::disk::redo::recover(dir.path()).unwrap();
+        assert!(read(&a) == want[0], "the disk is exactly as after epoch 6");
+    }
+
+    /// An epoch that spilled: its log holds the payloads in memory and the
+    /// spilled ones (copied from the spill file), in staging order; a
+    /// backup killed before the apply replays exactly that epoch.
+    #[test]
+    fn a_spilled_epoch_is_logged_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskImage::create(&dir.path().join("a.img"), 1 << 20).unwrap();
+        let epoch = |st: &mut Staging, sizes: &[u64], flush: bool| {
+            for i in 0..40u64 {
+                let mut ops = vec![w(i * 1000, i as u8, 5000)];
+                ops.extend(flush.then_some(DiskOp::Flush));
+                st.stage(&payload(0, &ops), None, sizes).unwrap();
+            }
+        };
+        let want = committed_copy(dir.path(), &[&a], |st, s| epoch(st, s, false));
+        for durable in [false, true] {
+            let fresh = DiskImage::create(&dir.path().join("a.img"), 1 << 20).unwrap();
+            let mut redo = Redo::create(dir.path(), vec!["a.img".into()]).unwrap();
+            let mut st = Staging::new(50_000, dir.path());
+            epoch(&mut st, &[fresh.size()], durable);
+            assert!(st.spilled() > 0 && st.in_memory() > 0, "both kinds");
+            st.seal(&mut redo, 9).unwrap();
+            drop((st, redo)); // killed before the apply
+            assert!(read(&fresh).iter().all(|&x| x == 0), "nothing applied");
+            let r = crate::disk::redo::recover(dir.path()).unwrap();
+            assert!(
+                matches!(
+                    r,
+                    crate::disk::redo::Recovered::Replayed { records: 40, .. }
+                ),
+                "{r:?}"
+            );
+            assert!(read(&fresh) == want[0], "durable {durable}");
+        }
     }
 
     #[test]
@@ -674,7 +803,7 @@ mod tests {
         }
         assert!(s.in_memory() >= 6 << 20, "held buffers counted whole");
         assert!(s.spilled() > 0, "beyond the bound the payloads spill");
-        s.commit(&[&a], None, 1).unwrap();
+        s.commit(&[&a]).unwrap();
         let got = read(&a);
         let range = |at: usize, b: u8| got[at..at + (300 << 10)].iter().all(|&x| x == b);
         assert!(
@@ -703,7 +832,7 @@ mod tests {
         assert!(s.spilled() > 0, "the bound forced a spill");
         assert_eq!(s.records(), 3);
         assert!(read(&a).iter().all(|&x| x == 0), "staged, not applied");
-        let got = s.commit(&[&a, &b], None, 1).unwrap();
+        let got = s.commit(&[&a, &b]).unwrap();
         assert_eq!(
             got,
             Applied {
@@ -732,7 +861,7 @@ mod tests {
         s.stage(&payload(0, &[w(0, 7, 10)]), None, &[a.size()])
             .unwrap();
         s.discard();
-        let got = s.commit(&[&a], None, 1).unwrap();
+        let got = s.commit(&[&a]).unwrap();
         assert_eq!(got, Applied::default());
         assert!(read(&a).iter().all(|&x| x == 0));
     }
@@ -754,7 +883,7 @@ mod tests {
             ],
         );
         s.stage(&p, None, &[8192]).unwrap();
-        let got = s.commit(&[&a], None, 1).unwrap();
+        let got = s.commit(&[&a]).unwrap();
         assert!(!got.synced, "no flush in the epoch");
         let r = read(&a);
         assert!(r[..10].iter().all(|&x| x == 0));
@@ -777,12 +906,12 @@ mod bench {
         crate::metrics::thread_cpu_time().expect("clock_gettime(CLOCK_THREAD_CPUTIME_ID)")
     }
 
-    /// One replica image with its journal and staging, and the commit CPU
+    /// One replica image with its redo log and staging, and the commit CPU
     /// it took.
     struct Side {
         _dir: tempfile::TempDir,
         img: DiskImage,
-        undo: Undo,
+        redo: Redo,
         st: Staging,
         cpu: Duration,
     }
@@ -792,12 +921,12 @@ mod bench {
         let img = DiskImage::create(&dir.path().join("d.img"), 64 << 20).unwrap();
         // As the backup's replica images (`disk::session`).
         let _ = img.advise_random();
-        let undo = Undo::create(dir.path(), vec!["d.img".into()]).unwrap();
+        let redo = Redo::create(dir.path(), vec!["d.img".into()]).unwrap();
         let st = Staging::new(256 << 20, dir.path());
         Side {
             _dir: dir,
             img,
-            undo,
+            redo,
             st,
             cpu: Duration::ZERO,
         }
@@ -820,8 +949,8 @@ mod bench {
     }
 
     /// Epochs of 1900 4 KiB writes (fio's 300 MiB/s in 25 ms), staged in
-    /// records of 256 ops and committed with the undo journal, for each
-    /// pattern: CPU ms per MiB of the commit.
+    /// records of 256 ops and committed through the redo log (seal and
+    /// apply), for each pattern: CPU ms per MiB of the commit.
     #[test]
     #[ignore]
     fn commit_cost_of_4k_epochs() {
@@ -852,8 +981,9 @@ mod bench {
                     sd.st.stage(&p, None, &sizes).unwrap();
                 }
                 let t0 = thread_cpu();
+                sd.st.seal(&mut sd.redo, e as u64 + 2).unwrap();
                 sd.st
-                    .commit(&[&sd.img], Some(&mut sd.undo), e as u64 + 2)
+                    .apply_sealed(&[&sd.img], &mut sd.redo, e as u64 + 2)
                     .unwrap();
                 if e >= warm {
                     sd.cpu += thread_cpu() - t0;

@@ -512,8 +512,9 @@ fn save(
     if let Some(epoch) = rx.committed() {
         out.disks = rx.disks().map(|d| d.specs().to_vec()).unwrap_or_default();
         if !out.disks.is_empty() {
-            // An apply whose roll back failed left its journal sealed: the
-            // disks are put back (or the save refused) before they are copied.
+            // An apply that failed left its epoch's redo log sealed (the
+            // memory holds that epoch): the disks are brought to it by
+            // replaying the log (or the save refused) before they are copied.
             crate::disk::session::recover_disks(&cfg.state_dir.join("disks"))?;
         }
         if cfg.defer_save {

@@ -459,13 +459,16 @@ impl Receiver {
         // Every page decoded (seed pages written through) before anything
         // is committed or acknowledged; a fault rejects the epoch whole.
         self.decoders.finish().map_err(|f| fault(epoch, f))?;
-        // Verified whole: commit, disks first (the only step that can fail:
-        // an I/O error on the backup's own disk ends the session).
-        if state.is_some() {
-            if let Some(d) = &mut self.disks {
-                d.commit(epoch)
-                    .map_err(|source| StreamError::Disk { epoch, source })?;
-            }
+        // Verified whole: commit. The disks' writes first, sealed in their
+        // redo log (the only step that can fail before anything is
+        // committed: an I/O error on the backup's own disk rejects the
+        // epoch whole, the disks untouched), then the memory (which cannot
+        // fail: a sealed epoch is committed in memory too), then the
+        // disks' apply.
+        let checkpoint = state.is_some();
+        if let Some(d) = self.disks.as_mut().filter(|_| checkpoint) {
+            d.seal(epoch)
+                .map_err(|source| StreamError::Disk { epoch, source })?;
         }
         if let Some(s) = state {
             self.decoders.commit();
@@ -479,6 +482,13 @@ impl Receiver {
         self.forget_gfns();
         self.open = None;
         self.next_epoch = epoch + 1;
+        // Epoch `epoch` is committed in memory; an apply that fails now
+        // ends the session with its redo log sealed, and the save (or the
+        // next start) replays it, so the saved disks are at `epoch` too.
+        if let Some(d) = self.disks.as_mut().filter(|_| checkpoint) {
+            d.apply(epoch)
+                .map_err(|source| StreamError::Disk { epoch, source })?;
+        }
         Ok(Event::Committed(epoch))
     }
 }
