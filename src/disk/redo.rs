@@ -717,6 +717,58 @@ mod tests {
         assert_eq!(recover(dir.path()).unwrap(), Recovered::Nothing, "cleared");
     }
 
+    /// Rewrites the sealed header of the log in `dir` as if sealed in
+    /// another boot.
+    fn from_another_boot(dir: &Path) {
+        let path = dir.join(REDO_FILE);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut page = vec![0u8; HEADER as usize];
+        f.read_exact_at(&mut page, 0).unwrap();
+        let mut h = Header::decode(&page).expect("sealed");
+        h.boot_id[0] ^= 1;
+        f.write_all_at(&h.encode().unwrap(), 0).unwrap();
+    }
+
+    /// After a reboot: an unsynced log (no flush) is dropped, saying the
+    /// disks may mix; a synced one is replayed; a synced one whose records
+    /// did not all reach the disk (its sync had not returned, nothing was
+    /// applied) is discarded.
+    #[test]
+    fn a_log_from_another_boot_is_trusted_only_when_synced_and_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = epoch(dir.path());
+        logged(dir.path(), &e, false, true);
+        from_another_boot(dir.path());
+        assert_eq!(
+            recover(dir.path()).unwrap(),
+            Recovered::Untrusted { epoch: 9 }
+        );
+        assert!(disks(dir.path()) == e.before, "dropped, not replayed");
+        assert_eq!(recover(dir.path()).unwrap(), Recovered::Nothing, "cleared");
+        logged(dir.path(), &e, true, true);
+        from_another_boot(dir.path());
+        assert!(matches!(
+            recover(dir.path()).unwrap(),
+            Recovered::Replayed { epoch: 9, .. }
+        ));
+        assert!(disks(dir.path()) == e.after, "replayed");
+        let dir = tempfile::tempdir().unwrap();
+        let e = epoch(dir.path());
+        logged(dir.path(), &e, true, true);
+        from_another_boot(dir.path());
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(REDO_FILE))
+            .unwrap();
+        f.write_all_at(&[0xee; 64], HEADER + 100).unwrap();
+        assert_eq!(recover(dir.path()).unwrap(), Recovered::Nothing);
+        assert!(disks(dir.path()) == e.before, "discarded, not replayed");
+    }
+
     /// A sealed log is untrusted: a record that does not fit the disks, a
     /// torn record area, a record count that disagrees, a damaged durable
     /// log of this boot or a name that leaves the directory is refused

@@ -58,6 +58,8 @@ pub enum SessionError {
     Wire(#[from] wire::DiskWireError),
     #[error("the replica disks' redo log: {0}")]
     Redo(#[from] RedoError),
+    #[error("applying epoch {epoch}'s disk writes, which were not sealed (sealed: {sealed:?})")]
+    NotSealed { epoch: u64, sealed: Option<u64> },
 }
 
 /// Completes an apply a stopped backup (or a failed apply) left half done
@@ -439,10 +441,9 @@ impl BackupDisks {
         if let Some(a) = self.first.take() {
             return Ok(a);
         }
-        if self.sealed.take() != Some(epoch) {
-            return Err(SessionError::Invalid(format!(
-                "applying epoch {epoch}, which was not sealed"
-            )));
+        let sealed = self.sealed.take();
+        if sealed != Some(epoch) {
+            return Err(SessionError::NotSealed { epoch, sealed });
         }
         let imgs: Vec<&DiskImage> = self.images.iter().collect();
         Ok(self.staging.apply_sealed(&imgs, &mut self.redo, epoch)?)
