@@ -78,6 +78,13 @@ pub enum RedoError {
     Corrupt { path: PathBuf, reason: String },
     #[error("redo log {path}: disk names do not fit in its header")]
     Names { path: PathBuf },
+    #[error("redo log {path} of a rejected epoch could neither be cleared ({clear}) nor removed ({source}); the next recovery may replay that epoch, which the replica never committed; remove it by hand")]
+    Abandon {
+        path: PathBuf,
+        clear: Box<RedoError>,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error("replaying epoch {epoch} from redo log {path}: {source}")]
@@ -236,13 +243,32 @@ impl Redo {
         let page = h.encode().ok_or_else(|| RedoError::Names {
             path: self.path.clone(),
         })?;
+        // From the first byte of the header on, the log may read as
+        // sealed: an error from here must be undone ([`Redo::abandon`]).
+        self.sealed = true;
         self.file
             .write_all_at(&page, 0)
             .map_err(self.io("sealing"))?;
         if durable {
             self.file.sync_data().map_err(self.io("syncing"))?;
         }
-        self.sealed = true;
+        Ok(())
+    }
+
+    /// Undoes a seal that failed (the epoch is rejected, its memory not
+    /// committed): clears the header, or failing that removes the file,
+    /// so no later [`recover`] replays an epoch the replica never
+    /// committed. An error here means the log may still read as sealed.
+    pub fn abandon(&mut self) -> Result<(), RedoError> {
+        let Err(clear) = self.clear() else {
+            return Ok(());
+        };
+        std::fs::remove_file(&self.path).map_err(|source| RedoError::Abandon {
+            path: self.path.clone(),
+            clear: Box::new(clear),
+            source,
+        })?;
+        self.sealed = false;
         Ok(())
     }
 
@@ -767,6 +793,30 @@ mod tests {
         f.write_all_at(&[0xee; 64], HEADER + 100).unwrap();
         assert_eq!(recover(dir.path()).unwrap(), Recovered::Nothing);
         assert!(disks(dir.path()) == e.before, "discarded, not replayed");
+    }
+
+    /// A seal that failed is undone even where the header cannot be
+    /// cleared (here a descriptor that cannot write): the log is removed,
+    /// and no recovery replays the rejected epoch.
+    #[test]
+    fn an_abandoned_seal_is_never_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = epoch(dir.path());
+        logged(dir.path(), &e, false, true);
+        let path = dir.path().join(REDO_FILE);
+        let mut r = Redo {
+            file: File::open(&path).unwrap(),
+            path: path.clone(),
+            names: Vec::new(),
+            end: HEADER,
+            records: 0,
+            hash: None,
+            sealed: true,
+        };
+        r.abandon().unwrap();
+        assert!(!path.exists(), "removed, as clearing failed");
+        assert_eq!(recover(dir.path()).unwrap(), Recovered::Nothing);
+        assert!(disks(dir.path()) == e.before);
     }
 
     /// A sealed log is untrusted: a record that does not fit the disks, a

@@ -58,6 +58,8 @@ pub enum SessionError {
     Wire(#[from] wire::DiskWireError),
     #[error("the replica disks' redo log: {0}")]
     Redo(#[from] RedoError),
+    #[error("the redo log of rejected epoch {0} could not be undone (see the error that ended the session): no replica is saved from these disks")]
+    Unsound(u64),
     #[error("applying epoch {epoch}'s disk writes, which were not sealed (sealed: {sealed:?})")]
     NotSealed { epoch: u64, sealed: Option<u64> },
 }
@@ -331,6 +333,10 @@ pub struct BackupDisks {
     /// What the first commit applied ([`BackupDisks::seal`] applies it),
     /// until [`BackupDisks::apply`] hands it over.
     first: Option<Applied>,
+    /// A rejected epoch whose sealed log could not be undone
+    /// ([`StageError::Abandoned`]): a replay would take the disks past
+    /// the replica's memory, so nothing is saved from them.
+    unsound: Option<u64>,
 }
 
 impl BackupDisks {
@@ -367,6 +373,7 @@ impl BackupDisks {
             promoted: false,
             sealed: None,
             first: None,
+            unsound: None,
         })
     }
 
@@ -419,7 +426,11 @@ impl BackupDisks {
     /// replace nothing), all or nothing. [`BackupDisks::apply`] follows.
     pub fn seal(&mut self, epoch: u64) -> Result<(), SessionError> {
         if self.promoted {
-            self.staging.seal(&mut self.redo, epoch)?;
+            let r = self.staging.seal(&mut self.redo, epoch);
+            if let Err(StageError::Abandoned { .. }) = r {
+                self.unsound = Some(epoch);
+            }
+            r?;
             self.sealed = Some(epoch);
             return Ok(());
         }
@@ -457,6 +468,13 @@ impl BackupDisks {
 
     pub fn discard(&mut self) {
         self.staging.discard();
+    }
+
+    /// Refuses (with [`SessionError::Unsound`]) when a rejected epoch's
+    /// redo log could not be undone: the disks must not be saved.
+    pub fn check_sound(&self) -> Result<(), SessionError> {
+        self.unsound
+            .map_or(Ok(()), |e| Err(SessionError::Unsound(e)))
     }
 
     /// Makes every image durable (when the replica is saved).

@@ -49,6 +49,13 @@ pub enum StageError {
     NoImage { disk: u16, disks: usize },
     #[error("writing the redo log: {0}")]
     Redo(#[from] RedoError),
+    #[error("sealing epoch {epoch}'s redo log failed ({seal}), and undoing it too: {abandon}")]
+    Abandoned {
+        epoch: u64,
+        seal: Box<StageError>,
+        #[source]
+        abandon: RedoError,
+    },
     #[error("applying epoch {epoch}'s disk writes failed; its sealed redo log stays, replayed at the save or at the next start of the backup (the replica disks then hold epoch {epoch} whole): {source}")]
     Unapplied {
         epoch: u64,
@@ -222,12 +229,22 @@ impl Staging {
     /// from here on the epoch's disk writes are committed (a backup that
     /// stops before they are applied replays them, [`super::redo`]). On
     /// error the log is cleared and no image has been touched.
+    /// An epoch without disk writes writes no log (nothing to replay).
     pub fn seal(&mut self, redo: &mut Redo, epoch: u64) -> Result<(), StageError> {
+        if self.records == 0 {
+            return Ok(());
+        }
         redo.begin(self.flush);
         let r = self.write_log(redo).and_then(|()| Ok(redo.seal(epoch)?));
         if let Err(e) = r {
-            let _ = redo.clear();
-            return Err(e);
+            return Err(match redo.abandon() {
+                Ok(()) => e,
+                Err(a) => StageError::Abandoned {
+                    epoch,
+                    seal: Box::new(e),
+                    abandon: a,
+                },
+            });
         }
         Ok(())
     }

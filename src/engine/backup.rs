@@ -511,6 +511,9 @@ fn save(
 ) -> Result<BackupOutcome, BackupError> {
     if let Some(epoch) = rx.committed() {
         out.disks = rx.disks().map(|d| d.specs().to_vec()).unwrap_or_default();
+        if let Some(d) = rx.disks() {
+            d.check_sound()?;
+        }
         if !out.disks.is_empty() {
             // An apply that failed left its epoch's redo log sealed (the
             // memory holds that epoch): the disks are brought to it by
