@@ -220,7 +220,7 @@ impl Driver<'_> {
                 self.pipe.finish(epoch);
                 break;
             }
-            pacer.next_epoch(&seen);
+            pacer.next_epoch(&seen, pause_start + seen.pause);
         }
         self.wait_final_ack(epoch)?;
         Ok((epoch, cap.state, recent.into_lists()))
