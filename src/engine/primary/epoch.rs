@@ -89,6 +89,12 @@ struct Capture {
     /// How long the last pause lasted (None before the first): decides
     /// whether the next one runs in the real-time class.
     last_pause: Option<Duration>,
+    /// The domain's write count when the budget last counted the dirty
+    /// set, and when (the guest's write rate spans epochs).
+    counted: Option<(Instant, u64)>,
+    /// When the budget counts the dirty set next ([`budget::poll_after`];
+    /// None: [`budget::POLL_MIN`]).
+    next_poll: Option<Duration>,
 }
 
 /// The pause runs in the real-time class ([`PauseRealtime`]) only while
@@ -513,10 +519,6 @@ fn involuntary_switches() -> u64 {
     }
 }
 
-/// How often the epoch thread asks the domain for its write count while an
-/// epoch runs under a pause budget.
-const BUDGET_POLL: Duration = Duration::from_micros(500);
-
 /// The throttle that stops the guest altogether (see `Domain::throttle`).
 const STAND_STILL: u8 = 100;
 
@@ -535,7 +537,8 @@ struct Gauge<'g, 'a> {
 
 impl DirtyGauge for Gauge<'_, '_> {
     fn poll(&self) -> Option<Duration> {
-        (self.limit > 0 && self.base.is_some()).then_some(BUDGET_POLL)
+        (self.limit > 0 && self.base.is_some())
+            .then(|| self.cap.next_poll.unwrap_or(budget::POLL_MIN))
     }
 
     fn full(&mut self) -> Result<bool, PrimaryError> {
@@ -546,6 +549,13 @@ impl DirtyGauge for Gauge<'_, '_> {
             harvested: self.cap.pre.len() as u64,
             writes_since: now.saturating_sub(base),
         };
+        let t = Instant::now();
+        let rate = match self.cap.counted {
+            Some((t0, w0)) if t > t0 => now.saturating_sub(w0) as f64 / (t - t0).as_secs_f64(),
+            _ => f64::INFINITY,
+        };
+        self.cap.counted = Some((t, now));
+        self.cap.next_poll = Some(budget::poll_after(e, self.limit, rate));
         match budget::verdict(e, self.limit) {
             budget::Verdict::Run => Ok(false),
             budget::Verdict::Full => Ok(true),

@@ -155,12 +155,12 @@ impl Pacer {
             gauge.hold(true);
             g = shared.inflight.lock().unwrap();
         }
-        let slice = gauge.poll().unwrap_or(WAKE).min(WAKE);
         while unacked(&g) >= k {
             if let Some(e) = g.error() {
                 drop(g);
                 return Err(self.unhold(gauge, held, e));
             }
+            let slice = gauge.poll().unwrap_or(WAKE).min(WAKE);
             g = shared.cv.wait_timeout(g, slice).unwrap().0;
             if unacked(&g) >= k && gauge.poll().is_some() {
                 drop(g);
@@ -210,7 +210,6 @@ impl Pacer {
         shared: &Shared,
         gauge: &mut dyn DirtyGauge,
     ) -> Result<bool, PrimaryError> {
-        let slice = gauge.poll().unwrap_or(WAKE).min(WAKE);
         loop {
             let g = shared.inflight.lock().unwrap();
             if let Some(e) = g.error() {
@@ -220,6 +219,7 @@ impl Pacer {
             if now >= self.deadline || crate::engine::stop_requested() {
                 return Ok(false);
             }
+            let slice = gauge.poll().unwrap_or(WAKE).min(WAKE);
             drop(
                 shared
                     .cv
@@ -246,7 +246,6 @@ impl Pacer {
         gauge: &mut dyn DirtyGauge,
     ) -> Result<bool, PrimaryError> {
         let earliest = self.started + self.control.floor();
-        let poll = gauge.poll().unwrap_or(WAKE).min(WAKE);
         // Entered once a cut is near: held across the rest of the wait.
         let mut _rt = None;
         loop {
@@ -269,7 +268,7 @@ impl Pacer {
                 self.deadline = self.deadline.min(now);
                 return Ok(false);
             }
-            let slice = (end - now).min(poll);
+            let slice = (end - now).min(gauge.poll().unwrap_or(WAKE).min(WAKE));
             if held.is_none() {
                 drop(g);
                 sig.wait(epoch, slice);
