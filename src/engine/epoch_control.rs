@@ -3,8 +3,8 @@
 //! epochs measured. No clocks, no threads: the primary's pacer feeds it one
 //! [`Observation`] per checkpoint and asks [`EpochController::next`] for the
 //! next epoch's nominal length, and, while an epoch runs and the output
-//! queue holds something of it, [`EpochController::cut`] for when the
-//! epoch should end.
+//! queue holds something of it, [`EpochController::cut_after`] for how long
+//! after the first held frame the epoch may still run.
 //!
 //! Where the rules come from:
 //! - Adaptive Remus (shorter epochs while the guest is network-bound,
@@ -17,10 +17,9 @@
 //!   and held between half the target and the target.
 //! - Stratus, US9652338 (the checkpoint delay follows the buffered output:
 //!   delay = buffered output bits / target rate, plus a minimum): once the
-//!   running epoch holds output, the epoch ends `bits / rate` after the
-//!   first held frame but not before it ran the minimum (`delay` at most,
-//!   counted from its start), and never later than `target - latency`
-//!   after that frame (so the frame's release delay, epoch rest + checkpoint latency,
+//!   running epoch holds output, the epoch ends `delay + bits / rate` after
+//!   the first held frame, and never later than `target - latency` after
+//!   it (so the frame's release delay, epoch rest + checkpoint latency,
 //!   stays near `target`). This is what makes the controller react within
 //!   the epoch rather than one epoch late: a long epoch grown while the
 //!   guest computed is cut short as soon as it talks.
@@ -67,11 +66,10 @@ pub struct AutoParams {
     pub max: Duration,
     /// Largest share of the guest's time the pauses may take, in (0, 1).
     pub overhead: f64,
-    /// Stratus's minimum, at most: how long an epoch that holds output runs
-    /// at least, from its start (more output lengthens it by `bits / rate`
-    /// after the first held frame). Lowered to `pause / overhead` while the
-    /// talking epochs' pauses are cheaper than that (see
-    /// [`EpochController::cut`]).
+    /// Stratus's minimum, at most: how long after the first held frame an
+    /// epoch runs at least (more output lengthens it by `bits / rate`).
+    /// Lowered to `pause / overhead` while the talking epochs' pauses are
+    /// cheaper than that (see [`EpochController::cut_after`]).
     pub delay: Duration,
     /// Stratus's target output rate, bits per second.
     pub rate_bps: f64,
@@ -87,30 +85,6 @@ impl Default for AutoParams {
             delay: Duration::from_millis(2),
             rate_bps: 100e6,
         }
-    }
-}
-
-/// When a talking epoch ends ([`EpochController::cut`]): at
-/// `max(start + from_start, first + after_first)`, but no later than
-/// `first + at_most`, where `start` is when the epoch began and `first`
-/// when its first frame was held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cut {
-    /// Stratus's minimum, counted from the epoch's start.
-    pub from_start: Duration,
-    /// The held output's `bits / rate`, counted from the first held frame.
-    pub after_first: Duration,
-    /// `target - latency`: the latest, counted from the first held frame.
-    pub at_most: Duration,
-}
-
-impl Cut {
-    /// The cut's instant for an epoch begun at `start` whose first frame
-    /// was held at `first`.
-    pub fn at(&self, start: std::time::Instant, first: std::time::Instant) -> std::time::Instant {
-        (start + self.from_start)
-            .max(first + self.after_first)
-            .min(first + self.at_most)
     }
 }
 
@@ -317,9 +291,8 @@ impl EpochController {
     }
 
     /// Stratus's rule: with `held_bytes` of the running epoch's output
-    /// held, when the epoch should end ([`Cut`]): `minimum` into the epoch
-    /// and `bits / rate` after its first held frame, whichever is later,
-    /// but at most `target - latency` after that frame (at once if the
+    /// held, how long after its first frame the epoch should end:
+    /// `minimum + bits / rate`, at most `target - latency` (zero if the
     /// latency alone exceeds the target). None for a fixed epoch, which is
     /// never cut. The caller still runs the epoch at least [`Self::floor`].
     ///
@@ -329,24 +302,16 @@ impl EpochController {
     /// pause), the shortest epoch whose pause takes no more than
     /// `overhead` of it, and never more than `delay`. Cheap pauses release
     /// the first frame sooner (a 50 µs pause at 5%: 1 ms); until a talking
-    /// epoch was measured, the minimum is `delay`. The minimum counts from
-    /// the epoch's start, as the pause cost it spreads is one per epoch: a
-    /// frame held after the epoch ran it waits only `bits / rate` (until
-    /// stop 17 it counted from the first frame, and a guest that woke late
-    /// in an epoch held its frames a whole minimum more).
-    pub fn cut(&self, held_bytes: u64) -> Option<Cut> {
+    /// epoch was measured, the minimum is `delay`.
+    pub fn cut_after(&self, held_bytes: u64) -> Option<Duration> {
         let EpochPolicy::Auto(p) = self.policy else {
             return None;
         };
         let delay = p.delay.as_secs_f64();
         let minimum = median(&self.talk_pauses).map_or(delay, |s| (s / p.overhead).min(delay));
+        let stratus = minimum + held_bytes as f64 * 8.0 / p.rate_bps;
         let budget = p.target.as_secs_f64() - median(&self.latencies).unwrap_or(0.0);
-        let secs = |x: f64| Duration::from_secs_f64(x.max(0.0));
-        Some(Cut {
-            from_start: secs(minimum),
-            after_first: secs((held_bytes as f64 * 8.0 / p.rate_bps).min(budget)),
-            at_most: secs(budget),
-        })
+        Some(Duration::from_secs_f64(stratus.min(budget).max(0.0)))
     }
 
     /// Records one checkpoint's pause (for the overhead guard), latency,
@@ -548,38 +513,29 @@ mod tests {
     #[test]
     fn fixed_epochs_are_never_cut() {
         let c = EpochController::new(EpochPolicy::Fixed(25 * MS));
-        assert_eq!(c.cut(1 << 20), None);
+        assert_eq!(c.cut_after(1 << 20), None);
         assert_eq!(c.floor(), 25 * MS);
     }
 
     #[test]
-    fn held_output_cuts_after_the_minimum_and_bits_over_rate() {
-        // delay 2 ms from the start; 100 Mbit/s after the first frame:
-        // 1250 B add 100 µs, 125 kB add 10 ms.
+    fn held_output_cuts_after_delay_plus_bits_over_rate() {
+        // delay 2 ms, 100 Mbit/s: 64 B add 5 µs; 125 kB add 10 ms.
         let mut c = auto();
-        let small = c.cut(1250).unwrap();
-        assert_eq!(small.from_start, 2 * MS);
-        assert_eq!(small.after_first, Duration::from_micros(100));
-        let big = c.cut(125_000).unwrap().after_first.as_secs_f64();
-        assert!((big - 0.010).abs() < 1e-6, "{big}");
-        // A frame held at once waits the minimum; one held 3 ms in, when
-        // the minimum has passed, waits only its bits.
-        let t0 = std::time::Instant::now();
-        assert_eq!(small.at(t0, t0), t0 + 2 * MS);
-        let late = t0 + 3 * MS;
-        assert_eq!(small.at(t0, late), late + Duration::from_micros(100));
+        let small = c.cut_after(64).unwrap().as_secs_f64();
+        assert!((small - 0.002_005).abs() < 1e-6, "{small}");
+        let big = c.cut_after(125_000).unwrap().as_secs_f64();
+        assert!((big - 0.012).abs() < 1e-6, "{big}");
         // Never later than target - latency: 20 - 15 = 5 ms.
         for _ in 0..3 {
             c.next(&obs(100, 1, 15));
         }
-        let capped = c.cut(125_000).unwrap();
-        assert_eq!(capped.at_most, 5 * MS);
-        assert_eq!(capped.at(t0, t0), t0 + 5 * MS);
+        let capped = c.cut_after(125_000).unwrap().as_secs_f64();
+        assert!((capped - 0.005).abs() < 1e-6, "{capped}");
         // Latency beyond the target: cut at once (the floor still holds).
         for _ in 0..3 {
             c.next(&obs(100, 1, 50));
         }
-        assert_eq!(c.cut(64).unwrap().at(t0, late), late);
+        assert_eq!(c.cut_after(64), Some(Duration::ZERO));
         assert_eq!(c.floor(), 5 * MS);
     }
 
@@ -589,12 +545,12 @@ mod tests {
         // pause 50 µs: 50 µs / 5% = 1 ms is enough to keep the pauses
         // within the overhead, so the first frame waits 1 ms, not 2.
         let mut c = EpochController::new(EpochPolicy::parse("auto").unwrap());
-        assert_eq!(c.cut(0).unwrap().from_start, 2 * MS, "unmeasured: delay");
+        assert_eq!(c.cut_after(0), Some(2 * MS), "unmeasured: delay");
         for _ in 0..3 {
             c.next(&ran(50, 20, 1, 1.2));
         }
-        let cut = c.cut(64).unwrap().from_start.as_secs_f64();
-        assert!((cut - 0.001).abs() < 1e-6, "{cut}");
+        let cut = c.cut_after(64).unwrap().as_secs_f64();
+        assert!((cut - 0.001_005).abs() < 1e-6, "{cut}");
         // Its pause takes 50 µs of the ~1 ms epoch, within the 5%.
         assert!(0.000_050 / cut <= 0.05 + 1e-9);
         // The floor does not hold it longer: 4.2% of 1.2 ms is over half
@@ -611,10 +567,11 @@ mod tests {
         for pause in [400, 20, 400] {
             c.next(&ran(pause, 20, 1, 10.0));
         }
-        assert_eq!(c.cut(0).unwrap().from_start, 2 * MS);
+        let cut = c.cut_after(0).unwrap();
+        assert_eq!(cut, 2 * MS);
         // A 300 µs median pause: 6 ms, still above delay.
         c.next(&ran(300, 20, 1, 10.0));
-        assert_eq!(c.cut(0).unwrap().from_start, 2 * MS);
+        assert_eq!(c.cut_after(0), Some(2 * MS));
     }
 
     #[test]
@@ -627,7 +584,7 @@ mod tests {
         for _ in 0..5 {
             c.next(&ran(2_000, 0, 1, 100.0));
         }
-        let cut = c.cut(0).unwrap().from_start.as_secs_f64();
+        let cut = c.cut_after(0).unwrap().as_secs_f64();
         assert!((cut - 0.000_8).abs() < 1e-9, "{cut}");
     }
 
@@ -659,9 +616,9 @@ mod tests {
         }
         assert_eq!(c.current(), 100 * MS);
         assert_eq!(c.floor(), 5 * MS);
-        // The guest talks: its held output is cut 2 ms into the epoch at
-        // most (the floor, 5 ms, still holds).
-        assert!(c.cut(64).unwrap().from_start < 3 * MS);
+        // The guest talks: its held output is cut 2 ms after the first
+        // frame, no later than the floor, 5 ms into the epoch.
+        assert!(c.cut_after(64).unwrap() < 3 * MS);
     }
 
     #[test]

@@ -226,7 +226,7 @@ impl Driver<'_> {
                 self.pipe.finish(epoch);
                 break;
             }
-            pacer.next_epoch(&seen, pause_start + seen.pause);
+            pacer.next_epoch(&seen);
         }
         self.wait_final_ack(epoch)?;
         Ok((epoch, cap.state, recent.into_lists()))

@@ -20,9 +20,8 @@
 //!   past is moved to now (no burst of back-to-back epochs after a stall).
 //! - With `--epoch auto`, an epoch whose output the queue holds ends early:
 //!   `castor-outq` raises [`HeldSignal`] when it holds the epoch's first
-//!   frame (no polling), and the pause starts when
-//!   [`EpochController::cut`] says (Stratus's minimum into the epoch, the
-//!   held bits' time after that frame), though never before
+//!   frame (no polling), and the pause starts
+//!   [`EpochController::cut_after`] that frame, though never before
 //!   [`EpochController::floor`] into the epoch. A cut epoch's pause is the
 //!   base of the next deadline, and its length, as [`Pacer::length`] tells
 //!   the throttle, is what it ran until the cut, not its nominal length.
@@ -37,7 +36,6 @@ use std::time::{Duration, Instant};
 
 use super::shared::{Inflight, Shared};
 use super::PrimaryError;
-use crate::domain::priority::PauseRealtime;
 use crate::engine::epoch_control::{EpochController, EpochPolicy, Observation};
 use crate::outq::HeldSignal;
 
@@ -77,15 +75,6 @@ const EXTENSION_NOISE: Duration = Duration::from_micros(200);
 
 /// Longest single wait: how soon a failure or a stop is noticed.
 const WAKE: Duration = Duration::from_millis(50);
-
-/// A cut due within this long is waited for in the real-time class (as the
-/// pause is taken: [`PauseRealtime`]), so the epoch thread wakes on time
-/// instead of behind the encoders, the transmit thread and the backup on a
-/// busy host. Held output waits for the cut; in stop 16 a tenth of the
-/// long talking epochs under load woke 3.5-7.5 ms late, and on a quiet
-/// host the cut's wake-up lagged 0.2 ms at p90 and 0.8 ms at p99 (stop 17).
-/// Bounded: the thread sleeps until the cut, then pauses the guest.
-const CUT_REALTIME: Duration = Duration::from_millis(10);
 
 /// The epoch clock of one session's checkpoints.
 pub(super) struct Pacer {
@@ -133,7 +122,7 @@ impl Pacer {
         gauge: &mut dyn DirtyGauge,
     ) -> Result<Waited, PrimaryError> {
         let full = match self.held.clone() {
-            Some(sig) if self.control.cut(0).is_some() => {
+            Some(sig) if self.control.cut_after(0).is_some() => {
                 self.run_or_cut(shared, &sig, epoch, gauge)?
             }
             _ => self.run_to_deadline(shared, gauge)?,
@@ -233,8 +222,8 @@ impl Pacer {
     }
 
     /// The adaptive clock: until output of `epoch` is held, sleeps on the
-    /// held-output event; then until the cut ([`EpochController::cut`], not
-    /// before the floor) or the nominal deadline, whichever is first;
+    /// held-output event; then until the cut (`cut_after` the first frame,
+    /// not before the floor) or the nominal deadline, whichever is first;
     /// asks `gauge` every poll interval (true: the dirty set reached the
     /// budget first). A cut moves the deadline to now (the next epoch
     /// counts from it).
@@ -246,19 +235,15 @@ impl Pacer {
         gauge: &mut dyn DirtyGauge,
     ) -> Result<bool, PrimaryError> {
         let earliest = self.started + self.control.floor();
-        // Entered once a cut is near: held across the rest of the wait.
-        let mut _rt = None;
         loop {
             let g = shared.inflight.lock().unwrap();
             if let Some(e) = g.error() {
                 return Err(e);
             }
             let held = sig.of(epoch);
-            let end = held.map_or(self.deadline, |h| match self.control.cut(h.bytes) {
-                Some(cut) => self
-                    .deadline
-                    .min(cut.at(self.started, h.first_at).max(earliest)),
-                None => self.deadline,
+            let end = held.map_or(self.deadline, |h| {
+                let cut = h.first_at + self.control.cut_after(h.bytes).unwrap_or_default();
+                self.deadline.min(cut.max(earliest))
             });
             let now = Instant::now();
             if now >= end || crate::engine::stop_requested() {
@@ -273,9 +258,6 @@ impl Pacer {
                 drop(g);
                 sig.wait(epoch, slice);
             } else {
-                if _rt.is_none() && end - now <= CUT_REALTIME {
-                    _rt = Some(PauseRealtime::enter(&[]));
-                }
                 drop(shared.cv.wait_timeout(g, slice).unwrap());
             }
             if gauge.poll().is_some() && gauge.full()? {
@@ -301,18 +283,14 @@ impl Pacer {
 
     /// The epoch length decision, from what the checkpoint just taken
     /// measured: the next deadline is one length after this one, or now if
-    /// that has passed. The next epoch began when the guest `resumed` from
-    /// the pause: its floor and [`Pacer::ran_until`] count from there, not
-    /// from this call, which comes after the checkpoint was handed on (a
-    /// talking epoch cut at its 1 ms floor ran 1.2 ms when they counted
-    /// from here, stop 17).
-    pub fn next_epoch(&mut self, seen: &Observation, resumed: Instant) {
+    /// that has passed.
+    pub fn next_epoch(&mut self, seen: &Observation) {
         self.deadline += self.control.next(seen);
         let now = Instant::now();
         if self.deadline < now {
             self.deadline = now;
         }
-        self.started = resumed.min(now);
+        self.started = now;
         self.cut = None;
     }
 }
@@ -377,39 +355,8 @@ mod tests {
         let ran = p.length();
         assert!(ran >= MS && ran <= started.elapsed() + 5 * MS, "{ran:?}");
         // The next epoch is not cut until it is: its nominal length again.
-        p.next_epoch(&Observation::default(), Instant::now());
+        p.next_epoch(&Observation::default());
         assert_eq!(p.length(), p.control.current());
-        q.shutdown().unwrap();
-    }
-
-    #[test]
-    fn a_frame_held_after_the_minimum_is_cut_at_once() {
-        // Minimum (`delay`) 200 ms from the epoch's start, nominal 2 s. The
-        // guest talks 300 ms in: the minimum has passed, so the epoch ends
-        // at once (bits / rate: 5 µs), not 200 ms after the frame.
-        let q = OutputQueue::start(Mode::Commit).unwrap();
-        let h = q.handle(Box::new(Sink));
-        let shared = Shared::new(&PrimaryConfig::default());
-        let policy = auto("auto:target=2s,min=1ms,max=2s,delay=200ms");
-        let mut p = Pacer::start(policy, Some(q.held_signal()));
-        let started = Instant::now();
-        let talker = std::thread::spawn(move || {
-            // The frame's lateness is the subject of the test, not a sync.
-            std::thread::sleep(300 * MS);
-            let at = Instant::now();
-            h.emit_now(&[0u8; 64]);
-            at
-        });
-        p.wait_for_pause(&shared, 1, 2, &mut NoGauge).unwrap();
-        let paused = Instant::now();
-        let held = talker.join().unwrap();
-        assert!(paused >= held, "the pause waited for the frame");
-        assert!(
-            paused - held < 150 * MS,
-            "cut {:?} after the frame held {:?} in: the minimum counted from the frame",
-            paused - held,
-            held - started
-        );
         q.shutdown().unwrap();
     }
 
