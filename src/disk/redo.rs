@@ -53,6 +53,29 @@ use super::image::{DiskImage, ImageError};
 use super::stage::{apply, Applied, StageError};
 use super::wire::parse;
 
+/// The undo journal of releases before the redo log (stop 17), and its
+/// magic: present while it was sealed, zeroed once cleared.
+const OLD_UNDO_FILE: &str = ".undo";
+const OLD_UNDO_MAGIC: [u8; 8] = *b"CSTUNDO1";
+
+/// A disks directory left by an older castor with its undo journal still
+/// sealed may hold an epoch half applied, which only that release can roll
+/// back: refused, naming the file. A cleared journal is removed.
+fn refuse_old_journal(dir: &Path) -> Result<(), RedoError> {
+    let path = dir.join(OLD_UNDO_FILE);
+    let mut magic = [0u8; 8];
+    match File::open(&path).and_then(|f| f.read_exact_at(&mut magic, 0)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Ok(()) if magic == OLD_UNDO_MAGIC => Err(RedoError::OldJournal { path }),
+        // Cleared (or shorter than its magic: never sealed).
+        _ => std::fs::remove_file(&path).map_err(|source| RedoError::Io {
+            op: "removing the old undo journal",
+            path,
+            source,
+        }),
+    }
+}
+
 /// The log's file name in the disks directory.
 pub const REDO_FILE: &str = ".redo";
 const MAGIC: [u8; 8] = *b"CSTREDO1";
@@ -76,6 +99,8 @@ pub enum RedoError {
     },
     #[error("redo log {path} is sealed but refused, nothing replayed: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("{path} is a sealed undo journal of a castor release before the redo log: these disks may be half way through an epoch that only that release can roll back; recover them with it, or remove the replica")]
+    OldJournal { path: PathBuf },
     #[error("redo log {path}: disk names do not fit in its header")]
     Names { path: PathBuf },
     #[error("redo log {path} of a rejected epoch could neither be cleared ({clear}) nor removed ({source}); the next recovery may replay that epoch, which the replica never committed; remove it by hand")]
@@ -316,6 +341,7 @@ fn write_vectored_all(file: &File, bufs: &mut [IoSlice<'_>], offset: u64) -> io:
 /// then clears it; see the module documentation. On error the log stays
 /// sealed and the disks are as they were.
 pub fn recover(dir: &Path) -> Result<Recovered, RedoError> {
+    refuse_old_journal(dir)?;
     let path = dir.join(REDO_FILE);
     let io_err = |op| {
         let path = path.clone();
@@ -873,5 +899,23 @@ mod tests {
         // A name that leaves the directory.
         seal(dir.path(), &["../a.img", "b.img"], &e.records, false);
         refused(dir.path(), &e, "disk file name");
+    }
+
+    #[test]
+    fn an_older_releases_sealed_undo_journal_is_refused_and_a_cleared_one_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join(OLD_UNDO_FILE);
+        let mut sealed = OLD_UNDO_MAGIC.to_vec();
+        sealed.resize(4096, 7);
+        std::fs::write(&old, &sealed).unwrap();
+        let e = recover(dir.path()).unwrap_err();
+        assert!(matches!(e, RedoError::OldJournal { .. }), "{e}");
+        assert!(e.to_string().contains(".undo"), "{e}");
+        assert!(old.exists(), "a sealed journal is left for the old release");
+        // Cleared: magic zeroed. Removed, and recovery goes on.
+        sealed[..8].fill(0);
+        std::fs::write(&old, &sealed).unwrap();
+        assert!(matches!(recover(dir.path()), Ok(Recovered::Nothing)));
+        assert!(!old.exists());
     }
 }
