@@ -635,23 +635,11 @@ fn boot_id() -> [u8; BOOT_ID] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::wire::{encode, DiskOp};
+    use crate::disk::wire::testing::{payload, w};
+    use crate::disk::wire::DiskOp;
 
     fn read(p: &Path) -> Vec<u8> {
         std::fs::read(p).unwrap()
-    }
-
-    fn payload(disk: u16, ops: &[DiskOp]) -> Vec<u8> {
-        let mut p = Vec::new();
-        encode(&mut p, disk, ops);
-        p
-    }
-
-    fn w(offset: u64, b: u8, n: usize) -> DiskOp {
-        DiskOp::Write {
-            offset,
-            data: vec![b; n],
-        }
     }
 
     /// An epoch of overlapping writes and a zero on two disks: its

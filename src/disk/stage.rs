@@ -501,20 +501,8 @@ pub(super) fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::wire::{encode, DiskOp};
-
-    fn payload(disk: u16, ops: &[DiskOp]) -> Vec<u8> {
-        let mut p = Vec::new();
-        encode(&mut p, disk, ops);
-        p
-    }
-
-    fn w(offset: u64, b: u8, n: usize) -> DiskOp {
-        DiskOp::Write {
-            offset,
-            data: vec![b; n],
-        }
-    }
+    use crate::disk::wire::testing::{payload, w};
+    use crate::disk::wire::DiskOp;
 
     fn read(img: &DiskImage) -> Vec<u8> {
         let mut b = vec![0; img.size() as usize];

@@ -301,3 +301,24 @@ mod tests {
         assert_eq!(batches(&[], max).len(), 0);
     }
 }
+
+/// Builders shared by the tests of the records' readers (staging, redo log).
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{encode, DiskOp};
+
+    /// One `DiskWrites` payload of `ops` on disk `disk`.
+    pub fn payload(disk: u16, ops: &[DiskOp]) -> Vec<u8> {
+        let mut p = Vec::new();
+        encode(&mut p, disk, ops);
+        p
+    }
+
+    /// A write of `n` bytes `b` at `offset`.
+    pub fn w(offset: u64, b: u8, n: usize) -> DiskOp {
+        DiskOp::Write {
+            offset,
+            data: vec![b; n],
+        }
+    }
+}
