@@ -460,7 +460,9 @@ impl BackupDisks {
         Ok(self.staging.apply_sealed(&imgs, &mut self.redo, epoch)?)
     }
 
-    /// [`BackupDisks::seal`] then [`BackupDisks::apply`].
+    /// [`BackupDisks::seal`] then [`BackupDisks::apply`] (the receiver
+    /// commits the memory between the two).
+    #[cfg(test)]
     pub fn commit(&mut self, epoch: u64) -> Result<Applied, SessionError> {
         self.seal(epoch)?;
         self.apply(epoch)

@@ -252,14 +252,7 @@ impl Staging {
     /// The staged payloads into `redo`, in staging order: those in memory
     /// where they are, the spilled ones from the spill file (same format).
     fn write_log(&self, redo: &mut Redo) -> Result<(), StageError> {
-        let mem: Vec<&[u8]> = self
-            .held
-            .iter()
-            .map(|m| match m {
-                InMem::Copied(r) => &self.mem[r.clone()],
-                InMem::Held(h) => h.bytes(),
-            })
-            .collect();
+        let mem: Vec<&[u8]> = self.payloads_in_memory().collect();
         redo.append(&mem)?;
         if let Some(f) = self.spill.as_ref().filter(|_| self.spilled > 0) {
             let spilled = self.records as u64 - mem.len() as u64;
@@ -352,15 +345,21 @@ impl Staging {
     }
 
     /// Calls `f` with every staged payload, in staging order.
+    /// The payloads staged in memory, in staging order (the spilled ones
+    /// follow them, in the spill file).
+    fn payloads_in_memory(&self) -> impl Iterator<Item = &[u8]> {
+        self.held.iter().map(|m| match m {
+            InMem::Copied(r) => &self.mem[r.clone()],
+            InMem::Held(h) => h.bytes(),
+        })
+    }
+
     fn each_payload(
         &self,
         mut f: impl FnMut(&[u8]) -> Result<(), StageError>,
     ) -> Result<(), StageError> {
-        for m in &self.held {
-            f(match m {
-                InMem::Copied(r) => &self.mem[r.clone()],
-                InMem::Held(h) => h.bytes(),
-            })?;
+        for p in self.payloads_in_memory() {
+            f(p)?;
         }
         let mut pos = 0;
         let mut scratch = Vec::new();
