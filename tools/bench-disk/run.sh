@@ -9,12 +9,45 @@
 # Usage: tools/bench-disk/run.sh [SIZE_MiB (default 256)] [RUNTIME_s (default 10)]
 # QD=N: fio's iodepth (default 1; the server answers a pipelined burst with
 # one write). fio's own CPU per MiB is printed too (it shares the CPUs).
+# SPLIT=1: the I/O path on one CPU, replication on another. fio and castor's
+# NBD threads (castor-nbd-*) run on CPU $IO_CPU (default 0) in both modes;
+# replicated, every other thread of `protect` and the whole backup run on
+# CPU $REP_CPU (default 1), and unprotected that CPU idles. A stand-in for a
+# backup on its own host and the primary's replication threads on their own
+# core (`--cores`), which one 2-CPU machine cannot give otherwise; without
+# it all of them share every CPU.
+# LOAD="BUSY_MS IDLE_MS": runs tools/bench-disk/duty.py (a CPU load with no
+# castor code in it) beside every fio run, the control for what a
+# background load costs the I/O path on these CPUs.
 set -euo pipefail
 SIZE=${1:-256}
 RUNTIME=${2:-10}
 IDLE_S=${IDLE_S:-2}
 QD=${QD:-1}
 BIN=${CASTOR:-target/release/castor}
+SPLIT=${SPLIT:-0}
+LOAD=${LOAD:-}
+IO_CPU=${IO_CPU:-0}
+REP_CPU=${REP_CPU:-1}
+# Prefixes a command with its CPU under SPLIT=1: io or rep.
+on() {
+  if [ "$SPLIT" = 1 ]; then
+    local c=$IO_CPU; [ "$1" = rep ] && c=$REP_CPU
+    echo "taskset -c $c"
+  fi
+}
+# SPLIT=1: moves the NBD threads of process $1 (castor-nbd-*: the accept
+# thread, whose connection threads inherit its CPU) to CPU $IO_CPU and
+# every other thread to CPU $REP_CPU.
+pin_replication() {
+  [ "$SPLIT" = 1 ] || return 0
+  local t c
+  for t in /proc/"$1"/task/*; do
+    c=$REP_CPU
+    case "$(cat "$t/comm")" in castor-nbd-*) c=$IO_CPU ;; esac
+    taskset -p -c "$c" "${t##*/}" >/dev/null
+  done
+}
 W=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W"' EXIT
 export CASTOR_PSK=bench-disk-key-0123456789abcdef
@@ -41,16 +74,24 @@ cpu_ms() {
 port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 
 # fio job: $1 name, $2 rw, $3 bs, $4 uri, $5 extra fio args -> JSON in $W/$1.json
+# (beside tools/bench-disk/duty.py $LOAD when LOAD is set).
 run_fio() {
+  local load=""
+  if [ -n "$LOAD" ]; then
+    # shellcheck disable=SC2086
+    python3 "$(dirname "$0")/duty.py" $LOAD &
+    load=$!
+  fi
   # shellcheck disable=SC2086
-  fio --name="$1" --ioengine=nbd --uri="$4" --rw="$2" --bs="$3" --size="${SIZE}M" \
+  $(on io) fio --name="$1" --ioengine=nbd --uri="$4" --rw="$2" --bs="$3" --size="${SIZE}M" \
       --time_based --runtime="$RUNTIME" --iodepth="$QD" --lat_percentiles=1 --percentile_list=50:90:99 $5 --output-format=json --output="$W/$1.json" >/dev/null
+  if [ -n "$load" ]; then kill "$load"; wait "$load" 2>/dev/null || true; fi
 }
 
 unprotected() { # $1 job $2 rw $3 bs $4 extra
   local p; p=$(port)
   truncate -s "${SIZE}M" "$W/u.img"
-  "$BIN" serve-disk --disk "data=$W/u.img,nbd=127.0.0.1:$p" 2>"$W/$1.serve.log" &
+  $(on io) "$BIN" serve-disk --disk "data=$W/u.img,nbd=127.0.0.1:$p" 2>"$W/$1.serve.log" &
   local pid=$!
   await $pid "$W/$1.serve.log" "served at"
   local c0; c0=$(cpu_ms $pid)
@@ -66,14 +107,16 @@ replicated() { # $1 job $2 rw $3 bs $4 extra
   rm -rf "$W/replica"
   # A file per job: a reused one could still hold the last job's address
   # when the new backup has not truncated it yet.
-  "$BIN" backup --listen 127.0.0.1:0 --state-dir "$W/replica" >"$W/$1.backup.out" 2>"$W/$1.backup.log" &
+  $(on rep) "$BIN" backup --listen 127.0.0.1:0 --state-dir "$W/replica" >"$W/$1.backup.out" 2>"$W/$1.backup.log" &
   local bpid=$!
   await $bpid "$W/$1.backup.out" "listening on"
   local addr; addr=$(sed -n 's/^listening on //p' "$W/$1.backup.out")
-  "$BIN" protect --domain "$SIM" --backup "$addr" --epoch 25ms --arbiter none \
+  local cores=""; [ "$SPLIT" = 1 ] && cores="--cores $REP_CPU"
+  "$BIN" protect --domain "$SIM" --backup "$addr" --epoch 25ms --arbiter none $cores \
       --json "$W/$1.protect.json" --disk "data=$W/r.img,nbd=127.0.0.1:$p" 2>"$W/$1.protect.log" &
   local ppid=$!
   await $ppid "$W/$1.protect.log" "acked *[1-9]"
+  pin_replication $ppid
   # What the session costs with no disk write (the sim domain's memory
   # replication, the epochs): CPU ms per second over IDLE_S seconds.
   local i0 i1; i0=$(cpu_ms $ppid $bpid); sleep "$IDLE_S"; i1=$(cpu_ms $ppid $bpid)
@@ -115,7 +158,10 @@ wire() { # $1 job -> bytes of DiskWrites records on the wire (protect's JSON rep
   python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["disk_wire_bytes"])' "$W/$1.protect.json" 2>/dev/null || echo 0
 }
 
-echo "castor disk benchmark: ${SIZE} MiB image, ${RUNTIME} s per run, fio iodepth $QD, 25 ms epochs; $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+cpus="$(nproc) CPUs shared"
+[ "$SPLIT" = 1 ] && cpus="I/O path (fio, castor-nbd-*) on CPU $IO_CPU, replication on CPU $REP_CPU"
+[ -n "$LOAD" ] && cpus="$cpus; a CPU load (duty.py $LOAD ms) beside fio"
+echo "castor disk benchmark: ${SIZE} MiB image, ${RUNTIME} s per run, fio iodepth $QD, 25 ms epochs; $cpus, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 # CASES (optional): which of seq, rand, sync, seq4k to run (default the
 # first three; seq4k: sequential 4 KiB writes).
 CASES=${CASES:-seq rand sync}
