@@ -16,6 +16,10 @@
 # backup on its own host and the primary's replication threads on their own
 # core (`--cores`), which one 2-CPU machine cannot give otherwise; without
 # it all of them share every CPU.
+# FILL=1: the image is written whole before each export starts (else it is
+# sparse): with a sparse image the timed writes land in page-cache pages
+# never written before, which cost several times a rewrite on this VM, and
+# a time-based run that writes faster rewrites more of them.
 # LOAD="BUSY_MS IDLE_MS": runs tools/bench-disk/duty.py (a CPU load with no
 # castor code in it) beside every fio run, the control for what a
 # background load costs the I/O path on these CPUs.
@@ -34,6 +38,17 @@ on() {
   if [ "$SPLIT" = 1 ]; then
     local c=$IO_CPU; [ "$1" = rep ] && c=$REP_CPU
     echo "taskset -c $c"
+  fi
+}
+# A SIZE MiB image at $1: sparse, or with FILL=1 written whole (a non-zero
+# pattern) before the export starts, so the timed writes rewrite cached
+# pages in both modes (the backup's copy is written by the session's first
+# checkpoint).
+new_image() {
+  if [ "${FILL:-0}" = 1 ]; then
+    (yes castor-bench-disk-fill || true) | head -c $((SIZE << 20)) >"$1"
+  else
+    truncate -s "${SIZE}M" "$1"
   fi
 }
 # SPLIT=1: moves the NBD threads of process $1 (castor-nbd-*: the accept
@@ -90,7 +105,7 @@ run_fio() {
 
 unprotected() { # $1 job $2 rw $3 bs $4 extra
   local p; p=$(port)
-  truncate -s "${SIZE}M" "$W/u.img"
+  new_image "$W/u.img"
   $(on io) "$BIN" serve-disk --disk "data=$W/u.img,nbd=127.0.0.1:$p" 2>"$W/$1.serve.log" &
   local pid=$!
   await $pid "$W/$1.serve.log" "served at"
@@ -103,7 +118,7 @@ unprotected() { # $1 job $2 rw $3 bs $4 extra
 
 replicated() { # $1 job $2 rw $3 bs $4 extra
   local p; p=$(port)
-  truncate -s "${SIZE}M" "$W/r.img"
+  new_image "$W/r.img"
   rm -rf "$W/replica"
   # A file per job: a reused one could still hold the last job's address
   # when the new backup has not truncated it yet.
@@ -161,6 +176,7 @@ wire() { # $1 job -> bytes of DiskWrites records on the wire (protect's JSON rep
 cpus="$(nproc) CPUs shared"
 [ "$SPLIT" = 1 ] && cpus="I/O path (fio, castor-nbd-*) on CPU $IO_CPU, replication on CPU $REP_CPU"
 [ -n "$LOAD" ] && cpus="$cpus; a CPU load (duty.py $LOAD ms) beside fio"
+[ "${FILL:-0}" = 1 ] && cpus="$cpus; images written whole before each run"
 echo "castor disk benchmark: ${SIZE} MiB image, ${RUNTIME} s per run, fio iodepth $QD, 25 ms epochs; $cpus, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 # CASES (optional): which of seq, rand, sync, seq4k to run (default the
 # first three; seq4k: sequential 4 KiB writes).
