@@ -33,6 +33,17 @@ SPLIT=${SPLIT:-0}
 LOAD=${LOAD:-}
 IO_CPU=${IO_CPU:-0}
 REP_CPU=${REP_CPU:-1}
+if [ "$SPLIT" = 1 ]; then
+  online=$(taskset -pc $$ | sed 's/.*: //')
+  for c in "$IO_CPU" "$REP_CPU"; do
+    taskset -c "$c" true 2>/dev/null || { echo "SPLIT=1: CPU $c is not available to this shell (allowed: $online)" >&2; exit 2; }
+  done
+  [ "$IO_CPU" != "$REP_CPU" ] || { echo "SPLIT=1 needs two CPUs: IO_CPU and REP_CPU are both $IO_CPU" >&2; exit 2; }
+fi
+if [ -n "$LOAD" ] && ! { [[ "$LOAD" =~ ^[0-9]+(\.[0-9]+)?\ [0-9]+(\.[0-9]+)?$ ]] && awk "BEGIN { exit !(${LOAD#* } > 0) }"; }; then
+  echo "LOAD=\"$LOAD\": want \"BUSY_MS IDLE_MS\" (numbers, IDLE_MS above 0), e.g. LOAD=\"2 3\"" >&2
+  exit 2
+fi
 # Prefixes a command with its CPU under SPLIT=1: io or rep.
 on() {
   if [ "$SPLIT" = 1 ]; then
