@@ -747,14 +747,20 @@ mod tests {
         assert!(disks(dir.path()) == e.before);
         // Sealed, then its header torn (a byte of the epoch flipped).
         logged(dir.path(), &e, false, true);
-        let f = OpenOptions::new()
-            .write(true)
-            .open(dir.path().join(REDO_FILE))
-            .unwrap();
-        f.write_all_at(&[0xee], 17).unwrap();
+        damage(dir.path(), 17, &[0xee]);
         assert_eq!(recover(dir.path()).unwrap(), Recovered::Nothing);
         assert!(disks(dir.path()) == e.before);
         assert_eq!(recover(dir.path()).unwrap(), Recovered::Nothing, "cleared");
+    }
+
+    /// Overwrites the log in `dir` with `bytes` at `at` (a torn or
+    /// corrupted log).
+    fn damage(dir: &Path, at: u64, bytes: &[u8]) {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.join(REDO_FILE))
+            .unwrap();
+        f.write_all_at(bytes, at).unwrap();
     }
 
     /// Rewrites the sealed header of the log in `dir` as if sealed in
@@ -800,11 +806,7 @@ mod tests {
         let e = epoch(dir.path());
         logged(dir.path(), &e, true, true);
         from_another_boot(dir.path());
-        let f = OpenOptions::new()
-            .write(true)
-            .open(dir.path().join(REDO_FILE))
-            .unwrap();
-        f.write_all_at(&[0xee; 64], HEADER + 100).unwrap();
+        damage(dir.path(), HEADER + 100, &[0xee; 64]);
         assert_eq!(recover(dir.path()).unwrap(), Recovered::Nothing);
         assert!(disks(dir.path()) == e.before, "discarded, not replayed");
     }

@@ -525,6 +525,14 @@ mod tests {
             }
             Ok(SmallFs(d))
         }
+
+        /// A mounted tmpfs, or None after saying why the test is skipped
+        /// (mounting needs root; CI has it).
+        fn mount_or_skip(bytes: u64) -> Option<SmallFs> {
+            SmallFs::mount(bytes)
+                .map_err(|e| eprintln!("skipped: needs root to mount a {bytes}-byte tmpfs ({e})"))
+                .ok()
+        }
     }
 
     impl Drop for SmallFs {
@@ -537,12 +545,8 @@ mod tests {
 
     #[test]
     fn a_backup_out_of_space_applies_no_byte_of_the_epoch() {
-        let fs = match SmallFs::mount(1 << 20) {
-            Ok(fs) => fs,
-            Err(e) => {
-                eprintln!("skipped: needs root to mount a 1 MiB tmpfs ({e})");
-                return;
-            }
+        let Some(fs) = SmallFs::mount_or_skip(1 << 20) else {
+            return;
         };
         let img = DiskImage::create(&fs.0.path().join("d.img"), 4 << 20).unwrap();
         let spill = tempfile::tempdir().unwrap();
@@ -660,12 +664,8 @@ mod tests {
     /// untouched and no sealed log: the epoch is rejected whole.
     #[test]
     fn a_seal_that_fails_changes_no_disk() {
-        let fs = match SmallFs::mount(64 << 10) {
-            Ok(fs) => fs,
-            Err(e) => {
-                eprintln!("skipped: needs root to mount a 64 KiB tmpfs ({e})");
-                return;
-            }
+        let Some(fs) = SmallFs::mount_or_skip(64 << 10) else {
+            return;
         };
         let dir = tempfile::tempdir().unwrap();
         let a = DiskImage::create(&dir.path().join("a.img"), 1 << 20).unwrap();
